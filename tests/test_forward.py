@@ -1,0 +1,96 @@
+"""Our forward against `transformers` on tiny random models, and generation with vs without the KV cache."""
+
+import pytest
+import torch
+
+from tests.tiny_models import FAMILIES, save_tiny, tiny_hf_model
+from twinquant.io.hf import load_hf_dir, save_hf_dir
+from twinquant.model.forward import KVCache, LinearInputs, forward
+from twinquant.runtime.generate import Sampling, generate
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_hf_loader_forward_matches_transformers(family, tmp_path):
+    ref = tiny_hf_model(family)
+    ref.save_pretrained(tmp_path)
+    ours = load_hf_dir(tmp_path)
+    assert ours.spec.arch == family.split("-")[0]
+    assert ours.spec.tied_embeddings == (family == "llama-tied")
+    assert ours.spec.qkv_bias == (family == "qwen2")
+    assert ours.spec.qk_norm == (family == "qwen3")
+    x = torch.randint(0, ours.spec.vocab, (2, 67))
+    with torch.no_grad():
+        want = ref(x).logits
+    got = forward(ours, x)
+    assert got.shape == want.shape
+    assert (got - want).abs().max().item() <= 1e-4 * max(1.0, want.abs().max().item())
+
+
+def test_sharded_checkpoint_loads_lazily(tmp_path):
+    ref = tiny_hf_model("qwen2")
+    ref.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    ours = load_hf_dir(tmp_path)
+    assert ours.tensors == {}                       # nothing loaded yet
+    blk = ours.block(1)                             # one block materialised alone
+    assert set(ours.tensors) == set(blk) and "token_embd.weight" not in ours.tensors
+    ours.release_block(1)
+    assert ours.tensors == {}
+    x = torch.randint(0, ours.spec.vocab, (1, 33))
+    with torch.no_grad():
+        want = ref(x).logits
+    assert torch.allclose(forward(ours, x), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_bfloat16_forward_close_to_float32(family, tmp_path):
+    save_tiny(family, tmp_path)
+    m32 = load_hf_dir(tmp_path)
+    m16 = load_hf_dir(tmp_path).to(dtype=torch.bfloat16)
+    x = torch.randint(0, m32.spec.vocab, (1, 40))
+    a, b = forward(m32, x), forward(m16, x)
+    assert b.dtype == torch.float32 and m16.get("blk.0.attn_q.weight").dtype == torch.bfloat16
+    assert (a.softmax(-1) - b.softmax(-1)).abs().max() < 0.05
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.8
+
+
+@pytest.mark.parametrize("family", ["llama-tied", "qwen2", "qwen3"])
+def test_generation_with_cache_equals_without(family, tmp_path):
+    save_tiny(family, tmp_path)
+    m = load_hf_dir(tmp_path)
+    prompt = torch.randint(0, m.spec.vocab, (9,)).tolist()
+    for s in (Sampling(), Sampling(temperature=0.8, top_k=50, top_p=0.9, seed=3)):
+        with_cache = list(generate(m, prompt, 24, s, use_cache=True))
+        without = list(generate(m, prompt, 24, s, use_cache=False))
+        assert with_cache == without and len(with_cache) == 24
+
+
+def test_cache_logits_match_full_forward(tmp_path):
+    save_tiny("qwen2", tmp_path)
+    m = load_hf_dir(tmp_path)
+    x = torch.randint(0, m.spec.vocab, (2, 30))
+    full = forward(m, x)
+    cache = KVCache.empty(m, 2, 30)
+    parts = [forward(m, x[:, :11], cache=cache), forward(m, x[:, 11:12], cache=cache),
+             forward(m, x[:, 12:], cache=cache)]  # multi-token continuation uses the offset causal mask
+    assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
+
+
+def test_linear_input_hooks_see_every_linear(tmp_path):
+    save_tiny("qwen3", tmp_path)
+    m = load_hf_dir(tmp_path)
+    hook = LinearInputs()
+    forward(m, torch.randint(0, m.spec.vocab, (1, 10)), hook=hook)
+    linears = {n for n in m.tensor_names() if n.endswith(".weight") and m.get(n).ndim == 2} - {"token_embd.weight"}
+    assert set(hook.inputs) == linears
+    assert hook.inputs["blk.1.ffn_down.weight"][0].shape == (10, m.spec.intermediate)
+    assert torch.equal(hook.inputs["blk.0.attn_q.weight"][0], hook.inputs["blk.0.attn_v.weight"][0])  # one input
+
+
+def test_hf_directory_round_trip(tmp_path):
+    save_tiny("qwen2", tmp_path / "a")
+    m = load_hf_dir(tmp_path / "a")
+    save_hf_dir(m, tmp_path / "b")
+    m2 = load_hf_dir(tmp_path / "b")
+    x = torch.randint(0, m.spec.vocab, (1, 20))
+    assert torch.equal(forward(m, x), forward(m2, x))

@@ -1,0 +1,53 @@
+"""Tiny random Llama / Qwen2 / Qwen3 models from `transformers` config classes: the oracles for our forward."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+FAMILIES = {
+    "llama": dict(cls="LlamaConfig"),
+    "llama-tied": dict(cls="LlamaConfig", tie_word_embeddings=True),
+    "qwen2": dict(cls="Qwen2Config"),
+    "qwen3": dict(cls="Qwen3Config", head_dim=24),   # head_dim != hidden / heads, as in real Qwen3
+}
+
+
+def tiny_config(family: str, vocab: int = 320, **over):
+    import transformers
+
+    kw = dict(FAMILIES[family])
+    cls = getattr(transformers, kw.pop("cls"))
+    base = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    base.update(kw)
+    base.update(over)
+    return cls(**base)
+
+
+def tiny_hf_model(family: str, seed: int = 0, **over):
+    """A transformers model with weights and norm gains randomised (so norms, biases and q/k norms matter)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **over)).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.2 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+    return model
+
+
+def save_tiny(family: str, path: Path, seed: int = 0, tokenizer_dir: Path | None = None, **over) -> Path:
+    model = tiny_hf_model(family, seed, **over)
+    model.save_pretrained(path)
+    if tokenizer_dir is not None:
+        for f in tokenizer_dir.iterdir():
+            (path / f.name).write_bytes(f.read_bytes())
+    return path

@@ -1,0 +1,275 @@
+"""Command line: `twinquant inspect | perplexity | generate | convert | models`.
+
+Option names follow llama.cpp's tools where they have one (`-c/--ctx-size`, `--chunks`, `-f`,
+`--kl-divergence-base`, `--kl-divergence`, `-n`, `--temp`, `--top-k`, `--top-p`, `--seed`).
+A user error prints one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+import twinquant
+from twinquant.errors import TwinquantError
+
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+
+
+def _load(args, materialize: bool = True):
+    from twinquant.io.load import load_model
+
+    return load_model(args.model, dtype=DTYPES[args.dtype], device=args.device, materialize=materialize)
+
+
+def _write_json(path: str, obj: dict) -> None:
+    p = Path(path)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, p)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+# --- inspect --------------------------------------------------------------------------------------------------
+def cmd_inspect(args) -> None:
+    model = _load(args, materialize=False)
+    s = model.spec
+    per_role: dict[str, dict] = defaultdict(lambda: {"tensors": 0, "params": 0, "bytes": 0, "types": set()})
+    for name in model.tensor_names():
+        info = model.tensor_info(name)
+        parts = name.split(".")
+        role = (parts[2] if parts[0] == "blk" else parts[0]) + ("" if parts[-1] == "weight" else "." + parts[-1])
+        r = per_role[role]
+        n = 1
+        for d in info.shape:
+            n *= d
+        r["tensors"] += 1
+        r["params"] += n
+        r["bytes"] += info.nbytes
+        r["types"].add(info.source_type)
+    total_bytes = sum(r["bytes"] for r in per_role.values())
+    n_params = model.n_params()
+    print(f"model:        {model.source.path if model.source else '(in memory)'}")
+    print(f"name:         {s.name}")
+    print(f"architecture: {s.arch}")
+    print(f"layers {s.n_layers}, hidden {s.hidden}, ffn {s.intermediate}, heads {s.n_heads} / kv {s.n_kv_heads}, "
+          f"head_dim {s.head_dim}, vocab {s.vocab}")
+    print(f"rope theta {s.rope_theta:g}, rms eps {s.rms_eps:g}, context {s.context_length}, "
+          f"tied embeddings {s.tied_embeddings}, qkv bias {s.qkv_bias}, q/k norm {s.qk_norm}")
+    print(f"parameters:   {n_params:,} ({n_params / 1e6:.1f} M)")
+    print(f"tensor bytes: {_human(total_bytes)} ({8 * total_bytes / n_params:.2f} bits per weight)")
+    if model.tokenizer is not None:
+        t = model.tokenizer
+        print(f"tokenizer:    vocab {t.vocab_size}, bos {t.bos_id}, eos {t.eos_id}, add_bos {t.add_bos}")
+    print()
+    print(f"{'role':<16} {'tensors':>7} {'params':>13} {'bytes':>11} {'bpw':>6}  types")
+    for role, r in per_role.items():
+        print(f"{role:<16} {r['tensors']:>7} {r['params']:>13,} {_human(r['bytes']):>11} "
+              f"{8 * r['bytes'] / r['params']:>6.2f}  {', '.join(sorted(r['types']))}")
+    if args.json:
+        _write_json(args.json, {
+            "path": model.source.path if model.source else None, "spec": s.to_dict(), "params": n_params,
+            "bytes": total_bytes,
+            "roles": {k: {**v, "types": sorted(v["types"])} for k, v in per_role.items()},
+        })
+
+
+# --- perplexity -----------------------------------------------------------------------------------------------
+def cmd_perplexity(args) -> None:
+    from twinquant.eval.logits_file import LogitsFile, is_logits_file
+    from twinquant.eval.perplexity import evaluate, logprob_file_size, windows_for_text
+    from twinquant.eval.stats import format_kld
+
+    text_path = Path(args.text)
+    if not text_path.is_file():
+        raise TwinquantError(f"{text_path}: no such text file")
+    if args.kl_divergence and not args.kl_divergence_base:
+        raise TwinquantError("--kl-divergence needs --kl-divergence-base FILE (the saved reference)")
+    if args.ref and args.kl_divergence_base:
+        raise TwinquantError("give either --ref or --kl-divergence-base, not both")
+    model = _load(args)
+    text = text_path.read_text(encoding="utf-8", errors="replace")
+    windows = windows_for_text(model, text, args.ctx, args.chunks, args.protocol)
+    print(f"{windows.describe()}; BOS {'first' if model.tokenizer.add_bos else 'not used'}", file=sys.stderr)
+
+    ref, save = None, None
+    ref_path = args.ref or (args.kl_divergence_base if args.kl_divergence else None)
+    if ref_path:
+        if is_logits_file(ref_path):
+            ref = LogitsFile.open(ref_path)
+        elif args.kl_divergence:
+            raise TwinquantError(f"{ref_path}: not a saved log-prob file")
+        else:
+            from twinquant.io.load import load_model
+
+            ref = load_model(ref_path, dtype=DTYPES[args.dtype], device=args.device, materialize=True)
+            if ref.spec.vocab != model.spec.vocab:
+                raise TwinquantError(f"reference vocab {ref.spec.vocab} != model vocab {model.spec.vocab}")
+    elif args.kl_divergence_base:
+        save = args.kl_divergence_base
+        print(f"saving reference log-probs to {save} "
+              f"({_human(logprob_file_size(windows, model.spec.vocab))})", file=sys.stderr)
+
+    res = evaluate(model, windows, ref=ref, save_logprobs=save, progress=not args.quiet)
+    res["model"] = str(args.model)
+    if ref_path:
+        res["ref"] = str(ref_path)
+    print(f"Final estimate: PPL = {res['ppl']:.4f} +/- {res['ppl_err']:.5f}")
+    if ref is not None:
+        print(f"Reference:      PPL = {res['ref_ppl']:.4f}")
+        print(format_kld(res))
+    if args.json:
+        _write_json(args.json, res)
+
+
+# --- generate -------------------------------------------------------------------------------------------------
+def cmd_generate(args) -> None:
+    from twinquant.runtime.generate import Sampling, generate, stream_text
+
+    model = _load(args)
+    tok = model.tokenizer
+    if tok is None:
+        raise TwinquantError("the model has no tokenizer")
+    prompt = args.prompt
+    if args.chat:
+        prompt = _chat_prompt(tok, prompt)
+    ids = tok.encode(prompt)
+    if not ids:
+        raise TwinquantError("the prompt is empty")
+    sampling = Sampling(args.temp, args.top_k, args.top_p, args.seed)
+    if not args.chat:
+        sys.stdout.write(args.prompt)
+    new = generate(model, ids, args.n_predict, sampling, use_cache=not args.no_cache,
+                   stop=tok.eog_ids if not args.ignore_eos else frozenset())
+    for piece in stream_text(tok, (i for i in new if i not in tok.eog_ids)):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def _chat_prompt(tok, user: str) -> str:
+    if not tok.chat_template:
+        raise TwinquantError("--chat: the model has no chat template")
+    from jinja2.sandbox import ImmutableSandboxedEnvironment  # the template comes from the file: sandbox it
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    bos = tok.token_text(tok.bos_id) if tok.bos_id is not None else ""
+    eos = tok.token_text(tok.eos_id) if tok.eos_id is not None else ""
+    return env.from_string(tok.chat_template).render(
+        messages=[{"role": "user", "content": user}], add_generation_prompt=True, bos_token=bos, eos_token=eos)
+
+
+# --- convert --------------------------------------------------------------------------------------------------
+def cmd_convert(args) -> None:
+    model = _load(args, materialize=False)
+    out = Path(args.output)
+    if out.suffix == ".gguf":
+        from twinquant.io.gguf_write import write_gguf
+        from twinquant.progress import Progress
+
+        names = model.tensor_names()
+        with Progress(len(names), "write", enabled=not args.quiet) as bar:
+            write_gguf(model, out, args.outtype.upper(), progress=lambda i, n, name: bar.update(i, name))
+    else:
+        from twinquant.io.hf import save_hf_dir
+
+        save_hf_dir(model, out)
+    print(f"wrote {out}")
+
+
+def cmd_models(args) -> None:
+    from twinquant import zoo
+
+    for name, m in zoo.PACKAGED.items():
+        try:
+            where = zoo.resolve(name) if (len(m.parts) == 1 or args.assemble) else None
+            state = str(where) if where else "installed parts; `twinquant models --assemble` builds the file"
+            m.part_paths()
+        except TwinquantError as e:
+            state = str(e)
+        print(f"{name:<20} {state}")
+
+
+# --- parser ---------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="twinquant", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"twinquant {twinquant.__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_model(sp):
+        sp.add_argument("model", help="HF directory, GGUF file, or a packaged model name (see `models`)")
+        sp.add_argument("--dtype", choices=sorted(DTYPES), default="f32", help="compute dtype (default f32)")
+        sp.add_argument("--device", default="cpu", help="cpu, cuda, mps (default cpu)")
+        sp.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+        return sp
+
+    sp = with_model(sub.add_parser("inspect", help="architecture, dimensions, parameters, bytes and types per role"))
+    sp.add_argument("--json", help="also write the report as JSON")
+    sp.set_defaults(func=cmd_inspect)
+
+    sp = with_model(sub.add_parser("perplexity", help="perplexity, and KL divergence to a reference"))
+    sp.add_argument("-f", "--text", "--file", dest="text", required=True, help="evaluation text file")
+    sp.add_argument("--ref", help="reference: a model, or a log-prob file saved with --kl-divergence-base")
+    sp.add_argument("-c", "--ctx", "--ctx-size", dest="ctx", type=int, default=512, help="window (default 512)")
+    sp.add_argument("--chunks", type=int, default=None, help="evaluate at most N windows")
+    sp.add_argument("--protocol", choices=["llama.cpp", "sliding"], default="llama.cpp")
+    sp.add_argument("--kl-divergence-base", help="save this model's log-probs here (or read them, with "
+                                                 "--kl-divergence)")
+    sp.add_argument("--kl-divergence", action="store_true", help="compare with --kl-divergence-base")
+    sp.add_argument("--json", help="write the result as JSON")
+    sp.set_defaults(func=cmd_perplexity)
+
+    sp = with_model(sub.add_parser("generate", help="generate text (greedy or sampled), streamed"))
+    sp.add_argument("-p", "--prompt", required=True)
+    sp.add_argument("-n", "--n-predict", type=int, default=64, help="tokens to generate (default 64)")
+    sp.add_argument("--temp", type=float, default=0.0, help="temperature; 0 = greedy (default)")
+    sp.add_argument("--top-k", type=int, default=40)
+    sp.add_argument("--top-p", type=float, default=0.95)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    sp.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
+    sp.add_argument("--ignore-eos", action="store_true")
+    sp.set_defaults(func=cmd_generate)
+
+    sp = with_model(sub.add_parser("convert", help="write the model as a float GGUF (-o X.gguf) or HF directory"))
+    sp.add_argument("-o", "--output", required=True)
+    sp.add_argument("--outtype", choices=["f32", "f16", "bf16"], default="f16")
+    sp.set_defaults(func=cmd_convert)
+
+    sp = sub.add_parser("models", help="list the packaged models and where their files are")
+    sp.add_argument("--assemble", action="store_true", help="assemble multi-part models into the cache")
+    sp.set_defaults(func=cmd_models)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except TwinquantError as e:
+        print(f"twinquant: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # unreadable or unwritable paths given by the user
+        print(f"twinquant: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("twinquant: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

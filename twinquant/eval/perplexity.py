@@ -1,0 +1,157 @@
+"""Perplexity and KL divergence to a reference, under two named protocols.
+
+- `llama.cpp` (as `llama-perplexity`): the whole text is tokenized once (BOS first where the model uses it), cut
+  into windows of `ctx` tokens; where the model uses BOS, each window's first token is replaced by BOS; only the
+  second half of each window is scored (logits at positions ctx/2 … ctx-2 predict the next token).
+- `sliding` (as the GPTQ / QuaRot papers report): non-overlapping windows of `ctx` tokens, every next-token
+  prediction in the window scored (ctx - 1 per window), no BOS inserted.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from twinquant.errors import TwinquantError
+from twinquant.eval.logits_file import LogitsFile, LogitsWriter, bytes_needed, tokens_hash
+from twinquant.eval.stats import Accumulator
+from twinquant.model.forward import forward
+from twinquant.progress import Progress
+
+if TYPE_CHECKING:
+    from twinquant.model.model import Model
+
+PROTOCOLS = ("llama.cpp", "sliding")
+
+
+@dataclass(frozen=True)
+class Windows:
+    tokens: torch.Tensor     # int64 [chunks, ctx]
+    first: int               # logits rows first … ctx-2 are scored
+    protocol: str
+
+    @property
+    def ctx(self) -> int:
+        return self.tokens.shape[1]
+
+    @property
+    def scored(self) -> int:
+        return self.ctx - 1 - self.first
+
+    def targets(self, i: int) -> torch.Tensor:
+        return self.tokens[i, self.first + 1:]
+
+    def describe(self) -> str:
+        which = "second half" if self.protocol == "llama.cpp" else "all"
+        return (f"protocol {self.protocol}: {self.tokens.shape[0]} windows of {self.ctx} tokens, "
+                f"{self.scored} scored per window ({which})")
+
+
+def make_windows(ids: list[int], ctx: int, chunks: int | None, protocol: str,
+                 bos_id: int | None = None, add_bos: bool = False) -> Windows:
+    """Cut a tokenized text (already carrying BOS first if the model adds one) into evaluation windows."""
+    if protocol not in PROTOCOLS:
+        raise TwinquantError(f"unknown protocol {protocol!r}; choose {' or '.join(PROTOCOLS)}")
+    if ctx < 8:
+        raise TwinquantError(f"context {ctx} is too small (at least 8)")
+    if chunks is not None and chunks < 1:
+        raise TwinquantError(f"--chunks must be positive, got {chunks}")
+    need = 2 * ctx if protocol == "llama.cpp" else ctx  # llama-perplexity asks for two windows' worth
+    if len(ids) < need:
+        raise TwinquantError(f"the text has {len(ids)} tokens; protocol {protocol} with ctx {ctx} needs at "
+                             f"least {need}")
+    n = len(ids) // ctx
+    n = min(n, chunks) if chunks else n
+    tokens = torch.tensor(ids[: n * ctx], dtype=torch.long).view(n, ctx).clone()
+    if protocol == "llama.cpp":
+        if add_bos and bos_id is not None:
+            tokens[:, 0] = bos_id
+        return Windows(tokens, ctx // 2, protocol)
+    return Windows(tokens, 0, protocol)
+
+
+def windows_for_text(model: "Model", text: str, ctx: int, chunks: int | None, protocol: str) -> Windows:
+    tok = model.tokenizer
+    if tok is None:
+        raise TwinquantError("the model has no tokenizer; cannot tokenize the text")
+    ids = tok.encode(text)  # BOS first where the model's tokenizer adds it
+    return make_windows(ids, ctx, chunks, protocol, tok.bos_id, tok.add_bos)
+
+
+def window_logprobs(model: "Model", windows: Windows, i: int) -> torch.Tensor:
+    """log-softmax of the scored positions of window i: float32 [scored, vocab]."""
+    logits = forward(model, windows.tokens[i: i + 1], logits_for=slice(windows.first, windows.ctx - 1))[0]
+    return torch.log_softmax(logits.float(), dim=-1).cpu()
+
+
+def evaluate(model: "Model", windows: Windows, ref: "Model | LogitsFile | None" = None,
+             save_logprobs: str | None = None, progress: bool = True) -> dict:
+    """Perplexity of `model` on `windows`; with `ref`, also KLD / Δp / same-top against the reference.
+
+    `ref` is a second model (run window by window alongside) or saved reference log-probs. With
+    `save_logprobs`, this model's log-probs are written for later use as a reference.
+    """
+    if isinstance(ref, LogitsFile):
+        h = ref.header
+        if (h["protocol"], h["ctx"], h["first"]) != (windows.protocol, windows.ctx, windows.first):
+            raise TwinquantError(f"reference log-probs were saved with protocol {h['protocol']} ctx {h['ctx']}; "
+                                 f"this run uses {windows.protocol} ctx {windows.ctx}")
+        if h["chunks"] < windows.tokens.shape[0]:
+            windows = Windows(windows.tokens[: h["chunks"]], windows.first, windows.protocol)
+        if tokens_hash(windows.tokens) != tokens_hash(ref.windows[: windows.tokens.shape[0]]):
+            raise TwinquantError("reference log-probs were computed on different tokens (text or tokenizer)")
+        if h["vocab"] != model.spec.vocab:
+            raise TwinquantError(f"reference vocab {h['vocab']} != model vocab {model.spec.vocab}")
+    n = windows.tokens.shape[0]
+    writer = None
+    if save_logprobs:
+        writer = LogitsWriter(save_logprobs, {"protocol": windows.protocol, "ctx": windows.ctx, "chunks": n,
+                                              "first": windows.first, "scored": windows.scored,
+                                              "vocab": model.spec.vocab}, windows.tokens)
+    nll_sum = nll2_sum = 0.0
+    ref_nll_sum = 0.0
+    count = 0
+    acc = Accumulator() if ref is not None else None
+    t0 = time.perf_counter()
+    try:
+        with Progress(n, "perplexity", enabled=progress) as bar:
+            for i in range(n):
+                lp = window_logprobs(model, windows, i)
+                tgt = windows.targets(i)
+                nll = -lp.gather(1, tgt[:, None])[:, 0].double()
+                nll_sum += nll.sum().item()
+                nll2_sum += nll.pow(2).sum().item()
+                count += nll.numel()
+                if writer is not None:
+                    writer.add(lp)
+                if acc is not None:
+                    rlp = ref.chunk(i) if isinstance(ref, LogitsFile) else window_logprobs(ref, windows, i)
+                    ref_nll_sum -= rlp.gather(1, tgt[:, None]).double().sum().item()
+                    acc.add(lp, rlp, tgt)
+                bar.update(i + 1, f"PPL {math.exp(nll_sum / count):.4f}")
+        if writer is not None:
+            writer.close()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    mean = nll_sum / count
+    var = max(nll2_sum / count - mean * mean, 0.0)
+    ppl = math.exp(mean)
+    result = {
+        "protocol": windows.protocol, "ctx": windows.ctx, "chunks": n, "tokens_scored": count,
+        "nll": mean, "ppl": ppl, "ppl_err": ppl * math.sqrt(var / max(count - 1, 1)),
+        "seconds": time.perf_counter() - t0,
+    }
+    if acc is not None:
+        result["ref_ppl"] = math.exp(ref_nll_sum / count)
+        result.update(acc.summary())
+    return result
+
+
+def logprob_file_size(windows: Windows, vocab: int) -> int:
+    return bytes_needed(windows.tokens.shape[0], windows.scored, vocab)

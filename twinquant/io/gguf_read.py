@@ -1,0 +1,156 @@
+"""GGUF files: hyper-parameters, tokenizer and tensors (any type gguf-py can dequantize), read lazily.
+
+The file is memory-mapped by gguf-py's `GGUFReader`; a tensor is dequantized to float32 only when a stage asks
+for it. Loading never executes anything from the file, and every tensor's extent is checked against the file
+size before use. llama-family q/k rows are stored permuted for llama.cpp's interleaved RoPE; they are restored
+to the HF (rotate-half) order here, which is exact.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from twinquant.errors import TwinquantError
+from twinquant.model import roles
+from twinquant.model.architectures import get_architecture
+from twinquant.model.model import Model, TensorInfo
+from twinquant.model.spec import ModelSpec
+
+T = gguf.MODEL_TENSOR
+K = gguf.Keys
+
+
+def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
+    path = Path(path)
+    if not path.is_file():
+        raise TwinquantError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise TwinquantError(f"{path}: not a GGUF file (bad magic)")
+    try:
+        reader = gguf.GGUFReader(path, "r")
+    except Exception as e:  # gguf-py raises ValueError/IndexError/struct errors on damaged headers
+        raise TwinquantError(f"{path}: corrupt or truncated GGUF ({type(e).__name__}: {e})") from None
+    size = path.stat().st_size
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size:
+            raise TwinquantError(f"{path}: truncated GGUF (tensor {t.name} runs past the end of the file)")
+    return reader
+
+
+def field(reader: gguf.GGUFReader, key: str, default=...):
+    f = reader.fields.get(key)
+    if f is None:
+        if default is ...:
+            raise TwinquantError(f"GGUF metadata: missing required key {key!r}")
+        return default
+    return f.contents()
+
+
+def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of llama.cpp's converter permutation: rows [h, hd/2, 2] -> [h, 2, hd/2] per head."""
+    rest = w.shape[1:]
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *rest).transpose(1, 2).reshape(w.shape)
+
+
+def permute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF rotate-half row order -> llama.cpp's interleaved order (used by the writer)."""
+    rest = w.shape[1:]
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *rest).transpose(1, 2).reshape(w.shape)
+
+
+def rope_permuted_heads(spec: ModelSpec, name: str) -> int:
+    """For attn_q / attn_k tensors: the number of heads their rows split into; else 0."""
+    parts = name.split(".")
+    if parts[0] != "blk":
+        return 0
+    return {"attn_q": spec.n_heads, "attn_k": spec.n_kv_heads}.get(parts[2], 0)
+
+
+def spec_from_gguf(reader: gguf.GGUFReader) -> ModelSpec:
+    arch_name = field(reader, K.General.ARCHITECTURE)
+    arch = get_architecture(arch_name)
+    names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in names:
+        raise TwinquantError("GGUF: RoPE frequency factors (rope_freqs) are not supported yet")
+    a = {"arch": arch_name}
+    hidden = int(field(reader, K.LLM.EMBEDDING_LENGTH.format(**a)))
+    heads = int(field(reader, K.Attention.HEAD_COUNT.format(**a)))
+    kv = field(reader, K.Attention.HEAD_COUNT_KV.format(**a), heads)
+    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embd is None:
+        raise TwinquantError("GGUF: no token_embd.weight tensor")
+    vocab = field(reader, K.LLM.VOCAB_SIZE.format(**a), None) or int(embd.shape[1])
+    return ModelSpec(
+        arch=arch.name,
+        n_layers=int(field(reader, K.LLM.BLOCK_COUNT.format(**a))),
+        hidden=hidden,
+        intermediate=int(field(reader, K.LLM.FEED_FORWARD_LENGTH.format(**a))),
+        n_heads=heads,
+        n_kv_heads=int(kv),
+        head_dim=int(field(reader, K.Attention.KEY_LENGTH.format(**a), hidden // heads)),
+        vocab=int(vocab),
+        rope_theta=float(field(reader, K.Rope.FREQ_BASE.format(**a), 10000.0)),
+        rms_eps=float(field(reader, K.Attention.LAYERNORM_RMS_EPS.format(**a))),
+        tied_embeddings="output.weight" not in names,
+        qkv_bias="blk.0.attn_q.bias" in names,
+        qk_norm="blk.0.attn_q_norm.weight" in names,
+        context_length=int(field(reader, K.LLM.CONTEXT_LENGTH.format(**a), 4096)),
+        name=str(field(reader, K.General.NAME, "")),
+    )
+
+
+class GGUFSource:
+    """Lazy, dequantizing access to a GGUF file's tensors by role name."""
+
+    def __init__(self, path: str | os.PathLike, reader: gguf.GGUFReader, spec: ModelSpec):
+        self.path = str(path)
+        self.reader = reader
+        self.spec = spec
+        self.permuted = get_architecture(spec.arch).gguf_rope_permuted
+        self._tensors = {t.name: t for t in reader.tensors}
+        expected = set(roles.all_tensor_names(spec))
+        extra = sorted(set(self._tensors) - expected)
+        if extra:
+            raise TwinquantError(f"{path}: tensors no role consumes: {', '.join(extra[:5])}")
+        missing = [n for n in roles.all_tensor_names(spec) if n not in self._tensors]
+        if missing:
+            raise TwinquantError(f"{path}: missing tensors: {', '.join(missing[:5])}")
+
+    def info(self, name: str) -> TensorInfo:
+        t = self._tensors[name]
+        return TensorInfo(name, tuple(int(d) for d in reversed(t.shape)), t.tensor_type.name, int(t.n_bytes))
+
+    def load(self, name: str) -> torch.Tensor:
+        t = self._tensors[name]
+        try:
+            arr = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise TwinquantError(f"{name}: tensor type {t.tensor_type.name} cannot be dequantized") from None
+        shape = tuple(int(d) for d in reversed(t.shape))
+        w = torch.from_numpy(np.array(arr, dtype=np.float32).reshape(shape))  # a copy: the mmap is read-only
+        heads = self._rope_heads(name)
+        return unpermute_rope_rows(w, heads) if heads else w
+
+    def _rope_heads(self, name: str) -> int:
+        """Heads of a tensor whose rows llama.cpp stores permuted (q/k weights and biases), else 0."""
+        if not self.permuted:
+            return 0
+        return rope_permuted_heads(self.spec, name)
+
+
+def load_gguf(path: str | os.PathLike, load_tokenizer: bool = True) -> Model:
+    reader = open_gguf(path)
+    spec = spec_from_gguf(reader)
+    source = GGUFSource(path, reader, spec)
+    tokenizer = None
+    if load_tokenizer:
+        from twinquant.io.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_gguf(reader)
+    return Model(spec=spec, source=source, tokenizer=tokenizer)

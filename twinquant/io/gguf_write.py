@@ -1,0 +1,100 @@
+"""Write a `Model` as a GGUF file that stock llama.cpp loads (float types now; block formats come later).
+
+Uses gguf-py's `GGUFWriter` in streaming mode (tensor infos first, then one tensor at a time), so writing never
+holds more than one tensor in memory. Names are the role names (llama.cpp's own); llama-family q/k rows are
+permuted back to llama.cpp's interleaved RoPE order. The file is written under a temporary name and renamed at
+the end: a failure leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import gguf
+import numpy as np
+import torch
+
+import twinquant
+from twinquant.errors import TwinquantError
+from twinquant.io.gguf_read import rope_permuted_heads, permute_rope_rows
+from twinquant.model.architectures import get_architecture
+from twinquant.model.model import Model
+
+Q = gguf.GGMLQuantizationType
+FLOAT_TYPES = {"F32": Q.F32, "F16": Q.F16, "BF16": Q.BF16}
+_FILE_TYPES = {Q.F32: gguf.LlamaFileType.ALL_F32, Q.F16: gguf.LlamaFileType.MOSTLY_F16,
+               Q.BF16: gguf.LlamaFileType.MOSTLY_BF16}
+SCHEMA_VERSION = "0.1.0"   # twinquant.* metadata schema (major.minor.patch)
+
+
+def _hyperparameters(w: gguf.GGUFWriter, model: Model) -> None:
+    s = model.spec
+    w.add_name(s.name or s.arch)
+    w.add_context_length(s.context_length)
+    w.add_embedding_length(s.hidden)
+    w.add_block_count(s.n_layers)
+    w.add_feed_forward_length(s.intermediate)
+    w.add_head_count(s.n_heads)
+    w.add_head_count_kv(s.n_kv_heads)
+    w.add_key_length(s.head_dim)
+    w.add_value_length(s.head_dim)
+    w.add_rope_dimension_count(s.head_dim)
+    w.add_rope_freq_base(s.rope_theta)
+    w.add_layer_norm_rms_eps(s.rms_eps)
+    w.add_vocab_size(s.vocab)
+
+
+def _type_for(name: str, t_shape: tuple[int, ...], ftype: Q) -> Q:
+    # llama.cpp keeps 1-D tensors (norms, biases) in F32 whatever the file type.
+    return Q.F32 if len(t_shape) == 1 else ftype
+
+
+def write_gguf(model: Model, path: str | os.PathLike, ftype: str = "F16",
+               progress: Callable[[int, int, str], None] | None = None) -> Path:
+    """Write `model` to `path` with 2-D tensors in `ftype` (F32, F16 or BF16)."""
+    if ftype.upper() not in FLOAT_TYPES:
+        raise TwinquantError(f"unsupported output type {ftype!r}; choose one of {', '.join(FLOAT_TYPES)}")
+    qtype = FLOAT_TYPES[ftype.upper()]
+    if model.tokenizer is None:
+        raise TwinquantError("the model has no tokenizer; llama.cpp needs one in the GGUF")
+    if len(model.layout) != model.spec.n_layers or any(s.block != i for i, s in enumerate(model.layout.slots)):
+        raise TwinquantError("this writer handles the plain layout only (duplicated layers: see `duplicate`)")
+    from twinquant.io.tokenizer import write_tokenizer_metadata
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    arch = get_architecture(model.spec.arch)
+    names = model.tensor_names()
+    try:
+        w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch.gguf_arch])
+        _hyperparameters(w, model)
+        w.add_file_type(_FILE_TYPES[qtype])
+        w.add_string("twinquant.version", SCHEMA_VERSION)
+        w.add_string("twinquant.producer", f"twinquant {twinquant.__version__}")
+        write_tokenizer_metadata(w, model.tokenizer)
+        types = {}
+        for n in names:
+            shape = model.tensor_info(n).shape
+            types[n] = t = _type_for(n, shape, qtype)
+            byte_shape = gguf.quant_shape_to_byte_shape(shape, t)
+            w.add_tensor_info(n, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=t)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for i, n in enumerate(names):
+            t = model.get(n).detach().float().cpu()
+            heads = rope_permuted_heads(model.spec, n) if arch.gguf_rope_permuted else 0
+            if heads:
+                t = permute_rope_rows(t, heads)
+            data = gguf.quants.quantize(t.numpy(), types[n])
+            w.write_tensor_data(data.view(np.uint8).reshape(-1))
+            if progress:
+                progress(i + 1, len(names), n)
+        w.close()
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,189 @@
+"""The one forward: a pure-torch decoder that executes a `Model` (llama / qwen2 / qwen3 families).
+
+Serves calibration (hooks on every linear input), evaluation, search and the runtime. Weights are in HF
+orientation ([out, in]); RoPE uses the rotate-half (NeoX) layout that HF checkpoints use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from twinquant.model import roles
+from twinquant.model.model import Model
+from twinquant.model.spec import ModelSpec
+
+T = roles.T
+
+# Called with (role name, input tensor [B, T, in]) right before each linear runs; linears of one input group
+# (q/k/v, gate/up) receive the same tensor object.
+LinearHook = Callable[[str, torch.Tensor], None]
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys/values per layout slot: [B, n_kv_heads, max_len, head_dim]."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    pos: int = 0
+
+    @classmethod
+    def empty(cls, model: Model, batch: int, max_len: int) -> "KVCache":
+        s = model.spec
+        shape = (batch, s.n_kv_heads, max_len, s.head_dim)
+        n = len(model.layout)
+        mk = lambda: torch.zeros(shape, dtype=model.dtype, device=model.device)  # noqa: E731
+        return cls([mk() for _ in range(n)], [mk() for _ in range(n)])
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[2]
+
+
+@dataclass
+class _Rope:
+    """cos/sin tables for positions [0, n), grown on demand."""
+
+    theta: float
+    head_dim: int
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+
+    def get(self, start: int, length: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + length
+        if self.cos is None or self.cos.shape[0] < end or self.cos.device != device:
+            n = max(end, 2 * (self.cos.shape[0] if self.cos is not None else 0), 512)
+            inv = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim))
+            ang = torch.outer(torch.arange(n, dtype=torch.float64), inv)     # [n, hd/2]
+            ang = torch.cat([ang, ang], dim=-1)                                 # rotate-half layout
+            self.cos, self.sin = ang.cos().float().to(device), ang.sin().float().to(device)
+        return self.cos[start:end].to(dtype), self.sin[start:end].to(dtype)
+
+
+_ROPE_CACHE: dict[tuple[float, int], _Rope] = {}
+
+
+def _rope_tables(spec: ModelSpec, start: int, length: int, device, dtype):
+    key = (spec.rope_theta, spec.head_dim)
+    rope = _ROPE_CACHE.setdefault(key, _Rope(*key))
+    return rope.get(start, length, device, dtype)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalise in float32 whatever the compute dtype (as the reference implementations do).
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, T, hd]; cos/sin: [T, hd]."""
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rot * sin
+
+
+def _linear(x: torch.Tensor, model: Model, name: str, hook: LinearHook | None, bias: bool = False):
+    if hook is not None:
+        hook(name, x)
+    b = model.get(name.replace(".weight", ".bias")) if bias else None
+    return F.linear(x, model.get(name), b)
+
+
+def attention(model: Model, layer: int, x: torch.Tensor, start: int, cache: KVCache | None, slot: int,
+              hook: LinearHook | None) -> torch.Tensor:
+    s = model.spec
+    B, L, _ = x.shape
+    q = _linear(x, model, roles.name(T.ATTN_Q, layer), hook, s.qkv_bias)
+    k = _linear(x, model, roles.name(T.ATTN_K, layer), hook, s.qkv_bias)
+    v = _linear(x, model, roles.name(T.ATTN_V, layer), hook, s.qkv_bias)
+    q = q.view(B, L, s.n_heads, s.head_dim).transpose(1, 2)          # [B, H, L, hd]
+    k = k.view(B, L, s.n_kv_heads, s.head_dim).transpose(1, 2)       # [B, Hkv, L, hd]
+    v = v.view(B, L, s.n_kv_heads, s.head_dim).transpose(1, 2)
+    if s.qk_norm:
+        q = rms_norm(q, model.get(roles.name(T.ATTN_Q_NORM, layer)), s.rms_eps)
+        k = rms_norm(k, model.get(roles.name(T.ATTN_K_NORM, layer)), s.rms_eps)
+    cos, sin = _rope_tables(s, start, L, x.device, x.dtype)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+    mask, causal = None, True
+    if cache is not None:
+        cache.k[slot][:, :, start:start + L] = k
+        cache.v[slot][:, :, start:start + L] = v
+        k, v = cache.k[slot][:, :, :start + L], cache.v[slot][:, :, :start + L]
+        if start > 0:
+            causal = False
+            if L > 1:  # queries at positions start..start+L-1 see keys 0..their own position
+                qpos = torch.arange(start, start + L, device=x.device)[:, None]
+                mask = torch.arange(start + L, device=x.device)[None, :] <= qpos
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and L > 1,
+                                       enable_gqa=s.n_heads != s.n_kv_heads)
+    o = o.transpose(1, 2).reshape(B, L, s.q_dim)
+    return _linear(o, model, roles.name(T.ATTN_OUT, layer), hook)
+
+
+def feed_forward(model: Model, layer: int, x: torch.Tensor, hook: LinearHook | None) -> torch.Tensor:
+    g = _linear(x, model, roles.name(T.FFN_GATE, layer), hook)
+    u = _linear(x, model, roles.name(T.FFN_UP, layer), hook)
+    return _linear(F.silu(g) * u, model, roles.name(T.FFN_DOWN, layer), hook)
+
+
+def block_forward(model: Model, layer: int, x: torch.Tensor, start: int = 0, cache: KVCache | None = None,
+                  slot: int = 0, hook: LinearHook | None = None) -> torch.Tensor:
+    """One residual block: x + attn(norm(x)), then + ffn(norm(.)). x: [B, L, hidden]."""
+    eps = model.spec.rms_eps
+    h = rms_norm(x, model.get(roles.name(T.ATTN_NORM, layer)), eps)
+    x = x + attention(model, layer, h, start, cache, slot, hook)
+    h = rms_norm(x, model.get(roles.name(T.FFN_NORM, layer)), eps)
+    return x + feed_forward(model, layer, h, hook)
+
+
+def embed(model: Model, tokens: torch.Tensor) -> torch.Tensor:
+    return F.embedding(tokens.to(model.device), model.get(roles.name(T.TOKEN_EMBD)))
+
+
+def head(model: Model, x: torch.Tensor, hook: LinearHook | None = None) -> torch.Tensor:
+    """Final norm and output head; logits in float32. x: [B, L, hidden] -> [B, L, vocab]."""
+    x = rms_norm(x, model.get(roles.name(T.OUTPUT_NORM)), model.spec.rms_eps)
+    if hook is not None:
+        hook(roles.name(T.OUTPUT), x)
+    return F.linear(x, model.output_weight()).float()
+
+
+@torch.inference_mode()
+def forward(model: Model, tokens: torch.Tensor, cache: KVCache | None = None,
+            hook: LinearHook | None = None, logits_for: slice | None = None) -> torch.Tensor:
+    """Logits for `tokens` [B, L]: float32 [B, L, vocab], or only the positions in `logits_for`
+    (e.g. `slice(-1, None)` when generating; the head is the costliest matmul of a small model).
+
+    With a cache, tokens continue at `cache.pos` and the cache advances.
+    """
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    start = cache.pos if cache is not None else 0
+    if cache is not None and start + tokens.shape[1] > cache.max_len:
+        raise ValueError(f"KV cache holds {cache.max_len} positions, asked for {start + tokens.shape[1]}")
+    x = embed(model, tokens)
+    for slot, s in enumerate(model.layout.slots):
+        x = block_forward(model, s.block, x, start, cache, slot, hook)
+    if cache is not None:
+        cache.pos += tokens.shape[1]
+    if logits_for is not None:
+        x = x[:, logits_for]
+    return head(model, x, hook)
+
+
+@dataclass
+class LinearInputs:
+    """Collects the inputs of chosen linears during a forward (calibration). Use as `hook=`."""
+
+    names: set[str] | None = None          # None: every linear
+    inputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+    def __call__(self, name: str, x: torch.Tensor) -> None:
+        if self.names is None or name in self.names:
+            self.inputs.setdefault(name, []).append(x.detach().reshape(-1, x.shape[-1]).float().cpu())

@@ -1,0 +1,126 @@
+"""`Model`: spec + weights by role + layout (+ tokenizer), the one representation every stage works on.
+
+Weights come from a `TensorSource` (a Hugging Face directory or a GGUF file) and are materialised lazily, one
+tensor at a time, so a single block can be loaded (and released) alone: quantizing a 32B model block by block
+never needs the whole model in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+from twinquant.errors import TwinquantError
+from twinquant.model import roles
+from twinquant.model.layout import Layout
+from twinquant.model.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from twinquant.io.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]     # HF orientation ([out, in] for linears)
+    source_type: str           # "F32", "BF16", "Q4_K" ...
+    nbytes: int                # bytes in the source file
+
+
+class TensorSource(Protocol):
+    """Where a model's tensors live; `load` returns a float32 CPU tensor in HF orientation."""
+
+    path: str
+
+    def info(self, name: str) -> TensorInfo: ...
+
+    def load(self, name: str) -> torch.Tensor: ...
+
+
+@dataclass
+class Model:
+    spec: ModelSpec
+    source: TensorSource | None = None
+    tokenizer: "Tokenizer | None" = None
+    layout: Layout | None = None
+    dtype: torch.dtype = torch.float32
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.layout is None:
+            self.layout = Layout.sequential(self.spec.n_layers)
+        self.layout.validate(self.spec.n_layers)
+        self.device = torch.device(self.device)
+
+    # --- weights -------------------------------------------------------------------------------------------
+    def tensor_names(self) -> list[str]:
+        return roles.all_tensor_names(self.spec)
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor for a role, loaded from the source on first use."""
+        t = self.tensors.get(name)
+        if t is None:
+            if self.source is None:
+                raise KeyError(name)
+            t = self.source.load(name)
+            self.tensors[name] = t = self._place(name, t)
+        return t
+
+    def _place(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        want = roles.expected_shape(self.spec, name)
+        if tuple(t.shape) != want:
+            raise TwinquantError(f"{name}: shape {tuple(t.shape)} does not match the model's {want}")
+        if not torch.isfinite(t).all():
+            raise TwinquantError(f"{name}: tensor contains NaN or Inf values")
+        return t.to(device=self.device, dtype=self.dtype).contiguous()
+
+    def set(self, name: str, t: torch.Tensor) -> None:
+        self.tensors[name] = self._place(name, t)
+
+    def output_weight(self) -> torch.Tensor:
+        return self.get(roles.name(roles.T.TOKEN_EMBD if self.spec.tied_embeddings else roles.T.OUTPUT))
+
+    def block(self, layer: int) -> dict[str, torch.Tensor]:
+        return {n: self.get(n) for n in roles.block_tensor_names(self.spec, layer)}
+
+    def release_block(self, layer: int) -> None:
+        """Drop a block's materialised tensors (they reload from the source on next use)."""
+        if self.source is None:
+            return
+        for n in roles.block_tensor_names(self.spec, layer):
+            self.tensors.pop(n, None)
+
+    def materialize(self) -> "Model":
+        for n in self.tensor_names():
+            self.get(n)
+        return self
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Model":
+        if device is not None:
+            self.device = torch.device(device)
+        if dtype is not None:
+            self.dtype = dtype
+        for n, t in list(self.tensors.items()):
+            self.tensors[n] = self._place(n, t)
+        return self
+
+    # --- facts ---------------------------------------------------------------------------------------------
+    def tensor_info(self, name: str) -> TensorInfo:
+        if self.source is not None:
+            return self.source.info(name)
+        t = self.get(name)
+        return TensorInfo(name, tuple(t.shape), str(t.dtype).removeprefix("torch.").upper(),
+                          t.numel() * t.element_size())
+
+    def n_params(self) -> int:
+        n = 0
+        for name in self.tensor_names():
+            shape = roles.expected_shape(self.spec, name)
+            size = 1
+            for d in shape:
+                size *= d
+            n += size
+        return n
