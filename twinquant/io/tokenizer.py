@@ -161,13 +161,12 @@ class Tokenizer:
         self.bos_id, self.eos_id, self.pad_id, self.unk_id = bos_id, eos_id, pad_id, unk_id
         self.add_bos = spec.add_bos if add_bos is None else bool(add_bos)
         self.chat_template = chat_template
-        eog = {i for i in (eos_id, *extra_eog_ids) if i is not None}
-        eog.update(ids[t] for t in _EOG_TEXTS if t in ids)
-        self.eog_ids = frozenset(eog)
+        eog_by_text = {ids[t] for t in _EOG_TEXTS if t in ids}
+        self.eog_ids = frozenset(eog_by_text | {i for i in (eos_id, *extra_eog_ids) if i is not None})
 
-        # Like llama.cpp: control/unknown (and eog-looking) tokens are neither parsed from text nor rendered;
-        # user-defined tokens are cut out of the text before BPE and rendered verbatim.
-        hidden = {i for i, t in enumerate(token_types) if t in (CONTROL, UNKNOWN)} | eog
+        # Like llama.cpp: control/unknown tokens (and those it forces to control by their eog-looking text) are
+        # neither parsed from text nor rendered; user-defined ones are cut out before BPE and rendered verbatim.
+        hidden = {i for i, t in enumerate(token_types) if t in (CONTROL, UNKNOWN)} | eog_by_text
         self._user_tokens = sorted(
             ((t, i) for i, t in enumerate(tokens) if token_types[i] == USER_DEFINED and i not in hidden),
             key=lambda ti: len(ti[0]), reverse=True,
@@ -229,10 +228,9 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         """Text of `ids` as llama.cpp detokenizes it (control tokens dropped); bad UTF-8 becomes U+FFFD."""
-        try:
-            data = b"".join(self._pieces[i] for i in ids)
-        except (IndexError, TypeError):
-            raise TwinquantError(f"token id out of range 0..{self.vocab_size - 1}") from None
+        if any(not 0 <= i < self.vocab_size for i in ids):
+            raise TwinquantError(f"token id out of range 0..{self.vocab_size - 1}")
+        data = b"".join(self._pieces[i] for i in ids)
         return data.decode("utf-8", errors="replace")
 
     def token_text(self, i: int) -> str:
@@ -256,7 +254,7 @@ class Tokenizer:
         merges = get("tokenizer.ggml.merges")
         if not tokens or merges is None:
             raise TwinquantError("GGUF tokenizer lacks tokenizer.ggml.tokens or tokenizer.ggml.merges")
-        eog_extra = tuple(i for i in (get("tokenizer.ggml.eot_token_id"), get("tokenizer.ggml.eom_token_id")) if i)
+        eot_eom = (get("tokenizer.ggml.eot_token_id"), get("tokenizer.ggml.eom_token_id"))
         return cls(
             tokens=tokens,
             token_types=get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens),
@@ -266,7 +264,7 @@ class Tokenizer:
             eos_id=get("tokenizer.ggml.eos_token_id"),
             pad_id=get("tokenizer.ggml.padding_token_id"),
             unk_id=get("tokenizer.ggml.unknown_token_id"),
-            extra_eog_ids=eog_extra,
+            extra_eog_ids=tuple(i for i in eot_eom if i is not None),
             add_bos=get("tokenizer.ggml.add_bos_token"),
             chat_template=get("tokenizer.chat_template"),
         )
@@ -287,7 +285,8 @@ class Tokenizer:
             raise TwinquantError(f"unsupported tokenizer normalizer {tj['normalizer']['type']!r} in {path}")
         pre = _pre_name_from_hf(tj.get("pre_tokenizer"))
 
-        # Token list: BPE vocab, added tokens on top, padded to the embedding size like llama.cpp's converter.
+        # Token list: BPE vocab, added tokens on top, padded with unused tokens to the embedding size (as
+        # llama.cpp's converter does: the GGUF token count must equal token_embd's row count).
         by_id: dict[int, tuple[str, int]] = {i: (t, NORMAL) for t, i in model["vocab"].items()}
         for added in tj.get("added_tokens") or []:
             text = added["content"]
@@ -299,7 +298,7 @@ class Tokenizer:
             if n_embd < n:
                 raise TwinquantError(f"tokenizer has {n} tokens but config.json vocab_size is {n_embd}")
             n = n_embd
-        entries = [by_id.get(i, (f"[PAD{i}]", USER_DEFINED)) for i in range(n)]
+        entries = [by_id.get(i, (f"[PAD{i}]", UNUSED)) for i in range(n)]
         tokens = [t for t, _ in entries]
         merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
 
