@@ -44,10 +44,30 @@ def tiny_hf_model(family: str, seed: int = 0, **over):
     return model
 
 
-def save_tiny(family: str, path: Path, seed: int = 0, tokenizer_dir: Path | None = None, **over) -> Path:
+def save_tiny(family: str, path: Path, seed: int = 0, tokenizer: bool = False, **over) -> Path:
+    """Save a tiny random model as an HF directory (with a tiny tokenizer if asked)."""
     model = tiny_hf_model(family, seed, **over)
     model.save_pretrained(path)
-    if tokenizer_dir is not None:
-        for f in tokenizer_dir.iterdir():
-            (path / f.name).write_bytes(f.read_bytes())
+    if tokenizer:
+        save_tiny_tokenizer(path, model.config.vocab_size)
+    return path
+
+
+def save_tiny_tokenizer(path: Path, vocab: int = 320) -> Path:
+    """A small byte-level BPE tokenizer (gpt-2 pre-tokenizer) in HF files, so tiny models can be exported."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab - 8, special_tokens=["<|endoftext|>", "<|im_start|>",
+                                  "<|im_end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(["The quick brown fox jumps over the lazy dog, twice: 12 and 345."] * 10, trainer)
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "add_bos_token": False}))
     return path

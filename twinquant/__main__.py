@@ -1,0 +1,5 @@
+import sys
+
+from twinquant.cli import main
+
+sys.exit(main())
