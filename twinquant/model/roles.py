@@ -53,6 +53,14 @@ NORM_FEEDS: dict[gguf.MODEL_TENSOR, tuple[gguf.MODEL_TENSOR, ...]] = {
 }
 
 
+def shared_input_groups(layer: int) -> list[tuple[str, ...]]:
+    """Weight names of block `layer` that read one input, in execution order: (q, k, v), (o), (gate, up), (down)."""
+    groups: dict[str, list[str]] = {}
+    for lin in BLOCK_LINEARS:
+        groups.setdefault(lin.input_group, []).append(name(lin.tensor, layer))
+    return [tuple(g) for g in groups.values()]
+
+
 def name(t: gguf.MODEL_TENSOR, layer: int | None = None, suffix: str = "weight") -> str:
     """Role name of a tensor: `name(T.ATTN_Q, 3)` -> `blk.3.attn_q.weight`."""
     base = _base(t).format(bid=layer) if layer is not None else _base(t)
