@@ -108,3 +108,13 @@ def test_fused_shared_input_linears_match_separate(tmp_path):
     assert torch.allclose(forward(m, x), fused, atol=1e-5)
     m.set("blk.0.attn_k.weight", m.get("blk.0.attn_k.weight") * 2)
     assert not torch.allclose(forward(m, x), fused, atol=1e-3)             # the replacement is used
+
+
+def test_residual_hook_sees_every_slot(tmp_path):
+    save_tiny("llama", tmp_path)
+    m = load_hf_dir(tmp_path)
+    seen = {}
+    x = torch.randint(0, m.spec.vocab, (1, 12))
+    forward(m, x, residual_hook=lambda i, h: seen.setdefault(i, h.clone()))
+    assert sorted(seen) == [0, 1, 2] and seen[0].shape == (1, 12, m.spec.hidden)
+    assert torch.equal(seen[0], m.get("token_embd.weight")[x])

@@ -21,6 +21,9 @@ T = roles.T
 # Called with (role name, input tensor [B, T, in]) right before each linear runs; linears of one input group
 # (q/k/v, gate/up) receive the same tensor object.
 LinearHook = Callable[[str, torch.Tensor], None]
+# Called with (slot index, residual stream [B, T, hidden]) before each slot runs, and with len(layout) before the
+# final norm: where massive activations show.
+ResidualHook = Callable[[int, torch.Tensor], None]
 
 
 @dataclass
@@ -166,7 +169,8 @@ def head(model: Model, x: torch.Tensor, hook: LinearHook | None = None) -> torch
 
 @torch.inference_mode()
 def forward(model: Model, tokens: torch.Tensor, cache: KVCache | None = None,
-            hook: LinearHook | None = None, logits_for: slice | None = None) -> torch.Tensor:
+            hook: LinearHook | None = None, logits_for: slice | None = None,
+            residual_hook: ResidualHook | None = None) -> torch.Tensor:
     """Logits for `tokens` [B, L]: float32 [B, L, vocab], or only the positions in `logits_for`
     (e.g. `slice(-1, None)` when generating; the head is the costliest matmul of a small model).
 
@@ -179,7 +183,11 @@ def forward(model: Model, tokens: torch.Tensor, cache: KVCache | None = None,
         raise ValueError(f"KV cache holds {cache.max_len} positions, asked for {start + tokens.shape[1]}")
     x = embed(model, tokens)
     for slot, s in enumerate(model.layout.slots):
+        if residual_hook is not None:
+            residual_hook(slot, x)
         x = block_forward(model, s.block, x, start, cache, slot, hook)
+    if residual_hook is not None:
+        residual_hook(len(model.layout.slots), x)
     if cache is not None:
         cache.pos += tokens.shape[1]
     if logits_for is not None:
