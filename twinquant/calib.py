@@ -1,0 +1,48 @@
+"""Calibration data: token windows from a calibration text (never the evaluation text).
+
+The default is `../shared/data/calibration/groups_merged.txt` (the text llama.cpp users feed llama-imatrix).
+Windows are non-overlapping, `ctx` tokens each, BOS first where the model uses it; the text's sha256 and the
+token count are returned so the result can be recorded (e.g. in GGUF metadata).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from twinquant.errors import TwinquantError
+
+DEFAULT_CALIB = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "calibration" / "groups_merged.txt"
+
+
+@dataclass(frozen=True)
+class Calibration:
+    windows: torch.Tensor     # int64 [n, ctx]
+    text_sha256: str
+    path: str
+
+    @property
+    def n_tokens(self) -> int:
+        return self.windows.numel()
+
+
+def load_calibration(model, path: str | Path | None = None, n_tokens: int = 8192, ctx: int = 512) -> Calibration:
+    """`n_tokens` worth of windows of `ctx` tokens from the calibration text (fewer if the text is short)."""
+    p = Path(path) if path else DEFAULT_CALIB
+    if not p.is_file():
+        raise TwinquantError(f"{p}: calibration text not found")
+    if model.tokenizer is None:
+        raise TwinquantError("the model has no tokenizer; cannot tokenize the calibration text")
+    raw = p.read_bytes()
+    ids = model.tokenizer.encode(raw.decode("utf-8", errors="replace"))
+    n = min(max(n_tokens // ctx, 1), len(ids) // ctx)
+    if n < 1:
+        raise TwinquantError(f"{p}: {len(ids)} tokens, fewer than one window of {ctx}")
+    windows = torch.tensor(ids[: n * ctx], dtype=torch.long).view(n, ctx).clone()
+    tok = model.tokenizer
+    if tok.add_bos and tok.bos_id is not None:
+        windows[:, 0] = tok.bos_id
+    return Calibration(windows, hashlib.sha256(raw).hexdigest(), str(p))
