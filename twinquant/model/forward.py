@@ -63,7 +63,7 @@ class _Rope:
             inv = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim))
             ang = torch.outer(torch.arange(n, dtype=torch.float64), inv)     # [n, hd/2]
             ang = torch.cat([ang, ang], dim=-1)                                 # rotate-half layout
-            self.cos, self.sin = ang.cos().float().to(device), ang.sin().float().to(device)
+            self.cos, self.sin = ang.cos().to(device), ang.sin().to(device)   # float64; cast per use
         return self.cos[start:end].to(dtype), self.sin[start:end].to(dtype)
 
 
@@ -77,8 +77,8 @@ def _rope_tables(spec: ModelSpec, start: int, length: int, device, dtype):
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    # Normalise in float32 whatever the compute dtype (as the reference implementations do).
-    xf = x.float()
+    # Normalise in float32 (float64 stays float64) whatever the compute dtype, as the reference implementations do.
+    xf = x if x.dtype == torch.float64 else x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return w * xf.to(x.dtype)
 
@@ -97,6 +97,9 @@ def _linear(x: torch.Tensor, model: Model, name: str, hook: LinearHook | None, b
 def _linears(x: torch.Tensor, model: Model, names: tuple[str, ...], hook: LinearHook | None,
              bias: bool = False) -> list[torch.Tensor]:
     """Linears that read the same input x; one matmul when the model holds them fused."""
+    online = model.input_transforms.get(names[0])
+    if online is not None:   # e.g. R4: the weight was pre-multiplied, the input is rotated here
+        x = online.apply(x)
     if hook is not None:
         for n in names:
             hook(n, x)
@@ -123,6 +126,8 @@ def attention(model: Model, layer: int, x: torch.Tensor, start: int, cache: KVCa
         k = rms_norm(k, model.get(roles.name(T.ATTN_K_NORM, layer)), s.rms_eps)
     cos, sin = _rope_tables(s, start, L, x.device, x.dtype)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if model.qk_transform is not None:   # R3: q·kᵀ is unchanged, the cached keys are rotated
+        q, k = model.qk_transform.apply(q), model.qk_transform.apply(k)
 
     mask, causal = None, True
     if cache is not None:
@@ -164,7 +169,8 @@ def head(model: Model, x: torch.Tensor, hook: LinearHook | None = None) -> torch
     x = rms_norm(x, model.get(roles.name(T.OUTPUT_NORM)), model.spec.rms_eps)
     if hook is not None:
         hook(roles.name(T.OUTPUT), x)
-    return F.linear(x, model.output_weight()).float()
+    logits = F.linear(x, model.output_weight())
+    return logits if logits.dtype == torch.float64 else logits.float()
 
 
 @torch.inference_mode()

@@ -48,6 +48,11 @@ class Model:
     dtype: torch.dtype = torch.float32
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Online transforms the forward must apply (rotation R4 on a linear's input, R3 on q/k after RoPE), and the
+    # record of every rotation fused into the weights (kind, type, size, seed), for metadata and the runtime.
+    input_transforms: dict[str, object] = field(default_factory=dict)
+    qk_transform: object | None = None
+    rotations: list[dict] = field(default_factory=list)
     # Linears that read one input (q/k/v, gate/up) live in one concatenated tensor and `tensors` holds row
     # views of it, so the forward can run one larger matmul (faster on CPU) at no extra memory.
     _fused: dict[tuple[str, ...], tuple[torch.Tensor, tuple[torch.Tensor, ...]]] = field(default_factory=dict)
@@ -135,13 +140,23 @@ class Model:
             self.device = torch.device(device)
         if dtype is not None:
             self.dtype = dtype
-        groups = [g for g in self._fused if self.fused(g) is not None]
         for n, t in list(self.tensors.items()):
             self.tensors[n] = self._place(n, t)
+        return self.fuse_shared_inputs()
+
+    def fuse_shared_inputs(self) -> "Model":
+        """(Re-)fuse every shared-input group whose members are loaded (after stages replaced tensors)."""
         self._fused.clear()
-        for g in groups:
-            self._fuse(g)
+        for i in range(self.spec.n_layers):
+            for g in roles.shared_input_groups(i):
+                if len(g) > 1 and all(n in self.tensors for n in g):
+                    self._fuse(g)
         return self
+
+    @property
+    def needs_online(self) -> bool:
+        """True when the forward applies transforms stock llama.cpp does not (R3/R4)."""
+        return bool(self.input_transforms) or self.qk_transform is not None
 
     # --- facts ---------------------------------------------------------------------------------------------
     def tensor_info(self, name: str) -> TensorInfo:

@@ -1,0 +1,201 @@
+"""Norm fusion and the rotations R1–R4 on the model representation (QuaRot / SpinQuant placement).
+
+Each function takes a `Model`, changes its weights in place (computing in float64) and returns it; the model
+records what it carries (`model.rotations`, `model.input_transforms`, `model.qk_transform`) so exporters and the
+runtime can reproduce it. Orientation: weights are [out, in], activations are row vectors, y = x·Wᵀ.
+
+- fuse_norms: RMSNorm gains go into the linears they feed (W·diag(g)), gains become 1. A tied head must then be
+  untied when the final norm's gain is not 1 (the embedding does not see that gain).
+- R1 (residual, Q [h, h]): x → x·Q. Embedding E·Q, readers W·Q, writers Qᵀ·W. Needs fused norms (RMSNorm
+  commutes with an orthogonal Q only when its gain is 1).
+- R2 (per head, Q [hd, hd]): v → v·Q for every kv head (W_v ← Qᵀ·W_v per head, b_v ← b_v·Q), and W_o's column
+  block of every q head ← W_o,j·Q.
+- R4 (online, ffn_down input, Hadamard of the FFN width): W_down ← W_down·H, the forward computes z·H.
+- R3 (online, q/k after RoPE, Hadamard of head_dim): q·kᵀ unchanged; it only matters for KV-cache quantization.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from twinquant.errors import TwinquantError
+from twinquant.model import roles
+from twinquant.model.model import Model
+from twinquant.rotation.online import OnlineHadamard
+
+T = roles.T
+
+
+def _w(model: Model, name: str) -> torch.Tensor:
+    return model.get(name).double()
+
+
+def _readers(model: Model) -> list[str]:
+    out = []
+    for i in range(model.spec.n_layers):
+        out += [roles.name(t, i) for t in (T.ATTN_Q, T.ATTN_K, T.ATTN_V, T.FFN_GATE, T.FFN_UP)]
+    return out + [roles.name(T.OUTPUT)] if not model.spec.tied_embeddings else out
+
+
+def _writers(model: Model) -> list[str]:
+    return [roles.name(t, i) for i in range(model.spec.n_layers) for t in (T.ATTN_OUT, T.FFN_DOWN)]
+
+
+def _has(model: Model, kind: str) -> bool:
+    return any(r["kind"] == kind for r in model.rotations)
+
+
+def untie_head(model: Model) -> Model:
+    """Give the model its own output.weight (a copy of the embedding)."""
+    if model.spec.tied_embeddings:
+        emb = model.get(roles.name(T.TOKEN_EMBD))
+        model.spec = dataclasses.replace(model.spec, tied_embeddings=False)
+        model.tensors[roles.name(T.OUTPUT)] = emb.clone()
+    return model
+
+
+def fuse_norms(model: Model) -> Model:
+    if _has(model, "fuse_norms"):
+        return model
+    s = model.spec
+    for i in range(s.n_layers):
+        for norm, fed in roles.NORM_FEEDS.items():
+            if norm == T.OUTPUT_NORM:
+                continue
+            g = _w(model, roles.name(norm, i))
+            for t in fed:
+                n = roles.name(t, i)
+                model.set(n, _w(model, n) * g[None, :])
+            model.set(roles.name(norm, i), torch.ones_like(g))
+    g = _w(model, roles.name(T.OUTPUT_NORM))
+    if s.tied_embeddings and not torch.all(g == 1):
+        untie_head(model)
+    if not model.spec.tied_embeddings:
+        n = roles.name(T.OUTPUT)
+        model.set(n, _w(model, n) * g[None, :])
+        model.set(roles.name(T.OUTPUT_NORM), torch.ones_like(g))
+    model.rotations.append({"kind": "fuse_norms"})
+    return model
+
+
+def rotate_residual(model: Model, q: torch.Tensor, record: dict) -> Model:
+    """R1 with an orthogonal q [hidden, hidden] (float64)."""
+    if not _has(model, "fuse_norms"):
+        raise TwinquantError("R1 needs fused norms first (fuse_norms)")
+    q = q.double()
+    if q.shape != (model.spec.hidden, model.spec.hidden):
+        raise TwinquantError(f"R1 matrix is {tuple(q.shape)}, the residual width is {model.spec.hidden}")
+    emb = roles.name(T.TOKEN_EMBD)
+    model.set(emb, _w(model, emb) @ q)
+    for n in _readers(model):
+        model.set(n, _w(model, n) @ q)
+    for n in _writers(model):
+        model.set(n, q.T @ _w(model, n))
+    model.rotations.append({"kind": "R1", **record})
+    return model
+
+
+def rotate_heads(model: Model, q: torch.Tensor, record: dict) -> Model:
+    """R2 with an orthogonal q [head_dim, head_dim], the same for every head."""
+    s = model.spec
+    q = q.double()
+    if q.shape != (s.head_dim, s.head_dim):
+        raise TwinquantError(f"R2 matrix is {tuple(q.shape)}, head_dim is {s.head_dim}")
+    for i in range(s.n_layers):
+        v = roles.name(T.ATTN_V, i)
+        wv = _w(model, v).view(s.n_kv_heads, s.head_dim, s.hidden)
+        model.set(v, torch.einsum("dc,kdh->kch", q, wv).reshape(s.kv_dim, s.hidden))
+        if s.qkv_bias:
+            b = roles.name(T.ATTN_V, i, "bias")
+            model.set(b, (_w(model, b).view(s.n_kv_heads, s.head_dim) @ q).reshape(-1))
+        o = roles.name(T.ATTN_OUT, i)
+        wo = _w(model, o).view(s.hidden, s.n_heads, s.head_dim)
+        model.set(o, (wo @ q).reshape(s.hidden, s.q_dim))
+    model.rotations.append({"kind": "R2", **record})
+    return model
+
+
+def add_online_ffn_down(model: Model, seed: int | None = None) -> Model:
+    """R4: pre-multiply every ffn_down by the (randomized) Hadamard, rotate its input online."""
+    t = OnlineHadamard(model.spec.intermediate, seed)
+    h = t.matrix(torch.float64)
+    for i in range(model.spec.n_layers):
+        n = roles.name(T.FFN_DOWN, i)
+        if n in model.input_transforms:
+            raise TwinquantError(f"{n} already has an online transform")
+        model.set(n, _w(model, n) @ h)
+        model.input_transforms[n] = t
+    model.rotations.append({"kind": "R4", **t.to_dict()})
+    return model
+
+
+def add_online_qk(model: Model, seed: int | None = None) -> Model:
+    """R3: rotate q and k per head after RoPE (exact: q·kᵀ is unchanged)."""
+    if model.qk_transform is not None:
+        raise TwinquantError("the model already has an R3 transform")
+    model.qk_transform = OnlineHadamard(model.spec.head_dim, seed)
+    model.rotations.append({"kind": "R3", **model.qk_transform.to_dict()})
+    return model
+
+
+ROTATIONS = ("rh", "ro")
+ONLINE = ("r3", "r4")
+
+
+def residual_samples(model: Model, windows: torch.Tensor, max_rows: int = 8192, seed: int = 0) -> torch.Tensor:
+    """Rows the residual rotation acts on: the (norm-fused) inputs of attn_q and ffn_gate in every block."""
+    from twinquant.model.forward import LinearInputs, forward
+
+    names = {roles.name(t, i) for i in range(model.spec.n_layers) for t in (T.ATTN_Q, T.FFN_GATE)}
+    rows = []
+    for i in range(windows.shape[0]):
+        hook = LinearInputs(names)
+        forward(model, windows[i: i + 1], hook=hook, logits_for=slice(0, 0))
+        rows += [x for xs in hook.inputs.values() for x in xs]
+    x = torch.cat(rows).double()
+    if x.shape[0] > max_rows:   # keep every massive row, subsample the rest
+        g = torch.Generator().manual_seed(seed)
+        keep = torch.randperm(x.shape[0], generator=g)[:max_rows]
+        x = x[keep]
+    return x
+
+
+def rotate(model: Model, rotation: str = "rh", seed: int = 0, r2: bool = True, online: tuple[str, ...] = (),
+           calib_windows: torch.Tensor | None = None, ro_iters: int = 20, ro_bits: int = 4,
+           massive_factor: float = 10.0) -> Model:
+    """The rotation recipe: fuse norms, R1 (RH or RO), R2 (RH), then the requested online transforms."""
+    from twinquant.rotation.hadamard import RandomizedHadamard
+
+    if rotation not in ROTATIONS:
+        raise TwinquantError(f"unknown rotation {rotation!r}; choose {' or '.join(ROTATIONS)}")
+    bad = [o for o in online if o not in ONLINE]
+    if bad:
+        raise TwinquantError(f"unknown online transform {bad[0]!r}; choose from {', '.join(ONLINE)}")
+    s = model.spec
+    fuse_norms(model)
+    rh = RandomizedHadamard(s.hidden, seed)
+    q1, record = rh.matrix(torch.float64), {"type": "rh", "n": s.hidden, "seed": seed}
+    if rotation == "ro":
+        if calib_windows is None:
+            raise TwinquantError("--rotation ro needs calibration text (--calib)")
+        from twinquant.rotation.massive import massive_token_mask
+        from twinquant.rotation.optimize import int_rtn_rows, optimize_rotation, token_weights
+
+        x = residual_samples(model, calib_windows, seed=seed)
+        thr = massive_factor * torch.quantile(x.abs().flatten()[:1 << 24].float(), 0.999).item()
+        res = optimize_rotation(x, q1, int_rtn_rows(ro_bits), token_weights(x, massive_token_mask(x, thr)),
+                                iters=ro_iters)
+        q1 = res.rotation
+        record = {"type": "ro", "n": s.hidden, "seed": seed, "iters": ro_iters, "bits": ro_bits,
+                  "objective_start": res.history[0], "objective": min(res.history)}
+    rotate_residual(model, q1, record)
+    if r2:
+        rotate_heads(model, RandomizedHadamard(s.head_dim, seed + 1).matrix(torch.float64),
+                     {"type": "rh", "n": s.head_dim, "seed": seed + 1})
+    if "r4" in online:
+        add_online_ffn_down(model, seed + 2)
+    if "r3" in online:
+        add_online_qk(model, seed + 3)
+    return model.fuse_shared_inputs()
