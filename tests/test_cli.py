@@ -124,3 +124,26 @@ def test_nan_weights_are_refused(tmp_path):
 @pytest.mark.parametrize("args,words", [(("-c", "4"), "too small"), (("--chunks", "0"), "chunks")])
 def test_impossible_options(args, words):
     assert_user_error(run("perplexity", "smollm2-135m", "-f", WIKI, *args, ok=False), words)
+
+
+def test_rotate_and_activations_commands(tmp_path):
+    from tests.paths import CALIB
+    from twinquant.io.gguf_read import load_gguf
+    from twinquant.io.hf import load_hf_dir
+    from twinquant.model.forward import forward
+    import torch
+
+    d = save_tiny("qwen3", tmp_path / "m", tokenizer=True)
+    out = tmp_path / "r.gguf"
+    p = run("rotate", d, "-o", out, "--rotation", "ro", "--ro-iters", 3, "--online", "r4", "--calib", CALIB,
+            "--calib-tokens", 256, "--calib-ctx", 64, "-q")
+    assert "RO objective" in p.stderr and "warning: the model needs online transforms" in p.stderr
+    x = torch.randint(0, 320, (1, 20))
+    a, b = forward(load_hf_dir(d), x), forward(load_gguf(out), x)
+    assert (a - b).abs().max() < 1e-4 * a.abs().max()
+    p = run("activations", d, "--calib", CALIB, "--calib-tokens", 256, "--calib-ctx", 64, "-o",
+            tmp_path / "act", "-q")
+    report = json.loads((tmp_path / "act.json").read_text())
+    assert len(report["layers"]) == 3 and (tmp_path / "act.png").stat().st_size > 1000
+    assert_user_error(run("rotate", d, "-o", tmp_path / "hf-out", "--online", "r4", ok=False), "HF directory")
+    assert_user_error(run("rotate", d, "-o", tmp_path / "x.gguf", "--online", "r5", ok=False), "r5")

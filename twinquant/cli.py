@@ -1,4 +1,4 @@
-"""Command line: `twinquant inspect | perplexity | generate | convert | models`.
+"""Command line: `twinquant inspect | perplexity | generate | convert | rotate | activations | models`.
 
 Option names follow llama.cpp's tools where they have one (`-c/--ctx-size`, `--chunks`, `-f`,
 `--kl-divergence-base`, `--kl-divergence`, `-n`, `--temp`, `--top-k`, `--top-p`, `--seed`).
@@ -175,19 +175,73 @@ def _chat_prompt(tok, user: str) -> str:
 # --- convert --------------------------------------------------------------------------------------------------
 def cmd_convert(args) -> None:
     model = _load(args, materialize=False)
-    out = Path(args.output)
+    _save(model, Path(args.output), args.outtype, args.quiet)
+    print(f"wrote {args.output}")
+
+
+def _calibration(args, model):
+    from twinquant.calib import load_calibration
+
+    return load_calibration(model, args.calib, args.calib_tokens, args.calib_ctx)
+
+
+def _save(model, out: Path, outtype: str, quiet: bool) -> None:
+    """Float GGUF (-o X.gguf) or an HF directory."""
     if out.suffix == ".gguf":
         from twinquant.io.gguf_write import write_gguf
         from twinquant.progress import Progress
 
         names = model.tensor_names()
-        with Progress(len(names), "write", enabled=not args.quiet) as bar:
-            write_gguf(model, out, args.outtype.upper(), progress=lambda i, n, name: bar.update(i, name))
+        with Progress(len(names), "write", enabled=not quiet) as bar:
+            write_gguf(model, out, outtype.upper(), progress=lambda i, n, name: bar.update(i, name))
     else:
+        if model.needs_online:
+            raise TwinquantError("online transforms (R3/R4) cannot be stored in an HF directory; write a .gguf")
         from twinquant.io.hf import save_hf_dir
 
         save_hf_dir(model, out)
-    print(f"wrote {out}")
+
+
+# --- rotate / activations -------------------------------------------------------------------------------------
+def cmd_rotate(args) -> None:
+    from twinquant.rotation.rotate import ONLINE, rotate
+
+    online = tuple(o.strip().lower() for o in args.online.split(",") if o.strip()) if args.online else ()
+    for o in online:   # check the options before any work
+        if o not in ONLINE:
+            raise TwinquantError(f"unknown online transform {o!r}; choose from {', '.join(ONLINE)}")
+    if online and Path(args.output).suffix != ".gguf":
+        raise TwinquantError("online transforms (R3/R4) cannot be stored in an HF directory; write a .gguf")
+    model = _load(args)
+    if not args.quiet:
+        print(f"rotating: fuse norms, R1 {args.rotation} (seed {args.seed}), R2"
+              + (f", online {', '.join(online)}" if online else ""), file=sys.stderr)
+    dtype = model.dtype
+    model.to(dtype=torch.float64)           # rotations are computed exactly, then stored in the output type
+    calib = _calibration(args, model).windows if args.rotation == "ro" else None
+    rotate(model, args.rotation, args.seed, r2=not args.no_r2, online=online, calib_windows=calib,
+           ro_iters=args.ro_iters)
+    model.to(dtype=dtype)
+    for r in model.rotations:
+        if r.get("type") == "ro":
+            print(f"RO objective: {r['objective_start']:.4g} (RH) -> {r['objective']:.4g}", file=sys.stderr)
+    _save(model, Path(args.output), args.outtype, args.quiet)
+    print(f"wrote {args.output}")
+
+
+def cmd_activations(args) -> None:
+    from twinquant.rotation.massive import detect_massive
+
+    model = _load(args)
+    calib = _calibration(args, model)
+    report = detect_massive(model, calib.windows, args.percentile, args.factor, progress=not args.quiet)
+    print(report.table())
+    print(f"massive-activation channels: {report.channels() or 'none'}; flagged positions: "
+          f"{dict(list(report.positions().items())[:12]) or 'none'}")
+    out = Path(args.output)
+    report.write_json(out.with_suffix(".json"))
+    report.plot(out.with_suffix(".png"))
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
 
 
 def cmd_models(args) -> None:
@@ -249,13 +303,42 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--outtype", choices=["f32", "f16", "bf16"], default="f16")
     sp.set_defaults(func=cmd_convert)
 
+    def with_calib(sp):
+        sp.add_argument("--calib", help="calibration text (default ../shared/data/calibration/groups_merged.txt)")
+        sp.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens (default 8192)")
+        sp.add_argument("--calib-ctx", type=int, default=512, help="calibration window (default 512)")
+        return sp
+
+    sp = with_calib(with_model(sub.add_parser("rotate", help="fuse norms and rotate (R1 RH/RO, R2, online R3/R4)")))
+    sp.add_argument("-o", "--output", required=True, help="X.gguf (float GGUF) or a directory (HF)")
+    sp.add_argument("--rotation", choices=["rh", "ro"], default="rh", help="R1: randomized Hadamard or optimized")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--online", default="", help="online transforms, e.g. r4 or r4,r3 (need twinquant's runtime)")
+    sp.add_argument("--no-r2", action="store_true", help="skip the per-head R2 rotation")
+    sp.add_argument("--ro-iters", type=int, default=20)
+    sp.add_argument("--outtype", choices=["f32", "f16", "bf16"], default="f32")
+    sp.set_defaults(func=cmd_rotate)
+
+    sp = with_calib(with_model(sub.add_parser("activations", help="massive-activation report (JSON + PNG)")))
+    sp.add_argument("-o", "--output", default="activations", help="output stem: STEM.json and STEM.png")
+    sp.add_argument("--percentile", type=float, default=99.9)
+    sp.add_argument("--factor", type=float, default=10.0, help="threshold = factor x percentile (default 10)")
+    sp.set_defaults(func=cmd_activations)
+
     sp = sub.add_parser("models", help="list the packaged models and where their files are")
     sp.add_argument("--assemble", action="store_true", help="assemble multi-part models into the cache")
     sp.set_defaults(func=cmd_models)
     return p
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"twinquant: warning: {message}", file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    warnings.showwarning = _warning_line
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from twinquant.errors import TwinquantError
+from twinquant.io.metadata import apply_metadata, read_metadata
 from twinquant.model import roles
 from twinquant.model.architectures import get_architecture
 from twinquant.model.model import Model, TensorInfo
@@ -148,9 +149,12 @@ def load_gguf(path: str | os.PathLike, load_tokenizer: bool = True) -> Model:
     reader = open_gguf(path)
     spec = spec_from_gguf(reader)
     source = GGUFSource(path, reader, spec)
+    meta = read_metadata(reader)
     tokenizer = None
     if load_tokenizer:
         from twinquant.io.tokenizer import Tokenizer
 
         tokenizer = Tokenizer.from_gguf(reader)
-    return Model(spec=spec, source=source, tokenizer=tokenizer)
+    model = Model(spec=spec, source=source, tokenizer=tokenizer)
+    apply_metadata(model, meta)
+    return model

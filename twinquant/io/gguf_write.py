@@ -16,9 +16,10 @@ import gguf
 import numpy as np
 import torch
 
-import twinquant
 from twinquant.errors import TwinquantError
-from twinquant.io.gguf_read import rope_permuted_heads, permute_rope_rows
+from twinquant.io.gguf_read import permute_rope_rows, rope_permuted_heads
+from twinquant.io.metadata import write_metadata
+from twinquant.model import roles
 from twinquant.model.architectures import get_architecture
 from twinquant.model.model import Model
 
@@ -26,7 +27,6 @@ Q = gguf.GGMLQuantizationType
 FLOAT_TYPES = {"F32": Q.F32, "F16": Q.F16, "BF16": Q.BF16}
 _FILE_TYPES = {Q.F32: gguf.LlamaFileType.ALL_F32, Q.F16: gguf.LlamaFileType.MOSTLY_F16,
                Q.BF16: gguf.LlamaFileType.MOSTLY_BF16}
-SCHEMA_VERSION = "0.1.0"   # twinquant.* metadata schema (major.minor.patch)
 
 
 def _hyperparameters(w: gguf.GGUFWriter, model: Model) -> None:
@@ -63,6 +63,13 @@ def write_gguf(model: Model, path: str | os.PathLike, ftype: str = "F16",
         raise TwinquantError("this writer handles the plain layout only (duplicated layers: see `duplicate`)")
     from twinquant.io.tokenizer import write_tokenizer_metadata
 
+    if model.needs_online:
+        import warnings
+
+        warnings.warn("the model needs online transforms (R3/R4) that stock llama.cpp does not apply: it will load "
+                      "the file but compute a different function; twinquant's runtime runs it exactly "
+                      "(twinquant.stock_compatible = false)", stacklevel=2)
+
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     arch = get_architecture(model.spec.arch)
@@ -71,12 +78,11 @@ def write_gguf(model: Model, path: str | os.PathLike, ftype: str = "F16",
         w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch.gguf_arch])
         _hyperparameters(w, model)
         w.add_file_type(_FILE_TYPES[qtype])
-        w.add_string("twinquant.version", SCHEMA_VERSION)
-        w.add_string("twinquant.producer", f"twinquant {twinquant.__version__}")
+        write_metadata(w, model)
         write_tokenizer_metadata(w, model.tokenizer)
         types = {}
         for n in names:
-            shape = model.tensor_info(n).shape
+            shape = roles.expected_shape(model.spec, n)
             types[n] = t = _type_for(n, shape, qtype)
             byte_shape = gguf.quant_shape_to_byte_shape(shape, t)
             w.add_tensor_info(n, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=t)

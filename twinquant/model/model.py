@@ -160,7 +160,7 @@ class Model:
 
     # --- facts ---------------------------------------------------------------------------------------------
     def tensor_info(self, name: str) -> TensorInfo:
-        if self.source is not None:
+        if self.source is not None and name not in self.tensors:
             return self.source.info(name)
         t = self.get(name)
         return TensorInfo(name, tuple(t.shape), str(t.dtype).removeprefix("torch.").upper(),

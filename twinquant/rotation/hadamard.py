@@ -115,14 +115,14 @@ def quadratic_character(q: int) -> np.ndarray:
 
 
 def _jacobsthal(q: int) -> np.ndarray:
-    """Q[i, j] = χ(a_i - a_j) as int8 [q, q]."""
+    """Q[i, j] = χ(a_i - a_j) as int8 [q, q] (q² bytes; no wider temporaries of that size for prime q)."""
     p, e = prime_power(q)
     chi = quadratic_character(q)
-    if e == 1:
-        idx = np.arange(q)
-        return chi[(idx[:, None] - idx[None, :]) % q]
-    d = _digits(q, p, e)
-    diff = np.zeros((q, q), np.int64)
+    if e == 1:                                         # circulant: row i is a window of χ((i - j) mod q)
+        rev = chi[(np.arange(q - 1, -q, -1)) % q]      # rev[t] = χ(q - 1 - t)
+        return np.lib.stride_tricks.sliding_window_view(rev, q)[::-1].copy()
+    d = _digits(q, p, e).astype(np.int32)
+    diff = np.zeros((q, q), np.int32)
     for k in range(e):                                 # digit-wise subtraction is field subtraction
         diff += ((d[:, None, k] - d[None, :, k]) % p) * p ** k
     return chi[diff]
@@ -143,16 +143,19 @@ def sylvester(p: int) -> torch.Tensor:
 @lru_cache(maxsize=32)
 def _paley(construction: str, q: int) -> torch.Tensor:
     """The Paley matrix (int8) of the given construction over GF(q); cached because plans reuse few bases."""
-    Q = _jacobsthal(q).astype(np.int64)
-    if construction == "paley1":
-        S = np.zeros((q + 1, q + 1), np.int64)
-        S[0, 1:], S[1:, 0], S[1:, 1:] = 1, -1, Q
-        H = np.eye(q + 1, dtype=np.int64) + S
-    else:
-        C = np.zeros((q + 1, q + 1), np.int64)
-        C[0, 1:], C[1:, 0], C[1:, 1:] = 1, 1, Q
-        H = np.kron(C, [[1, -1], [-1, -1]]) + np.kron(np.eye(q + 1, dtype=np.int64), [[1, 1], [1, -1]])
-    return torch.from_numpy(H.astype(np.int8))
+    Q = _jacobsthal(q)
+    C = np.zeros((q + 1, q + 1), np.int8)              # Q bordered by the point at infinity
+    C[0, 1:], C[1:, 1:] = 1, Q
+    if construction == "paley1":                       # I + [[0, 1ᵀ], [-1, Q]]
+        C[1:, 0] = -1
+        C[np.diag_indices(q + 1)] += 1
+        return torch.from_numpy(C)
+    C[1:, 0] = 1                                       # C ⊗ [[1, -1], [-1, -1]] + I ⊗ [[1, 1], [1, -1]]
+    H = np.empty((2 * (q + 1), 2 * (q + 1)), np.int8)
+    H[0::2, 0::2], H[0::2, 1::2], H[1::2, 0::2], H[1::2, 1::2] = C, -C, -C, -C
+    i = np.arange(0, 2 * (q + 1), 2)                   # diag(C) = 0, so the identity blocks set these outright
+    H[i, i], H[i, i + 1], H[i + 1, i], H[i + 1, i + 1] = 1, 1, 1, -1
+    return torch.from_numpy(H)
 
 
 def _random_orthogonal(m: int, seed: int) -> torch.Tensor:

@@ -127,7 +127,7 @@ def add_online_ffn_down(model: Model, seed: int | None = None) -> Model:
             raise TwinquantError(f"{n} already has an online transform")
         model.set(n, _w(model, n) @ h)
         model.input_transforms[n] = t
-    model.rotations.append({"kind": "R4", **t.to_dict()})
+    model.rotations.append({"kind": "R4", "type": "hadamard", "n": t.n, "seed": t.seed})
     return model
 
 
@@ -136,7 +136,7 @@ def add_online_qk(model: Model, seed: int | None = None) -> Model:
     if model.qk_transform is not None:
         raise TwinquantError("the model already has an R3 transform")
     model.qk_transform = OnlineHadamard(model.spec.head_dim, seed)
-    model.rotations.append({"kind": "R3", **model.qk_transform.to_dict()})
+    model.rotations.append({"kind": "R3", "type": "hadamard", "n": model.spec.head_dim, "seed": seed})
     return model
 
 

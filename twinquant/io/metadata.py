@@ -1,0 +1,84 @@
+"""`twinquant.*` GGUF metadata: versioned extras that stock llama.cpp ignores.
+
+Schema version `major.minor.patch`. Readers ignore unknown keys (with a warning), read a newer minor version
+(what they know of it), and refuse a newer major version with a clear error.
+
+Keys (schema 0.1):
+- `twinquant.version`, `twinquant.producer`
+- `twinquant.stock_compatible` (bool): stock llama.cpp computes the same function as the twinquant runtime
+- `twinquant.rotation` (JSON list): every rotation fused into the weights, in order (kind, type, n, seed …)
+- `twinquant.online` (JSON): transforms the runtime applies at run time:
+  `{"inputs": {tensor name: transform}, "qk": transform | null}`
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import gguf
+
+import twinquant
+from twinquant.errors import TwinquantError
+
+SCHEMA_VERSION = "0.1.0"
+PREFIX = "twinquant."
+KNOWN = {"version", "producer", "stock_compatible", "rotation", "online"}
+
+
+def write_metadata(w: gguf.GGUFWriter, model) -> None:
+    w.add_string(PREFIX + "version", SCHEMA_VERSION)
+    w.add_string(PREFIX + "producer", f"twinquant {twinquant.__version__}")
+    w.add_bool(PREFIX + "stock_compatible", not model.needs_online)
+    if model.rotations:
+        w.add_string(PREFIX + "rotation", json.dumps(model.rotations))
+    if model.needs_online:
+        online = {"inputs": {n: t.to_dict() for n, t in model.input_transforms.items()},
+                  "qk": model.qk_transform.to_dict() if model.qk_transform is not None else None}
+        w.add_string(PREFIX + "online", json.dumps(online))
+
+
+def _version(s: str) -> tuple[int, int, int]:
+    try:
+        major, minor, patch = (int(p) for p in s.split("."))
+    except ValueError:
+        raise TwinquantError(f"twinquant.version {s!r} is not major.minor.patch") from None
+    return major, minor, patch
+
+
+def read_metadata(reader: gguf.GGUFReader) -> dict:
+    """The twinquant.* keys of a file (without the prefix); {} for a file we did not write."""
+    keys = {k[len(PREFIX):]: f.contents() for k, f in reader.fields.items() if k.startswith(PREFIX)}
+    if not keys:
+        return {}
+    if "version" not in keys:
+        raise TwinquantError("twinquant metadata without twinquant.version")
+    have, ours = _version(keys["version"]), _version(SCHEMA_VERSION)
+    if have[0] > ours[0]:
+        raise TwinquantError(f"this file needs twinquant metadata schema {keys['version']}; this twinquant reads "
+                             f"{SCHEMA_VERSION}: upgrade twinquant")
+    unknown = sorted(set(keys) - KNOWN)
+    if unknown:
+        warnings.warn(f"ignoring unknown twinquant metadata keys: {', '.join(unknown)}", stacklevel=2)
+    for k in ("rotation", "online"):
+        if k in keys:
+            try:
+                keys[k] = json.loads(keys[k])
+            except json.JSONDecodeError:
+                raise TwinquantError(f"twinquant.{k} is not valid JSON") from None
+    return {k: v for k, v in keys.items() if k in KNOWN}
+
+
+def apply_metadata(model, meta: dict) -> None:
+    """Give a loaded model the rotation record and online transforms its file declares."""
+    from twinquant.rotation.online import OnlineHadamard
+
+    model.rotations = list(meta.get("rotation", []))
+    online = meta.get("online") or {}
+    names = set(model.tensor_names())
+    for n, d in (online.get("inputs") or {}).items():
+        if n not in names:
+            raise TwinquantError(f"twinquant.online names an unknown tensor {n!r}")
+        model.input_transforms[n] = OnlineHadamard.from_dict(d)
+    if online.get("qk"):
+        model.qk_transform = OnlineHadamard.from_dict(online["qk"])
