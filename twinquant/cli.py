@@ -244,6 +244,79 @@ def cmd_activations(args) -> None:
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
 
 
+# --- quantize -------------------------------------------------------------------------------------------------
+def _type_name(t) -> str:
+    return getattr(t, "name", str(t))
+
+
+def cmd_quantize(args) -> None:
+    from twinquant.quant.mixes import assign_types
+
+    if not args.mix and not args.format:
+        raise TwinquantError("give --mix (e.g. llama.cpp:Q2_K) or --format (e.g. Q4_K)")
+    if args.mix and args.format:
+        raise TwinquantError("give either --mix or --format, not both")
+    out = Path(args.output)
+    if out.suffix != ".gguf" and not args.dry_run:
+        raise TwinquantError(f"{out}: the output of quantize is a .gguf file")
+    model = _load(args, materialize=False)
+    spec = model.spec
+    if args.rotation != "none":
+        if args.dry_run:   # rotating unties a tied head (fused final-norm gain): plan for that
+            import dataclasses
+
+            spec = dataclasses.replace(spec, tied_embeddings=False)
+        else:
+            from twinquant.rotation.rotate import rotate
+
+            model.materialize()
+            dtype = model.dtype
+            model.to(dtype=torch.float64)
+            calib_r = _calibration(args, model).windows if args.rotation == "ro" else None
+            rotate(model, args.rotation, args.seed, r2=True, online=(), calib_windows=calib_r)
+            model.to(dtype=dtype)
+            spec = model.spec
+    from twinquant.model import roles
+
+    choices = assign_types(spec, roles.all_tensor_names(spec), mix=args.mix, default=args.format,
+                           overrides=args.tensor_type or [], output_type=args.output_tensor_type,
+                           embedding_type=args.token_embedding_type, pure=args.pure)
+    types = {c.name: _type_name(c.type) for c in choices if _type_name(c.type) not in ("F32", "F16", "BF16")}
+    if args.dry_run:
+        for c in choices:
+            print(f"{c.name:<32} {_type_name(c.type):<8} {c.rule}")
+        print(f"{len(types)} tensors quantized, {len(choices) - len(types)} kept in float")
+        return
+    model.materialize()
+    calib = _calibration(args, model) if args.method == "gptq" else None
+    total, done = len(types), []
+
+    def log(rep) -> None:   # one line per tensor, like llama-quantize
+        done.append(rep)
+        if args.quiet:
+            return
+        i = len(done)
+        err = f"err {rep.rel_error:.4f}" + (f"  out {rep.out_error:.4f}" if rep.out_error is not None else "")
+        print(f"[{i:>4}/{total}] {rep.name:<28} {str(list(rep.shape)):>13}  -> {rep.type:<7} "
+              f"{rep.bits_per_weight:5.2f} bpw  {err}  {rep.seconds:.1f}s", file=sys.stderr)
+
+    from twinquant.quant.pipeline import quantize_model
+
+    config = {"act_order": True, "static_groups": True} if args.act_order else None
+    report = quantize_model(model, types, args.method, calib.windows if calib else None, config=config,
+                            progress=False, log=log)
+    from twinquant.io.gguf_write import write_gguf
+
+    write_gguf(model, out, args.outtype.upper())
+    size = out.stat().st_size
+    print(f"wrote {out}: {size / 2**20:.1f} MiB, {8 * size / model.n_params():.3f} bits per weight (file)")
+    if args.report:
+        _write_json(args.report, {**report.to_dict(), "file_bytes": size, "mix": args.mix, "format": args.format,
+                                  "rotation": args.rotation,
+                                  "calibration": {"path": calib.path, "sha256": calib.text_sha256,
+                                                  "tokens": calib.n_tokens} if calib else None})
+
+
 def cmd_models(args) -> None:
     from twinquant import zoo
 
@@ -324,6 +397,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--percentile", type=float, default=99.9)
     sp.add_argument("--factor", type=float, default=10.0, help="threshold = factor x percentile (default 10)")
     sp.set_defaults(func=cmd_activations)
+
+    sp = with_calib(with_model(sub.add_parser("quantize", help="quantize into llama.cpp block formats -> GGUF")))
+    sp.add_argument("-o", "--output", required=True, help="output .gguf")
+    sp.add_argument("--method", choices=["gptq", "rtn"], default="gptq")
+    sp.add_argument("--mix", help="type mix, e.g. llama.cpp:Q2_K (the types llama-quantize picks)")
+    sp.add_argument("--format", help="one type for every 2-D tensor (with llama.cpp's fallbacks), e.g. Q4_K")
+    sp.add_argument("--tensor-type", action="append", metavar="REGEX=TYPE", help="per-tensor override (repeatable)")
+    sp.add_argument("--output-tensor-type", help="type of output.weight")
+    sp.add_argument("--token-embedding-type", help="type of token_embd.weight")
+    sp.add_argument("--pure", action="store_true", help="no mix rules: the default type everywhere")
+    sp.add_argument("--rotation", choices=["none", "rh", "ro"], default="none", help="R1+R2 before quantizing")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--act-order", action="store_true", help="GPTQ act-order (with static groups)")
+    sp.add_argument("--dry-run", action="store_true", help="print the type of every tensor and exit")
+    sp.add_argument("--report", help="write the per-tensor report as JSON")
+    sp.add_argument("--outtype", choices=["f32", "f16", "bf16"], default="f16", help="type of unquantized 2-D tensors")
+    sp.set_defaults(func=cmd_quantize)
 
     sp = sub.add_parser("models", help="list the packaged models and where their files are")
     sp.add_argument("--assemble", action="store_true", help="assemble multi-part models into the cache")

@@ -53,7 +53,8 @@ def _type_for(name: str, t_shape: tuple[int, ...], ftype: Q) -> Q:
 
 def write_gguf(model: Model, path: str | os.PathLike, ftype: str = "F16",
                progress: Callable[[int, int, str], None] | None = None) -> Path:
-    """Write `model` to `path` with 2-D tensors in `ftype` (F32, F16 or BF16)."""
+    """Write `model` to `path`: quantized weights (model.quantized) in their GGML types, other 2-D tensors in
+    `ftype` (F32, F16 or BF16), 1-D tensors in F32."""
     if ftype.upper() not in FLOAT_TYPES:
         raise TwinquantError(f"unsupported output type {ftype!r}; choose one of {', '.join(FLOAT_TYPES)}")
     qtype = FLOAT_TYPES[ftype.upper()]
@@ -83,18 +84,26 @@ def write_gguf(model: Model, path: str | os.PathLike, ftype: str = "F16",
         types = {}
         for n in names:
             shape = roles.expected_shape(model.spec, n)
-            types[n] = t = _type_for(n, shape, qtype)
+            q = model.quantized.get(n)
+            types[n] = t = q.ggml_type if q is not None else _type_for(n, shape, qtype)
             byte_shape = gguf.quant_shape_to_byte_shape(shape, t)
+            if q is not None and tuple(q.data.shape) != tuple(byte_shape):
+                raise TwinquantError(f"{n}: packed data {q.data.shape} does not match {t.name} {byte_shape}")
             w.add_tensor_info(n, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=t)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         for i, n in enumerate(names):
-            t = model.get(n).detach().float().cpu()
             heads = rope_permuted_heads(model.spec, n) if arch.gguf_rope_permuted else 0
-            if heads:
-                t = permute_rope_rows(t, heads)
-            data = gguf.quants.quantize(t.numpy(), types[n])
+            q = model.quantized.get(n)
+            if q is not None:   # rows are quantized independently, so permuting packed rows is exact
+                data = torch.from_numpy(np.ascontiguousarray(q.data))
+                data = (permute_rope_rows(data, heads) if heads else data).numpy()
+            else:
+                t = model.get(n).detach().float().cpu()
+                if heads:
+                    t = permute_rope_rows(t, heads)
+                data = gguf.quants.quantize(t.numpy(), types[n])
             w.write_tensor_data(data.view(np.uint8).reshape(-1))
             if progress:
                 progress(i + 1, len(names), n)

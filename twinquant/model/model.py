@@ -39,6 +39,15 @@ class TensorSource(Protocol):
     def load(self, name: str) -> torch.Tensor: ...
 
 
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A weight held in a GGML block format: the packed bytes as written to GGUF ([rows, bytes per row], HF row
+    order) and the type. The float tensor in `Model.tensors` is its exact dequantization (what the forward runs)."""
+
+    ggml_type: object            # gguf.GGMLQuantizationType
+    data: object                 # numpy uint8 [rows, bytes_per_row]
+
+
 @dataclass
 class Model:
     spec: ModelSpec
@@ -53,6 +62,7 @@ class Model:
     input_transforms: dict[str, object] = field(default_factory=dict)
     qk_transform: object | None = None
     rotations: list[dict] = field(default_factory=list)
+    quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
     # Linears that read one input (q/k/v, gate/up) live in one concatenated tensor and `tensors` holds row
     # views of it, so the forward can run one larger matmul (faster on CPU) at no extra memory.
     _fused: dict[tuple[str, ...], tuple[torch.Tensor, tuple[torch.Tensor, ...]]] = field(default_factory=dict)
@@ -113,7 +123,13 @@ class Model:
         return t.to(device=self.device, dtype=self.dtype).contiguous()
 
     def set(self, name: str, t: torch.Tensor) -> None:
+        """Replace a tensor (float); a packed quantized form of it, if any, no longer applies."""
         self.tensors[name] = self._place(name, t)
+        self.quantized.pop(name, None)
+
+    def set_quantized(self, name: str, dequantized: torch.Tensor, q: QuantizedWeight) -> None:
+        self.set(name, dequantized)
+        self.quantized[name] = q
 
     def output_weight(self) -> torch.Tensor:
         return self.get(roles.name(roles.T.TOKEN_EMBD if self.spec.tied_embeddings else roles.T.OUTPUT))
