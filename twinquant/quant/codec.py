@@ -12,6 +12,13 @@ when it reaches the block's first column.
 
 Shapes: a weight is [rows, cols] in HF orientation (cols = input features, the GGML row length); a block slice is
 [rows, block]; `importance` is a per-column weight ([cols] or [block]) like llama.cpp's imatrix, or None.
+
+GGML codecs (twinquant.quant.ggml) reproduce llama.cpp bit for bit: `fit` chooses what llama.cpp would for that block
+(its `packed` keeps the stored fields: fp16 d/dmin, scale bytes, the rounding multiplier of Q8_0/Q4_0/Q5_0), `codes`
+rounds as llama.cpp does on those parameters and returns torch.uint8, and `dequantize_codes` equals llama.cpp's /
+gguf-py's dequantization exactly (fp16 scale x small integers is exact in float32; zeros may differ in sign only).
+Q4_0/Q5_0 with an imatrix weight their search by the whole row's mean square: `fit(..., sigma2=codec.row_sigma2(W))`
+matches `quantize` exactly, without it the block's own mean square is used.
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ class Codec(Protocol):
         """Choose parameters for a block slice w [rows, block] (llama.cpp's algorithm for GGML types)."""
 
     def codes(self, w: torch.Tensor, p: BlockParams) -> torch.Tensor:
-        """Nearest codes of w [rows, block] on the given parameters: int [rows, block] in [0, qmax]."""
+        """Nearest codes of w [rows, block] on the given parameters: integers [rows, block] in [0, qmax]."""
 
     def quantize(self, w: torch.Tensor, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, list]:
         """RTN of a whole matrix [rows, cols]: (codes, per-block params); bit-exact with llama.cpp where defined."""

@@ -1,0 +1,140 @@
+"""GGML codecs against llama.cpp itself (ggml_quantize_chunk through ctypes, tests/ggml_oracle.py) and gguf-py:
+identical bytes with and without an imatrix, identical dequantization, fit/codes/dequantize_codes consistent with
+RTN, pack/unpack round trips, user errors."""
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from tests import ggml_oracle
+from twinquant.errors import TwinquantError
+from twinquant.quant.codec import BlockParams, dequantize_codes
+from twinquant.quant.ggml import CODECS, get_codec
+
+TYPES = list(CODECS)
+SHAPES = [(64, 512), (8, 4864)]
+
+
+def _weights(rows: int, cols: int, seed: int = 0) -> dict[str, np.ndarray]:
+    r = np.random.default_rng(seed)
+    out = {
+        "normal": r.standard_normal((rows, cols)) * 0.02,
+        "heavy": r.standard_t(1.5, (rows, cols)) * 0.01,                       # Cauchy-like tails
+        "lognormal": r.lognormal(0, 2.5, (rows, cols)) * r.choice([-1, 1], (rows, cols)),
+        "ties": r.integers(-4, 5, (rows, cols)) * 0.125,                       # exact ties in the roundings
+    }
+    w = r.standard_normal((rows, cols)) * 0.01
+    w[0] = 0                                                                   # a zero row
+    w[1] = 0
+    w[1, cols // 3] = 7.5                                                      # a row with a single outlier
+    w[2, 5] = -40.0                                                            # one huge value in a normal row
+    w[3, : cols // 2] = 0                                                      # zero blocks next to normal ones
+    w[4] = np.abs(w[4])                                                        # positive-only / negative-only
+    w[5] = -np.abs(w[5])
+    out["outliers"] = w
+    return {k: v.astype(np.float32) for k, v in out.items()}
+
+
+def _importance(cols: int, seed: int = 1) -> np.ndarray:
+    return (np.random.default_rng(seed).uniform(0.05, 3.0, cols) ** 3).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def cases():
+    return [(shape, name, w) for shape in SHAPES for name, w in _weights(*shape).items()]
+
+
+@pytest.mark.parametrize("imatrix", [False, True], ids=["ref", "imatrix"])
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_bytes_equal_llama_cpp(qtype, imatrix, cases):
+    codec = CODECS[qtype]
+    for shape, name, w in cases:
+        imp = _importance(shape[1]) if imatrix else None
+        codes, params = codec.quantize(torch.from_numpy(w), None if imp is None else torch.from_numpy(imp))
+        ours = codec.pack(codes, params)
+        theirs = ggml_oracle.quantize(w, qtype, imp)
+        assert ours.shape == theirs.shape == (shape[0], codec.bytes_per_row(shape[1]))
+        bad = (ours.reshape(-1, codec.type_size) != theirs.reshape(-1, codec.type_size)).any(1)
+        assert not bad.any(), f"{qtype.name} {shape} {name}: {bad.sum()} of {bad.size} blocks differ"
+
+        # gguf-py's dequantization of our bytes == ours, exactly (value equality: +0.0 == -0.0)
+        ref = gguf.quants.dequantize(ours, qtype)
+        assert np.array_equal(codec.dequantize(codes, params).numpy(), ref)
+        assert np.array_equal(codec.dequantize_bytes(ours, shape[1]).numpy(), ref)
+
+
+@pytest.mark.parametrize("qtype", [t for t in TYPES if t.name in ("Q8_0", "Q4_0", "Q5_0")], ids=lambda t: t.name)
+def test_bytes_equal_gguf_py_reference_quantize(qtype, cases):
+    codec = CODECS[qtype]
+    for shape, name, w in cases:
+        ours = codec.pack(*codec.quantize(w))
+        assert np.array_equal(ours, gguf.quants.quantize(w, qtype)), (shape, name)
+
+
+@pytest.mark.parametrize("imatrix", [False, True], ids=["ref", "imatrix"])
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_fit_codes_reproduce_rtn(qtype, imatrix):
+    """What GPTQ uses, block by block: fit == quantize's parameters, codes == its codes, dequantize_codes == the
+    dequantized bytes; pack(unpack(x)) == x; pack of foreign (GPTQ-like) codes round-trips."""
+    codec = CODECS[qtype]
+    B = codec.block
+    w = _weights(16, 4 * max(B, 64), seed=3)["outliers"]
+    w = torch.from_numpy(w)
+    imp = torch.from_numpy(_importance(w.shape[1], seed=4)) if imatrix else None
+    codes, params = codec.quantize(w, imp)
+    data = codec.pack(codes, params)
+    sigma2 = codec.row_sigma2(w)
+    deq = torch.from_numpy(gguf.quants.dequantize(data, qtype))
+    for j, p in enumerate(params):
+        sl = slice(j * B, (j + 1) * B)
+        fp = codec.fit(w[:, sl], None if imp is None else imp[sl], sigma2=sigma2)
+        assert torch.equal(fp.scale, p.scale) and torch.equal(fp.offset, p.offset)
+        assert fp.scale.shape == (w.shape[0], B // codec.sub)
+        q = codec.codes(w[:, sl], fp)
+        assert q.dtype == torch.uint8 and int(q.max()) <= codec.qmax
+        assert torch.equal(q, codes[:, sl])
+        assert torch.equal(dequantize_codes(q, fp, codec.sub), deq[:, sl])
+
+    # unpack / pack round trip, and nearest codes on unpacked parameters reproduce the weights' grid
+    codes2, params2 = codec.unpack(data, w.shape[1])
+    assert np.array_equal(codec.pack(codes2, params2), data)
+    assert torch.equal(codec.dequantize(codes2, params2), deq)
+
+    # codes that did not come from quantize (e.g. GPTQ's) pack and unpack faithfully
+    g = torch.Generator().manual_seed(5)
+    foreign = torch.randint(0, codec.qmax + 1, codes.shape, generator=g, dtype=torch.uint8)
+    data3 = codec.pack(foreign, params)
+    codes3, params3 = codec.unpack(data3, w.shape[1])
+    assert torch.equal(codes3, foreign)
+    assert np.array_equal(gguf.quants.dequantize(data3, qtype), codec.dequantize(foreign, params).numpy())
+    assert all(torch.equal(a.scale, b.scale) and torch.equal(a.offset, b.offset) for a, b in zip(params, params3))
+
+
+def test_bad_row_length_and_names():
+    for qtype, codec in CODECS.items():
+        cols = codec.block + 16
+        with pytest.raises(TwinquantError, match=rf"{qtype.name}.*{codec.block}"):
+            codec.quantize(torch.zeros(2, cols))
+        with pytest.raises(TwinquantError, match=rf"{qtype.name}.*{codec.block}"):
+            codec.bytes_per_row(cols)
+        with pytest.raises(TwinquantError):
+            codec.pack(torch.zeros(2, cols, dtype=torch.uint8), [])
+        with pytest.raises(TwinquantError):
+            codec.fit(torch.zeros(2, codec.block // 2))
+        with pytest.raises(TwinquantError):
+            codec.pack(torch.full((1, codec.block), codec.qmax + 1), codec.quantize(torch.ones(1, codec.block))[1])
+        with pytest.raises(TwinquantError):
+            codec.pack(torch.zeros(1, codec.block), [BlockParams(torch.ones(1, 1), torch.zeros(1, 1))])
+        assert get_codec(qtype) is codec and get_codec(qtype.name.lower()) is codec and get_codec(int(qtype)) is codec
+    with pytest.raises(TwinquantError, match="IQ2_XXS"):
+        get_codec("IQ2_XXS")
+
+
+def test_sizes():
+    bpw = {"Q8_0": 8.5, "Q4_0": 4.5, "Q5_0": 5.5, "Q2_K": 2.625, "Q3_K": 3.4375, "Q4_K": 4.5, "Q5_K": 5.5,
+           "Q6_K": 6.5625}
+    for qtype, codec in CODECS.items():
+        assert codec.bits_per_weight == bpw[qtype.name]
+        assert codec.bytes_per_row(4096) == gguf.quant_shape_to_byte_shape((1, 4096), qtype)[1]
+        assert codec.block % codec.sub == 0 and codec.ggml_type == qtype and codec.name == qtype.name

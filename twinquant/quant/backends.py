@@ -1,0 +1,106 @@
+"""Weight quantizers behind one call: `get_quantizer("gptq", {"act_order": True}).quantize_weight(W, codec, H)`.
+
+A quantizer decides integer codes for one weight matrix in a codec's format; the registry is explicit (no
+plug-in discovery) and every configuration is a small versioned dataclass that round-trips through a dict (it is
+recorded next to the exported model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Protocol
+
+import torch
+
+from twinquant.errors import TwinquantError
+from twinquant.quant.gptq import gptq
+from twinquant.quant.rtn import rtn
+
+
+class _Config:
+    VERSION = 1
+
+    def to_dict(self) -> dict:
+        return {"version": self.VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict | None):
+        d = dict(d or {})
+        v = d.pop("version", cls.VERSION)
+        if v != cls.VERSION:
+            raise TwinquantError(f"{cls.__name__}: settings version {v} is not {cls.VERSION}")
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise TwinquantError(f"{cls.__name__}: unknown settings {sorted(unknown)} (known: {sorted(names)})")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class RTNConfig(_Config):
+    clip_search: bool = True         # MSE-optimal clipping per group (integer grids; GGML codecs search themselves)
+
+
+@dataclass(frozen=True)
+class GPTQConfig(_Config):
+    block_size: int = 128            # columns per lazy batch update
+    damp: float = 0.01               # fraction of mean(diag H) added to the diagonal
+    act_order: bool = False          # columns by descending H_ii (needs static_groups for grouped formats)
+    static_groups: bool = False      # fit every block's parameters up front on the original W
+    clip_search: bool = True         # fit each block with RTN's clip search (far better at 2-3 bits)
+
+    def __post_init__(self):
+        if self.block_size < 1 or self.damp < 0:
+            raise TwinquantError("GPTQConfig: block_size must be >= 1 and damp >= 0")
+
+
+class Quantizer(Protocol):
+    name: str
+    needs_hessian: bool
+    config: object
+
+    def quantize_weight(self, W: torch.Tensor, codec, H: torch.Tensor | None = None,
+                        importance: torch.Tensor | None = None) -> tuple[torch.Tensor, list, torch.Tensor]:
+        """(codes [rows, cols] for codec.pack, per-block params, dequantized float32 W_hat)."""
+
+
+class RTNQuantizer:
+    name = "rtn"
+    needs_hessian = False
+    Config = RTNConfig
+
+    def __init__(self, config: RTNConfig | None = None):
+        self.config = config or RTNConfig()
+
+    def quantize_weight(self, W, codec, H=None, importance=None):
+        return rtn(W, codec, importance=importance, clip_search=self.config.clip_search)
+
+
+class GPTQQuantizer:
+    name = "gptq"
+    needs_hessian = True
+    Config = GPTQConfig
+
+    def __init__(self, config: GPTQConfig | None = None):
+        self.config = config or GPTQConfig()
+
+    def quantize_weight(self, W, codec, H=None, importance=None):
+        if H is None:
+            raise TwinquantError("gptq needs the layer's input Hessian (calibration data)")
+        r = gptq(W, H, codec, importance=importance, **asdict(self.config))
+        return r.codes, r.params, r.dequantized
+
+
+QUANTIZERS = {"rtn": RTNQuantizer, "gptq": GPTQQuantizer}
+
+
+def get_quantizer(name: str, config=None) -> Quantizer:
+    """The quantizer `name` with `config` (its Config dataclass, a dict of its settings, or None for defaults)."""
+    cls = QUANTIZERS.get(name)
+    if cls is None:
+        raise TwinquantError(f"unknown quantizer {name!r} (known: {', '.join(QUANTIZERS)})")
+    if config is None or isinstance(config, dict):
+        config = cls.Config.from_dict(config)
+    elif not isinstance(config, cls.Config):
+        raise TwinquantError(f"{name}: expected a {cls.Config.__name__}, got {type(config).__name__}")
+    return cls(config)

@@ -1,0 +1,53 @@
+"""GGML block-format codecs, bit-exact with llama.cpp's quantizers (ggml_quantize_chunk) and gguf-py's dequantize.
+
+    codec = get_codec("Q4_K")                     # or gguf.GGMLQuantizationType.Q4_K
+    codes, params = codec.quantize(w, imatrix)    # RTN exactly as llama.cpp (imatrix: [cols] or None)
+    data = codec.pack(codes, params)              # uint8 [rows, codec.bytes_per_row(cols)]
+    codes, params = codec.unpack(data, cols)
+    w_hat = codec.dequantize(codes, params)       # == gguf.quants.dequantize(data, type)
+
+GPTQ uses codec.block / sub / qmax, fit(w_block, importance) -> BlockParams, codes(w_block, params) and
+twinquant.quant.codec.dequantize_codes; see twinquant.quant.codec for the protocol.
+"""
+
+from __future__ import annotations
+
+import gguf
+
+from twinquant.errors import TwinquantError
+from twinquant.quant.ggml._base import GGMLCodec, GGMLPacked
+from twinquant.quant.ggml.kquants import Q2_K, Q3_K, Q4_K, Q5_K, Q6_K
+from twinquant.quant.ggml.legacy import Q4_0, Q5_0, Q8_0
+
+T = gguf.GGMLQuantizationType
+
+CODECS: dict[gguf.GGMLQuantizationType, GGMLCodec] = {
+    T.Q8_0: Q8_0(),
+    T.Q4_0: Q4_0(),
+    T.Q5_0: Q5_0(),
+    T.Q2_K: Q2_K(),
+    T.Q3_K: Q3_K(),
+    T.Q4_K: Q4_K(),
+    T.Q5_K: Q5_K(),
+    T.Q6_K: Q6_K(),
+}
+
+
+def get_codec(name_or_type) -> GGMLCodec:
+    """The codec of a GGML type, by gguf.GGMLQuantizationType, its int value, or its name ("q4_k", "Q4_K")."""
+    key = name_or_type
+    try:
+        if isinstance(key, str):
+            key = T[key.strip().upper()]
+        else:
+            key = T(key)
+    except (KeyError, ValueError):
+        key = None
+    if key not in CODECS:
+        names = ", ".join(t.name for t in CODECS)
+        raise TwinquantError(f"unsupported GGML quantization type {name_or_type!r}; supported: {names}")
+    return CODECS[key]
+
+
+__all__ = ["CODECS", "get_codec", "GGMLCodec", "GGMLPacked", "Q8_0", "Q4_0", "Q5_0", "Q2_K", "Q3_K", "Q4_K",
+           "Q5_K", "Q6_K"]

@@ -1,0 +1,383 @@
+"""Per-tensor GGML types: llama.cpp's quantization mixes, user overrides and shape fallbacks.
+
+`llama_cpp_mix(spec, "Q4_K_M", names)` gives the type stock `llama-quantize` picks for every tensor of a `llama`,
+`qwen2` or `qwen3` model (checked against llama.cpp's own quantizer in tests/test_mixes.py); `assign_types` adds
+llama-quantize's options (`--tensor-type REGEX=TYPE`, `--output-tensor-type`, `--token-embedding-type`, `--pure`)
+and says, per tensor, which rule chose the type (for `--dry-run`).
+
+How llama.cpp decides (src/llama-quant.cpp), restated as the tables below:
+
+* the file type (ftype) names a *default* type (`MIXES[...].default`); 1-D tensors (norms, biases) stay F32;
+* `output.weight` — and `token_embd.weight` when the embeddings are tied (no `output.weight` in the file) — gets
+  Q6_K, or Q8_0 when the default is Q8_0 or its block does not divide the row;
+* a few roles get other types by *condition rules* (`MIXES[...].rules`): ordered (condition, type) pairs, the
+  first true condition wins. Conditions read a per-role counter `i` (how many tensors of that role the rules have
+  already seen, in llama.cpp's tensor order: by layer number, then by name) against a total `n` (the number of
+  attn_v tensors for attn_v; the layer count for ffn_down), the GQA ratio `n_heads // n_kv_heads`, and whether an
+  importance matrix is given;
+* 70B models (llama with 80 layers and GQA; qwen2 with 80 layers) bump attn_v from Q3_K/Q4_K to Q5_K;
+* finally, a type whose block does not divide the row length (the input features, GGML's `ne[0]`) *falls back*
+  (`FALLBACK`): Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, IQ* -> IQ4_NL; a 32-block type, or
+  a fallback whose 32-block does not divide the row either, becomes F16.
+
+Options, as llama-quantize applies them: `--token-embedding-type` / `--output-tensor-type` set those tensors
+outright (a tied token_embd follows `--output-tensor-type`); else the first `--tensor-type` regex found in the
+name sets the type and skips the rules (its tensor then does not advance the counters: an override of
+`blk\\.0\\.attn_v` makes blk.1's attn_v count as the first); `--pure` skips the rules everywhere. Fallbacks
+apply in every case.
+
+Importance matrix (`imatrix=True`): of the supported ftypes, only Q4_0 / Q5_0 change — ffn_down of the first
+n_layers // 8 layers becomes Q4_1 / Q5_1. Q2_K_S picks the same types either way, but llama.cpp refuses to
+write its Q2_K tensors without an imatrix.
+
+Deliberate differences from llama-quantize, where it would fail: a `--token-embedding-type` /
+`--output-tensor-type` whose block does not divide the row falls back here (llama.cpp aborts); overrides also
+apply when the default type is a float type (llama.cpp ignores them then).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence, Union
+
+import gguf
+
+from twinquant.errors import TwinquantError
+from twinquant.model import roles
+from twinquant.model.spec import ModelSpec
+
+Q = gguf.GGMLQuantizationType
+TensorType = Union[gguf.GGMLQuantizationType, str]     # str: an integer-grid name (int4_g128_asym)
+
+
+def _role(t: gguf.MODEL_TENSOR) -> str:
+    return gguf.TENSOR_NAMES[t].rsplit(".", 1)[-1]
+
+
+TOKEN_EMBD, OUTPUT = _role(roles.T.TOKEN_EMBD), _role(roles.T.OUTPUT)
+ATTN_V, ATTN_OUT = _role(roles.T.ATTN_V), _role(roles.T.ATTN_OUT)
+FFN_DOWN, FFN_GATE, FFN_UP = _role(roles.T.FFN_DOWN), _role(roles.T.FFN_GATE), _role(roles.T.FFN_UP)
+OUTPUT_NAME = roles.name(roles.T.OUTPUT)
+
+ARCHITECTURES = ("llama", "qwen2", "qwen3")   # whose llama.cpp rules are reproduced (none is falcon / MoE)
+
+
+# --- tensor names -------------------------------------------------------------------------------------------------
+_NAME = re.compile(r"^(?:blk\.(\d+)\.)?([a-z0-9_]+)\.(weight|bias)$")
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    name: str
+    layer: int | None       # block index, None for global tensors
+    role: str               # attn_v, ffn_down, output, token_embd …
+    shape: tuple[int, ...]  # [out, in] for linears: the GGML row length is shape[-1]
+
+    @property
+    def quantizable(self) -> bool:
+        """llama.cpp quantizes 2-D `*.weight` tensors other than norms."""
+        return self.name.endswith(".weight") and len(self.shape) == 2 and not self.role.endswith("_norm")
+
+    @property
+    def order(self) -> tuple[int, str]:
+        """llama.cpp's tensor order (its loader's map): layer number (-1 for globals), then name."""
+        return (-1 if self.layer is None else self.layer, self.name)
+
+
+def parse_tensor(spec: ModelSpec, name: str) -> TensorRef:
+    """`blk.3.attn_v.weight` -> (layer 3, role attn_v, shape)."""
+    m = _NAME.match(name)
+    if m is None:
+        raise TwinquantError(f"{name!r} is not a tensor role name (like blk.0.attn_v.weight)")
+    try:
+        shape = tuple(roles.expected_shape(spec, name))
+    except (KeyError, IndexError):
+        raise TwinquantError(f"{name!r}: unknown tensor role") from None
+    return TensorRef(name, None if m.group(1) is None else int(m.group(1)), m.group(2), shape)
+
+
+# --- types ----------------------------------------------------------------------------------------------------
+_NOT_WEIGHT_TYPES = {Q.I8, Q.I16, Q.I32, Q.I64, Q.F64}
+_FLOAT_TYPES = {Q.F32, Q.F16, Q.BF16}
+
+
+def parse_type(text: str) -> TensorType:
+    """A GGML type name, case-insensitive like llama-quantize (`q4_k`, `Q8_0`, `f16`); or an integer-grid name."""
+    s = str(text).strip()
+    if s.lower().startswith("int"):
+        from twinquant.quant.intgrid import IntGrid
+
+        return IntGrid.from_name(s).name
+    t = Q.__members__.get(s.upper())
+    if t is None or t in _NOT_WEIGHT_TYPES:
+        raise TwinquantError(f"unknown tensor type {text!r}; e.g. Q4_K, Q6_K, Q8_0, Q4_0, IQ4_NL, F16")
+    return t
+
+
+def type_name(t: TensorType) -> str:
+    return t if isinstance(t, str) else t.name
+
+
+def block_size(t: Q) -> int:
+    return gguf.GGML_QUANT_SIZES[t][0]
+
+
+# the type a tensor falls back to when its row length is not a multiple of its type's block (256 -> 32 blocks)
+FALLBACK: dict[Q, Q] = {
+    **dict.fromkeys((Q.IQ1_S, Q.IQ1_M, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S, Q.IQ4_XS), Q.IQ4_NL),
+    **dict.fromkeys((Q.Q2_K, Q.Q3_K, Q.TQ1_0, Q.TQ2_0), Q.Q4_0),
+    Q.Q4_K: Q.Q5_0,
+    Q.Q5_K: Q.Q5_1,
+    Q.Q6_K: Q.Q8_0,
+}
+LAST_RESORT = Q.F16   # when not even the fallback's block divides the row
+
+
+def fallback_type(t: TensorType, cols: int) -> TensorType:
+    """The type a row of `cols` values can really have, starting from `t` (llama.cpp's fallback)."""
+    if isinstance(t, str):
+        from twinquant.quant.intgrid import IntGrid
+
+        IntGrid.from_name(t).for_cols(cols)   # integer grids have no fallback: raises if the group does not fit
+        return t
+    if cols % block_size(t) == 0:
+        return t
+    if t in FALLBACK:
+        fb = FALLBACK[t]
+    elif block_size(t) <= 32:
+        fb = t
+    else:
+        raise TwinquantError(f"no fallback type is defined for {t.name} (rows of {cols} are not whole blocks)")
+    return fb if cols % block_size(fb) == 0 else LAST_RESORT
+
+
+# --- llama.cpp's mixes ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RuleContext:
+    i: int            # tensors of this role the rules have seen before this one
+    n: int            # total of this role (attn_v: attn_v tensors; ffn_down: layers)
+    n_gqa: int        # n_heads // n_kv_heads
+    imatrix: bool
+
+
+def use_more_bits(i: int, n: int) -> bool:
+    """llama.cpp's layer schedule for extra bits: the first and last eighth, and every third layer between."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+CONDITIONS: dict[str, Callable[[RuleContext], bool]] = {
+    "": lambda c: True,
+    "gqa>=4": lambda c: c.n_gqa >= 4,
+    "first 2": lambda c: c.i < 2,
+    "first 4": lambda c: c.i < 4,
+    "first 1/16": lambda c: c.i < c.n // 16,
+    "first 1/8": lambda c: c.i < c.n // 8,
+    "more bits": lambda c: use_more_bits(c.i, c.n),
+    "imatrix, first 1/8": lambda c: c.imatrix and c.i < c.n // 8,
+}
+
+Rules = dict[str, tuple[tuple[str, Q], ...]]   # role -> ((condition, type), …): the first true condition wins
+
+
+@dataclass(frozen=True)
+class Mix:
+    ftype: str
+    default: Q
+    rules: Rules = field(default_factory=dict)
+
+
+def _mix(ftype: str, default: Q, **rules: tuple[tuple[str, Q], ...]) -> Mix:
+    return Mix(ftype, default, dict(rules))
+
+
+MIXES: dict[str, Mix] = {m.ftype: m for m in (
+    _mix("Q2_K", Q.Q2_K, attn_v=(("gqa>=4", Q.Q4_K), ("", Q.Q3_K)), ffn_down=(("", Q.Q3_K),),
+         attn_output=(("", Q.Q3_K),)),
+    _mix("Q2_K_S", Q.Q2_K, attn_v=(("gqa>=4", Q.Q4_K),), ffn_down=(("first 1/8", Q.Q4_K),)),
+    _mix("Q3_K_S", Q.Q3_K),
+    _mix("Q3_K_M", Q.Q3_K, attn_v=(("first 2", Q.Q5_K), ("", Q.Q4_K)),
+         ffn_down=(("first 1/16", Q.Q5_K), ("", Q.Q4_K)), attn_output=(("", Q.Q4_K),)),
+    _mix("Q3_K_L", Q.Q3_K, attn_v=(("", Q.Q5_K),), ffn_down=(("", Q.Q5_K),), attn_output=(("", Q.Q5_K),)),
+    _mix("Q4_K_S", Q.Q4_K, attn_v=(("first 4", Q.Q5_K),), ffn_down=(("first 1/8", Q.Q5_K),)),
+    _mix("Q4_K_M", Q.Q4_K, attn_v=(("more bits", Q.Q6_K),), ffn_down=(("more bits", Q.Q6_K),)),
+    _mix("Q5_K_S", Q.Q5_K),
+    _mix("Q5_K_M", Q.Q5_K, attn_v=(("more bits", Q.Q6_K),), ffn_down=(("more bits", Q.Q6_K),)),
+    _mix("Q6_K", Q.Q6_K),
+    _mix("Q8_0", Q.Q8_0),
+    _mix("Q4_0", Q.Q4_0, ffn_down=(("imatrix, first 1/8", Q.Q4_1),)),
+    _mix("Q4_1", Q.Q4_1),
+    _mix("Q5_0", Q.Q5_0, ffn_down=(("imatrix, first 1/8", Q.Q5_1),)),
+    _mix("Q5_1", Q.Q5_1),
+)}
+ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}   # llama-quantize's names
+LLAMA_CPP_FTYPES = tuple(MIXES)
+
+# roles whose rules count their tensors, and the total each counts against
+COUNTED: dict[str, Callable[[ModelSpec, Sequence[TensorRef]], int]] = {
+    ATTN_V: lambda spec, refs: sum(r.role == ATTN_V and r.name.endswith(".weight") for r in refs),
+    FFN_DOWN: lambda spec, refs: spec.n_layers,
+    FFN_GATE: lambda spec, refs: spec.n_layers,
+    FFN_UP: lambda spec, refs: spec.n_layers,
+}
+
+# llama.cpp's "70B" model type, per architecture, and what it changes
+IS_70B: dict[str, Callable[[ModelSpec], bool]] = {
+    "llama": lambda s: s.n_layers == 80 and s.n_heads != s.n_kv_heads,
+    "qwen2": lambda s: s.n_layers == 80,
+}
+BUMP_70B: dict[str, dict[Q, Q]] = {ATTN_V: {Q.Q3_K: Q.Q5_K, Q.Q4_K: Q.Q5_K}}
+
+
+def get_mix(text: str) -> Mix:
+    """`llama.cpp:Q4_K_M` (or just `Q4_K_M`; llama-quantize's aliases Q3_K/Q4_K/Q5_K too) -> its `Mix`."""
+    s = str(text).strip()
+    if s.lower().startswith("llama.cpp:"):
+        s = s.split(":", 1)[1]
+    s = ALIASES.get(s.upper(), s.upper())
+    if s not in MIXES:
+        raise TwinquantError(f"unknown mix {text!r}; choose llama.cpp:FTYPE with FTYPE one of "
+                             f"{', '.join(LLAMA_CPP_FTYPES)}")
+    return MIXES[s]
+
+
+def output_type(default: Q, cols: int) -> tuple[Q, str]:
+    """llama.cpp's type for the output head (and a tied token_embd): Q6_K, or Q8_0."""
+    if cols % block_size(default):
+        return Q.Q8_0, f"Q8_0 ({cols} not divisible by {block_size(default)})"
+    return (Q.Q8_0, "Q8_0") if default == Q.Q8_0 else (Q.Q6_K, "Q6_K")
+
+
+# --- assignment -------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TypeChoice:
+    name: str
+    type: TensorType
+    rule: str                                   # which rule chose the type, for --dry-run
+    fallback_from: TensorType | None = None     # the type the rules chose, when the row forced a fallback
+
+    @property
+    def fell_back(self) -> bool:
+        return self.fallback_from is not None
+
+
+@dataclass(frozen=True)
+class Override:
+    pattern: str
+    regex: re.Pattern
+    type: TensorType
+
+    @property
+    def text(self) -> str:
+        return f"{self.pattern}={type_name(self.type)}"
+
+
+def parse_override(text: str) -> Override:
+    """`REGEX=TYPE` as llama-quantize reads `--tensor-type`: split at the first '=', the regex lower-cased."""
+    pattern, sep, tname = str(text).partition("=")
+    if not sep:
+        raise TwinquantError(f"--tensor-type {text!r}: expected REGEX=TYPE")
+    if not pattern:
+        raise TwinquantError(f"--tensor-type {text!r}: missing tensor name pattern")
+    if not tname:
+        raise TwinquantError(f"--tensor-type {text!r}: missing type")
+    pattern = pattern.lower()
+    try:
+        rx = re.compile(pattern)
+    except re.error as e:
+        raise TwinquantError(f"--tensor-type {text!r}: bad regular expression ({e})") from None
+    return Override(pattern, rx, parse_type(tname))
+
+
+class _Rules:
+    """llama.cpp's mix rules for one model, with the counters they keep."""
+
+    def __init__(self, spec: ModelSpec, mix: Mix, base: Q, refs: Sequence[TensorRef], imatrix: bool):
+        if spec.arch not in ARCHITECTURES:
+            raise TwinquantError(f"llama.cpp mixes are reproduced for {', '.join(ARCHITECTURES)}, not {spec.arch!r}")
+        self.spec, self.mix, self.base, self.imatrix = spec, mix, base, imatrix
+        self.label = f"llama.cpp:{mix.ftype}"
+        self.tied = all(r.name != OUTPUT_NAME for r in refs)
+        self.totals = {role: total(spec, refs) for role, total in COUNTED.items()}
+        self.seen = dict.fromkeys(COUNTED, 0)
+        self.bump = BUMP_70B if IS_70B.get(spec.arch, lambda s: False)(spec) else {}
+
+    def choose(self, ref: TensorRef, output_override: TensorType | None) -> tuple[TensorType, str]:
+        if ref.role == OUTPUT or (self.tied and ref.role == TOKEN_EMBD):
+            what = "token_embd (tied: output rule)" if ref.role == TOKEN_EMBD else "output"
+            if output_override is not None:
+                return output_override, f"output-tensor-type {type_name(output_override)} ({what})"
+            t, why = output_type(self.base, ref.shape[-1])
+            return t, f"{self.label} {what} {why}"
+        t, rule = self.base, f"{self.label} default"
+        if ref.role in COUNTED:
+            ctx = RuleContext(self.seen[ref.role], self.totals[ref.role], self.spec.n_heads // self.spec.n_kv_heads,
+                              self.imatrix)
+            self.seen[ref.role] += 1
+        else:
+            ctx = RuleContext(0, 0, self.spec.n_heads // self.spec.n_kv_heads, self.imatrix)
+        for cond, ct in self.mix.rules.get(ref.role, ()):
+            if CONDITIONS[cond](ctx):
+                t, rule = ct, f"{self.label} {ref.role}" + (f" {cond}" if cond else "")
+                break
+        if t in self.bump.get(ref.role, {}):
+            t, rule = self.bump[ref.role][t], f"{rule}, 70B bump"
+        return t, rule
+
+
+def assign_types(spec: ModelSpec, tensor_names: Iterable[str], mix: str | None = "llama.cpp:Q2_K",
+                 default: str | None = None, overrides: Sequence[str] = (), output_type: str | None = None,
+                 embedding_type: str | None = None, pure: bool = False, imatrix: bool = False) -> list[TypeChoice]:
+    """The type of every tensor of `tensor_names` (in that order), as llama-quantize would choose it.
+
+    mix: `llama.cpp:FTYPE` (its rules and default type) or None (no rules: `default` everywhere);
+    default: the base type instead of the mix's (required without a mix); overrides: `REGEX=TYPE` strings, the
+    first regex found in the name wins; output_type / embedding_type: llama-quantize's --output-tensor-type /
+    --token-embedding-type; pure: no mix rules; imatrix: whether an importance matrix will be used (Q4_0/Q5_0).
+    """
+    names = list(tensor_names)
+    refs = [parse_tensor(spec, n) for n in names]
+    the_mix = get_mix(mix) if mix else None
+    if default is None and the_mix is None:
+        raise TwinquantError("give a mix (e.g. llama.cpp:Q2_K) or a default type (e.g. Q4_K)")
+    base = parse_type(default) if default is not None else the_mix.default
+    rules = None
+    if the_mix is not None and not pure:
+        if isinstance(base, str) or base in _FLOAT_TYPES:
+            raise TwinquantError(f"llama.cpp mix rules need a GGML block type as the default, not {type_name(base)}")
+        rules = _Rules(spec, the_mix, base, refs, imatrix)
+    plain = f"pure {type_name(base)}" if pure else f"default {type_name(base)}"
+    pats = [parse_override(o) for o in overrides]
+    out_t = parse_type(output_type) if output_type else None
+    emb_t = parse_type(embedding_type) if embedding_type else None
+
+    chosen: dict[str, TypeChoice] = {}
+    for ref in sorted(refs, key=lambda r: r.order):       # the rules count tensors in llama.cpp's order
+        if not ref.quantizable:
+            chosen[ref.name] = TypeChoice(ref.name, Q.F32, "not quantized (1-D)")
+            continue
+        hit = next((p for p in pats if p.regex.search(ref.name)), None)
+        if ref.role == TOKEN_EMBD and emb_t is not None:
+            t, rule = emb_t, f"token-embedding-type {type_name(emb_t)}"
+        elif ref.role == OUTPUT and out_t is not None:
+            t, rule = out_t, f"output-tensor-type {type_name(out_t)}"
+        elif hit is not None:
+            t, rule = hit.type, f"override {hit.text}"
+        elif rules is not None:
+            t, rule = rules.choose(ref, out_t)
+        else:
+            t, rule = base, plain
+        cols = ref.shape[-1]
+        fb = fallback_type(t, cols)
+        if fb != t:
+            chosen[ref.name] = TypeChoice(ref.name, fb, f"{rule}; fallback: {cols} not divisible by "
+                                          f"{block_size(t)} -> {type_name(fb)}", fallback_from=t)
+        else:
+            chosen[ref.name] = TypeChoice(ref.name, t, rule)
+    return [chosen[n] for n in names]
+
+
+def llama_cpp_mix(spec: ModelSpec, ftype: str, tensor_names: Iterable[str],
+                  imatrix: bool = False) -> dict[str, TensorType]:
+    """The types stock llama-quantize picks for `ftype` (e.g. "Q4_K_M"), per tensor name."""
+    return {c.name: c.type for c in assign_types(spec, tensor_names, mix=f"llama.cpp:{ftype}", imatrix=imatrix)}
