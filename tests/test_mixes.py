@@ -1,0 +1,272 @@
+"""Per-tensor type mixes: rules, overrides and fallbacks, with stock llama.cpp's quantizer as the oracle.
+
+Tiny random models (8 layers, so the use_more_bits schedule shows; one of 17 layers for n//16 and layers past 9)
+are written as F32 GGUFs once, quantized by llama.cpp's `llama_model_quantize` (llama-cpp-python's binding), and
+the type of every tensor in its output is compared with ours. Hidden 256 rows divide every block; hidden 192 rows
+need the 32-block fallbacks; hidden 200 rows need F16.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+
+import gguf
+import pytest
+
+from tests.tiny_models import save_tiny
+from twinquant.errors import TwinquantError
+from twinquant.model import roles
+from twinquant.model.spec import ModelSpec
+from twinquant.quant import mixes
+from twinquant.quant.mixes import assign_types, fallback_type, llama_cpp_mix
+
+Q = gguf.GGMLQuantizationType
+
+# name: (tiny_models family, config overrides); intermediate 512 keeps ffn_down rows whole 256-blocks
+MODELS = {
+    "llama-256": ("llama", dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64)),
+    "llama-tied-192-gqa4": ("llama-tied", dict(hidden_size=192, num_attention_heads=4, num_key_value_heads=1,
+                                               head_dim=48)),
+    "llama-200": ("llama", dict(hidden_size=200, num_attention_heads=4, num_key_value_heads=2, head_dim=50)),
+    "qwen2-192": ("qwen2", dict(hidden_size=192, num_attention_heads=4, num_key_value_heads=2, head_dim=48)),
+    "qwen2-tied-256-gqa4": ("qwen2", dict(hidden_size=256, num_attention_heads=8, num_key_value_heads=2,
+                                          head_dim=32, tie_word_embeddings=True)),
+    "qwen3-tied-256": ("qwen3", dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                                     tie_word_embeddings=True)),
+    "qwen3-192": ("qwen3", dict(hidden_size=192, num_attention_heads=4, num_key_value_heads=2, head_dim=64)),
+    "qwen2-17L-gqa4": ("qwen2", dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=1, head_dim=64,
+                                     num_hidden_layers=17)),
+}
+BASE = dict(intermediate_size=512, num_hidden_layers=8, vocab=320)
+
+CORE_FTYPES = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"]    # on every model
+MORE_FTYPES = ["Q3_K_L", "Q4_K_S", "Q5_K_S", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]     # on a 256, a 192 and a 17-layer one
+MORE_MODELS = ["llama-256", "qwen2-192", "qwen2-17L-gqa4"]
+IMATRIX_FTYPES = ["Q2_K_S", "Q4_0", "Q5_0"]    # Q2_K_S needs an imatrix; Q4_0 / Q5_0 change with one
+IMATRIX_MODELS = ["qwen2-192", "qwen2-17L-gqa4"]
+
+
+# --- llama.cpp as the oracle ------------------------------------------------------------------------------------
+class F32Models:
+    """F32 GGUFs of the tiny models, built on first use."""
+
+    def __init__(self, root):
+        self.root, self.built = root, {}
+
+    def get(self, key: str):
+        if key not in self.built:
+            from twinquant.io.gguf_write import write_gguf
+            from twinquant.io.hf import load_hf_dir
+
+            family, over = MODELS[key]
+            hf = save_tiny(family, self.root / key, tokenizer=True, **{**BASE, **over})
+            model = load_hf_dir(hf)
+            path = write_gguf(model, self.root / f"{key}.f32.gguf", "F32")
+            self.built[key] = (model.spec, model.tensor_names(), path)
+        return self.built[key]
+
+
+@pytest.fixture(scope="module")
+def f32_models(tmp_path_factory):
+    import llama_cpp._logger as lcl
+
+    level = lcl.logger.level
+    lcl.set_verbose(False)          # llama.cpp's quantizer logs every tensor; keep errors only
+    yield F32Models(tmp_path_factory.mktemp("mixes"))
+    lcl.logger.setLevel(level)
+
+
+def llama_quantize(src, dst, ftype: str, imatrix: bool = False, overrides=(), pure=False, output_type=None,
+                   embedding_type=None) -> dict[str, Q]:
+    """Quantize with stock llama.cpp; the type of each tensor of the result."""
+    import llama_cpp
+
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    p.nthread = 2
+    p.pure = pure
+    if output_type:
+        p.output_tensor_type = int(Q[output_type])
+    if embedding_type:
+        p.token_embedding_type = int(Q[embedding_type])
+    keep = []
+    if overrides:
+        arr = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()
+        for i, o in enumerate(overrides):
+            ov = mixes.parse_override(o)
+            keep.append(ov.pattern.encode())
+            arr[i].pattern, arr[i].type = keep[-1], int(ov.type)
+        arr[len(overrides)].pattern = None
+        p.tt_overrides = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+        keep.append(arr)
+    if imatrix:                      # a flat importance matrix for every 2-D tensor: only its presence matters
+        src_tensors = [t for t in gguf.GGUFReader(src).tensors if len(t.shape) == 2]
+        arr = (llama_cpp.llama_model_imatrix_data * (len(src_tensors) + 1))()
+        for i, t in enumerate(src_tensors):
+            n = int(t.shape[0])
+            data = (ctypes.c_float * n)(*([1.0] * n))
+            keep += [t.name.encode(), data]
+            arr[i].name, arr[i].data, arr[i].size = keep[-2], ctypes.cast(data, ctypes.POINTER(ctypes.c_float)), n
+        arr[len(src_tensors)].name = None
+        p.imatrix = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+        keep.append(arr)
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p))
+    assert rc == 0, f"llama.cpp failed to quantize {src} to {ftype}"
+    return {t.name: Q(t.tensor_type) for t in gguf.GGUFReader(dst).tensors}
+
+
+def assert_same(ours: dict, theirs: dict):
+    assert set(ours) == set(theirs)
+    diff = {n: (ours[n].name, theirs[n].name) for n in theirs if ours[n] != theirs[n]}
+    assert not diff, f"(ours, llama.cpp) differ: {diff}"
+
+
+CASES = ([(m, f, False) for m in MODELS for f in CORE_FTYPES]
+         + [(m, f, False) for m in MORE_MODELS for f in MORE_FTYPES]
+         + [(m, f, True) for m in IMATRIX_MODELS for f in IMATRIX_FTYPES])
+
+
+@pytest.mark.parametrize("model,ftype,imatrix", CASES, ids=[f"{m}-{f}{'-imatrix' if i else ''}" for m, f, i in CASES])
+def test_mix_matches_llama_cpp(f32_models, tmp_path, model, ftype, imatrix):
+    spec, names, src = f32_models.get(model)
+    theirs = llama_quantize(src, tmp_path / "q.gguf", ftype, imatrix=imatrix)
+    assert_same(llama_cpp_mix(spec, ftype, names, imatrix=imatrix), theirs)
+
+
+OPTION_CASES = {
+    # overridden attn_v tensors do not advance llama.cpp's counter: blk.4's attn_v counts as the first
+    "overrides-shift-counter": ("llama-256", "Q4_K_M", dict(overrides=[r"blk\.[0-3]\.attn_v=q8_0", "ffn_down=Q5_K",
+                                                                       "attn_k=f16", "ATTN_Q=Q4_K"])),
+    "overrides-fallback": ("qwen2-192", "Q3_K_M", dict(overrides=[r"blk\.[0-2]\.ffn_(up|gate)=q6_k", "attn_v=q5_1"])),
+    "pure": ("qwen3-192", "Q3_K_M", dict(pure=True)),
+    "pure-tied": ("qwen3-tied-256", "Q4_K_M", dict(pure=True)),
+    "output-and-embedding": ("llama-256", "Q2_K", dict(output_type="Q5_K", embedding_type="Q4_K")),
+    "tied-output-type": ("llama-tied-192-gqa4", "Q4_K_M", dict(output_type="Q5_K")),   # -> token_embd, Q5_1
+    "tied-override-beats-output-type": ("qwen2-tied-256-gqa4", "Q3_K_S",
+                                        dict(output_type="Q8_0", overrides=["token_embd=q4_k"])),
+}
+
+
+@pytest.mark.parametrize("case", list(OPTION_CASES))
+def test_options_match_llama_cpp(f32_models, tmp_path, case):
+    model, ftype, opts = OPTION_CASES[case]
+    spec, names, src = f32_models.get(model)
+    theirs = llama_quantize(src, tmp_path / "q.gguf", ftype, **opts)
+    choices = assign_types(spec, names, mix=f"llama.cpp:{ftype}", overrides=opts.get("overrides", ()),
+                           output_type=opts.get("output_type"), embedding_type=opts.get("embedding_type"),
+                           pure=opts.get("pure", False))
+    assert_same({c.name: c.type for c in choices}, theirs)
+
+
+# --- rules without llama.cpp --------------------------------------------------------------------------------------
+def spec_of(arch="llama", n_layers=30, hidden=576, inter=1536, heads=9, kv=3, head_dim=64, tied=True):
+    return ModelSpec(arch, n_layers, hidden, inter, heads, kv, head_dim, 49152, 1e4, 1e-5, tied,
+                     arch == "qwen2", arch == "qwen3")
+
+
+def by_name(choices):
+    return {c.name: c for c in choices}
+
+
+def test_fallbacks():
+    assert fallback_type(Q.Q2_K, 576) == Q.Q4_0
+    assert fallback_type(Q.Q3_K, 896) == Q.Q4_0
+    assert fallback_type(Q.Q4_K, 576) == Q.Q5_0
+    assert fallback_type(Q.Q5_K, 576) == Q.Q5_1
+    assert fallback_type(Q.Q6_K, 576) == Q.Q8_0
+    assert fallback_type(Q.IQ2_XS, 576) == Q.IQ4_NL
+    assert fallback_type(Q.Q4_K, 1536) == Q.Q4_K
+    assert fallback_type(Q.Q4_K, 200) == Q.F16          # not even the 32-block fallback fits
+    assert fallback_type(Q.Q8_0, 200) == Q.F16
+    assert fallback_type(Q.Q8_0, 96) == Q.Q8_0
+    with pytest.raises(TwinquantError):
+        fallback_type(Q.Q8_K, 100)                      # llama.cpp defines no fallback for it
+
+
+def test_smollm2_like_q2_k_records_fallbacks():
+    spec = spec_of()                                    # SmolLM2-135M: hidden 576, tied, 9 / 3 heads
+    c = by_name(assign_types(spec, roles.all_tensor_names(spec), "llama.cpp:Q2_K"))
+    assert c["token_embd.weight"].type == Q.Q8_0 and not c["token_embd.weight"].fell_back
+    assert "tied" in c["token_embd.weight"].rule
+    q = c["blk.0.attn_q.weight"]
+    assert q.type == Q.Q4_0 and q.fallback_from == Q.Q2_K and "fallback: 576 not divisible by 256" in q.rule
+    v = c["blk.3.attn_v.weight"]                        # gqa 3 < 4: Q3_K, then its fallback
+    assert v.type == Q.Q4_0 and v.fallback_from == Q.Q3_K and v.rule.startswith("llama.cpp:Q2_K attn_v")
+    down = c["blk.0.ffn_down.weight"]                   # rows of 1536 = 6 blocks
+    assert down.type == Q.Q3_K and not down.fell_back
+    assert c["blk.0.attn_norm.weight"].type == Q.F32
+
+
+def test_more_bits_schedule():
+    spec = spec_of(hidden=512, n_layers=32, tied=False)
+    c = by_name(assign_types(spec, roles.all_tensor_names(spec), "llama.cpp:Q4_K_M"))
+    six = [i for i in range(32) if c[f"blk.{i}.attn_v.weight"].type == Q.Q6_K]
+    assert six == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+    assert [i for i in range(32) if c[f"blk.{i}.ffn_down.weight"].type == Q.Q6_K] == six
+    assert c["blk.6.attn_v.weight"].rule == "llama.cpp:Q4_K_M attn_v more bits"
+    assert c["output.weight"].type == Q.Q6_K and c["token_embd.weight"].type == Q.Q4_K
+
+
+def test_order_of_names_does_not_matter():
+    spec = spec_of(hidden=512, n_layers=12, tied=False)
+    names = roles.all_tensor_names(spec)
+    a = llama_cpp_mix(spec, "Q3_K_M", names)
+    b = llama_cpp_mix(spec, "Q3_K_M", list(reversed(names)))
+    assert a == b
+    assert a["blk.0.attn_v.weight"] == a["blk.1.attn_v.weight"] == Q.Q5_K    # by layer, not blk.10 before blk.2
+    assert a["blk.2.attn_v.weight"] == a["blk.10.attn_v.weight"] == Q.Q4_K
+
+
+def test_70b_bump():
+    llama70 = spec_of(n_layers=80, hidden=8192, inter=28672, heads=64, kv=8, head_dim=128, tied=False)
+    c = by_name(assign_types(llama70, roles.all_tensor_names(llama70), "llama.cpp:Q3_K_S"))
+    assert c["blk.40.attn_v.weight"].type == Q.Q5_K and "70B" in c["blk.40.attn_v.weight"].rule
+    assert c["blk.40.attn_q.weight"].type == Q.Q3_K
+    qwen3 = spec_of("qwen3", n_layers=80, hidden=8192, inter=28672, heads=64, kv=8, head_dim=128, tied=False)
+    assert llama_cpp_mix(qwen3, "Q3_K_S", roles.all_tensor_names(qwen3))["blk.40.attn_v.weight"] == Q.Q3_K
+
+
+def test_default_and_pure_rules():
+    spec = spec_of()
+    names = roles.all_tensor_names(spec)
+    c = by_name(assign_types(spec, names, mix=None, default="q4_k"))
+    assert c["blk.0.ffn_down.weight"].type == Q.Q4_K and c["blk.0.ffn_down.weight"].rule == "default Q4_K"
+    assert c["token_embd.weight"].type == Q.Q5_0 and c["token_embd.weight"].fell_back
+    c = by_name(assign_types(spec, names, "llama.cpp:Q6_K", pure=True, overrides=[r"blk\.\d+\.ffn_down=Q4_K"]))
+    assert c["blk.5.ffn_down.weight"].type == Q.Q4_K
+    assert c["blk.5.ffn_down.weight"].rule == r"override blk\.\d+\.ffn_down=Q4_K"
+    assert c["blk.5.attn_v.weight"].type == Q.Q8_0 and c["blk.5.attn_v.weight"].rule.startswith("pure Q6_K")
+    assert c["token_embd.weight"].type == Q.Q8_0                        # pure: no output rule, Q6_K falls back
+
+
+def test_first_override_wins_and_options():
+    spec = spec_of(hidden=512, tied=False)
+    c = by_name(assign_types(spec, roles.all_tensor_names(spec), "Q4_K_M",
+                             overrides=["attn_v=Q8_0", "blk.0.attn_v=F16"], output_type="q8_0",
+                             embedding_type="Q6_K"))
+    assert c["blk.0.attn_v.weight"].type == Q.Q8_0
+    assert c["output.weight"].type == Q.Q8_0 and c["output.weight"].rule == "output-tensor-type Q8_0"
+    assert c["token_embd.weight"].type == Q.Q6_K and c["token_embd.weight"].rule == "token-embedding-type Q6_K"
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(overrides=["blk.(=Q4_K"]), "bad regular expression"),
+    (dict(overrides=["attn_v=Q9_K"]), "unknown tensor type"),
+    (dict(overrides=["attn_v"]), "REGEX=TYPE"),
+    (dict(overrides=["=Q4_K"]), "missing tensor name"),
+    (dict(overrides=["attn_v="]), "missing type"),
+    (dict(mix="llama.cpp:Q7_K"), "unknown mix"),
+    (dict(mix=None), "give a mix"),
+    (dict(output_type="nope"), "unknown tensor type"),
+    (dict(embedding_type="I32"), "unknown tensor type"),
+])
+def test_user_errors(kwargs, message):
+    spec = spec_of()
+    with pytest.raises(TwinquantError, match=re.escape(message)):
+        assign_types(spec, roles.all_tensor_names(spec), **kwargs)
+
+
+def test_unknown_tensor_name():
+    with pytest.raises(TwinquantError):
+        assign_types(spec_of(), ["blk.0.attn_zz.weight"])
