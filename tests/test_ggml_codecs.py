@@ -64,7 +64,8 @@ def test_bytes_equal_llama_cpp(qtype, imatrix, cases):
         assert np.array_equal(codec.dequantize_bytes(ours, shape[1]).numpy(), ref)
 
 
-@pytest.mark.parametrize("qtype", [t for t in TYPES if t.name in ("Q8_0", "Q4_0", "Q5_0")], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [t for t in TYPES if t.name in ("Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1")],
+                         ids=lambda t: t.name)
 def test_bytes_equal_gguf_py_reference_quantize(qtype, cases):
     codec = CODECS[qtype]
     for shape, name, w in cases:
@@ -132,8 +133,8 @@ def test_bad_row_length_and_names():
 
 
 def test_sizes():
-    bpw = {"Q8_0": 8.5, "Q4_0": 4.5, "Q5_0": 5.5, "Q2_K": 2.625, "Q3_K": 3.4375, "Q4_K": 4.5, "Q5_K": 5.5,
-           "Q6_K": 6.5625}
+    bpw = {"Q8_0": 8.5, "Q4_0": 4.5, "Q5_0": 5.5, "Q4_1": 5.0, "Q5_1": 6.0, "Q2_K": 2.625, "Q3_K": 3.4375,
+           "Q4_K": 4.5, "Q5_K": 5.5, "Q6_K": 6.5625}
     for qtype, codec in CODECS.items():
         assert codec.bits_per_weight == bpw[qtype.name]
         assert codec.bytes_per_row(4096) == gguf.quant_shape_to_byte_shape((1, 4096), qtype)[1]

@@ -17,7 +17,7 @@ import gguf
 from twinquant.errors import TwinquantError
 from twinquant.quant.ggml._base import GGMLCodec, GGMLPacked
 from twinquant.quant.ggml.kquants import Q2_K, Q3_K, Q4_K, Q5_K, Q6_K
-from twinquant.quant.ggml.legacy import Q4_0, Q5_0, Q8_0
+from twinquant.quant.ggml.legacy import Q4_0, Q4_1, Q5_0, Q5_1, Q8_0
 
 T = gguf.GGMLQuantizationType
 
@@ -25,6 +25,8 @@ CODECS: dict[gguf.GGMLQuantizationType, GGMLCodec] = {
     T.Q8_0: Q8_0(),
     T.Q4_0: Q4_0(),
     T.Q5_0: Q5_0(),
+    T.Q4_1: Q4_1(),
+    T.Q5_1: Q5_1(),
     T.Q2_K: Q2_K(),
     T.Q3_K: Q3_K(),
     T.Q4_K: Q4_K(),
@@ -49,5 +51,5 @@ def get_codec(name_or_type) -> GGMLCodec:
     return CODECS[key]
 
 
-__all__ = ["CODECS", "get_codec", "GGMLCodec", "GGMLPacked", "Q8_0", "Q4_0", "Q5_0", "Q2_K", "Q3_K", "Q4_K",
-           "Q5_K", "Q6_K"]
+__all__ = ["CODECS", "get_codec", "GGMLCodec", "GGMLPacked", "Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1", "Q2_K",
+           "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
