@@ -203,12 +203,12 @@ class HadamardPlan:
         if self.construction == "sylvester":
             return torch.ones(1, 1, dtype=torch.float64)
         if self.construction == "fallback":
-            return _random_orthogonal(self.m, self.seed) * math.sqrt(self.m)
+            return (_random_orthogonal(self.m, self.seed) * math.sqrt(self.m)).contiguous()
         return _paley(self.construction, self.q).to(torch.float64)
 
     def matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """The dense unnormalized n×n matrix (H·Hᵀ = n·I). O(n²) memory: prefer `fwht` for large n."""
-        return torch.kron(sylvester(self.pow2).to(torch.float64), self.base()).to(dtype)
+        return torch.kron(sylvester(self.pow2).to(dtype), self.base().to(dtype))   # ±1: exact in any dtype
 
     def to_dict(self) -> dict:
         return asdict(self)
