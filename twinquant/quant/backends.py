@@ -14,6 +14,7 @@ import torch
 
 from twinquant.errors import TwinquantError
 from twinquant.quant.gptq import gptq
+from twinquant.quant.hqq_backend import HQQQuantizer       # hqq itself is imported only when used
 from twinquant.quant.rtn import rtn
 
 
@@ -91,7 +92,7 @@ class GPTQQuantizer:
         return r.codes, r.params, r.dequantized
 
 
-QUANTIZERS = {"rtn": RTNQuantizer, "gptq": GPTQQuantizer}
+QUANTIZERS = {"rtn": RTNQuantizer, "gptq": GPTQQuantizer, "hqq": HQQQuantizer}
 
 
 def get_quantizer(name: str, config=None) -> Quantizer:

@@ -47,6 +47,24 @@ class QuantReport:
                 "tensors": [t.__dict__ for t in self.tensors]}
 
 
+class HessianHook:
+    """A `LinearHook` accumulating H = mean of 2·xᵀx over the inputs of the named linears (one per input group)."""
+
+    def __init__(self, names: set[str]):
+        self.names = names
+        self.acc: dict[str, tuple[torch.Tensor, int]] = {}
+
+    def __call__(self, name: str, inp: torch.Tensor) -> None:
+        if name in self.names:
+            from twinquant.quant.gptq import accumulate_hessian
+
+            H, n = self.acc.get(name, (None, 0))
+            self.acc[name] = accumulate_hessian(H, n, inp.reshape(-1, inp.shape[-1]).float())
+
+    def hessian(self, name: str) -> torch.Tensor | None:
+        return self.acc.get(name, (None, 0))[0]
+
+
 def codec_for(type_name: str, cols: int):
     """The codec of a type name (GGML types like Q4_K; integer grids like int4_g128_asym)."""
     if type_name.lower().startswith("int"):
@@ -110,21 +128,12 @@ def quantize_model(model: Model, types: dict[str, str], method: str = "gptq", wi
             t0 = time.perf_counter()
             groups = roles.shared_input_groups(layer)
             wanted = [g for g in groups if any(n in types for n in g)]
-            hess: dict[str, tuple[torch.Tensor, int]] = {}
+            hooks = HessianHook({g[0] for g in wanted})
             if x is not None and wanted:
-                from twinquant.quant.gptq import accumulate_hessian
-
-                firsts = {g[0] for g in wanted}
-
-                def hook(name: str, inp: torch.Tensor) -> None:
-                    if name in firsts:
-                        H, n = hess.get(name, (None, 0))
-                        hess[name] = accumulate_hessian(H, n, inp.reshape(-1, inp.shape[-1]).float())
-
                 for i in range(x.shape[0]):
-                    block_forward(model, layer, x[i: i + 1].to(model.dtype), hook=hook)
+                    block_forward(model, layer, x[i: i + 1].to(model.dtype), hook=hooks)
             for g in wanted:
-                H = hess.get(g[0], (None, 0))[0]
+                H = hooks.hessian(g[0])
                 for n in g:
                     if n in types:
                         _quantize_tensor(model, n, types[n], quantizer, H, report, log)
