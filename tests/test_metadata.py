@@ -35,6 +35,7 @@ def test_online_transforms_round_trip(tiny, tmp_path):
         path = write_gguf(m, tmp_path / "r.gguf", "F32")
     meta = read_metadata(gguf.GGUFReader(path))
     assert meta["stock_compatible"] is False and meta["online"]["qk"]["n"] == tiny.spec.head_dim
+    assert meta["online"]["qk"]["randomized"]["signs"]          # bit-packed signs stored, not only the seed
     back = load_gguf(path)
     assert back.needs_online and [r["kind"] for r in back.rotations] == ["fuse_norms", "R1", "R2", "R4", "R3"]
     assert (forward(back, x) - want).abs().max() < 1e-4 * want.abs().max()

@@ -17,16 +17,18 @@ from twinquant.io.gguf_read import load_gguf
 from twinquant.io.gguf_write import write_gguf
 from twinquant.io.hf import load_hf_dir
 from twinquant.model.forward import forward
-from twinquant.quant.mixes import llama_cpp_mix
+from twinquant.quant.mixes import assign_types, llama_cpp_mix
 from twinquant.quant.pipeline import quantize_model
 
-DIMS = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3)
+DIMS = dict(intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3)
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
+# hidden 256: K-quants everywhere; hidden 192: rows not divisible by 256 take llama.cpp's fallback types
+@pytest.fixture(scope="module", params=[("llama", 256), ("qwen2", 192)], ids=["llama-256", "qwen2-192"])
 def f32_gguf(request, tmp_path_factory):
-    d = tmp_path_factory.mktemp(request.param)
-    model = load_hf_dir(save_tiny(request.param, d / "hf", tokenizer=True, **DIMS))
+    family, hidden = request.param
+    d = tmp_path_factory.mktemp(family)
+    model = load_hf_dir(save_tiny(family, d / "hf", tokenizer=True, hidden_size=hidden, **DIMS))
     return write_gguf(model, d / "f32.gguf", "F32")
 
 
@@ -47,7 +49,7 @@ def test_rtn_q2k_mix_is_byte_identical_to_llama_quantize(f32_gguf, tmp_path):
     model = load_gguf(f32_gguf).materialize()
     types = {n: t.name for n, t in llama_cpp_mix(model.spec, "Q2_K", model.tensor_names()).items()
              if t.name != "F32"}
-    assert "Q2_K" in types.values() and "Q3_K" in types.values()
+    assert "Q3_K" in types.values() and ("Q2_K" in types.values()) == (model.spec.hidden % 256 == 0)
     quantize_model(model, types, "rtn", progress=False)
     ours = gguf.GGUFReader(write_gguf(model, tmp_path / "ours.gguf", "F16"))
     th = {t.name: t for t in theirs.tensors}
@@ -66,8 +68,9 @@ def test_gptq_file_runs_in_llama_cpp_and_beats_rtn(f32_gguf, tmp_path):
     original = forward(load_gguf(f32_gguf), toks[None])[0]
     for method in ("rtn", "gptq"):
         model = load_gguf(f32_gguf).materialize()
-        types = {n: "Q4_K" for n in model.tensor_names() if n.startswith("blk.") and n.endswith(".weight")
-                 and model.get(n).ndim == 2}
+        types = {c.name: c.type.name for c in assign_types(model.spec, model.tensor_names(), mix=None,
+                                                            default="Q4_K") if c.name.startswith("blk.")
+                 and c.type.name != "F32"}                   # Q4_K, or its fallback Q5_0 for 192-wide rows
         reports[method] = quantize_model(model, types, method, windows, progress=False)
         if method == "gptq":
             path = write_gguf(model, tmp_path / "gptq.gguf", "F32")

@@ -191,7 +191,7 @@ def test_gptq_into_ggml_k_quants(name):
 # -- the registry -------------------------------------------------------------------------------------------------------
 
 def test_registry_and_configs():
-    assert set(QUANTIZERS) == {"rtn", "gptq"}
+    assert set(QUANTIZERS) == {"rtn", "gptq", "hqq"}
     c = IntGrid(4, 32, False)
     w = torch.randn(16, 64)
     H = _hessian(_correlated(64, tokens=256))

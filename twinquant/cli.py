@@ -400,7 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = with_calib(with_model(sub.add_parser("quantize", help="quantize into llama.cpp block formats -> GGUF")))
     sp.add_argument("-o", "--output", required=True, help="output .gguf")
-    sp.add_argument("--method", choices=["gptq", "rtn"], default="gptq")
+    sp.add_argument("--method", choices=["gptq", "rtn", "hqq"], default="gptq",
+                    help="gptq (default), rtn, or hqq (optional extra; integer grids only)")
     sp.add_argument("--mix", help="type mix, e.g. llama.cpp:Q2_K (the types llama-quantize picks)")
     sp.add_argument("--format", help="one type for every 2-D tensor (with llama.cpp's fallbacks), e.g. Q4_K")
     sp.add_argument("--tensor-type", action="append", metavar="REGEX=TYPE", help="per-tensor override (repeatable)")

@@ -84,12 +84,11 @@ def _quantize_tensor(model: Model, name: str, type_name: str, quantizer, H: torc
     W = model.get(name).float().cpu()
     codec = codec_for(type_name, W.shape[1])
     imp = torch.diagonal(H).clone() if H is not None else None
-    if quantizer.needs_hessian and H is not None:
-        codes, params, W_hat = quantizer.quantize_weight(W, codec, H=H, importance=imp)
-    else:
+    if quantizer.needs_hessian and H is None:   # e.g. the embedding: nothing to weigh GPTQ with, so RTN
         from twinquant.quant.backends import get_quantizer
 
-        codes, params, W_hat = get_quantizer("rtn").quantize_weight(W, codec, importance=imp)
+        quantizer = get_quantizer("rtn")
+    codes, params, W_hat = quantizer.quantize_weight(W, codec, H=H, importance=imp)
     if getattr(codec, "ggml_type", None) is not None:
         data = codec.pack(codes, params)
         model.set_quantized(name, W_hat, QuantizedWeight(codec.ggml_type, data))
