@@ -27,10 +27,16 @@ $(VENV)/.installed-test: $(VENV)/.installed
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
+# The main job on the default model: look at it, measure it, quantize it (GPTQ into llama.cpp's Q2_K mix) and
+# measure the quantized file against the original (PPL, KL divergence, same top-1).
 demo: install
 	$(VENV)/bin/twinquant inspect $(MODEL)
-	$(VENV)/bin/twinquant perplexity $(MODEL) -f $(TEXT) -c 512 --chunks 10 --json demo-perplexity.json
+	$(VENV)/bin/twinquant perplexity $(MODEL) -f $(TEXT) -c 512 --chunks 10 --json demo-out/perplexity.json
 	$(VENV)/bin/twinquant generate $(MODEL) --chat -p "What is the capital of France?" -n 48
+	$(VENV)/bin/twinquant quantize $(MODEL) -o demo-out/$(MODEL)-Q2_K-gptq.gguf --mix llama.cpp:Q2_K \
+		--method gptq --calib-tokens 4096 --report demo-out/quantize.json
+	$(VENV)/bin/twinquant perplexity demo-out/$(MODEL)-Q2_K-gptq.gguf -f $(TEXT) -c 512 --chunks 10 \
+		--ref $(MODEL) --json demo-out/perplexity-Q2_K-gptq.json
 
 test: install-test
 	$(PY) -m pytest -q -ra
@@ -39,4 +45,4 @@ bench: install-test
 	$(PY) benchmarks/forward_speed.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache demo-perplexity.json
+	rm -rf $(VENV) .pytest_cache demo-out

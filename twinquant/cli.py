@@ -30,6 +30,7 @@ def _load(args, materialize: bool = True):
 
 def _write_json(path: str, obj: dict) -> None:
     p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, p)
