@@ -147,3 +147,22 @@ def test_rotate_and_activations_commands(tmp_path):
     assert len(report["layers"]) == 3 and (tmp_path / "act.png").stat().st_size > 1000
     assert_user_error(run("rotate", d, "-o", tmp_path / "hf-out", "--online", "r4", ok=False), "HF directory")
     assert_user_error(run("rotate", d, "-o", tmp_path / "x.gguf", "--online", "r5", ok=False), "r5")
+
+
+def test_quantize_command_with_padding_and_split(tmp_path):
+    import gguf as _gguf
+
+    d = save_tiny("llama", tmp_path / "m", tokenizer=True, hidden_size=192, intermediate_size=512,
+                  num_attention_heads=4, num_key_value_heads=2)
+    out = tmp_path / "q.gguf"
+    p = run("quantize", d, "-o", out, "--mix", "llama.cpp:Q2_K", "--method", "rtn", "--pad", "--split-max-size",
+            "200K", "--report", tmp_path / "r.json")
+    assert "padded: hidden 192 -> 256" in p.stderr and "bits per weight" in p.stdout
+    shards = sorted(tmp_path.glob("q-0000?-of-0000?.gguf"))               # llama.cpp's split naming
+    assert len(shards) >= 2 and not out.exists()
+    types = {t.tensor_type.name for t in _gguf.GGUFReader(shards[0]).tensors}
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert {t["type"] for t in report["tensors"]} >= {"Q2_K", "Q3_K"}      # K-quants, not fallbacks
+    assert types & {"Q2_K", "Q3_K", "Q4_K", "Q6_K", "F32"}
+    assert_user_error(run("quantize", d, "-o", tmp_path / "x.gguf", "--mix", "llama.cpp:IQ9", ok=False), "IQ9")
+    assert_user_error(run("quantize", d, "-o", tmp_path / "x.gguf", ok=False), "--mix")

@@ -176,7 +176,7 @@ def _chat_prompt(tok, user: str) -> str:
 # --- convert --------------------------------------------------------------------------------------------------
 def cmd_convert(args) -> None:
     model = _load(args, materialize=False)
-    _save(model, Path(args.output), args.outtype, args.quiet)
+    _save(model, Path(args.output), args.outtype, args.quiet, args.split_max_size)
     print(f"wrote {args.output}")
 
 
@@ -186,15 +186,16 @@ def _calibration(args, model):
     return load_calibration(model, args.calib, args.calib_tokens, args.calib_ctx)
 
 
-def _save(model, out: Path, outtype: str, quiet: bool) -> None:
-    """Float GGUF (-o X.gguf) or an HF directory."""
+def _save(model, out: Path, outtype: str, quiet: bool, split_max_size: str | None = None) -> None:
+    """Float GGUF (-o X.gguf, optionally split into llama.cpp shards) or an HF directory."""
     if out.suffix == ".gguf":
         from twinquant.io.gguf_write import write_gguf
         from twinquant.progress import Progress
 
         names = model.tensor_names()
         with Progress(len(names), "write", enabled=not quiet) as bar:
-            write_gguf(model, out, outtype.upper(), progress=lambda i, n, name: bar.update(i, name))
+            write_gguf(model, out, outtype.upper(), progress=lambda i, n, name: bar.update(i, name),
+                       split_max_size=split_max_size)
     else:
         if model.needs_online:
             raise TwinquantError("online transforms (R3/R4) cannot be stored in an HF directory; write a .gguf")
@@ -246,6 +247,15 @@ def cmd_activations(args) -> None:
 
 
 # --- quantize -------------------------------------------------------------------------------------------------
+def padding_summary(model) -> str:
+    recs = [r for r in model.rotations if r.get("kind") == "pad"]
+    if not recs:
+        return "nothing to pad"
+    r = recs[-1]
+    return (f"hidden {r['hidden']} -> {r['to']}, ffn {r['intermediate']} -> {r['intermediate_to']}, "
+            f"heads {r['n_heads']} -> {r['n_heads_to']}")
+
+
 def _type_name(t) -> str:
     return getattr(t, "name", str(t))
 
@@ -261,6 +271,13 @@ def cmd_quantize(args) -> None:
     if out.suffix != ".gguf" and not args.dry_run:
         raise TwinquantError(f"{out}: the output of quantize is a .gguf file")
     model = _load(args, materialize=False)
+    n_params = model.n_params()   # of the source: bits per weight are counted against the real weights
+    if args.pad:   # zero channels up to a multiple of 256: K-quants instead of llama.cpp's ~4-5-bit fallbacks
+        from twinquant.export.padding import pad_model
+
+        model = pad_model(model, multiple=args.pad_multiple, ffn=True, heads=True)
+        if not args.quiet:
+            print(f"padded: {padding_summary(model)}", file=sys.stderr)
     spec = model.spec
     if args.rotation != "none":
         if args.dry_run:   # rotating unties a tied head (fused final-norm gain): plan for that
@@ -308,9 +325,11 @@ def cmd_quantize(args) -> None:
                             progress=False, log=log)
     from twinquant.io.gguf_write import write_gguf
 
-    write_gguf(model, out, args.outtype.upper())
-    size = out.stat().st_size
-    print(f"wrote {out}: {size / 2**20:.1f} MiB, {8 * size / model.n_params():.3f} bits per weight (file)")
+    first = write_gguf(model, out, args.outtype.upper(), split_max_size=args.split_max_size)
+    from twinquant.export.split import shard_paths
+
+    size = sum(p.stat().st_size for p in shard_paths(first)) if args.split_max_size else first.stat().st_size
+    print(f"wrote {out}: {size / 2**20:.1f} MiB, {8 * size / n_params:.3f} bits per weight (file)")
     if args.report:
         _write_json(args.report, {**report.to_dict(), "file_bytes": size, "mix": args.mix, "format": args.format,
                                   "rotation": args.rotation,
@@ -374,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = with_model(sub.add_parser("convert", help="write the model as a float GGUF (-o X.gguf) or HF directory"))
     sp.add_argument("-o", "--output", required=True)
+    sp.add_argument("--split-max-size", help="split the GGUF into llama.cpp shards of at most this size (50M, 2G)")
     sp.add_argument("--outtype", choices=["f32", "f16", "bf16"], default="f16")
     sp.set_defaults(func=cmd_convert)
 
@@ -412,6 +432,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--rotation", choices=["none", "rh", "ro"], default="none", help="R1+R2 before quantizing")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--act-order", action="store_true", help="GPTQ act-order (with static groups)")
+    sp.add_argument("--pad", action="store_true", help="pad hidden / ffn / heads with zeros to a multiple of "
+                    "--pad-multiple (exact; lets 576- or 896-wide models use K-quants instead of fallbacks)")
+    sp.add_argument("--pad-multiple", type=int, default=256)
+    sp.add_argument("--split-max-size", help="split the GGUF into llama.cpp shards of at most this size (50M, 2G)")
     sp.add_argument("--dry-run", action="store_true", help="print the type of every tensor and exit")
     sp.add_argument("--report", help="write the per-tensor report as JSON")
     sp.add_argument("--outtype", choices=["f32", "f16", "bf16"], default="f16", help="type of unquantized 2-D tensors")

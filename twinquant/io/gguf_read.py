@@ -146,7 +146,13 @@ class GGUFSource:
 
 
 def load_gguf(path: str | os.PathLike, load_tokenizer: bool = True) -> Model:
+    """A model from a GGUF file, or from a split model (llama.cpp's `<stem>-00001-of-0000N.gguf` shards) given
+    its first shard: the shards are found by name and their tensors merged; metadata comes from the first."""
     reader = open_gguf(path)
+    from twinquant.export.split import open_split, split_count
+
+    if split_count(reader) > 1:
+        reader = open_split(path, reader)
     spec = spec_from_gguf(reader)
     source = GGUFSource(path, reader, spec)
     meta = read_metadata(reader)

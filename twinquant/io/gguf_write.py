@@ -3,12 +3,16 @@
 Uses gguf-py's `GGUFWriter` in streaming mode (tensor infos first, then one tensor at a time), so writing never
 holds more than one tensor in memory. Names are the role names (llama.cpp's own); llama-family q/k rows are
 permuted back to llama.cpp's interleaved RoPE order. The file is written under a temporary name and renamed at
-the end: a failure leaves nothing half-written.
+the end: a failure leaves nothing half-written. With `split_max_size`, gguf-py splits the file into llama.cpp's
+shards (`m-00001-of-00003.gguf` …, see `twinquant.export.split`), written in a temporary directory and moved into
+place only when every shard is complete.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -52,9 +56,14 @@ def _type_for(name: str, t_shape: tuple[int, ...], ftype: Q) -> Q:
 
 
 def write_gguf(model: Model, path: str | os.PathLike, ftype: str = "F16",
-               progress: Callable[[int, int, str], None] | None = None) -> Path:
+               progress: Callable[[int, int, str], None] | None = None,
+               split_max_size: int | str | None = None) -> Path:
     """Write `model` to `path`: quantized weights (model.quantized) in their GGML types, other 2-D tensors in
-    `ftype` (F32, F16 or BF16), 1-D tensors in F32."""
+    `ftype` (F32, F16 or BF16), 1-D tensors in F32.
+
+    split_max_size: bytes of tensor data per shard (an int, or "50M", "2G" …): the model is written as llama.cpp's
+    split files next to `path` (`<stem>-00001-of-0000N.gguf` …) and the first shard's path is returned (a model
+    that fits in one shard is written to `path` unsplit)."""
     if ftype.upper() not in FLOAT_TYPES:
         raise TwinquantError(f"unsupported output type {ftype!r}; choose one of {', '.join(FLOAT_TYPES)}")
     qtype = FLOAT_TYPES[ftype.upper()]
@@ -72,11 +81,21 @@ def write_gguf(model: Model, path: str | os.PathLike, ftype: str = "F16",
                       "(twinquant.stock_compatible = false)", stacklevel=2)
 
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
+    split = 0
+    if split_max_size is not None:
+        from twinquant.export.split import parse_size
+
+        split = parse_size(split_max_size)
     arch = get_architecture(model.spec.arch)
     names = model.tensor_names()
+    tmpdir = None
     try:
-        w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch.gguf_arch])
+        if split:   # shards are named after the output file: write them in a private directory next to it
+            tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+            tmp = tmpdir / path.name
+        w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch.gguf_arch], split_max_size=split)
         _hyperparameters(w, model)
         w.add_file_type(_FILE_TYPES[qtype])
         write_metadata(w, model)
@@ -108,8 +127,16 @@ def write_gguf(model: Model, path: str | os.PathLike, ftype: str = "F16",
             if progress:
                 progress(i + 1, len(names), n)
         w.close()
-        os.replace(tmp, path)
+        if tmpdir is not None:
+            from twinquant.export.split import move_shards
+
+            path = move_shards(tmpdir, path)[0]
+        else:
+            os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
         raise
     return path

@@ -9,6 +9,11 @@ Keys (schema 0.1):
 - `twinquant.rotation` (JSON list): every rotation fused into the weights, in order (kind, type, n, seed …)
 - `twinquant.online` (JSON): transforms the runtime applies at run time:
   `{"inputs": {tensor name: transform}, "qk": transform | null}`
+
+Added in schema 0.2:
+- `twinquant.padding` (JSON list): the block-alignment padding records (`twinquant.export.padding`), also part of
+  `twinquant.rotation`: original and padded widths (hidden, intermediate, heads) and the rms eps before/after,
+  so a reader knows which channels are zero padding
 """
 
 from __future__ import annotations
@@ -21,9 +26,9 @@ import gguf
 import twinquant
 from twinquant.errors import TwinquantError
 
-SCHEMA_VERSION = "0.1.0"
+SCHEMA_VERSION = "0.2.0"
 PREFIX = "twinquant."
-KNOWN = {"version", "producer", "stock_compatible", "rotation", "online"}
+KNOWN = {"version", "producer", "stock_compatible", "rotation", "online", "padding"}
 
 
 def write_metadata(w: gguf.GGUFWriter, model) -> None:
@@ -32,6 +37,9 @@ def write_metadata(w: gguf.GGUFWriter, model) -> None:
     w.add_bool(PREFIX + "stock_compatible", not model.needs_online)
     if model.rotations:
         w.add_string(PREFIX + "rotation", json.dumps(model.rotations))
+    padding = [r for r in model.rotations if r.get("kind") == "pad"]
+    if padding:
+        w.add_string(PREFIX + "padding", json.dumps(padding))
     if model.needs_online:
         online = {"inputs": {n: t.to_dict() for n, t in model.input_transforms.items()},
                   "qk": model.qk_transform.to_dict() if model.qk_transform is not None else None}
@@ -60,7 +68,7 @@ def read_metadata(reader: gguf.GGUFReader) -> dict:
     unknown = sorted(set(keys) - KNOWN)
     if unknown:
         warnings.warn(f"ignoring unknown twinquant metadata keys: {', '.join(unknown)}", stacklevel=2)
-    for k in ("rotation", "online"):
+    for k in ("rotation", "online", "padding"):
         if k in keys:
             try:
                 keys[k] = json.loads(keys[k])
