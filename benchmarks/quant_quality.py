@@ -7,8 +7,12 @@ same-top. llama.cpp's own `llama_model_quantize` (no imatrix) runs on an F32 exp
 compared byte for byte with our RTN file (identical codecs and types) and evaluated only if they differ.
 
     python benchmarks/quant_quality.py [--models smollm2-135m qwen2.5-coder-0.5b] [--chunks 40]
+        [--variants rtn gptq rtn+rh gptq+rh gptq+pad gptq+pad+rh]
 
-Writes benchmarks/results/quant_quality.{json,png}.
+A variant is a method (rtn, gptq) plus optional steps: `rh` (R1+R2 randomized Hadamard) and `pad` (exact
+zero-channel padding to multiples of 256, so rows take K-quants instead of llama.cpp's fallbacks).
+
+Writes benchmarks/results/quant_quality[_TAG].{json,png}.
 """
 
 from __future__ import annotations
@@ -72,8 +76,11 @@ def main() -> None:
     ap.add_argument("--mix", default="Q2_K")
     ap.add_argument("--chunks", type=int, default=40)
     ap.add_argument("--calib-tokens", type=int, default=8192)
+    ap.add_argument("--variants", nargs="+", default=["rtn", "gptq", "rtn+rh", "gptq+rh"])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--tag", default="", help="suffix of the output file names")
     args = ap.parse_args()
+    stem = "quant_quality" + (f"_{args.tag}" if args.tag else "")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="tq-bench-"))
@@ -88,40 +95,45 @@ def main() -> None:
         f32 = write_gguf(base, tmp / f"{name}-f32.gguf", "F32")
         lcpp = llama_quantize(f32, tmp / f"{name}-lcpp-{args.mix}.gguf", args.mix)
         del base
-        for rotation in ("none", "rh"):
-            for method in ("rtn", "gptq"):
-                model = load_model(name, materialize=True)
-                if rotation != "none":
-                    model.to(dtype=torch.float64)
-                    rotate(model, rotation, seed=0)
-                    model.to(dtype=torch.float32)
-                calib = load_calibration(model, None, args.calib_tokens, 512) if method == "gptq" else None
-                choices = assign_types(model.spec, roles.all_tensor_names(model.spec), mix=f"llama.cpp:{args.mix}")
-                types = {c.name: c.type.name for c in choices if c.type.name not in ("F32", "F16", "BF16")}
-                t0 = time.perf_counter()
-                rep = quantize_model(model, types, method, calib.windows if calib else None, progress=False)
-                qsec = time.perf_counter() - t0
-                path = write_gguf(model, tmp / f"{name}-{rotation}-{method}.gguf", "F16")
-                row = {"model": name, "variant": f"twinquant {method.upper()}" + (" + RH" if rotation != "none" else ""),
-                       "bytes": path.stat().st_size, "quantize_seconds": qsec,
-                       "gptq_seconds_per_block": (sum(rep.seconds_per_block) / len(rep.seconds_per_block)
-                                                  if method == "gptq" else None)}
-                if rotation == "none" and method == "rtn":
-                    row["identical_to_llama_cpp"] = same_tensors(path, lcpp)
-                res = evaluate(model, windows, ref=ref, progress=False)
-                row.update({k: res[k] for k in ("ppl", "ppl_err", "ref_ppl", "kld_mean", "kld_p99", "same_top")})
-                row["bpw"] = 8 * row["bytes"] / n_params
-                results.append(row)
-                print(json.dumps(row), flush=True)
-                if row.get("identical_to_llama_cpp") is False:
-                    lm = load_gguf(lcpp).materialize()
-                    r2 = evaluate(lm, windows, ref=ref, progress=False)
-                    results.append({"model": name, "variant": f"llama.cpp {args.mix}", "bytes": lcpp.stat().st_size,
-                                    "bpw": 8 * lcpp.stat().st_size / n_params,
-                                    **{k: r2[k] for k in ("ppl", "ppl_err", "ref_ppl", "kld_mean", "kld_p99",
-                                                           "same_top")}})
-                del model
-        (out / "quant_quality.json").write_text(json.dumps(results, indent=1))
+        for variant in args.variants:
+            method, *steps = variant.split("+")
+            rotation = "rh" if "rh" in steps else "none"
+            model = load_model(name, materialize=True)
+            if "pad" in steps:
+                from twinquant.export.padding import pad_model
+
+                model = pad_model(model, ffn=True, heads=True).materialize()
+            if rotation != "none":
+                model.to(dtype=torch.float64)
+                rotate(model, rotation, seed=0)
+                model.to(dtype=torch.float32)
+            calib = load_calibration(model, None, args.calib_tokens, 512) if method == "gptq" else None
+            choices = assign_types(model.spec, roles.all_tensor_names(model.spec), mix=f"llama.cpp:{args.mix}")
+            types = {c.name: c.type.name for c in choices if c.type.name not in ("F32", "F16", "BF16")}
+            t0 = time.perf_counter()
+            rep = quantize_model(model, types, method, calib.windows if calib else None, progress=False)
+            qsec = time.perf_counter() - t0
+            path = write_gguf(model, tmp / f"{name}-{variant}.gguf", "F16")
+            row = {"model": name, "variant": "twinquant " + " + ".join([method.upper()] + [x.upper() for x in steps]),
+                   "bytes": path.stat().st_size, "quantize_seconds": qsec,
+                   "gptq_seconds_per_block": (sum(rep.seconds_per_block) / len(rep.seconds_per_block)
+                                              if method == "gptq" else None)}
+            if not steps and method == "rtn":
+                row["identical_to_llama_cpp"] = same_tensors(path, lcpp)
+            res = evaluate(model, windows, ref=ref, progress=False)
+            row.update({k: res[k] for k in ("ppl", "ppl_err", "ref_ppl", "kld_mean", "kld_p99", "same_top")})
+            row["bpw"] = 8 * row["bytes"] / n_params
+            results.append(row)
+            print(json.dumps(row), flush=True)
+            if row.get("identical_to_llama_cpp") is False:
+                lm = load_gguf(lcpp).materialize()
+                r2 = evaluate(lm, windows, ref=ref, progress=False)
+                results.append({"model": name, "variant": f"llama.cpp {args.mix}", "bytes": lcpp.stat().st_size,
+                                "bpw": 8 * lcpp.stat().st_size / n_params,
+                                **{k: r2[k] for k in ("ppl", "ppl_err", "ref_ppl", "kld_mean", "kld_p99",
+                                                       "same_top")}})
+            del model
+        (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
     print(f"\nWikiText-2 test, llama.cpp protocol, ctx 512, {args.chunks} chunks; KLD vs the dequantized original")
     print(f"{'model':<20} {'variant':<22} {'MiB':>7} {'bpw':>6} {'PPL':>9} {'ref PPL':>8} {'KLD':>8} {'KLD p99':>8} "
           f"{'same top':>8} {'GPTQ s/block':>12}")
@@ -144,8 +156,8 @@ def main() -> None:
     ax.set_yscale("log")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "quant_quality.png", dpi=110)
-    print(f"wrote {out / 'quant_quality.json'} and {out / 'quant_quality.png'}")
+    fig.savefig(out / f"{stem}.png", dpi=110)
+    print(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
 
 
 if __name__ == "__main__":
