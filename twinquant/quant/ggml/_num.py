@@ -164,11 +164,14 @@ def _make_q3_quants(x, _, nmax):                        # x: [n, B]
 # ----------------------------------------------------------------------------------------------------------------
 
 def make_qkx_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int,
-                    use_mad: bool):
+                    use_mad: bool, rounding: bool = False):
     """-> (scale [B], the_min [B] (>= 0, subtracted), L int32 [B, n]).  qkx2 and qkx3 are the same computation
-    once the weights are given (their degenerate tests `max == min` / `max <= min` agree as min <= max)."""
-    return _chunked(_make_qkx_quants, 3, x, w, nmax=nmax, rmin=rmin, rdelta=rdelta, nstep=nstep,
-                    use_mad=use_mad)
+    once the weights are given (their degenerate tests `max == min` / `max <= min` agree as min <= max).
+
+    With `rounding`, also (iscale [B], origin [B]): the multiplier and the min of the candidate llama.cpp kept,
+    from which its codes were rounded (Q4_1/Q5_1 re-round with them)."""
+    out = _chunked(_make_qkx_quants, 5, x, w, nmax=nmax, rmin=rmin, rdelta=rdelta, nstep=nstep, use_mad=use_mad)
+    return out if rounding else out[:3]
 
 
 def _make_qkx_quants(x, w, nmax, rmin, rdelta, nstep, use_mad):     # x, w: [n, B]
@@ -191,7 +194,7 @@ def _make_qkx_quants(x, w, nmax, rmin, rdelta, nstep, use_mad):     # x, w: [n, 
         best = err(scale, mn, L.astype(F32))
 
         # sequential over the candidates: an accepted one moves `min`, which the next ones are computed from
-        minv = mn
+        minv, origin = mn, mn
         for c in range(nstep + 1):
             isc = ((F32(rmin) + F32(rdelta) * F32(c)) + F32(nmax)) / (mx - minv)
             la = np.clip(nearest_int(isc[None, :] * (x - minv[None, :])), 0, nmax)
@@ -210,12 +213,16 @@ def _make_qkx_quants(x, w, nmax, rmin, rdelta, nstep, use_mad):     # x, w: [n, 
             upd = (D > 0) & (cur < best)
             best = np.where(upd, cur, best)
             scale = np.where(upd, this_scale, scale)
+            iscale = np.where(upd, isc, iscale)
+            origin = np.where(upd, minv, origin)
             minv = np.where(upd, this_min, minv)
             L = np.where(upd[None, :], la, L)
         L[:, degenerate] = 0
         scale = np.where(degenerate, F32(0), scale).astype(F32)
         the_min = (-np.where(degenerate, mn, minv)).astype(F32)
-    return scale, the_min, L.astype(np.int32)
+        iscale = np.where(degenerate, F32(0), iscale).astype(F32)
+        origin = np.where(degenerate, mn, origin).astype(F32)
+    return scale, the_min, L.astype(np.int32), iscale, origin
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import gguf
 import numpy as np
 
 from twinquant.quant.ggml._base import GGMLCodec
-from twinquant.quant.ggml._num import (F32, _chunked, first_absmax, fp16, make_qx_quants, nearest_int, roundf,
+from twinquant.quant.ggml._num import (F32, make_qkx_quants, first_absmax, fp16, make_qx_quants, nearest_int, roundf,
                                        seqsum)
 
 
@@ -141,54 +141,9 @@ _QKX3 = (-0.9, 0.05, 36)                    # rmin, rdelta, nstep of quantize_ro
 
 
 def _qkx3_search(x: np.ndarray, w: np.ndarray, nmax: int):
-    """make_qkx3_quants(use_mad=false) on x, w [B, n], also returning what its codes were rounded with:
-    -> (scale [B], the_min [B], iscale [B] (0 where all codes are 0), origin [B]); the codes are
-    clamp(nearest_int(iscale*(x - origin)), 0, nmax)."""
-    return _chunked(_qkx3_search_T, 4, x, w, nmax=nmax)
-
-
-def _qkx3_search_T(x, w, nmax):                         # x, w: [n, B]
-    rmin, rdelta, nstep = _QKX3
-    with np.errstate(all="ignore"):
-        mn, mx = _first(x, np.argmin, 0), _first(x, np.argmax, 0)
-        sum_w = seqsum(w, axis=0, zero_start=False)
-        sum_x = seqsum(w * x, axis=0, zero_start=False)
-        mn = np.where(mn > 0, F32(0), mn).astype(F32)
-        degenerate = mx <= mn
-
-        def err(scale, minv, lf):
-            diff = (scale[None, :] * lf + minv[None, :]) - x
-            return seqsum(w * (diff * diff), axis=0)
-
-        iscale = F32(nmax) / (mx - mn)
-        scale = F32(1) / iscale
-        L = np.clip(nearest_int(iscale[None, :] * (x - mn[None, :])), 0, nmax)
-        best = err(scale, mn, L.astype(F32))
-        minv, origin = mn, mn
-        for c in range(nstep + 1):                      # sequential: an accepted candidate moves `min`
-            isc = ((F32(rmin) + F32(rdelta) * F32(c)) + F32(nmax)) / (mx - minv)
-            lf = np.clip(nearest_int(isc[None, :] * (x - minv[None, :])), 0, nmax).astype(F32)
-            wl = w * lf
-            sum_l = seqsum(wl, axis=0)
-            sum_l2 = seqsum(wl * lf, axis=0)
-            sum_xl = seqsum(wl * x, axis=0)
-            D = sum_w * sum_l2 - sum_l * sum_l
-            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
-            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
-            pos = this_min > 0
-            this_min = np.where(pos, F32(0), this_min).astype(F32)
-            this_scale = np.where(pos, sum_xl / sum_l2, this_scale).astype(F32)
-            cur = err(this_scale, this_min, lf)
-            upd = (D > 0) & (cur < best)
-            best = np.where(upd, cur, best)
-            scale = np.where(upd, this_scale, scale)
-            iscale = np.where(upd, isc, iscale)
-            origin = np.where(upd, minv, origin)
-            minv = np.where(upd, this_min, minv)
-        scale = np.where(degenerate, F32(0), scale).astype(F32)
-        the_min = (-np.where(degenerate, mn, minv)).astype(F32)
-        iscale = np.where(degenerate, F32(0), iscale).astype(F32)
-        origin = np.where(degenerate, mn, origin).astype(F32)
+    """llama.cpp's weighted qkx3 search (quantize_row_q4_1/q5_1_impl) -> (scale, the_min, iscale, origin):
+    the kept candidate's multiplier and min are what its codes are rounded from."""
+    scale, the_min, _, iscale, origin = make_qkx_quants(x, w, nmax, *_QKX3, use_mad=False, rounding=True)
     return scale, the_min, iscale, origin
 
 
