@@ -55,6 +55,7 @@ class _Rope:
     head_dim: int
     cos: torch.Tensor | None = None
     sin: torch.Tensor | None = None
+    cast: dict = field(default_factory=dict)   # dtype -> (cos, sin): cast once, not in every layer
 
     def get(self, start: int, length: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         end = start + length
@@ -63,8 +64,12 @@ class _Rope:
             inv = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim))
             ang = torch.outer(torch.arange(n, dtype=torch.float64), inv)     # [n, hd/2]
             ang = torch.cat([ang, ang], dim=-1)                                 # rotate-half layout
-            self.cos, self.sin = ang.cos().to(device), ang.sin().to(device)   # float64; cast per use
-        return self.cos[start:end].to(dtype), self.sin[start:end].to(dtype)
+            self.cos, self.sin = ang.cos().to(device), ang.sin().to(device)   # float64 master tables
+            self.cast.clear()
+        if dtype not in self.cast:
+            self.cast[dtype] = (self.cos.to(dtype), self.sin.to(dtype))
+        cos, sin = self.cast[dtype]
+        return cos[start:end], sin[start:end]
 
 
 _ROPE_CACHE: dict[tuple[float, int], _Rope] = {}
