@@ -165,4 +165,4 @@ def test_quantize_command_with_padding_and_split(tmp_path):
     assert {t["type"] for t in report["tensors"]} >= {"Q2_K", "Q3_K"}      # K-quants, not fallbacks
     assert types & {"Q2_K", "Q3_K", "Q4_K", "Q6_K", "F32"}
     assert_user_error(run("quantize", d, "-o", tmp_path / "x.gguf", "--mix", "llama.cpp:IQ9", ok=False), "IQ9")
-    assert_user_error(run("quantize", d, "-o", tmp_path / "x.gguf", ok=False), "--mix")
+    assert_user_error(run("quantize", d, "-o", tmp_path / "x.gguf", "--recipe", "nonsense", ok=False), "nonsense")

@@ -13,6 +13,7 @@ from twinquant.export.padding import pad_model, padded_heads, padding_records
 from twinquant.io.gguf_read import load_gguf
 from twinquant.io.gguf_write import write_gguf
 from twinquant.io.hf import load_hf_dir
+from twinquant.io.metadata import SCHEMA_VERSION
 from twinquant.io.metadata import read_metadata
 from twinquant.model.forward import forward
 from twinquant.model.model import Model
@@ -73,7 +74,7 @@ def test_stock_llama_cpp_runs_the_padded_export(case, tmp_path):
     theirs = torch.from_numpy(np.array(llm.scores[:40], dtype=np.float32))
     assert _rel(theirs, ref) < 1e-4
     meta = read_metadata(gguf.GGUFReader(path))
-    assert meta["version"] == "0.2.0" and meta["padding"][0]["hidden"] == model.spec.hidden
+    assert meta["version"] == SCHEMA_VERSION and meta["padding"][0]["hidden"] == model.spec.hidden
     back = load_gguf(path)                                           # our loader: same function, record kept
     assert back.spec.hidden == 256 and padding_records(back)[0]["to"] == 256
     assert _rel(forward(back, toks[None])[0], ref) < 1e-5

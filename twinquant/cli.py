@@ -260,26 +260,52 @@ def _type_name(t) -> str:
     return getattr(t, "name", str(t))
 
 
+def _recipe(args):
+    """The recipe named by --recipe (default: `default`), with every option given on the command line on top."""
+    import dataclasses
+
+    from twinquant.quant.recipe import load_recipe
+
+    r = load_recipe(args.recipe)
+    changes = {k: getattr(args, k) for k in ("method", "output_tensor_type", "token_embedding_type", "rotation",
+                                              "seed", "pad_multiple", "calib", "calib_tokens", "calib_ctx")}
+    for flag in ("pure", "pad", "act_order"):
+        changes[flag] = True if getattr(args, flag) else None
+    if args.mix or args.format:    # either replaces both of the recipe's
+        r = dataclasses.replace(r, mix=args.mix, format=args.format)
+    r = dataclasses.replace(r, tensor_type=list(r.tensor_type) + list(args.tensor_type or []))
+    return r.replace(**changes)
+
+
 def cmd_quantize(args) -> None:
     from twinquant.quant.mixes import assign_types
 
-    if not args.mix and not args.format:
-        raise TwinquantError("give --mix (e.g. llama.cpp:Q2_K) or --format (e.g. Q4_K)")
-    if args.mix and args.format:
-        raise TwinquantError("give either --mix or --format, not both")
+    recipe = _recipe(args)
     out = Path(args.output)
     if out.suffix != ".gguf" and not args.dry_run:
         raise TwinquantError(f"{out}: the output of quantize is a .gguf file")
     model = _load(args, materialize=False)
     n_params = model.n_params()   # of the source: bits per weight are counted against the real weights
-    if args.pad:   # zero channels up to a multiple of 256: K-quants instead of llama.cpp's ~4-5-bit fallbacks
+    rotation = recipe.resolved_rotation(model.spec.tied_embeddings)
+    from twinquant.model import roles
+
+    def plan(spec):
+        return assign_types(spec, roles.all_tensor_names(spec), mix=recipe.mix, default=recipe.format,
+                            overrides=recipe.tensor_type, output_type=recipe.output_tensor_type,
+                            embedding_type=recipe.token_embedding_type, pure=recipe.pure)
+
+    plan(model.spec)   # a bad mix, type or rule fails here, before any work
+    if not args.quiet:
+        print(f"recipe {recipe.name}: {recipe.method}, {recipe.mix or recipe.format}, rotation {rotation}"
+              + (", pad" if recipe.pad else ""), file=sys.stderr)
+    if recipe.pad:   # zero channels up to a multiple of 256: K-quants instead of llama.cpp's ~4-5-bit fallbacks
         from twinquant.export.padding import pad_model
 
-        model = pad_model(model, multiple=args.pad_multiple, ffn=True, heads=True)
+        model = pad_model(model, multiple=recipe.pad_multiple, ffn=True, heads=True)
         if not args.quiet:
             print(f"padded: {padding_summary(model)}", file=sys.stderr)
     spec = model.spec
-    if args.rotation != "none":
+    if rotation != "none":
         if args.dry_run:   # rotating unties a tied head (fused final-norm gain): plan for that
             import dataclasses
 
@@ -290,23 +316,21 @@ def cmd_quantize(args) -> None:
             model.materialize()
             dtype = model.dtype
             model.to(dtype=torch.float64)
-            calib_r = _calibration(args, model).windows if args.rotation == "ro" else None
-            rotate(model, args.rotation, args.seed, r2=True, online=(), calib_windows=calib_r)
+            calib_r = _calibration(recipe, model).windows if rotation == "ro" else None
+            rotate(model, rotation, recipe.seed, r2=True, online=(), calib_windows=calib_r)
             model.to(dtype=dtype)
             spec = model.spec
-    from twinquant.model import roles
-
-    choices = assign_types(spec, roles.all_tensor_names(spec), mix=args.mix, default=args.format,
-                           overrides=args.tensor_type or [], output_type=args.output_tensor_type,
-                           embedding_type=args.token_embedding_type, pure=args.pure)
+    choices = plan(spec)
     types = {c.name: _type_name(c.type) for c in choices if _type_name(c.type) not in ("F32", "F16", "BF16")}
     if args.dry_run:
+        print(recipe.to_yaml().rstrip())
+        print("---")
         for c in choices:
             print(f"{c.name:<32} {_type_name(c.type):<8} {c.rule}")
         print(f"{len(types)} tensors quantized, {len(choices) - len(types)} kept in float")
         return
     model.materialize()
-    calib = _calibration(args, model) if args.method == "gptq" else None
+    calib = _calibration(recipe, model) if recipe.method == "gptq" else None
     total, done = len(types), []
 
     def log(rep) -> None:   # one line per tensor, like llama-quantize
@@ -320,9 +344,12 @@ def cmd_quantize(args) -> None:
 
     from twinquant.quant.pipeline import quantize_model
 
-    config = {"act_order": True, "static_groups": True} if args.act_order else None
-    report = quantize_model(model, types, args.method, calib.windows if calib else None, config=config,
+    config = {"act_order": True, "static_groups": True} if recipe.act_order else None
+    report = quantize_model(model, types, recipe.method, calib.windows if calib else None, config=config,
                             progress=False, log=log)
+    calib_rec = ({"file": Path(calib.path).name, "sha256": calib.text_sha256, "tokens": calib.n_tokens,
+                  "ctx": recipe.calib_ctx} if calib else None)
+    model.quant_record = {"recipe": recipe.to_dict(), "rotation": rotation, "calibration": calib_rec}
     from twinquant.io.gguf_write import write_gguf
 
     first = write_gguf(model, out, args.outtype.upper(), split_max_size=args.split_max_size)
@@ -331,10 +358,39 @@ def cmd_quantize(args) -> None:
     size = sum(p.stat().st_size for p in shard_paths(first)) if args.split_max_size else first.stat().st_size
     print(f"wrote {out}: {size / 2**20:.1f} MiB, {8 * size / n_params:.3f} bits per weight (file)")
     if args.report:
-        _write_json(args.report, {**report.to_dict(), "file_bytes": size, "mix": args.mix, "format": args.format,
-                                  "rotation": args.rotation,
-                                  "calibration": {"path": calib.path, "sha256": calib.text_sha256,
-                                                  "tokens": calib.n_tokens} if calib else None})
+        _write_json(args.report, {**report.to_dict(), "file_bytes": size, "n_params": n_params,
+                                  "recipe": recipe.to_dict(), "rotation": rotation, "calibration": calib_rec})
+        _report_plot(args.report, report)
+
+
+def _report_plot(path: str, report) -> None:
+    """A PNG beside the JSON report: relative output error per tensor, by layer, one line per role."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for t in report.tensors:
+        parts = t.name.split(".")
+        if parts[0] == "blk" and t.out_error is not None:
+            series[parts[2]].append((int(parts[1]), t.out_error))
+    if not series:
+        return
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for role, pts in sorted(series.items()):
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=role)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("relative output error on calibration inputs")
+    ax.set_yscale("log")
+    ax.set_title(f"twinquant quantize ({report.method}): error per tensor")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    png = Path(path).with_suffix(".png")
+    tmp = png.with_name(png.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, png)
 
 
 def cmd_models(args) -> None:
@@ -397,10 +453,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--outtype", choices=["f32", "f16", "bf16"], default="f16")
     sp.set_defaults(func=cmd_convert)
 
-    def with_calib(sp):
+    def with_calib(sp, recipe: bool = False):   # recipe: defaults come from the recipe, not from here
         sp.add_argument("--calib", help="calibration text (default ../shared/data/calibration/groups_merged.txt)")
-        sp.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens (default 8192)")
-        sp.add_argument("--calib-ctx", type=int, default=512, help="calibration window (default 512)")
+        sp.add_argument("--calib-tokens", type=int, default=None if recipe else 8192,
+                        help="calibration tokens (default 8192)")
+        sp.add_argument("--calib-ctx", type=int, default=None if recipe else 512,
+                        help="calibration window (default 512)")
         return sp
 
     sp = with_calib(with_model(sub.add_parser("rotate", help="fuse norms and rotate (R1 RH/RO, R2, online R3/R4)")))
@@ -419,25 +477,29 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--factor", type=float, default=10.0, help="threshold = factor x percentile (default 10)")
     sp.set_defaults(func=cmd_activations)
 
-    sp = with_calib(with_model(sub.add_parser("quantize", help="quantize into llama.cpp block formats -> GGUF")))
+    sp = with_calib(with_model(sub.add_parser("quantize", help="quantize into llama.cpp block formats -> GGUF")),
+                    recipe=True)
     sp.add_argument("-o", "--output", required=True, help="output .gguf")
-    sp.add_argument("--method", choices=["gptq", "rtn", "hqq"], default="gptq",
-                    help="gptq (default), rtn, or hqq (optional extra; integer grids only)")
+    sp.add_argument("--recipe", help="a built-in recipe name or a YAML file (default: `default`); the options "
+                    "below override its fields")
+    sp.add_argument("--method", choices=["gptq", "rtn", "hqq"],
+                    help="gptq, rtn, or hqq (integer grids only); recipe default gptq")
     sp.add_argument("--mix", help="type mix, e.g. llama.cpp:Q2_K (the types llama-quantize picks)")
     sp.add_argument("--format", help="one type for every 2-D tensor (with llama.cpp's fallbacks), e.g. Q4_K")
     sp.add_argument("--tensor-type", action="append", metavar="REGEX=TYPE", help="per-tensor override (repeatable)")
     sp.add_argument("--output-tensor-type", help="type of output.weight")
     sp.add_argument("--token-embedding-type", help="type of token_embd.weight")
     sp.add_argument("--pure", action="store_true", help="no mix rules: the default type everywhere")
-    sp.add_argument("--rotation", choices=["none", "rh", "ro"], default="none", help="R1+R2 before quantizing")
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--rotation", choices=["none", "rh", "ro", "auto"],
+                    help="R1+R2 before quantizing; auto = rh unless the embeddings are tied")
+    sp.add_argument("--seed", type=int)
     sp.add_argument("--act-order", action="store_true", help="GPTQ act-order (with static groups)")
     sp.add_argument("--pad", action="store_true", help="pad hidden / ffn / heads with zeros to a multiple of "
                     "--pad-multiple (exact; lets 576- or 896-wide models use K-quants instead of fallbacks)")
-    sp.add_argument("--pad-multiple", type=int, default=256)
+    sp.add_argument("--pad-multiple", type=int)
     sp.add_argument("--split-max-size", help="split the GGUF into llama.cpp shards of at most this size (50M, 2G)")
-    sp.add_argument("--dry-run", action="store_true", help="print the type of every tensor and exit")
-    sp.add_argument("--report", help="write the per-tensor report as JSON")
+    sp.add_argument("--dry-run", action="store_true", help="print the recipe and the type of every tensor, and exit")
+    sp.add_argument("--report", help="write the per-tensor report as JSON (and a PNG beside it)")
     sp.add_argument("--outtype", choices=["f32", "f16", "bf16"], default="f16", help="type of unquantized 2-D tensors")
     sp.set_defaults(func=cmd_quantize)
 

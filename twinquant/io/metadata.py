@@ -14,6 +14,10 @@ Added in schema 0.2:
 - `twinquant.padding` (JSON list): the block-alignment padding records (`twinquant.export.padding`), also part of
   `twinquant.rotation`: original and padded widths (hidden, intermediate, heads) and the rms eps before/after,
   so a reader knows which channels are zero padding
+
+Added in schema 0.3:
+- `twinquant.quant` (JSON): how the weights were quantized: `{"recipe": {...}, "rotation": "none|rh|ro",
+  "calibration": {"file", "sha256", "tokens", "ctx"} | null}` (`twinquant.quant.recipe`)
 """
 
 from __future__ import annotations
@@ -26,9 +30,10 @@ import gguf
 import twinquant
 from twinquant.errors import TwinquantError
 
-SCHEMA_VERSION = "0.2.0"
+SCHEMA_VERSION = "0.3.0"
 PREFIX = "twinquant."
-KNOWN = {"version", "producer", "stock_compatible", "rotation", "online", "padding"}
+KNOWN = {"version", "producer", "stock_compatible", "rotation", "online", "padding", "quant"}
+JSON_KEYS = ("rotation", "online", "padding", "quant")
 
 
 def write_metadata(w: gguf.GGUFWriter, model) -> None:
@@ -40,6 +45,8 @@ def write_metadata(w: gguf.GGUFWriter, model) -> None:
     padding = [r for r in model.rotations if r.get("kind") == "pad"]
     if padding:
         w.add_string(PREFIX + "padding", json.dumps(padding))
+    if model.quant_record:
+        w.add_string(PREFIX + "quant", json.dumps(model.quant_record))
     if model.needs_online:
         online = {"inputs": {n: t.to_dict() for n, t in model.input_transforms.items()},
                   "qk": model.qk_transform.to_dict() if model.qk_transform is not None else None}
@@ -68,7 +75,7 @@ def read_metadata(reader: gguf.GGUFReader) -> dict:
     unknown = sorted(set(keys) - KNOWN)
     if unknown:
         warnings.warn(f"ignoring unknown twinquant metadata keys: {', '.join(unknown)}", stacklevel=2)
-    for k in ("rotation", "online", "padding"):
+    for k in JSON_KEYS:
         if k in keys:
             try:
                 keys[k] = json.loads(keys[k])
@@ -82,6 +89,7 @@ def apply_metadata(model, meta: dict) -> None:
     from twinquant.rotation.online import OnlineHadamard
 
     model.rotations = list(meta.get("rotation", []))
+    model.quant_record = meta.get("quant")
     online = meta.get("online") or {}
     names = set(model.tensor_names())
     for n, d in (online.get("inputs") or {}).items():

@@ -62,6 +62,8 @@ class Model:
     input_transforms: dict[str, object] = field(default_factory=dict)
     qk_transform: object | None = None
     rotations: list[dict] = field(default_factory=list)
+    # How the weights were quantized (recipe, calibration hash/tokens), for the `twinquant.quant` metadata.
+    quant_record: dict | None = None
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
     # Linears that read one input (q/k/v, gate/up) live in one concatenated tensor and `tensors` holds row
     # views of it, so the forward can run one larger matmul (faster on CPU) at no extra memory.

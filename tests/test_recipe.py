@@ -1,0 +1,75 @@
+"""Recipes: validation, YAML files, command-line overrides, and the `twinquant.quant` record in the GGUF."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tests.tiny_models import save_tiny
+from twinquant.errors import TwinquantError
+from twinquant.io.gguf_read import load_gguf
+from twinquant.quant.recipe import BUILTIN, Recipe, load_recipe
+
+
+def test_validation_rejects_impossible_recipes():
+    with pytest.raises(TwinquantError, match="method"):
+        Recipe(method="awq")
+    with pytest.raises(TwinquantError, match="rotation"):
+        Recipe(rotation="spin")
+    with pytest.raises(TwinquantError, match="either a mix or a format"):
+        Recipe(mix="llama.cpp:Q2_K", format="Q4_K")
+    with pytest.raises(TwinquantError, match="give a mix"):
+        Recipe(mix=None)
+    with pytest.raises(TwinquantError, match="REGEX=TYPE"):
+        Recipe(tensor_type=["ffn_down"])
+    with pytest.raises(TwinquantError, match="unknown field.*bits"):
+        Recipe.from_dict({"method": "rtn", "bits": 2})
+
+
+def test_yaml_file_round_trip_and_builtins(tmp_path):
+    r = Recipe("mine", method="rtn", mix=None, format="Q4_K", tensor_type=["ffn_down=Q6_K"], rotation="rh")
+    f = tmp_path / "mine.yaml"
+    f.write_text(r.to_yaml())
+    assert load_recipe(str(f)) == r
+    f.write_text("method: rtn\nformat: Q3_K\nmix: null\n")
+    assert load_recipe(str(f)).name == "mine" and load_recipe(str(f)).format == "Q3_K"
+    f.write_text("method: [unclosed\n")
+    with pytest.raises(TwinquantError, match="not a valid YAML recipe"):
+        load_recipe(str(f))
+    with pytest.raises(TwinquantError, match="no such recipe"):
+        load_recipe(str(tmp_path / "missing.yaml"))
+    assert load_recipe(None) is BUILTIN["default"]
+    # rotation `auto`: none where fusing the final norm would untie the head (a second vocab x hidden matrix)
+    assert BUILTIN["default"].resolved_rotation(tied_embeddings=True) == "none"
+    assert BUILTIN["default"].resolved_rotation(tied_embeddings=False) == "rh"
+    assert r.replace(method=None, seed=3) == Recipe("mine", method="rtn", mix=None, format="Q4_K",
+                                                   tensor_type=["ffn_down=Q6_K"], rotation="rh", seed=3)
+
+
+def run(*args):
+    p = subprocess.run([sys.executable, "-m", "twinquant", *map(str, args)], capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr
+    return p
+
+
+def test_cli_recipe_overrides_and_metadata(tmp_path):
+    d = save_tiny("llama", tmp_path / "m", tokenizer=True, hidden_size=256, intermediate_size=512,
+                  num_attention_heads=4, num_key_value_heads=2)
+    f = tmp_path / "r.yaml"
+    f.write_text(yaml.safe_dump({"method": "rtn", "mix": None, "format": "Q4_K", "rotation": "none",
+                                 "tensor_type": ["ffn_down=Q6_K"]}))
+    p = run("quantize", d, "-o", tmp_path / "x.gguf", "--recipe", f, "--tensor-type", "attn_v=Q8_0", "--dry-run")
+    head = yaml.safe_load(p.stdout.split("---")[0])
+    assert head["format"] == "Q4_K" and head["tensor_type"] == ["ffn_down=Q6_K", "attn_v=Q8_0"]
+    assert "blk.0.ffn_down.weight" in p.stdout and "Q6_K" in p.stdout.split("blk.0.ffn_down.weight")[1][:20]
+    assert "Q8_0" in p.stdout.split("blk.0.attn_v.weight")[1][:20]
+    # a command-line option replaces the recipe's field: --mix replaces its format
+    out = tmp_path / "q.gguf"
+    run("quantize", d, "-o", out, "--recipe", f, "--mix", "llama.cpp:Q3_K_M", "--method", "gptq",
+        "--calib-tokens", 256, "--calib-ctx", 64, "-q")
+    rec = load_gguf(out).quant_record
+    assert rec["recipe"]["mix"] == "llama.cpp:Q3_K_M" and rec["recipe"]["format"] is None
+    assert rec["recipe"]["method"] == "gptq" and rec["rotation"] == "none"
+    assert rec["calibration"]["tokens"] == 256 and len(rec["calibration"]["sha256"]) == 64

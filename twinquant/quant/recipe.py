@@ -1,0 +1,122 @@
+"""Quantization recipes: everything `twinquant quantize` decides, as one record (YAML on disk, JSON in GGUF).
+
+A recipe names the rounding method, the type mix (or one format) with per-tensor overrides, the rotation, padding
+and the calibration. `twinquant quantize --recipe NAME|FILE.yaml` starts from it and any option given on the
+command line overrides the field of the same name. The resolved recipe goes into the file's `twinquant.quant`
+metadata (with the calibration text's hash and token count) and into the `--report` JSON, so a file says how it
+was made and the recipe can be replayed.
+
+Built-in recipes (`BUILTIN`) are named for what they do; `default` is the best one measured by
+benchmarks/quality.py (see the README's quality table).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from twinquant.errors import TwinquantError
+
+METHODS = ("gptq", "rtn", "hqq")
+ROTATIONS = ("none", "rh", "ro", "auto")
+
+
+@dataclass
+class Recipe:
+    name: str = "custom"
+    method: str = "gptq"
+    mix: str | None = "llama.cpp:Q2_K"        # a preset mix, or None with `format`
+    format: str | None = None                  # one type for every 2-D tensor (with llama.cpp's fallbacks)
+    tensor_type: list[str] = field(default_factory=list)    # REGEX=TYPE overrides, in order
+    output_tensor_type: str | None = None
+    token_embedding_type: str | None = None
+    pure: bool = False
+    # R1+R2 before quantizing; `auto` = rh where it costs no size (untied head), none for tied embeddings, where
+    # fusing the final norm would untie the head and add a second vocab x hidden matrix to the file
+    rotation: str = "none"
+    seed: int = 0
+    pad: bool = False
+    pad_multiple: int = 256
+    act_order: bool = False
+    calib: str | None = None                   # None: ../shared/data/calibration/groups_merged.txt
+    calib_tokens: int = 8192
+    calib_ctx: int = 512
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise TwinquantError(f"recipe {self.name!r}: method {self.method!r} is not one of {', '.join(METHODS)}")
+        if self.rotation not in ROTATIONS:
+            raise TwinquantError(f"recipe {self.name!r}: rotation {self.rotation!r} is not one of "
+                                 f"{', '.join(ROTATIONS)}")
+        if not self.mix and not self.format:
+            raise TwinquantError(f"recipe {self.name!r}: give a mix (e.g. llama.cpp:Q2_K) or a format (e.g. Q4_K)")
+        if self.mix and self.format:
+            raise TwinquantError(f"recipe {self.name!r}: give either a mix or a format, not both")
+        if self.calib_tokens < 1 or self.calib_ctx < 2 or self.pad_multiple < 1:
+            raise TwinquantError(f"recipe {self.name!r}: calib_tokens, calib_ctx and pad_multiple must be positive")
+        for rule in self.tensor_type:
+            if "=" not in rule:
+                raise TwinquantError(f"recipe {self.name!r}: tensor_type rule {rule!r} is not REGEX=TYPE")
+
+    def resolved_rotation(self, tied_embeddings: bool) -> str:
+        if self.rotation == "auto":
+            return "none" if tied_embeddings else "rh"
+        return self.rotation
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, name: str | None = None) -> "Recipe":
+        if not isinstance(d, dict):
+            raise TwinquantError("a recipe is a mapping of field: value")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise TwinquantError(f"recipe: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        d = dict(d)
+        if name and "name" not in d:
+            d["name"] = name
+        if isinstance(d.get("tensor_type"), str):
+            d["tensor_type"] = [d["tensor_type"]]
+        return cls(**d)
+
+    def replace(self, **changes) -> "Recipe":
+        """A copy with the given fields changed (None values are ignored: 'not given on the command line')."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+BUILTIN: dict[str, Recipe] = {
+    "q2k-rtn": Recipe("q2k-rtn", method="rtn"),
+    "q2k-gptq": Recipe("q2k-gptq", method="gptq"),
+    "q2k-gptq-rh": Recipe("q2k-gptq-rh", method="gptq", rotation="rh"),
+    "q2k-gptq-auto": Recipe("q2k-gptq-auto", method="gptq", rotation="auto"),
+}
+BUILTIN["default"] = dataclasses.replace(BUILTIN["q2k-gptq-auto"], name="default")
+
+
+def load_recipe(spec: str | None) -> Recipe:
+    """A built-in recipe by name, or a YAML file; None gives `default`."""
+    if spec is None:
+        return BUILTIN["default"]
+    if spec in BUILTIN:
+        return BUILTIN[spec]
+    p = Path(spec)
+    if not p.is_file():
+        raise TwinquantError(f"{spec}: no such recipe file or built-in recipe ({', '.join(BUILTIN)})")
+    import yaml
+
+    try:
+        d = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise TwinquantError(f"{p}: not a valid YAML recipe ({str(e).splitlines()[0]})") from None
+    return Recipe.from_dict(d or {}, name=p.stem)
