@@ -9,7 +9,8 @@ Rows
   llama.cpp    Q2_K, Q2_K + imatrix, IQ2_XS / IQ2_S / IQ2_M + imatrix, Q3_K_S + imatrix (any TYPE[+imatrix]);
                the imatrix comes from stock `llama-imatrix` on ../shared/data/calibration/groups_merged.txt
   twinquant    METHOD[+rh|+ro][+pad][@MIX]: `twinquant quantize` with --method METHOD, --rotation, --pad and
-               --mix llama.cpp:MIX (default Q2_K), calibrated on the same groups_merged.txt
+               --mix llama.cpp:MIX (default Q2_K), calibrated on the same groups_merged.txt;
+               or recipe=NAME|FILE.yaml: `twinquant quantize --recipe` (built-in name or YAML file)
   autoround    autoround:FORMAT (e.g. autoround:q2_k_s), when benchmarks/setup_autoround.sh has made its venv
 
     python benchmarks/quality.py [--models smollm2-135m qwen2.5-coder-0.5b] [--chunks 40]
@@ -100,6 +101,7 @@ class Bench:
         self.base = work / f"ref-c512-{chunks}.kld"
         self.imatrix = work / "imatrix.gguf"
         self.n_params = None
+        self.imatrix_chunks = None
 
     def tool(self, name: str) -> str:
         return str(self.bin / name)
@@ -121,14 +123,15 @@ class Bench:
         if not self.imatrix.exists():
             log(f"{self.model}: llama-imatrix on {CALIB.name}")
             tmp = self.work / "imatrix.tmp.gguf"
+            extra = ["--chunks", self.imatrix_chunks] if self.imatrix_chunks else []
             run([self.tool("llama-imatrix"), "-m", self.ref, "-f", CALIB, "-c", 512, "-t", self.threads,
-                 "-o", tmp], self.work / "imatrix.log")
+                 "-o", tmp, *extra], self.work / "imatrix.log")
             os.replace(tmp, self.imatrix)
 
     def make(self, row: str) -> tuple[Path, dict]:
         """Build the GGUF of a row (cached); returns (path, facts about how it was made)."""
         kind, _, spec = row.partition(":")
-        out = self.work / f"{kind}-{spec.replace('+', '-').replace('@', '-')}.gguf"
+        out = self.work / f"{kind}-{re.sub(r'[^A-Za-z0-9_.]+', '-', spec.replace('.yaml', ''))}.gguf"
         facts: dict = {}
         if out.exists() and not self.force:
             meta = out.with_suffix(".make.json")
@@ -142,6 +145,9 @@ class Bench:
                 self.need_imatrix()
                 cmd += ["--imatrix", self.imatrix]
             run(cmd + [self.ref, tmp, ftype, self.threads], out.with_suffix(".log"))
+        elif kind == "twinquant" and spec.startswith("recipe="):     # a built-in recipe name or a YAML file
+            run(TWINQUANT + ["quantize", self.ref, "-o", tmp, "--recipe", spec[len("recipe="):], "--calib", CALIB,
+                             "--report", out.with_suffix(".report.json")], out.with_suffix(".log"))
         elif kind == "twinquant":
             spec_, _, mix = spec.partition("@")
             method, *steps = spec_.split("+")
@@ -230,6 +236,7 @@ def main() -> None:
     ap.add_argument("--llamacpp", nargs="*", default=LLAMACPP_ROWS, help="llama-quantize types, +imatrix")
     ap.add_argument("--twinquant", nargs="*", default=TWINQUANT_ROWS, help="METHOD[+rh|+ro][+pad][@MIX]")
     ap.add_argument("--autoround", nargs="*", default=[], help="AutoRound GGUF formats, e.g. q2_k_s")
+    ap.add_argument("--imatrix-chunks", type=int, help="llama-imatrix --chunks (default: the whole text)")
     ap.add_argument("--work", help="cache folder (default ~/.cache/twinquant/quality/MODEL)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--tag", default="")
@@ -245,6 +252,7 @@ def main() -> None:
     for m in args.models:
         work = Path(args.work) / m if args.work else Path.home() / ".cache" / "twinquant" / "quality" / m
         b = Bench(m, work, bin_dir, args.chunks, args.threads, args.force)
+        b.imatrix_chunks = args.imatrix_chunks
         b.prepare()
         for row in rows:
             try:

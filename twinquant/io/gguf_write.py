@@ -69,9 +69,14 @@ def write_gguf(model: Model, path: str | os.PathLike, ftype: str = "F16",
     qtype = FLOAT_TYPES[ftype.upper()]
     if model.tokenizer is None:
         raise TwinquantError("the model has no tokenizer; llama.cpp needs one in the GGUF")
-    if len(model.layout) != model.spec.n_layers or any(s.block != i for i, s in enumerate(model.layout.slots)):
-        raise TwinquantError("this writer handles the plain layout only (duplicated layers: see `duplicate`)")
     from twinquant.io.tokenizer import write_tokenizer_metadata
+
+    if not model.layout.is_sequential or (model.dup_params is not None and not model.dup_params.empty):
+        import warnings
+
+        warnings.warn("duplicated layers / per-copy parameters are twinquant.dup.* metadata: stock llama.cpp runs "
+                      "each block once with plain activations (the base path); twinquant's runtime runs the full "
+                      "topology (twinquant.stock_compatible = false)", stacklevel=2)
 
     if model.needs_online:
         import warnings

@@ -18,6 +18,13 @@ Added in schema 0.2:
 Added in schema 0.3:
 - `twinquant.quant` (JSON): how the weights were quantized: `{"recipe": {...}, "rotation": "none|rh|ro",
   "calibration": {"file", "sha256", "tokens", "ctx"} | null}` (`twinquant.quant.recipe`)
+
+Added in schema 0.4:
+- `twinquant.dup.topology` (JSON, the seed's shape; `twinquant.duplication.topology`): blocks that run more than
+  once, serial or parallel, sharing their weights. Stock llama.cpp ignores it and runs each block once (the base
+  path); `twinquant.stock_compatible` is then false.
+- `twinquant.dup.params` (JSON, sparse `{"base", "layers", "copies"}`; `twinquant.duplication.params`): per-copy
+  parameter sets (activation quantization, clipping, rounding, residual factor)
 """
 
 from __future__ import annotations
@@ -30,16 +37,33 @@ import gguf
 import twinquant
 from twinquant.errors import TwinquantError
 
-SCHEMA_VERSION = "0.3.0"
+SCHEMA_VERSION = "0.4.0"
 PREFIX = "twinquant."
-KNOWN = {"version", "producer", "stock_compatible", "rotation", "online", "padding", "quant"}
-JSON_KEYS = ("rotation", "online", "padding", "quant")
+KNOWN = {"version", "producer", "stock_compatible", "rotation", "online", "padding", "quant", "dup.topology",
+         "dup.params"}
+JSON_KEYS = ("rotation", "online", "padding", "quant", "dup.topology", "dup.params")
+
+
+def stock_compatible(model) -> bool:
+    """Does stock llama.cpp compute the function twinquant's runtime computes from this model's file?"""
+    return not model.needs_online and not _dup_keys(model)
+
+
+def _dup_keys(model) -> dict:
+    from twinquant.duplication.topology import topology_of
+
+    out = {}
+    if not model.layout.is_sequential:
+        out["dup.topology"] = topology_of(model.layout)
+    if model.dup_params is not None and not model.dup_params.empty:
+        out["dup.params"] = model.dup_params.to_dict()
+    return out
 
 
 def write_metadata(w: gguf.GGUFWriter, model) -> None:
     w.add_string(PREFIX + "version", SCHEMA_VERSION)
     w.add_string(PREFIX + "producer", f"twinquant {twinquant.__version__}")
-    w.add_bool(PREFIX + "stock_compatible", not model.needs_online)
+    w.add_bool(PREFIX + "stock_compatible", stock_compatible(model))
     if model.rotations:
         w.add_string(PREFIX + "rotation", json.dumps(model.rotations))
     padding = [r for r in model.rotations if r.get("kind") == "pad"]
@@ -47,6 +71,8 @@ def write_metadata(w: gguf.GGUFWriter, model) -> None:
         w.add_string(PREFIX + "padding", json.dumps(padding))
     if model.quant_record:
         w.add_string(PREFIX + "quant", json.dumps(model.quant_record))
+    for k, v in _dup_keys(model).items():
+        w.add_string(PREFIX + k, json.dumps(v))
     if model.needs_online:
         online = {"inputs": {n: t.to_dict() for n, t in model.input_transforms.items()},
                   "qk": model.qk_transform.to_dict() if model.qk_transform is not None else None}
@@ -90,6 +116,14 @@ def apply_metadata(model, meta: dict) -> None:
 
     model.rotations = list(meta.get("rotation", []))
     model.quant_record = meta.get("quant")
+    if "dup.topology" in meta or "dup.params" in meta:
+        from twinquant.duplication.params import ParamStore
+        from twinquant.duplication.topology import parse_topology
+
+        params = ParamStore.from_dict(meta.get("dup.params") or {})
+        # α lives in the parameter store already: parse the topology without re-adding it
+        model.layout, _ = parse_topology(meta.get("dup.topology") or {}, model.spec.n_layers, ParamStore())
+        model.dup_params = params
     online = meta.get("online") or {}
     names = set(model.tensor_names())
     for n, d in (online.get("inputs") or {}).items():

@@ -28,7 +28,7 @@ ResidualHook = Callable[[int, torch.Tensor], None]
 
 @dataclass
 class KVCache:
-    """Preallocated keys/values per layout slot: [B, n_kv_heads, max_len, head_dim]."""
+    """Preallocated keys/values per block execution (`Layout.executions`): [B, n_kv_heads, max_len, head_dim]."""
 
     k: list[torch.Tensor]
     v: list[torch.Tensor]
@@ -38,7 +38,7 @@ class KVCache:
     def empty(cls, model: Model, batch: int, max_len: int) -> "KVCache":
         s = model.spec
         shape = (batch, s.n_kv_heads, max_len, s.head_dim)
-        n = len(model.layout)
+        n = len(model.layout.executions())
         mk = lambda: torch.zeros(shape, dtype=model.dtype, device=model.device)  # noqa: E731
         return cls([mk() for _ in range(n)], [mk() for _ in range(n)])
 
@@ -95,16 +95,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rot * sin
 
 
-def _linear(x: torch.Tensor, model: Model, name: str, hook: LinearHook | None, bias: bool = False):
-    return _linears(x, model, (name,), hook, bias)[0]
+def _linear(x: torch.Tensor, model: Model, name: str, hook: LinearHook | None, bias: bool = False, params=None):
+    return _linears(x, model, (name,), hook, bias, params)[0]
 
 
 def _linears(x: torch.Tensor, model: Model, names: tuple[str, ...], hook: LinearHook | None,
-             bias: bool = False) -> list[torch.Tensor]:
-    """Linears that read the same input x; one matmul when the model holds them fused."""
+             bias: bool = False, params=None) -> list[torch.Tensor]:
+    """Linears that read the same input x; one matmul when the model holds them fused.
+
+    `params` (a duplicated layer's `CopyParams`, or None) clips and fake-quantizes the input first."""
     online = model.input_transforms.get(names[0])
     if online is not None:   # e.g. R4: the weight was pre-multiplied, the input is rotated here
         x = online.apply(x)
+    if params is not None and not params.is_identity_transform:
+        x = params.apply(x, hidden_width=x.shape[-1] == model.spec.hidden)
     if hook is not None:
         for n in names:
             hook(n, x)
@@ -118,11 +122,11 @@ def _linears(x: torch.Tensor, model: Model, names: tuple[str, ...], hook: Linear
 
 
 def attention(model: Model, layer: int, x: torch.Tensor, start: int, cache: KVCache | None, slot: int,
-              hook: LinearHook | None) -> torch.Tensor:
+              hook: LinearHook | None, params=None) -> torch.Tensor:
     s = model.spec
     B, L, _ = x.shape
     qkv = tuple(roles.name(t, layer) for t in (T.ATTN_Q, T.ATTN_K, T.ATTN_V))
-    q, k, v = _linears(x, model, qkv, hook, s.qkv_bias)
+    q, k, v = _linears(x, model, qkv, hook, s.qkv_bias, params)
     q = q.reshape(B, L, s.n_heads, s.head_dim).transpose(1, 2)       # [B, H, L, hd]
     k = k.reshape(B, L, s.n_kv_heads, s.head_dim).transpose(1, 2)    # [B, Hkv, L, hd]
     v = v.reshape(B, L, s.n_kv_heads, s.head_dim).transpose(1, 2)
@@ -147,22 +151,49 @@ def attention(model: Model, layer: int, x: torch.Tensor, start: int, cache: KVCa
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and L > 1,
                                        enable_gqa=s.n_heads != s.n_kv_heads)
     o = o.transpose(1, 2).reshape(B, L, s.q_dim)
-    return _linear(o, model, roles.name(T.ATTN_OUT, layer), hook)
+    return _linear(o, model, roles.name(T.ATTN_OUT, layer), hook, params=params)
 
 
-def feed_forward(model: Model, layer: int, x: torch.Tensor, hook: LinearHook | None) -> torch.Tensor:
-    g, u = _linears(x, model, (roles.name(T.FFN_GATE, layer), roles.name(T.FFN_UP, layer)), hook)
-    return _linear(F.silu(g) * u, model, roles.name(T.FFN_DOWN, layer), hook)
+def feed_forward(model: Model, layer: int, x: torch.Tensor, hook: LinearHook | None, params=None) -> torch.Tensor:
+    g, u = _linears(x, model, (roles.name(T.FFN_GATE, layer), roles.name(T.FFN_UP, layer)), hook, params=params)
+    return _linear(F.silu(g) * u, model, roles.name(T.FFN_DOWN, layer), hook, params=params)
 
 
 def block_forward(model: Model, layer: int, x: torch.Tensor, start: int = 0, cache: KVCache | None = None,
-                  slot: int = 0, hook: LinearHook | None = None) -> torch.Tensor:
-    """One residual block: x + attn(norm(x)), then + ffn(norm(.)). x: [B, L, hidden]."""
+                  slot: int = 0, hook: LinearHook | None = None, params=None) -> torch.Tensor:
+    """One residual block: x + attn(norm(x)), then + ffn(norm(.)). x: [B, L, hidden].
+
+    `slot` is the KV-cache entry (the execution index); `params` the copy's parameter set (None: plain)."""
     eps = model.spec.rms_eps
     h = rms_norm(x, model.get(roles.name(T.ATTN_NORM, layer)), eps)
-    x = x + attention(model, layer, h, start, cache, slot, hook)
+    x = x + attention(model, layer, h, start, cache, slot, hook, params)
     h = rms_norm(x, model.get(roles.name(T.FFN_NORM, layer)), eps)
-    return x + feed_forward(model, layer, h, hook)
+    return x + feed_forward(model, layer, h, hook, params)
+
+
+def run_slots(model: Model, x: torch.Tensor, start: int = 0, cache: KVCache | None = None,
+              hook: LinearHook | None = None, residual_hook: ResidualHook | None = None) -> torch.Tensor:
+    """Every slot of the layout in order (serial copies scaled by α, parallel groups summed; see layout.py)."""
+    dup = model.dup_params
+    e = 0                                   # execution index = KV-cache entry
+    for i, s in enumerate(model.layout.slots):
+        if residual_hook is not None:
+            residual_hook(i, x)
+        if s.parallel:
+            acc = None
+            for c, w in s.members:
+                y = block_forward(model, s.block, x, start, cache, e, hook, dup.resolve(s.block, c) if dup else None)
+                e += 1
+                acc = (y - x) * w if acc is None else acc + (y - x) * w
+            x = x + acc
+            continue
+        p = dup.resolve(s.block, s.copy) if dup else None
+        y = block_forward(model, s.block, x, start, cache, e, hook, p)
+        e += 1
+        x = y if p is None or p.alpha == 1.0 else x + p.alpha * (y - x)
+    if residual_hook is not None:
+        residual_hook(len(model.layout.slots), x)
+    return x
 
 
 def embed(model: Model, tokens: torch.Tensor) -> torch.Tensor:
@@ -192,13 +223,7 @@ def forward(model: Model, tokens: torch.Tensor, cache: KVCache | None = None,
     start = cache.pos if cache is not None else 0
     if cache is not None and start + tokens.shape[1] > cache.max_len:
         raise ValueError(f"KV cache holds {cache.max_len} positions, asked for {start + tokens.shape[1]}")
-    x = embed(model, tokens)
-    for slot, s in enumerate(model.layout.slots):
-        if residual_hook is not None:
-            residual_hook(slot, x)
-        x = block_forward(model, s.block, x, start, cache, slot, hook)
-    if residual_hook is not None:
-        residual_hook(len(model.layout.slots), x)
+    x = run_slots(model, embed(model, tokens), start, cache, hook, residual_hook)
     if cache is not None:
         cache.pos += tokens.shape[1]
     if logits_for is not None:

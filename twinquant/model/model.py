@@ -64,6 +64,8 @@ class Model:
     rotations: list[dict] = field(default_factory=list)
     # How the weights were quantized (recipe, calibration hash/tokens), for the `twinquant.quant` metadata.
     quant_record: dict | None = None
+    # Per-copy parameter sets of the layout's executions (twinquant.duplication.params.ParamStore); None: plain.
+    dup_params: object | None = None
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
     # Linears that read one input (q/k/v, gate/up) live in one concatenated tensor and `tensors` holds row
     # views of it, so the forward can run one larger matmul (faster on CPU) at no extra memory.
