@@ -406,6 +406,143 @@ def cmd_models(args) -> None:
         print(f"{name:<20} {state}")
 
 
+def _generate_options(sp) -> None:
+    sp.add_argument("-p", "--prompt", required=True)
+    sp.add_argument("-n", "--n-predict", type=int, default=64, help="tokens to generate (default 64)")
+    sp.add_argument("--temp", type=float, default=0.0, help="temperature; 0 = greedy (default)")
+    sp.add_argument("--top-k", type=int, default=40)
+    sp.add_argument("--top-p", type=float, default=0.95)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    sp.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
+    sp.add_argument("--ignore-eos", action="store_true")
+
+
+# --- duplication ----------------------------------------------------------------------------------------------
+def _same_basis(float_model, quant_model, quiet: bool) -> None:
+    """Bring the float model into the quantized file's basis: the padding and RH rotation its recipe recorded."""
+    rec = quant_model.quant_record or {}
+    recipe = rec.get("recipe") or {}
+    if recipe.get("pad"):
+        from twinquant.export.padding import pad_model
+
+        float_model = pad_model(float_model, multiple=recipe.get("pad_multiple", 256), ffn=True, heads=True)
+    rotation = rec.get("rotation", "none")
+    if rotation == "rh":
+        from twinquant.rotation.rotate import rotate
+
+        float_model.materialize()
+        dtype = float_model.dtype
+        float_model.to(dtype=torch.float64)
+        rotate(float_model, "rh", recipe.get("seed", 0), r2=True, online=())
+        float_model.to(dtype=dtype)
+        if not quiet:
+            print(f"rotated the float model as the quantized file was (rh, seed {recipe.get('seed', 0)})",
+                  file=sys.stderr)
+    elif rotation != "none":
+        raise TwinquantError(f"the quantized file was rotated with {rotation!r}, which depends on calibration: "
+                             "give the float model in that basis")
+    return float_model
+
+
+def cmd_sensitivity(args) -> None:
+    from twinquant.duplication.sensitivity import layer_sensitivity
+    from twinquant.io.load import load_model
+
+    model = _load(args)
+    quant = load_model(args.quantized, dtype=DTYPES[args.dtype], device=args.device).materialize()
+    model = _same_basis(model, quant, args.quiet).materialize()
+    calib = _calibration(args, model)
+    sens = layer_sensitivity(model, quant, calib.windows, progress=not args.quiet)
+    sens.meta.update({"model": args.model, "quantized": args.quantized, "calibration_sha256": calib.text_sha256})
+    print(f"KLD on {calib.n_tokens} calibration tokens: all quantized {sens.kld_quantized:.5f}")
+    print(sens.table(args.top))
+    js, png = sens.write(args.output)
+    print(f"wrote {js} and {png}")
+
+
+def cmd_duplicate(args) -> None:
+    from twinquant.duplication.objective import KLDObjective
+    from twinquant.duplication.params import ParamStore
+    from twinquant.duplication.topology import Budget, load_topology
+    from twinquant.duplication import tune as T
+    from twinquant.io.gguf_write import write_gguf
+    from twinquant.io.load import load_model
+
+    if (args.topology is None) == (not args.auto):
+        raise TwinquantError("give --topology FILE or --auto (with a budget)")
+    out = Path(args.output)
+    if out.suffix != ".gguf":
+        raise TwinquantError(f"{out}: the output of duplicate is a .gguf file")
+    budget = Budget(args.budget_layers, args.budget_flops, None)
+    if args.auto and args.budget_layers is None and args.budget_flops is None:
+        raise TwinquantError("--auto needs a budget: --budget-flops PCT and/or --budget-layers N")
+    from twinquant.io.gguf_read import load_gguf
+
+    if Path(args.model).suffix != ".gguf":
+        raise TwinquantError("duplicate works on a quantized .gguf (from `twinquant quantize`)")
+    model = load_gguf(args.model, keep_quantized=True).materialize()
+    params = ParamStore(base={"act_bits": args.act_bits} if args.act_bits else {})
+    topo = None
+    if args.topology:   # check the file before any expensive work
+        from twinquant.duplication.topology import parse_topology
+
+        topo = load_topology(args.topology)
+        parse_topology({k: {**e, "type": "serial"} if isinstance(e, dict) and e.get("type") == "hybrid" else e
+                        for k, e in topo.items()} if isinstance(topo, dict) else topo, model.spec.n_layers)
+    needs_data = args.auto or args.search or args.topology is not None
+    objective = None
+    if needs_data:
+        if not args.ref:
+            raise TwinquantError("--ref MODEL (the float model) is needed: choices are made on the KL divergence "
+                                 "to it on calibration windows")
+        ref = load_model(args.ref).materialize()
+        calib = _calibration(args, ref)
+        if not args.quiet:
+            print(f"reference log-probs on {calib.n_tokens} calibration tokens", file=sys.stderr)
+        objective = KLDObjective(ref, calib.windows)
+        del ref
+    log = None if args.quiet else T.stderr_log
+    if topo is not None:
+        if any(e.get("type") == "hybrid" for e in topo.values()):
+            topo = T.resolve_hybrid(model, topo, objective, params, log)
+    elif args.sensitivity:
+        from twinquant.duplication.sensitivity import Sensitivity
+
+        sens = Sensitivity.from_dict(json.loads(Path(args.sensitivity).read_text()))
+        topo = T.select_by_sensitivity(sens.ranking(args.rank_by), budget, model, "serial")
+        if args.kind == "hybrid":
+            topo = T.resolve_hybrid(model, {k: {**e, "type": "hybrid"} for k, e in topo.items()}, objective,
+                                    params, log)
+    else:
+        kinds = ("serial", "parallel") if args.kind == "hybrid" else (args.kind,)
+        topo, base, _ = T.adaptive_topology(model, objective, budget, params, kinds, log=log)
+        if not topo:
+            print(f"adaptive: no single duplicate lowers the calibration KLD ({base:.5f}); the file is written "
+                  "without duplicates", file=sys.stderr)
+    T.apply(model, topo, params)
+    result = None
+    if args.search and topo:
+        result = T.tune(model, topo, objective, args.search, args.trials, params, args.seed, args.study_log,
+                        progress=not args.quiet)
+        topo = result.topology
+    final = objective(model) if objective is not None else None
+    cost = budget.cost(model, model.layout)
+    if args.expand_duplicates:
+        from twinquant.duplication.expand import expand_duplicates
+
+        model = expand_duplicates(model)
+    write_gguf(model, out, "F16")
+    print(f"topology: {json.dumps(topo)}")
+    print(f"extra block executions {cost['extra_layers']}, extra compute {cost['extra_flops_pct']:.1f}%, "
+          f"extra weight bytes 0" + (f"; calibration KLD {final:.5f}" if final is not None else ""))
+    print(f"wrote {out}")
+    if args.report:
+        _write_json(args.report, {"topology": topo, "params": model.dup_params.to_dict() if model.dup_params else {},
+                                  "cost": cost, "calibration_kld": final,
+                                  "search": result.to_dict() if result is not None else None})
+
+
 # --- parser ---------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="twinquant", description=__doc__.splitlines()[0])
@@ -435,17 +572,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", help="write the result as JSON")
     sp.set_defaults(func=cmd_perplexity)
 
-    sp = with_model(sub.add_parser("generate", help="generate text (greedy or sampled), streamed"))
-    sp.add_argument("-p", "--prompt", required=True)
-    sp.add_argument("-n", "--n-predict", type=int, default=64, help="tokens to generate (default 64)")
-    sp.add_argument("--temp", type=float, default=0.0, help="temperature; 0 = greedy (default)")
-    sp.add_argument("--top-k", type=int, default=40)
-    sp.add_argument("--top-p", type=float, default=0.95)
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    sp.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
-    sp.add_argument("--ignore-eos", action="store_true")
-    sp.set_defaults(func=cmd_generate)
+    for cmd, text in (("generate", "generate text (greedy or sampled), streamed"),
+                      ("run", "run a twinquant GGUF with its full semantics (duplicated layers, online "
+                              "transforms, activation quantization): generate from a prompt")):
+        sp = with_model(sub.add_parser(cmd, help=text))
+        _generate_options(sp)
+        sp.set_defaults(func=cmd_generate)
 
     sp = with_model(sub.add_parser("convert", help="write the model as a float GGUF (-o X.gguf) or HF directory"))
     sp.add_argument("-o", "--output", required=True)
@@ -502,6 +634,36 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--report", help="write the per-tensor report as JSON (and a PNG beside it)")
     sp.add_argument("--outtype", choices=["f32", "f16", "bf16"], default="f16", help="type of unquantized 2-D tensors")
     sp.set_defaults(func=cmd_quantize)
+
+    sp = with_calib(with_model(sub.add_parser("sensitivity", help="per-layer quantization sensitivity "
+                                                                 "(JSON ranking + PNG bar chart)")))
+    sp.add_argument("--quantized", required=True, help="the quantized GGUF of MODEL (from `twinquant quantize`)")
+    sp.add_argument("-o", "--output", default="sensitivity", help="output stem: STEM.json and STEM.png")
+    sp.add_argument("--top", type=int, default=10, help="rows of the printed ranking")
+    sp.set_defaults(func=cmd_sensitivity, calib_tokens=2048)
+
+    sp = with_calib(with_model(sub.add_parser("duplicate", help="duplicate layers (shared weights, per-copy "
+                                                               "parameters) of a quantized GGUF")))
+    sp.add_argument("-o", "--output", required=True, help="output .gguf")
+    sp.add_argument("--ref", help="the float model: calibration KLD is measured against it")
+    sp.add_argument("--topology", help="topology file (JSON/YAML, the seed's shape; hybrid entries resolved)")
+    sp.add_argument("--auto", action="store_true", help="choose layers within the budget (adaptive, or by "
+                    "--sensitivity)")
+    sp.add_argument("--sensitivity", help="a `twinquant sensitivity` JSON: pick the most sensitive layers")
+    sp.add_argument("--rank-by", choices=["both", "alone", "gain"], default="both")
+    sp.add_argument("--kind", choices=["serial", "parallel", "hybrid"], default="hybrid",
+                    help="copy type for --auto (hybrid: chosen per layer on calibration KLD)")
+    sp.add_argument("--budget-flops", type=float, help="max extra compute per token, in percent")
+    sp.add_argument("--budget-layers", type=int, help="max extra block executions")
+    sp.add_argument("--act-bits", type=int, help="quantize every linear input to this many bits (W2A8 / W2A4)")
+    sp.add_argument("--search", choices=["grid", "bayes", "evolution"], help="tune the copies' parameters")
+    sp.add_argument("--trials", type=int, default=30)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--study-log", help="optuna journal file: an interrupted search resumes from it")
+    sp.add_argument("--expand-duplicates", action="store_true", help="write serial copies as physical blocks "
+                    "(stock llama.cpp runs them; warns where it cannot)")
+    sp.add_argument("--report", help="write topology, parameters, cost and the search log as JSON")
+    sp.set_defaults(func=cmd_duplicate, calib_tokens=2048)
 
     sp = sub.add_parser("models", help="list the packaged models and where their files are")
     sp.add_argument("--assemble", action="store_true", help="assemble multi-part models into the cache")

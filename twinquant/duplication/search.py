@@ -22,9 +22,9 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 from twinquant.errors import TwinquantError
 
@@ -106,7 +106,7 @@ class Param:
             ts = [k / (points_per_float - 1) for k in range(points_per_float)]
             vals = [lo * (hi / lo) ** t if self.log else lo + (hi - lo) * t for t in ts]
         if self.kind == "int":
-            vals = [int(round(v)) for v in vals]
+            vals = [round(v) for v in vals]
         else:  # round off float noise (0.5 + 6 * 0.05 = 0.8000000000000002) so grid points print and compare cleanly
             vals = [min(max(round(v, 12), lo), hi) for v in vals]
         return list(dict.fromkeys(vals))  # log / rounded int ranges can repeat a point
@@ -136,7 +136,7 @@ class SearchSpace:
             raise TwinquantError(f"search space names a parameter more than once: {', '.join(dup)}")
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "SearchSpace":
+    def from_dict(cls, d: Mapping) -> SearchSpace:
         """`{"bits": [4, 8], "alpha": {"low": 0, "high": 1}, "n": {"low": 1, "high": 4, "type": "int"}}`:
         a list is categorical; a mapping is a float range unless it says `type` (or gives `choices`)."""
         if not isinstance(d, Mapping) or not d:
@@ -304,13 +304,13 @@ def _search(optuna, objective, space, strategy, trials, seed, study_log, study_n
     def report(study, ft) -> None:
         nonlocal done
         done += counted(ft)
-        params = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in ft.params.items()}
+        params = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in ft.params.items())
         value = f"{ft.value:.6g}" if ft.state == TrialState.COMPLETE else f"failed ({ft.user_attrs.get('nonfinite')})"
         try:
             best = f"{study.best_value:.6g} (trial {study.best_trial.number})"
         except ValueError:  # no completed trial yet
             best = "none yet"
-        print(f"search {strategy} [{done}/{trials}] trial {ft.number} {params}: {value}; best {best}",
+        print(f"search {strategy} [{done}/{trials}] trial {ft.number}: {params} -> {value}; best {best}",
               file=sys.stderr, flush=True)
 
     if remaining > 0 and not exhausted:

@@ -145,9 +145,12 @@ class GGUFSource:
         return rope_permuted_heads(self.spec, name)
 
 
-def load_gguf(path: str | os.PathLike, load_tokenizer: bool = True) -> Model:
+def load_gguf(path: str | os.PathLike, load_tokenizer: bool = True, keep_quantized: bool = False) -> Model:
     """A model from a GGUF file, or from a split model (llama.cpp's `<stem>-00001-of-0000N.gguf` shards) given
-    its first shard: the shards are found by name and their tensors merged; metadata comes from the first."""
+    its first shard: the shards are found by name and their tensors merged; metadata comes from the first.
+
+    keep_quantized: also keep every quantized tensor's packed blocks (`model.quantized`), so writing the model
+    again reproduces them byte for byte (e.g. `duplicate` adds metadata to a quantized file)."""
     reader = open_gguf(path)
     from twinquant.export.split import open_split, split_count
 
@@ -163,4 +166,16 @@ def load_gguf(path: str | os.PathLike, load_tokenizer: bool = True) -> Model:
         tokenizer = Tokenizer.from_gguf(reader)
     model = Model(spec=spec, source=source, tokenizer=tokenizer)
     apply_metadata(model, meta)
+    if keep_quantized:
+        from twinquant.model.model import QuantizedWeight
+
+        floats = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
+        for t in reader.tensors:
+            if t.tensor_type in floats:
+                continue
+            data = np.asarray(t.data)                 # [rows, bytes per row], memory-mapped
+            heads = source._rope_heads(t.name)
+            if heads:   # rows are independent blocks: un-permuting packed rows is exact
+                data = unpermute_rope_rows(torch.from_numpy(np.array(data)), heads).numpy()
+            model.quantized[t.name] = QuantizedWeight(t.tensor_type, data)
     return model
