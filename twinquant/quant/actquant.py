@@ -63,7 +63,8 @@ class ActQuant:
         if self.static:
             if self.scale is None or (not self.symmetric and self.zero_point is None):
                 raise TwinquantError("activation quantization: static grid without scale/zero point; calibrate() first")
-            return torch.tensor(self.scale), torch.tensor(0.0 if self.symmetric else self.zero_point)
+            return (torch.tensor(self.scale, device=x.device),
+                    torch.tensor(0.0 if self.symmetric else self.zero_point, device=x.device))
         dims = dict(dim=-1, keepdim=True) if self.granularity == "per_token" else {}
         if self.symmetric:
             amax = (x.abs().amax(**dims) if dims else x.abs().amax()) * self.clip_ratio
@@ -86,7 +87,8 @@ class ActQuant:
         else:
             if generator is None:
                 generator = torch.Generator().manual_seed(self.seed)
-            q = torch.floor(v + torch.rand(v.shape, generator=generator))
+            # noise drawn on the CPU generator, then moved: the same seed gives the same noise on every device
+            q = torch.floor(v + torch.rand(v.shape, generator=generator).to(v.device))
         return ((q.clamp_(self.qmin, self.qmax) - zero) * scale).to(x.dtype)
 
     def calibrate(self, xs) -> "ActQuant":
