@@ -474,9 +474,14 @@ def cmd_duplicate(args) -> None:
     out = Path(args.output)
     if out.suffix != ".gguf":
         raise TwinquantError(f"{out}: the output of duplicate is a .gguf file")
-    budget = Budget(args.budget_layers, args.budget_flops, None)
-    if args.auto and args.budget_layers is None and args.budget_flops is None:
-        raise TwinquantError("--auto needs a budget: --budget-flops PCT and/or --budget-layers N")
+    memory = None
+    if args.budget_memory:
+        from twinquant.export.split import parse_size
+
+        memory = parse_size(args.budget_memory)
+    budget = Budget(args.budget_layers, args.budget_flops, memory, args.budget_context)
+    if args.auto and args.budget_layers is None and args.budget_flops is None and memory is None:
+        raise TwinquantError("--auto needs a budget: --budget-flops PCT, --budget-layers N and/or --budget-memory")
     from twinquant.io.gguf_read import load_gguf
 
     if Path(args.model).suffix != ".gguf":
@@ -535,7 +540,7 @@ def cmd_duplicate(args) -> None:
     write_gguf(model, out, "F16")
     print(f"topology: {json.dumps(topo)}")
     print(f"extra block executions {cost['extra_layers']}, extra compute {cost['extra_flops_pct']:.1f}%, "
-          f"extra weight bytes 0" + (f"; calibration KLD {final:.5f}" if final is not None else ""))
+          f"extra KV cache {_human(cost['extra_memory'])} at {budget.context} tokens, extra weight bytes 0" + (f"; calibration KLD {final:.5f}" if final is not None else ""))
     print(f"wrote {out}")
     if args.report:
         _write_json(args.report, {"topology": topo, "params": model.dup_params.to_dict() if model.dup_params else {},
@@ -655,6 +660,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="copy type for --auto (hybrid: chosen per layer on calibration KLD)")
     sp.add_argument("--budget-flops", type=float, help="max extra compute per token, in percent")
     sp.add_argument("--budget-layers", type=int, help="max extra block executions")
+    sp.add_argument("--budget-memory", help="max extra memory (KV cache of the extra executions), e.g. 64M")
+    sp.add_argument("--budget-context", type=int, default=4096, help="context the KV-cache memory is counted at")
     sp.add_argument("--act-bits", type=int, help="quantize every linear input to this many bits (W2A8 / W2A4)")
     sp.add_argument("--search", choices=["grid", "bayes", "evolution"], help="tune the copies' parameters")
     sp.add_argument("--trials", type=int, default=30)
