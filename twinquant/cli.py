@@ -672,6 +672,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--report", help="write topology, parameters, cost and the search log as JSON")
     sp.set_defaults(func=cmd_duplicate, calib_tokens=2048)
 
+    from twinquant.quant.imatrix_cli import add_parser as add_imatrix_parser   # imports cli lazily: stays here
+
+    add_imatrix_parser(sub, with_model)
+
     sp = sub.add_parser("models", help="list the packaged models and where their files are")
     sp.add_argument("--assemble", action="store_true", help="assemble multi-part models into the cache")
     sp.set_defaults(func=cmd_models)
