@@ -34,7 +34,7 @@ from twinquant.calib import load_calibration  # noqa: E402
 from twinquant.duplication import tune as T  # noqa: E402
 from twinquant.duplication.objective import KLDObjective  # noqa: E402
 from twinquant.duplication.params import ParamStore  # noqa: E402
-from twinquant.duplication.sensitivity import layer_sensitivity  # noqa: E402
+from twinquant.duplication.sensitivity import Sensitivity, layer_sensitivity  # noqa: E402
 from twinquant.duplication.topology import Budget  # noqa: E402
 from twinquant.eval.logits_file import LogitsFile  # noqa: E402
 from twinquant.eval.perplexity import evaluate, window_logprobs, windows_for_text  # noqa: E402
@@ -73,6 +73,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--chunks", type=int, default=40)
     ap.add_argument("--calib-tokens", type=int, default=2048)
+    ap.add_argument("--ranking", help="layers by sensitivity, most sensitive first (skips the measurement)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
@@ -92,9 +93,17 @@ def main() -> None:
         objective = KLDObjective(ref, calib.windows)
         log(f"{name}: reference log-probs (eval {args.chunks} chunks, calib {calib.n_tokens} tokens) in "
             f"{time.perf_counter() - t0:.0f}s")
-        sens = layer_sensitivity(ref, quant, calib.windows, progress=False)
-        ranking = sens.ranking()
-        log(f"{name}: sensitivity in {sens.seconds:.0f}s; most sensitive layers {ranking[:8]}")
+        cached = work / f"sensitivity-gptq-{calib.n_tokens}.json"       # 2·n_layers + 2 forwards: reuse it
+        if args.ranking:                   # a ranking measured before (e.g. printed by an earlier run)
+            sens = None
+        elif cached.exists():
+            sens = Sensitivity.from_dict(json.loads(cached.read_text()))
+        else:
+            sens = layer_sensitivity(ref, quant, calib.windows, progress=False)
+            sens.write(cached.with_suffix(""))
+        ranking = [int(x) for x in args.ranking.split(",")] if args.ranking else sens.ranking()
+        if sens is not None:
+            log(f"{name}: sensitivity in {sens.seconds:.0f}s; most sensitive layers {ranking[:8]}")
         del ref
         for setting in args.settings:
             act_bits = {"w2": None, "w2a8": 8, "w2a6": 6, "w2a4": 4}[setting]
