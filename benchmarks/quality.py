@@ -102,6 +102,7 @@ class Bench:
         self.imatrix = work / "imatrix.gguf"
         self.n_params = None
         self.imatrix_chunks = None
+        self.autoround_args: list[str] = []
 
     def tool(self, name: str) -> str:
         return str(self.bin / name)
@@ -164,8 +165,9 @@ class Bench:
                 run(TWINQUANT + ["convert", self.ref, "-o", hf, "-q"], self.work / "hf.log")
             py = subprocess.run(["bash", str(ROOT / "benchmarks" / "setup_autoround.sh")], check=True,
                                 stdout=subprocess.PIPE, text=True).stdout.strip().splitlines()[-1]
+            # the HF copy has no tokenizer files: AutoRound rebuilds them from the reference GGUF
             run([py, ROOT / "benchmarks" / "autoround_gguf.py", hf, tmp, "--format", f"gguf:{spec}",
-                 "--calib", CALIB], out.with_suffix(".log"))
+                 "--calib", CALIB, "--tokenizer-gguf", self.ref, *self.autoround_args], out.with_suffix(".log"))
         else:
             raise SystemExit(f"unknown row kind {kind!r} in {row!r}")
         facts["make_seconds"] = time.perf_counter() - t0
@@ -254,6 +256,7 @@ def main() -> None:
     ap.add_argument("--llamacpp", nargs="*", default=LLAMACPP_ROWS, help="llama-quantize types, +imatrix")
     ap.add_argument("--twinquant", nargs="*", default=TWINQUANT_ROWS, help="METHOD[+rh|+ro][+pad][@MIX]")
     ap.add_argument("--autoround", nargs="*", default=[], help="AutoRound GGUF formats, e.g. q2_k_s")
+    ap.add_argument("--autoround-args", default="", help="extra autoround_gguf.py options, e.g. '--iters 50'")
     ap.add_argument("--imatrix-chunks", type=int, help="llama-imatrix --chunks (default: the whole text)")
     ap.add_argument("--work", help="cache folder (default ~/.cache/twinquant/quality/MODEL)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -271,6 +274,7 @@ def main() -> None:
         work = Path(args.work) / m if args.work else Path.home() / ".cache" / "twinquant" / "quality" / m
         b = Bench(m, work, bin_dir, args.chunks, args.threads, args.force)
         b.imatrix_chunks = args.imatrix_chunks
+        b.autoround_args = args.autoround_args.split()
         b.prepare()
         for row in rows:
             try:
