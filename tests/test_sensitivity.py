@@ -65,6 +65,7 @@ def test_selection_adaptive_hybrid_and_tuning(pair):
     # tuning: the best configuration found is no worse than α = 0 (the undup'ed model), which the grid contains
     res = T.tune(q, {"layer_2": {"type": "serial", "copies": 2}}, objective, "grid", 5, progress=False)
     assert res.best_value <= base + 1e-9 and "alpha.2.1" in res.best_params
+    assert res.off_value == pytest.approx(base)                       # copies off = the model without them
     assert objective(q) == pytest.approx(res.best_value)             # the model is left at the best point
     # with activation quantization the space also has clip ratio and rounding per copy
     space = T.search_space({"layer_1": {"type": "parallel", "copies": 2}}, act_quant=True)

@@ -531,6 +531,9 @@ def cmd_duplicate(args) -> None:
         result = T.tune(model, topo, objective, args.search, args.trials, params, args.seed, args.study_log,
                         progress=not args.quiet)
         topo = result.topology
+        if result.kept_off:
+            print(f"search: no trial beat the copies switched off (KLD {result.off_value:.5f}); they stay off "
+                  "(alpha 0 / weight 0)", file=sys.stderr)
     final = objective(model) if objective is not None else None
     cost = budget.cost(model, model.layout)
     if args.expand_duplicates:

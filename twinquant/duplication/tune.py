@@ -6,7 +6,8 @@
   the budget — possibly none: duplication is kept only where the calibration data says it helps.
 - `resolve_hybrid`: a topology's `hybrid` entries become serial or parallel, whichever has the lower KLD.
 - `tune`: search the copies' parameters (α or merge weight; with activation quantization also clip ratio and
-  rounding) with grid / Bayesian / evolutionary search (`duplication.search`) on the calibration KLD.
+  rounding) with grid / Bayesian / evolutionary search (`duplication.search`) on the calibration KLD; the
+  configuration with the copies switched off is measured too and kept when no trial beats it.
 """
 
 from __future__ import annotations
@@ -148,7 +149,16 @@ def tune(model, topology: dict, objective, strategy: str, trials: int, params: P
         model.layout, model.dup_params = parse_topology(topo, model.spec.n_layers, store)
         return objective(model)
 
+    # The copies switched off (α = 0, merge weight 0) is the model without duplicates: measure it too and keep it
+    # when no trial beats it, so tuning never returns something worse than not duplicating.
+    off = {n: 0.0 if n.startswith(("alpha.", "weight.")) else 1.0 if n.startswith("clip.") else "nearest"
+           for n in space_d}
+    off_value = f(off)
     result = search(f, space, strategy, trials, seed=seed, study_log=study_log, progress=progress)
+    result.off_value = off_value
+    result.kept_off = off_value <= result.best_value
+    if result.kept_off:
+        result.best_params, result.best_value = off, off_value
     topo, store = configure(topology, params, result.best_params)
     model.layout, model.dup_params = parse_topology(topo, model.spec.n_layers, store)
     result.topology = topo
