@@ -116,7 +116,9 @@ def configure(topology: dict, base_params: ParamStore | None, values: dict) -> t
         elif what == "clip":
             store.set("copy", {"clip_ratio": float(v)}, block=b, copy=c)
         elif what == "rounding":
-            store.set("copy", {"rounding": v, "seed": 1000 * b + c}, block=b, copy=c)
+            # a distinct seed per copy, so stochastic copies of one block do not share their noise
+            store.set("copy", {"rounding": v, **({"seed": 1000 * b + c} if v == "stochastic" else {})},
+                      block=b, copy=c)
         elif what == "weight":
             e = topo[f"layer_{b}"]
             n = e.get("copies", 2)
