@@ -25,7 +25,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +36,7 @@ from twinquant.duplication.params import ParamStore  # noqa: E402
 from twinquant.duplication.sensitivity import Sensitivity, layer_sensitivity  # noqa: E402
 from twinquant.duplication.topology import Budget  # noqa: E402
 from twinquant.eval.logits_file import LogitsFile  # noqa: E402
-from twinquant.eval.perplexity import evaluate, window_logprobs, windows_for_text  # noqa: E402
+from twinquant.eval.perplexity import evaluate, windows_for_text  # noqa: E402
 from twinquant.io.gguf_read import load_gguf  # noqa: E402
 
 WIKI = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
@@ -55,13 +54,6 @@ def two_bit_file(model: str, work: Path) -> tuple[Path, Path]:
         subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--models", model, "--llamacpp",
                         "--twinquant", "gptq", "--tag", f"dup-{model}"], check=True)
     return ref, q
-
-
-def eval_logprobs(model, windows) -> LogitsFile:
-    lp = np.stack([window_logprobs(model, windows, i).half().numpy() for i in range(windows.tokens.shape[0])])
-    header = {"protocol": windows.protocol, "ctx": windows.ctx, "first": windows.first,
-              "chunks": windows.tokens.shape[0], "scored": windows.scored, "vocab": model.spec.vocab}
-    return LogitsFile(header, windows.tokens, lp)
 
 
 def main() -> None:
@@ -89,7 +81,7 @@ def main() -> None:
         calib = load_calibration(ref, CALIB, args.calib_tokens, 512)
         windows = windows_for_text(ref, WIKI.read_text(encoding="utf-8"), 512, args.chunks, "llama.cpp")
         t0 = time.perf_counter()
-        eval_ref = eval_logprobs(ref, windows)
+        eval_ref = LogitsFile.compute(ref, windows)
         objective = KLDObjective(ref, calib.windows)
         log(f"{name}: reference log-probs (eval {args.chunks} chunks, calib {calib.n_tokens} tokens) in "
             f"{time.perf_counter() - t0:.0f}s")

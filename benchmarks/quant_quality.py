@@ -30,7 +30,7 @@ import torch
 
 from twinquant.calib import load_calibration
 from twinquant.eval.logits_file import LogitsFile
-from twinquant.eval.perplexity import evaluate, window_logprobs, windows_for_text
+from twinquant.eval.perplexity import evaluate, windows_for_text
 from twinquant.io.gguf_read import load_gguf
 from twinquant.io.gguf_write import write_gguf
 from twinquant.io.load import load_model
@@ -41,14 +41,6 @@ from twinquant.rotation.rotate import rotate
 
 ROOT = Path(__file__).resolve().parent.parent
 WIKI = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
-
-
-def reference_logprobs(model, windows) -> LogitsFile:
-    """The reference's log-probs of every scored position, kept in memory (float16)."""
-    lp = np.stack([window_logprobs(model, windows, i).half().numpy() for i in range(windows.tokens.shape[0])])
-    header = {"protocol": windows.protocol, "ctx": windows.ctx, "first": windows.first,
-              "chunks": windows.tokens.shape[0], "scored": windows.scored, "vocab": model.spec.vocab}
-    return LogitsFile(header, windows.tokens, lp)
 
 
 def llama_quantize(src: Path, dst: Path, ftype: str) -> Path:
@@ -90,7 +82,7 @@ def main() -> None:
         n_params = base.n_params()
         windows = windows_for_text(base, WIKI.read_text(encoding="utf-8"), 512, args.chunks, "llama.cpp")
         t0 = time.perf_counter()
-        ref = reference_logprobs(base, windows)
+        ref = LogitsFile.compute(base, windows)
         print(f"{name}: reference log-probs in {time.perf_counter() - t0:.0f}s", flush=True)
         f32 = write_gguf(base, tmp / f"{name}-f32.gguf", "F32")
         lcpp = llama_quantize(f32, tmp / f"{name}-lcpp-{args.mix}.gguf", args.mix)

@@ -86,6 +86,8 @@ def test_saved_reference_round_trip_and_kld(tiny, tmp_path):
     assert 0 <= res["same_top"] < 1
     direct = evaluate(noisy, w, ref=tiny, progress=False)           # reference model run alongside
     assert math.isclose(direct["kld_mean"], res["kld_mean"], rel_tol=0.05)
+    in_memory = LogitsFile.compute(tiny, w)                          # the same reference without a file
+    assert in_memory.header == ref.header and (in_memory.logprobs == ref.logprobs[:]).all()
 
 
 def test_reference_made_on_other_tokens_is_refused(tiny, tmp_path):
