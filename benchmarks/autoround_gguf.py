@@ -7,9 +7,12 @@ Run with the python of the venv that benchmarks/setup_autoround.sh makes (not th
         [--seqlen N] [--batch-size N] [--lr X] [--alg-ext] [--no-amp] [--fallback q4_0] [--calib TEXTFILE]
         [--tokenizer-gguf GGUF] [--threads N] [--keep-work]
 
-Defaults are a CPU budget (2 cores: SmolLM2-135M in ~10-15 min, Qwen2.5-0.5B in ~30-40 min): --iters 20
---nsamples 32 --seqlen 512 --batch-size 8. AutoRound's own defaults (200 / 128 / 2048 / 8) cost ~15-20 min per
-SmolLM2 block on 2 cores, i.e. hours.
+Defaults are a CPU budget (2 shared cores: SmolLM2-135M in ~10-15 min, Qwen2.5-0.5B in ~30-40 min): --iters 20
+--nsamples 32 --seqlen 512 --batch-size 8 (plain SignRound). AutoRound's own tuning defaults (200 iters, 128 x 2048,
+batch 8) cost ~15-20 min per SmolLM2 block on 2 shared cores, i.e. ~8-9 hours. For GGUF K-quants AutoRound itself
+recommends --iters 0 ("optimized RTN": calibrated scale search, no SignRound steps; it warns that iters>0 wants
+enable_alg_ext), and on SmolLM2 q2_k_s iters 0 came out better than iters 20 in a quick check; --alg-ext
+(SignRoundV2) costs ~2x plain SignRound per step.
 
 Calibration is local text only (default ../shared/data/calibration/groups_merged.txt): the file is tokenized once
 and cut into --nsamples windows of exactly --seqlen tokens (consecutive, non-overlapping when the text is long
@@ -240,10 +243,9 @@ def run(args) -> None:
 
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     import auto_round
     from auto_round import AutoRound
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log(f"auto-round {auto_round.__version__}, torch {torch.__version__}, {threads} threads; {fmt}, "
         f"iters {args.iters}, nsamples {args.nsamples}, seqlen {args.seqlen}, batch {args.batch_size}")
@@ -292,7 +294,8 @@ def main(argv=None) -> int:
     ap.add_argument("hf_dir", help="Hugging Face model directory (config.json + safetensors)")
     ap.add_argument("out", help="the GGUF to write")
     ap.add_argument("--format", default="gguf:q2_k_s", help="AutoRound GGUF format (default gguf:q2_k_s)")
-    ap.add_argument("--iters", type=int, default=20, help="SignRound steps per block (AutoRound's default: 200)")
+    ap.add_argument("--iters", type=int, default=20,
+                    help="SignRound steps per block; 0: optimized RTN (AutoRound's default: 200)")
     ap.add_argument("--nsamples", type=int, default=32, help="calibration windows (AutoRound's default: 128)")
     ap.add_argument("--seqlen", type=int, default=512, help="tokens per window (AutoRound's default: 2048)")
     ap.add_argument("--batch-size", type=int, default=8, help="windows per tuning step (AutoRound's default: 8)")
@@ -325,7 +328,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("autoround_gguf: error: interrupted", file=sys.stderr, flush=True)
         return 1
-    except Exception as e:   # noqa: BLE001 -- one clear line; the traceback is not needed to act on it
+    except Exception as e:   # one clear line; AUTOROUND_GGUF_TRACEBACK=1 re-raises for the traceback
         print(f"autoround_gguf: error: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr, flush=True)
         if os.environ.get("AUTOROUND_GGUF_TRACEBACK"):
             raise
