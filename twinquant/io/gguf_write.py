@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -72,15 +73,11 @@ def write_gguf(model: Model, path: str | os.PathLike, ftype: str = "F16",
     from twinquant.io.tokenizer import write_tokenizer_metadata
 
     if not model.layout.is_sequential or (model.dup_params is not None and not model.dup_params.empty):
-        import warnings
-
         warnings.warn("duplicated layers / per-copy parameters are twinquant.dup.* metadata: stock llama.cpp runs "
                       "each block once with plain activations (the base path); twinquant's runtime runs the full "
                       "topology (twinquant.stock_compatible = false)", stacklevel=2)
 
     if model.needs_online:
-        import warnings
-
         warnings.warn("the model needs online transforms (R3/R4) that stock llama.cpp does not apply: it will load "
                       "the file but compute a different function; twinquant's runtime runs it exactly "
                       "(twinquant.stock_compatible = false)", stacklevel=2)
