@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections import defaultdict
@@ -277,17 +278,15 @@ def _recipe(args):
     return r.replace(**changes)
 
 
-def cmd_quantize(args) -> None:
+def _prepare(args, recipe, dry_run: bool):
+    """Load, pad and rotate the model as the recipe says; returns (model, plan(spec) -> choices, rotation,
+    n_params of the source). With `dry_run` nothing is rotated (the plan only needs the rotated spec)."""
+    from twinquant.model import roles
     from twinquant.quant.mixes import assign_types
 
-    recipe = _recipe(args)
-    out = Path(args.output)
-    if out.suffix != ".gguf" and not args.dry_run:
-        raise TwinquantError(f"{out}: the output of quantize is a .gguf file")
     model = _load(args, materialize=False)
     n_params = model.n_params()   # of the source: bits per weight are counted against the real weights
     rotation = recipe.resolved_rotation(model.spec.tied_embeddings)
-    from twinquant.model import roles
 
     def plan(spec):
         return assign_types(spec, roles.all_tensor_names(spec), mix=recipe.mix, default=recipe.format,
@@ -304,33 +303,207 @@ def cmd_quantize(args) -> None:
         model = pad_model(model, multiple=recipe.pad_multiple, ffn=True, heads=True)
         if not args.quiet:
             print(f"padded: {padding_summary(model)}", file=sys.stderr)
-    spec = model.spec
-    if rotation != "none":
-        if args.dry_run:   # rotating unties a tied head (fused final-norm gain): plan for that
-            import dataclasses
+    if rotation != "none" and not dry_run:
+        from twinquant.rotation.rotate import rotate
 
-            spec = dataclasses.replace(spec, tied_embeddings=False)
-        else:
-            from twinquant.rotation.rotate import rotate
+        model.materialize()
+        dtype = model.dtype
+        model.to(dtype=torch.float64)
+        calib_r = _calibration(recipe, model).windows if rotation == "ro" else None
+        rotate(model, rotation, recipe.seed, r2=True, online=(), calib_windows=calib_r)
+        model.to(dtype=dtype)
+    return model, plan, rotation, n_params
 
-            model.materialize()
-            dtype = model.dtype
-            model.to(dtype=torch.float64)
-            calib_r = _calibration(recipe, model).windows if rotation == "ro" else None
-            rotate(model, rotation, recipe.seed, r2=True, online=(), calib_windows=calib_r)
-            model.to(dtype=dtype)
-            spec = model.spec
+
+def _planned_spec(model, rotation: str):
+    """The spec the file will have: rotating unties a tied head (the final-norm gain is fused into it)."""
+    import dataclasses
+
+    if rotation != "none" and model.spec.tied_embeddings:
+        return dataclasses.replace(model.spec, tied_embeddings=False)
+    return model.spec
+
+
+def _quantized_types(choices) -> dict[str, str]:
+    return {c.name: _type_name(c.type) for c in choices if _type_name(c.type) not in ("F32", "F16", "BF16")}
+
+
+def _importance(args, model, names: list[str], rotation: str) -> tuple[dict | None, str | None]:
+    """--imatrix FILE (llama.cpp's imatrix.gguf or legacy .dat, from either tool) -> per-tensor importance, with a
+    coverage report; tensors without data keep the calibration's own statistics (with a warning)."""
+    if not getattr(args, "imatrix", None):
+        return None, None
+    import hashlib
+    import warnings
+
+    import numpy as np
+
+    from twinquant.model import roles
+    from twinquant.quant.imatrix import Imatrix, coverage
+
+    im = Imatrix.read(args.imatrix)
+    names = [n for n in names if n != roles.name(roles.T.TOKEN_EMBD)]   # a lookup: no tool collects it
+    cov = coverage(im, names)
+    imp, missing = {}, []
+    for n in names:
+        cols = roles.expected_shape(model.spec, n)[1]
+        if not cov[n]["present"]:
+            missing.append(n)
+            continue
+        v = np.asarray(im.importance(n), dtype=np.float32).reshape(-1)
+        if v.size > cols:
+            raise TwinquantError(f"{args.imatrix}: {n} has {v.size} columns of data, the model {cols}: an imatrix "
+                                 "of another model?")
+        if v.size < cols:     # padded model: the padded inputs are always 0
+            v = np.concatenate([v, np.zeros(cols - v.size, dtype=np.float32)])
+        imp[n] = torch.from_numpy(v)
+    if not args.quiet:
+        print(f"imatrix {args.imatrix}: {len(imp)}/{len(names)} tensors covered, {im.chunk_count} chunks"
+              + (f"; no data for {', '.join(missing[:4])}{' …' if len(missing) > 4 else ''}" if missing else ""),
+              file=sys.stderr)
+    for n in missing:
+        warnings.warn(f"{n}: no imatrix data; it is quantized with the calibration's own statistics")
+    if rotation != "none" and imp:
+        warnings.warn(f"the model is rotated ({rotation}) before quantizing: the imatrix must have been computed on "
+                      "the rotated model (twinquant rotate, then twinquant imatrix); one of the original model is "
+                      "in the wrong basis")
+    return imp, hashlib.sha256(Path(args.imatrix).read_bytes()).hexdigest()
+
+
+def _measurement(args, recipe, model, plan, rotation: str, n_params: int, imp, imp_sha, path: str):
+    """A complete measurement for this model and recipe: loaded from `path` if it matches, else measured (or
+    resumed) and saved there."""
+    from twinquant.quant.measure import Measurement, measure
+
+    calib = _calibration(recipe, model)
+    header = {"model": Path(str(args.model)).name, "arch": model.spec.arch, "n_layers": model.spec.n_layers,
+              "hidden": model.spec.hidden, "rotation": rotation, "seed": recipe.seed, "pad": recipe.pad,
+              "pad_multiple": recipe.pad_multiple if recipe.pad else None, "act_order": recipe.act_order,
+              "calibration": {"sha256": calib.text_sha256, "tokens": calib.n_tokens, "ctx": recipe.calib_ctx},
+              "imatrix": imp_sha, "method": recipe.method}
+    p = Path(path)
+    if p.is_file():
+        m = Measurement.load(p)
+        full = {**header, **{k: m.header.get(k) for k in ("method", "config", "exact", "kld_windows", "kld_scored")}}
+        m.check_matches(full)
+        if m.complete:
+            if not args.quiet:
+                print(f"measurement {p}: {len(m.tensors)} tensors (sha256 {m.sha256()[:12]})", file=sys.stderr)
+            return m
+    if recipe.method != "gptq":
+        raise TwinquantError("measuring needs --method gptq (the quantizer whose costs are measured)")
+    spec = _planned_spec(model, rotation)
+    names = list(_quantized_types(plan(spec)))
+    from twinquant.model import roles
+    from twinquant.quant.measure import FLOAT_BYTES
+
+    fixed = 0   # informational (quantize recomputes it for its own --outtype): the tensors kept in float
+    for n in roles.all_tensor_names(spec):
+        shape = roles.expected_shape(spec, n)
+        if n not in names:
+            fixed += math.prod(shape) * (4 if len(shape) == 1 else FLOAT_BYTES[args.outtype.upper()])
+    kw = getattr(args, "kld_windows", 4)
+    if not args.quiet:
+        n_c = sum(len(_candidates_of(model, n)) for n in names)
+        print(f"measuring {len(names)} tensors x their candidate types: {n_c} {recipe.method} quantizations and "
+              f"{len(names)} forwards of {min(kw, calib.windows.shape[0])} x {recipe.calib_ctx} tokens "
+              f"(Hessians from {calib.n_tokens} tokens); saved after every block to {p}", file=sys.stderr)
+    model.materialize()
+    config = {"act_order": True, "static_groups": True} if recipe.act_order else None
+    return measure(model, names, calib.windows, kw, header, fixed, n_params, recipe.method, config, imp,
+                   exact=getattr(args, "exact", False), path=p, progress=not args.quiet,
+                   log=lambda m: print(m, file=sys.stderr))
+
+
+def _candidates_of(model, name: str) -> list[str]:
+    from twinquant.model import roles
+    from twinquant.quant.measure import candidate_types
+
+    return candidate_types(roles.expected_shape(model.spec, name)[1])
+
+
+def cmd_measure(args) -> None:
+    recipe = _recipe(args)
+    model, plan, rotation, n_params = _prepare(args, recipe, dry_run=False)
+    imp, imp_sha = _importance(args, model, list(_quantized_types(plan(_planned_spec(model, rotation)))), rotation)
+    import time
+
+    t0 = time.perf_counter()
+    m = _measurement(args, recipe, model, plan, rotation, n_params, imp, imp_sha, args.output)
+    _print_measurement(m)
+    print(f"wrote {args.output} ({time.perf_counter() - t0:.0f} s this run, {m.seconds:.0f} s in all; "
+          f"sha256 {m.sha256()[:12]})")
+
+
+def _print_measurement(m) -> None:
+    """Per role: mean predicted KL per candidate type (the table a person reads)."""
+    by: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    types: list[str] = []
+    for n, t in m.tensors.items():
+        role = n.split(".")[2] if n.startswith("blk.") else n.split(".")[0]
+        for ty, c in t["candidates"].items():
+            by[role][ty].append(c["cost"])
+            if ty not in types:
+                types.append(ty)
+    print(f"{'role':<14}" + "".join(f"{t:>10}" for t in types))
+    for role, d in by.items():
+        print(f"{role:<14}" + "".join(f"{sum(d[t]) / len(d[t]):>10.5f}" if t in d else f"{'':>10}" for t in types))
+
+
+def cmd_quantize(args) -> None:
+    from twinquant.quant.target import parse_target
+
+    recipe = _recipe(args)
+    target = parse_target(args.target_size, args.target_bpw)
+    out = Path(args.output)
+    if out.suffix != ".gguf" and not args.dry_run:
+        raise TwinquantError(f"{out}: the output of quantize is a .gguf file")
+    if args.measurement and not target:
+        raise TwinquantError("--measurement is used with --target-size or --target-bpw")
+    model, plan, rotation, n_params = _prepare(args, recipe, dry_run=args.dry_run and not target)
+    spec = _planned_spec(model, rotation)
     choices = plan(spec)
-    types = {c.name: _type_name(c.type) for c in choices if _type_name(c.type) not in ("F32", "F16", "BF16")}
+    types = _quantized_types(choices)
+    imp, imp_sha = _importance(args, model, list(types), rotation)
+    calib = _calibration(recipe, model) if recipe.method == "gptq" else None
+    calib_rec = ({"file": Path(calib.path).name, "sha256": calib.text_sha256, "tokens": calib.n_tokens,
+                  "ctx": recipe.calib_ctx} if calib else None)
+    model.quant_record = {"recipe": recipe.to_dict(), "rotation": rotation, "calibration": calib_rec}
+    if imp_sha:
+        model.quant_record["imatrix"] = {"file": Path(args.imatrix).name, "sha256": imp_sha}
+    alloc = None
+    if target:
+        from twinquant.quant.measure import match_rules
+        from twinquant.quant.target import allocate, format_allocation
+
+        mpath = args.measurement or str(out.with_suffix("")) + ".measurement.json"
+        meas = _measurement(args, recipe, model, plan, rotation, n_params, imp, imp_sha, mpath)
+        names = list(meas.tensors)
+        fixed = match_rules(names, list(recipe.tensor_type))
+        if recipe.output_tensor_type and "output.weight" in meas.tensors:
+            fixed.setdefault("output.weight", recipe.output_tensor_type.upper())
+        if recipe.token_embedding_type and "token_embd.weight" in meas.tensors:
+            fixed.setdefault("token_embd.weight", recipe.token_embedding_type.upper())
+        minimum = match_rules(names, list(args.min_type or []), "--min-type")
+        alloc, record, overhead = allocate(model, meas, target, fixed, minimum, args.outtype)
+        model.quant_record["allocation"] = record
+        types = {n: c.type for n, c in alloc.choice.items()}
+        if not args.quiet or args.dry_run:
+            print(format_allocation(alloc, meas), file=sys.stdout if args.dry_run else sys.stderr)
     if args.dry_run:
-        print(recipe.to_yaml().rstrip())
-        print("---")
-        for c in choices:
-            print(f"{c.name:<32} {_type_name(c.type):<8} {c.rule}")
-        print(f"{len(types)} tensors quantized, {len(choices) - len(types)} kept in float")
+        if not target:
+            print(recipe.to_yaml().rstrip())
+            print("---")
+            for c in choices:
+                print(f"{c.name:<32} {_type_name(c.type):<8} {c.rule}")
+            print(f"{len(types)} tensors quantized, {len(choices) - len(types)} kept in float")
+        else:
+            from twinquant.io.gguf_write import file_bytes
+
+            total, _ = file_bytes(model, types, args.outtype)
+            print(f"file about {total:,} bytes ({total / 1e6:.2f} MB) for target {target.text()}")
         return
     model.materialize()
-    calib = _calibration(recipe, model) if recipe.method == "gptq" else None
     total, done = len(types), []
 
     def log(rep) -> None:   # one line per tensor, like llama-quantize
@@ -346,20 +519,27 @@ def cmd_quantize(args) -> None:
 
     config = {"act_order": True, "static_groups": True} if recipe.act_order else None
     report = quantize_model(model, types, recipe.method, calib.windows if calib else None, config=config,
-                            progress=False, log=log)
-    calib_rec = ({"file": Path(calib.path).name, "sha256": calib.text_sha256, "tokens": calib.n_tokens,
-                  "ctx": recipe.calib_ctx} if calib else None)
-    model.quant_record = {"recipe": recipe.to_dict(), "rotation": rotation, "calibration": calib_rec}
+                            progress=False, log=log, importance=imp)
     from twinquant.io.gguf_write import write_gguf
 
     first = write_gguf(model, out, args.outtype.upper(), split_max_size=args.split_max_size)
     from twinquant.export.split import shard_paths
 
     size = sum(p.stat().st_size for p in shard_paths(first)) if args.split_max_size else first.stat().st_size
-    print(f"wrote {out}: {size / 2**20:.1f} MiB, {8 * size / n_params:.3f} bits per weight (file)")
+    if alloc is not None:
+        data = alloc.total_bytes
+        over = size > target.value if target.kind == "size" else 8 * data > target.value * n_params
+        if over:   # cannot happen if the header estimate is right; never leave a file over the user's budget
+            for p in (shard_paths(first) if args.split_max_size else [first]):
+                p.unlink(missing_ok=True)
+            raise TwinquantError(f"internal: the written file ({size:,} bytes) exceeds the target {target.text()}; "
+                                 "removed")
+    print(f"wrote {out}: {size / 2**20:.1f} MiB, {8 * size / n_params:.3f} bits per weight (file)"
+          + (f", predicted KLD {alloc.total_cost:.5f}" if alloc is not None else ""))
     if args.report:
         _write_json(args.report, {**report.to_dict(), "file_bytes": size, "n_params": n_params,
-                                  "recipe": recipe.to_dict(), "rotation": rotation, "calibration": calib_rec})
+                                  "recipe": recipe.to_dict(), "rotation": rotation, "calibration": calib_rec,
+                                  "allocation": alloc.to_dict() if alloc is not None else None})
         _report_plot(args.report, report)
 
 
@@ -641,7 +821,40 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dry-run", action="store_true", help="print the recipe and the type of every tensor, and exit")
     sp.add_argument("--report", help="write the per-tensor report as JSON (and a PNG beside it)")
     sp.add_argument("--outtype", choices=["f32", "f16", "bf16"], default="f16", help="type of unquantized 2-D tensors")
+    sp.add_argument("--imatrix", help="importance matrix (llama.cpp imatrix.gguf or legacy .dat, from llama-imatrix "
+                    "or `twinquant imatrix`) for the block fits; default: the calibration's own")
+    sp.add_argument("--target-size", help="choose each tensor's type from a measurement so the whole file is at "
+                    "most this size (85MB, 81.5MiB, bytes)")
+    sp.add_argument("--target-bpw", type=float, help="as --target-size, for tensor data per source weight in bits "
+                    "(llama.cpp's BPW)")
+    sp.add_argument("--measurement", help="measurement JSON for --target-*: reused if it matches, else measured "
+                    "(or resumed) and saved there (default OUT.measurement.json)")
+    sp.add_argument("--min-type", action="append", metavar="REGEX=TYPE", help="with --target-*: the smallest type "
+                    "allowed for matching tensors (repeatable)")
+    sp.add_argument("--kld-windows", type=int, default=4, help="calibration windows that price candidates by KL "
+                    "when measuring (default 4)")
     sp.set_defaults(func=cmd_quantize)
+
+    sp = with_calib(with_model(sub.add_parser("measure", help="price every candidate type of every tensor (KL "
+                                                             "divergence added), for quantize --target-size")),
+                    recipe=True)
+    sp.add_argument("-o", "--output", required=True, help="measurement JSON (resumed if it exists)")
+    sp.add_argument("--recipe", help="the recipe the file will be quantized with (rotation, padding, method, "
+                    "calibration); default `default`")
+    for flag in ("--method", "--rotation"):
+        sp.add_argument(flag, choices=["gptq"] if flag == "--method" else ["none", "rh", "ro", "auto"])
+    sp.add_argument("--seed", type=int)
+    sp.add_argument("--pad", action="store_true")
+    sp.add_argument("--pad-multiple", type=int)
+    sp.add_argument("--act-order", action="store_true")
+    sp.add_argument("--imatrix", help="importance matrix (as quantize --imatrix)")
+    sp.add_argument("--kld-windows", type=int, default=4, help="calibration windows that price candidates by KL "
+                    "(default 4; the Hessians use all --calib-tokens)")
+    sp.add_argument("--exact", action="store_true", help="measure the KL of every candidate (one forward each) "
+                    "instead of scaling the cheapest one's by output error")
+    sp.add_argument("--outtype", choices=["f32", "f16", "bf16"], default="f16")
+    sp.set_defaults(func=cmd_measure, mix=None, format=None, tensor_type=None, output_tensor_type=None,
+                    token_embedding_type=None, pure=False)
 
     sp = with_calib(with_model(sub.add_parser("sensitivity", help="per-layer quantization sensitivity "
                                                                  "(JSON ranking + PNG bar chart)")))

@@ -56,6 +56,53 @@ def _type_for(name: str, t_shape: tuple[int, ...], ftype: Q) -> Q:
     return Q.F32 if len(t_shape) == 1 else ftype
 
 
+def _write_head(w: gguf.GGUFWriter, model: Model, qtype: Q, types: dict[str, Q]) -> None:
+    """Header, key-values (hyperparameters, twinquant.*, tokenizer) and tensor infos."""
+    from twinquant.io.tokenizer import write_tokenizer_metadata
+
+    _hyperparameters(w, model)
+    w.add_file_type(_FILE_TYPES[qtype])
+    write_metadata(w, model)
+    write_tokenizer_metadata(w, model.tokenizer)
+    for n, t in types.items():
+        byte_shape = gguf.quant_shape_to_byte_shape(roles.expected_shape(model.spec, n), t)
+        w.add_tensor_info(n, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+
+
+def file_bytes(model: Model, types: dict[str, str], ftype: str = "F16") -> tuple[int, int]:
+    """(bytes of the single GGUF `write_gguf` would write if every tensor named in `types` (name -> GGML type name)
+    were quantized to that type, bytes of its tensor data alone), from the model's current metadata — without
+    quantizing anything. The header is really written (to a temporary file) and measured; tensor data is
+    counted with each tensor's alignment padding, so the first number is an upper bound that is off by at most
+    the last tensor's padding."""
+    if model.tokenizer is None:
+        raise TwinquantError("the model has no tokenizer; llama.cpp needs one in the GGUF")
+    qtype = FLOAT_TYPES[ftype.upper()]
+    arch = get_architecture(model.spec.arch)
+    all_types = {}
+    for n in model.tensor_names():
+        shape = roles.expected_shape(model.spec, n)
+        all_types[n] = Q[types[n].upper()] if n in types else _type_for(n, shape, qtype)
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d) / "head.gguf"
+        w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch.gguf_arch])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _write_head(w, model, qtype, all_types)
+        w.close()
+        head = tmp.stat().st_size
+        align = w.data_alignment
+    data = padded = 0
+    for n, t in all_types.items():
+        nb = int(np.prod(gguf.quant_shape_to_byte_shape(roles.expected_shape(model.spec, n), t)))
+        data += nb
+        padded += -(-nb // align) * align
+    return -(-head // align) * align + padded, data
+
+
 def write_gguf(model: Model, path: str | os.PathLike, ftype: str = "F16",
                progress: Callable[[int, int, str], None] | None = None,
                split_max_size: int | str | None = None) -> Path:
@@ -70,8 +117,6 @@ def write_gguf(model: Model, path: str | os.PathLike, ftype: str = "F16",
     qtype = FLOAT_TYPES[ftype.upper()]
     if model.tokenizer is None:
         raise TwinquantError("the model has no tokenizer; llama.cpp needs one in the GGUF")
-    from twinquant.io.tokenizer import write_tokenizer_metadata
-
     if not model.layout.is_sequential or (model.dup_params is not None and not model.dup_params.empty):
         warnings.warn("duplicated layers / per-copy parameters are twinquant.dup.* metadata: stock llama.cpp runs "
                       "each block once with plain activations (the base path); twinquant's runtime runs the full "
@@ -98,22 +143,16 @@ def write_gguf(model: Model, path: str | os.PathLike, ftype: str = "F16",
             tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
             tmp = tmpdir / path.name
         w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch.gguf_arch], split_max_size=split)
-        _hyperparameters(w, model)
-        w.add_file_type(_FILE_TYPES[qtype])
-        write_metadata(w, model)
-        write_tokenizer_metadata(w, model.tokenizer)
         types = {}
         for n in names:
-            shape = roles.expected_shape(model.spec, n)
             q = model.quantized.get(n)
-            types[n] = t = q.ggml_type if q is not None else _type_for(n, shape, qtype)
-            byte_shape = gguf.quant_shape_to_byte_shape(shape, t)
-            if q is not None and tuple(q.data.shape) != tuple(byte_shape):
-                raise TwinquantError(f"{n}: packed data {q.data.shape} does not match {t.name} {byte_shape}")
-            w.add_tensor_info(n, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=t)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
+            types[n] = q.ggml_type if q is not None else _type_for(n, roles.expected_shape(model.spec, n), qtype)
+            if q is not None:
+                byte_shape = gguf.quant_shape_to_byte_shape(roles.expected_shape(model.spec, n), q.ggml_type)
+                if tuple(q.data.shape) != tuple(byte_shape):
+                    raise TwinquantError(f"{n}: packed data {q.data.shape} does not match {q.ggml_type.name} "
+                                         f"{byte_shape}")
+        _write_head(w, model, qtype, types)
         for i, n in enumerate(names):
             heads = rope_permuted_heads(model.spec, n) if arch.gguf_rope_permuted else 0
             q = model.quantized.get(n)

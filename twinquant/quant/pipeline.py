@@ -79,11 +79,11 @@ def codec_for(type_name: str, cols: int):
 
 
 def _quantize_tensor(model: Model, name: str, type_name: str, quantizer, H: torch.Tensor | None,
-                     report: QuantReport, log) -> None:
+                     report: QuantReport, log, importance: torch.Tensor | None = None) -> None:
     t0 = time.perf_counter()
     W = model.get(name).float().cpu()
     codec = codec_for(type_name, W.shape[1])
-    imp = torch.diagonal(H).clone() if H is not None else None
+    imp = importance if importance is not None else (torch.diagonal(H).clone() if H is not None else None)
     if quantizer.needs_hessian and H is None:   # e.g. the embedding: nothing to weigh GPTQ with, so RTN
         from twinquant.quant.backends import get_quantizer
 
@@ -109,8 +109,13 @@ def _quantize_tensor(model: Model, name: str, type_name: str, quantizer, H: torc
 
 
 def quantize_model(model: Model, types: dict[str, str], method: str = "gptq", windows: torch.Tensor | None = None,
-                   config: dict | None = None, progress: bool = True, log=None) -> QuantReport:
-    """Quantize every tensor named in `types` (name -> type name); others stay float."""
+                   config: dict | None = None, progress: bool = True, log=None,
+                   importance: dict[str, torch.Tensor] | None = None) -> QuantReport:
+    """Quantize every tensor named in `types` (name -> type name); others stay float.
+
+    `importance` (name -> [cols], e.g. from an imatrix file) replaces the Hessian diagonal as the weights of the
+    block fits for the tensors it names."""
+    imps = importance or {}
     from twinquant.quant.backends import get_quantizer
 
     quantizer = get_quantizer(method, config)
@@ -120,7 +125,7 @@ def quantize_model(model: Model, types: dict[str, str], method: str = "gptq", wi
     report = QuantReport(method)
     emb = roles.name(T.TOKEN_EMBD)
     if emb in types:    # first, so the calibration activations start from the embedding the file will hold
-        _quantize_tensor(model, emb, types[emb], quantizer, None, report, log)
+        _quantize_tensor(model, emb, types[emb], quantizer, None, report, log, imps.get(emb))
     x = embed(model, windows).float() if windows is not None else None          # [n, ctx, hidden]
     with Progress(s.n_layers, "quantize", enabled=progress) as bar:
         for layer in range(s.n_layers):
@@ -135,7 +140,7 @@ def quantize_model(model: Model, types: dict[str, str], method: str = "gptq", wi
                 H = hooks.hessian(g[0])
                 for n in g:
                     if n in types:
-                        _quantize_tensor(model, n, types[n], quantizer, H, report, log)
+                        _quantize_tensor(model, n, types[n], quantizer, H, report, log, imps.get(n))
             if x is not None:   # the next block sees this block's quantized outputs
                 x = torch.cat([block_forward(model, layer, x[i: i + 1].to(model.dtype)).float()
                                for i in range(x.shape[0])])
@@ -150,5 +155,5 @@ def quantize_model(model: Model, types: dict[str, str], method: str = "gptq", wi
 
             h = rms_norm(x.to(model.dtype), model.get(roles.name(T.OUTPUT_NORM)), s.rms_eps).float()
             H, _ = accumulate_hessian(None, 0, h.reshape(-1, s.hidden))
-        _quantize_tensor(model, out, types[out], quantizer, H, report, log)
+        _quantize_tensor(model, out, types[out], quantizer, H, report, log, imps.get(out))
     return report

@@ -1,0 +1,310 @@
+"""Measure what every candidate type costs each tensor, once, so any target size can be solved from it.
+
+For every quantizable tensor and every candidate type (`candidate_types`: K-quants Q2_K…Q6_K and Q8_0 where rows
+are whole 256-blocks, the 32-block types Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 elsewhere) the tensor is quantized with the
+quantizer the file will really use (GPTQ with the layer's input Hessian and the importance data; RTN for the
+embedding, as `quantize_model` does) and its cost is recorded as the KL divergence it adds to the model's output:
+
+* the cheapest candidate (the *anchor*) is put into the otherwise float model alone and the calibration windows run
+  from the tensor's block to the logits: `anchor_kld` = mean KL(reference ‖ perturbed) per scored token;
+* every candidate's output error `e = tr(ΔW H ΔWᵀ)` on the block's real inputs is computed with no extra forward;
+* cost(type) = anchor_kld · e(type) / e(anchor): KL grows with the squared output perturbation of one tensor (both
+  are quadratic in ΔW near the reference), so one forward per tensor prices all its candidates. `exact=True`
+  measures the KL of every candidate instead (one forward each) — the check of that proxy.
+  The embedding and the output head are always measured exactly (few candidates, and no Hessian for the embedding).
+
+Inputs are the float model's (each tensor is perturbed alone: the costs are meant to add up; `benchmarks/frontier.py`
+checks how well they do). The measurement is a JSON file, written after every block (atomically), so an
+interrupted run resumes where it stopped and gives the same file as an uninterrupted one. `sha256()` names it in
+the GGUF's `twinquant.quant.allocation`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+import torch
+import torch.nn.functional as F
+
+from twinquant.errors import TwinquantError
+from twinquant.model import roles
+from twinquant.model.forward import block_forward, embed, head, rms_norm
+from twinquant.progress import Progress
+
+VERSION = 1
+K_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
+BLOCK32_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+FLOAT_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
+T = roles.T
+
+
+def tensor_bytes(type_name: str, shape) -> int:
+    """Bytes of a 2-D (or 1-D) tensor of `shape` stored as `type_name` in a GGUF (scales included)."""
+    t = gguf.GGMLQuantizationType[type_name.upper()]
+    block, size = gguf.GGML_QUANT_SIZES[t]
+    n = math.prod(shape)
+    if shape[-1] % block:
+        raise TwinquantError(f"{type_name}: rows of {shape[-1]} are not whole blocks of {block}")
+    return n // block * size
+
+
+def candidate_types(cols: int) -> list[str]:
+    """The types a row of `cols` values can take (no fallback: every one of them fits exactly)."""
+    kinds = K_TYPES if cols % 256 == 0 else BLOCK32_TYPES
+    return [t for t in kinds if cols % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t]][0] == 0]
+
+
+@dataclass
+class Measurement:
+    header: dict                                  # what was measured, how (must match to be reused / resumed)
+    n_params: int                                 # of the source model (bits per weight are counted against it)
+    fixed_bytes: int                              # tensors kept in float (norms, biases, …)
+    tensors: dict[str, dict] = field(default_factory=dict)   # name -> {shape, anchor, candidates{type: {...}}}
+    seconds: float = 0.0
+    complete: bool = False
+
+    # --- file ----------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"version": VERSION, "header": self.header, "n_params": self.n_params,
+                "fixed_bytes": self.fixed_bytes, "complete": self.complete, "seconds": self.seconds,
+                "tensors": self.tensors}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Measurement":
+        if not isinstance(d, dict) or d.get("version") != VERSION:
+            raise TwinquantError(f"not a twinquant measurement of version {VERSION}")
+        try:
+            return cls(d["header"], int(d["n_params"]), int(d["fixed_bytes"]), dict(d["tensors"]),
+                       float(d.get("seconds", 0.0)), bool(d["complete"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise TwinquantError(f"measurement: malformed ({e})") from None
+
+    def save(self, path: str | os.PathLike) -> None:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(p.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        os.replace(tmp, p)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Measurement":
+        p = Path(path)
+        if not p.is_file():
+            raise TwinquantError(f"{p}: no such measurement file")
+        try:
+            d = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise TwinquantError(f"{p}: not a measurement JSON ({e})") from None
+        try:
+            return cls.from_dict(d)
+        except TwinquantError as e:
+            raise TwinquantError(f"{p}: {e}") from None
+
+    def sha256(self) -> str:
+        """Hash of what the allocation depends on (header, sizes, costs), not of timings."""
+        body = {"header": self.header, "n_params": self.n_params, "fixed_bytes": self.fixed_bytes,
+                "tensors": self.tensors}
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+    # --- use -----------------------------------------------------------------------------------------------
+    def check_matches(self, header: dict) -> None:
+        """Error unless this measurement was made for the same model preparation, quantizer and calibration."""
+        diff = [k for k in sorted(set(header) | set(self.header)) if header.get(k) != self.header.get(k)]
+        if diff:
+            k = diff[0]
+            raise TwinquantError(f"the measurement was made with {k} = {self.header.get(k)!r}, this run has "
+                                 f"{header.get(k)!r}; measure again or use a matching recipe")
+
+    def groups(self, fixed: dict[str, str] | None = None, minimum: dict[str, str] | None = None):
+        """Solver groups (one per tensor); `fixed` / `minimum`: name -> type from the user's rules."""
+        from twinquant.quant.allocate import Candidate, Group
+
+        if not self.complete:
+            raise TwinquantError("the measurement is incomplete; run `twinquant measure` again to resume it")
+        fixed, minimum = fixed or {}, minimum or {}
+        out = []
+        for name, t in self.tensors.items():
+            cands = [Candidate(ty, c["bytes"], c["cost"]) for ty, c in t["candidates"].items()]
+            f = fixed.get(name)
+            if f is not None and f not in t["candidates"]:   # a type we did not measure (e.g. F16): size known
+                f = f.upper()
+                cost = 0.0 if f in FLOAT_BYTES else min(c.cost for c in cands)
+                size = math.prod(t["shape"]) * FLOAT_BYTES[f] if f in FLOAT_BYTES else tensor_bytes(f, t["shape"])
+                cands.append(Candidate(f, size, cost))
+            out.append(Group(name, cands, fixed=f, min_type=minimum.get(name)))
+        return out
+
+
+# --- rules ---------------------------------------------------------------------------------------------------------
+def match_rules(names, rules: list[str], what: str = "--tensor-type") -> dict[str, str]:
+    """name -> type for REGEX=TYPE rules (the first matching rule wins, as llama-quantize's --tensor-type)."""
+    from twinquant.quant.mixes import parse_type, type_name
+
+    parsed = []
+    for r in rules:
+        pat, sep, ty = r.partition("=")
+        if not sep or not pat or not ty:
+            raise TwinquantError(f"{what} {r!r}: expected REGEX=TYPE")
+        try:
+            parsed.append((re.compile(pat), type_name(parse_type(ty))))
+        except re.error as e:
+            raise TwinquantError(f"{what} {r!r}: bad regular expression ({e})") from None
+    out = {}
+    for n in names:
+        for rx, ty in parsed:
+            if rx.search(n):
+                out[n] = ty
+                break
+    return out
+
+
+# --- measuring -----------------------------------------------------------------------------------------------------
+def _kld(logp: torch.Tensor, ref: torch.Tensor) -> tuple[float, int]:
+    """Sum over positions of KL(ref ‖ logp) (both log-probs [..., vocab]), and the number of positions."""
+    k = (ref.exp() * (ref - logp)).sum(-1)
+    return float(k.double().sum()), k.numel()
+
+
+class _Scorer:
+    """Runs the KL windows from a block's (float) input to the logits and compares with the reference."""
+
+    def __init__(self, model, windows: torch.Tensor):
+        self.model = model
+        self.scored = slice(windows.shape[1] // 2, None)   # the second half, as llama-perplexity scores
+        self.ref = None
+        self.ref = [self._logp(0, embed(model, windows[i: i + 1]).float()) for i in range(windows.shape[0])]
+
+    def _logp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        x = x.to(m.dtype)
+        for j in range(layer, m.spec.n_layers):
+            x = block_forward(m, j, x)
+        return F.log_softmax(head(m, x[:, self.scored]).float(), -1)
+
+    @torch.inference_mode()
+    def kld(self, layer: int, xs: list[torch.Tensor]) -> float:
+        tot, n = 0.0, 0
+        for x, ref in zip(xs, self.ref):
+            s, c = _kld(self._logp(layer, x), ref)
+            tot, n = tot + s, n + c
+        return max(tot / n, 0.0)
+
+
+def _out_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
+    d = (W_hat.float() - W).double()
+    return float(((d @ H.double()) * d).sum())
+
+
+def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: int, header: dict, fixed_bytes: int,
+            n_params: int, method: str = "gptq", config: dict | None = None,
+            importance: dict[str, torch.Tensor] | None = None, exact: bool = False,
+            path: str | os.PathLike | None = None, progress: bool = True, log=None,
+            stop_after_layer: int | None = None) -> Measurement:
+    """Measure `names` (quantizable 2-D tensors of `model`, float) on the calibration windows; see module doc.
+
+    `kld_windows`: how many of the calibration windows price the candidates by KL (the Hessians use all of them).
+    `path`: save after every block, and resume from it when it holds a matching, incomplete measurement.
+    `stop_after_layer`: stop (incomplete) after that block — for tests of resuming.
+    """
+    from twinquant.quant.backends import get_quantizer
+    from twinquant.quant.pipeline import HessianHook, codec_for
+
+    quantizer = get_quantizer(method, config)
+    rtn = get_quantizer("rtn")
+    s = model.spec
+    header = {**header, "method": method, "config": quantizer.config.to_dict(), "exact": exact,
+              "kld_windows": int(min(kld_windows, calib_windows.shape[0])), "kld_scored": "second half"}
+    meas = Measurement(header, n_params, fixed_bytes)
+    if path is not None and Path(path).is_file():
+        old = Measurement.load(path)
+        old.check_matches(header)
+        if old.complete:
+            return old
+        meas = old
+        if log:
+            log(f"resuming {path}: {len(old.tensors)} of {len(names)} tensors already measured")
+    t_start = time.perf_counter() - meas.seconds
+    want = set(names)
+    kw = calib_windows[: header["kld_windows"]]
+    scorer = _Scorer(model, kw)
+
+    def price(name: str, layer: int, xs, H: torch.Tensor | None, quant) -> None:
+        """Quantize `name` into each candidate; KL of the anchor (or of all), output errors of all."""
+        W = model.get(name).float().cpu().clone()
+        imp = importance.get(name) if importance else None
+        if imp is None and H is not None:
+            imp = torch.diagonal(H).clone()
+        types = candidate_types(W.shape[1])
+        if not types:
+            raise TwinquantError(f"{name}: rows of {W.shape[1]} fit no quantized type (not a multiple of 32)")
+        direct = exact or H is None or layer < 0 or layer >= s.n_layers
+        cands = {}
+        for ty in types:
+            codec = codec_for(ty, W.shape[1])
+            _, _, W_hat = (quant if H is not None else rtn).quantize_weight(W, codec, H=H, importance=imp)
+            c = {"bytes": tensor_bytes(ty, W.shape), "out_error": _out_error(W, W_hat, H) if H is not None else None}
+            if direct or ty == types[0]:
+                model.set(name, W_hat)
+                start = 0 if layer < 0 else layer
+                x_in = [embed(model, kw[i: i + 1]).float() for i in range(kw.shape[0])] if layer < 0 else xs
+                c["kld"] = scorer.kld(start, x_in)
+                model.set(name, W)
+            cands[ty] = c
+        anchor = types[0]
+        a = cands[anchor]
+        for ty, c in cands.items():
+            if "kld" in c:
+                c["cost"] = c["kld"]
+            else:   # the proxy: KL scales with the output error of this one tensor
+                c["cost"] = a["kld"] * c["out_error"] / a["out_error"] if a["out_error"] > 0 else 0.0
+        meas.tensors[name] = {"shape": list(W.shape), "anchor": anchor, "candidates": cands}
+
+    def save() -> None:
+        meas.seconds = time.perf_counter() - t_start
+        if path is not None:
+            meas.save(path)
+
+    emb, out = roles.name(T.TOKEN_EMBD), roles.name(T.OUTPUT)
+    with torch.inference_mode(), Progress(s.n_layers + 2, "measure", enabled=progress) as bar:
+        if emb in want and emb not in meas.tensors:
+            price(emb, -1, None, None, rtn)
+            save()
+        bar.update(1, emb)
+        x = embed(model, calib_windows).float()
+        for layer in range(s.n_layers):
+            todo = [n for g in roles.shared_input_groups(layer) for n in g if n in want and n not in meas.tensors]
+            hooks = HessianHook({g[0] for g in roles.shared_input_groups(layer) if any(n in todo for n in g)})
+            x_kld = [x[i: i + 1] for i in range(kw.shape[0])]
+            x = torch.cat([block_forward(model, layer, x[i: i + 1].to(model.dtype), hook=hooks).float()
+                           for i in range(x.shape[0])])
+            for g in roles.shared_input_groups(layer):
+                for n in g:
+                    if n in todo:
+                        price(n, layer, x_kld, hooks.hessian(g[0]), quantizer)
+            model.fuse_shared_inputs()
+            if todo:
+                save()
+            bar.update(layer + 2, f"block {layer}: {len(todo)} tensors")
+            if stop_after_layer is not None and layer >= stop_after_layer:
+                return meas
+        if out in want and out not in meas.tensors:
+            from twinquant.quant.gptq import accumulate_hessian
+
+            h = rms_norm(x.to(model.dtype), model.get(roles.name(T.OUTPUT_NORM)), s.rms_eps).float()
+            H, _ = accumulate_hessian(None, 0, h.reshape(-1, s.hidden))
+            price(out, s.n_layers, [x[i: i + 1] for i in range(kw.shape[0])], H, quantizer)
+        bar.update(s.n_layers + 2, out)
+    missing = want - set(meas.tensors)
+    if missing:
+        raise TwinquantError(f"measure: no measurement for {', '.join(sorted(missing)[:3])}")
+    meas.complete = True
+    save()
+    return meas
