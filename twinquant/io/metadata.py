@@ -17,7 +17,9 @@ Added in schema 0.2:
 
 Added in schema 0.3:
 - `twinquant.quant` (JSON): how the weights were quantized: `{"recipe": {...}, "rotation": "none|rh|ro",
-  "calibration": {"file", "sha256", "tokens", "ctx"} | null}` (`twinquant.quant.recipe`)
+  "calibration": {"file", "sha256", "tokens", "ctx"} | null}` (`twinquant.quant.recipe`); with `--imatrix`
+  also `"imatrix": {"file", "sha256"}`; with `--target-size / --target-bpw` also `"allocation": {"target",
+  "measurement_sha256", "predicted_kld", "tensor_bytes", "gap", "types": {tensor: type}}` (`twinquant.quant.target`)
 
 Added in schema 0.4:
 - `twinquant.dup.topology` (JSON, the seed's shape; `twinquant.duplication.topology`): blocks that run more than

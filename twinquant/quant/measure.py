@@ -78,7 +78,7 @@ class Measurement:
                 "tensors": self.tensors}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Measurement":
+    def from_dict(cls, d: dict) -> Measurement:
         if not isinstance(d, dict) or d.get("version") != VERSION:
             raise TwinquantError(f"not a twinquant measurement of version {VERSION}")
         try:
@@ -95,7 +95,7 @@ class Measurement:
         os.replace(tmp, p)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Measurement":
+    def load(cls, path: str | os.PathLike) -> Measurement:
         p = Path(path)
         if not p.is_file():
             raise TwinquantError(f"{p}: no such measurement file")
@@ -253,7 +253,7 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
             c = {"bytes": tensor_bytes(ty, W.shape), "out_error": _out_error(W, W_hat, H) if H is not None else None}
             if direct or ty == types[0]:
                 model.set(name, W_hat)
-                start = 0 if layer < 0 else layer
+                start = max(layer, 0)
                 x_in = [embed(model, kw[i: i + 1]).float() for i in range(kw.shape[0])] if layer < 0 else xs
                 c["kld"] = scorer.kld(start, x_in)
                 model.set(name, W)

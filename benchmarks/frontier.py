@@ -1,0 +1,239 @@
+"""KL divergence vs size: twinquant's measured allocation against llama.cpp's own types, judged by stock llama.cpp.
+
+For each model (reference = the packaged model as F16, as in benchmarks/quality.py, whose cache this shares):
+
+1. llama.cpp's files: `llama-quantize --imatrix` (imatrix by stock llama-imatrix on groups_merged.txt) for
+   Q2_K, Q3_K_S, Q3_K_M, Q4_K_M, IQ2_XS, IQ2_M, IQ3_XXS (any TYPE or TYPE+imatrix).
+2. twinquant's measurements (`twinquant measure`, once per variant: `default` = the default recipe's preparation,
+   `pad` = the same padded to multiples of 256), timed, peak memory from /usr/bin/time.
+3. Targets: the tensor bytes of every llama.cpp file (same size as it, by llama.cpp's count) and `--bpw` values.
+   For each target every variant is solved (`quantize --dry-run`, cheap) and the one with the lower predicted KLD
+   is built (`quantize --target-bpw`, sequential GPTQ) — what a user would pick.
+4. Every file evaluated by stock `llama-perplexity` (wiki.test.raw, ctx 512, 40 chunks, KLD vs the F16 logits).
+
+Writes benchmarks/results/frontier[_TAG].{json,md,png}: the table, KLD ratio to llama.cpp at each llama.cpp size
+(goal <= 0.6x), whether twinquant's frontier is below llama.cpp's everywhere, and predicted vs measured KLD
+(the additivity check of the allocation's cost model).
+
+    python benchmarks/frontier.py [--models smollm2-135m] [--llamacpp Q2_K+imatrix ...] [--bpw 3.75 4.0 4.5]
+        [--variants default pad] [--imatrix-chunks N] [--tag T]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import CALIB, ROOT, TWINQUANT, Bench, llamacpp_bin, log, run, tensor_stats  # noqa: E402
+
+LLAMACPP = ["Q2_K+imatrix", "Q3_K_S+imatrix", "Q3_K_M+imatrix", "Q4_K_M+imatrix", "IQ2_XS+imatrix",
+            "IQ2_M+imatrix", "IQ3_XXS+imatrix"]
+VARIANTS = {"default": [], "pad": ["--pad"]}
+
+
+class Frontier(Bench):
+    variants: list[str] = ["default"]
+
+    def measurement(self, variant: str) -> tuple[Path, dict]:
+        """The variant's measurement (made once; resumed if interrupted), with its time and peak memory."""
+        path = self.work / f"measure-{variant}.json"
+        logf = self.work / f"measure-{variant}.log"
+        done = path.exists() and json.loads(path.read_text()).get("complete")
+        if not done:
+            log(f"{self.model}: twinquant measure ({variant})")
+            run(["/usr/bin/time", "-v", *TWINQUANT, "measure", self.ref, "-o", path, "--calib", CALIB,
+                 *VARIANTS[variant]], logf)
+        m = json.loads(path.read_text())
+        rss = re.findall(r"Maximum resident set size \(kbytes\): (\d+)", logf.read_text()) if logf.exists() else []
+        return path, {"seconds": m["seconds"], "peak_rss_mib": int(rss[-1]) / 1024 if rss else None,
+                      "tensors": len(m["tensors"])}
+
+    def predicted(self, variant: str, bpw: float) -> float | None:
+        """Predicted KLD of the allocation at `bpw` (dry run); None when the target is below what it can reach."""
+        path, _ = self.measurement(variant)
+        p = subprocess.run([str(c) for c in TWINQUANT + ["quantize", self.ref, "-o", self.work / "dry.gguf",
+                           "--calib", CALIB, "--measurement", path, "--target-bpw", f"{bpw:.6f}", "--dry-run",
+                           "-q", *VARIANTS[variant]]], capture_output=True, text=True)
+        if p.returncode != 0:
+            if "below the smallest" in p.stderr:
+                return None
+            raise RuntimeError(p.stderr[-2000:])
+        return float(re.search(r"predicted KLD ([\d.eE+-]+)", p.stdout).group(1))
+
+    def make(self, row: str) -> tuple[Path, dict]:
+        kind, _, spec = row.partition(":")
+        if kind != "target":
+            return super().make(row)
+        bpw_text, _, variant = spec.partition("+")
+        variant = variant or "default"
+        out = self.work / f"target-{bpw_text}-{variant}.gguf"
+        meta = out.with_suffix(".make.json")
+        if out.exists() and meta.exists() and not self.force:
+            return out, json.loads(meta.read_text())
+        path, _ = self.measurement(variant)
+        tmp = out.with_name(out.stem + ".tmp.gguf")
+        t0 = time.perf_counter()
+        text = run(TWINQUANT + ["quantize", self.ref, "-o", tmp, "--calib", CALIB, "--measurement", path,
+                                "--target-bpw", bpw_text, *VARIANTS[variant], "--report",
+                                out.with_suffix(".report.json")], out.with_suffix(".log"))
+        facts = {"make_seconds": time.perf_counter() - t0, "variant": variant, "target_bpw": float(bpw_text),
+                 "predicted_kld": float(re.search(r"predicted KLD ([\d.eE+-]+)", text).group(1))}
+        os.replace(tmp, out)
+        meta.write_text(json.dumps(facts))
+        return out, facts
+
+    def best_variant(self, bpw: float) -> tuple[str | None, dict]:
+        preds = {v: self.predicted(v, bpw) for v in self.variants}
+        ok = {v: p for v, p in preds.items() if p is not None}
+        return (min(ok, key=ok.get) if ok else None), preds
+
+
+def markdown(results: list[dict], measurements: dict, chunks: int) -> str:
+    lines = [f"wiki.test.raw, ctx 512, {chunks} chunks, stock llama-perplexity; KLD vs the F16 reference. "
+             "bpw = tensor data bits per weight (llama.cpp's count).", "",
+             "| model | file | MiB | bpw | PPL | mean KLD | 99% KLD | same top | predicted KLD |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(results, key=lambda r: (r["model"], r["bpw"])):
+        pred = f"{r['predicted_kld']:.4f}" if r.get("predicted_kld") is not None else ""
+        lines.append(f"| {r['model']} | {r['row']} | {r['file_bytes'] / 2**20:.1f} | {r['bpw']:.3f} | {r['ppl']:.3f} "
+                     f"| {r['kld_mean']:.4f} | {r['kld_p99']:.3f} | {100 * r['same_top']:.1f}% | {pred} |")
+    lines.append("")
+    for m in dict.fromkeys(r["model"] for r in results):
+        ours = [r for r in results if r["model"] == m and r["row"].startswith("target:")]
+        theirs = [r for r in results if r["model"] == m and r["row"].startswith("llama.cpp:")]
+        for v, facts in measurements.get(m, {}).items():
+            lines.append(f"- {m}: measurement `{v}`: {facts['tensors']} tensors, {facts['seconds']:.0f} s, peak "
+                         f"memory {facts['peak_rss_mib'] or 0:.0f} MiB")
+        below = []
+        for t in sorted(theirs, key=lambda r: r["bpw"]):
+            fit = [o for o in ours if o["tensor_bytes"] <= t["tensor_bytes"]]
+            best = min(fit, key=lambda o: o["kld_mean"]) if fit else None
+            if best is None:
+                lines.append(f"- {m}: at the size of {t['row']} ({t['bpw']:.3f} bpw, KLD {t['kld_mean']:.4f}): "
+                             "no twinquant file that small")
+                below.append(False)
+                continue
+            ratio = best["kld_mean"] / t["kld_mean"]
+            below.append(ratio < 1)
+            lines.append(f"- {m}: at <= the size of {t['row']} ({t['bpw']:.3f} bpw, KLD {t['kld_mean']:.4f}): "
+                         f"{best['row']} KLD {best['kld_mean']:.4f} = {ratio:.2f}x "
+                         f"({'meets' if ratio <= 0.6 else 'misses'} the 0.6x goal)")
+        if theirs:
+            lines.append(f"- {m}: twinquant below llama.cpp at {sum(below)} of {len(below)} llama.cpp sizes")
+        pairs = [(o["predicted_kld"], o["kld_mean"]) for o in ours if o.get("predicted_kld")]
+        if len(pairs) >= 2:
+            import numpy as np
+
+            p, q = np.array(pairs).T
+            lines.append(f"- {m}: additivity: measured / predicted KLD {np.min(q / p):.2f}-{np.max(q / p):.2f} "
+                         f"(predicted on calibration text, measured on wiki.test.raw), rank correlation "
+                         f"{np.corrcoef(np.argsort(np.argsort(p)), np.argsort(np.argsort(q)))[0, 1]:.2f}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in results))
+    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.8), squeeze=False)
+    for ax, m in zip(axes[0], models):
+        rows = sorted((r for r in results if r["model"] == m), key=lambda r: r["bpw"])
+        ours = [r for r in rows if r["row"].startswith("target:")]
+        theirs = [r for r in rows if r["row"].startswith("llama.cpp:")]
+        ax.plot([r["bpw"] for r in ours], [r["kld_mean"] for r in ours], "o-", color="tab:red",
+                label="twinquant --target-bpw")
+        ax.scatter([r["bpw"] for r in theirs], [r["kld_mean"] for r in theirs], color="tab:blue",
+                   label="llama.cpp + imatrix")
+        for r in theirs:
+            ax.annotate(r["row"].split(":", 1)[1].replace("+imatrix", ""), (r["bpw"], r["kld_mean"]), fontsize=7,
+                        xytext=(3, 2), textcoords="offset points")
+        ax.set_title(m)
+        ax.set_xlabel("bits per weight (tensor data)")
+        ax.set_ylabel("mean KLD vs F16 (log)")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["smollm2-135m", "qwen2.5-coder-0.5b"])
+    ap.add_argument("--chunks", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--llamacpp", nargs="*", default=LLAMACPP, help="llama-quantize types, +imatrix")
+    ap.add_argument("--bpw", nargs="*", type=float, default=[], help="extra twinquant targets (bits per weight)")
+    ap.add_argument("--variants", nargs="+", default=["default", "pad"], choices=list(VARIANTS))
+    ap.add_argument("--no-match", action="store_true", help="no twinquant target at each llama.cpp file's size")
+    ap.add_argument("--imatrix-chunks", type=int)
+    ap.add_argument("--work", help="cache folder (default ~/.cache/twinquant/quality/MODEL)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--force", action="store_true")
+    args = ap.parse_args()
+    stem = "frontier" + (f"_{args.tag}" if args.tag else "")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    bin_dir = llamacpp_bin()
+    results, measurements, failures = [], {}, []
+
+    def record(b, row):
+        try:
+            r = b.evaluate(row)
+        except (RuntimeError, subprocess.CalledProcessError) as e:
+            failures.append((b.model, row, str(e).splitlines()[0]))
+            log(f"{b.model}: {row} FAILED: {str(e)[-600:]}")
+            return None
+        facts = b.make(row)[1]
+        r = {**r, **{k: facts[k] for k in ("predicted_kld", "variant") if k in facts}}
+        results.append(r)
+        log(f"{b.model}: {row}: {r['bpw']:.3f} bpw, KLD {r['kld_mean']:.4f}"
+            + (f" (predicted {r['predicted_kld']:.4f})" if r.get("predicted_kld") else ""))
+        (out / f"{stem}.json").write_text(json.dumps({"results": results, "measurements": measurements}, indent=1))
+        return r
+
+    for m in args.models:
+        work = Path(args.work) / m if args.work else Path.home() / ".cache" / "twinquant" / "quality" / m
+        b = Frontier(m, work, bin_dir, args.chunks, args.threads, args.force)
+        b.imatrix_chunks = args.imatrix_chunks
+        b.variants = args.variants
+        b.prepare()
+        measurements[m] = {v: b.measurement(v)[1] for v in args.variants}
+        targets = list(args.bpw)
+        for row in (f"llama.cpp:{t}" for t in args.llamacpp):
+            r = record(b, row)
+            if r is not None and not args.no_match:
+                targets.append(8 * tensor_stats(b.make(row)[0])[0] / b.n_params)
+        for bpw in sorted(set(math.floor(t * 1e6) / 1e6 for t in targets)):   # down: never over the size
+            v, preds = b.best_variant(bpw)
+            log(f"{m}: {bpw:.4f} bpw: predicted " + ", ".join(f"{k} {p:.4f}" if p is not None else f"{k} -"
+                                                              for k, p in preds.items()))
+            if v is None:
+                failures.append((m, f"target {bpw:.4f}", "below the smallest size every variant can reach"))
+                continue
+            record(b, f"target:{bpw:.6f}+{v}")
+    (out / f"{stem}.json").write_text(json.dumps({"results": results, "measurements": measurements}, indent=1))
+    md = markdown(results, measurements, args.chunks)
+    (out / f"{stem}.md").write_text(md)
+    plot(results, out / f"{stem}.png")
+    print(md)
+    for m, row, why in failures:
+        print(f"not made: {m} {row}: {why}")
+    print(f"wrote {out / (stem + '.json')}, {out / (stem + '.md')}, {out / (stem + '.png')}")
+
+
+if __name__ == "__main__":
+    main()
