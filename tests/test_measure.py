@@ -142,11 +142,17 @@ def test_infeasible_target_names_the_smallest_size(tiny, tmp_path):
                       "85XB")
 
 
-def test_allocated_file_runs_in_stock_llama_cpp(tiny, tmp_path):
+@pytest.mark.parametrize("assemble", [False, True])
+def test_allocated_file_runs_in_stock_llama_cpp(tiny, tmp_path, assemble):
     import llama_cpp
 
     out = tmp_path / "q.gguf"
-    run("quantize", tiny, "-o", out, *CAL, "--target-bpw", "4.5", "-q")
+    run("quantize", tiny, "-o", out, *CAL, "--target-bpw", "4.5", "-q", *(["--from-measurement"] if assemble else []))
+    if assemble:   # the file holds exactly the kept bytes of the chosen candidates
+        rd = gguf.GGUFReader(out)
+        t = next(t for t in rd.tensors if t.name == "blk.1.ffn_up.weight")
+        kept = np.load(tmp_path / "q.measurement.json.blocks" / f"blk.1.ffn_up.weight.{t.tensor_type.name}.npy")
+        assert np.array_equal(np.asarray(t.data).reshape(-1), kept.reshape(-1))
     assert len(set(_types(out).values()) - {"F32"}) >= 2          # a real mix
     model = load_model(str(out))
     toks = torch.randint(3, 320, (40,), generator=torch.Generator().manual_seed(0))

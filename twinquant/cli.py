@@ -384,7 +384,8 @@ def _measurement(args, recipe, model, plan, rotation: str, n_params: int, imp, i
     p = Path(path)
     if p.is_file():
         m = Measurement.load(p)
-        full = {**header, **{k: m.header.get(k) for k in ("method", "config", "exact", "kld_windows", "kld_scored")}}
+        full = {**header, **{k: m.header.get(k) for k in ("method", "config", "exact", "kld_windows", "kld_scored",
+                                                           "keep_blocks")}}
         m.check_matches(full)
         if m.complete:
             if not args.quiet:
@@ -412,7 +413,7 @@ def _measurement(args, recipe, model, plan, rotation: str, n_params: int, imp, i
     config = {"act_order": True, "static_groups": True} if recipe.act_order else None
     return measure(model, names, calib.windows, kw, header, fixed, n_params, recipe.method, config, imp,
                    exact=getattr(args, "exact", False), path=p, progress=not args.quiet,
-                   log=lambda m: print(m, file=sys.stderr))
+                   log=lambda m: print(m, file=sys.stderr), keep_blocks=getattr(args, "keep_blocks", False))
 
 
 def _candidates_of(model, name: str) -> list[str]:
@@ -458,8 +459,9 @@ def cmd_quantize(args) -> None:
     out = Path(args.output)
     if out.suffix != ".gguf" and not args.dry_run:
         raise TwinquantError(f"{out}: the output of quantize is a .gguf file")
-    if args.measurement and not target:
-        raise TwinquantError("--measurement is used with --target-size or --target-bpw")
+    if (args.measurement or args.from_measurement) and not target:
+        raise TwinquantError("--measurement / --from-measurement are used with --target-size or --target-bpw")
+    args.keep_blocks = args.from_measurement      # a measurement made here keeps what --from-measurement needs
     model, plan, rotation, n_params = _prepare(args, recipe, dry_run=args.dry_run and not target)
     spec = _planned_spec(model, rotation)
     choices = plan(spec)
@@ -504,22 +506,11 @@ def cmd_quantize(args) -> None:
             print(f"file about {total:,} bytes ({total / 1e6:.2f} MB) for target {target.text()}")
         return
     model.materialize()
-    total, done = len(types), []
-
-    def log(rep) -> None:   # one line per tensor, like llama-quantize
-        done.append(rep)
-        if args.quiet:
-            return
-        i = len(done)
-        err = f"err {rep.rel_error:.4f}" + (f"  out {rep.out_error:.4f}" if rep.out_error is not None else "")
-        print(f"[{i:>4}/{total}] {rep.name:<28} {str(list(rep.shape)):>13}  -> {rep.type:<7} "
-              f"{rep.bits_per_weight:5.2f} bpw  {err}  {rep.seconds:.1f}s", file=sys.stderr)
-
-    from twinquant.quant.pipeline import quantize_model
-
-    config = {"act_order": True, "static_groups": True} if recipe.act_order else None
-    report = quantize_model(model, types, recipe.method, calib.windows if calib else None, config=config,
-                            progress=False, log=log, importance=imp)
+    if args.from_measurement:
+        _assemble(model, meas, mpath, alloc)
+        report = None
+    else:
+        report = _quantize_sequential(args, recipe, model, types, calib, imp)
     from twinquant.io.gguf_write import write_gguf
 
     first = write_gguf(model, out, args.outtype.upper(), split_max_size=args.split_max_size)
@@ -537,10 +528,49 @@ def cmd_quantize(args) -> None:
     print(f"wrote {out}: {size / 2**20:.1f} MiB, {8 * size / n_params:.3f} bits per weight (file)"
           + (f", predicted KLD {alloc.total_cost:.5f}" if alloc is not None else ""))
     if args.report:
-        _write_json(args.report, {**report.to_dict(), "file_bytes": size, "n_params": n_params,
+        _write_json(args.report, {**(report.to_dict() if report else {"method": "from-measurement"}),
+                                  "file_bytes": size, "n_params": n_params,
                                   "recipe": recipe.to_dict(), "rotation": rotation, "calibration": calib_rec,
                                   "allocation": alloc.to_dict() if alloc is not None else None})
-        _report_plot(args.report, report)
+        if report:
+            _report_plot(args.report, report)
+
+
+def _quantize_sequential(args, recipe, model, types: dict[str, str], calib, imp):
+    """Block by block GPTQ (or RTN) into `types`, one progress line per tensor like llama-quantize."""
+    from twinquant.quant.pipeline import quantize_model
+
+    total, done = len(types), []
+
+    def log(rep) -> None:
+        done.append(rep)
+        if args.quiet:
+            return
+        err = f"err {rep.rel_error:.4f}" + (f"  out {rep.out_error:.4f}" if rep.out_error is not None else "")
+        print(f"[{len(done):>4}/{total}] {rep.name:<28} {str(list(rep.shape)):>13}  -> {rep.type:<7} "
+              f"{rep.bits_per_weight:5.2f} bpw  {err}  {rep.seconds:.1f}s", file=sys.stderr)
+
+    config = {"act_order": True, "static_groups": True} if recipe.act_order else None
+    return quantize_model(model, types, recipe.method, calib.windows if calib else None, config=config,
+                          progress=False, log=log, importance=imp)
+
+
+def _assemble(model, meas, mpath: str, alloc) -> None:
+    """--from-measurement: every tensor takes the bytes its measurement kept for the chosen type."""
+    import gguf
+
+    from twinquant.model.model import QuantizedWeight
+    from twinquant.quant.measure import FLOAT_BYTES, load_block
+
+    if not meas.header.get("keep_blocks"):
+        raise TwinquantError(f"{mpath} kept no blocks: measure with --keep-blocks to use --from-measurement")
+    for n, c in alloc.choice.items():
+        if c.type in FLOAT_BYTES:
+            continue                        # a user rule kept it in float: it stays as the model holds it
+        if c.type not in meas.tensors[n]["candidates"]:
+            raise TwinquantError(f"{n}: type {c.type} was not measured; --from-measurement has no bytes for it")
+        W_hat, data = load_block(mpath, n, c.type, meas.tensors[n]["shape"])
+        model.set_quantized(n, W_hat, QuantizedWeight(gguf.GGMLQuantizationType[c.type], data))
 
 
 def _report_plot(path: str, report) -> None:
@@ -833,6 +863,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "allowed for matching tensors (repeatable)")
     sp.add_argument("--kld-windows", type=int, default=4, help="calibration windows that price candidates by KL "
                     "when measuring (default 4)")
+    sp.add_argument("--from-measurement", action="store_true", help="with --target-*: take each tensor's bytes "
+                    "from the measurement's kept blocks (seconds; needs `measure --keep-blocks`) instead of "
+                    "quantizing again (sequential GPTQ)")
     sp.set_defaults(func=cmd_quantize)
 
     sp = with_calib(with_model(sub.add_parser("measure", help="price every candidate type of every tensor (KL "
@@ -852,6 +885,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default 4; the Hessians use all --calib-tokens)")
     sp.add_argument("--exact", action="store_true", help="measure the KL of every candidate (one forward each) "
                     "instead of scaling the cheapest one's by output error")
+    sp.add_argument("--keep-blocks", action="store_true", help="keep every candidate's packed bytes beside the "
+                    "JSON (OUTPUT.blocks/, ~4x a 5-bit file) for quantize --from-measurement")
     sp.add_argument("--outtype", choices=["f32", "f16", "bf16"], default="f16")
     sp.set_defaults(func=cmd_measure, mix=None, format=None, tensor_type=None, output_tensor_type=None,
                     token_embedding_type=None, pure=False)

@@ -17,6 +17,11 @@ Inputs are the float model's (each tensor is perturbed alone: the costs are mean
 checks how well they do). The measurement is a JSON file, written after every block (atomically), so an
 interrupted run resumes where it stopped and gives the same file as an uninterrupted one. `sha256()` names it in
 the GGUF's `twinquant.quant.allocation`.
+
+With `keep_blocks` every candidate's packed GGML bytes are also kept (`<measurement>.blocks/`, one .npy per tensor and
+type; about four times the size of a 5-bit file): `quantize --from-measurement` then assembles a file for any target
+from them in seconds instead of quantizing again (each tensor as measured: GPTQ on the float model's inputs, not
+the sequential GPTQ of a normal `quantize` run).
 """
 
 from __future__ import annotations
@@ -143,6 +148,38 @@ class Measurement:
         return out
 
 
+# --- kept blocks ---------------------------------------------------------------------------------------------------
+def blocks_dir(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    return p.with_name(p.name + ".blocks")
+
+
+def _save_block(path: Path, data) -> None:
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npy")
+    np.save(tmp, np.ascontiguousarray(data))
+    os.replace(tmp, path)
+
+
+def load_block(path: str | os.PathLike, name: str, type_name: str, shape) -> tuple[torch.Tensor, object]:
+    """(dequantized float32 [rows, cols], packed uint8 bytes) of one kept candidate of a measurement at `path`."""
+    import numpy as np
+
+    from twinquant.quant.ggml import get_codec
+
+    f = blocks_dir(path) / f"{name}.{type_name}.npy"
+    if not f.is_file():
+        raise TwinquantError(f"{f}: missing; measure with --keep-blocks to use --from-measurement")
+    data = np.load(f)
+    codec = get_codec(type_name)
+    rows, cols = shape
+    if data.shape != (rows, codec.bytes_per_row(cols)):
+        raise TwinquantError(f"{f}: {data.shape} bytes do not hold {type_name} [{rows}, {cols}]")
+    return codec.dequantize_bytes(data, cols), data
+
+
 # --- rules ---------------------------------------------------------------------------------------------------------
 def match_rules(names, rules: list[str], what: str = "--tensor-type") -> dict[str, str]:
     """name -> type for REGEX=TYPE rules (the first matching rule wins, as llama-quantize's --tensor-type)."""
@@ -207,12 +244,13 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
             n_params: int, method: str = "gptq", config: dict | None = None,
             importance: dict[str, torch.Tensor] | None = None, exact: bool = False,
             path: str | os.PathLike | None = None, progress: bool = True, log=None,
-            stop_after_layer: int | None = None) -> Measurement:
+            stop_after_layer: int | None = None, keep_blocks: bool = False) -> Measurement:
     """Measure `names` (quantizable 2-D tensors of `model`, float) on the calibration windows; see module doc.
 
     `kld_windows`: how many of the calibration windows price the candidates by KL (the Hessians use all of them).
     `path`: save after every block, and resume from it when it holds a matching, incomplete measurement.
     `stop_after_layer`: stop (incomplete) after that block — for tests of resuming.
+    `keep_blocks`: keep every candidate's packed bytes beside `path` (see module doc).
     """
     from twinquant.quant.backends import get_quantizer
     from twinquant.quant.pipeline import HessianHook, codec_for
@@ -220,7 +258,11 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
     quantizer = get_quantizer(method, config)
     rtn = get_quantizer("rtn")
     s = model.spec
+    if keep_blocks and path is None:
+        raise TwinquantError("keep_blocks needs a measurement path (the blocks are kept beside it)")
+    store = blocks_dir(path) if keep_blocks else None
     header = {**header, "method": method, "config": quantizer.config.to_dict(), "exact": exact,
+              "keep_blocks": keep_blocks,
               "kld_windows": int(min(kld_windows, calib_windows.shape[0])), "kld_scored": "second half"}
     meas = Measurement(header, n_params, fixed_bytes)
     if path is not None and Path(path).is_file():
@@ -249,8 +291,10 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
         cands = {}
         for ty in types:
             codec = codec_for(ty, W.shape[1])
-            _, _, W_hat = (quant if H is not None else rtn).quantize_weight(W, codec, H=H, importance=imp)
+            codes, params, W_hat = (quant if H is not None else rtn).quantize_weight(W, codec, H=H, importance=imp)
             c = {"bytes": tensor_bytes(ty, W.shape), "out_error": _out_error(W, W_hat, H) if H is not None else None}
+            if store is not None:
+                _save_block(store / f"{name}.{ty}.npy", codec.pack(codes, params))
             if direct or ty == types[0]:
                 model.set(name, W_hat)
                 start = max(layer, 0)
