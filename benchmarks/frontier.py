@@ -8,7 +8,9 @@ For each model (reference = the packaged model as F16, as in benchmarks/quality.
    `pad` = the same padded to multiples of 256), timed, peak memory from /usr/bin/time.
 3. Targets: the tensor bytes of every llama.cpp file (same size as it, by llama.cpp's count) and `--bpw` values.
    For each target every variant is solved (`quantize --dry-run`, cheap) and the one with the lower predicted KLD
-   is built (`quantize --target-bpw`, sequential GPTQ) — what a user would pick.
+   is built — what a user would pick — from the measurement's kept blocks (`quantize --target-bpw
+   --from-measurement`, seconds); `--sequential BPW ...` also builds those targets by a normal quantize run
+   (sequential GPTQ) to compare the two.
 4. Every file evaluated by stock `llama-perplexity` (wiki.test.raw, ctx 512, 40 chunks, KLD vs the F16 logits).
 
 Writes benchmarks/results/frontier[_TAG].{json,md,png}: the table, KLD ratio to llama.cpp at each llama.cpp size
@@ -50,7 +52,7 @@ class Frontier(Bench):
         if not done:
             log(f"{self.model}: twinquant measure ({variant})")
             run(["/usr/bin/time", "-v", *TWINQUANT, "measure", self.ref, "-o", path, "--calib", CALIB,
-                 *VARIANTS[variant]], logf)
+                 "--keep-blocks", *VARIANTS[variant]], logf)
         m = json.loads(path.read_text())
         rss = re.findall(r"Maximum resident set size \(kbytes\): (\d+)", logf.read_text()) if logf.exists() else []
         return path, {"seconds": m["seconds"], "peak_rss_mib": int(rss[-1]) / 1024 if rss else None,
@@ -72,9 +74,10 @@ class Frontier(Bench):
         kind, _, spec = row.partition(":")
         if kind != "target":
             return super().make(row)
-        bpw_text, _, variant = spec.partition("+")
-        variant = variant or "default"
-        out = self.work / f"target-{bpw_text}-{variant}.gguf"
+        bpw_text, *steps = spec.split("+")
+        variant = next((v for v in steps if v in VARIANTS), "default")
+        seq = "seq" in steps          # sequential GPTQ (a normal quantize run) instead of the measured blocks
+        out = self.work / f"target-{bpw_text}-{variant}{'-seq' if seq else ''}.gguf"
         meta = out.with_suffix(".make.json")
         if out.exists() and meta.exists() and not self.force:
             return out, json.loads(meta.read_text())
@@ -83,8 +86,10 @@ class Frontier(Bench):
         t0 = time.perf_counter()
         text = run(TWINQUANT + ["quantize", self.ref, "-o", tmp, "--calib", CALIB, "--measurement", path,
                                 "--target-bpw", bpw_text, *VARIANTS[variant], "--report",
-                                out.with_suffix(".report.json")], out.with_suffix(".log"))
+                                out.with_suffix(".report.json"), *([] if seq else ["--from-measurement"])],
+                   out.with_suffix(".log"))
         facts = {"make_seconds": time.perf_counter() - t0, "variant": variant, "target_bpw": float(bpw_text),
+                 "sequential": seq,
                  "predicted_kld": float(re.search(r"predicted KLD ([\d.eE+-]+)", text).group(1))}
         os.replace(tmp, out)
         meta.write_text(json.dumps(facts))
@@ -149,10 +154,14 @@ def plot(results: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.8), squeeze=False)
     for ax, m in zip(axes[0], models):
         rows = sorted((r for r in results if r["model"] == m), key=lambda r: r["bpw"])
-        ours = [r for r in rows if r["row"].startswith("target:")]
+        ours = [r for r in rows if r["row"].startswith("target:") and not r.get("sequential")]
+        seq = [r for r in rows if r.get("sequential")]
         theirs = [r for r in rows if r["row"].startswith("llama.cpp:")]
         ax.plot([r["bpw"] for r in ours], [r["kld_mean"] for r in ours], "o-", color="tab:red",
                 label="twinquant --target-bpw")
+        if seq:
+            ax.scatter([r["bpw"] for r in seq], [r["kld_mean"] for r in seq], marker="x", color="tab:red",
+                       label="twinquant, sequential GPTQ")
         ax.scatter([r["bpw"] for r in theirs], [r["kld_mean"] for r in theirs], color="tab:blue",
                    label="llama.cpp + imatrix")
         for r in theirs:
@@ -178,6 +187,8 @@ def main() -> None:
     ap.add_argument("--bpw", nargs="*", type=float, default=[], help="extra twinquant targets (bits per weight)")
     ap.add_argument("--variants", nargs="+", default=["default", "pad"], choices=list(VARIANTS))
     ap.add_argument("--no-match", action="store_true", help="no twinquant target at each llama.cpp file's size")
+    ap.add_argument("--sequential", nargs="*", type=float, default=[], help="targets (bpw) also built by a normal "
+                    "quantize run (sequential GPTQ) beside the measured-block assembly")
     ap.add_argument("--imatrix-chunks", type=int)
     ap.add_argument("--work", help="cache folder (default ~/.cache/twinquant/quality/MODEL)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -198,7 +209,7 @@ def main() -> None:
             log(f"{b.model}: {row} FAILED: {str(e)[-600:]}")
             return None
         facts = b.make(row)[1]
-        r = {**r, **{k: facts[k] for k in ("predicted_kld", "variant") if k in facts}}
+        r = {**r, **{k: facts[k] for k in ("predicted_kld", "variant", "sequential", "make_seconds") if k in facts}}
         results.append(r)
         log(f"{b.model}: {row}: {r['bpw']:.3f} bpw, KLD {r['kld_mean']:.4f}"
             + (f" (predicted {r['predicted_kld']:.4f})" if r.get("predicted_kld") else ""))
@@ -225,6 +236,10 @@ def main() -> None:
                 failures.append((m, f"target {bpw:.4f}", "below the smallest size every variant can reach"))
                 continue
             record(b, f"target:{bpw:.6f}+{v}")
+        for bpw in args.sequential:
+            v, _ = b.best_variant(bpw)
+            if v is not None:
+                record(b, f"target:{bpw:.6f}+{v}+seq")
     (out / f"{stem}.json").write_text(json.dumps({"results": results, "measurements": measurements}, indent=1))
     md = markdown(results, measurements, args.chunks)
     (out / f"{stem}.md").write_text(md)
