@@ -54,9 +54,20 @@ class Frontier(Bench):
             run(["/usr/bin/time", "-v", *TWINQUANT, "measure", self.ref, "-o", path, "--calib", CALIB,
                  "--keep-blocks", *VARIANTS[variant]], logf)
         m = json.loads(path.read_text())
-        rss = re.findall(r"Maximum resident set size \(kbytes\): (\d+)", logf.read_text()) if logf.exists() else []
-        return path, {"seconds": m["seconds"], "peak_rss_mib": int(rss[-1]) / 1024 if rss else None,
-                      "tensors": len(m["tensors"])}
+        text = logf.read_text() if logf.exists() else ""
+        rss = re.findall(r"Maximum resident set size \(kbytes\): (\d+)", text)
+        cpu = [float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", text)[-2:]]
+        return path, {"seconds": m["seconds"], "cpu_seconds": sum(cpu) if cpu else None,
+                      "peak_rss_mib": int(rss[-1]) / 1024 if rss else None, "tensors": len(m["tensors"])}
+
+    def calib_kld(self, path: Path) -> float:
+        """KLD on the calibration windows the measurement priced candidates on (4 x 512 tokens, second halves):
+        predicted vs this is the additivity check on the same text."""
+        out = path.with_suffix(".calib-kld.json")
+        if not out.exists() or out.stat().st_mtime < path.stat().st_mtime:
+            run(TWINQUANT + ["perplexity", path, "-f", CALIB, "--ref", self.ref, "-c", 512, "--chunks", 4, "-q",
+                             "--json", out], path.with_suffix(".calib-kld.log"))
+        return json.loads(out.read_text())["kld_mean"]
 
     def predicted(self, variant: str, bpw: float) -> float | None:
         """Predicted KLD of the allocation at `bpw` (dry run); None when the target is below what it can reach."""
@@ -104,19 +115,20 @@ class Frontier(Bench):
 def markdown(results: list[dict], measurements: dict, chunks: int) -> str:
     lines = [f"wiki.test.raw, ctx 512, {chunks} chunks, stock llama-perplexity; KLD vs the F16 reference. "
              "bpw = tensor data bits per weight (llama.cpp's count).", "",
-             "| model | file | MiB | bpw | PPL | mean KLD | 99% KLD | same top | predicted KLD |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| model | file | MiB | bpw | PPL | mean KLD | 99% KLD | same top | predicted KLD | calib KLD |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(results, key=lambda r: (r["model"], r["bpw"])):
         pred = f"{r['predicted_kld']:.4f}" if r.get("predicted_kld") is not None else ""
+        cal = f"{r['calib_kld']:.4f}" if r.get("calib_kld") is not None else ""
         lines.append(f"| {r['model']} | {r['row']} | {r['file_bytes'] / 2**20:.1f} | {r['bpw']:.3f} | {r['ppl']:.3f} "
-                     f"| {r['kld_mean']:.4f} | {r['kld_p99']:.3f} | {100 * r['same_top']:.1f}% | {pred} |")
+                     f"| {r['kld_mean']:.4f} | {r['kld_p99']:.3f} | {100 * r['same_top']:.1f}% | {pred} | {cal} |")
     lines.append("")
     for m in dict.fromkeys(r["model"] for r in results):
         ours = [r for r in results if r["model"] == m and r["row"].startswith("target:")]
         theirs = [r for r in results if r["model"] == m and r["row"].startswith("llama.cpp:")]
         for v, facts in measurements.get(m, {}).items():
-            lines.append(f"- {m}: measurement `{v}`: {facts['tensors']} tensors, {facts['seconds']:.0f} s, peak "
-                         f"memory {facts['peak_rss_mib'] or 0:.0f} MiB")
+            lines.append(f"- {m}: measurement `{v}`: {facts['tensors']} tensors, {facts['seconds']:.0f} s wall, "
+                         f"{facts.get('cpu_seconds') or 0:.0f} s CPU, peak memory {facts['peak_rss_mib'] or 0:.0f} MiB")
         below = []
         for t in sorted(theirs, key=lambda r: r["bpw"]):
             fit = [o for o in ours if o["tensor_bytes"] <= t["tensor_bytes"]]
@@ -133,14 +145,16 @@ def markdown(results: list[dict], measurements: dict, chunks: int) -> str:
                          f"({'meets' if ratio <= 0.6 else 'misses'} the 0.6x goal)")
         if theirs:
             lines.append(f"- {m}: twinquant below llama.cpp at {sum(below)} of {len(below)} llama.cpp sizes")
-        pairs = [(o["predicted_kld"], o["kld_mean"]) for o in ours if o.get("predicted_kld")]
+        pairs = [(o["predicted_kld"], o["calib_kld"], o["kld_mean"]) for o in ours
+                 if o.get("predicted_kld") and o.get("calib_kld") and not o.get("sequential")]
         if len(pairs) >= 2:
             import numpy as np
 
-            p, q = np.array(pairs).T
-            lines.append(f"- {m}: additivity: measured / predicted KLD {np.min(q / p):.2f}-{np.max(q / p):.2f} "
-                         f"(predicted on calibration text, measured on wiki.test.raw), rank correlation "
-                         f"{np.corrcoef(np.argsort(np.argsort(p)), np.argsort(np.argsort(q)))[0, 1]:.2f}")
+            p, c, q = np.array(pairs).T
+            lines.append(f"- {m}: additivity on the measurement's own calibration windows: measured / predicted KLD "
+                         f"{np.min(c / p):.2f}-{np.max(c / p):.2f} (mean {np.mean(c / p):.2f}); on wiki.test.raw / "
+                         f"predicted {np.min(q / p):.2f}-{np.max(q / p):.2f}; rank correlation of predicted and "
+                         f"wiki KLD {np.corrcoef(np.argsort(np.argsort(p)), np.argsort(np.argsort(q)))[0, 1]:.2f}")
     return "\n".join(lines) + "\n"
 
 
@@ -210,6 +224,8 @@ def main() -> None:
             return None
         facts = b.make(row)[1]
         r = {**r, **{k: facts[k] for k in ("predicted_kld", "variant", "sequential", "make_seconds") if k in facts}}
+        if row.startswith("target:"):
+            r["calib_kld"] = b.calib_kld(b.make(row)[0])
         results.append(r)
         log(f"{b.model}: {row}: {r['bpw']:.3f} bpw, KLD {r['kld_mean']:.4f}"
             + (f" (predicted {r['predicted_kld']:.4f})" if r.get("predicted_kld") else ""))

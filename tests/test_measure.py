@@ -181,7 +181,10 @@ def test_quantize_with_imatrix_reports_coverage(tiny, tmp_path):
     Imatrix.read(im).write_dat(dat)
     for f, missing in ((part, True), (dat, False)):
         out = tmp_path / f"q-{f.suffix[1:]}.gguf"
-        p = run("quantize", tiny, "-o", out, *CAL, "--imatrix", f, "--mix", "llama.cpp:Q2_K")
+        p = run("quantize", tiny, "-o", out, *CAL, "--imatrix", f, "--mix", "llama.cpp:Q2_K", "--report",
+                tmp_path / "r.json")
+        cov = json.loads((tmp_path / "r.json").read_text())["imatrix_coverage"]
+        assert cov["blk.1.ffn_down.weight"]["present"] == (not missing) and cov["blk.0.attn_q.weight"]["count"] > 0
         assert f"{13 if missing else 14}/15 tensors covered" in p.stderr      # no output.weight: not collected
         assert ("blk.1.ffn_down.weight: no imatrix data" in p.stderr) == missing
         assert out.exists()

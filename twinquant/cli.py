@@ -367,6 +367,7 @@ def _importance(args, model, names: list[str], rotation: str) -> tuple[dict | No
         warnings.warn(f"the model is rotated ({rotation}) before quantizing: the imatrix must have been computed on "
                       "the rotated model (twinquant rotate, then twinquant imatrix); one of the original model is "
                       "in the wrong basis")
+    args.imatrix_coverage = cov      # per tensor, for the --report JSON
     return imp, hashlib.sha256(Path(args.imatrix).read_bytes()).hexdigest()
 
 
@@ -531,7 +532,8 @@ def cmd_quantize(args) -> None:
         _write_json(args.report, {**(report.to_dict() if report else {"method": "from-measurement"}),
                                   "file_bytes": size, "n_params": n_params,
                                   "recipe": recipe.to_dict(), "rotation": rotation, "calibration": calib_rec,
-                                  "allocation": alloc.to_dict() if alloc is not None else None})
+                                  "allocation": alloc.to_dict() if alloc is not None else None,
+                                  "imatrix_coverage": getattr(args, "imatrix_coverage", None)})
         if report:
             _report_plot(args.report, report)
 
