@@ -460,6 +460,9 @@ def cmd_quantize(args) -> None:
     out = Path(args.output)
     if out.suffix != ".gguf" and not args.dry_run:
         raise TwinquantError(f"{out}: the output of quantize is a .gguf file")
+    if target and target.kind == "size" and args.split_max_size:
+        raise TwinquantError("--target-size bounds one file; with --split-max-size every shard adds a header: use "
+                             "--target-bpw")
     if (args.measurement or args.from_measurement) and not target:
         raise TwinquantError("--measurement / --from-measurement are used with --target-size or --target-bpw")
     args.keep_blocks = args.from_measurement      # a measurement made here keeps what --from-measurement needs
@@ -490,7 +493,8 @@ def cmd_quantize(args) -> None:
         minimum = match_rules(names, list(args.min_type or []), "--min-type")
         alloc, record, overhead = allocate(model, meas, target, fixed, minimum, args.outtype)
         model.quant_record["allocation"] = record
-        types = {n: c.type for n, c in alloc.choice.items()}
+        # a rule that keeps a tensor in float leaves it to the writer (--outtype), as the mixes do
+        types = {n: c.type for n, c in alloc.choice.items() if c.type not in ("F32", "F16", "BF16")}
         if not args.quiet or args.dry_run:
             print(format_allocation(alloc, meas), file=sys.stdout if args.dry_run else sys.stderr)
     if args.dry_run:
