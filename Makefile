@@ -22,7 +22,9 @@ $(VENV)/.installed: $(PY) pyproject.toml constraints.txt
 
 # llama.cpp's command-line tools (llama-quantize, llama-imatrix, llama-perplexity), built from the
 # llama-cpp-python sdist into ~/.cache/twinquant/: oracles of the imatrix tests and of benchmarks/quality.py
-$(VENV)/.installed-test: $(VENV)/.installed
+# llama-cpp-python is built first with the project's llama.cpp flags (AMX off: it segfaults on these machines).
+$(VENV)/.installed-test: $(VENV)/.installed benchmarks/build_llamacpp_wheel.sh benchmarks/llamacpp_flags.sh
+	PYTHON=$(PY) bash benchmarks/build_llamacpp_wheel.sh
 	$(PIPC) -e ".[test,bench]"
 	PYTHON=$(PY) bash benchmarks/build_llamacpp.sh
 	touch $@

@@ -6,7 +6,10 @@
 #   env:   TQ_LLAMACPP_CACHE (default ~/.cache/twinquant/llama.cpp-<version>), PYTHON (default python3)
 set -euo pipefail
 VERSION=0.3.36
-CACHE=${TQ_LLAMACPP_CACHE:-$HOME/.cache/twinquant/llama.cpp-$VERSION}
+# Native build without AMX: on Sapphire Rapids machines ggml's AMX matmul segfaults here (the sandbox does not
+# grant the AMX tile state), so every llama.cpp build of this project passes these flags (see llamacpp_flags.sh).
+source "$(dirname "$0")/llamacpp_flags.sh"
+CACHE=${TQ_LLAMACPP_CACHE:-$HOME/.cache/twinquant/llama.cpp-$VERSION-$LLAMACPP_FLAVOUR}
 PYTHON=${PYTHON:-python3}
 TOOLS=(llama-quantize llama-imatrix llama-perplexity)
 BIN=$CACHE/bin
@@ -30,7 +33,8 @@ BUILD=$CACHE/build
 echo "building ${TOOLS[*]} (about ten minutes on two cores)" >&2
 cmake -S "$SRC/vendor/llama.cpp" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
     -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-    -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=ON -DGGML_NATIVE=ON >&2
+    -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=ON -DGGML_NATIVE=ON \
+    -DCMAKE_C_FLAGS="$LLAMACPP_CFLAGS" -DCMAKE_CXX_FLAGS="$LLAMACPP_CFLAGS" >&2
 cmake --build "$BUILD" -j "$(nproc)" --target "${TOOLS[@]}" >&2
 mkdir -p "$BIN.tmp"
 for t in "${TOOLS[@]}"; do cp "$BUILD/bin/$t" "$BIN.tmp/"; done

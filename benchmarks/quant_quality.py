@@ -36,7 +36,7 @@ from twinquant.io.gguf_write import write_gguf
 from twinquant.io.load import load_model
 from twinquant.model import roles
 from twinquant.quant.mixes import assign_types
-from twinquant.quant.pipeline import quantize_model
+from twinquant.pipeline.executor import quantize_model
 from twinquant.rotation.rotate import rotate
 
 ROOT = Path(__file__).resolve().parent.parent

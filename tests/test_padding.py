@@ -122,7 +122,7 @@ def test_fuse_pad_then_rotate_keeps_tied_head(tmp_path):
 def test_padded_model_gets_real_k_quants(tmp_path):
     import llama_cpp
 
-    from twinquant.quant.pipeline import quantize_model
+    from twinquant.pipeline.executor import quantize_model
 
     model = load_hf_dir(save_tiny("llama", tmp_path / "hf", tokenizer=True, hidden_size=96, intermediate_size=160,
                                   num_attention_heads=4, num_key_value_heads=2, head_dim=64))   # q_dim 256
@@ -175,7 +175,7 @@ def test_padding_errors_and_no_op(tmp_path):
     with pytest.raises(TwinquantError, match="query heads"):         # qwen2 with head_dim 24: 256 / 24 heads
         pad_model(Model(spec=_spec(arch="qwen2", hidden=96, n_heads=4, n_kv_heads=2, head_dim=24)), 256)
     model = load_hf_dir(save_tiny("llama", tmp_path / "hf", tokenizer=True, hidden_size=96))
-    from twinquant.quant.pipeline import quantize_model
+    from twinquant.pipeline.executor import quantize_model
 
     quantize_model(model, {"blk.0.ffn_up.weight": "Q8_0"}, "rtn", progress=False)
     with pytest.raises(TwinquantError, match="before quantizing"):

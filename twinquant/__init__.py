@@ -1,3 +1,16 @@
 """twinquant: rotate, quantize and duplicate layers of open LLMs down to ~2 bits per weight, exported as GGUF."""
 
 __version__ = "0.1.0"
+
+_API = {"quantize": "twinquant.pipeline", "measure": "twinquant.pipeline", "Options": "twinquant.pipeline",
+        "QuantizeResult": "twinquant.pipeline", "Recipe": "twinquant.quant.recipe"}
+
+
+def __getattr__(name: str):
+    """The library API (`twinquant.quantize(source, out, recipe, options)` …), imported on first use so that
+    `import twinquant` stays light."""
+    if name in _API:
+        import importlib
+
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'twinquant' has no attribute {name!r}")

@@ -30,11 +30,9 @@ def _load(args, materialize: bool = True):
 
 
 def _write_json(path: str, obj: dict) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, p)
+    from twinquant.pipeline.report import write_json
+
+    write_json(path, obj)
 
 
 def _human(n: float) -> str:
@@ -247,20 +245,7 @@ def cmd_activations(args) -> None:
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
 
 
-# --- quantize -------------------------------------------------------------------------------------------------
-def padding_summary(model) -> str:
-    recs = [r for r in model.rotations if r.get("kind") == "pad"]
-    if not recs:
-        return "nothing to pad"
-    r = recs[-1]
-    return (f"hidden {r['hidden']} -> {r['to']}, ffn {r['intermediate']} -> {r['intermediate_to']}, "
-            f"heads {r['n_heads']} -> {r['n_heads_to']}")
-
-
-def _type_name(t) -> str:
-    return getattr(t, "name", str(t))
-
-
+# --- quantize / measure ---------------------------------------------------------------------------------------
 def _recipe(args):
     """The recipe named by --recipe (default: `default`), with every option given on the command line on top."""
     import dataclasses
@@ -278,160 +263,25 @@ def _recipe(args):
     return r.replace(**changes)
 
 
-def _prepare(args, recipe, dry_run: bool):
-    """Load, pad and rotate the model as the recipe says; returns (model, plan(spec) -> choices, rotation,
-    n_params of the source). With `dry_run` nothing is rotated (the plan only needs the rotated spec)."""
-    from twinquant.model import roles
-    from twinquant.quant.mixes import assign_types
+def _options(args, **extra):
+    from twinquant.pipeline import Options
 
-    model = _load(args, materialize=False)
-    n_params = model.n_params()   # of the source: bits per weight are counted against the real weights
-    rotation = recipe.resolved_rotation(model.spec.tied_embeddings)
-
-    def plan(spec):
-        return assign_types(spec, roles.all_tensor_names(spec), mix=recipe.mix, default=recipe.format,
-                            overrides=recipe.tensor_type, output_type=recipe.output_tensor_type,
-                            embedding_type=recipe.token_embedding_type, pure=recipe.pure)
-
-    plan(model.spec)   # a bad mix, type or rule fails here, before any work
-    if not args.quiet:
-        print(f"recipe {recipe.name}: {recipe.method}, {recipe.mix or recipe.format}, rotation {rotation}"
-              + (", pad" if recipe.pad else ""), file=sys.stderr)
-    if recipe.pad:   # zero channels up to a multiple of 256: K-quants instead of llama.cpp's ~4-5-bit fallbacks
-        from twinquant.export.padding import pad_model
-
-        model = pad_model(model, multiple=recipe.pad_multiple, ffn=True, heads=True)
-        if not args.quiet:
-            print(f"padded: {padding_summary(model)}", file=sys.stderr)
-    if rotation != "none" and not dry_run:
-        from twinquant.rotation.rotate import rotate
-
-        model.materialize()
-        dtype = model.dtype
-        model.to(dtype=torch.float64)
-        calib_r = _calibration(recipe, model).windows if rotation == "ro" else None
-        rotate(model, rotation, recipe.seed, r2=True, online=(), calib_windows=calib_r)
-        model.to(dtype=dtype)
-    return model, plan, rotation, n_params
-
-
-def _planned_spec(model, rotation: str):
-    """The spec the file will have: rotating unties a tied head (the final-norm gain is fused into it)."""
-    import dataclasses
-
-    if rotation != "none" and model.spec.tied_embeddings:
-        return dataclasses.replace(model.spec, tied_embeddings=False)
-    return model.spec
-
-
-def _quantized_types(choices) -> dict[str, str]:
-    return {c.name: _type_name(c.type) for c in choices if _type_name(c.type) not in ("F32", "F16", "BF16")}
-
-
-def _importance(args, model, names: list[str], rotation: str) -> tuple[dict | None, str | None]:
-    """--imatrix FILE (llama.cpp's imatrix.gguf or legacy .dat, from either tool) -> per-tensor importance, with a
-    coverage report; tensors without data keep the calibration's own statistics (with a warning)."""
-    if not getattr(args, "imatrix", None):
-        return None, None
-    import hashlib
-    import warnings
-
-    import numpy as np
-
-    from twinquant.model import roles
-    from twinquant.quant.imatrix import Imatrix, coverage
-
-    im = Imatrix.read(args.imatrix)
-    names = [n for n in names if n != roles.name(roles.T.TOKEN_EMBD)]   # a lookup: no tool collects it
-    cov = coverage(im, names)
-    imp, missing = {}, []
-    for n in names:
-        cols = roles.expected_shape(model.spec, n)[1]
-        if not cov[n]["present"]:
-            missing.append(n)
-            continue
-        v = np.asarray(im.importance(n), dtype=np.float32).reshape(-1)
-        if v.size > cols:
-            raise TwinquantError(f"{args.imatrix}: {n} has {v.size} columns of data, the model {cols}: an imatrix "
-                                 "of another model?")
-        if v.size < cols:     # padded model: the padded inputs are always 0
-            v = np.concatenate([v, np.zeros(cols - v.size, dtype=np.float32)])
-        imp[n] = torch.from_numpy(v)
-    if not args.quiet:
-        print(f"imatrix {args.imatrix}: {len(imp)}/{len(names)} tensors covered, {im.chunk_count} chunks"
-              + (f"; no data for {', '.join(missing[:4])}{' …' if len(missing) > 4 else ''}" if missing else ""),
-              file=sys.stderr)
-    for n in missing:
-        warnings.warn(f"{n}: no imatrix data; it is quantized with the calibration's own statistics")
-    if rotation != "none" and imp:
-        warnings.warn(f"the model is rotated ({rotation}) before quantizing: the imatrix must have been computed on "
-                      "the rotated model (twinquant rotate, then twinquant imatrix); one of the original model is "
-                      "in the wrong basis")
-    args.imatrix_coverage = cov      # per tensor, for the --report JSON
-    return imp, hashlib.sha256(Path(args.imatrix).read_bytes()).hexdigest()
-
-
-def _measurement(args, recipe, model, plan, rotation: str, n_params: int, imp, imp_sha, path: str):
-    """A complete measurement for this model and recipe: loaded from `path` if it matches, else measured (or
-    resumed) and saved there."""
-    from twinquant.quant.measure import Measurement, measure
-
-    calib = _calibration(recipe, model)
-    header = {"model": Path(str(args.model)).name, "arch": model.spec.arch, "n_layers": model.spec.n_layers,
-              "hidden": model.spec.hidden, "rotation": rotation, "seed": recipe.seed, "pad": recipe.pad,
-              "pad_multiple": recipe.pad_multiple if recipe.pad else None, "act_order": recipe.act_order,
-              "calibration": {"sha256": calib.text_sha256, "tokens": calib.n_tokens, "ctx": recipe.calib_ctx},
-              "imatrix": imp_sha, "method": recipe.method}
-    p = Path(path)
-    if p.is_file():
-        m = Measurement.load(p)
-        full = {**header, **{k: m.header.get(k) for k in ("method", "config", "exact", "kld_windows", "kld_scored",
-                                                           "keep_blocks")}}
-        m.check_matches(full)
-        if m.complete:
-            if not args.quiet:
-                print(f"measurement {p}: {len(m.tensors)} tensors (sha256 {m.sha256()[:12]})", file=sys.stderr)
-            return m
-    if recipe.method != "gptq":
-        raise TwinquantError("measuring needs --method gptq (the quantizer whose costs are measured)")
-    spec = _planned_spec(model, rotation)
-    names = list(_quantized_types(plan(spec)))
-    from twinquant.model import roles
-    from twinquant.quant.measure import FLOAT_BYTES
-
-    fixed = 0   # informational (quantize recomputes it for its own --outtype): the tensors kept in float
-    for n in roles.all_tensor_names(spec):
-        shape = roles.expected_shape(spec, n)
-        if n not in names:
-            fixed += math.prod(shape) * (4 if len(shape) == 1 else FLOAT_BYTES[args.outtype.upper()])
-    kw = getattr(args, "kld_windows", 4)
-    if not args.quiet:
-        n_c = sum(len(_candidates_of(model, n)) for n in names)
-        print(f"measuring {len(names)} tensors x their candidate types: {n_c} {recipe.method} quantizations and "
-              f"{len(names)} forwards of {min(kw, calib.windows.shape[0])} x {recipe.calib_ctx} tokens "
-              f"(Hessians from {calib.n_tokens} tokens); saved after every block to {p}", file=sys.stderr)
-    model.materialize()
-    config = {"act_order": True, "static_groups": True} if recipe.act_order else None
-    return measure(model, names, calib.windows, kw, header, fixed, n_params, recipe.method, config, imp,
-                   exact=getattr(args, "exact", False), path=p, progress=not args.quiet,
-                   log=lambda m: print(m, file=sys.stderr), keep_blocks=getattr(args, "keep_blocks", False))
-
-
-def _candidates_of(model, name: str) -> list[str]:
-    from twinquant.model import roles
-    from twinquant.quant.measure import candidate_types
-
-    return candidate_types(roles.expected_shape(model.spec, name)[1])
+    names = ("outtype", "split_max_size", "imatrix", "target_size", "target_bpw", "measurement", "kld_windows",
+             "exact", "keep_blocks", "from_measurement", "dry_run", "report", "resume", "work_dir", "keep_work")
+    kw = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    kw["min_type"] = tuple(getattr(args, "min_type", None) or ())
+    if getattr(args, "in_memory", False):
+        kw["stream"] = False
+    return Options(dtype=DTYPES[args.dtype], device=args.device, quiet=args.quiet, **kw, **extra)
 
 
 def cmd_measure(args) -> None:
-    recipe = _recipe(args)
-    model, plan, rotation, n_params = _prepare(args, recipe, dry_run=False)
-    imp, imp_sha = _importance(args, model, list(_quantized_types(plan(_planned_spec(model, rotation)))), rotation)
     import time
 
+    from twinquant.pipeline import measure
+
     t0 = time.perf_counter()
-    m = _measurement(args, recipe, model, plan, rotation, n_params, imp, imp_sha, args.output)
+    m = measure(args.model, args.output, _recipe(args), _options(args))
     _print_measurement(m)
     print(f"wrote {args.output} ({time.perf_counter() - t0:.0f} s this run, {m.seconds:.0f} s in all; "
           f"sha256 {m.sha256()[:12]})")
@@ -453,160 +303,16 @@ def _print_measurement(m) -> None:
 
 
 def cmd_quantize(args) -> None:
-    from twinquant.quant.target import parse_target
+    from twinquant.pipeline import quantize
 
-    recipe = _recipe(args)
-    target = parse_target(args.target_size, args.target_bpw)
-    out = Path(args.output)
-    if out.suffix != ".gguf" and not args.dry_run:
-        raise TwinquantError(f"{out}: the output of quantize is a .gguf file")
-    if target and target.kind == "size" and args.split_max_size:
-        raise TwinquantError("--target-size bounds one file; with --split-max-size every shard adds a header: use "
-                             "--target-bpw")
-    if (args.measurement or args.from_measurement) and not target:
-        raise TwinquantError("--measurement / --from-measurement are used with --target-size or --target-bpw")
-    args.keep_blocks = args.from_measurement      # a measurement made here keeps what --from-measurement needs
-    model, plan, rotation, n_params = _prepare(args, recipe, dry_run=args.dry_run and not target)
-    spec = _planned_spec(model, rotation)
-    choices = plan(spec)
-    types = _quantized_types(choices)
-    imp, imp_sha = _importance(args, model, list(types), rotation)
-    calib = _calibration(recipe, model) if recipe.method == "gptq" else None
-    calib_rec = ({"file": Path(calib.path).name, "sha256": calib.text_sha256, "tokens": calib.n_tokens,
-                  "ctx": recipe.calib_ctx} if calib else None)
-    model.quant_record = {"recipe": recipe.to_dict(), "rotation": rotation, "calibration": calib_rec}
-    if imp_sha:
-        model.quant_record["imatrix"] = {"file": Path(args.imatrix).name, "sha256": imp_sha}
-    alloc = None
-    if target:
-        from twinquant.quant.measure import match_rules
-        from twinquant.quant.target import allocate, format_allocation
-
-        mpath = args.measurement or str(out.with_suffix("")) + ".measurement.json"
-        meas = _measurement(args, recipe, model, plan, rotation, n_params, imp, imp_sha, mpath)
-        names = list(meas.tensors)
-        fixed = match_rules(names, list(recipe.tensor_type))
-        if recipe.output_tensor_type and "output.weight" in meas.tensors:
-            fixed.setdefault("output.weight", recipe.output_tensor_type.upper())
-        if recipe.token_embedding_type and "token_embd.weight" in meas.tensors:
-            fixed.setdefault("token_embd.weight", recipe.token_embedding_type.upper())
-        minimum = match_rules(names, list(args.min_type or []), "--min-type")
-        alloc, record, overhead = allocate(model, meas, target, fixed, minimum, args.outtype)
-        model.quant_record["allocation"] = record
-        # a rule that keeps a tensor in float leaves it to the writer (--outtype), as the mixes do
-        types = {n: c.type for n, c in alloc.choice.items() if c.type not in ("F32", "F16", "BF16")}
-        if not args.quiet or args.dry_run:
-            print(format_allocation(alloc, meas), file=sys.stdout if args.dry_run else sys.stderr)
+    res = quantize(args.model, args.output, _recipe(args), _options(args))
     if args.dry_run:
-        if not target:
-            print(recipe.to_yaml().rstrip())
-            print("---")
-            for c in choices:
-                print(f"{c.name:<32} {_type_name(c.type):<8} {c.rule}")
-            print(f"{len(types)} tensors quantized, {len(choices) - len(types)} kept in float")
-        else:
-            from twinquant.io.gguf_write import file_bytes
-
-            total, _ = file_bytes(model, types, args.outtype)
-            print(f"file about {total:,} bytes ({total / 1e6:.2f} MB) for target {target.text()}")
+        print(res.dry_run_text)
         return
-    model.materialize()
-    if args.from_measurement:
-        _assemble(model, meas, mpath, alloc)
-        report = None
-    else:
-        report = _quantize_sequential(args, recipe, model, types, calib, imp)
-    from twinquant.io.gguf_write import write_gguf
+    print(f"wrote {args.output}: {res.file_bytes / 2**20:.1f} MiB, {res.bits_per_weight:.3f} bits per weight (file)"
+          + (f", predicted KLD {res.allocation.total_cost:.5f}" if res.allocation is not None else "")
+          + f", {res.seconds:.0f} s")
 
-    first = write_gguf(model, out, args.outtype.upper(), split_max_size=args.split_max_size)
-    from twinquant.export.split import shard_paths
-
-    size = sum(p.stat().st_size for p in shard_paths(first)) if args.split_max_size else first.stat().st_size
-    if alloc is not None:
-        data = alloc.total_bytes
-        over = size > target.value if target.kind == "size" else 8 * data > target.value * n_params
-        if over:   # cannot happen if the header estimate is right; never leave a file over the user's budget
-            for p in (shard_paths(first) if args.split_max_size else [first]):
-                p.unlink(missing_ok=True)
-            raise TwinquantError(f"internal: the written file ({size:,} bytes) exceeds the target {target.text()}; "
-                                 "removed")
-    print(f"wrote {out}: {size / 2**20:.1f} MiB, {8 * size / n_params:.3f} bits per weight (file)"
-          + (f", predicted KLD {alloc.total_cost:.5f}" if alloc is not None else ""))
-    if args.report:
-        _write_json(args.report, {**(report.to_dict() if report else {"method": "from-measurement"}),
-                                  "file_bytes": size, "n_params": n_params,
-                                  "recipe": recipe.to_dict(), "rotation": rotation, "calibration": calib_rec,
-                                  "allocation": alloc.to_dict() if alloc is not None else None,
-                                  "imatrix_coverage": getattr(args, "imatrix_coverage", None)})
-        if report:
-            _report_plot(args.report, report)
-
-
-def _quantize_sequential(args, recipe, model, types: dict[str, str], calib, imp):
-    """Block by block GPTQ (or RTN) into `types`, one progress line per tensor like llama-quantize."""
-    from twinquant.quant.pipeline import quantize_model
-
-    total, done = len(types), []
-
-    def log(rep) -> None:
-        done.append(rep)
-        if args.quiet:
-            return
-        err = f"err {rep.rel_error:.4f}" + (f"  out {rep.out_error:.4f}" if rep.out_error is not None else "")
-        print(f"[{len(done):>4}/{total}] {rep.name:<28} {str(list(rep.shape)):>13}  -> {rep.type:<7} "
-              f"{rep.bits_per_weight:5.2f} bpw  {err}  {rep.seconds:.1f}s", file=sys.stderr)
-
-    config = {"act_order": True, "static_groups": True} if recipe.act_order else None
-    return quantize_model(model, types, recipe.method, calib.windows if calib else None, config=config,
-                          progress=False, log=log, importance=imp)
-
-
-def _assemble(model, meas, mpath: str, alloc) -> None:
-    """--from-measurement: every tensor takes the bytes its measurement kept for the chosen type."""
-    import gguf
-
-    from twinquant.model.model import QuantizedWeight
-    from twinquant.quant.measure import FLOAT_BYTES, load_block
-
-    if not meas.header.get("keep_blocks"):
-        raise TwinquantError(f"{mpath} kept no blocks: measure with --keep-blocks to use --from-measurement")
-    for n, c in alloc.choice.items():
-        if c.type in FLOAT_BYTES:
-            continue                        # a user rule kept it in float: it stays as the model holds it
-        if c.type not in meas.tensors[n]["candidates"]:
-            raise TwinquantError(f"{n}: type {c.type} was not measured; --from-measurement has no bytes for it")
-        W_hat, data = load_block(mpath, n, c.type, meas.tensors[n]["shape"])
-        model.set_quantized(n, W_hat, QuantizedWeight(gguf.GGMLQuantizationType[c.type], data))
-
-
-def _report_plot(path: str, report) -> None:
-    """A PNG beside the JSON report: relative output error per tensor, by layer, one line per role."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
-    for t in report.tensors:
-        parts = t.name.split(".")
-        if parts[0] == "blk" and t.out_error is not None:
-            series[parts[2]].append((int(parts[1]), t.out_error))
-    if not series:
-        return
-    fig, ax = plt.subplots(figsize=(8, 4))
-    for role, pts in sorted(series.items()):
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=role)
-    ax.set_xlabel("layer")
-    ax.set_ylabel("relative output error on calibration inputs")
-    ax.set_yscale("log")
-    ax.set_title(f"twinquant quantize ({report.method}): error per tensor")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    png = Path(path).with_suffix(".png")
-    tmp = png.with_name(png.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, png)
 
 
 def cmd_models(args) -> None:
@@ -635,39 +341,16 @@ def _generate_options(sp) -> None:
 
 
 # --- duplication ----------------------------------------------------------------------------------------------
-def _same_basis(float_model, quant_model, quiet: bool) -> None:
-    """Bring the float model into the quantized file's basis: the padding and RH rotation its recipe recorded."""
-    rec = quant_model.quant_record or {}
-    recipe = rec.get("recipe") or {}
-    if recipe.get("pad"):
-        from twinquant.export.padding import pad_model
-
-        float_model = pad_model(float_model, multiple=recipe.get("pad_multiple", 256), ffn=True, heads=True)
-    rotation = rec.get("rotation", "none")
-    if rotation == "rh":
-        from twinquant.rotation.rotate import rotate
-
-        float_model.materialize()
-        dtype = float_model.dtype
-        float_model.to(dtype=torch.float64)
-        rotate(float_model, "rh", recipe.get("seed", 0), r2=True, online=())
-        float_model.to(dtype=dtype)
-        if not quiet:
-            print(f"rotated the float model as the quantized file was (rh, seed {recipe.get('seed', 0)})",
-                  file=sys.stderr)
-    elif rotation != "none":
-        raise TwinquantError(f"the quantized file was rotated with {rotation!r}, which depends on calibration: "
-                             "give the float model in that basis")
-    return float_model
-
-
 def cmd_sensitivity(args) -> None:
     from twinquant.duplication.sensitivity import layer_sensitivity
     from twinquant.io.load import load_model
 
     model = _load(args)
     quant = load_model(args.quantized, dtype=DTYPES[args.dtype], device=args.device).materialize()
-    model = _same_basis(model, quant, args.quiet).materialize()
+    from twinquant.pipeline.prepare import same_basis
+
+    model = same_basis(model, quant.quant_record,
+                       log=None if args.quiet else lambda m: print(m, file=sys.stderr)).materialize()
     calib = _calibration(args, model)
     sens = layer_sensitivity(model, quant, calib.windows, progress=not args.quiet)
     sens.meta.update({"model": args.model, "quantized": args.quantized, "calibration_sha256": calib.text_sha256})
@@ -872,6 +555,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--from-measurement", action="store_true", help="with --target-*: take each tensor's bytes "
                     "from the measurement's kept blocks (seconds; needs `measure --keep-blocks`) instead of "
                     "quantizing again (sequential GPTQ)")
+    sp.add_argument("--resume", action="store_true", help="continue an interrupted run from its work directory (the "
+                    "next unfinished block; the file is byte-identical to an uninterrupted run's)")
+    sp.add_argument("--work-dir", help="where finished blocks are kept while the run lasts (default OUTPUT.work)")
+    sp.add_argument("--keep-work", action="store_true", help="keep the work directory after a finished run")
+    sp.add_argument("--in-memory", action="store_true", help="hold the whole model in memory instead of streaming "
+                    "it block by block (the reference path; same bytes, more memory, no --resume)")
     sp.set_defaults(func=cmd_quantize)
 
     sp = with_calib(with_model(sub.add_parser("measure", help="price every candidate type of every tensor (KL "

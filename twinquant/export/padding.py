@@ -85,6 +85,9 @@ class PaddedSource:
             return self.original.source.load(name).double()    # not cached in the original: memory stays flat
         return t.detach().to(device="cpu", dtype=torch.float64)
 
+    def release(self) -> None:
+        self.original._release_source()
+
     def info(self, name: str) -> TensorInfo:
         shape = roles.expected_shape(self.spec, name)
         orig = self.original.tensor_info(name)

@@ -106,6 +106,24 @@ def spec_from_gguf(reader: gguf.GGUFReader) -> ModelSpec:
     )
 
 
+def drop_pages(arr) -> None:
+    """madvise(DONTNEED) on the file mapping behind a numpy memmap: its touched pages leave this process's resident
+    set (they stay in the page cache and come back on the next touch). No-op for anything else."""
+    import mmap
+
+    mm = getattr(arr, "_mmap", None)
+    if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            mm.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):
+            pass
+
+
+def drop_mapped_pages(reader) -> None:
+    for part in getattr(reader, "readers", None) or [reader]:     # a split set holds one reader per shard
+        drop_pages(getattr(part, "data", None))
+
+
 class GGUFSource:
     """Lazy, dequantizing access to a GGUF file's tensors by role name."""
 
@@ -134,9 +152,17 @@ class GGUFSource:
         except NotImplementedError:
             raise TwinquantError(f"{name}: tensor type {t.tensor_type.name} cannot be dequantized") from None
         shape = tuple(int(d) for d in reversed(t.shape))
-        w = torch.from_numpy(np.array(arr, dtype=np.float32).reshape(shape))  # a copy: the mmap is read-only
+        arr = np.asarray(arr, dtype=np.float32)
+        if not arr.flags.writeable:
+            arr = arr.copy()               # a view of the read-only mmap (F32 tensors): copy it
+        w = torch.from_numpy(arr.reshape(shape))     # dequantized types: already a fresh array, no second copy
         heads = self._rope_heads(name)
         return unpermute_rope_rows(w, heads) if heads else w
+
+    def release(self) -> None:
+        """Drop the file pages this process has touched from its resident set (they stay in the page cache):
+        streaming a 1 GB file block by block must not show up as 1 GB resident at the end."""
+        drop_mapped_pages(self.reader)
 
     def _rope_heads(self, name: str) -> int:
         """Heads of a tensor whose rows llama.cpp stores permuted (q/k weights and biases), else 0."""

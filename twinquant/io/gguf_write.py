@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from twinquant.errors import TwinquantError
-from twinquant.io.gguf_read import permute_rope_rows, rope_permuted_heads
+from twinquant.io.gguf_read import drop_pages, permute_rope_rows, rope_permuted_heads
 from twinquant.io.metadata import write_metadata
 from twinquant.model import roles
 from twinquant.model.architectures import get_architecture
@@ -157,14 +157,15 @@ def write_gguf(model: Model, path: str | os.PathLike, ftype: str = "F16",
             heads = rope_permuted_heads(model.spec, n) if arch.gguf_rope_permuted else 0
             q = model.quantized.get(n)
             if q is not None:   # rows are quantized independently, so permuting packed rows is exact
-                data = torch.from_numpy(np.ascontiguousarray(q.data))
-                data = (permute_rope_rows(data, heads) if heads else data).numpy()
+                data = permute_rope_rows(torch.from_numpy(np.array(q.data)), heads).numpy() if heads else q.data
             else:
                 t = model.get(n).detach().float().cpu()
                 if heads:
                     t = permute_rope_rows(t, heads)
                 data = gguf.quants.quantize(t.numpy(), types[n])
-            w.write_tensor_data(data.view(np.uint8).reshape(-1))
+            w.write_tensor_data(np.ascontiguousarray(data).view(np.uint8).reshape(-1))
+            if q is not None:
+                drop_pages(q.data)      # packed bytes mapped from a work directory: written, out of RSS
             if progress:
                 progress(i + 1, len(names), n)
         w.close()

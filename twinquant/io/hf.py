@@ -147,6 +147,10 @@ class SafetensorsSource:
             self._handles[shard] = h
         return h
 
+    def release(self) -> None:
+        """Close the shards (unmapping them): their touched pages leave the resident set."""
+        self._handles.clear()
+
     def has(self, name: str) -> bool:
         return name in self._where
 

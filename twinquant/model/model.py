@@ -85,16 +85,27 @@ class Model:
         """The tensor for a role, loaded from the source on first use."""
         t = self.tensors.get(name)
         if t is None:
-            if self.source is None:
+            if self.source is None and name not in self.quantized:
                 raise KeyError(name)
             group = self._group_of(name)
             for n in group or (name,):
                 if n not in self.tensors:
-                    self.tensors[n] = self._place(n, self.source.load(n))
+                    self.tensors[n] = self._place(n, self._load(n))
             if group:
                 self._fuse(group)
             t = self.tensors[name]
         return t
+
+    def _load(self, name: str) -> torch.Tensor:
+        """A released tensor: the dequantization of its packed bytes if it was quantized, else the source's."""
+        q = self.quantized.get(name)
+        if q is not None:
+            from twinquant.quant.ggml import get_codec
+
+            return get_codec(q.ggml_type.name).dequantize_bytes(q.data, roles.expected_shape(self.spec, name)[1])
+        if self.source is None:
+            raise KeyError(name)
+        return self.source.load(name)
 
     def _group_of(self, name: str) -> tuple[str, ...] | None:
         parts = name.split(".")
@@ -142,13 +153,28 @@ class Model:
         return {n: self.get(n) for n in roles.block_tensor_names(self.spec, layer)}
 
     def release_block(self, layer: int) -> None:
-        """Drop a block's materialised tensors (they reload from the source on next use)."""
+        """Drop a block's materialised tensors (they reload from the source, or from their packed bytes once
+        quantized, on next use)."""
         if self.source is None:
             return
         for n in roles.block_tensor_names(self.spec, layer):
             self.tensors.pop(n, None)
         for g in roles.shared_input_groups(layer):
             self._fused.pop(g, None)
+        self._release_source()
+
+    def _release_source(self) -> None:
+        release = getattr(self.source, "release", None)
+        if release is not None:
+            release()
+
+    def release(self, name: str) -> None:
+        """Drop one materialised tensor (e.g. the embedding once the calibration activations exist)."""
+        if self.source is not None or name in self.quantized:
+            self.tensors.pop(name, None)
+            for g in [g for g in self._fused if name in g]:
+                self._fused.pop(g)
+            self._release_source()
 
     def materialize(self) -> "Model":
         for n in self.tensor_names():

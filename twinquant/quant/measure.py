@@ -3,7 +3,7 @@
 For every quantizable tensor and every candidate type (`candidate_types`: K-quants Q2_K…Q6_K and Q8_0 where rows
 are whole 256-blocks, the 32-block types Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 elsewhere) the tensor is quantized with the
 quantizer the file will really use (GPTQ with the layer's input Hessian and the importance data; RTN for the
-embedding, as `quantize_model` does) and its cost is recorded as the KL divergence it adds to the model's output:
+embedding, as the quantize executor does) and its cost is recorded as the KL divergence it adds to the model's output:
 
 * the cheapest candidate (the *anchor*) is put into the otherwise float model alone and the calibration windows run
   from the tensor's block to the logits: `anchor_kld` = mean KL(reference ‖ perturbed) per scored token;
@@ -253,7 +253,8 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
     `keep_blocks`: keep every candidate's packed bytes beside `path` (see module doc).
     """
     from twinquant.quant.backends import get_quantizer
-    from twinquant.quant.pipeline import HessianHook, codec_for
+    from twinquant.pipeline.calibrate import HessianHook, block_pass
+    from twinquant.pipeline.executor import codec_for
 
     quantizer = get_quantizer(method, config)
     rtn = get_quantizer("rtn")
@@ -327,8 +328,7 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
             todo = [n for g in roles.shared_input_groups(layer) for n in g if n in want and n not in meas.tensors]
             hooks = HessianHook({g[0] for g in roles.shared_input_groups(layer) if any(n in todo for n in g)})
             x_kld = [x[i: i + 1] for i in range(kw.shape[0])]
-            x = torch.cat([block_forward(model, layer, x[i: i + 1].to(model.dtype), hook=hooks).float()
-                           for i in range(x.shape[0])])
+            x = block_pass(model, layer, x, hook=hooks)
             for g in roles.shared_input_groups(layer):
                 for n in g:
                     if n in todo:

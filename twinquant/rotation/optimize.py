@@ -67,3 +67,15 @@ def token_weights(x: torch.Tensor, massive: torch.Tensor | None, factor: float =
     if massive is not None:
         w[massive] = factor
     return w
+
+
+def optimize_rotation_from_samples(x: torch.Tensor, r0: torch.Tensor, n: int, seed: int, iters: int, bits: int,
+                                   massive_factor: float) -> tuple[torch.Tensor, dict]:
+    """RO as `rotate` runs it: massive tokens (above `massive_factor` x the 99.9th percentile) up-weighted; returns
+    the rotation and its record for `model.rotations`."""
+    from twinquant.rotation.massive import massive_token_mask
+
+    thr = massive_factor * torch.quantile(x.abs().flatten()[:1 << 24].float(), 0.999).item()
+    res = optimize_rotation(x, r0, int_rtn_rows(bits), token_weights(x, massive_token_mask(x, thr)), iters=iters)
+    return res.rotation, {"type": "ro", "n": n, "seed": seed, "iters": iters, "bits": bits,
+                          "objective_start": res.history[0], "objective": min(res.history)}

@@ -43,6 +43,22 @@ def _writers(model: Model) -> list[str]:
     return [roles.name(t, i) for i in range(model.spec.n_layers) for t in (T.ATTN_OUT, T.FFN_DOWN)]
 
 
+ROW_CHUNK = 8192    # rows of the embedding / head rotated at once (float64 for one chunk, not the whole matrix)
+
+
+def rows_matmul(w: torch.Tensor, q: torch.Tensor, out_dtype: torch.dtype = torch.float64,
+                scale: torch.Tensor | None = None) -> torch.Tensor:
+    """(w·diag(scale))·q in float64, row chunk by row chunk, stored as `out_dtype`: the embedding and head of a
+    large vocabulary never exist whole in float64. The eager and the lazy rotation both use it (same bits)."""
+    out = torch.empty(w.shape[0], q.shape[1], dtype=out_dtype)
+    for i in range(0, w.shape[0], ROW_CHUNK):
+        c = w[i: i + ROW_CHUNK].double()
+        if scale is not None:
+            c = c * scale[None, :]
+        out[i: i + ROW_CHUNK] = (c @ q).to(out_dtype)
+    return out
+
+
 def _has(model: Model, kind: str) -> bool:
     return any(r["kind"] == kind for r in model.rotations)
 
@@ -87,10 +103,10 @@ def rotate_residual(model: Model, q: torch.Tensor, record: dict) -> Model:
     q = q.double()
     if q.shape != (model.spec.hidden, model.spec.hidden):
         raise TwinquantError(f"R1 matrix is {tuple(q.shape)}, the residual width is {model.spec.hidden}")
-    emb = roles.name(T.TOKEN_EMBD)
-    model.set(emb, _w(model, emb) @ q)
+    emb, out = roles.name(T.TOKEN_EMBD), roles.name(T.OUTPUT)
+    model.set(emb, rows_matmul(model.get(emb), q, model.dtype))
     for n in _readers(model):
-        model.set(n, _w(model, n) @ q)
+        model.set(n, rows_matmul(model.get(n), q, model.dtype) if n == out else _w(model, n) @ q)
     for n in _writers(model):
         model.set(n, q.T @ _w(model, n))
     model.rotations.append({"kind": "R1", **record})
@@ -154,8 +170,11 @@ def residual_samples(model: Model, windows: torch.Tensor, max_rows: int = 8192, 
         hook = LinearInputs(names)
         forward(model, windows[i: i + 1], hook=hook, logits_for=slice(0, 0))
         rows += [x for xs in hook.inputs.values() for x in xs]
-    x = torch.cat(rows).double()
-    if x.shape[0] > max_rows:   # keep every massive row, subsample the rest
+    return subsample_rows(torch.cat(rows).double(), max_rows, seed)
+
+
+def subsample_rows(x: torch.Tensor, max_rows: int, seed: int) -> torch.Tensor:
+    if x.shape[0] > max_rows:
         g = torch.Generator().manual_seed(seed)
         keep = torch.randperm(x.shape[0], generator=g)[:max_rows]
         x = x[keep]
@@ -180,16 +199,10 @@ def rotate(model: Model, rotation: str = "rh", seed: int = 0, r2: bool = True, o
     if rotation == "ro":
         if calib_windows is None:
             raise TwinquantError("--rotation ro needs calibration text (--calib)")
-        from twinquant.rotation.massive import massive_token_mask
-        from twinquant.rotation.optimize import int_rtn_rows, optimize_rotation, token_weights
+        from twinquant.rotation.optimize import optimize_rotation_from_samples
 
         x = residual_samples(model, calib_windows, seed=seed)
-        thr = massive_factor * torch.quantile(x.abs().flatten()[:1 << 24].float(), 0.999).item()
-        res = optimize_rotation(x, q1, int_rtn_rows(ro_bits), token_weights(x, massive_token_mask(x, thr)),
-                                iters=ro_iters)
-        q1 = res.rotation
-        record = {"type": "ro", "n": s.hidden, "seed": seed, "iters": ro_iters, "bits": ro_bits,
-                  "objective_start": res.history[0], "objective": min(res.history)}
+        q1, record = optimize_rotation_from_samples(x, q1, s.hidden, seed, ro_iters, ro_bits, massive_factor)
     rotate_residual(model, q1, record)
     if r2:
         rotate_heads(model, RandomizedHadamard(s.head_dim, seed + 1).matrix(torch.float64),

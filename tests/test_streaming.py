@@ -1,0 +1,162 @@
+"""The streamed pipeline (`twinquant.pipeline`): block by block from a lazy source, resumable.
+
+The in-memory path (`Options(stream=False)`: the model materialized, rotated in place in float64, nothing
+released) is the oracle: the streamed file must hold the same bytes for every recipe option. Resuming after a
+simulated kill gives the same bytes again; a work directory of another run is one error line; peak memory of a
+streamed run stays flat as layers are added (the in-memory run's grows).
+"""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tests.tiny_models import save_tiny
+from twinquant.errors import TwinquantError
+from twinquant.pipeline import Options, quantize
+from twinquant.pipeline.executor import Interrupted
+from twinquant.quant.recipe import load_recipe
+
+CAL = dict(calib_tokens=512, calib_ctx=64)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("m")
+    kw = dict(tokenizer=True, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+              num_hidden_layers=3)
+    return {
+        "llama": save_tiny("llama", d / "llama", hidden_size=256, **kw),
+        "tied": save_tiny("llama-tied", d / "tied", hidden_size=256, **kw),
+        "qwen2": save_tiny("qwen2", d / "qwen2", hidden_size=256, **kw),
+        "narrow": save_tiny("llama", d / "narrow", hidden_size=192, **{**kw, "intermediate_size": 320}),
+    }
+
+
+CASES = {
+    "gptq-q2k-none": ("llama", dict(rotation="none")),
+    "gptq-q2k-rh": ("llama", dict(rotation="rh", seed=3)),
+    "gptq-rh-tied-unties": ("tied", dict(rotation="rh")),
+    "gptq-auto-tied": ("tied", dict(rotation="auto")),
+    "gptq-ro": ("qwen2", dict(rotation="ro")),
+    "rtn-q4k-rules": ("qwen2", dict(method="rtn", mix=None, format="Q4_K", tensor_type=["ffn_down=Q6_K"],
+                                    rotation="rh")),
+    "gptq-pad-rh": ("narrow", dict(pad=True, rotation="rh")),
+    "gptq-act-order": ("llama", dict(act_order=True, rotation="none")),
+}
+
+
+def _recipe(**changes):
+    import dataclasses
+
+    return dataclasses.replace(load_recipe("default"), **{**CAL, **changes})
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_streamed_equals_in_memory_bit_for_bit(models, tmp_path, case):
+    which, changes = CASES[case]
+    recipe = _recipe(**changes)
+    a = quantize(str(models[which]), tmp_path / "stream.gguf", recipe, Options(quiet=True))
+    b = quantize(str(models[which]), tmp_path / "memory.gguf", recipe, Options(quiet=True, stream=False))
+    assert a.path.read_bytes() == b.path.read_bytes()
+    assert a.report.to_dict()["tensors"] == b.report.to_dict()["tensors"] or _same_but_seconds(a, b)
+    assert not (tmp_path / "stream.gguf.work").exists()          # the work directory goes once the file exists
+
+
+def _same_but_seconds(a, b) -> bool:
+    strip = lambda r: [{k: v for k, v in t.items() if k != "seconds"} for t in r.to_dict()["tensors"]]  # noqa
+    return strip(a.report) == strip(b.report)
+
+
+def test_target_size_streamed_equals_in_memory(models, tmp_path):
+    recipe = _recipe(rotation="none")
+    m = str(tmp_path / "m.json")
+    opts = dict(quiet=True, target_bpw=4.0, measurement=m, kld_windows=2)
+    a = quantize(str(models["llama"]), tmp_path / "a.gguf", recipe, Options(**opts))
+    b = quantize(str(models["llama"]), tmp_path / "b.gguf", recipe, Options(**opts, stream=False))
+    assert a.allocation.choice == b.allocation.choice
+    assert a.path.read_bytes() == b.path.read_bytes()
+    assert 8 * a.allocation.total_bytes <= 4.0 * a.n_params
+
+
+@pytest.mark.parametrize("stop", [0, 1])
+def test_resume_after_a_kill_gives_the_same_bytes(models, tmp_path, stop):
+    recipe = _recipe(rotation="rh")
+    src = str(models["llama"])
+    whole = quantize(src, tmp_path / "whole.gguf", recipe, Options(quiet=True))
+    out = tmp_path / "resumed.gguf"
+    with pytest.raises(Interrupted):
+        quantize(src, out, recipe, Options(quiet=True, stop_after_block=stop))
+    assert not out.exists()                                      # nothing half-written
+    state = json.loads((tmp_path / "resumed.gguf.work" / "state.json").read_text())
+    assert state["blocks_done"] == stop + 1
+    lines = []
+    res = quantize(src, out, recipe, Options(log=lines.append, resume=True))
+    assert out.read_bytes() == whole.path.read_bytes()
+    assert any("resuming" in s for s in lines)
+    redone = [s for s in lines if "blk.0." in s]
+    assert not redone, redone                                    # finished blocks are not quantized again
+    assert [t.name for t in res.report.tensors] == [t.name for t in whole.report.tensors]
+
+
+def test_resume_of_another_run_is_one_error_line(models, tmp_path):
+    src = str(models["llama"])
+    out = tmp_path / "x.gguf"
+    with pytest.raises(Interrupted):
+        quantize(src, out, _recipe(rotation="rh"), Options(quiet=True, stop_after_block=0))
+    with pytest.raises(TwinquantError, match="made for another run .*recipe"):
+        quantize(src, out, _recipe(rotation="rh", seed=1), Options(quiet=True, resume=True))
+    # from the command line: one line, exit 2, nothing written
+    p = subprocess.run([sys.executable, "-m", "twinquant", "quantize", src, "-o", str(out), "--resume",
+                        "--calib-tokens", "512", "--calib-ctx", "64", "--rotation", "rh", "--seed", "1", "-q"],
+                       capture_output=True, text=True)
+    assert p.returncode == 2, p.stderr
+    err = [s for s in p.stderr.splitlines() if s.strip()]
+    assert len(err) == 1 and "made for another run" in err[0], p.stderr
+    assert not out.exists()
+    # without --resume the old work directory is replaced and the run completes
+    quantize(src, out, _recipe(rotation="rh", seed=1), Options(quiet=True))
+    assert out.is_file()
+
+
+def test_unwritable_output_fails_before_any_work(models, tmp_path):
+    import time
+
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "twinquant", "quantize", str(models["llama"]), "-o",
+                        "/proc/version/x.gguf", "--calib-tokens", "512", "--calib-ctx", "64"],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "cannot write there" in p.stderr, p.stderr
+    assert time.perf_counter() - t0 < 30
+
+
+PEAK = textwrap.dedent("""
+    import resource, sys
+    from twinquant.pipeline import Options, quantize
+    from twinquant.quant.recipe import load_recipe
+    import dataclasses
+    r = dataclasses.replace(load_recipe("default"), method="rtn", mix=None, format="Q8_0", rotation="rh")
+    quantize(sys.argv[1], sys.argv[2], r, Options(quiet=True, stream=sys.argv[3] == "1"))
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+""")
+
+
+def _peak_kib(model_dir, out, stream: bool) -> int:
+    p = subprocess.run([sys.executable, "-c", PEAK, str(model_dir), str(out), "1" if stream else "0"],
+                       capture_output=True, text=True, check=True)
+    return int(p.stdout.split()[-1])
+
+
+@pytest.mark.slow
+def test_peak_memory_of_a_streamed_run_stays_flat_as_layers_are_added(tmp_path):
+    kw = dict(tokenizer=True, hidden_size=512, intermediate_size=2048, num_attention_heads=8,
+              num_key_value_heads=4, vocab=320)
+    few = save_tiny("llama", tmp_path / "few", num_hidden_layers=2, **kw)
+    many = save_tiny("llama", tmp_path / "many", num_hidden_layers=14, **kw)
+    per_layer = (4 * 512 * 512 + 3 * 512 * 2048) * 4 / 1024          # KiB of float32 weights per block
+    grow_stream = _peak_kib(many, tmp_path / "a.gguf", True) - _peak_kib(few, tmp_path / "b.gguf", True)
+    grow_memory = _peak_kib(many, tmp_path / "c.gguf", False) - _peak_kib(few, tmp_path / "d.gguf", False)
+    assert grow_memory > 6 * per_layer, (grow_memory, per_layer)    # the in-memory run holds every block
+    assert grow_stream < 2 * per_layer, (grow_stream, per_layer)    # the streamed one about one

@@ -1,0 +1,46 @@
+"""The one calibration loop: calibration activations pass a block window by window, Hessians collected on the way.
+
+`quantize` (executor.py) and `measure` (quant/measure.py) both walk the blocks with these two functions, holding
+only the activations entering the current block ([windows, ctx, hidden], float32) and that block's Hessians.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from twinquant.model import roles
+from twinquant.model.forward import block_forward
+
+
+class HessianHook:
+    """A `LinearHook` accumulating H = mean of 2·xᵀx over the inputs of the named linears (one per input group)."""
+
+    def __init__(self, names: set[str]):
+        self.names = names
+        self.acc: dict[str, tuple[torch.Tensor, int]] = {}
+
+    def __call__(self, name: str, inp: torch.Tensor) -> None:
+        if name in self.names:
+            from twinquant.quant.gptq import accumulate_hessian
+
+            H, n = self.acc.get(name, (None, 0))
+            self.acc[name] = accumulate_hessian(H, n, inp.reshape(-1, inp.shape[-1]).float())
+
+    def hessian(self, name: str) -> torch.Tensor | None:
+        return self.acc.get(name, (None, 0))[0]
+
+
+def block_pass(model, layer: int, x: torch.Tensor, hook=None) -> torch.Tensor:
+    """Block `layer` applied to every window of x [n, ctx, hidden] (float32 in and out), one window at a time."""
+    return torch.cat([block_forward(model, layer, x[i: i + 1].to(model.dtype), hook=hook).float()
+                      for i in range(x.shape[0])])
+
+
+def block_hessians(model, layer: int, x: torch.Tensor, wanted: set[str]) -> HessianHook:
+    """The Hessians of the shared-input groups of block `layer` whose members are in `wanted` (keyed by the
+    group's first name), from the activations x entering it."""
+    hooks = HessianHook({g[0] for g in roles.shared_input_groups(layer) if any(n in wanted for n in g)})
+    if hooks.names:
+        for i in range(x.shape[0]):
+            block_forward(model, layer, x[i: i + 1].to(model.dtype), hook=hooks)
+    return hooks

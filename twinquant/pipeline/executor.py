@@ -1,0 +1,218 @@
+"""Quantize a model block by block (sequential calibration), into per-tensor types; streamed and resumable.
+
+For each block in order: run the calibration activations through it, accumulating one Hessian per shared-input
+group (q/k/v, o, gate/up, down; `roles.shared_input_groups`) from the inputs the block really sees — the earlier
+blocks are already quantized, so their errors feed forward (GPTQ's sequential mode); then quantize the block's
+linears (GPTQ with that Hessian, or RTN), each into its assigned type, with the Hessian's diagonal as the
+importance (what llama.cpp's imatrix holds); then recompute the block's outputs with the quantized weights as the
+next block's inputs. The embedding is quantized first, by RTN (it has no Hessian); the output head last, by GPTQ on
+the final-norm activations. Tensors of more than `ROWS_AT_ONCE` rows (a large vocabulary's embedding and head) are
+quantized row chunk by row chunk: rows are independent in every codec and in GPTQ.
+
+`stream=True` bounds memory by about one block: each block's tensors are released once its outputs exist (a lazy
+model reloads nothing of it again), the embedding's float copy is dropped once the activations exist, and with a
+`WorkDir` every packed tensor goes to disk and is memory-mapped back. With a `WorkDir` the run also records its
+progress after every block, and a run opened with `resume` continues at the first unfinished block.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from twinquant.errors import TwinquantError
+from twinquant.model import roles
+from twinquant.model.forward import embed, rms_norm
+from twinquant.model.model import Model, QuantizedWeight
+from twinquant.pipeline.calibrate import block_hessians, block_pass
+from twinquant.progress import Progress
+
+T = roles.T
+ROWS_AT_ONCE = 32768
+
+
+@dataclass
+class TensorReport:
+    name: str
+    shape: tuple[int, int]
+    type: str
+    bits_per_weight: float
+    rel_error: float            # ‖W − Ŵ‖ / ‖W‖
+    out_error: float | None     # tr(ΔW H ΔWᵀ) / tr(W H Wᵀ): relative output error on the calibration inputs
+    seconds: float
+
+
+@dataclass
+class QuantReport:
+    method: str
+    tensors: list[TensorReport] = field(default_factory=list)
+    seconds_per_block: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "seconds_per_block": self.seconds_per_block,
+                "tensors": [t.__dict__ for t in self.tensors]}
+
+
+class Interrupted(Exception):
+    """Raised by `stop_after_block` (tests of resuming: a simulated kill after a finished block)."""
+
+
+def codec_for(type_name: str, cols: int):
+    """The codec of a type name (GGML types like Q4_K; integer grids like int4_g128_asym)."""
+    if type_name.lower().startswith("int"):
+        from twinquant.quant.intgrid import IntGrid
+
+        return IntGrid.from_name(type_name).for_cols(cols)
+    from twinquant.quant.ggml import get_codec
+
+    codec = get_codec(type_name)
+    codec.check_cols(cols)
+    return codec
+
+
+def quantize_tensor(model: Model, name: str, type_name: str, quantizer, H: torch.Tensor | None,
+                    importance: torch.Tensor | None = None) -> TensorReport:
+    """Quantize one tensor of `model` in place (packed bytes to `model.quantized`, its dequantization to
+    `model.tensors`); row chunk by row chunk when it is large."""
+    t0 = time.perf_counter()
+    W = model.get(name).float().cpu()
+    codec = codec_for(type_name, W.shape[1])
+    imp = importance if importance is not None else (torch.diagonal(H).clone() if H is not None else None)
+    if quantizer.needs_hessian and H is None:   # e.g. the embedding: nothing to weigh GPTQ with, so RTN
+        from twinquant.quant.backends import get_quantizer
+
+        quantizer = get_quantizer("rtn")
+    ggml = getattr(codec, "ggml_type", None) is not None
+    Hf = H.float() if H is not None else None
+    packed = []
+    W_hat = None
+    dd = ww = dhd = whw = 0.0
+    for r in range(0, W.shape[0], ROWS_AT_ONCE):
+        Wc = W[r: r + ROWS_AT_ONCE]
+        codes, params, hat = quantizer.quantize_weight(Wc, codec, H=H, importance=imp)
+        if ggml:
+            packed.append(codec.pack(codes, params))
+        if W_hat is None:
+            W_hat = hat if Wc.shape[0] == W.shape[0] else torch.empty(W.shape, dtype=hat.dtype)
+        if W_hat is not hat:
+            W_hat[r: r + Wc.shape[0]] = hat
+        d = Wc - hat.float()
+        dd += float(d.double().square().sum())
+        ww += float(Wc.double().square().sum())
+        if Hf is not None:
+            dhd += float(torch.einsum("ij,jk,ik->", d, Hf, d))
+            whw += float(torch.einsum("ij,jk,ik->", Wc, Hf, Wc))
+    if ggml:
+        data = packed[0] if len(packed) == 1 else np.concatenate(packed)
+        model.set_quantized(name, W_hat, QuantizedWeight(codec.ggml_type, data))
+        bpw = 8.0 * data.size / W.numel()
+    else:
+        model.set(name, W_hat)     # integer grids: fake-quant (no GGUF type), float storage
+        bpw = float(getattr(codec, "bits_per_weight", 0.0))
+    out_err = dhd / max(whw, 1e-30) if Hf is not None else None
+    return TensorReport(name, tuple(W.shape), type_name, bpw, (dd / max(ww, 1e-60)) ** 0.5, out_err,
+                        time.perf_counter() - t0)
+
+
+def quantize_blocks(model: Model, types: dict[str, str], method: str = "gptq", windows: torch.Tensor | None = None,
+                    config: dict | None = None, progress: bool = True, log=None,
+                    importance: dict[str, torch.Tensor] | None = None, stream: bool = False, workdir=None,
+                    stop_after_block: int | None = None) -> QuantReport:
+    """Quantize every tensor named in `types` (name -> type name); others stay float. See the module doc.
+
+    `importance` (name -> [cols], e.g. from an imatrix file) replaces the Hessian diagonal as the weights of the
+    block fits for the tensors it names. `log(TensorReport)` is called after every tensor."""
+    imps = importance or {}
+    from twinquant.quant.backends import get_quantizer
+
+    quantizer = get_quantizer(method, config)
+    if quantizer.needs_hessian and windows is None:
+        raise TwinquantError(f"method {method!r} needs calibration windows")
+    s = model.spec
+    report = QuantReport(method)
+    state = workdir.state if workdir is not None else None
+    if state is not None:      # a resumed run: what is finished comes back from the work directory
+        report.tensors = [TensorReport(**{**t, "shape": tuple(t["shape"])}) for t in state["report"]]
+        report.seconds_per_block = list(state["seconds_per_block"])
+        import gguf
+
+        for n, ty in state["tensors"].items():
+            model.quantized[n] = QuantizedWeight(gguf.GGMLQuantizationType[ty], workdir.load_tensor(n))
+            model.release(n)
+
+    def done(rep: TensorReport) -> None:
+        report.tensors.append(rep)
+        if workdir is not None:
+            q = model.quantized.get(rep.name)
+            if q is not None:   # packed bytes to disk, mapped back: the process never holds them all
+                model.quantized[rep.name] = QuantizedWeight(q.ggml_type,
+                                                            workdir.save_tensor(rep.name, q.ggml_type.name, q.data))
+        if log:
+            log(rep)
+
+    def commit(**changes) -> None:
+        if workdir is not None:
+            workdir.commit(report=[t.__dict__ for t in report.tensors],
+                           seconds_per_block=report.seconds_per_block, **changes)
+
+    emb = roles.name(T.TOKEN_EMBD)
+    start = state["blocks_done"] if state is not None else 0
+    if emb in types and not (state and state["embedding_done"]):
+        # first, so the calibration activations start from the embedding the file will hold
+        done(quantize_tensor(model, emb, types[emb], quantizer, None, imps.get(emb)))
+    x = None
+    if windows is not None:
+        if start > 0:
+            x = workdir.load_x(start)
+        else:
+            x = embed(model, windows).float()          # [n, ctx, hidden]
+            if workdir is not None:
+                workdir.save_x(0, x)
+    if stream:
+        model.release(emb)          # its float copy is not needed again (the head of a tied model reloads it)
+    commit(embedding_done=True, blocks_done=start)
+    with Progress(s.n_layers, "quantize", enabled=progress) as bar:
+        for layer in range(start, s.n_layers):
+            t0 = time.perf_counter()
+            wanted = {n for g in roles.shared_input_groups(layer) for n in g if n in types}
+            hooks = block_hessians(model, layer, x, wanted) if x is not None else None
+            for g in roles.shared_input_groups(layer):
+                for n in g:
+                    if n in types:
+                        H = hooks.hessian(g[0]) if hooks is not None else None
+                        done(quantize_tensor(model, n, types[n], quantizer, H, imps.get(n)))
+            if x is not None:   # the next block sees this block's quantized outputs
+                x = block_pass(model, layer, x)
+            model.fuse_shared_inputs()
+            if stream:
+                model.release_block(layer)
+            report.seconds_per_block.append(time.perf_counter() - t0)
+            if workdir is not None and x is not None:
+                workdir.save_x(layer + 1, x)
+            commit(blocks_done=layer + 1)
+            bar.update(layer + 1, f"block {layer}: {report.seconds_per_block[-1]:.1f} s")
+            if stop_after_block is not None and layer >= stop_after_block:
+                raise Interrupted(f"stopped after block {layer}")
+    out = roles.name(T.OUTPUT)
+    if out in types and not (state and out in state["tensors"]):
+        H = None
+        if x is not None:
+            from twinquant.quant.gptq import accumulate_hessian
+
+            h = rms_norm(x.to(model.dtype), model.get(roles.name(T.OUTPUT_NORM)), s.rms_eps).float()
+            H, _ = accumulate_hessian(None, 0, h.reshape(-1, s.hidden))
+        done(quantize_tensor(model, out, types[out], quantizer, H, imps.get(out)))
+        if stream:
+            model.release(out)
+        commit()
+    return report
+
+
+def quantize_model(model: Model, types: dict[str, str], method: str = "gptq", windows: torch.Tensor | None = None,
+                   config: dict | None = None, progress: bool = True, log=None,
+                   importance: dict[str, torch.Tensor] | None = None) -> QuantReport:
+    """`quantize_blocks` in memory: every quantized tensor stays in the model (for tests and small models)."""
+    return quantize_blocks(model, types, method, windows, config, progress, log, importance)
