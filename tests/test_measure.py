@@ -69,18 +69,25 @@ def test_round_trip_and_resume_equals_uninterrupted(tiny, tmp_path):
 def test_costs_fall_with_bits_and_proxy_tracks_exact(tiny, tmp_path):
     proxy = _measure(tiny)
     exact = _measure(tiny, exact=True)
-    xs, ys = [], []
+    per_type: dict[str, tuple[list, list]] = {}
     for n, t in proxy.tensors.items():
         c = [v["cost"] for v in t["candidates"].values()]
         assert c[0] > 0 and c[-1] < 0.05 * c[0], (n, c)                # Q8_0 costs a small part of Q2_K
         assert all(b <= a * 1.05 for a, b in zip(c, c[1:])), (n, c)     # more bits, no more cost
         e = exact.tensors[n]["candidates"]
-        assert e[t["anchor"]]["kld"] == pytest.approx(t["candidates"][t["anchor"]]["kld"], rel=1e-6)
         for ty, v in t["candidates"].items():
-            xs.append(np.log(v["cost"] + 1e-9))
-            ys.append(np.log(e[ty]["cost"] + 1e-9))
-    # the output-error proxy orders candidates as the measured KL does (log scale, all tensors and types)
-    assert np.corrcoef(xs, ys)[0, 1] > 0.95
+            if ty != t["anchor"] and "kld" not in v:                    # a proxied price: judge it
+                xs, ys = per_type.setdefault(ty, ([], []))
+                xs.append(v["cost"])
+                ys.append(e[ty]["cost"])
+    # within one type, across tensors (what the allocation trades), the proxy ranks the tensors as the measured
+    # KL does: rank correlation, so the spread between bit widths cannot carry it
+    rank = lambda v: np.argsort(np.argsort(v))  # noqa: E731
+    assert len(per_type) >= 4
+    for ty, (xs, ys) in per_type.items():
+        assert len(xs) >= 5, ty
+        rho = np.corrcoef(rank(xs), rank(ys))[0, 1]
+        assert rho > 0.8, (ty, rho)
 
 
 def _types(path):

@@ -170,10 +170,9 @@ def test_gptq_dead_columns_non_pd_and_bad_options():
 
 @pytest.mark.parametrize("name", ("Q4_K", "Q2_K"))
 def test_gptq_into_ggml_k_quants(name):
-    ggml = pytest.importorskip("twinquant.quant.ggml")
-    if not hasattr(ggml, "get_codec"):
-        pytest.skip("twinquant.quant.ggml has no get_codec yet")
-    c = ggml.get_codec(name)
+    from twinquant.quant.ggml import get_codec
+
+    c = get_codec(name)
     w = torch.randn(32, 512, generator=_gen(12))
     x = _correlated(512, tokens=1024, seed=13)
     H = _hessian(x)

@@ -12,6 +12,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from tests.tiny_models import save_tiny
 from twinquant.errors import TwinquantError
@@ -160,3 +161,23 @@ def test_peak_memory_of_a_streamed_run_stays_flat_as_layers_are_added(tmp_path):
     grow_memory = _peak_kib(many, tmp_path / "c.gguf", False) - _peak_kib(few, tmp_path / "d.gguf", False)
     assert grow_memory > 6 * per_layer, (grow_memory, per_layer)    # the in-memory run holds every block
     assert grow_stream < 2 * per_layer, (grow_stream, per_layer)    # the streamed one about one
+
+
+def test_streamed_perplexity_equals_the_windowed_one(models, tmp_path):
+    from twinquant.eval.perplexity import evaluate, make_windows, streamable
+    from twinquant.io.load import load_model
+
+    q = quantize(str(models["qwen2"]), tmp_path / "q.gguf", _recipe(rotation="rh"), Options(quiet=True)).path
+    ids = torch.randint(3, 300, (1200,), generator=torch.Generator().manual_seed(0)).tolist()
+    windows = make_windows(ids, 64, 6, "llama.cpp", None, False)
+    results = []
+    for stream in (True, False):
+        model, ref = load_model(str(q), materialize=False), load_model(str(models["qwen2"]), materialize=False)
+        assert streamable(model) and streamable(ref)
+        r = evaluate(model, windows, ref=ref, progress=False, stream=stream)
+        r.pop("seconds")
+        results.append(r)
+        if stream:                  # nothing of the blocks is left materialized
+            assert not any(n.startswith("blk.") for n in model.tensors)
+    assert results[0] == results[1]
+    assert results[0]["kld_mean"] > 0

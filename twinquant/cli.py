@@ -100,7 +100,7 @@ def cmd_perplexity(args) -> None:
         raise TwinquantError("--kl-divergence needs --kl-divergence-base FILE (the saved reference)")
     if args.ref and args.kl_divergence_base:
         raise TwinquantError("give either --ref or --kl-divergence-base, not both")
-    model = _load(args)
+    model = _load(args, materialize=False)     # evaluated block by block (one block in memory)
     text = text_path.read_text(encoding="utf-8", errors="replace")
     windows = windows_for_text(model, text, args.ctx, args.chunks, args.protocol)
     print(f"{windows.describe()}; BOS {'first' if model.tokenizer.add_bos else 'not used'}", file=sys.stderr)
@@ -115,7 +115,7 @@ def cmd_perplexity(args) -> None:
         else:
             from twinquant.io.load import load_model
 
-            ref = load_model(ref_path, dtype=DTYPES[args.dtype], device=args.device, materialize=True)
+            ref = load_model(ref_path, dtype=DTYPES[args.dtype], device=args.device, materialize=False)
             if ref.spec.vocab != model.spec.vocab:
                 raise TwinquantError(f"reference vocab {ref.spec.vocab} != model vocab {model.spec.vocab}")
     elif args.kl_divergence_base:

@@ -88,12 +88,47 @@ def window_logprobs(model: "Model", windows: Windows, i: int) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1).cpu()
 
 
+def streamable(model: "Model") -> bool:
+    """A lazily loaded model with the plain layout: it can be evaluated one block at a time."""
+    return (model.source is not None and model.layout.is_sequential
+            and (model.dup_params is None or model.dup_params.empty))
+
+
+class StreamedLogprobs:
+    """The scored positions' log-probs of every window, computed block by block: all windows pass block 0, then
+    block 1 … (each block released after use), so a model larger than memory is evaluated with one block plus
+    the windows' hidden states ([n, ctx, hidden]) in memory. The arithmetic per window is the forward's."""
+
+    def __init__(self, model: "Model", windows: Windows, progress: bool = False):
+        from twinquant.model import roles
+        from twinquant.model.forward import block_forward, embed
+
+        self.model, self.windows = model, windows
+        x = [embed(model, windows.tokens[i: i + 1]) for i in range(windows.tokens.shape[0])]
+        if not model.spec.tied_embeddings:
+            model.release(roles.name(roles.T.TOKEN_EMBD))
+        with Progress(model.spec.n_layers, "blocks", enabled=progress) as bar:
+            for layer in range(model.spec.n_layers):
+                x = [block_forward(model, layer, xi) for xi in x]
+                model.release_block(layer)
+                bar.update(layer + 1)
+        self.hidden = x
+
+    def __call__(self, i: int) -> torch.Tensor:
+        from twinquant.model.forward import head
+
+        w = self.windows
+        logits = head(self.model, self.hidden[i][:, w.first: w.ctx - 1])[0]
+        return torch.log_softmax(logits.float(), dim=-1).cpu()
+
+
 def evaluate(model: "Model", windows: Windows, ref: "Model | LogitsFile | None" = None,
-             save_logprobs: str | None = None, progress: bool = True) -> dict:
+             save_logprobs: str | None = None, progress: bool = True, stream: bool | None = None) -> dict:
     """Perplexity of `model` on `windows`; with `ref`, also KLD / Δp / same-top against the reference.
 
     `ref` is a second model (run window by window alongside) or saved reference log-probs. With
-    `save_logprobs`, this model's log-probs are written for later use as a reference.
+    `save_logprobs`, this model's log-probs are written for later use as a reference. `stream` (default: when
+    the model is lazily loaded with the plain layout) evaluates block by block (`StreamedLogprobs`).
     """
     if isinstance(ref, LogitsFile):
         h = ref.header
@@ -107,6 +142,16 @@ def evaluate(model: "Model", windows: Windows, ref: "Model | LogitsFile | None" 
         if h["vocab"] != model.spec.vocab:
             raise TwinquantError(f"reference vocab {h['vocab']} != model vocab {model.spec.vocab}")
     n = windows.tokens.shape[0]
+    if stream is None:
+        stream = streamable(model)
+    logprobs = StreamedLogprobs(model, windows, progress) if stream else (
+        lambda i: window_logprobs(model, windows, i))
+    ref_logprobs = None
+    if isinstance(ref, LogitsFile):
+        ref_logprobs = ref.chunk
+    elif ref is not None:
+        ref_logprobs = StreamedLogprobs(ref, windows, progress) if stream and streamable(ref) else (
+            lambda i: window_logprobs(ref, windows, i))
     writer = None
     if save_logprobs:
         writer = LogitsWriter(save_logprobs, {"protocol": windows.protocol, "ctx": windows.ctx, "chunks": n,
@@ -120,7 +165,7 @@ def evaluate(model: "Model", windows: Windows, ref: "Model | LogitsFile | None" 
     try:
         with Progress(n, "perplexity", enabled=progress) as bar:
             for i in range(n):
-                lp = window_logprobs(model, windows, i)
+                lp = logprobs(i)
                 tgt = windows.targets(i)
                 nll = -lp.gather(1, tgt[:, None])[:, 0].double()
                 nll_sum += nll.sum().item()
@@ -129,7 +174,7 @@ def evaluate(model: "Model", windows: Windows, ref: "Model | LogitsFile | None" 
                 if writer is not None:
                     writer.add(lp)
                 if acc is not None:
-                    rlp = ref.chunk(i) if isinstance(ref, LogitsFile) else window_logprobs(ref, windows, i)
+                    rlp = ref_logprobs(i)
                     ref_nll_sum -= rlp.gather(1, tgt[:, None]).double().sum().item()
                     acc.add(lp, rlp, tgt)
                 bar.update(i + 1, f"PPL {math.exp(nll_sum / count):.4f}")

@@ -70,6 +70,8 @@ class Model:
     # Linears that read one input (q/k/v, gate/up) live in one concatenated tensor and `tensors` holds row
     # views of it, so the forward can run one larger matmul (faster on CPU) at no extra memory.
     _fused: dict[tuple[str, ...], tuple[torch.Tensor, tuple[torch.Tensor, ...]]] = field(default_factory=dict)
+    # Tensors set in memory (`set`) that the source does not hold: never released (a reload would lose them).
+    _pinned: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         if self.layout is None:
@@ -141,10 +143,12 @@ class Model:
         """Replace a tensor (float); a packed quantized form of it, if any, no longer applies."""
         self.tensors[name] = self._place(name, t)
         self.quantized.pop(name, None)
+        self._pinned.add(name)
 
     def set_quantized(self, name: str, dequantized: torch.Tensor, q: QuantizedWeight) -> None:
         self.set(name, dequantized)
         self.quantized[name] = q
+        self._pinned.discard(name)          # it comes back from its packed bytes
 
     def output_weight(self) -> torch.Tensor:
         return self.get(roles.name(roles.T.TOKEN_EMBD if self.spec.tied_embeddings else roles.T.OUTPUT))
@@ -157,10 +161,12 @@ class Model:
         quantized, on next use)."""
         if self.source is None:
             return
-        for n in roles.block_tensor_names(self.spec, layer):
+        names = [n for n in roles.block_tensor_names(self.spec, layer) if n not in self._pinned]
+        for n in names:
             self.tensors.pop(n, None)
         for g in roles.shared_input_groups(layer):
-            self._fused.pop(g, None)
+            if any(n in names for n in g):
+                self._fused.pop(g, None)
         self._release_source()
 
     def _release_source(self) -> None:
@@ -170,7 +176,7 @@ class Model:
 
     def release(self, name: str) -> None:
         """Drop one materialised tensor (e.g. the embedding once the calibration activations exist)."""
-        if self.source is not None or name in self.quantized:
+        if (self.source is not None or name in self.quantized) and name not in self._pinned:
             self.tensors.pop(name, None)
             for g in [g for g in self._fused if name in g]:
                 self._fused.pop(g)
