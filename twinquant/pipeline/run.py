@@ -190,9 +190,9 @@ class Session:
         self.imp_sha = hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
     # --- measurement ------------------------------------------------------------------------------------------
-    def measurement(self, path: str):
+    def measurement(self, path: str, measure_if_missing: bool = True):
         """A complete measurement for this model and recipe: loaded from `path` if it matches, else measured (or
-        resumed) and saved there."""
+        resumed) and saved there (unless `measure_if_missing` is False: a dry run never measures)."""
         from twinquant.quant.measure import FLOAT_BYTES, Measurement, candidate_types, measure
 
         recipe, opts, model = self.recipe, self.opts, self.model
@@ -212,6 +212,8 @@ class Session:
             if m.complete:
                 opts.say(f"measurement {p}: {len(m.tensors)} tensors (sha256 {m.sha256()[:12]})")
                 return m
+        if not measure_if_missing:
+            raise TwinquantError(f"{p} is incomplete: a dry run never measures; run `twinquant measure` to finish it")
         if recipe.method != "gptq":
             raise TwinquantError("measuring needs --method gptq (the quantizer whose costs are measured)")
         names = list(quantized_types(self.choices))
@@ -259,10 +261,14 @@ def quantize(source: str, out: str | Path, recipe: Recipe | str | None = None,
                              "--target-bpw")
     if (opts.measurement or opts.from_measurement) and not target:
         raise TwinquantError("--measurement / --from-measurement are used with --target-size or --target-bpw")
-    if not opts.dry_run:
-        _check_writable(out)
-        if opts.report:
-            _check_writable(Path(opts.report))
+    mpath = (opts.measurement or str(out.with_suffix("")) + ".measurement.json") if target else None
+    if not opts.dry_run:    # every output location, before any work (not hours later)
+        for p in [out, opts.report, mpath, opts.work_dir or out.with_name(out.name + ".work")]:
+            if p:
+                _check_writable(Path(p))
+    elif target and not Path(mpath).is_file():
+        raise TwinquantError(f"--dry-run with a target needs a measurement ({mpath} does not exist): a dry run "
+                             "never measures; run `twinquant measure` first or give --measurement")
     opts.keep_blocks = opts.keep_blocks or opts.from_measurement   # what --from-measurement needs
     sess = Session(source, recipe, opts, dry_run=opts.dry_run and not target)
     model, n_params = sess.model, sess.n_params
@@ -274,13 +280,13 @@ def quantize(source: str, out: str | Path, recipe: Recipe | str | None = None,
     model.quant_record = {"recipe": recipe.to_dict(), "rotation": sess.prep.rotation, "calibration": calib_rec}
     if sess.imp_sha:
         model.quant_record["imatrix"] = {"file": Path(opts.imatrix).name, "sha256": sess.imp_sha}
-    alloc, meas, mpath, alloc_text = None, None, None, ""
+    alloc, meas, alloc_text = None, None, ""
+    fresh = bool(target) and not Path(mpath).is_file()      # the plan shows whether this run measures
     if target:
         from twinquant.quant.measure import match_rules
         from twinquant.quant.target import allocate, format_allocation
 
-        mpath = opts.measurement or str(out.with_suffix("")) + ".measurement.json"
-        meas = sess.measurement(mpath)
+        meas = sess.measurement(mpath, measure_if_missing=not opts.dry_run)
         names = list(meas.tensors)
         fixed = match_rules(names, list(recipe.tensor_type))
         if recipe.output_tensor_type and "output.weight" in meas.tensors:
@@ -296,7 +302,7 @@ def quantize(source: str, out: str | Path, recipe: Recipe | str | None = None,
         if not opts.dry_run:
             opts.say(alloc_text)
     work = Path(opts.work_dir) if opts.work_dir else out.with_name(out.name + ".work")
-    plan = make_plan(sess, types, out, target, bool(target) and not (mpath and meas is not None), work)
+    plan = make_plan(sess, types, out, target, fresh, work)
     if opts.dry_run:
         text = [alloc_text] if target else []
         if target:
