@@ -181,3 +181,15 @@ def test_streamed_perplexity_equals_the_windowed_one(models, tmp_path):
             assert not any(n.startswith("blk.") for n in model.tensors)
     assert results[0] == results[1]
     assert results[0]["kld_mean"] > 0
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(models, tmp_path):
+    out = tmp_path / "d.gguf"
+    p = subprocess.run([sys.executable, "-m", "twinquant", "quantize", str(models["tied"]), "-o", str(out),
+                        "--rotation", "rh", "--dry-run", "--calib-tokens", "512", "--calib-ctx", "64"],
+                       capture_output=True, text=True, check=True)
+    steps = [ln.split(None, 2) for ln in p.stdout.splitlines() if ln[:4].strip().rstrip(".").isdigit()]
+    kinds = [s[1] for s in steps]
+    assert kinds[:3] == ["load", "rotate", "calibrate"] and kinds[-1] == "write", kinds
+    assert kinds.count("block") == 3 and "head untied" in p.stdout
+    assert not out.exists() and not (tmp_path / "d.gguf.work").exists()

@@ -646,7 +646,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"twinquant: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("twinquant: interrupted", file=sys.stderr)
+        hint = (" (finished blocks are kept: run it again with --resume)"
+                if args.command == "quantize" and not args.in_memory else "")
+        print(f"twinquant: interrupted{hint}", file=sys.stderr)
         return 130
     return 0
 
