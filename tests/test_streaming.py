@@ -133,14 +133,15 @@ def test_unwritable_output_fails_before_any_work(models, tmp_path):
     assert time.perf_counter() - t0 < 30
 
 
+# VmHWM: the peak resident size of this process's own memory (ru_maxrss would inherit the forking parent's)
 PEAK = textwrap.dedent("""
-    import resource, sys
+    import sys
     from twinquant.pipeline import Options, quantize
     from twinquant.quant.recipe import load_recipe
     import dataclasses
     r = dataclasses.replace(load_recipe("default"), method="rtn", mix=None, format="Q8_0", rotation="rh")
     quantize(sys.argv[1], sys.argv[2], r, Options(quiet=True, stream=sys.argv[3] == "1"))
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    print(next(ln.split()[1] for ln in open("/proc/self/status") if ln.startswith("VmHWM:")))
 """)
 
 

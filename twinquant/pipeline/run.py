@@ -263,9 +263,10 @@ def quantize(source: str, out: str | Path, recipe: Recipe | str | None = None,
         raise TwinquantError("--measurement / --from-measurement are used with --target-size or --target-bpw")
     mpath = (opts.measurement or str(out.with_suffix("")) + ".measurement.json") if target else None
     if not opts.dry_run:    # every output location, before any work (not hours later)
-        for p in [out, opts.report, mpath, opts.work_dir or out.with_name(out.name + ".work")]:
+        for p in [out, opts.report, mpath]:
             if p:
                 _check_writable(Path(p))
+        _check_writable(Path(opts.work_dir or out.with_name(out.name + ".work")) / "state.json")
     elif target and not Path(mpath).is_file():
         raise TwinquantError(f"--dry-run with a target needs a measurement ({mpath} does not exist): a dry run "
                              "never measures; run `twinquant measure` first or give --measurement")
