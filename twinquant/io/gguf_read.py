@@ -24,6 +24,7 @@ from twinquant.model.spec import ModelSpec
 
 T = gguf.MODEL_TENSOR
 K = gguf.Keys
+DEQUANT_ROWS = 8192
 
 
 def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
@@ -147,15 +148,19 @@ class GGUFSource:
 
     def load(self, name: str) -> torch.Tensor:
         t = self._tensors[name]
-        try:
-            arr = gguf.quants.dequantize(t.data, t.tensor_type)
+        shape = tuple(int(d) for d in reversed(t.shape))
+        data = t.data
+        out = np.empty(shape, dtype=np.float32)
+        flat = out.reshape(-1, shape[-1])
+        rows = data.reshape(flat.shape[0], -1) if data.ndim >= 2 else data.reshape(1, -1)
+        try:    # row chunks: gguf-py's numpy dequantizers hold several temporaries of the output's size
+            for r in range(0, flat.shape[0], DEQUANT_ROWS):
+                flat[r: r + DEQUANT_ROWS] = np.asarray(
+                    gguf.quants.dequantize(rows[r: r + DEQUANT_ROWS], t.tensor_type), dtype=np.float32
+                ).reshape(-1, shape[-1])
         except NotImplementedError:
             raise TwinquantError(f"{name}: tensor type {t.tensor_type.name} cannot be dequantized") from None
-        shape = tuple(int(d) for d in reversed(t.shape))
-        arr = np.asarray(arr, dtype=np.float32)
-        if not arr.flags.writeable:
-            arr = arr.copy()               # a view of the read-only mmap (F32 tensors): copy it
-        w = torch.from_numpy(arr.reshape(shape))     # dequantized types: already a fresh array, no second copy
+        w = torch.from_numpy(out)
         heads = self._rope_heads(name)
         return unpermute_rope_rows(w, heads) if heads else w
 
