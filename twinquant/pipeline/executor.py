@@ -6,7 +6,7 @@ blocks are already quantized, so their errors feed forward (GPTQ's sequential mo
 linears (GPTQ with that Hessian, or RTN), each into its assigned type, with the Hessian's diagonal as the
 importance (what llama.cpp's imatrix holds); then recompute the block's outputs with the quantized weights as the
 next block's inputs. The embedding is quantized first, by RTN (it has no Hessian); the output head last, by GPTQ on
-the final-norm activations. Tensors of more than `ROWS_AT_ONCE` rows (a large vocabulary's embedding and head) are
+the final-norm activations. Tensors of more than `CHUNK_ABOVE` rows (a large vocabulary's embedding and head) are
 quantized row chunk by row chunk: rows are independent in every codec and in GPTQ.
 
 `stream=True` bounds memory by about one block: each block's tensors are released once its outputs exist (a lazy
@@ -31,7 +31,10 @@ from twinquant.pipeline.calibrate import block_hessians, block_pass
 from twinquant.progress import Progress
 
 T = roles.T
-ROWS_AT_ONCE = 32768
+# A tensor of more rows than CHUNK_ABOVE (a large vocabulary's embedding and head) is quantized CHUNK_ROWS rows at a
+# time: the codec fits and GPTQ hold several row-sized temporaries (~1.7 GB at 32768 x 1536 for GPTQ).
+CHUNK_ABOVE = 16384
+CHUNK_ROWS = 8192
 
 
 @dataclass
@@ -90,8 +93,9 @@ def quantize_tensor(model: Model, name: str, type_name: str, quantizer, H: torch
     packed = []
     W_hat = None
     dd = ww = dhd = whw = 0.0
-    for r in range(0, W.shape[0], ROWS_AT_ONCE):
-        Wc = W[r: r + ROWS_AT_ONCE]
+    step = CHUNK_ROWS if W.shape[0] > CHUNK_ABOVE else W.shape[0]
+    for r in range(0, W.shape[0], step):
+        Wc = W[r: r + step]
         codes, params, hat = quantizer.quantize_weight(Wc, codec, H=H, importance=imp)
         if ggml:
             packed.append(codec.pack(codes, params))
