@@ -46,3 +46,8 @@ def load_calibration(model, path: str | Path | None = None, n_tokens: int = 8192
     if tok.add_bos and tok.bos_id is not None:
         windows[:, 0] = tok.bos_id
     return Calibration(windows, hashlib.sha256(raw).hexdigest(), str(p))
+
+
+def calibration_for(cfg, model) -> Calibration:
+    """The calibration a recipe (or any object with `calib`, `calib_tokens`, `calib_ctx`) names."""
+    return load_calibration(model, cfg.calib, cfg.calib_tokens, cfg.calib_ctx)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 import twinquant
+from twinquant.calib import calibration_for
 from twinquant.errors import TwinquantError
 
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
@@ -179,12 +180,6 @@ def cmd_convert(args) -> None:
     print(f"wrote {args.output}")
 
 
-def _calibration(args, model):
-    from twinquant.calib import load_calibration
-
-    return load_calibration(model, args.calib, args.calib_tokens, args.calib_ctx)
-
-
 def _save(model, out: Path, outtype: str, quiet: bool, split_max_size: str | None = None) -> None:
     """Float GGUF (-o X.gguf, optionally split into llama.cpp shards) or an HF directory."""
     if out.suffix == ".gguf":
@@ -219,7 +214,7 @@ def cmd_rotate(args) -> None:
               + (f", online {', '.join(online)}" if online else ""), file=sys.stderr)
     dtype = model.dtype
     model.to(dtype=torch.float64)           # rotations are computed exactly, then stored in the output type
-    calib = _calibration(args, model).windows if args.rotation == "ro" else None
+    calib = calibration_for(args, model).windows if args.rotation == "ro" else None
     rotate(model, args.rotation, args.seed, r2=not args.no_r2, online=online, calib_windows=calib,
            ro_iters=args.ro_iters)
     model.to(dtype=dtype)
@@ -234,7 +229,7 @@ def cmd_activations(args) -> None:
     from twinquant.rotation.massive import detect_massive
 
     model = _load(args)
-    calib = _calibration(args, model)
+    calib = calibration_for(args, model)
     report = detect_massive(model, calib.windows, args.percentile, args.factor, progress=not args.quiet)
     print(report.table())
     print(f"massive-activation channels: {report.channels() or 'none'}; flagged positions: "
@@ -351,7 +346,7 @@ def cmd_sensitivity(args) -> None:
 
     model = same_basis(model, quant.quant_record,
                        log=None if args.quiet else lambda m: print(m, file=sys.stderr)).materialize()
-    calib = _calibration(args, model)
+    calib = calibration_for(args, model)
     sens = layer_sensitivity(model, quant, calib.windows, progress=not args.quiet)
     sens.meta.update({"model": args.model, "quantized": args.quantized, "calibration_sha256": calib.text_sha256})
     print(f"KLD on {calib.n_tokens} calibration tokens: all quantized {sens.kld_quantized:.5f}")
@@ -401,7 +396,7 @@ def cmd_duplicate(args) -> None:
             raise TwinquantError("--ref MODEL (the float model) is needed: choices are made on the KL divergence "
                                  "to it on calibration windows")
         ref = load_model(args.ref).materialize()
-        calib = _calibration(args, ref)
+        calib = calibration_for(args, ref)
         if not args.quiet:
             print(f"reference log-probs on {calib.n_tokens} calibration tokens", file=sys.stderr)
         objective = KLDObjective(ref, calib.windows)

@@ -1,6 +1,7 @@
 """Prepare a model as a recipe says — load, pad, fuse norms and rotate — written once for every stage.
 
-`quantize`, `measure`, `imatrix`, `sensitivity` and `duplicate` all start here. With `stream=True` (the default)
+`quantize` and `measure` start here, and `sensitivity` brings a float model into a quantized file's basis here
+(`same_basis`); `imatrix` and `duplicate` do not prepare a model yet. With `stream=True` (the default)
 nothing is materialized: padding and rotation are lazy views (`export/padding.py`, `rotation/lazy.py`) that compute
 a tensor from the source's when a stage asks for it, so a block-streamed stage holds one block. `stream=False`
 materializes the model and rotates it in place in float64 (the in-memory path, kept as the oracle of the streamed

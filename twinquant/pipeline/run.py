@@ -10,6 +10,7 @@ quantize = plan → prepare (lazy pad / rotate) → calibration → [measurement
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import sys
@@ -92,12 +93,6 @@ def quantized_types(choices) -> dict[str, str]:
     return {c.name: _type_name(c.type) for c in choices if _type_name(c.type) not in ("F32", "F16", "BF16")}
 
 
-def _calibration(recipe: Recipe, model):
-    from twinquant.calib import load_calibration
-
-    return load_calibration(model, recipe.calib, recipe.calib_tokens, recipe.calib_ctx)
-
-
 def _check_writable(path: Path) -> None:
     """Fail before any work when the output cannot be written (not hours later)."""
     parent = path.parent if str(path.parent) else Path(".")
@@ -145,7 +140,9 @@ class Session:
 
     def calibration(self, model=None):
         if self._calib is None:
-            self._calib = _calibration(self.recipe, model or self.model)
+            from twinquant.calib import calibration_for
+
+            self._calib = calibration_for(self.recipe, model or self.model)
         return self._calib
 
     def quantizer_config(self) -> dict | None:
@@ -262,15 +259,17 @@ def quantize(source: str, out: str | Path, recipe: Recipe | str | None = None,
     if (opts.measurement or opts.from_measurement) and not target:
         raise TwinquantError("--measurement / --from-measurement are used with --target-size or --target-bpw")
     mpath = (opts.measurement or str(out.with_suffix("")) + ".measurement.json") if target else None
+    work = Path(opts.work_dir) if opts.work_dir else out.with_name(out.name + ".work")
     if not opts.dry_run:    # every output location, before any work (not hours later)
         for p in [out, opts.report, mpath]:
             if p:
                 _check_writable(Path(p))
-        _check_writable(Path(opts.work_dir or out.with_name(out.name + ".work")) / "state.json")
+        _check_writable(work / "state.json")
     elif target and not Path(mpath).is_file():
         raise TwinquantError(f"--dry-run with a target needs a measurement ({mpath} does not exist): a dry run "
                              "never measures; run `twinquant measure` first or give --measurement")
-    opts.keep_blocks = opts.keep_blocks or opts.from_measurement   # what --from-measurement needs
+    if opts.from_measurement and not opts.keep_blocks:    # what --from-measurement needs (the caller's
+        opts = dataclasses.replace(opts, keep_blocks=True)   # Options object is not changed)
     sess = Session(source, recipe, opts, dry_run=opts.dry_run and not target)
     model, n_params = sess.model, sess.n_params
     types = quantized_types(sess.choices)
@@ -302,7 +301,6 @@ def quantize(source: str, out: str | Path, recipe: Recipe | str | None = None,
         alloc_text = format_allocation(alloc, meas)
         if not opts.dry_run:
             opts.say(alloc_text)
-    work = Path(opts.work_dir) if opts.work_dir else out.with_name(out.name + ".work")
     plan = make_plan(sess, types, out, target, fresh, work)
     if opts.dry_run:
         text = [alloc_text] if target else []
