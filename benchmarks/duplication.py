@@ -25,18 +25,16 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from twinquant.calib import load_calibration  # noqa: E402
+from twinquant.calibration.windows import load_calibration  # noqa: E402
 from twinquant.duplication import tune as T  # noqa: E402
 from twinquant.duplication.objective import KLDObjective  # noqa: E402
-from twinquant.duplication.params import ParamStore  # noqa: E402
+from twinquant.model.copies import ParamStore  # noqa: E402
 from twinquant.duplication.sensitivity import Sensitivity, layer_sensitivity  # noqa: E402
-from twinquant.duplication.topology import Budget  # noqa: E402
-from twinquant.eval.logits_file import LogitsFile  # noqa: E402
-from twinquant.eval.perplexity import evaluate, windows_for_text  # noqa: E402
+from twinquant.model.topology import Budget  # noqa: E402
+from twinquant.eval.perplexity import compute_logprobs, evaluate, windows_for_text  # noqa: E402
 from twinquant.io.gguf_read import load_gguf  # noqa: E402
 
 WIKI = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
@@ -81,7 +79,7 @@ def main() -> None:
         calib = load_calibration(ref, CALIB, args.calib_tokens, 512)
         windows = windows_for_text(ref, WIKI.read_text(encoding="utf-8"), 512, args.chunks, "llama.cpp")
         t0 = time.perf_counter()
-        eval_ref = LogitsFile.compute(ref, windows)
+        eval_ref = compute_logprobs(ref, windows)
         objective = KLDObjective(ref, calib.windows)
         log(f"{name}: reference log-probs (eval {args.chunks} chunks, calib {calib.n_tokens} tokens) in "
             f"{time.perf_counter() - t0:.0f}s")

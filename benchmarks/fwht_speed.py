@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from twinquant.rotation.hadamard import fwht, hadamard_plan
+from twinquant.transforms.hadamard import fwht, hadamard_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -28,14 +28,13 @@ import gguf
 import numpy as np
 import torch
 
-from twinquant.calib import load_calibration
-from twinquant.eval.logits_file import LogitsFile
-from twinquant.eval.perplexity import evaluate, windows_for_text
+from twinquant.calibration.windows import load_calibration
+from twinquant.eval.perplexity import compute_logprobs, evaluate, windows_for_text
 from twinquant.io.gguf_read import load_gguf
 from twinquant.io.gguf_write import write_gguf
 from twinquant.io.load import load_model
 from twinquant.model import roles
-from twinquant.quant.mixes import assign_types
+from twinquant.allocation.mixes import assign_types
 from twinquant.pipeline.executor import quantize_model
 from twinquant.rotation.rotate import rotate
 
@@ -82,7 +81,7 @@ def main() -> None:
         n_params = base.n_params()
         windows = windows_for_text(base, WIKI.read_text(encoding="utf-8"), 512, args.chunks, "llama.cpp")
         t0 = time.perf_counter()
-        ref = LogitsFile.compute(base, windows)
+        ref = compute_logprobs(base, windows)
         print(f"{name}: reference log-probs in {time.perf_counter() - t0:.0f}s", flush=True)
         f32 = write_gguf(base, tmp / f"{name}-f32.gguf", "F32")
         lcpp = llama_quantize(f32, tmp / f"{name}-lcpp-{args.mix}.gguf", args.mix)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from twinquant.calib import load_calibration
+from twinquant.calibration.windows import load_calibration
 from twinquant.io.load import load_model
 from twinquant.model import roles
 from twinquant.model.forward import LinearInputs, forward

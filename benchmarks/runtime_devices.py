@@ -23,8 +23,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from twinquant.duplication.params import ParamStore  # noqa: E402
-from twinquant.duplication.topology import parse_topology  # noqa: E402
+from twinquant.model.copies import ParamStore  # noqa: E402
+from twinquant.model.topology import parse_topology  # noqa: E402
 from twinquant.io.hf import load_hf_dir  # noqa: E402
 from twinquant.model.forward import forward  # noqa: E402
 from twinquant.model.layout import Layout  # noqa: E402

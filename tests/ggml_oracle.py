@@ -1,4 +1,4 @@
-"""ctypes binding to llama.cpp's own quantizer, the oracle for `twinquant.quant.ggml`.
+"""ctypes binding to llama.cpp's own quantizer, the oracle for `twinquant.formats.ggml`.
 
 llama-cpp-python ships libggml-base (ggml.c + ggml-quants.c) inside its package (`llama_cpp/lib/`); we call
 

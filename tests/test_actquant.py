@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from twinquant.errors import TwinquantError
-from twinquant.quant.actquant import ActQuant
+from twinquant.algorithms.actquant import ActQuant
 
 
 def _x(seed=0):

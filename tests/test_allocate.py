@@ -7,7 +7,7 @@ import random
 import pytest
 
 from twinquant.errors import TwinquantError
-from twinquant.quant.allocate import Allocation, Candidate, Group, solve
+from twinquant.allocation.solve import Allocation, Candidate, Group, solve
 
 TOL = 1e-9
 

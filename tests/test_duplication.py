@@ -7,8 +7,8 @@ import torch
 
 from tests.tiny_models import save_tiny
 from twinquant.duplication.expand import expand_duplicates
-from twinquant.duplication.params import CopyParams, ParamStore
-from twinquant.duplication.topology import Budget, parse_topology, topology_of
+from twinquant.model.copies import CopyParams, ParamStore
+from twinquant.model.topology import Budget, parse_topology, topology_of
 from twinquant.errors import TwinquantError
 from twinquant.io.gguf_read import load_gguf
 from twinquant.io.gguf_write import write_gguf

@@ -9,8 +9,8 @@ import torch
 
 from tests import ggml_oracle
 from twinquant.errors import TwinquantError
-from twinquant.quant.codec import BlockParams, dequantize_codes
-from twinquant.quant.ggml import CODECS, get_codec
+from twinquant.formats.codec import BlockParams, dequantize_codes
+from twinquant.formats.ggml import CODECS, get_codec
 
 TYPES = list(CODECS)
 SHAPES = [(64, 512), (8, 4864)]

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from twinquant.errors import TwinquantError
-from twinquant.rotation import hadamard as hm
-from twinquant.rotation.hadamard import (HadamardPlan, RandomizedHadamard, fwht, fwht_transpose, hadamard,
+from twinquant.transforms import hadamard as hm
+from twinquant.transforms.hadamard import (HadamardPlan, RandomizedHadamard, fwht, fwht_transpose, hadamard,
                                          hadamard_plan, pack_signs, random_signs, unpack_signs)
 
 LIMIT = 32768

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from twinquant.errors import TwinquantError
-from twinquant.quant.backends import QUANTIZERS, get_quantizer
-from twinquant.quant.codec import dequantize_codes
-from twinquant.quant.hqq_backend import MISSING, HQQConfig, HQQQuantizer
-from twinquant.quant.intgrid import IntGrid
-from twinquant.quant.rtn import rtn
+from twinquant.algorithms.backends import QUANTIZERS, get_quantizer
+from twinquant.formats.codec import dequantize_codes
+from twinquant.algorithms.hqq_backend import MISSING, HQQConfig, HQQQuantizer
+from twinquant.formats.intgrid import IntGrid
+from twinquant.algorithms.rtn import rtn
 
 
 def _student_t(rows=128, cols=256, seed=0, df=3.0):
@@ -97,7 +97,7 @@ def test_registry_and_config():
 
 
 def test_unsupported_codecs():
-    from twinquant.quant.ggml import get_codec
+    from twinquant.formats.ggml import get_codec
 
     w = _student_t(8, 256)
     q = get_quantizer("hqq")

@@ -8,7 +8,6 @@ the per-token activations themselves agree to ~1e-6 (same fp32 math, other opera
 With llama-imatrix's defaults (F16 KV cache, flash attention) the values move by ~1e-3: checked loosely.
 """
 
-import argparse
 import random
 import shutil
 import struct
@@ -22,7 +21,7 @@ import pytest
 from tests.paths import ROOT
 from tests.tiny_models import save_tiny
 from twinquant.errors import TwinquantError
-from twinquant.quant.imatrix import (
+from twinquant.calibration.imatrix import (
     Imatrix,
     collect_imatrix,
     coverage,
@@ -281,20 +280,9 @@ def test_corrupt_files(llama_runs, work, tmp_path):
 
 
 def _parser():
-    from twinquant.quant.imatrix_cli import add_parser
+    from twinquant.cli import build_parser
 
-    p = argparse.ArgumentParser(prog="twinquant")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    def with_model(sp):   # as twinquant.cli.build_parser's
-        sp.add_argument("model")
-        sp.add_argument("--dtype", choices=["bf16", "f16", "f32"], default="f32")
-        sp.add_argument("--device", default="cpu")
-        sp.add_argument("-q", "--quiet", action="store_true")
-        return sp
-
-    add_parser(sub, with_model)
-    return p
+    return build_parser()
 
 
 def test_cli_command(llama_runs, work, tmp_path, capsys):

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from twinquant.errors import TwinquantError
-from twinquant.quant.codec import dequantize_codes
-from twinquant.quant.intgrid import IntGrid
-from twinquant.quant.rtn import dequantize
+from twinquant.formats.codec import dequantize_codes
+from twinquant.formats.intgrid import IntGrid
+from twinquant.algorithms.rtn import dequantize
 
 GROUPS = (16, 32, 48, 128, -1)
 

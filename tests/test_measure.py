@@ -15,10 +15,10 @@ import torch
 from tests.paths import CALIB
 from tests.test_cli import assert_user_error, run
 from tests.tiny_models import save_tiny
-from twinquant.calib import load_calibration
+from twinquant.calibration.windows import load_calibration
 from twinquant.io.load import load_model
 from twinquant.model import roles
-from twinquant.quant.measure import Measurement, candidate_types, measure, tensor_bytes
+from twinquant.allocation.measure import Measurement, candidate_types, measure, tensor_bytes
 
 CAL = ["--calib-tokens", "1024", "--calib-ctx", "64", "--kld-windows", "4", "--rotation", "none"]
 
@@ -175,7 +175,7 @@ def test_allocated_file_runs_in_stock_llama_cpp(tiny, tmp_path, assemble):
 
 
 def test_quantize_with_imatrix_reports_coverage(tiny, tmp_path):
-    from twinquant.quant.imatrix import Imatrix
+    from twinquant.calibration.imatrix import Imatrix
 
     im = tmp_path / "im.gguf"
     run("imatrix", tiny, "-f", CALIB, "-o", im, "-c", "64",

@@ -12,6 +12,7 @@ from twinquant.io.gguf_read import load_gguf
 from twinquant.io.gguf_write import write_gguf
 from twinquant.io.hf import load_hf_dir
 from twinquant.io.metadata import read_metadata
+from twinquant.model import history
 from twinquant.model.forward import forward
 from twinquant.rotation.rotate import rotate
 
@@ -37,7 +38,9 @@ def test_online_transforms_round_trip(tiny, tmp_path):
     assert meta["stock_compatible"] is False and meta["online"]["qk"]["n"] == tiny.spec.head_dim
     assert meta["online"]["qk"]["randomized"]["signs"]          # bit-packed signs stored, not only the seed
     back = load_gguf(path)
-    assert back.needs_online and [r["kind"] for r in back.rotations] == ["fuse_norms", "R1", "R2", "R4", "R3"]
+    kinds = [r.to_dict()["kind"] for r in back.history]
+    assert back.needs_online and kinds == ["fuse_norms", "R1", "R2", "R4", "R3"]
+    assert back.history == m.history and all(type(r) is not history.Other for r in back.history)
     assert (forward(back, x) - want).abs().max() < 1e-4 * want.abs().max()
 
 
@@ -89,3 +92,18 @@ def test_version_rules(tiny, tmp_path):
     newer_major = _with_version(path, tmp_path / "major.gguf", "1.0.0")
     with pytest.raises(TwinquantError, match="upgrade twinquant"):
         load_gguf(newer_major)
+
+
+def test_history_records_round_trip_and_refuse_malformed_ones():
+    recs = [history.FuseNorms(), history.Rotation("R1", "ro", 256, 3, 10, 3, 1.5, 1.25),
+            history.Rotation("R2", "rh", 64, 4), history.Padding(256, 192, 256, 320, 512, 3, 4, 1e-5, 7.5e-6, 1.0)]
+    dicts = history.to_list(recs)
+    assert dicts[0] == {"kind": "fuse_norms"} and dicts[2] == {"kind": "R2", "type": "rh", "n": 64, "seed": 4}
+    assert dicts[3]["kind"] == "pad" and dicts[3]["to"] == 256
+    assert history.from_list(dicts) == recs
+    assert history.paddings(recs) == recs[3:] and history.without_padding(recs) == recs[:3]
+    other = {"kind": "R9", "n": 8}                  # a kind from a newer writer: kept, written back unchanged
+    assert history.to_list(history.from_list([other])) == [other]
+    for bad in ([{"n": 8}], [{"kind": "R1", "type": "rh"}], [{"kind": "pad", "hidden": 1}], {"kind": "R1"}):
+        with pytest.raises(TwinquantError, match="twinquant.rotation"):
+            history.from_list(bad)

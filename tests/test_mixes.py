@@ -18,8 +18,8 @@ from tests.tiny_models import save_tiny
 from twinquant.errors import TwinquantError
 from twinquant.model import roles
 from twinquant.model.spec import ModelSpec
-from twinquant.quant import mixes
-from twinquant.quant.mixes import assign_types, fallback_type, llama_cpp_mix
+from twinquant.allocation import mixes
+from twinquant.allocation.mixes import assign_types, fallback_type, llama_cpp_mix
 
 Q = gguf.GGMLQuantizationType
 

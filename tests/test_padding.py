@@ -18,7 +18,7 @@ from twinquant.io.metadata import read_metadata
 from twinquant.model.forward import forward
 from twinquant.model.model import Model
 from twinquant.model.spec import ModelSpec
-from twinquant.quant.mixes import assign_types
+from twinquant.allocation.mixes import assign_types
 from twinquant.rotation import rotate as R
 
 # (family, model dims, pad options, padded (hidden, intermediate, n_heads))
@@ -54,8 +54,8 @@ def test_padding_is_exact(case):
     assert (s.head_dim, s.n_kv_heads, s.tied_embeddings) == (model.spec.head_dim, model.spec.n_kv_heads,
                                                             model.spec.tied_embeddings)
     assert s.rms_eps == pytest.approx(model.spec.rms_eps * model.spec.hidden / s.hidden, rel=1e-15)
-    assert padding_records(padded) == [padded.rotations[-1]] and padded.rotations[-1]["to"] == 256
-    assert model.spec.hidden < 256 and not model.rotations          # the original is untouched
+    assert padding_records(padded) == [padded.history[-1]] and padded.history[-1].to == 256
+    assert model.spec.hidden < 256 and not model.history          # the original is untouched
     assert _rel(forward(padded, x), ref) < 1e-9
     emb = padded.get("token_embd.weight")
     assert emb.shape[1] == 256 and torch.all(emb[:, model.spec.hidden:] == 0)
@@ -76,7 +76,7 @@ def test_stock_llama_cpp_runs_the_padded_export(case, tmp_path):
     meta = read_metadata(gguf.GGUFReader(path))
     assert meta["version"] == SCHEMA_VERSION and meta["padding"][0]["hidden"] == model.spec.hidden
     back = load_gguf(path)                                           # our loader: same function, record kept
-    assert back.spec.hidden == 256 and padding_records(back)[0]["to"] == 256
+    assert back.spec.hidden == 256 and padding_records(back)[0].to == 256
     assert _rel(forward(back, toks[None])[0], ref) < 1e-5
 
 
@@ -85,8 +85,8 @@ def test_rotation_after_padding_is_exact(case):
     x = torch.randint(0, model.spec.vocab, (1, 30))
     ref = forward(model, x)
     padded = R.rotate(pad_model(model, 256, **opts), "rh", seed=3, online=("r3", "r4"))
-    r1 = next(r for r in padded.rotations if r["kind"] == "R1")
-    assert r1["n"] == 256                                            # R1 acts on the padded width
+    r1 = next(r for r in padded.history if getattr(r, "kind", None) == "R1")
+    assert r1.n == 256                                            # R1 acts on the padded width
     assert _rel(forward(padded, x), ref) < 1e-9
 
 
@@ -112,7 +112,7 @@ def test_fuse_pad_then_rotate_keeps_tied_head(tmp_path):
     assert padded.spec.tied_embeddings
     g = padded.get("blk.0.attn_norm.weight")
     assert torch.allclose(g, torch.full_like(g, (96 / 256) ** 0.5))      # uniform, padded channels included
-    from twinquant.rotation.hadamard import RandomizedHadamard
+    from twinquant.transforms.hadamard import RandomizedHadamard
 
     R.rotate_residual(padded, RandomizedHadamard(256, 1).matrix(torch.float64), {"type": "rh", "n": 256, "seed": 1})
     assert padded.spec.tied_embeddings

@@ -8,7 +8,7 @@ import torch
 from tests.tiny_models import save_tiny
 from twinquant.errors import TwinquantError
 from twinquant.eval.logits_file import LogitsFile
-from twinquant.eval.perplexity import evaluate, make_windows, window_logprobs
+from twinquant.eval.perplexity import compute_logprobs, evaluate, make_windows, window_logprobs
 from twinquant.eval.stats import Accumulator, format_kld
 from twinquant.io.hf import load_hf_dir
 
@@ -86,7 +86,7 @@ def test_saved_reference_round_trip_and_kld(tiny, tmp_path):
     assert 0 <= res["same_top"] < 1
     direct = evaluate(noisy, w, ref=tiny, progress=False)           # reference model run alongside
     assert math.isclose(direct["kld_mean"], res["kld_mean"], rel_tol=0.05)
-    in_memory = LogitsFile.compute(tiny, w)                          # the same reference without a file
+    in_memory = compute_logprobs(tiny, w)                          # the same reference without a file
     assert in_memory.header == ref.header and (in_memory.logprobs == ref.logprobs[:]).all()
 
 

@@ -17,7 +17,7 @@ from twinquant.io.gguf_read import load_gguf
 from twinquant.io.gguf_write import write_gguf
 from twinquant.io.hf import load_hf_dir
 from twinquant.model.forward import forward
-from twinquant.quant.mixes import assign_types, llama_cpp_mix
+from twinquant.allocation.mixes import assign_types, llama_cpp_mix
 from twinquant.pipeline.executor import quantize_model
 
 DIMS = dict(intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3)

@@ -9,7 +9,7 @@ import yaml
 from tests.tiny_models import save_tiny
 from twinquant.errors import TwinquantError
 from twinquant.io.gguf_read import load_gguf
-from twinquant.quant.recipe import BUILTIN, Recipe, load_recipe
+from twinquant.pipeline.recipe import BUILTIN, Recipe, load_recipe
 
 
 def test_validation_rejects_impossible_recipes():

@@ -7,7 +7,7 @@ from tests.tiny_models import FAMILIES, save_tiny
 from twinquant.errors import TwinquantError
 from twinquant.io.hf import load_hf_dir
 from twinquant.model.forward import KVCache, forward
-from twinquant.rotation.hadamard import RandomizedHadamard
+from twinquant.transforms.hadamard import RandomizedHadamard
 from twinquant.rotation.optimize import int_rtn_rows, objective, optimize_rotation
 from twinquant.rotation.rotate import fuse_norms, rotate, rotate_residual
 

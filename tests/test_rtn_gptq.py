@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from twinquant.errors import TwinquantError
-from twinquant.quant.backends import GPTQConfig, QUANTIZERS, RTNConfig, get_quantizer
-from twinquant.quant.gptq import accumulate_hessian, gptq
-from twinquant.quant.intgrid import IntGrid
-from twinquant.quant.rtn import rtn
+from twinquant.algorithms.backends import GPTQConfig, QUANTIZERS, RTNConfig, get_quantizer
+from twinquant.algorithms.gptq import accumulate_hessian, gptq
+from twinquant.formats.intgrid import IntGrid
+from twinquant.algorithms.rtn import rtn
 
 
 def _gen(seed):
@@ -166,11 +166,11 @@ def test_gptq_dead_columns_non_pd_and_bad_options():
         gptq(w, -torch.eye(64), c)
 
 
-# -- GGML codecs (twinquant.quant.ggml) ---------------------------------------------------------------------------------
+# -- GGML codecs (twinquant.formats.ggml) ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ("Q4_K", "Q2_K"))
 def test_gptq_into_ggml_k_quants(name):
-    from twinquant.quant.ggml import get_codec
+    from twinquant.formats.ggml import get_codec
 
     c = get_codec(name)
     w = torch.randn(32, 512, generator=_gen(12))

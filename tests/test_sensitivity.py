@@ -6,12 +6,13 @@ import torch
 from tests.tiny_models import save_tiny
 from twinquant.duplication import tune as T
 from twinquant.duplication.objective import KLDObjective
-from twinquant.duplication.params import ParamStore
+from twinquant.model.copies import ParamStore
 from twinquant.duplication.sensitivity import Sensitivity, layer_sensitivity
-from twinquant.duplication.topology import Budget
+from twinquant.model.topology import Budget
 from twinquant.errors import TwinquantError
 from twinquant.io.hf import load_hf_dir
 from twinquant.model import roles
+from twinquant.model.history import Rotation
 
 
 @pytest.fixture
@@ -44,7 +45,7 @@ def test_planted_fragile_layer_ranks_first(pair, tmp_path):
 
     back = Sensitivity.from_dict(json.loads(js.read_text()))
     assert back.ranking() == sens.ranking()
-    f.rotations = [{"kind": "rotate", "type": "rh", "seed": 1}]
+    f.history = [Rotation("R1", "rh", f.spec.hidden, 1)]
     with pytest.raises(TwinquantError, match="different bases"):
         layer_sensitivity(f, q, windows, progress=False)
 

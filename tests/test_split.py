@@ -8,7 +8,7 @@ import torch
 
 from tests.tiny_models import save_tiny
 from twinquant.errors import TwinquantError
-from twinquant.export.split import parse_size, shard_paths
+from twinquant.io.split import parse_size, shard_paths
 from twinquant.io.gguf_read import load_gguf
 from twinquant.io.gguf_write import write_gguf
 from twinquant.io.hf import load_hf_dir

@@ -18,7 +18,7 @@ from tests.tiny_models import save_tiny
 from twinquant.errors import TwinquantError
 from twinquant.pipeline import Options, quantize
 from twinquant.pipeline.executor import Interrupted
-from twinquant.quant.recipe import load_recipe
+from twinquant.pipeline.recipe import load_recipe
 
 CAL = dict(calib_tokens=512, calib_ctx=64)
 
@@ -137,7 +137,7 @@ def test_unwritable_output_fails_before_any_work(models, tmp_path):
 PEAK = textwrap.dedent("""
     import sys
     from twinquant.pipeline import Options, quantize
-    from twinquant.quant.recipe import load_recipe
+    from twinquant.pipeline.recipe import load_recipe
     import dataclasses
     r = dataclasses.replace(load_recipe("default"), method="rtn", mix=None, format="Q8_0", rotation="rh")
     quantize(sys.argv[1], sys.argv[2], r, Options(quiet=True, stream=sys.argv[3] == "1"))

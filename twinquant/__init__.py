@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 _API = {"quantize": "twinquant.pipeline", "measure": "twinquant.pipeline", "Options": "twinquant.pipeline",
-        "QuantizeResult": "twinquant.pipeline", "Recipe": "twinquant.quant.recipe"}
+        "QuantizeResult": "twinquant.pipeline", "Recipe": "twinquant.pipeline.recipe"}
 
 
 def __getattr__(name: str):

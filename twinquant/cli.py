@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -18,7 +16,7 @@ from pathlib import Path
 import torch
 
 import twinquant
-from twinquant.calib import calibration_for
+from twinquant.calibration.windows import calibration_for
 from twinquant.errors import TwinquantError
 
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
@@ -42,6 +40,25 @@ def _human(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return str(n)
+
+
+# --- imatrix --------------------------------------------------------------------------------------------------
+def cmd_imatrix(args) -> None:
+    from twinquant.calibration.imatrix import format_statistics
+    from twinquant.calibration.imatrix_run import check_options, read_inputs, run_imatrix
+
+    log = None if args.quiet else (lambda line: print(line, file=sys.stderr))
+    check_options(args.text, args.ctx, args.chunks, args.output_frequency)
+    out = Path(args.output)
+    if args.output_format == "gguf" and out.suffix != ".gguf" and log:
+        log(f"twinquant: warning: {out}: saving the imatrix as GGUF with a suffix other than .gguf "
+            f"(--output-format dat writes the legacy format)")
+    base = read_inputs(args.in_files, args.ctx, log)       # read before the model loads, to fail fast
+    result = run_imatrix(_load(args), args.text, out, args.ctx, args.chunks, args.output_frequency, base,
+                         args.output_format, args.process_output, progress=not args.quiet, log=log)
+    print(f"stored {len(result)} entries after {result.chunk_count} chunks of {args.ctx} tokens in {out}")
+    if args.show_statistics:
+        print(format_statistics(result))
 
 
 # --- inspect --------------------------------------------------------------------------------------------------
@@ -218,9 +235,9 @@ def cmd_rotate(args) -> None:
     rotate(model, args.rotation, args.seed, r2=not args.no_r2, online=online, calib_windows=calib,
            ro_iters=args.ro_iters)
     model.to(dtype=dtype)
-    for r in model.rotations:
-        if r.get("type") == "ro":
-            print(f"RO objective: {r['objective_start']:.4g} (RH) -> {r['objective']:.4g}", file=sys.stderr)
+    for r in model.history:
+        if getattr(r, "type", None) == "ro":
+            print(f"RO objective: {r.objective_start:.4g} (RH) -> {r.objective:.4g}", file=sys.stderr)
     _save(model, Path(args.output), args.outtype, args.quiet)
     print(f"wrote {args.output}")
 
@@ -245,7 +262,7 @@ def _recipe(args):
     """The recipe named by --recipe (default: `default`), with every option given on the command line on top."""
     import dataclasses
 
-    from twinquant.quant.recipe import load_recipe
+    from twinquant.pipeline.recipe import load_recipe
 
     r = load_recipe(args.recipe)
     changes = {k: getattr(args, k) for k in ("method", "output_tensor_type", "token_embedding_type", "rotation",
@@ -357,8 +374,8 @@ def cmd_sensitivity(args) -> None:
 
 def cmd_duplicate(args) -> None:
     from twinquant.duplication.objective import KLDObjective
-    from twinquant.duplication.params import ParamStore
-    from twinquant.duplication.topology import Budget, load_topology
+    from twinquant.model.copies import ParamStore
+    from twinquant.model.topology import Budget, load_topology
     from twinquant.duplication import tune as T
     from twinquant.io.gguf_write import write_gguf
     from twinquant.io.load import load_model
@@ -370,7 +387,7 @@ def cmd_duplicate(args) -> None:
         raise TwinquantError(f"{out}: the output of duplicate is a .gguf file")
     memory = None
     if args.budget_memory:
-        from twinquant.export.split import parse_size
+        from twinquant.io.split import parse_size
 
         memory = parse_size(args.budget_memory)
     budget = Budget(args.budget_layers, args.budget_flops, memory, args.budget_context)
@@ -384,7 +401,7 @@ def cmd_duplicate(args) -> None:
     params = ParamStore(base={"act_bits": args.act_bits} if args.act_bits else {})
     topo = None
     if args.topology:   # check the file before any expensive work
-        from twinquant.duplication.topology import parse_topology
+        from twinquant.model.topology import parse_topology
 
         topo = load_topology(args.topology)
         parse_topology({k: {**e, "type": "serial"} if isinstance(e, dict) and e.get("type") == "hybrid" else e
@@ -613,9 +630,25 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--report", help="write topology, parameters, cost and the search log as JSON")
     sp.set_defaults(func=cmd_duplicate, calib_tokens=2048)
 
-    from twinquant.quant.imatrix_cli import add_parser as add_imatrix_parser   # imports cli lazily: stays here
-
-    add_imatrix_parser(sub, with_model)
+    # option names are llama-imatrix's
+    sp = with_model(sub.add_parser("imatrix", help="importance matrix as llama-imatrix computes it "
+                                                  "(imatrix.gguf for llama-quantize --imatrix)"))
+    sp.add_argument("-f", "--file", dest="text", required=True, help="calibration text file")
+    sp.add_argument("-o", "--output", default="imatrix.gguf", help="output file (default imatrix.gguf)")
+    sp.add_argument("-c", "--ctx-size", "--ctx", dest="ctx", type=int, default=512,
+                    help="tokens per chunk (default 512)")
+    sp.add_argument("--chunks", type=int, default=None, help="process at most N chunks")
+    sp.add_argument("--output-frequency", "-ofreq", dest="output_frequency", type=int, default=10,
+                    help="save the imatrix every N chunks (default 10; 0: only at the end)")
+    sp.add_argument("--in-file", dest="in_files", action="append", default=[], metavar="FILE",
+                    help="an existing imatrix (GGUF or legacy .dat) to merge with (repeatable)")
+    sp.add_argument("--output-format", choices=["gguf", "dat"], default="gguf",
+                    help="imatrix GGUF (default) or llama.cpp's legacy .dat")
+    sp.add_argument("--process-output", action="store_true",
+                    help="also collect output.weight (llama-imatrix leaves it out by default)")
+    sp.add_argument("--show-statistics", action="store_true",
+                    help="print per-tensor statistics of the result (as llama-imatrix --show-statistics)")
+    sp.set_defaults(func=cmd_imatrix)
 
     sp = sub.add_parser("models", help="list the packaged models and where their files are")
     sp.add_argument("--assemble", action="store_true", help="assemble multi-part models into the cache")

@@ -1,1 +1,1 @@
-"""Layer duplication: topology of block copies, their per-copy parameters, and the search that tunes them."""
+"""Layer duplication: block copies selected by sensitivity, their per-copy parameters tuned by search (the topology and the parameters themselves are part of the model: `twinquant.model.topology`, `twinquant.model.copies`)."""

@@ -66,6 +66,6 @@ def expand_duplicates(model: Model) -> Model:
                 inputs[m] = model.input_transforms[n]
     out = Model(spec=spec, tokenizer=model.tokenizer, layout=Layout.sequential(len(order)), dtype=model.dtype,
                 device=model.device, tensors=tensors, input_transforms=inputs, qk_transform=model.qk_transform,
-                rotations=list(model.rotations), quantized=quantized, quant_record=model.quant_record)
+                history=list(model.history), quantized=quantized, quant_record=model.quant_record)
     out.expanded_from = order          # for reports: which original block each physical block repeats
     return out

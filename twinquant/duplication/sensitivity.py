@@ -19,7 +19,7 @@ from pathlib import Path
 
 from twinquant.duplication.objective import KLDObjective
 from twinquant.errors import TwinquantError
-from twinquant.model import roles
+from twinquant.model import history, roles
 from twinquant.progress import Progress
 
 
@@ -108,8 +108,7 @@ def layer_sensitivity(float_model, quant_model, windows, progress: bool = True) 
     if shape(float_model.spec) != shape(quant_model.spec):
         raise TwinquantError("sensitivity: the float and quantized models differ in shape (padding? a different "
                              "model?)")
-    if [r for r in float_model.rotations if r.get("kind") != "pad"] != \
-            [r for r in quant_model.rotations if r.get("kind") != "pad"]:
+    if history.without_padding(float_model.history) != history.without_padding(quant_model.history):
         raise TwinquantError("sensitivity: the float and quantized models are in different bases (rotation); "
                              "give the float model rotated the same way")
     t0 = time.perf_counter()

@@ -16,8 +16,8 @@ import copy as _copy
 import sys
 from dataclasses import dataclass
 
-from twinquant.duplication.params import ParamStore
-from twinquant.duplication.topology import Budget, parse_topology
+from twinquant.model.copies import ParamStore
+from twinquant.model.topology import Budget, parse_topology
 from twinquant.errors import TwinquantError
 
 

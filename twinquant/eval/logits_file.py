@@ -67,17 +67,6 @@ class LogitsFile:
     logprobs: np.ndarray           # float16 memmap [chunks, scored, vocab]
 
     @classmethod
-    def compute(cls, model, windows) -> "LogitsFile":
-        """A model's log-probs on `windows`, held in memory (float16): a reference without a file."""
-        from twinquant.eval.perplexity import window_logprobs
-
-        lp = np.stack([window_logprobs(model, windows, i).half().numpy() for i in range(windows.tokens.shape[0])])
-        header = {"protocol": windows.protocol, "ctx": windows.ctx, "first": windows.first,
-                  "chunks": windows.tokens.shape[0], "scored": windows.scored, "vocab": model.spec.vocab,
-                  "tokens_sha256": tokens_hash(windows.tokens)}
-        return cls(header, windows.tokens, lp)
-
-    @classmethod
     def open(cls, path: str | os.PathLike) -> "LogitsFile":
         p = Path(path)
         if not is_logits_file(p):

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from twinquant.errors import TwinquantError
@@ -87,6 +88,15 @@ def window_logprobs(model: "Model", windows: Windows, i: int) -> torch.Tensor:
     logits = forward(model, windows.tokens[i: i + 1], logits_for=slice(windows.first, windows.ctx - 1))[0]
     return torch.log_softmax(logits.float(), dim=-1).cpu()
 
+
+
+def compute_logprobs(model: "Model", windows: Windows) -> LogitsFile:
+    """A model's log-probs on `windows`, held in memory (float16): a reference without a file."""
+    lp = np.stack([window_logprobs(model, windows, i).half().numpy() for i in range(windows.tokens.shape[0])])
+    header = {"protocol": windows.protocol, "ctx": windows.ctx, "first": windows.first,
+              "chunks": windows.tokens.shape[0], "scored": windows.scored, "vocab": model.spec.vocab,
+              "tokens_sha256": tokens_hash(windows.tokens)}
+    return LogitsFile(header, windows.tokens, lp)
 
 def streamable(model: "Model") -> bool:
     """A lazily loaded model with the plain layout: it can be evaluated one block at a time."""

@@ -1,1 +1,1 @@
-"""Export helpers: exact block-alignment padding (`padding`) and llama.cpp split GGUF files (`split`)."""
+"""Export helpers: exact block-alignment padding (`padding`); split files live in `twinquant.io.split`."""

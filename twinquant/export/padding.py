@@ -26,7 +26,7 @@ llama.cpp honours for llama and qwen3 when hidden / n_heads != head_dim (tested)
 (see above), so there n_heads·head_dim = hidden is kept.
 
 The padded model is lazy: its tensors are computed (in float64) from the original's on first use, so the original
-must not be changed afterwards. `model.rotations` gets a `{"kind": "pad", ...}` record (written to the GGUF as
+must not be changed afterwards. `model.history` gets a `Padding` record (written to the GGUF as
 part of `twinquant.rotation` and as `twinquant.padding`).
 """
 
@@ -38,7 +38,7 @@ import math
 import torch
 
 from twinquant.errors import TwinquantError
-from twinquant.model import roles
+from twinquant.model import history, roles
 from twinquant.model.model import Model, TensorInfo
 from twinquant.model.spec import ModelSpec
 
@@ -75,7 +75,7 @@ class PaddedSource:
         self.record = record
         src = original.source
         self.path = f"{src.path if src is not None else '<memory>'} (padded to {spec.hidden})"
-        self.s = math.sqrt(record["hidden"] / record["to"])     # gain factor and q/k scale
+        self.s = math.sqrt(record.hidden / record.to)     # gain factor and q/k scale
 
     def _original(self, name: str) -> torch.Tensor:
         t = self.original.tensors.get(name)
@@ -184,18 +184,16 @@ def pad_model(model: Model, multiple: int = 256, ffn: bool = False, heads: bool 
                              f"its input is not exact; pad before adding online transforms")
     eps2 = old.rms_eps * old.hidden / h2
     new = dataclasses.replace(old, hidden=h2, intermediate=f2, n_heads=n2, rms_eps=eps2)
-    record = {"kind": "pad", "multiple": multiple, "hidden": old.hidden, "to": h2,
-              "intermediate": old.intermediate, "intermediate_to": f2, "n_heads": old.n_heads, "n_heads_to": n2,
-              "rms_eps": old.rms_eps, "rms_eps_to": eps2, "qk_scale": math.sqrt(old.hidden / h2) if old.qk_norm
-              else 1.0}
+    record = history.Padding(multiple, old.hidden, h2, old.intermediate, f2, old.n_heads, n2, old.rms_eps, eps2,
+                             math.sqrt(old.hidden / h2) if old.qk_norm else 1.0)
     out = Model(spec=new, source=PaddedSource(model, new, record), tokenizer=model.tokenizer, dtype=model.dtype,
                 device=model.device)
     out.input_transforms = dict(model.input_transforms)
     out.qk_transform = model.qk_transform
-    out.rotations = [*model.rotations, record]
+    out.history = [*model.history, record]
     return out
 
 
-def padding_records(model: Model) -> list[dict]:
+def padding_records(model: Model) -> list[history.Padding]:
     """The pad records of a model (empty when it was never padded)."""
-    return [r for r in model.rotations if r.get("kind") == "pad"]
+    return history.paddings(model.history)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from twinquant.errors import TwinquantError
+from twinquant.io.split import SHARD_NAME, shard_name, shard_paths
 from twinquant.io.metadata import apply_metadata, read_metadata
 from twinquant.model import roles
 from twinquant.model.architectures import get_architecture
@@ -43,6 +44,53 @@ def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
         if t.data_offset + t.n_bytes > size:
             raise TwinquantError(f"{path}: truncated GGUF (tensor {t.name} runs past the end of the file)")
     return reader
+
+
+def split_count(reader: gguf.GGUFReader) -> int:
+    f = reader.fields.get(K.Split.LLM_KV_SPLIT_COUNT)
+    return int(f.contents()) if f is not None else 1
+
+
+class SplitReader:
+    """What the loader needs of a `GGUFReader` for a split model: the first shard's metadata (`fields`) and every
+    shard's tensors (`tensors`, in shard order). Holds the shards' readers (their memory maps)."""
+
+    def __init__(self, paths: list[Path], readers: list[gguf.GGUFReader]):
+        self.paths = paths
+        self.readers = readers
+        self.fields = readers[0].fields
+        self.tensors = [t for r in readers for t in r.tensors]
+
+
+def open_split(path: str | os.PathLike, reader: gguf.GGUFReader | None = None) -> SplitReader:
+    """Open every shard of the split model `path` (any of its shards, normally the first) and check the set:
+    names by the convention, `split.no` / `split.count` of each shard, the total tensor count, no duplicates."""
+    path = Path(path)
+    reader = reader if reader is not None else open_gguf(path)
+    count = split_count(reader)
+    paths = shard_paths(path)
+    if SHARD_NAME.match(path.name) is None or len(paths) != count:
+        raise TwinquantError(f"{path}: one of {count} split files, but not named like "
+                             f"{shard_name('<name>.gguf', 1, count).name} (llama.cpp finds the shards by name)")
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise TwinquantError(f"{path}: split model is missing shard {missing[0].name}"
+                             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    readers = [reader if p == path else open_gguf(p) for p in paths]
+    seen: set[str] = set()
+    for i, (p, r) in enumerate(zip(paths, readers)):
+        no = r.fields.get(K.Split.LLM_KV_SPLIT_NO)
+        if no is None or int(no.contents()) != i or split_count(r) != count:
+            raise TwinquantError(f"{p}: not shard {i + 1} of {count} (its split.no / split.count disagree)")
+        for t in r.tensors:
+            if t.name in seen:
+                raise TwinquantError(f"{p}: tensor {t.name} also appears in an earlier shard")
+            seen.add(t.name)
+    total = readers[0].fields.get(K.Split.LLM_KV_SPLIT_TENSORS_COUNT)
+    if total is not None and int(total.contents()) != len(seen):
+        raise TwinquantError(f"{paths[0]}: split.tensors.count is {int(total.contents())}, the shards hold "
+                             f"{len(seen)} tensors")
+    return SplitReader(paths, readers)
 
 
 def field(reader: gguf.GGUFReader, key: str, default=...):
@@ -183,8 +231,6 @@ def load_gguf(path: str | os.PathLike, load_tokenizer: bool = True, keep_quantiz
     keep_quantized: also keep every quantized tensor's packed blocks (`model.quantized`), so writing the model
     again reproduces them byte for byte (e.g. `duplicate` adds metadata to a quantized file)."""
     reader = open_gguf(path)
-    from twinquant.export.split import open_split, split_count
-
     if split_count(reader) > 1:
         reader = open_split(path, reader)
     spec = spec_from_gguf(reader)

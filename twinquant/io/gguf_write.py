@@ -4,7 +4,7 @@ Uses gguf-py's `GGUFWriter` in streaming mode (tensor infos first, then one tens
 holds more than one tensor in memory. Names are the role names (llama.cpp's own); llama-family q/k rows are
 permuted back to llama.cpp's interleaved RoPE order. The file is written under a temporary name and renamed at
 the end: a failure leaves nothing half-written. With `split_max_size`, gguf-py splits the file into llama.cpp's
-shards (`m-00001-of-00003.gguf` …, see `twinquant.export.split`), written in a temporary directory and moved into
+shards (`m-00001-of-00003.gguf` …, see `twinquant.io.split`), written in a temporary directory and moved into
 place only when every shard is complete.
 """
 
@@ -132,7 +132,7 @@ def write_gguf(model: Model, path: str | os.PathLike, ftype: str = "F16",
     tmp = path.with_name(path.name + ".tmp")
     split = 0
     if split_max_size is not None:
-        from twinquant.export.split import parse_size
+        from twinquant.io.split import parse_size
 
         split = parse_size(split_max_size)
     arch = get_architecture(model.spec.arch)
@@ -170,7 +170,7 @@ def write_gguf(model: Model, path: str | os.PathLike, ftype: str = "F16",
                 progress(i + 1, len(names), n)
         w.close()
         if tmpdir is not None:
-            from twinquant.export.split import move_shards
+            from twinquant.io.split import move_shards
 
             path = move_shards(tmpdir, path)[0]
         else:

@@ -17,15 +17,15 @@ Added in schema 0.2:
 
 Added in schema 0.3:
 - `twinquant.quant` (JSON): how the weights were quantized: `{"recipe": {...}, "rotation": "none|rh|ro",
-  "calibration": {"file", "sha256", "tokens", "ctx"} | null}` (`twinquant.quant.recipe`); with `--imatrix`
+  "calibration": {"file", "sha256", "tokens", "ctx"} | null}` (`twinquant.pipeline.recipe`); with `--imatrix`
   also `"imatrix": {"file", "sha256"}`; with `--target-size / --target-bpw` also `"allocation": {"target",
-  "measurement_sha256", "predicted_kld", "tensor_bytes", "gap", "types": {tensor: type}}` (`twinquant.quant.target`)
+  "measurement_sha256", "predicted_kld", "tensor_bytes", "gap", "types": {tensor: type}}` (`twinquant.allocation.target`)
 
 Added in schema 0.4:
-- `twinquant.dup.topology` (JSON, the seed's shape; `twinquant.duplication.topology`): blocks that run more than
+- `twinquant.dup.topology` (JSON, the seed's shape; `twinquant.model.topology`): blocks that run more than
   once, serial or parallel, sharing their weights. Stock llama.cpp ignores it and runs each block once (the base
   path); `twinquant.stock_compatible` is then false.
-- `twinquant.dup.params` (JSON, sparse `{"base", "layers", "copies"}`; `twinquant.duplication.params`): per-copy
+- `twinquant.dup.params` (JSON, sparse `{"base", "layers", "copies"}`; `twinquant.model.copies`): per-copy
   parameter sets (activation quantization, clipping, rounding, residual factor)
 """
 
@@ -38,6 +38,7 @@ import gguf
 
 import twinquant
 from twinquant.errors import TwinquantError
+from twinquant.model import history
 
 SCHEMA_VERSION = "0.4.0"
 PREFIX = "twinquant."
@@ -52,7 +53,7 @@ def stock_compatible(model) -> bool:
 
 
 def _dup_keys(model) -> dict:
-    from twinquant.duplication.topology import topology_of
+    from twinquant.model.topology import topology_of
 
     out = {}
     if not model.layout.is_sequential:
@@ -66,11 +67,11 @@ def write_metadata(w: gguf.GGUFWriter, model) -> None:
     w.add_string(PREFIX + "version", SCHEMA_VERSION)
     w.add_string(PREFIX + "producer", f"twinquant {twinquant.__version__}")
     w.add_bool(PREFIX + "stock_compatible", stock_compatible(model))
-    if model.rotations:
-        w.add_string(PREFIX + "rotation", json.dumps(model.rotations))
-    padding = [r for r in model.rotations if r.get("kind") == "pad"]
+    if model.history:
+        w.add_string(PREFIX + "rotation", json.dumps(history.to_list(model.history)))
+    padding = history.paddings(model.history)
     if padding:
-        w.add_string(PREFIX + "padding", json.dumps(padding))
+        w.add_string(PREFIX + "padding", json.dumps(history.to_list(padding)))
     if model.quant_record:
         w.add_string(PREFIX + "quant", json.dumps(model.quant_record))
     for k, v in _dup_keys(model).items():
@@ -114,13 +115,13 @@ def read_metadata(reader: gguf.GGUFReader) -> dict:
 
 def apply_metadata(model, meta: dict) -> None:
     """Give a loaded model the rotation record and online transforms its file declares."""
-    from twinquant.rotation.online import OnlineHadamard
+    from twinquant.transforms.online import OnlineHadamard
 
-    model.rotations = list(meta.get("rotation", []))
+    model.history = history.from_list(meta.get("rotation", []))
     model.quant_record = meta.get("quant")
     if "dup.topology" in meta or "dup.params" in meta:
-        from twinquant.duplication.params import ParamStore
-        from twinquant.duplication.topology import parse_topology
+        from twinquant.model.copies import ParamStore
+        from twinquant.model.topology import parse_topology
 
         params = ParamStore.from_dict(meta.get("dup.params") or {})
         # α lives in the parameter store already: parse the topology without re-adding it

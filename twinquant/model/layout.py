@@ -3,7 +3,7 @@
 The plain model runs block i in slot i. Layer duplication adds slots that point at an already used block, so no
 weight is ever copied: a slot references its block by index, and `copy` says which execution of that block it is
 (0 = the original, k = the k-th duplicate), which selects the copy's own parameter set
-(`twinquant.duplication.params`).
+(`twinquant.model.copies`).
 
 - a **serial** slot runs one copy as a full residual block, scaled by the copy's residual factor α:
   `x + α·(B(x) − x)` (α = 1: the block as it is; α = 0: identity);

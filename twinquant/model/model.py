@@ -61,10 +61,10 @@ class Model:
     # record of every rotation fused into the weights (kind, type, size, seed), for metadata and the runtime.
     input_transforms: dict[str, object] = field(default_factory=dict)
     qk_transform: object | None = None
-    rotations: list[dict] = field(default_factory=list)
+    history: list = field(default_factory=list)     # twinquant.model.history records, in order
     # How the weights were quantized (recipe, calibration hash/tokens), for the `twinquant.quant` metadata.
     quant_record: dict | None = None
-    # Per-copy parameter sets of the layout's executions (twinquant.duplication.params.ParamStore); None: plain.
+    # Per-copy parameter sets of the layout's executions (twinquant.model.copies.ParamStore); None: plain.
     dup_params: object | None = None
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
     # Linears that read one input (q/k/v, gate/up) live in one concatenated tensor and `tensors` holds row
@@ -102,7 +102,7 @@ class Model:
         """A released tensor: the dequantization of its packed bytes if it was quantized, else the source's."""
         q = self.quantized.get(name)
         if q is not None:
-            from twinquant.quant.ggml import get_codec
+            from twinquant.formats.ggml import get_codec
 
             return get_codec(q.ggml_type.name).dequantize_bytes(q.data, roles.expected_shape(self.spec, name)[1])
         if self.source is None:

@@ -27,7 +27,8 @@ from twinquant.errors import TwinquantError
 from twinquant.model import roles
 from twinquant.model.forward import embed, rms_norm
 from twinquant.model.model import Model, QuantizedWeight
-from twinquant.pipeline.calibrate import block_hessians, block_pass
+from twinquant.calibration.blocks import block_hessians, block_pass
+from twinquant.formats import codec_for
 from twinquant.progress import Progress
 
 T = roles.T
@@ -63,19 +64,6 @@ class Interrupted(Exception):
     """Raised by `stop_after_block` (tests of resuming: a simulated kill after a finished block)."""
 
 
-def codec_for(type_name: str, cols: int):
-    """The codec of a type name (GGML types like Q4_K; integer grids like int4_g128_asym)."""
-    if type_name.lower().startswith("int"):
-        from twinquant.quant.intgrid import IntGrid
-
-        return IntGrid.from_name(type_name).for_cols(cols)
-    from twinquant.quant.ggml import get_codec
-
-    codec = get_codec(type_name)
-    codec.check_cols(cols)
-    return codec
-
-
 def quantize_tensor(model: Model, name: str, type_name: str, quantizer, H: torch.Tensor | None,
                     importance: torch.Tensor | None = None) -> TensorReport:
     """Quantize one tensor of `model` in place (packed bytes to `model.quantized`, its dequantization to
@@ -85,7 +73,7 @@ def quantize_tensor(model: Model, name: str, type_name: str, quantizer, H: torch
     codec = codec_for(type_name, W.shape[1])
     imp = importance if importance is not None else (torch.diagonal(H).clone() if H is not None else None)
     if quantizer.needs_hessian and H is None:   # e.g. the embedding: nothing to weigh GPTQ with, so RTN
-        from twinquant.quant.backends import get_quantizer
+        from twinquant.algorithms.backends import get_quantizer
 
         quantizer = get_quantizer("rtn")
     ggml = getattr(codec, "ggml_type", None) is not None
@@ -130,7 +118,7 @@ def quantize_blocks(model: Model, types: dict[str, str], method: str = "gptq", w
     `importance` (name -> [cols], e.g. from an imatrix file) replaces the Hessian diagonal as the weights of the
     block fits for the tensors it names. `log(TensorReport)` is called after every tensor."""
     imps = importance or {}
-    from twinquant.quant.backends import get_quantizer
+    from twinquant.algorithms.backends import get_quantizer
 
     quantizer = get_quantizer(method, config)
     if quantizer.needs_hessian and windows is None:
@@ -204,7 +192,7 @@ def quantize_blocks(model: Model, types: dict[str, str], method: str = "gptq", w
     if out in types and not (state and out in state["tensors"]):
         H = None
         if x is not None:
-            from twinquant.quant.gptq import accumulate_hessian
+            from twinquant.algorithms.gptq import accumulate_hessian
 
             h = rms_norm(x.to(model.dtype), model.get(roles.name(T.OUTPUT_NORM)), s.rms_eps).float()
             H, _ = accumulate_hessian(None, 0, h.reshape(-1, s.hidden))

@@ -58,8 +58,8 @@ def apply(model: Model, prep: Preparation, calib_windows: torch.Tensor | None = 
         model = pad_model(model, multiple=prep.pad_multiple, ffn=True, heads=True)
         if log and padding_records(model):
             r = padding_records(model)[-1]
-            log(f"padded: hidden {r['hidden']} -> {r['to']}, ffn {r['intermediate']} -> {r['intermediate_to']}, "
-                f"heads {r['n_heads']} -> {r['n_heads_to']}")
+            log(f"padded: hidden {r.hidden} -> {r.to}, ffn {r.intermediate} -> {r.intermediate_to}, "
+                f"heads {r.n_heads} -> {r.n_heads_to}")
     if prep.rotation == "none" or not rotate:
         return model
     if prep.rotation == "ro" and calib_windows is None:

@@ -26,7 +26,7 @@ from twinquant.errors import TwinquantError
 from twinquant.model import roles
 from twinquant.pipeline.plan import Plan, make_plan
 from twinquant.pipeline.prepare import Preparation, apply
-from twinquant.quant.recipe import Recipe, load_recipe
+from twinquant.pipeline.recipe import Recipe, load_recipe
 
 
 @dataclass
@@ -112,7 +112,7 @@ class Session:
 
     def __init__(self, source: str, recipe: Recipe, opts: Options, dry_run: bool = False):
         from twinquant.io.load import load_model
-        from twinquant.quant.mixes import assign_types
+        from twinquant.allocation.mixes import assign_types
 
         self.source, self.recipe, self.opts = str(source), recipe, opts
         model = load_model(self.source, dtype=opts.dtype, device=opts.device, materialize=False)
@@ -140,7 +140,7 @@ class Session:
 
     def calibration(self, model=None):
         if self._calib is None:
-            from twinquant.calib import calibration_for
+            from twinquant.calibration.windows import calibration_for
 
             self._calib = calibration_for(self.recipe, model or self.model)
         return self._calib
@@ -156,7 +156,7 @@ class Session:
             return
         import numpy as np
 
-        from twinquant.quant.imatrix import Imatrix, coverage
+        from twinquant.calibration.imatrix import Imatrix, coverage
 
         im = Imatrix.read(path)
         names = [n for n in names if n != roles.name(roles.T.TOKEN_EMBD)]   # a lookup: no tool collects it
@@ -190,7 +190,7 @@ class Session:
     def measurement(self, path: str, measure_if_missing: bool = True):
         """A complete measurement for this model and recipe: loaded from `path` if it matches, else measured (or
         resumed) and saved there (unless `measure_if_missing` is False: a dry run never measures)."""
-        from twinquant.quant.measure import FLOAT_BYTES, Measurement, candidate_types, measure
+        from twinquant.allocation.measure import FLOAT_BYTES, Measurement, candidate_types, measure
 
         recipe, opts, model = self.recipe, self.opts, self.model
         calib = self.calibration()
@@ -244,7 +244,7 @@ def quantize(source: str, out: str | Path, recipe: Recipe | str | None = None,
              options: Options | None = None) -> QuantizeResult:
     """Quantize `source` (HF directory, GGUF file or packaged model name) into the GGUF `out` as `recipe` (a
     `Recipe`, a built-in name or a YAML path; default `default`) says. See `Options` for the rest."""
-    from twinquant.quant.target import parse_target
+    from twinquant.allocation.target import parse_target
 
     t_start = time.perf_counter()
     opts = options or Options()
@@ -283,8 +283,8 @@ def quantize(source: str, out: str | Path, recipe: Recipe | str | None = None,
     alloc, meas, alloc_text = None, None, ""
     fresh = bool(target) and not Path(mpath).is_file()      # the plan shows whether this run measures
     if target:
-        from twinquant.quant.measure import match_rules
-        from twinquant.quant.target import allocate, format_allocation
+        from twinquant.allocation.measure import match_rules
+        from twinquant.allocation.target import allocate, format_allocation
 
         meas = sess.measurement(mpath, measure_if_missing=not opts.dry_run)
         names = list(meas.tensors)
@@ -332,7 +332,7 @@ def quantize(source: str, out: str | Path, recipe: Recipe | str | None = None,
         elif opts.resume:
             raise TwinquantError("--resume needs the streamed pipeline (it keeps the work directory)")
         report = _quantize_blocks(sess, model, types, calib, workdir)
-    from twinquant.export.split import shard_paths
+    from twinquant.io.split import shard_paths
     from twinquant.io.gguf_write import write_gguf
 
     first = write_gguf(model, out, opts.outtype.upper(), split_max_size=opts.split_max_size)
@@ -379,7 +379,7 @@ def _assemble(model, meas, mpath: str, alloc) -> None:
     import gguf
 
     from twinquant.model.model import QuantizedWeight
-    from twinquant.quant.measure import FLOAT_BYTES, load_block
+    from twinquant.allocation.measure import FLOAT_BYTES, load_block
 
     if not meas.header.get("keep_blocks"):
         raise TwinquantError(f"{mpath} kept no blocks: measure with --keep-blocks to use --from-measurement")

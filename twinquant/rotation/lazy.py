@@ -17,7 +17,7 @@ import dataclasses
 import torch
 
 from twinquant.errors import TwinquantError
-from twinquant.model import roles
+from twinquant.model import history, roles
 from twinquant.model.model import Model, TensorInfo
 from twinquant.model.spec import ModelSpec
 from twinquant.rotation.rotate import ROTATIONS, rows_matmul
@@ -123,7 +123,7 @@ def rotated_tensor(spec: ModelSpec, plan: RotationPlan, name: str, orig, untie: 
     return orig(name).to(out_dtype)          # q/k norms, q/k biases: untouched
 
 
-def _lazy(model: Model, plan: RotationPlan, records: list[dict], dtype: torch.dtype | None = None) -> Model:
+def _lazy(model: Model, plan: RotationPlan, records: list, dtype: torch.dtype | None = None) -> Model:
     if model.quantized:
         raise TwinquantError("rotate the model before quantizing it (packed GGML weights cannot be rotated)")
     if model.needs_online:
@@ -138,15 +138,15 @@ def _lazy(model: Model, plan: RotationPlan, records: list[dict], dtype: torch.dt
     dtype = dtype or model.dtype
     out = Model(spec=new_spec, source=RotatedSource(model, new_spec, plan, dtype), tokenizer=model.tokenizer,
                 layout=model.layout, dtype=dtype, device=model.device)
-    out.rotations = [*model.rotations, *records]
+    out.history = [*model.history, *records]
     out.quant_record = model.quant_record
     return out
 
 
 def fused_lazy(model: Model, dtype: torch.dtype | None = None) -> Model:
     """The norm-fused model as a lazy view in `dtype` (default the model's; the original must not change)."""
-    fuse = not any(r["kind"] == "fuse_norms" for r in model.rotations)
-    return _lazy(model, RotationPlan(fuse, None, None), [{"kind": "fuse_norms"}] if fuse else [], dtype)
+    fuse = not history.has(model.history, history.FuseNorms)
+    return _lazy(model, RotationPlan(fuse, None, None), [history.FuseNorms()] if fuse else [], dtype)
 
 
 def rotate_lazy(model: Model, rotation: str = "rh", seed: int = 0, r2: bool = True,
@@ -154,14 +154,14 @@ def rotate_lazy(model: Model, rotation: str = "rh", seed: int = 0, r2: bool = Tr
                 massive_factor: float = 10.0) -> Model:
     """`rotate(model, rotation, seed, r2)` without online transforms, as a lazy view: the same records and the
     same bits, one tensor at a time (see module doc). The original must not be changed afterwards."""
-    from twinquant.rotation.hadamard import RandomizedHadamard
+    from twinquant.transforms.hadamard import RandomizedHadamard
 
     if rotation not in ROTATIONS:
         raise TwinquantError(f"unknown rotation {rotation!r}; choose {' or '.join(ROTATIONS)}")
     s = model.spec
-    fuse = not any(r["kind"] == "fuse_norms" for r in model.rotations)
+    fuse = not history.has(model.history, history.FuseNorms)
     q1 = RandomizedHadamard(s.hidden, seed).matrix(torch.float64)
-    record = {"type": "rh", "n": s.hidden, "seed": seed}
+    record = history.Rotation("R1", "rh", s.hidden, seed)
     if rotation == "ro":
         if calib_windows is None:
             raise TwinquantError("--rotation ro needs calibration text (--calib)")
@@ -170,11 +170,11 @@ def rotate_lazy(model: Model, rotation: str = "rh", seed: int = 0, r2: bool = Tr
         # in float64, as the eager path (which rotates a float64 model) samples them
         x = streamed_residual_samples(fused_lazy(model, torch.float64), calib_windows, seed=seed)
         q1, record = optimize_rotation_from_samples(x, q1, s.hidden, seed, ro_iters, ro_bits, massive_factor)
-    records = ([{"kind": "fuse_norms"}] if fuse else []) + [{"kind": "R1", **record}]
+    records = ([history.FuseNorms()] if fuse else []) + [record]
     q2 = None
     if r2:
         q2 = RandomizedHadamard(s.head_dim, seed + 1).matrix(torch.float64)
-        records.append({"kind": "R2", "type": "rh", "n": s.head_dim, "seed": seed + 1})
+        records.append(history.Rotation("R2", "rh", s.head_dim, seed + 1))
     return _lazy(model, RotationPlan(fuse, q1, q2), records)
 
 

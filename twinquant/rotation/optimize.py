@@ -16,6 +16,8 @@ from typing import Callable
 
 import torch
 
+from twinquant.model.history import Rotation
+
 
 def int_rtn_rows(bits: int = 4) -> Callable[[torch.Tensor], torch.Tensor]:
     """Symmetric per-row (per-token) round-to-nearest fake-quant, the default objective's quantizer."""
@@ -70,12 +72,11 @@ def token_weights(x: torch.Tensor, massive: torch.Tensor | None, factor: float =
 
 
 def optimize_rotation_from_samples(x: torch.Tensor, r0: torch.Tensor, n: int, seed: int, iters: int, bits: int,
-                                   massive_factor: float) -> tuple[torch.Tensor, dict]:
+                                   massive_factor: float) -> tuple[torch.Tensor, Rotation]:
     """RO as `rotate` runs it: massive tokens (above `massive_factor` x the 99.9th percentile) up-weighted; returns
-    the rotation and its record for `model.rotations`."""
+    the rotation and its record for `model.history`."""
     from twinquant.rotation.massive import massive_token_mask
 
     thr = massive_factor * torch.quantile(x.abs().flatten()[:1 << 24].float(), 0.999).item()
     res = optimize_rotation(x, r0, int_rtn_rows(bits), token_weights(x, massive_token_mask(x, thr)), iters=iters)
-    return res.rotation, {"type": "ro", "n": n, "seed": seed, "iters": iters, "bits": bits,
-                          "objective_start": res.history[0], "objective": min(res.history)}
+    return res.rotation, Rotation("R1", "ro", n, seed, iters, bits, res.history[0], min(res.history))

@@ -21,9 +21,9 @@ import dataclasses
 import torch
 
 from twinquant.errors import TwinquantError
-from twinquant.model import roles
+from twinquant.model import history, roles
 from twinquant.model.model import Model
-from twinquant.rotation.online import OnlineHadamard
+from twinquant.transforms.online import OnlineHadamard
 
 T = roles.T
 
@@ -59,10 +59,6 @@ def rows_matmul(w: torch.Tensor, q: torch.Tensor, out_dtype: torch.dtype = torch
     return out
 
 
-def _has(model: Model, kind: str) -> bool:
-    return any(r["kind"] == kind for r in model.rotations)
-
-
 def untie_head(model: Model) -> Model:
     """Give the model its own output.weight (a copy of the embedding)."""
     if model.spec.tied_embeddings:
@@ -73,7 +69,7 @@ def untie_head(model: Model) -> Model:
 
 
 def fuse_norms(model: Model) -> Model:
-    if _has(model, "fuse_norms"):
+    if history.has(model.history, history.FuseNorms):
         return model
     s = model.spec
     for i in range(s.n_layers):
@@ -92,13 +88,13 @@ def fuse_norms(model: Model) -> Model:
         n = roles.name(T.OUTPUT)
         model.set(n, _w(model, n) * g[None, :])
         model.set(roles.name(T.OUTPUT_NORM), torch.ones_like(g))
-    model.rotations.append({"kind": "fuse_norms"})
+    model.history.append(history.FuseNorms())
     return model
 
 
-def rotate_residual(model: Model, q: torch.Tensor, record: dict) -> Model:
+def rotate_residual(model: Model, q: torch.Tensor, record: history.Rotation) -> Model:
     """R1 with an orthogonal q [hidden, hidden] (float64)."""
-    if not _has(model, "fuse_norms"):
+    if not history.has(model.history, history.FuseNorms):
         raise TwinquantError("R1 needs fused norms first (fuse_norms)")
     q = q.double()
     if q.shape != (model.spec.hidden, model.spec.hidden):
@@ -109,11 +105,11 @@ def rotate_residual(model: Model, q: torch.Tensor, record: dict) -> Model:
         model.set(n, rows_matmul(model.get(n), q, model.dtype) if n == out else _w(model, n) @ q)
     for n in _writers(model):
         model.set(n, q.T @ _w(model, n))
-    model.rotations.append({"kind": "R1", **record})
+    model.history.append(record)
     return model
 
 
-def rotate_heads(model: Model, q: torch.Tensor, record: dict) -> Model:
+def rotate_heads(model: Model, q: torch.Tensor, record: history.Rotation) -> Model:
     """R2 with an orthogonal q [head_dim, head_dim], the same for every head."""
     s = model.spec
     q = q.double()
@@ -129,7 +125,7 @@ def rotate_heads(model: Model, q: torch.Tensor, record: dict) -> Model:
         o = roles.name(T.ATTN_OUT, i)
         wo = _w(model, o).view(s.hidden, s.n_heads, s.head_dim)
         model.set(o, (wo @ q).reshape(s.hidden, s.q_dim))
-    model.rotations.append({"kind": "R2", **record})
+    model.history.append(record)
     return model
 
 
@@ -143,7 +139,7 @@ def add_online_ffn_down(model: Model, seed: int | None = None) -> Model:
             raise TwinquantError(f"{n} already has an online transform")
         model.set(n, _w(model, n) @ h)
         model.input_transforms[n] = t
-    model.rotations.append({"kind": "R4", "type": "hadamard", "n": t.n, "seed": t.seed})
+    model.history.append(history.Rotation("R4", "hadamard", t.n, t.seed))
     return model
 
 
@@ -152,7 +148,7 @@ def add_online_qk(model: Model, seed: int | None = None) -> Model:
     if model.qk_transform is not None:
         raise TwinquantError("the model already has an R3 transform")
     model.qk_transform = OnlineHadamard(model.spec.head_dim, seed)
-    model.rotations.append({"kind": "R3", "type": "hadamard", "n": model.spec.head_dim, "seed": seed})
+    model.history.append(history.Rotation("R3", "hadamard", model.spec.head_dim, seed))
     return model
 
 
@@ -185,7 +181,7 @@ def rotate(model: Model, rotation: str = "rh", seed: int = 0, r2: bool = True, o
            calib_windows: torch.Tensor | None = None, ro_iters: int = 20, ro_bits: int = 4,
            massive_factor: float = 10.0) -> Model:
     """The rotation recipe: fuse norms, R1 (RH or RO), R2 (RH), then the requested online transforms."""
-    from twinquant.rotation.hadamard import RandomizedHadamard
+    from twinquant.transforms.hadamard import RandomizedHadamard
 
     if rotation not in ROTATIONS:
         raise TwinquantError(f"unknown rotation {rotation!r}; choose {' or '.join(ROTATIONS)}")
@@ -195,7 +191,7 @@ def rotate(model: Model, rotation: str = "rh", seed: int = 0, r2: bool = True, o
     s = model.spec
     fuse_norms(model)
     rh = RandomizedHadamard(s.hidden, seed)
-    q1, record = rh.matrix(torch.float64), {"type": "rh", "n": s.hidden, "seed": seed}
+    q1, record = rh.matrix(torch.float64), history.Rotation("R1", "rh", s.hidden, seed)
     if rotation == "ro":
         if calib_windows is None:
             raise TwinquantError("--rotation ro needs calibration text (--calib)")
@@ -206,7 +202,7 @@ def rotate(model: Model, rotation: str = "rh", seed: int = 0, r2: bool = True, o
     rotate_residual(model, q1, record)
     if r2:
         rotate_heads(model, RandomizedHadamard(s.head_dim, seed + 1).matrix(torch.float64),
-                     {"type": "rh", "n": s.head_dim, "seed": seed + 1})
+                     history.Rotation("R2", "rh", s.head_dim, seed + 1))
     if "r4" in online:
         add_online_ffn_down(model, seed + 2)
     if "r3" in online:

@@ -27,17 +27,12 @@ from dataclasses import dataclass
 
 import torch
 
+from twinquant.algorithms.config import Config
 from twinquant.errors import TwinquantError
-from twinquant.quant.codec import BlockParams, dequantize_codes
-from twinquant.quant.intgrid import IntGrid
+from twinquant.formats.codec import BlockParams, dequantize_codes
+from twinquant.formats.intgrid import IntGrid
 
 MISSING = "the hqq backend needs the optional extra: pip install 'twinquant[hqq]'"
-
-
-def _config_base():
-    from twinquant.quant.backends import _Config      # late: backends imports this module for its registry
-
-    return _Config
 
 
 def _optimizer():
@@ -50,26 +45,17 @@ def _optimizer():
 
 
 @dataclass(frozen=True)
-class HQQConfig:
-    """Versioned like backends' configs (its dict round trip is theirs, reached lazily: no import cycle)."""
+class HQQConfig(Config):
+    """Versioned like the other backends' configs."""
 
     iters: int = 20                  # maximum solver iterations (HQQ stops early once the mean |error| rises)
     lp_norm: float = 0.7             # p of the lp-norm minimised (0 < p <= 1; HQQ's default 0.7)
     beta: float = 10.0               # initial half-quadratic penalty
     kappa: float = 1.01              # growth of beta per iteration
 
-    VERSION = 1
-
     def __post_init__(self):
         if self.iters < 1 or not 0 < self.lp_norm <= 1 or self.beta <= 0 or self.kappa <= 1:
             raise TwinquantError("HQQConfig: iters must be >= 1, 0 < lp_norm <= 1, beta > 0 and kappa > 1")
-
-    def to_dict(self) -> dict:
-        return _config_base().to_dict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict | None):
-        return _config_base().from_dict.__func__(cls, d)
 
 
 def hqq_fit(W: torch.Tensor, codec: IntGrid, config: HQQConfig | None = None):

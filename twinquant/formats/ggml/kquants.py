@@ -17,8 +17,8 @@ from __future__ import annotations
 import gguf
 import numpy as np
 
-from twinquant.quant.ggml._base import GGMLCodec
-from twinquant.quant.ggml._num import (F32, GROUP_MAX_EPS, first_absmax, fp16, make_q3_quants, make_qkx_quants,
+from twinquant.formats.ggml._base import GGMLCodec
+from twinquant.formats.ggml._num import (F32, GROUP_MAX_EPS, first_absmax, fp16, make_q3_quants, make_qkx_quants,
                                        make_qp_quants, make_qx_quants, nearest_int, seqsum)
 
 QK_K = 256

@@ -130,7 +130,7 @@ class Measurement:
 
     def groups(self, fixed: dict[str, str] | None = None, minimum: dict[str, str] | None = None):
         """Solver groups (one per tensor); `fixed` / `minimum`: name -> type from the user's rules."""
-        from twinquant.quant.allocate import Candidate, Group
+        from twinquant.allocation.solve import Candidate, Group
 
         if not self.complete:
             raise TwinquantError("the measurement is incomplete; run `twinquant measure` again to resume it")
@@ -167,7 +167,7 @@ def load_block(path: str | os.PathLike, name: str, type_name: str, shape) -> tup
     """(dequantized float32 [rows, cols], packed uint8 bytes) of one kept candidate of a measurement at `path`."""
     import numpy as np
 
-    from twinquant.quant.ggml import get_codec
+    from twinquant.formats.ggml import get_codec
 
     f = blocks_dir(path) / f"{name}.{type_name}.npy"
     if not f.is_file():
@@ -183,7 +183,7 @@ def load_block(path: str | os.PathLike, name: str, type_name: str, shape) -> tup
 # --- rules ---------------------------------------------------------------------------------------------------------
 def match_rules(names, rules: list[str], what: str = "--tensor-type") -> dict[str, str]:
     """name -> type for REGEX=TYPE rules (the first matching rule wins, as llama-quantize's --tensor-type)."""
-    from twinquant.quant.mixes import parse_type, type_name
+    from twinquant.allocation.mixes import parse_type, type_name
 
     parsed = []
     for r in rules:
@@ -252,9 +252,9 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
     `stop_after_layer`: stop (incomplete) after that block — for tests of resuming.
     `keep_blocks`: keep every candidate's packed bytes beside `path` (see module doc).
     """
-    from twinquant.quant.backends import get_quantizer
-    from twinquant.pipeline.calibrate import HessianHook, block_pass
-    from twinquant.pipeline.executor import codec_for
+    from twinquant.algorithms.backends import get_quantizer
+    from twinquant.calibration.blocks import HessianHook, block_pass
+    from twinquant.formats import codec_for
 
     quantizer = get_quantizer(method, config)
     rtn = get_quantizer("rtn")
@@ -340,7 +340,7 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
             if stop_after_layer is not None and layer >= stop_after_layer:
                 return meas
         if out in want and out not in meas.tensors:
-            from twinquant.quant.gptq import accumulate_hessian
+            from twinquant.algorithms.gptq import accumulate_hessian
 
             h = rms_norm(x.to(model.dtype), model.get(roles.name(T.OUTPUT_NORM)), s.rms_eps).float()
             H, _ = accumulate_hessian(None, 0, h.reshape(-1, s.hidden))

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from twinquant.errors import TwinquantError
-from twinquant.quant.codec import BlockParams
+from twinquant.formats.codec import BlockParams
 
 BITS = (2, 3, 4, 8)
 

@@ -7,7 +7,7 @@
     w_hat = codec.dequantize(codes, params)       # == gguf.quants.dequantize(data, type)
 
 GPTQ uses codec.block / sub / qmax, fit(w_block, importance) -> BlockParams, codes(w_block, params) and
-twinquant.quant.codec.dequantize_codes; see twinquant.quant.codec for the protocol.
+twinquant.formats.codec.dequantize_codes; see twinquant.formats.codec for the protocol.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from __future__ import annotations
 import gguf
 
 from twinquant.errors import TwinquantError
-from twinquant.quant.ggml._base import GGMLCodec, GGMLPacked
-from twinquant.quant.ggml.kquants import Q2_K, Q3_K, Q4_K, Q5_K, Q6_K
-from twinquant.quant.ggml.legacy import Q4_0, Q4_1, Q5_0, Q5_1, Q8_0
+from twinquant.formats.ggml._base import GGMLCodec, GGMLPacked
+from twinquant.formats.ggml.kquants import Q2_K, Q3_K, Q4_K, Q5_K, Q6_K
+from twinquant.formats.ggml.legacy import Q4_0, Q4_1, Q5_0, Q5_1, Q8_0
 
 T = gguf.GGMLQuantizationType
 

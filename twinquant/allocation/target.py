@@ -1,6 +1,6 @@
 """`quantize --target-size / --target-bpw`: from a measurement and the user's rules to one type per tensor.
 
-The measurement (`twinquant.quant.measure`) prices every candidate type of every tensor; `allocate.solve` picks one
+The measurement (`twinquant.allocation.measure`) prices every candidate type of every tensor; `allocate.solve` picks one
 per tensor minimising the summed cost under the byte budget. The budget is exact: `--target-size` bounds the whole
 file, so the GGUF header (hyperparameters, tokenizer, twinquant.* metadata with this very allocation) and the
 alignment padding are measured first (`gguf_write.file_bytes`) and taken off; `--target-bpw` bounds the tensor data
@@ -67,7 +67,7 @@ def allocate(model, meas, target: Target, fixed_rules: dict[str, str], min_rules
     """Solve the allocation for `model` (prepared: padded / rotated as measured, quant_record set without the
     allocation). Returns (Allocation, record for twinquant.quant.allocation)."""
     from twinquant.io.gguf_write import file_bytes
-    from twinquant.quant.allocate import solve
+    from twinquant.allocation.solve import solve
 
     groups = meas.groups(fixed_rules, min_rules)
     names = [g.name for g in groups]
@@ -76,7 +76,7 @@ def allocate(model, meas, target: Target, fixed_rules: dict[str, str], min_rules
         raise TwinquantError(f"the measurement names {missing[0]}, which this model does not have")
     # the header holds this allocation: measure it with a placeholder at least as long as the real record
     smallest = {g.name: min(g.candidates, key=lambda c: c.bytes) for g in groups}
-    from twinquant.quant.allocate import Allocation
+    from twinquant.allocation.solve import Allocation
 
     probe = Allocation(smallest, 0, 0.0, 0, method, 0.0)
     record = model.quant_record or {}
@@ -91,7 +91,7 @@ def allocate(model, meas, target: Target, fixed_rules: dict[str, str], min_rules
     else:
         overhead = total - data + 64 * len(names)   # + 64: each tensor's padding may change with its type
         budget = int(target.value) - overhead
-    from twinquant.quant.allocate import _allowed
+    from twinquant.allocation.solve import _allowed
 
     least = fixed + sum(_allowed(g)[0].bytes for g in groups)
     if least > budget:

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from twinquant.errors import TwinquantError
-from twinquant.quant.codec import BlockParams, dequantize_codes
-from twinquant.quant.ggml._num import F32, seqsum
+from twinquant.formats.codec import BlockParams, dequantize_codes
+from twinquant.formats.ggml._num import F32, seqsum
 
 
 @dataclass
@@ -67,7 +67,7 @@ def as_f32(w, what: str = "weight") -> np.ndarray:
 
 
 class GGMLCodec:
-    """One GGML block format (see twinquant.quant.codec for the protocol). Codes are torch.uint8 in [0, qmax]."""
+    """One GGML block format (see twinquant.formats.codec for the protocol). Codes are torch.uint8 in [0, qmax]."""
 
     name: str
     ggml_type: gguf.GGMLQuantizationType

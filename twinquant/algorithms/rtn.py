@@ -14,7 +14,7 @@ import inspect
 import torch
 
 from twinquant.errors import TwinquantError
-from twinquant.quant.codec import BlockParams, dequantize_codes
+from twinquant.formats.codec import BlockParams, dequantize_codes
 
 # shrink factors tried by the clip search, 1.0 (plain min/max) first: ties keep the unclipped range
 DEFAULT_CLIP_GRID = tuple(round(1.0 - 0.025 * i, 4) for i in range(29))          # 1.0 … 0.3

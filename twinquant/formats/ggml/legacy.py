@@ -26,8 +26,8 @@ from __future__ import annotations
 import gguf
 import numpy as np
 
-from twinquant.quant.ggml._base import GGMLCodec
-from twinquant.quant.ggml._num import (F32, make_qkx_quants, first_absmax, fp16, make_qx_quants, nearest_int, roundf,
+from twinquant.formats.ggml._base import GGMLCodec
+from twinquant.formats.ggml._num import (F32, make_qkx_quants, first_absmax, fp16, make_qx_quants, nearest_int, roundf,
                                        seqsum)
 
 

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 import torch
 
 from twinquant.errors import TwinquantError
-from twinquant.quant.codec import BlockParams
-from twinquant.quant.intgrid import nearest_codes
-from twinquant.quant.rtn import DEFAULT_CLIP_GRID, bind, dequantize, fit_block
+from twinquant.formats.codec import BlockParams
+from twinquant.formats.intgrid import nearest_codes
+from twinquant.algorithms.rtn import DEFAULT_CLIP_GRID, bind, dequantize, fit_block
 
 
 @dataclass

@@ -15,7 +15,7 @@ import torch
 
 from twinquant.errors import TwinquantError
 
-DEFAULT_CALIB = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "calibration" / "groups_merged.txt"
+DEFAULT_CALIB = Path(__file__).resolve().parents[3] / "shared" / "data" / "calibration" / "groups_merged.txt"
 
 
 @dataclass(frozen=True)

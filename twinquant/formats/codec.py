@@ -13,7 +13,7 @@ when it reaches the block's first column.
 Shapes: a weight is [rows, cols] in HF orientation (cols = input features, the GGML row length); a block slice is
 [rows, block]; `importance` is a per-column weight ([cols] or [block]) like llama.cpp's imatrix, or None.
 
-GGML codecs (twinquant.quant.ggml) reproduce llama.cpp bit for bit: `fit` chooses what llama.cpp would for that block
+GGML codecs (twinquant.formats.ggml) reproduce llama.cpp bit for bit: `fit` chooses what llama.cpp would for that block
 (its `packed` keeps the stored fields: fp16 d/dmin, scale bytes, the rounding multiplier of Q8_0/Q4_0/Q5_0), `codes`
 rounds as llama.cpp does on those parameters and returns torch.uint8, and `dequantize_codes` equals llama.cpp's /
 gguf-py's dequantization exactly (fp16 scale x small integers is exact in float32; zeros may differ in sign only).

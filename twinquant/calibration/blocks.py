@@ -21,7 +21,7 @@ class HessianHook:
 
     def __call__(self, name: str, inp: torch.Tensor) -> None:
         if name in self.names:
-            from twinquant.quant.gptq import accumulate_hessian
+            from twinquant.algorithms.gptq import accumulate_hessian
 
             H, n = self.acc.get(name, (None, 0))
             self.acc[name] = accumulate_hessian(H, n, inp.reshape(-1, inp.shape[-1]).float())

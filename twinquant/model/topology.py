@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from twinquant.duplication.params import ParamStore
+from twinquant.model.copies import ParamStore
 from twinquant.errors import TwinquantError
 from twinquant.model.layout import Layout, Slot
 

@@ -3,7 +3,7 @@
 A copy shares its block's (quantized) weights; what it owns is how it runs them:
 
 - activation quantization of every linear input of the block (`act_bits` None = off; per token or per tensor,
-  symmetric or with a zero point, dynamic or static scale / zero point) — `twinquant.quant.actquant.ActQuant`;
+  symmetric or with a zero point, dynamic or static scale / zero point) — `twinquant.algorithms.actquant.ActQuant`;
 - clipping: `clip_ratio` (per layer: the activation range is shrunk by it) and optional per-channel thresholds
   `channel_clip` (absolute |x| limits on the hidden-width inputs: q/k/v and gate/up);
 - rounding: `nearest`, or `stochastic` with a `seed` (copies with different seeds average out rounding noise;
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from twinquant.errors import TwinquantError
-from twinquant.quant.actquant import ActQuant
+from twinquant.algorithms.actquant import ActQuant
 
 
 @dataclass(frozen=True)

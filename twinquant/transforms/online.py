@@ -26,7 +26,7 @@ class OnlineHadamard:
 
     @cached_property
     def _rh(self):
-        from twinquant.rotation.hadamard import RandomizedHadamard
+        from twinquant.transforms.hadamard import RandomizedHadamard
 
         if self.stored is not None:
             return RandomizedHadamard.from_dict(self.stored)
@@ -34,14 +34,14 @@ class OnlineHadamard:
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         if self.seed is None:
-            from twinquant.rotation.hadamard import fwht
+            from twinquant.transforms.hadamard import fwht
 
             return fwht(x, normalize=True)
         return self._rh.apply(x)
 
     def matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         if self.seed is None:
-            from twinquant.rotation.hadamard import hadamard
+            from twinquant.transforms.hadamard import hadamard
 
             return hadamard(self.n, dtype=torch.float64).to(dtype) / self.n ** 0.5
         return self._rh.matrix(dtype)

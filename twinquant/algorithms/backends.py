@@ -7,43 +7,25 @@ recorded next to the exported model).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Protocol
 
 import torch
 
 from twinquant.errors import TwinquantError
-from twinquant.quant.gptq import gptq
-from twinquant.quant.hqq_backend import HQQQuantizer       # hqq itself is imported only when used
-from twinquant.quant.rtn import rtn
-
-
-class _Config:
-    VERSION = 1
-
-    def to_dict(self) -> dict:
-        return {"version": self.VERSION, **asdict(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict | None):
-        d = dict(d or {})
-        v = d.pop("version", cls.VERSION)
-        if v != cls.VERSION:
-            raise TwinquantError(f"{cls.__name__}: settings version {v} is not {cls.VERSION}")
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise TwinquantError(f"{cls.__name__}: unknown settings {sorted(unknown)} (known: {sorted(names)})")
-        return cls(**d)
+from twinquant.algorithms.config import Config
+from twinquant.algorithms.gptq import gptq
+from twinquant.algorithms.hqq_backend import HQQQuantizer       # hqq itself is imported only when used
+from twinquant.algorithms.rtn import rtn
 
 
 @dataclass(frozen=True)
-class RTNConfig(_Config):
+class RTNConfig(Config):
     clip_search: bool = True         # MSE-optimal clipping per group (integer grids; GGML codecs search themselves)
 
 
 @dataclass(frozen=True)
-class GPTQConfig(_Config):
+class GPTQConfig(Config):
     block_size: int = 128            # columns per lazy batch update
     damp: float = 0.01               # fraction of mean(diag H) added to the diagonal
     act_order: bool = False          # columns by descending H_ii (needs static_groups for grouped formats)

@@ -20,7 +20,7 @@ import gguf
 from twinquant.errors import TwinquantError
 
 K = gguf.Keys.Split
-_SHARD = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+SHARD_NAME = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 _UNITS = {"": 1, "K": 1000, "M": 1000 ** 2, "G": 1000 ** 3, "T": 1000 ** 4}   # decimal, as llama.cpp's tools
 
 
@@ -49,7 +49,7 @@ def shard_name(path: str | os.PathLike, no: int, count: int) -> Path:
 def shard_paths(path: str | os.PathLike) -> list[Path]:
     """Every shard's path of the split set `path` belongs to (by its name; no I/O); [path] for a plain name."""
     path = Path(path)
-    m = _SHARD.match(path.name)
+    m = SHARD_NAME.match(path.name)
     if m is None:
         return [path]
     count = int(m.group("count"))
@@ -76,52 +76,3 @@ def move_shards(tmpdir: Path, path: Path) -> list[Path]:
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return moved
-
-
-def split_count(reader: gguf.GGUFReader) -> int:
-    f = reader.fields.get(K.LLM_KV_SPLIT_COUNT)
-    return int(f.contents()) if f is not None else 1
-
-
-class SplitReader:
-    """What the loader needs of a `GGUFReader` for a split model: the first shard's metadata (`fields`) and every
-    shard's tensors (`tensors`, in shard order). Holds the shards' readers (their memory maps)."""
-
-    def __init__(self, paths: list[Path], readers: list[gguf.GGUFReader]):
-        self.paths = paths
-        self.readers = readers
-        self.fields = readers[0].fields
-        self.tensors = [t for r in readers for t in r.tensors]
-
-
-def open_split(path: str | os.PathLike, reader: gguf.GGUFReader | None = None) -> SplitReader:
-    """Open every shard of the split model `path` (any of its shards, normally the first) and check the set:
-    names by the convention, `split.no` / `split.count` of each shard, the total tensor count, no duplicates."""
-    from twinquant.io.gguf_read import open_gguf
-
-    path = Path(path)
-    reader = reader if reader is not None else open_gguf(path)
-    count = split_count(reader)
-    paths = shard_paths(path)
-    if _SHARD.match(path.name) is None or len(paths) != count:
-        raise TwinquantError(f"{path}: one of {count} split files, but not named like "
-                             f"{shard_name('<name>.gguf', 1, count).name} (llama.cpp finds the shards by name)")
-    missing = [p for p in paths if not p.is_file()]
-    if missing:
-        raise TwinquantError(f"{path}: split model is missing shard {missing[0].name}"
-                             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    readers = [reader if p == path else open_gguf(p) for p in paths]
-    seen: set[str] = set()
-    for i, (p, r) in enumerate(zip(paths, readers)):
-        no = r.fields.get(K.LLM_KV_SPLIT_NO)
-        if no is None or int(no.contents()) != i or split_count(r) != count:
-            raise TwinquantError(f"{p}: not shard {i + 1} of {count} (its split.no / split.count disagree)")
-        for t in r.tensors:
-            if t.name in seen:
-                raise TwinquantError(f"{p}: tensor {t.name} also appears in an earlier shard")
-            seen.add(t.name)
-    total = readers[0].fields.get(K.LLM_KV_SPLIT_TENSORS_COUNT)
-    if total is not None and int(total.contents()) != len(seen):
-        raise TwinquantError(f"{paths[0]}: split.tensors.count is {int(total.contents())}, the shards hold "
-                             f"{len(seen)} tensors")
-    return SplitReader(paths, readers)

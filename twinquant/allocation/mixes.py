@@ -106,7 +106,7 @@ def parse_type(text: str) -> TensorType:
     """A GGML type name, case-insensitive like llama-quantize (`q4_k`, `Q8_0`, `f16`); or an integer-grid name."""
     s = str(text).strip()
     if s.lower().startswith("int"):
-        from twinquant.quant.intgrid import IntGrid
+        from twinquant.formats.intgrid import IntGrid
 
         return IntGrid.from_name(s).name
     t = Q.__members__.get(s.upper())
@@ -137,7 +137,7 @@ LAST_RESORT = Q.F16   # when not even the fallback's block divides the row
 def fallback_type(t: TensorType, cols: int) -> TensorType:
     """The type a row of `cols` values can really have, starting from `t` (llama.cpp's fallback)."""
     if isinstance(t, str):
-        from twinquant.quant.intgrid import IntGrid
+        from twinquant.formats.intgrid import IntGrid
 
         IntGrid.from_name(t).for_cols(cols)   # integer grids have no fallback: raises if the group does not fit
         return t

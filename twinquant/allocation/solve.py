@@ -29,7 +29,7 @@ on hundreds of groups the rounding loss (up to g bytes per group) can exceed the
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 

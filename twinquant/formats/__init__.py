@@ -1,0 +1,19 @@
+"""Storage formats: the codec protocol (`codec`), llama.cpp's block formats (`ggml/`), integer grids (`intgrid`).
+
+Nothing here knows about models: a codec turns a [rows, cols] matrix into codes + block parameters and bytes.
+"""
+
+from __future__ import annotations
+
+
+def codec_for(type_name: str, cols: int):
+    """The codec of a type name (GGML types like Q4_K; integer grids like int4_g128_asym) for rows of `cols`."""
+    if type_name.lower().startswith("int"):
+        from twinquant.formats.intgrid import IntGrid
+
+        return IntGrid.from_name(type_name).for_cols(cols)
+    from twinquant.formats.ggml import get_codec
+
+    codec = get_codec(type_name)
+    codec.check_cols(cols)
+    return codec
