@@ -30,11 +30,11 @@ def tiny(tmp_path_factory):
                      num_attention_heads=4, num_key_value_heads=2)
 
 
-def _measure(model_dir, path=None, stop=None, exact=False):
+def _measure(model_dir, path=None, stop=None, cost="anchor"):
     model = load_model(str(model_dir)).materialize()
     cal = load_calibration(model, None, 1024, 64)
     names = [n for n in roles.all_tensor_names(model.spec) if len(roles.expected_shape(model.spec, n)) == 2]
-    return measure(model, names, cal.windows, 4, {"model": "tiny"}, 0, model.n_params(), exact=exact, path=path,
+    return measure(model, names, cal.windows, 4, {"model": "tiny"}, 0, model.n_params(), cost=cost, path=path,
                    progress=False, stop_after_layer=stop)
 
 
@@ -53,22 +53,22 @@ def test_candidates_and_bytes():
 
 
 def test_round_trip_and_resume_equals_uninterrupted(tiny, tmp_path):
-    full = _measure(tiny, tmp_path / "full.json")
+    full = _measure(tiny, tmp_path / "full.json", cost="fisher")
     back = Measurement.load(tmp_path / "full.json")
     assert back.to_dict() == full.to_dict() and back.sha256() == full.sha256() and back.complete
-    part = _measure(tiny, tmp_path / "part.json", stop=0)            # interrupted after block 0
+    part = _measure(tiny, tmp_path / "part.json", stop=0, cost="fisher")   # interrupted after block 0
     assert not part.complete and "blk.0.ffn_down.weight" in part.tensors
     assert "blk.1.attn_q.weight" not in part.tensors
     with pytest.raises(Exception, match="incomplete"):
         Measurement.load(tmp_path / "part.json").groups()
-    resumed = _measure(tiny, tmp_path / "part.json")
+    resumed = _measure(tiny, tmp_path / "part.json", cost="fisher")
     assert _strip(resumed.to_dict()) == _strip(full.to_dict())
     assert resumed.sha256() == full.sha256()
 
 
 def test_costs_fall_with_bits_and_proxy_tracks_exact(tiny, tmp_path):
     proxy = _measure(tiny)
-    exact = _measure(tiny, exact=True)
+    exact = _measure(tiny, cost="exact")
     per_type: dict[str, tuple[list, list]] = {}
     for n, t in proxy.tensors.items():
         c = [v["cost"] for v in t["candidates"].values()]
@@ -88,6 +88,32 @@ def test_costs_fall_with_bits_and_proxy_tracks_exact(tiny, tmp_path):
         assert len(xs) >= 5, ty
         rho = np.corrcoef(rank(xs), rank(ys))[0, 1]
         assert rho > 0.8, (ty, rho)
+    # the Fisher estimate (recorded beside every candidate, no forward) against the exact KL of the same candidate:
+    # it ranks the tensors of one type alike and is in the same units (the allocation adds costs across tensors)
+    for ty in per_type:
+        f = np.array([exact.tensors[n]["candidates"][ty]["fisher"] for n in exact.tensors])
+        k = np.array([exact.tensors[n]["candidates"][ty]["cost"] for n in exact.tensors])
+        rho = np.corrcoef(rank(f), rank(k))[0, 1]
+        assert rho > 0.85 and 0.7 < np.median(f / k) < 1.5, (ty, rho, np.median(f / k))
+
+
+def test_fisher_measurement_streams_block_by_block(tiny):
+    # the Fisher cost needs no forward to the logits: a lazily loaded model is priced one block at a time, releasing
+    # each, and gives the measurement of the materialized model
+    cal = load_calibration(load_model(str(tiny)), None, 1024, 64)
+    names = ["token_embd.weight", "blk.0.attn_v.weight", "blk.1.ffn_down.weight", "output.weight"]
+
+    def run(model, stream):
+        return measure(model, names, cal.windows, 4, {"model": "tiny"}, 0, model.n_params(), cost="fisher",
+                       progress=False, stream=stream)
+
+    lazy = load_model(str(tiny), materialize=False)
+    streamed = run(lazy, True)
+    assert not any(n.startswith("blk.") for n in lazy.tensors)           # every block released
+    whole = run(load_model(str(tiny)).materialize(), False)
+    assert streamed.tensors == whole.tensors and streamed.header["cost"] == "fisher"
+    for t in streamed.tensors.values():
+        assert all(c["cost"] == c["fisher"] > 0 and "kld" not in c for c in t["candidates"].values())
 
 
 def _types(path):

@@ -279,8 +279,10 @@ def _options(args, **extra):
     from twinquant.pipeline import Options
 
     names = ("outtype", "split_max_size", "imatrix", "target_size", "target_bpw", "measurement", "kld_windows",
-             "exact", "keep_blocks", "from_measurement", "dry_run", "report", "resume", "work_dir", "keep_work")
+             "cost", "keep_blocks", "from_measurement", "dry_run", "report", "resume", "work_dir", "keep_work")
     kw = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    if getattr(args, "exact", False):
+        kw["cost"] = "exact"
     kw["min_type"] = tuple(getattr(args, "min_type", None) or ())
     if getattr(args, "in_memory", False):
         kw["stream"] = False
@@ -564,6 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "allowed for matching tensors (repeatable)")
     sp.add_argument("--kld-windows", type=int, default=4, help="calibration windows that price candidates by KL "
                     "when measuring (default 4)")
+    sp.add_argument("--cost", choices=["fisher", "anchor", "exact"], help="how a measurement made by this run "
+                    "prices candidates (as measure --cost; default fisher)")
     sp.add_argument("--from-measurement", action="store_true", help="with --target-*: take each tensor's bytes "
                     "from the measurement's kept blocks (seconds; needs `measure --keep-blocks`) instead of "
                     "quantizing again (sequential GPTQ)")
@@ -590,8 +594,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--imatrix", help="importance matrix (as quantize --imatrix)")
     sp.add_argument("--kld-windows", type=int, default=4, help="calibration windows that price candidates by KL "
                     "(default 4; the Hessians use all --calib-tokens)")
-    sp.add_argument("--exact", action="store_true", help="measure the KL of every candidate (one forward each) "
-                    "instead of scaling the cheapest one's by output error")
+    sp.add_argument("--cost", choices=["fisher", "anchor", "exact"], help="how candidates are priced: fisher "
+                    "(Fisher-weighted output error, one streamed backward pass, no forward per tensor), anchor (a KL "
+                    "forward per tensor, other types scaled by output error) or exact (a KL forward per candidate); "
+                    "default fisher")
+    sp.add_argument("--exact", action="store_true", help="the same as --cost exact")
     sp.add_argument("--keep-blocks", action="store_true", help="keep every candidate's packed bytes beside the "
                     "JSON (OUTPUT.blocks/, ~4x a 5-bit file) for quantize --from-measurement")
     sp.add_argument("--outtype", choices=["f32", "f16", "bf16"], default="f16")

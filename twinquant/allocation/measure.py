@@ -240,21 +240,35 @@ def _out_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
     return float(((d @ H.double()) * d).sum())
 
 
+COSTS = ("fisher", "anchor", "exact")
+
+
 def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: int, header: dict, fixed_bytes: int,
             n_params: int, method: str = "gptq", config: dict | None = None,
-            importance: dict[str, torch.Tensor] | None = None, exact: bool = False,
+            importance: dict[str, torch.Tensor] | None = None, cost: str = "anchor",
             path: str | os.PathLike | None = None, progress: bool = True, log=None,
-            stop_after_layer: int | None = None, keep_blocks: bool = False) -> Measurement:
+            stop_after_layer: int | None = None, keep_blocks: bool = False, stream: bool = False) -> Measurement:
     """Measure `names` (quantizable 2-D tensors of `model`, float) on the calibration windows; see module doc.
 
+    `cost`: "fisher" (no forward: the Fisher-weighted output error of allocation/fisher.py), "anchor" (one KL
+    forward per tensor, the other types scaled by output error) or "exact" (a KL forward per candidate). Every
+    candidate also records its Fisher estimate (`fisher`), so any measurement checks the estimate.
     `kld_windows`: how many of the calibration windows price the candidates by KL (the Hessians use all of them).
+    `stream`: release each block once priced (a lazily loaded model then holds one block; "fisher" only: the other
+    costs run every later block to the logits).
     `path`: save after every block, and resume from it when it holds a matching, incomplete measurement.
     `stop_after_layer`: stop (incomplete) after that block — for tests of resuming.
     `keep_blocks`: keep every candidate's packed bytes beside `path` (see module doc).
     """
     from twinquant.algorithms.backends import get_quantizer
+    from twinquant.allocation.fisher import output_fisher
     from twinquant.calibration.blocks import HessianHook, block_pass
     from twinquant.formats import codec_for
+
+    if cost not in COSTS:
+        raise TwinquantError(f"measure: cost {cost!r} is not one of {', '.join(COSTS)}")
+    exact = cost == "exact"
+    stream = stream and cost == "fisher"
 
     quantizer = get_quantizer(method, config)
     rtn = get_quantizer("rtn")
@@ -262,7 +276,7 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
     if keep_blocks and path is None:
         raise TwinquantError("keep_blocks needs a measurement path (the blocks are kept beside it)")
     store = blocks_dir(path) if keep_blocks else None
-    header = {**header, "method": method, "config": quantizer.config.to_dict(), "exact": exact,
+    header = {**header, "method": method, "config": quantizer.config.to_dict(), "cost": cost, "fisher_seed": 0,
               "keep_blocks": keep_blocks,
               "kld_windows": int(min(kld_windows, calib_windows.shape[0])), "kld_scored": "second half"}
     meas = Measurement(header, n_params, fixed_bytes)
@@ -277,7 +291,10 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
     t_start = time.perf_counter() - meas.seconds
     want = set(names)
     kw = calib_windows[: header["kld_windows"]]
-    scorer = _Scorer(model, kw)
+    if log:
+        log(f"fisher: output-channel weights from {kw.shape[0]} windows (one streamed backward pass)")
+    fisher = output_fisher(model, kw, want, seed=header["fisher_seed"], stream=stream, progress=progress)
+    scorer = _Scorer(model, kw) if cost != "fisher" else None
 
     def price(name: str, layer: int, xs, H: torch.Tensor | None, quant) -> None:
         """Quantize `name` into each candidate; KL of the anchor (or of all), output errors of all."""
@@ -288,15 +305,16 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
         types = candidate_types(W.shape[1])
         if not types:
             raise TwinquantError(f"{name}: rows of {W.shape[1]} fit no quantized type (not a multiple of 32)")
-        direct = exact or H is None or layer < 0 or layer >= s.n_layers
+        direct = cost != "fisher" and (exact or H is None or layer < 0 or layer >= s.n_layers)
         cands = {}
         for ty in types:
             codec = codec_for(ty, W.shape[1])
             codes, params, W_hat = (quant if H is not None else rtn).quantize_weight(W, codec, H=H, importance=imp)
-            c = {"bytes": tensor_bytes(ty, W.shape), "out_error": _out_error(W, W_hat, H) if H is not None else None}
+            c = {"bytes": tensor_bytes(ty, W.shape), "out_error": _out_error(W, W_hat, H) if H is not None else None,
+                 "fisher": fisher.cost(name, W, W_hat, H)}
             if store is not None:
                 _save_block(store / f"{name}.{ty}.npy", codec.pack(codes, params))
-            if direct or ty == types[0]:
+            if scorer is not None and (direct or ty == types[0]):
                 model.set(name, W_hat)
                 start = max(layer, 0)
                 x_in = [embed(model, kw[i: i + 1]).float() for i in range(kw.shape[0])] if layer < 0 else xs
@@ -306,7 +324,9 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
         anchor = types[0]
         a = cands[anchor]
         for ty, c in cands.items():
-            if "kld" in c:
+            if cost == "fisher":
+                c["cost"] = c["fisher"]
+            elif "kld" in c:
                 c["cost"] = c["kld"]
             else:   # the proxy: KL scales with the output error of this one tensor
                 c["cost"] = a["kld"] * c["out_error"] / a["out_error"] if a["out_error"] > 0 else 0.0
@@ -334,6 +354,8 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
                     if n in todo:
                         price(n, layer, x_kld, hooks.hessian(g[0]), quantizer)
             model.fuse_shared_inputs()
+            if stream:
+                model.release_block(layer)
             if todo:
                 save()
             bar.update(layer + 2, f"block {layer}: {len(todo)} tensors")

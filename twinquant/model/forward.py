@@ -19,7 +19,8 @@ from twinquant.model.spec import ModelSpec
 T = roles.T
 
 # Called with (role name, input tensor [B, T, in]) right before each linear runs; linears of one input group
-# (q/k/v, gate/up) receive the same tensor object.
+# (q/k/v, gate/up) receive the same tensor object. A hook with a `tap_output(name, y) -> y` method also sees each
+# linear's output (allocation/fisher.py keeps them for their gradients).
 LinearHook = Callable[[str, torch.Tensor], None]
 # Called with (slot index, residual stream [B, T, hidden]) before each slot runs, and with len(layout) before the
 # final norm: where massive activations show.
@@ -116,9 +117,12 @@ def _linears(x: torch.Tensor, model: Model, names: tuple[str, ...], hook: Linear
     bs = [model.get(n.replace(".weight", ".bias")) for n in names] if bias else None
     whole = model.fused(names) if len(names) > 1 else None
     if whole is None:
-        return [F.linear(x, w, b) for w, b in zip(ws, bs or [None] * len(ws))]
-    y = F.linear(x, whole, torch.cat(bs) if bs else None)
-    return list(y.split([w.shape[0] for w in ws], dim=-1))
+        ys = [F.linear(x, w, b) for w, b in zip(ws, bs or [None] * len(ws))]
+    else:
+        y = F.linear(x, whole, torch.cat(bs) if bs else None)
+        ys = list(y.split([w.shape[0] for w in ws], dim=-1))
+    tap = getattr(hook, "tap_output", None)     # a hook may also see each output (the Fisher pass: its gradient)
+    return [tap(n, y) for n, y in zip(names, ys)] if tap is not None else ys
 
 
 def attention(model: Model, layer: int, x: torch.Tensor, start: int, cache: KVCache | None, slot: int,

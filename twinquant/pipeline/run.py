@@ -41,7 +41,7 @@ class Options:
     measurement: str | None = None       # reused if it matches, else measured and saved there
     min_type: tuple[str, ...] = ()
     kld_windows: int = 4
-    exact: bool = False
+    cost: str = "fisher"                 # how measure prices candidates (allocation/measure.py COSTS)
     keep_blocks: bool = False
     from_measurement: bool = False
     dry_run: bool = False
@@ -203,8 +203,8 @@ class Session:
         p = Path(path)
         if p.is_file():
             m = Measurement.load(p)
-            full = {**header, **{k: m.header.get(k) for k in ("method", "config", "exact", "kld_windows",
-                                                               "kld_scored", "keep_blocks")}}
+            full = {**header, **{k: m.header.get(k) for k in ("method", "config", "cost", "fisher_seed",
+                                                               "kld_windows", "kld_scored", "keep_blocks")}}
             m.check_matches(full)
             if m.complete:
                 opts.say(f"measurement {p}: {len(m.tensors)} tensors (sha256 {m.sha256()[:12]})")
@@ -221,13 +221,16 @@ class Session:
                 fixed += math.prod(shape) * (4 if len(shape) == 1 else FLOAT_BYTES[opts.outtype.upper()])
         kw = opts.kld_windows
         n_c = sum(len(candidate_types(roles.expected_shape(model.spec, n)[1])) for n in names)
+        forwards = {"fisher": "one backward pass", "anchor": f"{len(names)} forwards",
+                    "exact": f"{n_c} forwards"}[opts.cost]
         opts.say(f"measuring {len(names)} tensors x their candidate types: {n_c} {recipe.method} quantizations "
-                 f"and {len(names)} forwards of {min(kw, calib.windows.shape[0])} x {recipe.calib_ctx} tokens "
-                 f"(Hessians from {calib.n_tokens} tokens); saved after every block to {p}")
-        model.materialize()    # KL to the logits needs every block after the measured one (issue: streamed measure)
+                 f"and {forwards} of {min(kw, calib.windows.shape[0])} x {recipe.calib_ctx} tokens ({opts.cost} "
+                 f"cost; Hessians from {calib.n_tokens} tokens); saved after every block to {p}")
+        if opts.cost != "fisher" or not opts.stream:
+            model.materialize()    # KL forwards run every block after the measured one to the logits
         return measure(model, names, calib.windows, kw, header, fixed, self.n_params, recipe.method,
-                       self.quantizer_config(), self.imp, exact=opts.exact, path=p, progress=not opts.quiet,
-                       log=opts.say, keep_blocks=opts.keep_blocks)
+                       self.quantizer_config(), self.imp, cost=opts.cost, path=p, progress=not opts.quiet,
+                       log=opts.say, keep_blocks=opts.keep_blocks, stream=opts.stream)
 
     def fingerprint_parts(self, types: dict[str, str], calib) -> dict:
         import twinquant
