@@ -69,7 +69,7 @@ def quantize_tensor(model: Model, name: str, type_name: str, quantizer, H: torch
     """Quantize one tensor of `model` in place (packed bytes to `model.quantized`, its dequantization to
     `model.tensors`); row chunk by row chunk when it is large."""
     t0 = time.perf_counter()
-    W = model.get(name).float().cpu()
+    W = model.get(name).float()          # on the model's device: GPTQ and the codecs' block fits run there
     codec = codec_for(type_name, W.shape[1])
     imp = importance if importance is not None else (torch.diagonal(H).clone() if H is not None else None)
     if quantizer.needs_hessian and H is None:   # e.g. the embedding: nothing to weigh GPTQ with, so RTN
@@ -88,7 +88,7 @@ def quantize_tensor(model: Model, name: str, type_name: str, quantizer, H: torch
         if ggml:
             packed.append(codec.pack(codes, params))
         if W_hat is None:
-            W_hat = hat if Wc.shape[0] == W.shape[0] else torch.empty(W.shape, dtype=hat.dtype)
+            W_hat = hat if Wc.shape[0] == W.shape[0] else torch.empty(W.shape, dtype=hat.dtype, device=hat.device)
         if W_hat is not hat:
             W_hat[r: r + Wc.shape[0]] = hat
         d = Wc - hat.float()

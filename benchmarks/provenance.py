@@ -1,0 +1,76 @@
+"""What every results file records about where it came from: the command, the commit, tool versions, the
+machine (CPU, memory, GPU and driver) — one helper for all benchmarks."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def git_commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("TWINQUANT_COMMIT", "unknown")     # a copy of the tree without .git (the GPU box)
+
+
+def versions() -> dict:
+    import numpy
+    import torch
+
+    import twinquant
+
+    out = {"twinquant": twinquant.__version__, "torch": torch.__version__, "numpy": numpy.__version__,
+           "python": platform.python_version(), "cuda": torch.version.cuda}
+    try:
+        from importlib.metadata import version
+
+        out["gguf"] = version("gguf")
+        out["llama_cpp_python"] = version("llama_cpp_python")
+    except Exception:
+        out.setdefault("gguf", None)
+        out.setdefault("llama_cpp_python", None)
+    return out
+
+
+def machine() -> dict:
+    import torch
+
+    try:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                    if ln.startswith("model name")), platform.processor())
+    except OSError:
+        cpu = platform.processor()
+    mem = None
+    try:
+        import psutil
+
+        mem = round(psutil.virtual_memory().total / 2**30, 1)
+    except ImportError:
+        pass
+    out = {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem, "platform": platform.platform()}
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        out["gpu"] = p.name
+        out["gpu_memory_gib"] = round(p.total_memory / 2**30, 1)
+        try:
+            out["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            out["driver"] = None
+    return out
+
+
+def record(**fields) -> dict:
+    """The provenance block of a results file: the command line, commit, versions, machine, plus `fields`."""
+    return {"command": " ".join([Path(sys.executable).name, *sys.argv]), "commit": git_commit(),
+            "versions": versions(), "machine": machine(), **fields}

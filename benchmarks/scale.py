@@ -1,0 +1,241 @@
+"""Scale benchmark: the default recipe and `measure` + `--target-bpw` on a random model with Qwen2.5-32B's shapes.
+
+Writes a random-weight Hugging Face model (hidden 5120, ffn 27648, 40/8 heads, vocab 152064, qkv bias; N layers,
+one safetensors shard per layer) and runs, through the library, with one block in memory:
+
+  quantize   the default recipe (GPTQ into llama.cpp's Q2_K mix, RH rotation)
+  measure    the Fisher-cost measurement of every candidate type (`measure --cost fisher`)
+  target     quantize --target-bpw with that measurement
+
+For each stage: seconds per block (GPTQ vs the rest: calibration forwards, Hessians, rotation, I/O), the embedding
+and head, peak resident memory (anonymous and file-backed, sampled every 0.2 s) and peak GPU memory, and the
+extrapolation to 64 layers (embedding + head + 64 x the mean block). Writes benchmarks/results/scale_TAG.{json,md,png}.
+
+    python benchmarks/scale.py --layers 2 --device cuda --tag h200
+    python benchmarks/scale.py --layers 1 --tag cpu --stages quantize
+    python benchmarks/scale.py --hidden 256 --ffn 512 --heads 4 --kv-heads 2 --vocab 1024 --tag tiny   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import torch  # noqa: E402
+
+from provenance import record  # noqa: E402
+
+QWEN32B = {"hidden": 5120, "ffn": 27648, "heads": 40, "kv_heads": 8, "vocab": 152064}
+
+
+def write_model(path: Path, layers: int, hidden: int, ffn: int, heads: int, kv_heads: int, vocab: int,
+                seed: int = 0) -> Path:
+    """A random Qwen2 model as an HF directory (bf16 shards, one per layer) with a small BPE tokenizer."""
+    from safetensors.torch import save_file
+
+    from tests.tiny_models import save_tiny_tokenizer
+
+    if (path / "done").is_file():
+        return path
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    head_dim = hidden // heads
+    cfg = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": hidden,
+           "intermediate_size": ffn, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+           "num_hidden_layers": layers, "vocab_size": vocab, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
+           "max_position_embeddings": 32768, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+           "hidden_act": "silu", "bos_token_id": None, "eos_token_id": 2}
+    (path / "config.json").write_text(json.dumps(cfg, indent=1))
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, std=0.02):
+        return (torch.randn(*shape, generator=g) * std).to(torch.bfloat16)
+
+    index = {}
+
+    def shard(name: str, tensors: dict) -> None:
+        save_file(tensors, str(path / name), metadata={"format": "pt"})
+        index.update({k: name for k in tensors})
+
+    shard("embed.safetensors", {"model.embed_tokens.weight": rnd(vocab, hidden),
+                                "lm_head.weight": rnd(vocab, hidden),
+                                "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16)})
+    kv = kv_heads * head_dim
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shard(f"layer{i:03d}.safetensors", {
+            p + "input_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+            p + "post_attention_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+            p + "self_attn.q_proj.weight": rnd(hidden, hidden), p + "self_attn.q_proj.bias": rnd(hidden),
+            p + "self_attn.k_proj.weight": rnd(kv, hidden), p + "self_attn.k_proj.bias": rnd(kv),
+            p + "self_attn.v_proj.weight": rnd(kv, hidden), p + "self_attn.v_proj.bias": rnd(kv),
+            p + "self_attn.o_proj.weight": rnd(hidden, hidden),
+            p + "mlp.gate_proj.weight": rnd(ffn, hidden), p + "mlp.up_proj.weight": rnd(ffn, hidden),
+            p + "mlp.down_proj.weight": rnd(hidden, ffn, std=0.02 / math.sqrt(ffn / hidden))})
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+    save_tiny_tokenizer(path, 512)
+    (path / "done").write_text("")
+    return path
+
+
+class Sampler:
+    """Peak resident memory of this process (anonymous / file-backed, from /proc) and of the GPU."""
+
+    def __init__(self, every: float = 0.2):
+        self.every, self.peak_anon, self.peak_file, self._stop = every, 0, 0, threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            anon = file = 0
+            for ln in Path("/proc/self/status").read_text().splitlines():
+                if ln.startswith("RssAnon:"):
+                    anon = int(ln.split()[1]) * 1024
+                elif ln.startswith(("RssFile:", "RssShmem:")):
+                    file += int(ln.split()[1]) * 1024
+            self.peak_anon, self.peak_file = max(self.peak_anon, anon), max(self.peak_file, file)
+            self._stop.wait(self.every)
+
+    def __enter__(self):
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.gpu_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+
+
+def _gib(b: float) -> float:
+    return round(b / 2**30, 2)
+
+
+def _per_block(report: dict, layers: int) -> list[dict]:
+    """Seconds per block from a quantize report: GPTQ (sum of the block's tensors) and the rest."""
+    out = []
+    for i, total in enumerate(report["seconds_per_block"][:layers]):
+        gptq = sum(t["seconds"] for t in report["tensors"] if t["name"].startswith(f"blk.{i}."))
+        out.append({"block": i, "seconds": round(total, 2), "gptq": round(gptq, 2), "other": round(total - gptq, 2)})
+    return out
+
+
+def _tensor_seconds(report: dict, name: str) -> float:
+    return round(sum(t["seconds"] for t in report["tensors"] if t["name"] == name), 2)
+
+
+def run_stage(stage: str, src: Path, work: Path, args) -> dict:
+    import twinquant
+    from twinquant.pipeline import Options
+
+    out = work / f"{stage}.gguf"
+    mpath = work / "measurement.json"
+    opts = dict(dtype=torch.float32, device=args.device, quiet=False, work_dir=str(work / f"{stage}.work"))
+    t0 = time.perf_counter()
+    with Sampler() as mem:
+        if stage == "measure":
+            mpath.unlink(missing_ok=True)
+            m = twinquant.measure(str(src), mpath, "default", Options(cost="fisher", **opts))
+            result = {"tensors": len(m.tensors)}
+        else:
+            extra = {"target_bpw": args.target_bpw, "measurement": str(mpath)} if stage == "target" else {}
+            rep = work / f"{stage}.report.json"
+            res = twinquant.quantize(str(src), out, "default", Options(report=str(rep), **opts, **extra))
+            report = json.loads(rep.read_text())
+            blocks = _per_block(report, args.layers)
+            mean = sum(b["seconds"] for b in blocks) / len(blocks)
+            fixed = _tensor_seconds(report, "token_embd.weight") + _tensor_seconds(report, "output.weight")
+            result = {"file_bytes": out.stat().st_size, "file_bpw": round(8 * res.file_bytes / res.n_params, 4),
+                      "blocks": blocks, "embedding_seconds": _tensor_seconds(report, "token_embd.weight"),
+                      "head_seconds": _tensor_seconds(report, "output.weight"),
+                      "mean_block_seconds": round(mean, 2),
+                      "extrapolated_64_layers_min": round((fixed + 64 * mean) / 60, 1)}
+            out.unlink(missing_ok=True)
+    wall = time.perf_counter() - t0
+    result.update({"stage": stage, "wall_seconds": round(wall, 1), "peak_rss_anon_gib": _gib(mem.peak_anon),
+                   "peak_rss_file_gib": _gib(mem.peak_file), "peak_gpu_gib": _gib(mem.gpu_peak)})
+    if stage == "measure":   # no per-block report: its wall time is embedding/head + layers x block
+        result["extrapolated_64_layers_min"] = round(wall * 64 / args.layers / 60, 1)
+    return result
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=2)
+    for k, v in QWEN32B.items():
+        ap.add_argument("--" + k.replace("_", "-"), type=int, default=v)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--stages", default="quantize,measure,target")
+    ap.add_argument("--target-bpw", type=float, default=2.5)
+    ap.add_argument("--work", default=str(Path.home() / ".cache" / "twinquant" / "scale"))
+    ap.add_argument("--tag", required=True)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = ap.parse_args(argv)
+    work = Path(args.work) / args.tag
+    shape = {k: getattr(args, k) for k in QWEN32B}
+    t0 = time.perf_counter()
+    src = write_model(work / "model", args.layers, **shape)
+    print(f"model: {args.layers} layers of {shape} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    stages = []
+    for stage in args.stages.split(","):
+        stages.append(run_stage(stage, src, work, args))
+        print(json.dumps(stages[-1]), file=sys.stderr)
+    res = record(benchmark="scale", tag=args.tag, layers=args.layers, shape=shape, device=args.device,
+                 stages=stages)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"scale_{args.tag}.json").write_text(json.dumps(res, indent=1) + "\n")
+    lines = [f"# scale: {args.layers} layers of Qwen2.5-32B shapes {shape}, device {args.device}", "",
+             f"command: `{res['command']}`  ", f"commit: {res['commit']}  ", f"machine: {res['machine']}", "",
+             "| stage | wall s | mean block s | GPTQ s/block | other s/block | embedding s | head s | peak RSS anon GiB "
+             "| peak GPU GiB | 64 layers (min) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for s in stages:
+        b = s.get("blocks") or []
+        g = sum(x["gptq"] for x in b) / len(b) if b else None
+        o = sum(x["other"] for x in b) / len(b) if b else None
+        f = lambda v: "" if v is None else f"{v:.1f}"  # noqa: E731
+        lines.append(f"| {s['stage']} | {s['wall_seconds']:.0f} | {f(s.get('mean_block_seconds'))} | {f(g)} | {f(o)} "
+                     f"| {f(s.get('embedding_seconds'))} | {f(s.get('head_seconds'))} | {s['peak_rss_anon_gib']} "
+                     f"| {s['peak_gpu_gib']} | {s['extrapolated_64_layers_min']} |")
+    table = "\n".join(lines) + "\n"
+    (out / f"scale_{args.tag}.md").write_text(table)
+    print(table)
+    _plot(stages, out / f"scale_{args.tag}.png", args)
+    return 0
+
+
+def _plot(stages, path: Path, args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    names, gptq, other = [], [], []
+    for s in stages:
+        if s.get("blocks"):
+            names.append(s["stage"])
+            gptq.append(sum(x["gptq"] for x in s["blocks"]) / len(s["blocks"]))
+            other.append(sum(x["other"] for x in s["blocks"]) / len(s["blocks"]))
+    ax.bar(names, gptq, label="GPTQ (codec fits, column sweep)")
+    ax.bar(names, other, bottom=gptq, label="calibration forwards, Hessians, rotation, I/O")
+    ax.set_ylabel("seconds per block")
+    ax.set_title(f"Qwen2.5-32B shapes, {args.device}: per block")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
