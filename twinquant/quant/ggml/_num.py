@@ -5,8 +5,9 @@ Bit-exactness rules followed throughout (ggml-base is plain C without -ffast-mat
 - every value is float32 and every operation is one IEEE float32 operation in llama.cpp's order, e.g. `w*x*l` is
   `(w*x)*l`; scalar constants are computed in numpy float32 (`f32`) as C computes them, then used as Python floats
   (exact); no fused ops (addcmul, addmm, lerp …) that could contract a multiply and an add;
-- square roots go through `sqrt` (correctly rounded; torch's CPU sqrt is not), divisions through `div`: CUDA turns `tensor / python_scalar` into a multiplication by the reciprocal and
-  `scalar / tensor` is `reciprocal(tensor) * scalar` on every device, neither of which is C's division;
+- square roots go through `sqrt` (correctly rounded; torch's CPU sqrt is not), divisions through `div` (CUDA
+  turns `tensor / python_scalar` into a multiplication by the reciprocal, and `scalar / tensor` is
+  `reciprocal(tensor) * scalar` on every device, neither of which is C's division);
 - C `for` loop sums are left-to-right (`seqsum`; torch.sum and torch.cumsum reorder or widen, hence never used);
 - `nearest_int` is ggml's magic-number rounding, emulated bit for bit through an int32 view (round-half-even,
   garbage beyond 2^22 just as in C);
@@ -15,7 +16,8 @@ Bit-exactness rules followed throughout (ggml-base is plain C without -ffast-mat
   element); only candidates that do not depend on each other are evaluated together.
 
 The public functions take x as [B, n] (B independent sub-blocks of n values) and return codes as int32 [B, n];
-inside, tensors are element-major [n, B] so that every step of a sequential loop is one contiguous vector op.
+inside, tensors are element-major [n, B] so that every step of a sequential loop is one contiguous vector op, and
+the candidate loops work in place in a few [n, B] buffers (on the CPU, fresh large tensors cost page faults).
 """
 
 from __future__ import annotations
@@ -60,7 +62,12 @@ def sqrt(v: torch.Tensor) -> torch.Tensor:
 
 def nearest_int(v: torch.Tensor) -> torch.Tensor:
     """ggml's nearest_int: add 1.5*2^23 in float32 and read the mantissa (int32 result)."""
-    return ((v + _MAGIC).view(torch.int32) & 0x7FFFFF) - 0x400000
+    return nearest_int_(v.clone())
+
+
+def nearest_int_(v: torch.Tensor) -> torch.Tensor:
+    """nearest_int in place: v (a float32 temporary) becomes the int32 view of its storage holding the result."""
+    return v.add_(_MAGIC).view(torch.int32).bitwise_and_(0x7FFFFF).sub_(0x400000)
 
 
 def roundf(v: torch.Tensor) -> torch.Tensor:
@@ -74,11 +81,15 @@ def fp16(v: torch.Tensor) -> torch.Tensor:
     return v.to(torch.float16)
 
 
+def _lead(a: torch.Tensor, axis: int) -> torch.Tensor:
+    """a with `axis` first and contiguous, so that a[i] is one contiguous slice."""
+    return a if axis == 0 else a.movedim(axis, 0).contiguous()
+
+
 def seqsum(a: torch.Tensor, axis: int = -1, zero_start: bool = True) -> torch.Tensor:
     """Left-to-right float32 sum along `axis`; `zero_start` adds to 0.0f first (`float s = 0; s += a[0]`),
     otherwise the sum starts as a[0] (`float s = a[0]`), which only differs for a[0] = -0.0."""
-    if axis != 0:
-        a = a.movedim(axis, 0).contiguous()         # each step below then reads one contiguous slice
+    a = _lead(a, axis)
     s = a[0] + 0.0 if zero_start else a[0].clone()
     for i in range(1, a.shape[0]):
         s += a[i]
@@ -86,16 +97,23 @@ def seqsum(a: torch.Tensor, axis: int = -1, zero_start: bool = True) -> torch.Te
 
 
 def first_absmax(x: torch.Tensor, axis: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
-    """(amax, max): the first element of largest |x|, as C's `if (ax > amax) {amax = ax; max = x[i];}`."""
-    ax = x.abs()
-    i = ax.argmax(axis, keepdim=True)               # torch documents the first maximal index
-    return ax.gather(axis, i).squeeze(axis), x.gather(axis, i).squeeze(axis)
+    """(amax, max): C's `float amax = 0, max = 0; if (ax > amax) {amax = ax; max = x[i];}` along `axis`."""
+    x = _lead(x, axis)
+    amax, mx = x.new_zeros(x.shape[1:]), x.new_zeros(x.shape[1:])
+    for i in range(x.shape[0]):
+        ax = x[i].abs()
+        upd = ax > amax
+        amax, mx = torch.where(upd, ax, amax), torch.where(upd, x[i], mx)
+    return amax, mx
 
 
 def first_extreme(x: torch.Tensor, largest: bool, axis: int = -1) -> torch.Tensor:
-    """C's `if (v > max) max = v;` (largest) or `if (v < min) min = v;`: the first extreme value."""
-    i = (x.argmax if largest else x.argmin)(axis, keepdim=True)
-    return x.gather(axis, i).squeeze(axis)
+    """C's `float m = x[0]; if (x[i] > m) m = x[i];` (largest) or `if (x[i] < m) m = x[i];` along `axis`."""
+    x = _lead(x, axis)
+    m = x[0].clone()
+    for i in range(1, x.shape[0]):
+        m = torch.where(x[i] > m if largest else x[i] < m, x[i], m)
+    return m
 
 
 def _chunked(fn, n_out: int, x: torch.Tensor, w: torch.Tensor | None, **kw):
@@ -137,6 +155,13 @@ def _descend(state: dict, step, passes: int = 5) -> dict:
     return out
 
 
+def _sums(w: torch.Tensor, wx: torch.Tensor, lf: torch.Tensor, buf: torch.Tensor):
+    """(sumlx, suml2) = C's `sumlx += w*x*l; suml2 += w*l*l` with wx = w*x, buf a scratch [n, B]."""
+    sumlx = seqsum(torch.mul(wx, lf, out=buf), axis=0)
+    suml2 = seqsum(torch.mul(w, lf, out=buf).mul_(lf), axis=0)
+    return sumlx, suml2
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # make_qx_quants (rmse_type 1): symmetric codes in [-nmax, nmax-1], weights qw or x^2, 18 refinement candidates
 # ----------------------------------------------------------------------------------------------------------------
@@ -149,29 +174,35 @@ def make_qx_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor | None = None):
     return _chunked(_make_qx_quants, 3, x, qw, nmax=nmax)
 
 
+def _qx_candidate(x, iscale, nmax, buf, lf):
+    """lf = float codes of x on the multiplier iscale [B], clamped to [-nmax, nmax-1] (buf: scratch)."""
+    l = nearest_int_(torch.mul(x, iscale, out=buf)).clamp_(-nmax, nmax - 1)
+    return lf.copy_(l)
+
+
 def _make_qx_quants(x, qw, nmax):                       # x, qw: [n, B]
     amax, mx = first_absmax(x, 0)
     zero = amax < GROUP_MAX_EPS
     w = x * x if qw is None else qw
     wx = w * x
-    # the 19 candidate multipliers depend only on max: evaluate them together, select in C's order
+    buf, lf = torch.empty_like(x), torch.empty_like(x)
+    # candidate k's multiplier depends only on max; k = 0 is the first guess, the others are tried in C's order
     consts = [f32(-nmax)] + [f32(-(np.float32(nmax) + np.float32(0.1) * np.float32(s))) for s in _QX_STEPS]
-    iscales = div(torch.tensor(consts, dtype=F32, device=x.device)[:, None], mx[None, :])      # [19, B]
-    l = nearest_int(iscales[None] * x[:, None]).clamp_(-nmax, nmax - 1)                         # [n, 19, B]
-    lf = l.float()
-    sumlx = seqsum(wx[:, None] * lf, axis=0)                                                    # [19, B]
-    suml2 = seqsum((w[:, None] * lf) * lf, axis=0)
-    scale = torch.where(suml2[0] != 0, div(sumlx[0], suml2[0]), 0.0)
-    best = scale * sumlx[0]
-    pick = torch.zeros(x.shape[1], dtype=torch.int64, device=x.device)
-    for k in range(1, len(consts)):
-        upd = (suml2[k] > 0) & (sumlx[k] * sumlx[k] > best * suml2[k])
-        s_new = div(sumlx[k], suml2[k])
+    iscale = div(consts[0], mx)
+    best_l = _qx_candidate(x, iscale, nmax, buf, torch.empty_like(x))
+    sumlx, suml2 = _sums(w, wx, best_l, buf)
+    scale = torch.where(suml2 != 0, div(sumlx, suml2), 0.0)
+    best = scale * sumlx
+    for c in consts[1:]:
+        isc = div(c, mx)
+        sumlx, suml2 = _sums(w, wx, _qx_candidate(x, isc, nmax, buf, lf), buf)
+        upd = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        s_new = div(sumlx, suml2)
         scale = torch.where(upd, s_new, scale)
-        best = torch.where(upd, s_new * sumlx[k], best)
-        pick = torch.where(upd, k, pick)
-    L = l.gather(1, pick.expand(x.shape[0], 1, -1)).squeeze(1) + nmax
-    iscale = iscales.gather(0, pick[None]).squeeze(0)
+        best = torch.where(upd, s_new * sumlx, best)
+        iscale = torch.where(upd, isc, iscale)
+        torch.where(upd, lf, best_l, out=best_l)
+    L = best_l.to(torch.int32) + nmax
     L, scale, iscale = _where_zero(zero, L, scale, iscale)
     return scale, L, iscale
 
@@ -193,7 +224,7 @@ def _q3_pass(s: dict, nmax: int) -> torch.Tensor:
         Li = L[i].float()
         slx = sumlx - wx[i] * Li
         sl2 = suml2 - (w[i] * Li) * Li
-        new = nearest_int(div(x[i] * sl2, slx)).clamp_(-nmax, nmax - 1)
+        new = nearest_int_(div(x[i] * sl2, slx)).clamp_(-nmax, nmax - 1)
         nf = new.float()
         slx2 = slx + wx[i] * nf
         sl22 = sl2 + (w[i] * nf) * nf
@@ -208,12 +239,11 @@ def _make_q3_quants(x, _, nmax):                        # x: [n, B]
     amax, mx = first_absmax(x, 0)
     zero = amax < GROUP_MAX_EPS
     iscale = div(f32(-nmax), mx)
-    L = nearest_int(iscale[None, :] * x).clamp_(-nmax, nmax - 1)
+    L = nearest_int_(iscale[None, :] * x).clamp_(-nmax, nmax - 1)
     w = x * x
     wx = w * x
-    Lf = L.float()
-    state = {"x": x, "w": w, "wx": wx, "L": L, "sumlx": seqsum(wx * Lf, axis=0),
-             "suml2": seqsum((w * Lf) * Lf, axis=0)}
+    sumlx, suml2 = _sums(w, wx, L.float(), torch.empty_like(x))
+    state = {"x": x, "w": w, "wx": wx, "L": L, "sumlx": sumlx, "suml2": suml2}
     state = _descend(state, lambda s: _q3_pass(s, nmax))
     suml2 = state["suml2"]
     scale = torch.where(suml2 > 0, div(state["sumlx"], suml2), 0.0)
@@ -236,10 +266,17 @@ def make_qkx_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rd
     return out if rounding else out[:3]
 
 
-def _qkx_error(x, w, scale, minv, lf, use_mad: bool):
-    diff = (scale[None, :] * lf + minv[None, :]) - x
-    diff = diff.abs() if use_mad else diff * diff
-    return seqsum(w * diff, axis=0)
+def _qkx_codes(x, iscale, minv, nmax, buf, lf):
+    """lf = float codes clamp(nearest_int(iscale*(x - min)), 0, nmax) (buf: scratch)."""
+    l = nearest_int_(torch.sub(x, minv, out=buf).mul_(iscale)).clamp_(0, nmax)
+    return lf.copy_(l)
+
+
+def _qkx_error(x, w, scale, minv, lf, use_mad: bool, buf):
+    """C's `diff = scale*L[i] + min - x[i]; err += w * (use_mad ? fabsf(diff) : diff*diff)`."""
+    diff = torch.mul(lf, scale, out=buf).add_(minv).sub_(x)
+    diff = diff.abs_() if use_mad else diff.mul_(diff)
+    return seqsum(diff.mul_(w), axis=0)
 
 
 def _make_qkx_quants(x, w, nmax, rmin, rdelta, nstep, use_mad):     # x, w: [n, B]
@@ -249,37 +286,39 @@ def _make_qkx_quants(x, w, nmax, rmin, rdelta, nstep, use_mad):     # x, w: [n, 
     sum_x = seqsum(w * x, axis=0, zero_start=False)
     mn = torch.where(mn > 0, 0.0, mn)
     degenerate = mx == mn
+    buf, wl, lf = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
 
     iscale = div(f32(nmax), mx - mn)
     scale = div(1.0, iscale)
-    L = nearest_int(iscale[None, :] * (x - mn[None, :])).clamp_(0, nmax)
-    best = _qkx_error(x, w, scale, mn, L.float(), use_mad)
+    best_l = _qkx_codes(x, iscale, mn, nmax, buf, torch.empty_like(x))
+    best = _qkx_error(x, w, scale, mn, best_l, use_mad, buf)
 
     # sequential over the candidates: an accepted one moves `min`, which the next ones are computed from
     minv, origin = mn, mn
     for c in range(nstep + 1):
         isc = div(f32((np.float32(rmin) + np.float32(rdelta) * np.float32(c)) + np.float32(nmax)), mx - minv)
-        la = nearest_int(isc[None, :] * (x - minv[None, :])).clamp_(0, nmax)
-        lf = la.float()
-        wl = w * lf
-        sum_l, sum_l2, sum_xl = seqsum(torch.stack([wl, wl * lf, wl * x], 1), axis=0)
+        _qkx_codes(x, isc, minv, nmax, buf, lf)
+        torch.mul(w, lf, out=wl)
+        sum_l = seqsum(wl, axis=0)
+        sum_l2 = seqsum(torch.mul(wl, lf, out=buf), axis=0)
+        sum_xl = seqsum(torch.mul(wl, x, out=buf), axis=0)
         D = sum_w * sum_l2 - sum_l * sum_l
         this_scale = div(sum_w * sum_xl - sum_x * sum_l, D)
         this_min = div(sum_l2 * sum_x - sum_l * sum_xl, D)
         pos = this_min > 0
         this_min = torch.where(pos, 0.0, this_min)
         this_scale = torch.where(pos, div(sum_xl, sum_l2), this_scale)
-        cur = _qkx_error(x, w, this_scale, this_min, lf, use_mad)
+        cur = _qkx_error(x, w, this_scale, this_min, lf, use_mad, buf)
         upd = (D > 0) & (cur < best)
         best = torch.where(upd, cur, best)
         scale = torch.where(upd, this_scale, scale)
         iscale = torch.where(upd, isc, iscale)
         origin = torch.where(upd, minv, origin)
         minv = torch.where(upd, this_min, minv)
-        L = torch.where(upd[None, :], la, L)
+        torch.where(upd, lf, best_l, out=best_l)
     the_min = -torch.where(degenerate, mn, minv)
     origin = torch.where(degenerate, mn, origin)
-    L, scale, iscale = _where_zero(degenerate, L, scale, iscale)
+    L, scale, iscale = _where_zero(degenerate, best_l.to(torch.int32), scale, iscale)
     return scale, the_min, L, iscale, origin
 
 
@@ -303,7 +342,7 @@ def _qp_pass(s: dict, nmax: int) -> torch.Tensor:
         Li = L[i].float()
         slx = sumlx - wx[i] * Li
         sl2 = suml2 - (w[i] * Li) * Li
-        new = nearest_int(div(x[i] * sl2, slx)).clamp_(max=nmax)
+        new = nearest_int_(div(x[i] * sl2, slx)).clamp_(max=nmax)
         nf = new.float()
         slx2 = slx + wx[i] * nf
         sl22 = sl2 + (w[i] * nf) * nf
@@ -333,9 +372,8 @@ def _make_qp_quants(x, qw, nmax):                       # x, qw: [n, B]
         iscale = torch.where(upd, isc, iscale)
     l = nearest_int(iscale[None, :] * x).clamp_(max=nmax)
     wx = qw * x
-    lf = l.float()
-    state = {"x": x, "w": qw, "wx": wx, "L": l & 0xFF, "sumlx": seqsum(wx * lf, axis=0),
-             "suml2": seqsum((qw * lf) * lf, axis=0)}
+    sumlx, suml2 = _sums(qw, wx, l.float(), torch.empty_like(x))
+    state = {"x": x, "w": qw, "wx": wx, "L": l & 0xFF, "sumlx": sumlx, "suml2": suml2}
     state = _descend(state, lambda s: _qp_pass(s, nmax))
     suml2 = state["suml2"]
     scale = torch.where(suml2 > 0, div(state["sumlx"], suml2), 0.0)
