@@ -66,14 +66,27 @@ def nearest_int(v: torch.Tensor) -> torch.Tensor:
 
 
 def nearest_int_(v: torch.Tensor) -> torch.Tensor:
-    """nearest_int in place: v (a float32 temporary) becomes the int32 view of its storage holding the result."""
-    return v.add_(_MAGIC).view(torch.int32).bitwise_and_(0x7FFFFF).sub_(0x400000)
+    """nearest_int in place: v (a float32 temporary) becomes the int32 view of its storage holding the result.
+    A NaN (from inf*0 or inf-inf, e.g. on an overflowed fp16 scale) is the CPUs' default NaN in C, whose mantissa
+    0x400000 reads as 0; CUDA's NaN is 0x7FFFFFFF, so there it is made to read as 0 too."""
+    v.add_(_MAGIC)
+    if v.device.type != "cpu":
+        v.nan_to_num_(nan=_MAGIC, posinf=float("inf"), neginf=float("-inf"))
+    return v.view(torch.int32).bitwise_and_(0x7FFFFF).sub_(0x400000)
 
 
 def roundf(v: torch.Tensor) -> torch.Tensor:
     """C roundf (half away from zero), exact in float32."""
     t = torch.trunc(v)
     return t + torch.where((v - t).abs() >= 0.5, torch.sign(v), 0.0)
+
+
+def c_int8(v: torch.Tensor) -> torch.Tensor:
+    """C's `(int8_t) v` as x86 compiles it (cvttss2si, then the low byte), as int32 in [-128, 127]: truncation
+    toward zero, with NaN and values beyond the int32 range giving INT_MIN, whose low byte is 0 (torch's own
+    conversion is undefined there, and the CPU and CUDA differ)."""
+    i = torch.where(v.abs() < 2147483648.0, v, 0.0).to(torch.int32)
+    return ((i + 128) & 0xFF) - 128
 
 
 def fp16(v: torch.Tensor) -> torch.Tensor:

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from twinquant.quant.ggml._base import GGMLCodec
-from twinquant.quant.ggml._num import (div, f32, first_absmax, first_extreme, fp16, make_qkx_quants, make_qx_quants,
-                                       nearest_int, roundf, seqsum, sqrt)
+from twinquant.quant.ggml._num import (c_int8, div, f32, first_absmax, first_extreme, fp16, make_qkx_quants,
+                                       make_qx_quants, nearest_int, roundf, seqsum, sqrt)
 
 
 class _Legacy(GGMLCodec):
@@ -58,12 +58,12 @@ class _Legacy(GGMLCodec):
         z = self.zero_code
         rule = hdr.get("rule")
         iscale = hdr.get("iscale")
-        if rule == "ref":
+        if rule == "ref":                        # int8 stores of roundf(x*id) / MIN(qmax, (int8_t)(x*id + z + 0.5f))
             v = x * iscale.reshape(-1, 1)
             if self.qmax == 255:
-                q = (roundf(v).to(torch.int32) + z) & 0xFF
+                q = (c_int8(roundf(v)) + z) & 0xFF
             else:
-                q = torch.trunc(v + f32(z + 0.5)).clamp_(0, self.qmax)
+                q = c_int8(v + f32(z + 0.5)).clamp_(0, self.qmax)
         elif rule == "qx":
             isc = iscale.reshape(-1, 1)
             q = nearest_int(isc * x).clamp_(-z, self.qmax - z) + z
@@ -168,7 +168,7 @@ class _LegacyMin(GGMLCodec):
             isc = hdr["iscale"].reshape(-1, 2)
             mul, org = isc[:, :1], isc[:, 1:]
             if rule == "ref":
-                q = torch.trunc((x - org) * mul + 0.5).clamp_(0, self.qmax)
+                q = c_int8((x - org) * mul + 0.5).clamp_(0, self.qmax)         # MIN(qmax, (int8_t)(...))
             else:
                 q = torch.where(mul != 0, nearest_int(mul * (x - org)).clamp_(0, self.qmax), 0)
         else:                                    # nearest on the effective grid
