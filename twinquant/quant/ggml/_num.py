@@ -28,7 +28,7 @@ import torch
 F32 = torch.float32
 _MAGIC = 12582912.0                 # 1.5 * 2^23
 GROUP_MAX_EPS = 1e-15               # compared with float32 values: C's `x < GROUP_MAX_EPS` is a float comparison
-_CHUNK = {"cpu": 1 << 15, "cuda": 1 << 19}      # sub-blocks per batch: bounds the candidate tensors' memory
+_CHUNK = {"cpu": 1 << 15, "cuda": 1 << 22}      # sub-blocks per batch: bounds the buffers (CUDA: a few GB)
 
 
 def f32(v) -> float:
