@@ -69,11 +69,14 @@ def _device_name(device: str) -> str:
 
 
 def _commit() -> str:
+    """TWINQUANT_COMMIT if set (a copy of the tree without its .git), else git's HEAD."""
+    if os.environ.get("TWINQUANT_COMMIT"):
+        return os.environ["TWINQUANT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
                               text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("TWINQUANT_COMMIT", "unknown")
+        return "unknown"
 
 
 def _first_rows(p, n: int):
