@@ -1,6 +1,6 @@
 """GGML codecs against llama.cpp itself (ggml_quantize_chunk through ctypes, tests/ggml_oracle.py) and gguf-py:
-identical bytes with and without an imatrix, identical dequantization, fit/codes/dequantize_codes consistent with
-RTN, pack/unpack round trips, user errors."""
+identical bytes with and without an imatrix (edge cases too), identical dequantization, fit/codes/dequantize_codes
+consistent with RTN, pack/unpack round trips, the same bytes and GPTQ on every device, user errors."""
 
 import gguf
 import numpy as np
@@ -11,6 +11,7 @@ from tests import ggml_oracle
 from twinquant.errors import TwinquantError
 from twinquant.formats.codec import BlockParams, dequantize_codes
 from twinquant.formats.ggml import CODECS, get_codec
+from twinquant.algorithms.gptq import accumulate_hessian, gptq
 
 TYPES = list(CODECS)
 SHAPES = [(64, 512), (8, 4864)]
@@ -36,8 +37,31 @@ def _weights(rows: int, cols: int, seed: int = 0) -> dict[str, np.ndarray]:
     return {k: v.astype(np.float32) for k, v in out.items()}
 
 
+def _edge_weights(cols: int, seed: int = 2) -> np.ndarray:
+    """One row per edge case: zeros, -0.0, constant rows (sub-blocks with max == min), tiny and denormal values,
+    huge values (fp16 scales near and past overflow), a single non-zero, alternating signs, mixed magnitudes."""
+    r = np.random.default_rng(seed)
+    n = r.standard_normal(cols)
+    rows = [np.zeros(cols), np.full(cols, -0.0), np.full(cols, 0.5), np.full(cols, -3.0),
+            np.where(np.arange(cols) % 64 < 32, 1.25, -0.75),                        # constant sub-blocks
+            n * 1e-30, n * 1e-41, n * 3e4, n * 1e6, n * 3e9,
+            np.eye(1, cols, cols // 2)[0] * -2.0, np.where(np.arange(cols) % 2, 1.0, -1.0) * 0.01,
+            n * np.exp(r.uniform(-20, 10, cols)), np.abs(n) * 1e-3 + 1.0]
+    return np.stack(rows).astype(np.float32)
+
+
 def _importance(cols: int, seed: int = 1) -> np.ndarray:
     return (np.random.default_rng(seed).uniform(0.05, 3.0, cols) ** 3).astype(np.float32)
+
+
+def _edge_importance(cols: int, seed: int = 5) -> np.ndarray:
+    """An imatrix with exact zeros (unused columns), tiny and huge entries."""
+    r = np.random.default_rng(seed)
+    imp = _importance(cols, seed)
+    imp[r.random(cols) < 0.2] = 0.0
+    imp[: cols // 8] *= 1e-20
+    imp[-cols // 8:] *= 1e12
+    return imp.astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +86,18 @@ def test_bytes_equal_llama_cpp(qtype, imatrix, cases):
         ref = gguf.quants.dequantize(ours, qtype)
         assert np.array_equal(codec.dequantize(codes, params).numpy(), ref)
         assert np.array_equal(codec.dequantize_bytes(ours, shape[1]).numpy(), ref)
+
+
+@pytest.mark.parametrize("imatrix", [None, "plain", "edge"])
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_edge_cases_bytes_equal_llama_cpp(qtype, imatrix):
+    codec = CODECS[qtype]
+    w = _edge_weights(512)
+    imp = {None: None, "plain": _importance(512), "edge": _edge_importance(512)}[imatrix]
+    ours = codec.pack(*codec.quantize(torch.from_numpy(w), None if imp is None else torch.from_numpy(imp)))
+    theirs = ggml_oracle.quantize(w, qtype, imp)
+    bad = (ours.reshape(len(w), -1, codec.type_size) != theirs.reshape(len(w), -1, codec.type_size)).any(2)
+    assert not bad.any(), f"{qtype.name} imatrix={imatrix}: blocks differ in edge rows {np.unique(bad.nonzero()[0])}"
 
 
 @pytest.mark.parametrize("qtype", [t for t in TYPES if t.name in ("Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1")],
@@ -139,3 +175,47 @@ def test_sizes():
         assert codec.bits_per_weight == bpw[qtype.name]
         assert codec.bytes_per_row(4096) == gguf.quant_shape_to_byte_shape((1, 4096), qtype)[1]
         assert codec.block % codec.sub == 0 and codec.ggml_type == qtype and codec.name == qtype.name
+
+
+def _cuda():
+    return pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                         reason="needs a CUDA device (run on a GPU machine)"))
+
+
+@pytest.mark.parametrize("device", ["cpu", _cuda()])
+def test_codecs_and_gptq_on_device(device):
+    """Everything runs on the weights' device and gives the CPU's bytes (which the tests above tie to llama.cpp):
+    quantize, fit + codes block by block, and GPTQ (whose float32/float64 matrix products may round differently
+    on another device, so there only nearly all codes agree)."""
+    w_all = np.concatenate([_weights(16, 512, seed=7)["outliers"], _edge_weights(512)])
+    w = torch.from_numpy(w_all)
+    imp = torch.from_numpy(_importance(512, seed=8))
+    for qtype, codec in CODECS.items():
+        for im in (None, imp):
+            ref = codec.pack(*codec.quantize(w, im))
+            codes, params = codec.quantize(w.to(device), None if im is None else im.to(device))
+            assert codes.device.type == device and params[0].scale.device.type == device
+            assert params[0].packed.d.device.type == device
+            assert np.array_equal(codec.pack(codes, params), ref), (qtype.name, im is not None)
+            B = codec.block
+            sigma2 = codec.row_sigma2(w.to(device))
+            fp = codec.fit(w[:, :B].to(device), None if im is None else im[:B].to(device), sigma2=sigma2)
+            assert fp.scale.device.type == device
+            assert torch.equal(fp.scale.cpu(), params[0].scale.cpu())
+            assert torch.equal(codec.codes(w[:, :B].to(device), fp).cpu(), codes[:, :B].cpu())
+
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(1024, 512, generator=g) @ torch.randn(512, 512, generator=g) / 512 ** 0.5
+    W = torch.randn(48, 512, generator=g) * 0.02
+    H, _ = accumulate_hessian(None, 0, x)
+    Hd, _ = accumulate_hessian(None, 0, x.to(device))
+    assert Hd.device.type == device
+    for name in ("Q4_K", "Q6_K", "Q4_0"):
+        codec = get_codec(name)
+        ref = gptq(W, H, codec, importance=imp)
+        r = gptq(W.to(device), Hd, codec, importance=imp.to(device))
+        assert r.codes.device.type == device and r.dequantized.device.type == device
+        agree = (r.codes.cpu() == ref.codes).float().mean().item()
+        assert agree == 1.0 if device == "cpu" else agree > 0.99, (name, agree)
+        assert r.loss == pytest.approx(ref.loss, rel=1e-3)
+        assert np.array_equal(codec.pack(r.codes, r.params), codec.pack(r.codes.cpu(), r.params))

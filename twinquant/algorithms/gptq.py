@@ -16,6 +16,10 @@ original column order, and each column uses its own block's. `act_order=True, st
 TwinquantError when the format has more than one block per row (formats with contiguous blocks cannot take
 GPTQ's permuted groups); with one block per row (per-channel grids) the two are the same and it is allowed.
 
+Devices: everything runs where W is (H is moved there), the float64 factorisation too; an n×n float64 matrix is
+8·n² bytes (6.1 GB for n = 27648) and `_inverse_cholesky` holds about five at once (H, the identity, the damped
+and flipped copy, the factor, U), which an H200 holds easily.
+
 Each column is rounded to the nearest code of the stored grid (`nearest_codes`). With a diagonal Hessian nothing
 propagates and the result is the codec's RTN with the same parameters; the one exception is llama.cpp's legacy
 Q8_0/Q4_0/Q5_0, whose RTN rounds with the fp32 inverse scale before the scale is stored as fp16, so a few codes
@@ -47,15 +51,17 @@ def accumulate_hessian(H: torch.Tensor | None, n: int, x: torch.Tensor) -> tuple
     """Add a batch x [..., in] (flattened to [tokens, in]) to the running `H = 2 XᵀX / n`: returns (H, n).
 
     Pass (None, 0) first. A running mean keeps H's scale independent of the token count (and of float32 range).
+    H lives on the device of the first batch; later batches are moved to it.
     """
     x = x.reshape(-1, x.shape[-1]).float()
     t = x.shape[0]
     if H is None:
-        H = torch.zeros(x.shape[1], x.shape[1])
+        H = torch.zeros(x.shape[1], x.shape[1], device=x.device)
     elif H.shape != (x.shape[1], x.shape[1]):
         raise TwinquantError(f"hessian: H is {tuple(H.shape)} but inputs have {x.shape[1]} features")
     if t == 0:
         return H, n
+    x = x.to(H.device)
     total = n + t
     H = H * (n / total) + x.T @ x * (2.0 / total)
     return H, total
@@ -71,7 +77,7 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
     mean = torch.diagonal(H).mean().item()
     if not (mean > 0 and torch.isfinite(H).all()):
         raise TwinquantError("gptq: the Hessian has a non-positive or non-finite diagonal (not 2·XᵀX/n?)")
-    eye = torch.eye(H.shape[0], dtype=torch.float64)
+    eye = torch.eye(H.shape[0], dtype=torch.float64, device=H.device)
     lam = damp
     for _ in range(10):
         # with J the order reversal, J·H·J = L·Lᵀ gives H = R·Rᵀ with R = J·L·J upper, so H⁻¹ = R⁻ᵀ·R⁻¹ and
@@ -106,10 +112,11 @@ def gptq(W: torch.Tensor, H: torch.Tensor, codec, block_size: int = 128, damp: f
         raise TwinquantError(f"gptq: act_order with {codec.name} ({nb} blocks per row) needs static_groups=True")
     if importance is not None and importance.numel() != cols:
         raise TwinquantError(f"gptq: importance has {importance.numel()} entries for {cols} columns")
-    imp = None if importance is None else importance.float().reshape(cols)
+    imp = None if importance is None else importance.to(W.device, torch.float32).reshape(cols)
 
+    dev = W.device
     W = W.float().clone()
-    H = H.double().clone()
+    H = H.to(dev, torch.float64, copy=True)
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
@@ -121,8 +128,8 @@ def gptq(W: torch.Tensor, H: torch.Tensor, codec, block_size: int = 128, damp: f
     params: list[BlockParams | None] = [None] * nb
     # The sweep works on transposed copies ([cols, rows]: a column is a contiguous row). St/Ot hold each column's
     # effective scale/offset in the processing order, filled when its block's parameters are known.
-    St = torch.zeros(cols, rows)
-    Ot = torch.zeros(cols, rows)
+    St = torch.zeros(cols, rows, device=dev)
+    Ot = torch.zeros(cols, rows, device=dev)
     static = static_groups or act_order
     if static:
         for j in range(nb):
@@ -139,12 +146,12 @@ def gptq(W: torch.Tensor, H: torch.Tensor, codec, block_size: int = 128, damp: f
     del H
     Wt = W.T.contiguous()
     del W
-    Qt = torch.zeros(cols, rows)
-    losses = torch.zeros(cols)
+    Qt = torch.zeros(cols, rows, device=dev)
+    losses = torch.zeros(cols, device=dev)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         W1 = Wt[i1:i2].clone()                           # this batch, updated column by column
-        E1 = torch.zeros(i2 - i1, rows)                  # scaled errors, for the lazy update beyond the batch
+        E1 = torch.zeros(i2 - i1, rows, device=dev)                  # scaled errors, for the lazy update beyond the batch
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             c = i1 + i
@@ -174,6 +181,6 @@ def gptq(W: torch.Tensor, H: torch.Tensor, codec, block_size: int = 128, damp: f
     Q = Qt.T
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
-    dtype = codec.codes(torch.zeros(rows, B), params[0]).dtype       # the codec's own code dtype
+    dtype = codec.codes(torch.zeros(rows, B, device=dev), params[0]).dtype       # the codec's own code dtype
     codes = Q.to(dtype)
     return GPTQResult(codes, params, dequantize(codes, params, codec), losses.double().sum().item())

@@ -1,13 +1,14 @@
-"""The shared machinery of the GGML codecs: tensor <-> numpy conversion, whole-matrix quantize / pack / unpack /
-dequantize over the per-type hooks, per-block parameter lists.
+"""The shared machinery of the GGML codecs: whole-matrix quantize / pack / unpack / dequantize over the per-type
+hooks, per-block parameter lists.
 
-A type implements, on numpy arrays whose leading axis runs over B blocks (block = `self.block` columns of a row):
+A type implements, on tensors whose leading axis runs over B blocks (block = `self.block` columns of a row):
   _fit(x [B, block], qw [B, block] | None, sigma2 [B] | None) -> header dict (the block's stored fields)
   _effective(hdr) -> (scale, offset) float32 [B, nsub]
   _codes(x [B, block], hdr, scale, offset) -> uint8 [B, block]
+on torch tensors of the input's device (the numerics, _num.py), and on numpy arrays (byte layout only, on the CPU)
   _pack(codes [B, block], hdr) -> uint8 [B, type_size];   _unpack(blocks) -> (codes, hdr)
-Header values are numpy arrays with leading axis B (a str for `rule`); `fallback` ([B, block] or None) holds codes
-llama.cpp keeps from its search where a sub-block's effective scale is 0 (they do not change the weights).
+Header values have leading axis B (a str for `rule`); `fallback` ([B, block] or None) holds codes llama.cpp keeps
+from its search where a sub-block's effective scale is 0 (they do not change the weights).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 from twinquant.errors import TwinquantError
 from twinquant.formats.codec import BlockParams, dequantize_codes
-from twinquant.formats.ggml._num import F32, seqsum
+from twinquant.formats.ggml._num import F32, div, seqsum
 
 
 @dataclass
@@ -55,15 +56,22 @@ def _np(t) -> np.ndarray | None:
     return np.asarray(t)
 
 
-def _torch(a) -> torch.Tensor | None:
-    return None if a is None else torch.from_numpy(np.ascontiguousarray(a))
+def _torch(a, device=None) -> torch.Tensor | None:
+    """A tensor (moved to `device` if given) from a tensor or array; None and strings pass through."""
+    if a is None or isinstance(a, str):
+        return a
+    if not isinstance(a, torch.Tensor):
+        a = np.ascontiguousarray(a)
+        a = torch.from_numpy(a if a.flags.writeable else a.copy())      # e.g. a read-only memory map
+    return a if device is None else a.to(device)
 
 
-def as_f32(w, what: str = "weight") -> np.ndarray:
-    a = _np(w)
-    if a.ndim != 2:
-        raise TwinquantError(f"{what} must be 2-D [rows, cols], got shape {tuple(a.shape)}")
-    return np.ascontiguousarray(a, dtype=F32)
+def as_f32(w, what: str = "weight") -> torch.Tensor:
+    """w (torch or numpy) as a contiguous float32 tensor on its own device (numpy: the CPU)."""
+    t = _torch(w.detach() if isinstance(w, torch.Tensor) else w)
+    if t.dim() != 2:
+        raise TwinquantError(f"{what} must be 2-D [rows, cols], got shape {tuple(t.shape)}")
+    return t.to(F32).contiguous()
 
 
 class GGMLCodec:
@@ -98,8 +106,8 @@ class GGMLCodec:
 
     # ---- hooks ---------------------------------------------------------------------------------------------------
     def _fit(self, x, qw, sigma2) -> dict: raise NotImplementedError
-    def _effective(self, hdr) -> tuple[np.ndarray, np.ndarray]: raise NotImplementedError
-    def _codes(self, x, hdr, scale, offset) -> np.ndarray: raise NotImplementedError
+    def _effective(self, hdr) -> tuple[torch.Tensor, torch.Tensor]: raise NotImplementedError
+    def _codes(self, x, hdr, scale, offset) -> torch.Tensor: raise NotImplementedError
     def _pack(self, codes, hdr) -> np.ndarray: raise NotImplementedError
     def _unpack(self, blocks) -> tuple[np.ndarray, dict]: raise NotImplementedError
 
@@ -107,7 +115,7 @@ class GGMLCodec:
         """llama.cpp's per-row mean square over the whole row (sequential float32 sum / n_per_row), which weights
         the imatrix search of Q4_0 / Q5_0; pass it to `fit(..., sigma2=)` to fit one block like quantize does."""
         x = as_f32(w)
-        return torch.from_numpy(seqsum(x * x) / F32(x.shape[1]))
+        return div(seqsum(x * x), float(x.shape[1]))
 
     # ---- protocol --------------------------------------------------------------------------------------------------
     def fit(self, w, importance=None, *, sigma2=None) -> BlockParams:
@@ -117,22 +125,17 @@ class GGMLCodec:
         x = as_f32(w)
         if x.shape[1] != self.block:
             raise TwinquantError(f"{self.name}.fit takes a block of {self.block} columns, got {x.shape[1]}")
-        qw = self._importance(importance, self.block, x.shape[0])
-        s2 = None if sigma2 is None else np.ascontiguousarray(_np(sigma2), dtype=F32).reshape(-1)
+        qw = self._importance(importance, self.block, x)
+        s2 = None if sigma2 is None else _torch(sigma2, x.device).to(F32).reshape(-1)
         hdr = self._fit(x, qw, s2)
         scale, offset = self._effective(hdr)
-        p = self._params(hdr, scale, offset, keep_fallback=True)
-        if isinstance(w, torch.Tensor) and w.device.type != "cpu":
-            p.scale, p.offset = p.scale.to(w.device), p.offset.to(w.device)
-        return p
+        return self._params(hdr, scale, offset, keep_fallback=True)
 
     def codes(self, w, p: BlockParams) -> torch.Tensor:
         """Codes of w [rows, block] on p, by llama.cpp's rounding for those parameters: torch.uint8 [rows, block]."""
         x = as_f32(w)
-        hdr = self._hdr(p.packed, x.shape[0]) if p.packed is not None else {"rule": None, "fallback": None}
-        c = torch.from_numpy(self._codes(x, hdr, np.ascontiguousarray(_np(p.scale), dtype=F32),
-                                         np.ascontiguousarray(_np(p.offset), dtype=F32)))
-        return c.to(w.device) if isinstance(w, torch.Tensor) else c
+        hdr = self._hdr(p.packed, x.device) if p.packed is not None else {"rule": None, "fallback": None}
+        return self._codes(x, hdr, p.scale.to(x.device, F32), p.offset.to(x.device, F32))
 
     def quantize(self, w, importance=None) -> tuple[torch.Tensor, list[BlockParams]]:
         """RTN of w [rows, cols] exactly as llama.cpp (ggml_quantize_chunk with imatrix = importance [cols]):
@@ -141,10 +144,10 @@ class GGMLCodec:
         R, C = x.shape
         self.check_cols(C)
         nb = C // self.block
-        qw = self._importance(importance, C, R)
+        qw = self._importance(importance, C, x)
         sigma2 = None
         if qw is not None and self._needs_row_sigma2:
-            sigma2 = np.repeat(seqsum(x * x) / F32(C), nb)
+            sigma2 = div(seqsum(x * x), float(C)).repeat_interleave(nb)
         X = x.reshape(R * nb, self.block)
         QW = None if qw is None else qw.reshape(R * nb, self.block)
         hdr = self._fit(X, QW, sigma2)
@@ -156,7 +159,7 @@ class GGMLCodec:
                   for k, v in hdr.items()}
             params.append(self._params(sl, scale.reshape(R, nb, -1)[:, j], offset.reshape(R, nb, -1)[:, j],
                                        keep_fallback=True))
-        return torch.from_numpy(codes.reshape(R, C)), params
+        return codes.reshape(R, C), params
 
     def pack(self, codes, params: list[BlockParams]) -> np.ndarray:
         """GGML bytes uint8 [rows, bytes_per_row] of any codes on any parameters that carry `packed` fields."""
@@ -174,7 +177,7 @@ class GGMLCodec:
         if q.size and (q.min() < 0 or q.max() > self.qmax):
             raise TwinquantError(f"{self.name}.pack: codes must lie in [0, {self.qmax}]")
         q = q.astype(np.uint8).reshape(R * nb, self.block)
-        hdrs = [self._hdr(p.packed, R) for p in params]
+        hdrs = [self._hdr(p.packed) for p in params]
         hdr = {}
         for k, v in hdrs[0].items():
             if k == "fallback" or v is None or isinstance(v, str):
@@ -192,6 +195,7 @@ class GGMLCodec:
                                  f"({bpr} bytes per row)")
         R, nb = b.size // bpr, cols // self.block
         codes, hdr = self._unpack(b.reshape(R * nb, self.type_size))
+        codes, hdr = torch.from_numpy(codes), {k: _torch(v) for k, v in hdr.items()}
         scale, offset = self._effective(hdr)
         params = []
         for j in range(nb):
@@ -199,7 +203,7 @@ class GGMLCodec:
                   for k, v in hdr.items()}
             params.append(self._params(sl, scale.reshape(R, nb, -1)[:, j], offset.reshape(R, nb, -1)[:, j],
                                        keep_fallback=False))
-        return torch.from_numpy(codes.reshape(R, cols)), params
+        return codes.reshape(R, cols), params
 
     def dequantize(self, codes, params: list[BlockParams]) -> torch.Tensor:
         """float32 [rows, cols]: dequantize_codes block by block (what llama.cpp computes from the bytes)."""
@@ -213,29 +217,29 @@ class GGMLCodec:
     # ---- helpers -----------------------------------------------------------------------------------------------------
     _needs_row_sigma2 = False
 
-    def _importance(self, importance, n: int, rows: int) -> np.ndarray | None:
+    def _importance(self, importance, n: int, x: torch.Tensor) -> torch.Tensor | None:
+        """importance [n] as [rows, n] float32 on x's device, or None."""
         if importance is None:
             return None
-        a = np.ascontiguousarray(_np(importance), dtype=F32).reshape(-1)
-        if a.size != n:
-            raise TwinquantError(f"{self.name}: importance has {a.size} values, expected {n} (one per column)")
-        nb = n // self.block
-        return np.ascontiguousarray(np.broadcast_to(a.reshape(1, nb, self.block), (rows, nb, self.block))) \
-            .reshape(rows, n)
+        a = _torch(importance, x.device).to(F32).reshape(-1)
+        if a.numel() != n:
+            raise TwinquantError(f"{self.name}: importance has {a.numel()} values, expected {n} (one per column)")
+        return a[None].expand(x.shape[0], n).contiguous()
 
-    def _params(self, hdr: dict, scale: np.ndarray, offset: np.ndarray, keep_fallback: bool) -> BlockParams:
+    def _params(self, hdr: dict, scale: torch.Tensor, offset: torch.Tensor, keep_fallback: bool) -> BlockParams:
         fb = hdr.get("fallback")
-        if fb is not None and (not keep_fallback or not (scale == 0).any()):
+        if fb is not None and (not keep_fallback or not bool((scale == 0).any())):
             fb = None
-        packed = GGMLPacked(d=_torch(hdr["d"]), dmin=_torch(hdr.get("dmin")), scales=_torch(hdr.get("scales")),
-                            iscale=_torch(hdr.get("iscale")), rule=hdr.get("rule"),
-                            fallback=_torch(None if fb is None else fb.astype(np.uint8)))
-        return BlockParams(scale=torch.from_numpy(np.ascontiguousarray(scale, dtype=F32)),
-                           offset=torch.from_numpy(np.ascontiguousarray(offset, dtype=F32)), packed=packed)
+        c = {k: (None if v is None else v.contiguous()) for k, v in hdr.items() if not isinstance(v, str)}
+        packed = GGMLPacked(d=c["d"], dmin=c.get("dmin"), scales=c.get("scales"), iscale=c.get("iscale"),
+                            rule=hdr.get("rule"), fallback=None if fb is None else fb.to(torch.uint8).contiguous())
+        return BlockParams(scale=scale.contiguous(), offset=offset.contiguous(), packed=packed)
 
-    def _hdr(self, packed, rows: int) -> dict:
+    def _hdr(self, packed, device=None) -> dict:
+        """The stored fields of `packed` as tensors on `device`, or as numpy arrays (for packing) by default."""
         if not isinstance(packed, GGMLPacked):
             raise TwinquantError(f"{self.name}: parameters lack the GGML fields (BlockParams.packed); "
                                  f"make them with fit, quantize or unpack")
         hdr = {f.name: getattr(packed, f.name) for f in fields(packed)}
-        return {k: (v if isinstance(v, str) or v is None else _np(v)) for k, v in hdr.items()}
+        conv = _np if device is None else (lambda v: _torch(v, device))
+        return {k: (v if isinstance(v, str) or v is None else conv(v)) for k, v in hdr.items()}

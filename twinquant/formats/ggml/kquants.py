@@ -16,26 +16,28 @@ from __future__ import annotations
 
 import gguf
 import numpy as np
+import torch
 
 from twinquant.formats.ggml._base import GGMLCodec
-from twinquant.formats.ggml._num import (F32, GROUP_MAX_EPS, first_absmax, fp16, make_q3_quants, make_qkx_quants,
-                                       make_qp_quants, make_qx_quants, nearest_int, seqsum)
+from twinquant.formats.ggml._num import (GROUP_MAX_EPS, div, first_absmax, fp16, make_q3_quants, make_qkx_quants,
+                                       make_qp_quants, make_qx_quants, nearest_int, seqsum, sqrt)
 
 QK_K = 256
 
 
-def _f16(a) -> np.ndarray:
-    return np.asarray(a, dtype=np.float16).reshape(-1)
-
-
 def _f16_bytes(a) -> np.ndarray:
-    return _f16(a).reshape(-1, 1).view(np.uint8)
+    return np.asarray(a, dtype=np.float16).reshape(-1, 1).view(np.uint8)
+
+
+def _d(hdr, key: str = "d") -> torch.Tensor:
+    """A stored fp16 field as float32 [B, 1] (exact)."""
+    return hdr[key].float().reshape(-1, 1)
 
 
 def _rowmax0(v):
     """C's `float m = 0; if (v > m) m = v;` over the last axis."""
-    m = v.max(-1)
-    return np.where(m > 0, m, F32(0)).astype(F32)
+    m = v.amax(-1)
+    return torch.where(m > 0, m, 0.0)
 
 
 def _pack_lowbits(L, bits: int) -> np.ndarray:
@@ -57,47 +59,40 @@ def _unpack_lowbits(b, bits: int) -> np.ndarray:
     return (g & np.uint8((1 << bits) - 1)).reshape(B, -1)
 
 
-# ---- 6-bit scale + min packing of Q4_K / Q5_K (get_scale_min_k4) ---------------------------------------------------
+# ---- 6-bit scale + min packing of Q4_K / Q5_K (get_scale_min_k4), on the fit's device -------------------------------
 
-def pack_scale_min_k4(ls, lm) -> np.ndarray:
+def pack_scale_min_k4(ls, lm) -> torch.Tensor:
     """12 bytes from 8 scales and 8 mins (ints as stored in C's uint8: assignments wrap modulo 256)."""
-    ls = np.asarray(ls, dtype=np.int64) & 0xFF
-    lm = np.asarray(lm, dtype=np.int64) & 0xFF
-    s = np.zeros((ls.shape[0], 12), dtype=np.int64)
-    s[:, 0:4] = ls[:, 0:4]
-    s[:, 4:8] = lm[:, 0:4]
-    s[:, 8:12] = (ls[:, 4:8] & 0xF) | ((lm[:, 4:8] & 0xF) << 4)
-    s[:, 0:4] |= (ls[:, 4:8] >> 4) << 6
-    s[:, 4:8] |= (lm[:, 4:8] >> 4) << 6
-    return (s & 0xFF).astype(np.uint8)
+    ls, lm = ls.long() & 0xFF, lm.long() & 0xFF
+    s = torch.cat([ls[:, 0:4] | ((ls[:, 4:8] >> 4) << 6), lm[:, 0:4] | ((lm[:, 4:8] >> 4) << 6),
+                   (ls[:, 4:8] & 0xF) | ((lm[:, 4:8] & 0xF) << 4)], dim=1)
+    return (s & 0xFF).to(torch.uint8)
 
 
-def get_scale_min_k4(s) -> tuple[np.ndarray, np.ndarray]:
-    s = np.asarray(s, dtype=np.uint8)
-    sc = np.concatenate([s[:, 0:4] & 63, (s[:, 8:12] & 0xF) | ((s[:, 0:4] >> 6) << 4)], axis=1)
-    m = np.concatenate([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], axis=1)
+def get_scale_min_k4(s) -> tuple[torch.Tensor, torch.Tensor]:
+    s = s.long()
+    sc = torch.cat([s[:, 0:4] & 63, (s[:, 8:12] & 0xF) | ((s[:, 0:4] >> 6) << 4)], dim=1)
+    m = torch.cat([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], dim=1)
     return sc, m
 
 
 # ---- 6-bit signed scale packing of Q3_K ------------------------------------------------------------------------------
 
-def pack_scales_q3(l) -> np.ndarray:
+def pack_scales_q3(l) -> torch.Tensor:
     """12 bytes from 16 values in [0, 63] (scale + 32)."""
-    l = np.asarray(l, dtype=np.int64)
-    s = np.zeros((l.shape[0], 12), dtype=np.int64)
-    s[:, 0:8] = (l[:, 0:8] & 0xF) | ((l[:, 8:16] & 0xF) << 4)
-    hi = l >> 4
-    for j in range(16):
-        s[:, 8 + j % 4] |= hi[:, j] << (2 * (j // 4))
-    return (s & 0xFF).astype(np.uint8)
+    l = l.long()
+    hi = (l >> 4).reshape(-1, 4, 4) << (2 * torch.arange(4, device=l.device)).reshape(1, 4, 1)   # [B, j//4, j%4]
+    hb = hi[:, 0] | hi[:, 1] | hi[:, 2] | hi[:, 3]
+    s = torch.cat([(l[:, 0:8] & 0xF) | ((l[:, 8:16] & 0xF) << 4), hb], dim=1)
+    return (s & 0xFF).to(torch.uint8)
 
 
-def unpack_scales_q3(s) -> np.ndarray:
-    """-> int [B, 16]: the signed sub-block scales (sc - 32)."""
-    s = np.asarray(s, dtype=np.int64)
-    lo = np.concatenate([s[:, 0:8] & 0xF, s[:, 0:8] >> 4], axis=1)
-    hi = np.stack([(s[:, 8 + j % 4] >> (2 * (j // 4))) & 3 for j in range(16)], axis=1)
-    return (lo | (hi << 4)) - 32
+def unpack_scales_q3(s) -> torch.Tensor:
+    """-> int64 [B, 16]: the signed sub-block scales (sc - 32)."""
+    s = s.long()
+    lo = torch.cat([s[:, 0:8] & 0xF, s[:, 0:8] >> 4], dim=1)
+    hi = (s[:, None, 8:12] >> (2 * torch.arange(4, device=s.device)).reshape(1, 4, 1)) & 3       # [B, j//4, j%4]
+    return (lo | (hi.reshape(-1, 16) << 4)) - 32
 
 
 class _KQuant(GGMLCodec):
@@ -107,17 +102,14 @@ class _KQuant(GGMLCodec):
         B = x.shape[0]
         xs = x.reshape(B, self.nsub, self.sub)
         s = scale.reshape(B, self.nsub, 1)
-        with np.errstate(all="ignore"):
-            if self.affine:
-                v = nearest_int((xs - offset.reshape(B, self.nsub, 1)) / s)
-                q = np.clip(v, 0, self.qmax)
-            else:
-                z = self.zero_code
-                q = np.clip(nearest_int(xs / s), -z, self.qmax - z) + z
+        if self.affine:
+            q = nearest_int(div(xs - offset.reshape(B, self.nsub, 1), s)).clamp_(0, self.qmax)
+        else:
+            z = self.zero_code
+            q = nearest_int(div(xs, s)).clamp_(-z, self.qmax - z) + z
         fb = hdr.get("fallback")
-        fb = np.zeros_like(q) if fb is None else fb.reshape(B, self.nsub, self.sub)
-        q = np.where(s != 0, q, fb)
-        return q.reshape(B, self.block).astype(np.uint8)
+        q = torch.where(s != 0, q, 0 if fb is None else fb.reshape(B, self.nsub, self.sub))
+        return q.reshape(B, self.block).to(torch.uint8)
 
 
 class _Q45K(_KQuant):
@@ -131,23 +123,22 @@ class _Q45K(_KQuant):
         xs = x.reshape(B, 8, 32)
         if qw is None:
             sum_x2 = seqsum(xs * xs)
-            av_x = np.sqrt(sum_x2 / F32(32))
-            w = av_x[..., None] + np.abs(xs)
+            av_x = sqrt(div(sum_x2, 32.0))
+            w = av_x[..., None] + xs.abs()
             rmin, rdelta, nstep = self.ref_search
             scales, mins, L = make_qkx_quants(xs.reshape(-1, 32), w.reshape(-1, 32), self.qmax, rmin, rdelta,
                                               nstep, False)
             scales, mins = scales.reshape(B, 8), mins.reshape(B, 8)
             max_scale, max_min = _rowmax0(scales), _rowmax0(mins)
-            with np.errstate(all="ignore"):
-                inv_scale = np.where(max_scale > 0, F32(63) / max_scale, F32(0)).astype(F32)
-                inv_min = np.where(max_min > 0, F32(63) / max_min, F32(0)).astype(F32)
-            ls = np.minimum(nearest_int(inv_scale[:, None] * scales) & 0xFF, 63)
-            lm = np.minimum(nearest_int(inv_min[:, None] * mins) & 0xFF, 63)
-            d, dmin = fp16(max_scale / F32(63)), fp16(max_min / F32(63))
+            inv_scale = torch.where(max_scale > 0, div(63.0, max_scale), 0.0)
+            inv_min = torch.where(max_min > 0, div(63.0, max_min), 0.0)
+            ls = (nearest_int(inv_scale[:, None] * scales) & 0xFF).clamp_(max=63)
+            lm = (nearest_int(inv_min[:, None] * mins) & 0xFF).clamp_(max=63)
+            d, dmin = fp16(div(max_scale, 63.0)), fp16(div(max_min, 63.0))
         else:
             sum_x2 = seqsum(x * x)
-            sigma2 = (F32(2) * sum_x2) / F32(QK_K)
-            w = qw.reshape(B, 8, 32) * np.sqrt(sigma2[:, None, None] + xs * xs)
+            sigma2 = div(sum_x2 * 2.0, float(QK_K))
+            w = qw.reshape(B, 8, 32) * sqrt(sigma2[:, None, None] + xs * xs)
             sw = seqsum(w)
             scales, mins, L = make_qkx_quants(xs.reshape(-1, 32), w.reshape(-1, 32), self.qmax, -0.9, 0.05, 36,
                                               False)
@@ -155,15 +146,13 @@ class _Q45K(_KQuant):
             d_block, ls = make_qp_quants(scales, 63, sw)
             m_block, lm = make_qp_quants(mins, 63, sw)
             if self.clamp_impl:
-                ls, lm = np.minimum(ls, 63), np.minimum(lm, 63)
+                ls, lm = ls.clamp(max=63), lm.clamp(max=63)
             d, dmin = fp16(d_block), fp16(m_block)
         return {"d": d, "dmin": dmin, "scales": pack_scale_min_k4(ls, lm), "fallback": L.reshape(B, QK_K)}
 
     def _effective(self, hdr):
         sc, m = get_scale_min_k4(hdr["scales"])
-        d = _f16(hdr["d"]).astype(F32)[:, None]
-        dmin = _f16(hdr["dmin"]).astype(F32)[:, None]
-        return d * sc.astype(F32), -(dmin * m.astype(F32))
+        return _d(hdr) * sc.float(), -(_d(hdr, "dmin") * m.float())
 
 
 class Q4_K(_Q45K):
@@ -213,33 +202,29 @@ class Q2_K(_KQuant):
         B = x.shape[0]
         xs = x.reshape(B, 16, 16)
         if qw is None:
-            scales, mins, L = make_qkx_quants(xs.reshape(-1, 16), np.abs(xs).reshape(-1, 16), 3, -0.5, 0.1, 15,
+            scales, mins, L = make_qkx_quants(xs.reshape(-1, 16), xs.abs().reshape(-1, 16), 3, -0.5, 0.1, 15,
                                               True)
             scales, mins = scales.reshape(B, 16), mins.reshape(B, 16)
             max_scale, max_min = _rowmax0(scales), _rowmax0(mins)
-            with np.errstate(all="ignore"):
-                ls = np.where(max_scale[:, None] > 0,
-                              nearest_int((F32(15) / max_scale)[:, None] * scales) & 0xFF, 0)
-                lm = np.where(max_min[:, None] > 0, nearest_int((F32(15) / max_min)[:, None] * mins), 0)
-                d = fp16(np.where(max_scale > 0, max_scale / F32(15), F32(0)))
-                dmin = fp16(np.where(max_min > 0, max_min / F32(15), F32(0)))
+            ls = torch.where(max_scale[:, None] > 0, nearest_int(div(15.0, max_scale)[:, None] * scales) & 0xFF, 0)
+            lm = torch.where(max_min[:, None] > 0, nearest_int(div(15.0, max_min)[:, None] * mins), 0)
+            d = fp16(torch.where(max_scale > 0, div(max_scale, 15.0), 0.0))
+            dmin = fp16(torch.where(max_min > 0, div(max_min, 15.0), 0.0))
         else:
             sumx2 = seqsum(x * x)
-            sigma2 = sumx2 / F32(QK_K)
-            w = qw.reshape(B, 16, 16) * np.sqrt(sigma2[:, None, None] + xs * xs)
+            sigma2 = div(sumx2, float(QK_K))
+            w = qw.reshape(B, 16, 16) * sqrt(sigma2[:, None, None] + xs * xs)
             sw = seqsum(w)
             scales, mins, L = make_qkx_quants(xs.reshape(-1, 16), w.reshape(-1, 16), 3, -0.9, 0.05, 36, False)
             dm, ls = make_qp_quants(scales.reshape(B, 16), 15, sw)
             mm, lm = make_qp_quants(mins.reshape(B, 16), 15, sw)
             d, dmin = fp16(dm), fp16(mm)
-        sb = ((ls | (lm << 4)) & 0xFF).astype(np.uint8)
+        sb = ((ls | (lm << 4)) & 0xFF).to(torch.uint8)
         return {"d": d, "dmin": dmin, "scales": sb, "fallback": L.reshape(B, QK_K)}
 
     def _effective(self, hdr):
-        s = np.asarray(hdr["scales"], dtype=np.uint8)
-        d = _f16(hdr["d"]).astype(F32)[:, None]
-        dmin = _f16(hdr["dmin"]).astype(F32)[:, None]
-        return d * (s & 0xF).astype(F32), -(dmin * (s >> 4).astype(F32))
+        s = hdr["scales"]
+        return _d(hdr) * (s & 0xF).float(), -(_d(hdr, "dmin") * (s >> 4).float())
 
     def _pack(self, codes, hdr):
         return np.concatenate([hdr["scales"], _pack_lowbits(codes, 2), _f16_bytes(hdr["d"]),
@@ -261,18 +246,17 @@ class Q3_K(_KQuant):
             scales, L = make_q3_quants(xs.reshape(-1, 16), 4)
             scales = scales.reshape(B, 16)
             _, max_scale = first_absmax(scales)
-            with np.errstate(all="ignore"):
-                iscale = F32(-32) / max_scale
-                l = nearest_int(iscale[:, None] * scales)
-                l = ((l + 128) & 0xFF) - 128                                   # int8_t l = nearest_int(...)
-                l = np.clip(l, -32, 31) + 32
-                nz = (max_scale != 0)[:, None]
-                l = np.where(nz, l, 0)
-                d = fp16(np.where(nz[:, 0], F32(1) / iscale, F32(0)))
+            iscale = div(-32.0, max_scale)
+            l = nearest_int(iscale[:, None] * scales)
+            l = ((l + 128) & 0xFF) - 128                                       # int8_t l = nearest_int(...)
+            l = l.clamp_(-32, 31) + 32
+            nz = max_scale != 0
+            l = torch.where(nz[:, None], l, 0)
+            d = fp16(torch.where(nz, div(1.0, iscale), 0.0))
         else:
             sumx2 = seqsum(x * x)
-            sigma2 = (F32(2) * sumx2) / F32(QK_K)
-            w = qw.reshape(B, 16, 16) * np.sqrt(sigma2[:, None, None] + xs * xs)
+            sigma2 = div(sumx2 * 2.0, float(QK_K))
+            w = qw.reshape(B, 16, 16) * sqrt(sigma2[:, None, None] + xs * xs)
             sw = seqsum(w)
             scales, L, _ = make_qx_quants(xs.reshape(-1, 16), 4, w.reshape(-1, 16))
             d_block, l, _ = make_qx_quants(scales.reshape(B, 16), 32, sw)
@@ -280,9 +264,8 @@ class Q3_K(_KQuant):
         return {"d": d, "scales": pack_scales_q3(l), "fallback": L.reshape(B, QK_K)}
 
     def _effective(self, hdr):
-        sc = unpack_scales_q3(hdr["scales"]).astype(F32)
-        scale = _f16(hdr["d"]).astype(F32)[:, None] * sc
-        return scale, F32(-4) * scale
+        scale = _d(hdr) * unpack_scales_q3(hdr["scales"]).float()
+        return scale, scale * -4.0
 
     def _pack(self, codes, hdr):
         B = codes.shape[0]
@@ -309,19 +292,15 @@ class Q6_K(_KQuant):
         scales = scales.reshape(B, 16)
         max_abs, max_scale = first_absmax(scales)
         zero = max_abs < GROUP_MAX_EPS
-        with np.errstate(all="ignore"):
-            iscale = F32(-128) / max_scale
-            d = fp16(np.where(zero, F32(0), F32(1) / iscale))
-            sc = np.minimum(nearest_int(iscale[:, None] * scales), 127) & 0xFF      # int8_t, stored as its byte
-        sc = np.where(zero[:, None], 0, sc).astype(np.uint8)
-        L = L.reshape(B, QK_K)
-        L[zero] = 0
-        return {"d": d, "scales": sc, "fallback": L}
+        iscale = div(-128.0, max_scale)
+        d = fp16(torch.where(zero, 0.0, div(1.0, iscale)))
+        sc = nearest_int(iscale[:, None] * scales).clamp_(max=127) & 0xFF       # int8_t, stored as its byte
+        sc = sc.masked_fill(zero[:, None], 0).to(torch.uint8)
+        return {"d": d, "scales": sc, "fallback": L.reshape(B, QK_K).masked_fill(zero[:, None], 0)}
 
     def _effective(self, hdr):
-        sc = np.asarray(hdr["scales"], dtype=np.uint8).view(np.int8).astype(F32)
-        scale = _f16(hdr["d"]).astype(F32)[:, None] * sc
-        return scale, F32(-32) * scale
+        scale = _d(hdr) * hdr["scales"].view(torch.int8).float()
+        return scale, scale * -32.0
 
     def _pack(self, codes, hdr):
         B = codes.shape[0]

@@ -25,53 +25,52 @@ from __future__ import annotations
 
 import gguf
 import numpy as np
+import torch
 
 from twinquant.formats.ggml._base import GGMLCodec
-from twinquant.formats.ggml._num import (F32, make_qkx_quants, first_absmax, fp16, make_qx_quants, nearest_int, roundf,
-                                       seqsum)
+from twinquant.formats.ggml._num import (c_int8, div, f32, first_absmax, first_extreme, fp16, make_qkx_quants,
+                                       make_qx_quants, nearest_int, roundf, seqsum, sqrt)
 
 
 class _Legacy(GGMLCodec):
     sub = 32
     uses_imatrix = True
 
-    def _ref(self, x) -> np.ndarray:            # float32 d before fp16 rounding
+    def _ref(self, x) -> torch.Tensor:          # float32 d before fp16 rounding
         raise NotImplementedError
 
     def _fit(self, x, qw, sigma2):
         if qw is None or not self.uses_imatrix:
             d = self._ref(x)
-            with np.errstate(all="ignore"):
-                iscale = np.where(d != 0, F32(1) / d, F32(0)).astype(F32)
+            iscale = torch.where(d != 0, div(1.0, d), 0.0)
             return {"d": fp16(d), "iscale": iscale, "rule": "ref", "fallback": None}
         if sigma2 is None:
-            sigma2 = seqsum(x * x) / F32(x.shape[1])
-        w = qw * np.sqrt(sigma2[:, None] + x * x)
+            sigma2 = div(seqsum(x * x), float(x.shape[1]))
+        w = qw * sqrt(sigma2[:, None] + x * x)
         scale, _, iscale = make_qx_quants(x, self.zero_code, w)
         return {"d": fp16(scale), "iscale": iscale, "rule": "qx", "fallback": None}
 
     def _effective(self, hdr):
-        d = np.asarray(hdr["d"], dtype=np.float16).astype(F32).reshape(-1, 1)
-        return d, F32(-self.zero_code) * d
+        d = hdr["d"].float().reshape(-1, 1)
+        return d, d * f32(-self.zero_code)
 
     def _codes(self, x, hdr, scale, offset):
         z = self.zero_code
         rule = hdr.get("rule")
         iscale = hdr.get("iscale")
-        with np.errstate(all="ignore"):
-            if rule == "ref":
-                v = x * iscale.reshape(-1, 1)
-                if self.qmax == 255:
-                    q = (roundf(v).astype(np.int64) + z) & 0xFF
-                else:
-                    q = np.clip(np.trunc(v + F32(z + 0.5)), 0, self.qmax)
-            elif rule == "qx":
-                isc = iscale.reshape(-1, 1)
-                q = np.clip(nearest_int(isc * x), -z, self.qmax - z) + z
-                q = np.where(isc == 0, 0, q)
-            else:                                # nearest on the effective grid
-                q = np.where(scale != 0, np.clip(nearest_int(x / scale), -z, self.qmax - z) + z, z)
-        return q.astype(np.uint8)
+        if rule == "ref":                        # int8 stores of roundf(x*id) / MIN(qmax, (int8_t)(x*id + z + 0.5f))
+            v = x * iscale.reshape(-1, 1)
+            if self.qmax == 255:
+                q = (c_int8(roundf(v)) + z) & 0xFF
+            else:
+                q = c_int8(v + f32(z + 0.5)).clamp_(0, self.qmax)
+        elif rule == "qx":
+            isc = iscale.reshape(-1, 1)
+            q = nearest_int(isc * x).clamp_(-z, self.qmax - z) + z
+            q = torch.where(isc == 0, 0, q)
+        else:                                    # nearest on the effective grid
+            q = torch.where(scale != 0, nearest_int(div(x, scale)).clamp_(-z, self.qmax - z) + z, z)
+        return q.to(torch.uint8)
 
     def _d_bytes(self, hdr):
         return np.asarray(hdr["d"], dtype=np.float16).reshape(-1, 1).view(np.uint8)
@@ -86,7 +85,7 @@ class Q8_0(_Legacy):
     uses_imatrix = False
 
     def _ref(self, x):
-        return np.abs(x).max(-1) / F32(127)
+        return div(x.abs().amax(-1), 127.0)
 
     def _pack(self, codes, hdr):
         return np.concatenate([self._d_bytes(hdr), codes ^ np.uint8(0x80)], axis=1)
@@ -100,7 +99,7 @@ class Q4_0(_Legacy):
     _needs_row_sigma2 = True
 
     def _ref(self, x):
-        return first_absmax(x)[1] / F32(-8)
+        return div(first_absmax(x)[1], -8.0)
 
     def _pack(self, codes, hdr):
         qs = codes[:, :16] | (codes[:, 16:] << 4)
@@ -116,7 +115,7 @@ class Q5_0(_Legacy):
     _needs_row_sigma2 = True
 
     def _ref(self, x):
-        return first_absmax(x)[1] / F32(-16)
+        return div(first_absmax(x)[1], -16.0)
 
     def _pack(self, codes, hdr):
         qs = (codes[:, :16] & 0xF) | ((codes[:, 16:] & 0xF) << 4)
@@ -132,15 +131,10 @@ class Q5_0(_Legacy):
 
 # ---- Q4_1 / Q5_1 ----------------------------------------------------------------------------------------------------
 
-def _first(x, fn, axis: int = -1) -> np.ndarray:
-    """C's `if (v < min) min = v;` (fn = np.argmin) or `if (v > max) max = v;` (np.argmax): the first extreme."""
-    return np.take_along_axis(x, np.expand_dims(fn(x, axis=axis), axis), axis).squeeze(axis)
-
-
 _QKX3 = (-0.9, 0.05, 36)                    # rmin, rdelta, nstep of quantize_row_q4_1/q5_1_impl
 
 
-def _qkx3_search(x: np.ndarray, w: np.ndarray, nmax: int):
+def _qkx3_search(x: torch.Tensor, w: torch.Tensor, nmax: int):
     """llama.cpp's weighted qkx3 search (quantize_row_q4_1/q5_1_impl) -> (scale, the_min, iscale, origin):
     the kept candidate's multiplier and min are what its codes are rounded from."""
     scale, the_min, _, iscale, origin = make_qkx_quants(x, w, nmax, *_QKX3, use_mad=False, rounding=True)
@@ -153,37 +147,33 @@ class _LegacyMin(GGMLCodec):
 
     def _fit(self, x, qw, sigma2):
         if qw is None:
-            mn, mx = _first(x, np.argmin), _first(x, np.argmax)
-            d = (mx - mn) / F32(self.qmax)
-            with np.errstate(all="ignore"):
-                iscale = np.where(d != 0, F32(1) / d, F32(0)).astype(F32)
-            return {"d": fp16(d), "dmin": fp16(mn), "iscale": np.stack([iscale, mn], axis=1), "rule": "ref",
+            mn, mx = first_extreme(x, False), first_extreme(x, True)
+            d = div(mx - mn, float(self.qmax))
+            iscale = torch.where(d != 0, div(1.0, d), 0.0)
+            return {"d": fp16(d), "dmin": fp16(mn), "iscale": torch.stack([iscale, mn], dim=1), "rule": "ref",
                     "fallback": None}
         if sigma2 is None:
-            sigma2 = seqsum(x * x) / F32(x.shape[1])
-        w = qw * np.sqrt(sigma2[:, None] + x * x)
+            sigma2 = div(seqsum(x * x), float(x.shape[1]))
+        w = qw * sqrt(sigma2[:, None] + x * x)
         scale, the_min, iscale, origin = _qkx3_search(x, w, self.qmax)
-        return {"d": fp16(scale), "dmin": fp16(-the_min), "iscale": np.stack([iscale, origin], axis=1),
+        return {"d": fp16(scale), "dmin": fp16(-the_min), "iscale": torch.stack([iscale, origin], dim=1),
                 "rule": "qkx", "fallback": None}
 
     def _effective(self, hdr):
-        d = np.asarray(hdr["d"], dtype=np.float16).astype(F32).reshape(-1, 1)
-        m = np.asarray(hdr["dmin"], dtype=np.float16).astype(F32).reshape(-1, 1)
-        return d, m
+        return hdr["d"].float().reshape(-1, 1), hdr["dmin"].float().reshape(-1, 1)
 
     def _codes(self, x, hdr, scale, offset):
         rule = hdr.get("rule")
-        with np.errstate(all="ignore"):
-            if rule in ("ref", "qkx"):
-                isc = np.asarray(hdr["iscale"], dtype=F32).reshape(-1, 2)
-                mul, org = isc[:, :1], isc[:, 1:]
-                if rule == "ref":
-                    q = np.clip(np.trunc((x - org) * mul + F32(0.5)), 0, self.qmax)
-                else:
-                    q = np.where(mul != 0, np.clip(nearest_int(mul * (x - org)), 0, self.qmax), 0)
-            else:                                # nearest on the effective grid
-                q = np.where(scale != 0, np.clip(nearest_int((x - offset) / scale), 0, self.qmax), 0)
-        return q.astype(np.uint8)
+        if rule in ("ref", "qkx"):
+            isc = hdr["iscale"].reshape(-1, 2)
+            mul, org = isc[:, :1], isc[:, 1:]
+            if rule == "ref":
+                q = c_int8((x - org) * mul + 0.5).clamp_(0, self.qmax)         # MIN(qmax, (int8_t)(...))
+            else:
+                q = torch.where(mul != 0, nearest_int(mul * (x - org)).clamp_(0, self.qmax), 0)
+        else:                                    # nearest on the effective grid
+            q = torch.where(scale != 0, nearest_int(div(x - offset, scale)).clamp_(0, self.qmax), 0)
+        return q.to(torch.uint8)
 
     @staticmethod
     def _dm_bytes(hdr):

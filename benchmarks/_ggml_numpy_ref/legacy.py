@@ -1,0 +1,223 @@
+"""Q8_0, Q4_0, Q5_0: blocks of 32 weights with one fp16 scale and symmetric codes (block = sub = 32);
+Q4_1, Q5_1: blocks of 32 weights with an fp16 scale d and an fp16 min m, weight d*q + m, q in [0, qmax].
+
+Codes are stored shifted to [0, qmax] with offset = -zero_code * d: Q8_0 q+128 (int8 stored), Q4_0 q in [0, 15]
+(weight d*(q-8)), Q5_0 q in [0, 31] (weight d*(q-16)).
+
+llama.cpp rounds these with a float32 multiplier, not with the stored fp16 scale, so `fit` keeps it (packed.iscale)
+and `codes` reproduces its rounding rule:
+  "ref" (no imatrix, quantize_row_*_ref): Q8_0 roundf(x*id); Q4_0/Q5_0 min(qmax, trunc(x*id + zero + 0.5)),
+        with d = amax/127 (Q8_0) or max/-8, max/-16 (max: the first value of largest magnitude), id = 1/d;
+  "qx"  (imatrix, quantize_row_q4_0/q5_0_impl -> make_qx_quants): nearest_int(iscale*x) clamped, + zero; Q8_0
+        ignores the imatrix like llama.cpp.
+
+Q4_1 / Q5_1 keep the stored m in `dmin` (added: offset = +m) and round from a float32 origin that is not stored,
+so `iscale` is float32 [B, 2]: (multiplier, origin); codes are
+  "ref"  (no imatrix, quantize_row_q4_1/q5_1_ref): min(qmax, trunc((x - min)*id + 0.5)), origin = min (the block's
+         first minimum), d = (max - min)/qmax, id = 1/d or 0;
+  "qkx"  (imatrix, quantize_row_q4_1/q5_1_impl -> make_qkx3_quants(-0.9, 0.05, 36) with weights
+         qw*sqrt(sigma2 + x^2), sigma2 the whole row's mean square): clamp(nearest_int(iscale*(x - min)), 0, qmax)
+         with the iscale and min of the search candidate llama.cpp kept (`_qkx3_search`);
+  None   (unpacked parameters): nearest on the effective grid, clamp(nearest_int((x - m)/d), 0, qmax), 0 if d = 0.
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+
+from ._base import GGMLCodec
+from ._num import (F32, make_qkx_quants, first_absmax, fp16, make_qx_quants, nearest_int, roundf,
+                                       seqsum)
+
+
+class _Legacy(GGMLCodec):
+    sub = 32
+    uses_imatrix = True
+
+    def _ref(self, x) -> np.ndarray:            # float32 d before fp16 rounding
+        raise NotImplementedError
+
+    def _fit(self, x, qw, sigma2):
+        if qw is None or not self.uses_imatrix:
+            d = self._ref(x)
+            with np.errstate(all="ignore"):
+                iscale = np.where(d != 0, F32(1) / d, F32(0)).astype(F32)
+            return {"d": fp16(d), "iscale": iscale, "rule": "ref", "fallback": None}
+        if sigma2 is None:
+            sigma2 = seqsum(x * x) / F32(x.shape[1])
+        w = qw * np.sqrt(sigma2[:, None] + x * x)
+        scale, _, iscale = make_qx_quants(x, self.zero_code, w)
+        return {"d": fp16(scale), "iscale": iscale, "rule": "qx", "fallback": None}
+
+    def _effective(self, hdr):
+        d = np.asarray(hdr["d"], dtype=np.float16).astype(F32).reshape(-1, 1)
+        return d, F32(-self.zero_code) * d
+
+    def _codes(self, x, hdr, scale, offset):
+        z = self.zero_code
+        rule = hdr.get("rule")
+        iscale = hdr.get("iscale")
+        with np.errstate(all="ignore"):
+            if rule == "ref":
+                v = x * iscale.reshape(-1, 1)
+                if self.qmax == 255:
+                    q = (roundf(v).astype(np.int64) + z) & 0xFF
+                else:
+                    q = np.clip(np.trunc(v + F32(z + 0.5)), 0, self.qmax)
+            elif rule == "qx":
+                isc = iscale.reshape(-1, 1)
+                q = np.clip(nearest_int(isc * x), -z, self.qmax - z) + z
+                q = np.where(isc == 0, 0, q)
+            else:                                # nearest on the effective grid
+                q = np.where(scale != 0, np.clip(nearest_int(x / scale), -z, self.qmax - z) + z, z)
+        return q.astype(np.uint8)
+
+    def _d_bytes(self, hdr):
+        return np.asarray(hdr["d"], dtype=np.float16).reshape(-1, 1).view(np.uint8)
+
+    @staticmethod
+    def _hdr_from_d(d):
+        return {"d": d.copy().view(np.float16).reshape(-1), "iscale": None, "rule": None, "fallback": None}
+
+
+class Q8_0(_Legacy):
+    name, ggml_type, qmax, zero_code = "Q8_0", gguf.GGMLQuantizationType.Q8_0, 255, 128
+    uses_imatrix = False
+
+    def _ref(self, x):
+        return np.abs(x).max(-1) / F32(127)
+
+    def _pack(self, codes, hdr):
+        return np.concatenate([self._d_bytes(hdr), codes ^ np.uint8(0x80)], axis=1)
+
+    def _unpack(self, b):
+        return b[:, 2:] ^ np.uint8(0x80), self._hdr_from_d(b[:, :2])
+
+
+class Q4_0(_Legacy):
+    name, ggml_type, qmax, zero_code = "Q4_0", gguf.GGMLQuantizationType.Q4_0, 15, 8
+    _needs_row_sigma2 = True
+
+    def _ref(self, x):
+        return first_absmax(x)[1] / F32(-8)
+
+    def _pack(self, codes, hdr):
+        qs = codes[:, :16] | (codes[:, 16:] << 4)
+        return np.concatenate([self._d_bytes(hdr), qs], axis=1)
+
+    def _unpack(self, b):
+        qs = b[:, 2:]
+        return np.concatenate([qs & 0xF, qs >> 4], axis=1), self._hdr_from_d(b[:, :2])
+
+
+class Q5_0(_Legacy):
+    name, ggml_type, qmax, zero_code = "Q5_0", gguf.GGMLQuantizationType.Q5_0, 31, 16
+    _needs_row_sigma2 = True
+
+    def _ref(self, x):
+        return first_absmax(x)[1] / F32(-16)
+
+    def _pack(self, codes, hdr):
+        qs = (codes[:, :16] & 0xF) | ((codes[:, 16:] & 0xF) << 4)
+        qh = np.packbits((codes >> 4) & 1, axis=1, bitorder="little")           # bit j of the LE uint32
+        return np.concatenate([self._d_bytes(hdr), qh, qs], axis=1)
+
+    def _unpack(self, b):
+        hi = np.unpackbits(b[:, 2:6], axis=1, bitorder="little")
+        qs = b[:, 6:]
+        lo = np.concatenate([qs & 0xF, qs >> 4], axis=1)
+        return lo | (hi << 4), self._hdr_from_d(b[:, :2])
+
+
+# ---- Q4_1 / Q5_1 ----------------------------------------------------------------------------------------------------
+
+def _first(x, fn, axis: int = -1) -> np.ndarray:
+    """C's `if (v < min) min = v;` (fn = np.argmin) or `if (v > max) max = v;` (np.argmax): the first extreme."""
+    return np.take_along_axis(x, np.expand_dims(fn(x, axis=axis), axis), axis).squeeze(axis)
+
+
+_QKX3 = (-0.9, 0.05, 36)                    # rmin, rdelta, nstep of quantize_row_q4_1/q5_1_impl
+
+
+def _qkx3_search(x: np.ndarray, w: np.ndarray, nmax: int):
+    """llama.cpp's weighted qkx3 search (quantize_row_q4_1/q5_1_impl) -> (scale, the_min, iscale, origin):
+    the kept candidate's multiplier and min are what its codes are rounded from."""
+    scale, the_min, _, iscale, origin = make_qkx_quants(x, w, nmax, *_QKX3, use_mad=False, rounding=True)
+    return scale, the_min, iscale, origin
+
+
+class _LegacyMin(GGMLCodec):
+    sub = 32
+    _needs_row_sigma2 = True
+
+    def _fit(self, x, qw, sigma2):
+        if qw is None:
+            mn, mx = _first(x, np.argmin), _first(x, np.argmax)
+            d = (mx - mn) / F32(self.qmax)
+            with np.errstate(all="ignore"):
+                iscale = np.where(d != 0, F32(1) / d, F32(0)).astype(F32)
+            return {"d": fp16(d), "dmin": fp16(mn), "iscale": np.stack([iscale, mn], axis=1), "rule": "ref",
+                    "fallback": None}
+        if sigma2 is None:
+            sigma2 = seqsum(x * x) / F32(x.shape[1])
+        w = qw * np.sqrt(sigma2[:, None] + x * x)
+        scale, the_min, iscale, origin = _qkx3_search(x, w, self.qmax)
+        return {"d": fp16(scale), "dmin": fp16(-the_min), "iscale": np.stack([iscale, origin], axis=1),
+                "rule": "qkx", "fallback": None}
+
+    def _effective(self, hdr):
+        d = np.asarray(hdr["d"], dtype=np.float16).astype(F32).reshape(-1, 1)
+        m = np.asarray(hdr["dmin"], dtype=np.float16).astype(F32).reshape(-1, 1)
+        return d, m
+
+    def _codes(self, x, hdr, scale, offset):
+        rule = hdr.get("rule")
+        with np.errstate(all="ignore"):
+            if rule in ("ref", "qkx"):
+                isc = np.asarray(hdr["iscale"], dtype=F32).reshape(-1, 2)
+                mul, org = isc[:, :1], isc[:, 1:]
+                if rule == "ref":
+                    q = np.clip(np.trunc((x - org) * mul + F32(0.5)), 0, self.qmax)
+                else:
+                    q = np.where(mul != 0, np.clip(nearest_int(mul * (x - org)), 0, self.qmax), 0)
+            else:                                # nearest on the effective grid
+                q = np.where(scale != 0, np.clip(nearest_int((x - offset) / scale), 0, self.qmax), 0)
+        return q.astype(np.uint8)
+
+    @staticmethod
+    def _dm_bytes(hdr):
+        return np.concatenate([np.asarray(hdr[k], dtype=np.float16).reshape(-1, 1).view(np.uint8)
+                               for k in ("d", "dmin")], axis=1)
+
+    @staticmethod
+    def _hdr_from_dm(b):
+        f = b[:, :4].copy().view(np.float16)
+        return {"d": f[:, 0].copy(), "dmin": f[:, 1].copy(), "iscale": None, "rule": None, "fallback": None}
+
+
+class Q4_1(_LegacyMin):
+    name, ggml_type, qmax = "Q4_1", gguf.GGMLQuantizationType.Q4_1, 15
+
+    def _pack(self, codes, hdr):
+        qs = codes[:, :16] | (codes[:, 16:] << 4)
+        return np.concatenate([self._dm_bytes(hdr), qs], axis=1)
+
+    def _unpack(self, b):
+        qs = b[:, 4:]
+        return np.concatenate([qs & 0xF, qs >> 4], axis=1), self._hdr_from_dm(b)
+
+
+class Q5_1(_LegacyMin):
+    name, ggml_type, qmax = "Q5_1", gguf.GGMLQuantizationType.Q5_1, 31
+
+    def _pack(self, codes, hdr):
+        qs = (codes[:, :16] & 0xF) | ((codes[:, 16:] & 0xF) << 4)
+        qh = np.packbits((codes >> 4) & 1, axis=1, bitorder="little")           # bit j of the LE uint32
+        return np.concatenate([self._dm_bytes(hdr), qh, qs], axis=1)
+
+    def _unpack(self, b):
+        hi = np.unpackbits(b[:, 4:8], axis=1, bitorder="little")
+        qs = b[:, 8:]
+        lo = np.concatenate([qs & 0xF, qs >> 4], axis=1)
+        return lo | (hi << 4), self._hdr_from_dm(b)
