@@ -186,16 +186,17 @@ def main(argv=None) -> int:
     shape = {k: getattr(args, k) for k in QWEN32B}
     t0 = time.perf_counter()
     src = write_model(work / "model", args.layers, **shape)
-    print(f"model: {args.layers} layers of {shape} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    t_model = time.perf_counter() - t0
+    print(f"model: {args.layers} layers of {shape} in {t_model:.0f} s", file=sys.stderr)
     stages = []
-    for stage in args.stages.split(","):
-        stages.append(run_stage(stage, src, work, args))
-        print(json.dumps(stages[-1]), file=sys.stderr)
-    res = record(benchmark="scale", tag=args.tag, layers=args.layers, shape=shape, device=args.device,
-                 stages=stages)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"scale_{args.tag}.json").write_text(json.dumps(res, indent=1) + "\n")
+    for stage in args.stages.split(","):      # the JSON is rewritten after every stage: a cut-off run keeps its part
+        stages.append(run_stage(stage, src, work, args))
+        print(json.dumps(stages[-1]), file=sys.stderr)
+        res = record(benchmark="scale", tag=args.tag, layers=args.layers, shape=shape, device=args.device,
+                     model_seconds=round(t_model, 1), stages=stages)
+        (out / f"scale_{args.tag}.json").write_text(json.dumps(res, indent=1) + "\n")
     lines = [f"# scale: {args.layers} layers of Qwen2.5-32B shapes {shape}, device {args.device}", "",
              f"command: `{res['command']}`  ", f"commit: {res['commit']}  ", f"machine: {res['machine']}", "",
              "| stage | wall s | mean block s | GPTQ s/block | other s/block | embedding s | head s | peak RSS anon GiB "

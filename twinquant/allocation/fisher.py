@@ -61,10 +61,10 @@ class Fisher:
         """The estimated mean KL per scored token added by W -> W_hat (H: the input Hessian 2·E[xxᵀ])."""
         d = (W_hat.float() - W.float()).double()
         if name == roles.name(T.TOKEN_EMBD):
-            rows = d[self.emb_tokens]
-            return float((self.emb_weights * rows.square()).sum()) / (2 * self.scored)
+            rows = d[self.emb_tokens.to(d.device)]
+            return float((self.emb_weights.to(d.device) * rows.square()).sum()) / (2 * self.scored)
         r = ((d @ (H.double() / 2)) * d).sum(1)          # (ΔW A ΔWᵀ)_jj
-        return float((self.weights[name] * r).sum()) / (2 * self.scored)
+        return float((self.weights[name].to(d.device) * r).sum()) / (2 * self.scored)
 
 
 def _block_names(layer: int, wanted: set[str]) -> set[str]:
@@ -98,7 +98,8 @@ def output_fisher(model, windows: torch.Tensor, wanted: set[str], seed: int = 0,
                 logits = head(model, xi[:, scored].to(model.dtype))
                 logits.retain_grad()
                 logp = F.log_softmax(logits.float(), -1).reshape(-1, s.vocab)
-                y = torch.multinomial(logp.detach().exp(), 1, generator=gen)
+                # sampled on the CPU: the same tokens on every device
+                y = torch.multinomial(logp.detach().exp().cpu(), 1, generator=gen).to(logp.device)
                 logp.gather(1, y).sum().backward()
                 if out in wanted:
                     g2 = logits.grad.double().square().sum((0, 1))
@@ -126,5 +127,5 @@ def output_fisher(model, windows: torch.Tensor, wanted: set[str], seed: int = 0,
             bar.update(2 * s.n_layers + 1 - layer, f"backward block {layer}")
     tokens, inverse = torch.unique(windows.reshape(-1), return_inverse=True)
     emb = torch.zeros(tokens.numel(), s.hidden, dtype=torch.float64)
-    emb.index_add_(0, inverse, grad.reshape(-1, s.hidden).double().square())
+    emb.index_add_(0, inverse, grad.reshape(-1, s.hidden).double().square().cpu())
     return Fisher(acc, tokens, emb, n * (ctx - ctx // 2))

@@ -298,7 +298,7 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
 
     def price(name: str, layer: int, xs, H: torch.Tensor | None, quant) -> None:
         """Quantize `name` into each candidate; KL of the anchor (or of all), output errors of all."""
-        W = model.get(name).float().cpu().clone()
+        W = model.get(name).float().clone()      # on the model's device: the quantizers run there
         imp = importance.get(name) if importance else None
         if imp is None and H is not None:
             imp = torch.diagonal(H).clone()
