@@ -13,6 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def git_commit() -> str:
+    if os.environ.get("TWINQUANT_COMMIT"):      # a copy of the tree whose .git is missing or stale (the GPU box)
+        return os.environ["TWINQUANT_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
@@ -20,7 +22,7 @@ def git_commit() -> str:
                                capture_output=True, text=True, check=True).stdout.strip()
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("TWINQUANT_COMMIT", "unknown")     # a copy of the tree without .git (the GPU box)
+        return "unknown"
 
 
 def versions() -> dict:

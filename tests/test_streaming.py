@@ -194,3 +194,12 @@ def test_dry_run_prints_the_plan_and_writes_nothing(models, tmp_path):
     assert kinds[:3] == ["load", "rotate", "calibrate"] and kinds[-1] == "write", kinds
     assert kinds.count("block") == 3 and "head untied" in p.stdout
     assert not out.exists() and not (tmp_path / "d.gguf.work").exists()
+
+
+def test_row_chunks_bound_cpu_memory_and_keep_one_gpu_sweep():
+    from twinquant.pipeline.executor import CHUNK_ROWS, chunk_rows
+
+    assert chunk_rows(151936, 1536, "cpu") == CHUNK_ROWS and chunk_rows(8960, 1536, "cpu") == 8960
+    assert chunk_rows(27648, 5120, "cuda") == 27648            # a 32B ffn matrix: one GPTQ column sweep on a GPU
+    head = chunk_rows(152064, 5120, torch.device("cuda", 0))
+    assert 27648 < head < 152064 and head * 5120 * 4 * 14 <= 24 * 2**30   # the head: few chunks, bounded memory

@@ -32,10 +32,20 @@ from twinquant.formats import codec_for
 from twinquant.progress import Progress
 
 T = roles.T
-# A tensor of more rows than CHUNK_ABOVE (a large vocabulary's embedding and head) is quantized CHUNK_ROWS rows at a
-# time: the codec fits and GPTQ hold several row-sized temporaries (~1.7 GB at 32768 x 1536 for GPTQ).
+# On the CPU a tensor of more rows than CHUNK_ABOVE (a large vocabulary's embedding and head) is quantized CHUNK_ROWS
+# rows at a time: the codec fits and GPTQ hold several row-sized temporaries (~1.7 GB at 32768 x 1536 for GPTQ).
+# On a GPU every chunk repeats GPTQ's column sweep (launch-bound: ~1 ms a column on an H200), so chunks there are as
+# large as GPU_CHUNK_BYTES of those temporaries allow (about 14 float32 copies of the chunk, measured on the CPU).
 CHUNK_ABOVE = 16384
 CHUNK_ROWS = 8192
+GPU_CHUNK_BYTES = 24 * 2**30
+
+
+def chunk_rows(rows: int, cols: int, device) -> int:
+    """Rows quantized at a time for a [rows, cols] tensor on `device` (rows are independent in every codec)."""
+    if torch.device(device).type == "cpu":
+        return CHUNK_ROWS if rows > CHUNK_ABOVE else rows
+    return max(CHUNK_ROWS, min(rows, GPU_CHUNK_BYTES // (14 * 4 * cols)))
 
 
 @dataclass
@@ -81,7 +91,7 @@ def quantize_tensor(model: Model, name: str, type_name: str, quantizer, H: torch
     packed = []
     W_hat = None
     dd = ww = dhd = whw = 0.0
-    step = CHUNK_ROWS if W.shape[0] > CHUNK_ABOVE else W.shape[0]
+    step = chunk_rows(W.shape[0], W.shape[1], W.device)
     for r in range(0, W.shape[0], step):
         Wc = W[r: r + step]
         codes, params, hat = quantizer.quantize_weight(Wc, codec, H=H, importance=imp)
