@@ -97,6 +97,20 @@ def test_costs_fall_with_bits_and_proxy_tracks_exact(tiny, tmp_path):
         assert rho > 0.85 and 0.7 < np.median(f / k) < 1.5, (ty, rho, np.median(f / k))
 
 
+def test_fisher_pass_after_an_inference_mode_forward(tiny):
+    # process-wide caches (RoPE tables) filled under inference_mode must not break the Fisher pass's autograd
+    from twinquant.allocation.fisher import output_fisher
+    from twinquant.model.forward import forward
+
+    model = load_model(str(tiny)).materialize()
+    windows = load_calibration(model, None, 256, 64).windows
+    forward(model, windows[:1])                                   # @torch.inference_mode()
+    with torch.inference_mode():
+        forward(model, windows[:1, :32])
+    f = output_fisher(model, windows[:2], {"blk.0.attn_q.weight", "output.weight"}, progress=False)
+    assert f.weights["blk.0.attn_q.weight"].shape == (256,) and (f.weights["output.weight"] > 0).any()
+
+
 def test_fisher_measurement_streams_block_by_block(tiny):
     # the Fisher cost needs no forward to the logits: a lazily loaded model is priced one block at a time, releasing
     # each, and gives the measurement of the materialized model

@@ -59,6 +59,12 @@ class _Rope:
     cast: dict = field(default_factory=dict)   # dtype -> (cos, sin): cast once, not in every layer
 
     def get(self, start: int, length: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # the cache outlives its caller: its tables are ordinary tensors even when made under inference_mode, or a
+        # later autograd pass (allocation/fisher.py) could not use them
+        with torch.inference_mode(False):
+            return self._get(start, length, device, dtype)
+
+    def _get(self, start: int, length: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         end = start + length
         if self.cos is None or self.cos.shape[0] < end or self.cos.device != device:
             n = max(end, 2 * (self.cos.shape[0] if self.cos is not None else 0), 512)
