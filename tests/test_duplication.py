@@ -1,5 +1,7 @@
 """Layer duplication: topology, per-copy parameters, exactness of the identity cases, GGUF round trip, runtime."""
 
+import json
+
 import gguf
 import numpy as np
 import pytest
@@ -15,6 +17,8 @@ from twinquant.io.gguf_write import write_gguf
 from twinquant.io.hf import load_hf_dir
 from twinquant.model.forward import KVCache, forward
 from twinquant.model.layout import Layout
+from twinquant.model.model import Model
+from twinquant.pipeline.duplicate import DuplicateOptions, duplicate
 
 
 @pytest.fixture
@@ -171,3 +175,32 @@ def test_expand_duplicates_runs_serial_copies_in_stock_llama_cpp(tiny, tmp_path)
     llm.eval(toks[0].tolist())
     theirs = torch.from_numpy(np.array(llm.scores[:30], dtype=np.float32))
     assert (theirs - want).abs().max() < 1e-4 * want.abs().max()
+
+
+def test_duplicate_library_checks_options_before_loading_then_writes(tmp_path, monkeypatch):
+    missing = tmp_path / "missing.gguf"            # option errors come before the model is opened
+    with pytest.raises(TwinquantError, match="--auto needs a budget"):
+        duplicate(missing, tmp_path / "o.gguf", DuplicateOptions(auto=True))
+    with pytest.raises(TwinquantError, match="the output of duplicate is a .gguf"):
+        duplicate(missing, tmp_path / "o.bin", DuplicateOptions(auto=True, budget_layers=1))
+    d = save_tiny("llama", tmp_path / "hf", tokenizer=True, num_hidden_layers=3)
+    q = tmp_path / "m.gguf"
+    write_gguf(load_hf_dir(d), q, "F16")
+    topo = tmp_path / "t.json"
+    topo.write_text(json.dumps({"layer_7": {"type": "serial"}}))
+    with monkeypatch.context() as m:               # the topology file and the reference: before any tensor
+        m.setattr(Model, "materialize", lambda self: pytest.fail("tensors loaded before the options were checked"))
+        with pytest.raises(TwinquantError, match="layer_7"):
+            duplicate(q, tmp_path / "o.gguf", DuplicateOptions(topology=str(topo), ref=str(d)))
+        topo.write_text(json.dumps({"layer_1": {"type": "serial", "copies": 2}}))
+        with pytest.raises(TwinquantError, match="--ref"):
+            duplicate(q, tmp_path / "o.gguf", DuplicateOptions(topology=str(topo)))
+    assert not (tmp_path / "o.gguf").exists()
+    lines = []
+    res = duplicate(q, tmp_path / "o.gguf", DuplicateOptions(topology=str(topo), ref=str(d), calib_tokens=128,
+                                                            calib_ctx=32), log=lines.append)
+    assert lines == ["reference log-probs on 128 calibration tokens"]
+    assert res.topology == {"layer_1": {"type": "serial", "copies": 2}} and res.cost["extra_layers"] == 1
+    assert res.calibration_kld > 0 and res.search is None and res.to_dict()["search"] is None
+    written = load_gguf(res.path)
+    assert len(written.layout.executions()) == 4 and res.params == written.dup_params.to_dict()

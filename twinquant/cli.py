@@ -217,27 +217,18 @@ def _save(model, out: Path, outtype: str, quiet: bool, split_max_size: str | Non
 
 # --- rotate / activations -------------------------------------------------------------------------------------
 def cmd_rotate(args) -> None:
-    from twinquant.rotation.rotate import ONLINE, rotate
+    from twinquant.rotation.stage import parse_online, rotate_model
 
-    online = tuple(o.strip().lower() for o in args.online.split(",") if o.strip()) if args.online else ()
-    for o in online:   # check the options before any work
-        if o not in ONLINE:
-            raise TwinquantError(f"unknown online transform {o!r}; choose from {', '.join(ONLINE)}")
+    online = parse_online(args.online)      # check the options before any work
     if online and Path(args.output).suffix != ".gguf":
         raise TwinquantError("online transforms (R3/R4) cannot be stored in an HF directory; write a .gguf")
     model = _load(args)
     if not args.quiet:
         print(f"rotating: fuse norms, R1 {args.rotation} (seed {args.seed}), R2"
               + (f", online {', '.join(online)}" if online else ""), file=sys.stderr)
-    dtype = model.dtype
-    model.to(dtype=torch.float64)           # rotations are computed exactly, then stored in the output type
     calib = calibration_for(args, model).windows if args.rotation == "ro" else None
-    rotate(model, args.rotation, args.seed, r2=not args.no_r2, online=online, calib_windows=calib,
-           ro_iters=args.ro_iters)
-    model.to(dtype=dtype)
-    for r in model.history:
-        if getattr(r, "type", None) == "ro":
-            print(f"RO objective: {r.objective_start:.4g} (RH) -> {r.objective:.4g}", file=sys.stderr)
+    rotate_model(model, args.rotation, args.seed, r2=not args.no_r2, online=online, calib_windows=calib,
+                 ro_iters=args.ro_iters, log=lambda line: print(line, file=sys.stderr))
     _save(model, Path(args.output), args.outtype, args.quiet)
     print(f"wrote {args.output}")
 
@@ -375,93 +366,20 @@ def cmd_sensitivity(args) -> None:
 
 
 def cmd_duplicate(args) -> None:
-    from twinquant.duplication.objective import KLDObjective
-    from twinquant.model.copies import ParamStore
-    from twinquant.model.topology import Budget, load_topology
-    from twinquant.duplication import tune as T
-    from twinquant.io.gguf_write import write_gguf
-    from twinquant.io.load import load_model
+    import dataclasses
 
-    if (args.topology is None) == (not args.auto):
-        raise TwinquantError("give --topology FILE or --auto (with a budget)")
-    out = Path(args.output)
-    if out.suffix != ".gguf":
-        raise TwinquantError(f"{out}: the output of duplicate is a .gguf file")
-    memory = None
-    if args.budget_memory:
-        from twinquant.io.split import parse_size
+    from twinquant.pipeline.duplicate import DuplicateOptions, duplicate
 
-        memory = parse_size(args.budget_memory)
-    budget = Budget(args.budget_layers, args.budget_flops, memory, args.budget_context)
-    if args.auto and args.budget_layers is None and args.budget_flops is None and memory is None:
-        raise TwinquantError("--auto needs a budget: --budget-flops PCT, --budget-layers N and/or --budget-memory")
-    from twinquant.io.gguf_read import load_gguf
-
-    if Path(args.model).suffix != ".gguf":
-        raise TwinquantError("duplicate works on a quantized .gguf (from `twinquant quantize`)")
-    model = load_gguf(args.model, keep_quantized=True).materialize()
-    params = ParamStore(base={"act_bits": args.act_bits} if args.act_bits else {})
-    topo = None
-    if args.topology:   # check the file before any expensive work
-        from twinquant.model.topology import parse_topology
-
-        topo = load_topology(args.topology)
-        parse_topology({k: {**e, "type": "serial"} if isinstance(e, dict) and e.get("type") == "hybrid" else e
-                        for k, e in topo.items()} if isinstance(topo, dict) else topo, model.spec.n_layers)
-    needs_data = args.auto or args.search or args.topology is not None
-    objective = None
-    if needs_data:
-        if not args.ref:
-            raise TwinquantError("--ref MODEL (the float model) is needed: choices are made on the KL divergence "
-                                 "to it on calibration windows")
-        ref = load_model(args.ref).materialize()
-        calib = calibration_for(args, ref)
-        if not args.quiet:
-            print(f"reference log-probs on {calib.n_tokens} calibration tokens", file=sys.stderr)
-        objective = KLDObjective(ref, calib.windows)
-        del ref
-    log = None if args.quiet else T.stderr_log
-    if topo is not None:
-        if any(e.get("type") == "hybrid" for e in topo.values()):
-            topo = T.resolve_hybrid(model, topo, objective, params, log)
-    elif args.sensitivity:
-        from twinquant.duplication.sensitivity import Sensitivity
-
-        sens = Sensitivity.from_dict(json.loads(Path(args.sensitivity).read_text()))
-        topo = T.select_by_sensitivity(sens.ranking(args.rank_by), budget, model, "serial")
-        if args.kind == "hybrid":
-            topo = T.resolve_hybrid(model, {k: {**e, "type": "hybrid"} for k, e in topo.items()}, objective,
-                                    params, log)
-    else:
-        kinds = ("serial", "parallel") if args.kind == "hybrid" else (args.kind,)
-        topo, base, _ = T.adaptive_topology(model, objective, budget, params, kinds, log=log)
-        if not topo:
-            print(f"adaptive: no single duplicate lowers the calibration KLD ({base:.5f}); the file is written "
-                  "without duplicates", file=sys.stderr)
-    T.apply(model, topo, params)
-    result = None
-    if args.search and topo:
-        result = T.tune(model, topo, objective, args.search, args.trials, params, args.seed, args.study_log,
-                        progress=not args.quiet)
-        topo = result.topology
-        if result.kept_off:
-            print(f"search: no trial beat the copies switched off (KLD {result.off_value:.5f}); they stay off "
-                  "(alpha 0 / weight 0)", file=sys.stderr)
-    final = objective(model) if objective is not None else None
-    cost = budget.cost(model, model.layout)
-    if args.expand_duplicates:
-        from twinquant.duplication.expand import expand_duplicates
-
-        model = expand_duplicates(model)
-    write_gguf(model, out, "F16")
-    print(f"topology: {json.dumps(topo)}")
+    opts = DuplicateOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DuplicateOptions)})
+    res = duplicate(args.model, args.output, opts)
+    cost = res.cost
+    print(f"topology: {json.dumps(res.topology)}")
     print(f"extra block executions {cost['extra_layers']}, extra compute {cost['extra_flops_pct']:.1f}%, "
-          f"extra KV cache {_human(cost['extra_memory'])} at {budget.context} tokens, extra weight bytes 0" + (f"; calibration KLD {final:.5f}" if final is not None else ""))
-    print(f"wrote {out}")
+          f"extra KV cache {_human(cost['extra_memory'])} at {opts.budget_context} tokens, extra weight bytes 0; "
+          f"calibration KLD {res.calibration_kld:.5f}")
+    print(f"wrote {res.path}")
     if args.report:
-        _write_json(args.report, {"topology": topo, "params": model.dup_params.to_dict() if model.dup_params else {},
-                                  "cost": cost, "calibration_kld": final,
-                                  "search": result.to_dict() if result is not None else None})
+        _write_json(args.report, res.to_dict())
 
 
 # --- parser ---------------------------------------------------------------------------------------------------

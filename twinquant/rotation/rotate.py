@@ -156,6 +156,13 @@ ROTATIONS = ("rh", "ro")
 ONLINE = ("r3", "r4")
 
 
+def check_online(online: tuple[str, ...]) -> None:
+    """Refuse an online transform that is not one of `ONLINE` (the first unknown one is named)."""
+    bad = [o for o in online if o not in ONLINE]
+    if bad:
+        raise TwinquantError(f"unknown online transform {bad[0]!r}; choose from {', '.join(ONLINE)}")
+
+
 def residual_samples(model: Model, windows: torch.Tensor, max_rows: int = 8192, seed: int = 0) -> torch.Tensor:
     """Rows the residual rotation acts on: the (norm-fused) inputs of attn_q and ffn_gate in every block."""
     from twinquant.model.forward import LinearInputs, forward
@@ -185,9 +192,7 @@ def rotate(model: Model, rotation: str = "rh", seed: int = 0, r2: bool = True, o
 
     if rotation not in ROTATIONS:
         raise TwinquantError(f"unknown rotation {rotation!r}; choose {' or '.join(ROTATIONS)}")
-    bad = [o for o in online if o not in ONLINE]
-    if bad:
-        raise TwinquantError(f"unknown online transform {bad[0]!r}; choose from {', '.join(ONLINE)}")
+    check_online(online)
     s = model.spec
     fuse_norms(model)
     rh = RandomizedHadamard(s.hidden, seed)
