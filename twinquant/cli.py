@@ -485,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--kld-windows", type=int, default=4, help="calibration windows that price candidates by KL "
                     "when measuring (default 4)")
     sp.add_argument("--cost", choices=["fisher", "anchor", "exact"], help="how a measurement made by this run "
-                    "prices candidates (as measure --cost; default fisher)")
+                    "prices candidates (as measure --cost; default anchor)")
     sp.add_argument("--from-measurement", action="store_true", help="with --target-*: take each tensor's bytes "
                     "from the measurement's kept blocks (seconds; needs `measure --keep-blocks`) instead of "
                     "quantizing again (sequential GPTQ)")
@@ -512,10 +512,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--imatrix", help="importance matrix (as quantize --imatrix)")
     sp.add_argument("--kld-windows", type=int, default=4, help="calibration windows that price candidates by KL "
                     "(default 4; the Hessians use all --calib-tokens)")
-    sp.add_argument("--cost", choices=["fisher", "anchor", "exact"], help="how candidates are priced: fisher "
-                    "(Fisher-weighted output error, one streamed backward pass, no forward per tensor), anchor (a KL "
-                    "forward per tensor, other types scaled by output error) or exact (a KL forward per candidate); "
-                    "default fisher")
+    sp.add_argument("--cost", choices=["fisher", "anchor", "exact"], help="how candidates are priced: anchor "
+                    "(default: a KL forward per tensor, other types scaled by output error), exact (a KL forward per "
+                    "candidate) or fisher (Fisher-weighted output error from one streamed backward pass, no forward "
+                    "per tensor: one block in memory, for large models; it ranks tensors of a type well but "
+                    "underprices attn_v and a tied embedding, see benchmarks/results/measure_cost_smol.md)")
     sp.add_argument("--exact", action="store_true", help="the same as --cost exact")
     sp.add_argument("--keep-blocks", action="store_true", help="keep every candidate's packed bytes beside the "
                     "JSON (OUTPUT.blocks/, ~4x a 5-bit file) for quantize --from-measurement")

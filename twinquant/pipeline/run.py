@@ -41,7 +41,7 @@ class Options:
     measurement: str | None = None       # reused if it matches, else measured and saved there
     min_type: tuple[str, ...] = ()
     kld_windows: int = 4
-    cost: str = "fisher"                 # how measure prices candidates (allocation/measure.py COSTS)
+    cost: str = "anchor"                 # how measure prices candidates (allocation/measure.py COSTS)
     keep_blocks: bool = False
     from_measurement: bool = False
     dry_run: bool = False
