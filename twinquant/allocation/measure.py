@@ -9,9 +9,12 @@ embedding, as the quantize executor does) and its cost is recorded as the KL div
   from the tensor's block to the logits: `anchor_kld` = mean KL(reference ‖ perturbed) per scored token;
 * every candidate's output error `e = tr(ΔW H ΔWᵀ)` on the block's real inputs is computed with no extra forward;
 * cost(type) = anchor_kld · e(type) / e(anchor): KL grows with the squared output perturbation of one tensor (both
-  are quadratic in ΔW near the reference), so one forward per tensor prices all its candidates. `exact=True`
+  are quadratic in ΔW near the reference), so one forward per tensor prices all its candidates. `cost="exact"`
   measures the KL of every candidate instead (one forward each) — the check of that proxy.
   The embedding and the output head are always measured exactly (few candidates, and no Hessian for the embedding).
+* `cost="fisher"` prices every candidate, the embedding and head included, by the Fisher-weighted output error of
+  `allocation/fisher.py` instead: no KL forward at all, so the model streams block by block (for models where a
+  forward per tensor cannot be afforded; it ranks tensors of one type like the KL but has role biases, see there).
 
 Inputs are the float model's (each tensor is perturbed alone: the costs are meant to add up; `benchmarks/frontier.py`
 checks how well they do). The measurement is a JSON file, written after every block (atomically), so an

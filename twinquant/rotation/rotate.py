@@ -1,7 +1,7 @@
 """Norm fusion and the rotations R1–R4 on the model representation (QuaRot / SpinQuant placement).
 
 Each function takes a `Model`, changes its weights in place (computing in float64) and returns it; the model
-records what it carries (`model.rotations`, `model.input_transforms`, `model.qk_transform`) so exporters and the
+records what it carries (`model.history`, `model.input_transforms`, `model.qk_transform`) so exporters and the
 runtime can reproduce it. Orientation: weights are [out, in], activations are row vectors, y = x·Wᵀ.
 
 - fuse_norms: RMSNorm gains go into the linears they feed (W·diag(g)), gains become 1. A tied head must then be
