@@ -16,6 +16,11 @@ The pass streams: the KL windows go forward block by block (each block's input k
 the sampled log-likelihood is differentiated at the head, then each block is loaded again, in reverse order, run
 with autograd, and released; one block's weights and activations are in memory at a time. For the embedding the
 same rule holds per token row: G_emb[v] = Σ over the positions holding token v of the block-0 input gradient².
+
+How good it is (benchmarks/measure_cost.py, results/measure_cost_smol.md, SmolLM2 against the measured KL): within
+a type it ranks tensors as the KL does (rank correlation 0.95 over 181 Q4_0 tensors, 0.87 over 30 Q2_K), at 0.8-0.95
+of the KL for most roles; attn_v comes out at ~0.2x (attention mixes v's errors across tokens, which the token-
+independent split ignores) and a tied embedding at ~0.12x (only its input side is counted, not its use as the head).
 """
 
 from __future__ import annotations
