@@ -181,7 +181,12 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "twinquant" / "scale"))
     ap.add_argument("--tag", required=True)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--render", metavar="JSON", help="only write the table and plot of an existing results file "
+                    "(e.g. one brought back from a GPU machine) as scale_TAG.{json,md,png}")
     args = ap.parse_args(argv)
+    if args.render:
+        print(write_results(json.loads(Path(args.render).read_text()), Path(args.out), args.tag))
+        return 0
     work = Path(args.work) / args.tag
     shape = {k: getattr(args, k) for k in QWEN32B}
     t0 = time.perf_counter()
@@ -190,18 +195,25 @@ def main(argv=None) -> int:
     print(f"model: {args.layers} layers of {shape} in {t_model:.0f} s", file=sys.stderr)
     stages = []
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for stage in args.stages.split(","):      # the JSON is rewritten after every stage: a cut-off run keeps its part
+    for stage in args.stages.split(","):      # written after every stage: a cut-off run keeps its part
         stages.append(run_stage(stage, src, work, args))
         print(json.dumps(stages[-1]), file=sys.stderr)
         res = record(benchmark="scale", tag=args.tag, layers=args.layers, shape=shape, device=args.device,
                      model_seconds=round(t_model, 1), stages=stages)
-        (out / f"scale_{args.tag}.json").write_text(json.dumps(res, indent=1) + "\n")
-    lines = [f"# scale: {args.layers} layers of Qwen2.5-32B shapes {shape}, device {args.device}", "",
+        table = write_results(res, out, args.tag)
+    print(table)
+    return 0
+
+
+def write_results(res: dict, out: Path, tag: str) -> str:
+    """scale_TAG.json, .md and .png from a results record; returns the markdown table."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"scale_{tag}.json").write_text(json.dumps(res, indent=1) + "\n")
+    lines = [f"# scale: {res['layers']} layers of Qwen2.5-32B shapes {res['shape']}, device {res['device']}", "",
              f"command: `{res['command']}`  ", f"commit: {res['commit']}  ", f"machine: {res['machine']}", "",
              "| stage | wall s | mean block s | GPTQ s/block | other s/block | embedding s | head s | peak RSS anon GiB "
              "| peak GPU GiB | 64 layers (min) |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for s in stages:
+    for s in res["stages"]:
         b = s.get("blocks") or []
         g = sum(x["gptq"] for x in b) / len(b) if b else None
         o = sum(x["other"] for x in b) / len(b) if b else None
@@ -209,14 +221,15 @@ def main(argv=None) -> int:
         lines.append(f"| {s['stage']} | {s['wall_seconds']:.0f} | {f(s.get('mean_block_seconds'))} | {f(g)} | {f(o)} "
                      f"| {f(s.get('embedding_seconds'))} | {f(s.get('head_seconds'))} | {s['peak_rss_anon_gib']} "
                      f"| {s['peak_gpu_gib']} | {s['extrapolated_64_layers_min']} |")
+    if res.get("cut_off"):
+        lines += ["", f"cut off: {res['cut_off']}"]
     table = "\n".join(lines) + "\n"
-    (out / f"scale_{args.tag}.md").write_text(table)
-    print(table)
-    _plot(stages, out / f"scale_{args.tag}.png", args)
-    return 0
+    (out / f"scale_{tag}.md").write_text(table)
+    _plot(res["stages"], out / f"scale_{tag}.png", res["device"])
+    return table
 
 
-def _plot(stages, path: Path, args) -> None:
+def _plot(stages, path: Path, device: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -232,7 +245,7 @@ def _plot(stages, path: Path, args) -> None:
     ax.bar(names, gptq, label="GPTQ (codec fits, column sweep)")
     ax.bar(names, other, bottom=gptq, label="calibration forwards, Hessians, rotation, I/O")
     ax.set_ylabel("seconds per block")
-    ax.set_title(f"Qwen2.5-32B shapes, {args.device}: per block")
+    ax.set_title(f"Qwen2.5-32B shapes, {device}: per block")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
