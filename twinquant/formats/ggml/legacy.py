@@ -32,6 +32,18 @@ from twinquant.formats.ggml._num import (c_int8, div, f32, first_absmax, first_e
                                        make_qx_quants, nearest_int, roundf, seqsum, sqrt)
 
 
+
+def _pack5(codes):
+    """Q5_0 / Q5_1 code bytes of 32 5-bit codes: (qh: the high bits as a little-endian uint32, qs: the low nibbles)."""
+    qs = (codes[:, :16] & 0xF) | ((codes[:, 16:] & 0xF) << 4)
+    qh = np.packbits((codes >> 4) & 1, axis=1, bitorder="little")           # bit j of the LE uint32
+    return qh, qs
+
+
+def _unpack5(qh, qs):
+    hi = np.unpackbits(qh, axis=1, bitorder="little")
+    return np.concatenate([qs & 0xF, qs >> 4], axis=1) | (hi << 4)
+
 class _Legacy(GGMLCodec):
     sub = 32
     uses_imatrix = True
@@ -118,15 +130,10 @@ class Q5_0(_Legacy):
         return div(first_absmax(x)[1], -16.0)
 
     def _pack(self, codes, hdr):
-        qs = (codes[:, :16] & 0xF) | ((codes[:, 16:] & 0xF) << 4)
-        qh = np.packbits((codes >> 4) & 1, axis=1, bitorder="little")           # bit j of the LE uint32
-        return np.concatenate([self._d_bytes(hdr), qh, qs], axis=1)
+        return np.concatenate([self._d_bytes(hdr), *_pack5(codes)], axis=1)
 
     def _unpack(self, b):
-        hi = np.unpackbits(b[:, 2:6], axis=1, bitorder="little")
-        qs = b[:, 6:]
-        lo = np.concatenate([qs & 0xF, qs >> 4], axis=1)
-        return lo | (hi << 4), self._hdr_from_d(b[:, :2])
+        return _unpack5(b[:, 2:6], b[:, 6:]), self._hdr_from_d(b[:, :2])
 
 
 # ---- Q4_1 / Q5_1 ----------------------------------------------------------------------------------------------------
@@ -202,12 +209,7 @@ class Q5_1(_LegacyMin):
     name, ggml_type, qmax = "Q5_1", gguf.GGMLQuantizationType.Q5_1, 31
 
     def _pack(self, codes, hdr):
-        qs = (codes[:, :16] & 0xF) | ((codes[:, 16:] & 0xF) << 4)
-        qh = np.packbits((codes >> 4) & 1, axis=1, bitorder="little")           # bit j of the LE uint32
-        return np.concatenate([self._dm_bytes(hdr), qh, qs], axis=1)
+        return np.concatenate([self._dm_bytes(hdr), *_pack5(codes)], axis=1)
 
     def _unpack(self, b):
-        hi = np.unpackbits(b[:, 4:8], axis=1, bitorder="little")
-        qs = b[:, 8:]
-        lo = np.concatenate([qs & 0xF, qs >> 4], axis=1)
-        return lo | (hi << 4), self._hdr_from_dm(b)
+        return _unpack5(b[:, 4:8], b[:, 8:]), self._hdr_from_dm(b)
