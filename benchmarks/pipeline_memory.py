@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import resource
 import subprocess
@@ -27,39 +26,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _versions() -> dict:
-    import gguf
-    import torch
-
-    import twinquant
-
-    try:
-        from importlib.metadata import version
-
-        llama = version("llama_cpp_python")
-    except Exception:
-        llama = None
-    return {"twinquant": twinquant.__version__, "torch": torch.__version__, "gguf": gguf.__version__
-            if hasattr(gguf, "__version__") else None, "llama_cpp_python": llama, "python": platform.python_version()}
-
-
-def _machine() -> dict:
-    import psutil
-
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-            "platform": platform.platform()}
+from provenance import git_commit, machine, versions  # noqa: E402
 
 
 def _rss(pid: int) -> tuple[int, int]:
@@ -161,8 +130,8 @@ def main() -> None:
     rep = json.loads(report.read_text()) if report.is_file() else {}
     blocks = rep.get("seconds_per_block", [])
     result = {
-        "benchmark": "pipeline_memory", "tag": args.tag, "command": " ".join(cmd), "commit": _git_commit(),
-        "versions": _versions(), "machine": _machine(), "model": args.model,
+        "benchmark": "pipeline_memory", "tag": args.tag, "command": " ".join(cmd), "commit": git_commit(),
+        "versions": versions(), "machine": machine(), "model": args.model,
         "model_sha256": sha256_of([src]) if src.is_file() else None,
         "calibration": rep.get("calibration"), "recipe": rep.get("recipe"), "rotation": rep.get("rotation"),
         "file_bytes": rep.get("file_bytes"), "n_params": rep.get("n_params"),
