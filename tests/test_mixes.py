@@ -3,7 +3,10 @@
 Tiny random models (8 layers, so the use_more_bits schedule shows; one of 17 layers for n//16 and layers past 9)
 are written as F32 GGUFs once, quantized by llama.cpp's `llama_model_quantize` (llama-cpp-python's binding), and
 the type of every tensor in its output is compared with ours. Hidden 256 rows divide every block; hidden 192 rows
-need the 32-block fallbacks; hidden 200 rows need F16.
+need the 32-block fallbacks (IQ* -> IQ4_NL); hidden 200 rows need F16. llama.cpp's i-quant codecs are slow, so
+only a few i-quant files are written for real; every ftype on every model, with and without an imatrix, is
+compared with llama.cpp's dry run (the same type choice, read from its log, without quantizing), which also
+says whether llama.cpp would refuse to quantize without an imatrix.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from twinquant.errors import TwinquantError
 from twinquant.model import roles
 from twinquant.model.spec import ModelSpec
 from twinquant.allocation import mixes
-from twinquant.allocation.mixes import assign_types, fallback_type, llama_cpp_mix
+from twinquant.allocation.mixes import assign_types, fallback_type, llama_cpp_mix, needs_imatrix
 
 Q = gguf.GGMLQuantizationType
 
@@ -45,6 +48,14 @@ MORE_FTYPES = ["Q3_K_L", "Q4_K_S", "Q5_K_S", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]    
 MORE_MODELS = ["llama-256", "qwen2-192", "qwen2-17L-gqa4"]
 IMATRIX_FTYPES = ["Q2_K_S", "Q4_0", "Q5_0"]    # Q2_K_S needs an imatrix; Q4_0 / Q5_0 change with one
 IMATRIX_MODELS = ["qwen2-192", "qwen2-17L-gqa4"]
+# i-quants and ternary types written for real: llama.cpp's i-quant codecs are slow (IQ1_* alone spends ~12 s of
+# CPU building its grid), so most run on the 192 model, where only ffn_down (rows of 512) keeps its i-quant and
+# the rest falls back (IQ* -> IQ4_NL); every ftype on every model, with and without an imatrix, is checked by
+# test_plan_matches_llama_cpp_dry_run instead (the same llama.cpp type choice, without quantizing)
+IQ_CASES = ([("qwen2-192", f, True) for f in ["IQ2_XXS", "IQ2_S", "IQ4_NL"]]
+            + [("qwen3-192", "IQ2_M", True)]                                  # attn_output rows 256: IQ3_S
+            + [("qwen2-192", f, False) for f in ["IQ3_XXS", "IQ3_XS", "TQ1_0", "TQ2_0"]]   # no imatrix-only type
+            + [("llama-256", f, False) for f in ["IQ3_M", "IQ4_XS"]])
 
 
 # --- llama.cpp as the oracle ------------------------------------------------------------------------------------
@@ -78,11 +89,73 @@ def f32_models(tmp_path_factory):
 
 
 def llama_quantize(src, dst, ftype: str, imatrix: bool = False, overrides=(), pure=False, output_type=None,
-                   embedding_type=None) -> dict[str, Q]:
-    """Quantize with stock llama.cpp; the type of each tensor of the result."""
+                   embedding_type=None, must_succeed: bool = True) -> dict[str, Q] | None:
+    """Quantize with stock llama.cpp; the type of each tensor of the result (None if it refused)."""
+    rc = _llama_model_quantize(src, dst, ftype, imatrix, overrides, pure, output_type, embedding_type)
+    if rc != 0 and not must_succeed:
+        return None
+    assert rc == 0, f"llama.cpp failed to quantize {src} to {ftype}"
+    return {t.name: Q(t.tensor_type) for t in gguf.GGUFReader(dst).tensors}
+
+
+# llama.cpp's dry run logs, per tensor: "[  12/  99]  blk.0.attn_v.weight  - [ 256, 128, 1, 1], type =    f32,
+# size =   0.125 MiB ->   0.018 MiB (iq2_xxs)" — no "(type)" when the tensor keeps its type
+_DRY_RUN_LINE = re.compile(r"\[\s*\d+/\s*\d+\]\s+(\S+)\s+- \[[^\]]*\], type =\s*(\w+), size =[^\n(]*(?:\((\w+)\))?")
+_DRY_RUN_NEEDS_IMATRIX = "will require an imatrix"
+
+
+def llama_plan(src, ftype: str, imatrix: bool = False) -> tuple[dict[str, Q], bool]:
+    """llama.cpp's types without quantizing (its dry run, read from its log), and whether it says an imatrix is
+    needed. The same `llama_tensor_get_type` as a real run: seconds for every ftype on every model."""
+    import llama_cpp
+    import llama_cpp._logger as lcl
+
+    chunks: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def capture(level, text, user_data):
+        chunks.append(text.decode("utf-8", "replace"))
+
+    llama_cpp.llama_log_set(capture, ctypes.c_void_p(0))
+    try:
+        rc = _llama_model_quantize(src, None, ftype, imatrix, dry_run=True)
+    finally:
+        llama_cpp.llama_log_set(lcl.llama_log_callback, ctypes.c_void_p(0))
+    log = "".join(chunks)
+    assert rc == 0, f"llama.cpp's dry run of {ftype} on {src} failed:\n{log[-2000:]}"
+    types = {m.group(1): Q[(m.group(3) or m.group(2)).upper()] for m in _DRY_RUN_LINE.finditer(log)}
+    return types, _DRY_RUN_NEEDS_IMATRIX in log
+
+
+_IMATRICES: dict[str, tuple] = {}     # source path -> (pointer, the arrays it points into: kept alive)
+
+
+def _flat_imatrix(src: str):
+    """A flat importance matrix for every 2-D tensor of `src`: only its presence matters. Built once per file."""
+    import llama_cpp
+
+    if src in _IMATRICES:
+        return _IMATRICES[src][0]
+    src_tensors = [t for t in gguf.GGUFReader(src).tensors if len(t.shape) == 2]
+    arr = (llama_cpp.llama_model_imatrix_data * (len(src_tensors) + 1))()
+    keep = []
+    for i, t in enumerate(src_tensors):
+        n = int(t.shape[0])
+        data = (ctypes.c_float * n)(*([1.0] * n))
+        keep += [t.name.encode(), data]
+        arr[i].name, arr[i].data, arr[i].size = keep[-2], ctypes.cast(data, ctypes.POINTER(ctypes.c_float)), n
+    arr[len(src_tensors)].name = None
+    _IMATRICES[src] = (ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data)), arr, keep)
+    return _IMATRICES[src][0]
+
+
+def _llama_model_quantize(src, dst, ftype: str, imatrix: bool = False, overrides=(), pure=False, output_type=None,
+                          embedding_type=None, dry_run: bool = False) -> int:
+    """llama.cpp's `llama_model_quantize` with these options; its return code (0: done)."""
     import llama_cpp
 
     p = llama_cpp.llama_model_quantize_default_params()
+    p.dry_run = dry_run
     p.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
     p.nthread = 2
     p.pure = pure
@@ -100,20 +173,9 @@ def llama_quantize(src, dst, ftype: str, imatrix: bool = False, overrides=(), pu
         arr[len(overrides)].pattern = None
         p.tt_overrides = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
         keep.append(arr)
-    if imatrix:                      # a flat importance matrix for every 2-D tensor: only its presence matters
-        src_tensors = [t for t in gguf.GGUFReader(src).tensors if len(t.shape) == 2]
-        arr = (llama_cpp.llama_model_imatrix_data * (len(src_tensors) + 1))()
-        for i, t in enumerate(src_tensors):
-            n = int(t.shape[0])
-            data = (ctypes.c_float * n)(*([1.0] * n))
-            keep += [t.name.encode(), data]
-            arr[i].name, arr[i].data, arr[i].size = keep[-2], ctypes.cast(data, ctypes.POINTER(ctypes.c_float)), n
-        arr[len(src_tensors)].name = None
-        p.imatrix = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
-        keep.append(arr)
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p))
-    assert rc == 0, f"llama.cpp failed to quantize {src} to {ftype}"
-    return {t.name: Q(t.tensor_type) for t in gguf.GGUFReader(dst).tensors}
+    if imatrix:
+        p.imatrix = _flat_imatrix(str(src))
+    return llama_cpp.llama_model_quantize(str(src).encode(), str(dst or "").encode(), ctypes.byref(p))
 
 
 def assert_same(ours: dict, theirs: dict):
@@ -124,7 +186,8 @@ def assert_same(ours: dict, theirs: dict):
 
 CASES = ([(m, f, False) for m in MODELS for f in CORE_FTYPES]
          + [(m, f, False) for m in MORE_MODELS for f in MORE_FTYPES]
-         + [(m, f, True) for m in IMATRIX_MODELS for f in IMATRIX_FTYPES])
+         + [(m, f, True) for m in IMATRIX_MODELS for f in IMATRIX_FTYPES]
+         + IQ_CASES)
 
 
 @pytest.mark.parametrize("model,ftype,imatrix", CASES, ids=[f"{m}-{f}{'-imatrix' if i else ''}" for m, f, i in CASES])
@@ -132,6 +195,37 @@ def test_mix_matches_llama_cpp(f32_models, tmp_path, model, ftype, imatrix):
     spec, names, src = f32_models.get(model)
     theirs = llama_quantize(src, tmp_path / "q.gguf", ftype, imatrix=imatrix)
     assert_same(llama_cpp_mix(spec, ftype, names, imatrix=imatrix), theirs)
+    if not imatrix:                 # llama.cpp wrote it without one: nothing needed one
+        choices = assign_types(spec, names, mix=f"llama.cpp:{ftype}")
+        assert needs_imatrix(choices, f"llama.cpp:{ftype}") == []
+
+
+PLAN_CASES = [(m, f) for m in MODELS for f in mixes.LLAMA_CPP_FTYPES]
+
+
+@pytest.mark.parametrize("model,ftype", PLAN_CASES, ids=[f"{m}-{f}" for m, f in PLAN_CASES])
+def test_plan_matches_llama_cpp_dry_run(f32_models, model, ftype):
+    """Every ftype on every model, with and without an imatrix; and whether llama.cpp would need an imatrix."""
+    spec, names, src = f32_models.get(model)
+    for imatrix in (False, True):
+        theirs, needed = llama_plan(src, ftype, imatrix=imatrix)
+        assert_same(llama_cpp_mix(spec, ftype, names, imatrix=imatrix), theirs)
+        if not imatrix:
+            ours = needs_imatrix(assign_types(spec, names, mix=f"llama.cpp:{ftype}"), f"llama.cpp:{ftype}")
+            assert bool(ours) == needed, f"llama.cpp {'needs' if needed else 'does not need'} an imatrix; {ours}"
+
+
+# llama.cpp refuses these without an imatrix (it checks every tensor's type before quantizing any: fast)
+REFUSED = [("llama-256", f) for f in ["IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS",
+                                      "Q2_K_S"]] + [("qwen2-192", "IQ2_XXS"), ("qwen2-192", "Q2_K_S")]
+
+
+@pytest.mark.parametrize("model,ftype", REFUSED, ids=[f"{m}-{f}" for m, f in REFUSED])
+def test_needs_imatrix_matches_llama_cpp(f32_models, tmp_path, model, ftype):
+    spec, names, src = f32_models.get(model)
+    assert llama_quantize(src, tmp_path / "q.gguf", ftype, must_succeed=False) is None
+    needed = needs_imatrix(assign_types(spec, names, mix=f"llama.cpp:{ftype}"), f"llama.cpp:{ftype}")
+    assert needed and not {"token_embd.weight", "output.weight"} & set(needed)
 
 
 OPTION_CASES = {
@@ -270,3 +364,22 @@ def test_user_errors(kwargs, message):
 def test_unknown_tensor_name():
     with pytest.raises(TwinquantError):
         assign_types(spec_of(), ["blk.0.attn_zz.weight"])
+
+
+def test_iq_rules_70b_and_schedules():
+    llama70 = spec_of(n_layers=80, hidden=8192, inter=28672, heads=64, kv=8, head_dim=128, tied=False)
+    names = roles.all_tensor_names(llama70)
+    iq2 = by_name(assign_types(llama70, names, "llama.cpp:IQ2_XS"))       # the IQ1/IQ2 rules: no 70B bump
+    assert iq2["blk.40.attn_v.weight"].type == Q.Q4_K and "70B" not in iq2["blk.40.attn_v.weight"].rule
+    assert iq2["output.weight"].type == Q.Q5_K and iq2["token_embd.weight"].type == Q.Q2_K
+    assert [i for i in range(80) if iq2[f"blk.{i}.ffn_down.weight"].type == Q.Q2_K] == list(range(10))
+    iq3 = by_name(assign_types(llama70, names, "llama.cpp:IQ3_M"))
+    assert iq3["blk.40.attn_v.weight"].type == Q.Q5_K and "70B" in iq3["blk.40.attn_v.weight"].rule
+    xs = llama_cpp_mix(llama70, "IQ3_XS", names)
+    assert [i for i in range(80) if xs[f"blk.{i}.ffn_up.weight"] == Q.IQ3_S] == [*range(10), *range(70, 80)]
+    assert xs["blk.3.attn_q.weight"] == xs["blk.10.ffn_gate.weight"] == Q.IQ3_XXS
+    assert xs["blk.9.ffn_gate.weight"] == xs["blk.3.ffn_down.weight"] == Q.IQ3_S
+    xxs = llama_cpp_mix(spec_of(hidden=512, inter=1024, n_layers=16, tied=False), "IQ3_XXS",
+                        roles.all_tensor_names(spec_of(hidden=512, inter=1024, n_layers=16, tied=False)))
+    assert xxs["blk.0.attn_v.weight"] == Q.IQ3_S and xxs["blk.1.ffn_down.weight"] == Q.Q4_K    # no imatrix
+    assert xxs["blk.2.ffn_down.weight"] == Q.Q3_K

@@ -15,6 +15,7 @@ import torch
 from twinquant.errors import TwinquantError
 from twinquant.algorithms.config import Config
 from twinquant.algorithms.gptq import gptq
+from twinquant.algorithms.gptq_blocks import gptq_blocks
 from twinquant.algorithms.hqq_backend import HQQQuantizer       # hqq itself is imported only when used
 from twinquant.algorithms.rtn import rtn
 
@@ -87,3 +88,27 @@ def get_quantizer(name: str, config=None) -> Quantizer:
     elif not isinstance(config, cls.Config):
         raise TwinquantError(f"{name}: expected a {cls.Config.__name__}, got {type(config).__name__}")
     return cls(config)
+
+
+def quantize_to_format(quantizer: Quantizer, W: torch.Tensor, codec, H: torch.Tensor | None = None,
+                       importance: torch.Tensor | None = None):
+    """(GGML bytes uint8 [rows, bytes_per_row], or None for integer grids; dequantized float32 W) of W in `codec`.
+
+    Codecs decided a block at a time (the i-quants, `codec.blockwise`) have no per-weight codes: RTN is their
+    own llama.cpp search, GPTQ is block LDLQ (`gptq_blocks`). A type llama.cpp quantizes only with an imatrix
+    gets uniform weights where there is no importance at all (a tensor no calibration input reaches)."""
+    if getattr(codec, "blockwise", False):
+        if importance is None and codec.needs_imatrix:
+            importance = torch.ones(W.shape[1], device=W.device)
+        if quantizer.name == "gptq":
+            if H is None:
+                raise TwinquantError("gptq needs the layer's input Hessian (calibration data)")
+            r = gptq_blocks(W, H, codec, damp=quantizer.config.damp, importance=importance)
+            return r.data, r.dequantized
+        if quantizer.name == "rtn":
+            data = codec.quantize_bytes(W, importance)
+            return data, codec.dequantize_bytes(data, W.shape[1]).to(W.device)
+        raise TwinquantError(f"{quantizer.name} cannot quantize into {codec.name} (use gptq or rtn)")
+    codes, params, hat = quantizer.quantize_weight(W, codec, H=H, importance=importance)
+    data = codec.pack(codes, params) if getattr(codec, "ggml_type", None) is not None else None
+    return data, hat

@@ -9,13 +9,17 @@ How llama.cpp decides (src/llama-quant.cpp), restated as the tables below:
 
 * the file type (ftype) names a *default* type (`MIXES[...].default`); 1-D tensors (norms, biases) stay F32;
 * `output.weight` — and `token_embd.weight` when the embeddings are tied (no `output.weight` in the file) — gets
-  Q6_K, or Q8_0 when the default is Q8_0 or its block does not divide the row;
+  Q8_0 when the default type's block does not divide the row; else the mix's own output type
+  (`MIXES[...].output`: Q5_K for the 1- and 2-bit i-quants and IQ3_XXS), else Q6_K, or Q8_0 when the default is
+  Q8_0;
 * a few roles get other types by *condition rules* (`MIXES[...].rules`): ordered (condition, type) pairs, the
   first true condition wins. Conditions read a per-role counter `i` (how many tensors of that role the rules have
   already seen, in llama.cpp's tensor order: by layer number, then by name) against a total `n` (the number of
-  attn_v tensors for attn_v; the layer count for ffn_down), the GQA ratio `n_heads // n_kv_heads`, and whether an
-  importance matrix is given;
-* 70B models (llama with 80 layers and GQA; qwen2 with 80 layers) bump attn_v from Q3_K/Q4_K to Q5_K;
+  attn_v tensors for attn_v; the layer count for ffn_down / ffn_gate / ffn_up), the GQA ratio
+  `n_heads // n_kv_heads`, and whether an importance matrix is given. An untied token_embd has rules of its own
+  (Q2_K / IQ3_S for the 1- to 3-bit i-quants, Q4_K for TQ1_0 / TQ2_0);
+* 70B models (llama with 80 layers and GQA; qwen2 with 80 layers) bump attn_v from Q3_K/Q4_K to Q5_K — except
+  in the IQ1_* / IQ2_* mixes (`Mix.bump_70b`), whose rules llama.cpp keeps in a branch of their own;
 * finally, a type whose block does not divide the row length (the input features, GGML's `ne[0]`) *falls back*
   (`FALLBACK`): Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, IQ* -> IQ4_NL; a 32-block type, or
   a fallback whose 32-block does not divide the row either, becomes F16.
@@ -26,9 +30,15 @@ name sets the type and skips the rules (its tensor then does not advance the cou
 `blk\\.0\\.attn_v` makes blk.1's attn_v count as the first); `--pure` skips the rules everywhere. Fallbacks
 apply in every case.
 
-Importance matrix (`imatrix=True`): of the supported ftypes, only Q4_0 / Q5_0 change — ffn_down of the first
-n_layers // 8 layers becomes Q4_1 / Q5_1. Q2_K_S picks the same types either way, but llama.cpp refuses to
-write its Q2_K tensors without an imatrix.
+Importance matrix (`imatrix=True`): Q4_0 / Q5_0 change — ffn_down of the first n_layers // 8 layers becomes
+Q4_1 / Q5_1 — and so do IQ3_XXS (without one, attn_v becomes IQ3_S and ffn_down Q4_K / Q3_K) and IQ4_NL /
+IQ4_XS (without one, ffn_down of the first n_layers // 8 layers becomes Q5_K). llama.cpp refuses to write some
+types without an imatrix (`needs_imatrix`): IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, and Q2_K in a Q2_K_S
+file, except in token_embd / output — so IQ1_*, IQ2_*, IQ3_XXS, IQ3_XS and Q2_K_S need one unless every such
+tensor fell back (rows not whole 256-blocks).
+
+Not reproduced: llama.cpp's rules for mixture-of-experts models (expert counts) and falcon, whose architectures
+are not supported here; the conditions would read them from the same `RuleContext`.
 
 Deliberate differences from llama-quantize, where it would fail: a `--token-embedding-type` /
 `--output-tensor-type` whose block does not divide the row falls back here (llama.cpp aborts); overrides also
@@ -174,7 +184,10 @@ CONDITIONS: dict[str, Callable[[RuleContext], bool]] = {
     "first 1/16": lambda c: c.i < c.n // 16,
     "first 1/8": lambda c: c.i < c.n // 8,
     "more bits": lambda c: use_more_bits(c.i, c.n),
+    "not first/last 1/8": lambda c: c.n // 8 <= c.i < 7 * c.n // 8,
     "imatrix, first 1/8": lambda c: c.imatrix and c.i < c.n // 8,
+    "no imatrix": lambda c: not c.imatrix,
+    "no imatrix, first 1/8": lambda c: not c.imatrix and c.i < c.n // 8,
 }
 
 Rules = dict[str, tuple[tuple[str, Q], ...]]   # role -> ((condition, type), …): the first true condition wins
@@ -185,10 +198,13 @@ class Mix:
     ftype: str
     default: Q
     rules: Rules = field(default_factory=dict)
+    output: Q | None = None     # the output head's type (and a tied token_embd's); None: Q6_K (Q8_0 for Q8_0)
+    bump_70b: bool = True       # whether 70B models bump attn_v (BUMP_70B)
 
 
-def _mix(ftype: str, default: Q, **rules: tuple[tuple[str, Q], ...]) -> Mix:
-    return Mix(ftype, default, dict(rules))
+def _mix(ftype: str, default: Q, output: Q | None = None, bump_70b: bool = True,
+         **rules: tuple[tuple[str, Q], ...]) -> Mix:
+    return Mix(ftype, default, dict(rules), output, bump_70b)
 
 
 MIXES: dict[str, Mix] = {m.ftype: m for m in (
@@ -209,6 +225,37 @@ MIXES: dict[str, Mix] = {m.ftype: m for m in (
     _mix("Q4_1", Q.Q4_1),
     _mix("Q5_0", Q.Q5_0, ffn_down=(("imatrix, first 1/8", Q.Q5_1),)),
     _mix("Q5_1", Q.Q5_1),
+    # 1- and 2-bit i-quants: one rule set (attn_v, the first eighth of ffn_down, attn_output and token_embd get a
+    # larger type; Q5_K output), and no 70B bump
+    _mix("IQ2_XXS", Q.IQ2_XXS, output=Q.Q5_K, bump_70b=False, token_embd=(("", Q.Q2_K),),
+         attn_v=(("gqa>=4", Q.Q4_K), ("", Q.Q2_K)), ffn_down=(("first 1/8", Q.Q2_K),)),
+    _mix("IQ2_XS", Q.IQ2_XS, output=Q.Q5_K, bump_70b=False, token_embd=(("", Q.Q2_K),),
+         attn_v=(("gqa>=4", Q.Q4_K), ("", Q.Q2_K)), ffn_down=(("first 1/8", Q.Q2_K),)),
+    _mix("IQ2_S", Q.IQ2_XS, output=Q.Q5_K, bump_70b=False, token_embd=(("", Q.IQ3_S),),
+         attn_v=(("gqa>=4", Q.Q4_K), ("", Q.IQ3_S)), ffn_down=(("first 1/8", Q.IQ3_S),),
+         attn_output=(("", Q.IQ3_S),)),
+    _mix("IQ2_M", Q.IQ2_S, output=Q.Q5_K, bump_70b=False, token_embd=(("", Q.IQ3_S),),
+         attn_v=(("gqa>=4", Q.Q4_K), ("", Q.IQ3_S)), ffn_down=(("first 1/8", Q.IQ3_S),),
+         attn_output=(("", Q.IQ3_S),)),
+    _mix("IQ1_S", Q.IQ1_S, output=Q.Q5_K, bump_70b=False, token_embd=(("", Q.Q2_K),),
+         attn_v=(("gqa>=4", Q.Q4_K), ("", Q.Q2_K)), ffn_down=(("first 1/8", Q.Q2_K),),
+         attn_output=(("", Q.IQ2_XXS),)),
+    _mix("IQ1_M", Q.IQ1_M, output=Q.Q5_K, bump_70b=False, token_embd=(("", Q.Q2_K),),
+         attn_v=(("gqa>=4", Q.Q4_K), ("", Q.Q2_K)), ffn_down=(("first 1/8", Q.Q2_K),),
+         attn_output=(("", Q.IQ2_XXS),)),
+    # 3- and 4-bit i-quants
+    _mix("IQ3_XXS", Q.IQ3_XXS, output=Q.Q5_K, token_embd=(("", Q.IQ3_S),),
+         attn_v=(("gqa>=4", Q.Q4_K), ("no imatrix", Q.IQ3_S)), attn_k=(("", Q.IQ2_S),), attn_q=(("", Q.IQ2_S),),
+         ffn_down=(("no imatrix, first 1/8", Q.Q4_K), ("no imatrix", Q.Q3_K)), attn_output=(("", Q.IQ3_S),)),
+    _mix("IQ3_XS", Q.IQ3_S, attn_v=(("gqa>=4", Q.Q4_K),), attn_k=(("", Q.IQ3_XXS),), attn_q=(("", Q.IQ3_XXS),),
+         ffn_gate=(("not first/last 1/8", Q.IQ3_XXS),), ffn_up=(("not first/last 1/8", Q.IQ3_XXS),)),
+    _mix("IQ3_S", Q.IQ3_S, attn_v=(("gqa>=4", Q.Q4_K),)),
+    _mix("IQ3_M", Q.IQ3_S, attn_v=(("", Q.Q4_K),), ffn_down=(("first 1/8", Q.Q4_K),), attn_output=(("", Q.Q4_K),)),
+    _mix("IQ4_NL", Q.IQ4_NL, attn_v=(("gqa>=4", Q.Q5_K),), ffn_down=(("no imatrix, first 1/8", Q.Q5_K),)),
+    _mix("IQ4_XS", Q.IQ4_XS, attn_v=(("gqa>=4", Q.Q5_K),), ffn_down=(("no imatrix, first 1/8", Q.Q5_K),)),
+    # ternary
+    _mix("TQ1_0", Q.TQ1_0, token_embd=(("", Q.Q4_K),)),
+    _mix("TQ2_0", Q.TQ2_0, token_embd=(("", Q.Q4_K),)),
 )}
 ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}   # llama-quantize's names
 LLAMA_CPP_FTYPES = tuple(MIXES)
@@ -241,10 +288,12 @@ def get_mix(text: str) -> Mix:
     return MIXES[s]
 
 
-def output_type(default: Q, cols: int) -> tuple[Q, str]:
-    """llama.cpp's type for the output head (and a tied token_embd): Q6_K, or Q8_0."""
+def output_type(default: Q, cols: int, mix_output: Q | None = None) -> tuple[Q, str]:
+    """llama.cpp's type for the output head (and a tied token_embd): the mix's (Q5_K), Q6_K, or Q8_0."""
     if cols % block_size(default):
         return Q.Q8_0, f"Q8_0 ({cols} not divisible by {block_size(default)})"
+    if mix_output is not None:
+        return mix_output, mix_output.name
     return (Q.Q8_0, "Q8_0") if default == Q.Q8_0 else (Q.Q6_K, "Q6_K")
 
 
@@ -300,14 +349,14 @@ class _Rules:
         self.tied = all(r.name != OUTPUT_NAME for r in refs)
         self.totals = {role: total(spec, refs) for role, total in COUNTED.items()}
         self.seen = dict.fromkeys(COUNTED, 0)
-        self.bump = BUMP_70B if IS_70B.get(spec.arch, lambda s: False)(spec) else {}
+        self.bump = BUMP_70B if mix.bump_70b and IS_70B.get(spec.arch, lambda s: False)(spec) else {}
 
     def choose(self, ref: TensorRef, output_override: TensorType | None) -> tuple[TensorType, str]:
         if ref.role == OUTPUT or (self.tied and ref.role == TOKEN_EMBD):
             what = "token_embd (tied: output rule)" if ref.role == TOKEN_EMBD else "output"
             if output_override is not None:
                 return output_override, f"output-tensor-type {type_name(output_override)} ({what})"
-            t, why = output_type(self.base, ref.shape[-1])
+            t, why = output_type(self.base, ref.shape[-1], self.mix.output)
             return t, f"{self.label} {what} {why}"
         t, rule = self.base, f"{self.label} default"
         if ref.role in COUNTED:
@@ -381,3 +430,18 @@ def llama_cpp_mix(spec: ModelSpec, ftype: str, tensor_names: Iterable[str],
                   imatrix: bool = False) -> dict[str, TensorType]:
     """The types stock llama-quantize picks for `ftype` (e.g. "Q4_K_M"), per tensor name."""
     return {c.name: c.type for c in assign_types(spec, tensor_names, mix=f"llama.cpp:{ftype}", imatrix=imatrix)}
+
+
+# types llama.cpp refuses to write without an importance matrix (but in token_embd / output), and Q2_K in Q2_K_S
+IMATRIX_TYPES = frozenset({Q.IQ1_S, Q.IQ1_M, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS})
+IMATRIX_MIX_TYPES: dict[str, frozenset] = {"Q2_K_S": frozenset({Q.Q2_K})}
+
+
+def needs_imatrix(choices: Iterable[TypeChoice], mix: str | None = None) -> list[str]:
+    """The tensors of `choices` that llama.cpp would refuse to quantize without an importance matrix.
+
+    mix: the mix the choices came from (`llama.cpp:Q2_K_S` makes its Q2_K tensors need one too).
+    """
+    extra = IMATRIX_MIX_TYPES.get(get_mix(mix).ftype, frozenset()) if mix else frozenset()
+    return [c.name for c in choices if c.name not in (roles.name(roles.T.TOKEN_EMBD), OUTPUT_NAME)
+            and (c.type in IMATRIX_TYPES or c.type in extra)]

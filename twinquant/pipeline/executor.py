@@ -28,6 +28,7 @@ from twinquant.model import roles
 from twinquant.model.forward import embed, rms_norm
 from twinquant.model.model import Model, QuantizedWeight
 from twinquant.calibration.blocks import block_hessians, block_pass
+from twinquant.algorithms.backends import quantize_to_format
 from twinquant.formats import codec_for
 from twinquant.progress import Progress
 
@@ -94,9 +95,9 @@ def quantize_tensor(model: Model, name: str, type_name: str, quantizer, H: torch
     step = chunk_rows(W.shape[0], W.shape[1], W.device)
     for r in range(0, W.shape[0], step):
         Wc = W[r: r + step]
-        codes, params, hat = quantizer.quantize_weight(Wc, codec, H=H, importance=imp)
+        data, hat = quantize_to_format(quantizer, Wc, codec, H=H, importance=imp)
         if ggml:
-            packed.append(codec.pack(codes, params))
+            packed.append(data)
         if W_hat is None:
             W_hat = hat if Wc.shape[0] == W.shape[0] else torch.empty(W.shape, dtype=hat.dtype, device=hat.device)
         if W_hat is not hat:

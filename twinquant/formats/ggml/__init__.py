@@ -8,6 +8,9 @@
 
 GPTQ uses codec.block / sub / qmax, fit(w_block, importance) -> BlockParams, codes(w_block, params) and
 twinquant.formats.codec.dequantize_codes; see twinquant.formats.codec for the protocol.
+
+llama.cpp's i-quants (IQ1_S … IQ4_XS) are `BlockwiseCodec`s (`codec.blockwise`): no per-weight codes, whole blocks
+in and out (`quantize_bytes`, `quantize_blocks`, `dequantize_bytes`), the same bytes as llama.cpp; see _blockwise.py.
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ import gguf
 
 from twinquant.errors import TwinquantError
 from twinquant.formats.ggml._base import GGMLCodec, GGMLPacked
+from twinquant.formats.ggml._blockwise import BlockwiseCodec
+from twinquant.formats.ggml.iq4 import IQ4_NL, IQ4_XS
 from twinquant.formats.ggml.kquants import Q2_K, Q3_K, Q4_K, Q5_K, Q6_K
 from twinquant.formats.ggml.legacy import Q4_0, Q4_1, Q5_0, Q5_1, Q8_0
 
 T = gguf.GGMLQuantizationType
 
-CODECS: dict[gguf.GGMLQuantizationType, GGMLCodec] = {
+CODECS: dict[gguf.GGMLQuantizationType, GGMLCodec | BlockwiseCodec] = {
     T.Q8_0: Q8_0(),
     T.Q4_0: Q4_0(),
     T.Q5_0: Q5_0(),
@@ -32,10 +37,12 @@ CODECS: dict[gguf.GGMLQuantizationType, GGMLCodec] = {
     T.Q4_K: Q4_K(),
     T.Q5_K: Q5_K(),
     T.Q6_K: Q6_K(),
+    T.IQ4_NL: IQ4_NL(),
+    T.IQ4_XS: IQ4_XS(),
 }
 
 
-def get_codec(name_or_type) -> GGMLCodec:
+def get_codec(name_or_type) -> GGMLCodec | BlockwiseCodec:
     """The codec of a GGML type, by gguf.GGMLQuantizationType, its int value, or its name ("q4_k", "Q4_K")."""
     key = name_or_type
     try:
@@ -51,5 +58,5 @@ def get_codec(name_or_type) -> GGMLCodec:
     return CODECS[key]
 
 
-__all__ = ["CODECS", "get_codec", "GGMLCodec", "GGMLPacked", "Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1", "Q2_K",
+__all__ = ["CODECS", "get_codec", "GGMLCodec", "GGMLPacked", "BlockwiseCodec", "IQ4_NL", "IQ4_XS", "Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1", "Q2_K",
            "Q3_K", "Q4_K", "Q5_K", "Q6_K"]

@@ -1,0 +1,105 @@
+"""GPTQ's factor-only (LDLQ) form and the block LDLQ of the i-quants against float64 textbook references.
+
+`gptq` no longer inverts H: it uses the Cholesky factor of H itself (W̃_c = W_c + Σ Δ_k·R_kc/R_cc). The textbook
+algorithm (Frantar et al.: U = chol(H⁻¹) upper, err = (w − q)/U_cc, W[:, c+1:] −= err·U_c,c+1:) must give the
+same codes. `gptq_blocks` quantizes a group of columns at a time: each group's target must be the closed form
+W_G + Δ_{<G}·H_{<G,≥G}·H_{≥G,≥G}⁻¹ (the optimal update of every later column given the errors so far).
+"""
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from twinquant.algorithms.gptq import gptq
+from twinquant.algorithms.gptq_blocks import gptq_blocks
+from twinquant.formats.ggml import get_codec
+from twinquant.formats.ggml._blockwise import BlockwiseCodec
+from twinquant.formats.intgrid import IntGrid, nearest_codes
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _hessian(cols, seed, tokens=2048):
+    mix = torch.randn(cols, cols, generator=_gen(seed)) / cols ** 0.5 + torch.eye(cols)
+    x = torch.randn(tokens, cols, generator=_gen(seed + 1)) @ mix
+    return 2 * x.T @ x / tokens
+
+
+def _damped(H, damp=0.01):
+    H = H.double()
+    return H + damp * torch.diagonal(H).mean() * torch.eye(H.shape[0], dtype=torch.float64)
+
+
+def test_factor_form_equals_textbook_gptq():
+    c = IntGrid(3, 32, False)
+    w = torch.randn(64, 256, generator=_gen(0))
+    H = _hessian(256, 1)
+    r = gptq(w, H, c, static_groups=True, block_size=64)
+
+    # the textbook sweep in float64 with the same (static) parameters
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(_damped(H))), upper=True)
+    W = w.double().clone()
+    codes = torch.empty(64, 256, dtype=torch.long)
+    for j, p in enumerate(r.params):
+        s = p.scale.double().repeat_interleave(c.sub, 1)
+        o = p.offset.double().repeat_interleave(c.sub, 1)
+        for i in range(32):
+            col = j * 32 + i
+            q = torch.clamp(torch.round((W[:, col] - o[:, i]) / s[:, i]), 0, c.qmax)
+            codes[:, col] = q.long()
+            err = (W[:, col] - (s[:, i] * q + o[:, i])) / U[col, col]
+            W[:, col + 1:] -= err[:, None] * U[col, col + 1:][None]
+    agree = (codes == r.codes.long()).float().mean().item()
+    assert agree > 0.995, agree          # float32 vs float64: a few roundings at exact midpoints may flip
+
+
+class _Q4_1Blockwise(BlockwiseCodec):
+    """Q4_1 driven through the block-at-a-time interface (a 32-column group with llama.cpp's own search)."""
+
+    name = "Q4_1"
+    ggml_type = gguf.GGMLQuantizationType.Q4_1
+
+    def _quantize_blocks(self, x, qw):
+        codec = get_codec("Q4_1")
+        if qw is None or bool((qw == qw[0]).all()):
+            imp = None if qw is None else qw[0]
+            return codec.pack(*codec.quantize(x, imp)).reshape(x.shape[0], self.type_size)
+        return np.concatenate([codec.pack(*codec.quantize(x[i:i + 1], qw[i])) for i in range(x.shape[0])])
+
+
+def test_block_ldlq_targets_are_the_closed_form_update():
+    codec = _Q4_1Blockwise()
+    rows, cols, G = 24, 192, 32
+    w = torch.randn(rows, cols, generator=_gen(2))
+    H = _hessian(cols, 3)
+    r = gptq_blocks(w, H, codec, damp=0.01, importance=torch.ones(cols))
+
+    Hd = _damped(H)
+    W = w.double()
+    Q = torch.from_numpy(gguf.quants.dequantize(r.data, gguf.GGMLQuantizationType.Q4_1)).double()
+    for a in range(0, cols, G):
+        delta = W[:, :a] - Q[:, :a]
+        target = W[:, a:] + delta @ Hd[:a, a:] @ torch.linalg.inv(Hd[a:, a:]) if a else W[:, a:]
+        ref = codec.quantize_blocks(target[:, :G].float(), torch.ones(rows, G))
+        same = (ref == r.data[:, a // G * codec.type_size:(a // G + 1) * codec.type_size]).all(1)
+        assert same.mean() > 0.95, (a, same.mean())
+    assert torch.equal(r.dequantized, Q.float())
+    dw = (w - r.dequantized).double()
+    assert r.loss == pytest.approx(0.5 * ((dw @ Hd) * dw).sum().item(), rel=1e-4)
+
+
+def test_block_ldlq_with_a_diagonal_hessian_is_rtn_and_beats_it_otherwise():
+    codec = _Q4_1Blockwise()
+    w = torch.randn(8, 256, generator=_gen(4))
+    d = torch.rand(256, generator=_gen(5)) + 0.5
+    r = gptq_blocks(w, torch.diag(d), codec, damp=0.0)
+    assert np.array_equal(r.data, codec.quantize_bytes(w, d))       # nothing to feed forward; diag H weighs
+
+    H = _hessian(256, 6)
+    g = gptq_blocks(w, H, codec)
+    rtn = codec.dequantize_bytes(codec.quantize_bytes(w, torch.diagonal(H)), 256)
+    err = lambda wh: (((w - wh).double() @ H.double()) * (w - wh).double()).sum().item()
+    assert err(g.dequantized) < 0.8 * err(rtn)
