@@ -15,6 +15,7 @@ import torch
 from tests.paths import CALIB
 from tests.test_cli import assert_user_error, run
 from tests.tiny_models import save_tiny
+from twinquant.errors import TwinquantError
 from twinquant.calibration.windows import load_calibration
 from twinquant.io.load import load_model
 from twinquant.model import roles
@@ -30,12 +31,12 @@ def tiny(tmp_path_factory):
                      num_attention_heads=4, num_key_value_heads=2)
 
 
-def _measure(model_dir, path=None, stop=None, cost="anchor"):
+def _measure(model_dir, path=None, stop=None, cost="anchor", candidates="k"):
     model = load_model(str(model_dir)).materialize()
     cal = load_calibration(model, None, 1024, 64)
     names = [n for n in roles.all_tensor_names(model.spec) if len(roles.expected_shape(model.spec, n)) == 2]
     return measure(model, names, cal.windows, 4, {"model": "tiny"}, 0, model.n_params(), cost=cost, path=path,
-                   progress=False, stop_after_layer=stop)
+                   progress=False, stop_after_layer=stop, candidates=candidates)
 
 
 def _strip(d: dict) -> dict:
@@ -45,9 +46,14 @@ def _strip(d: dict) -> dict:
 
 
 def test_candidates_and_bytes():
-    assert candidate_types(256) == ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"]
-    assert candidate_types(576) == ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
+    assert candidate_types(256, "k") == ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"]
+    assert candidate_types(576, "k") == ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
+    assert candidate_types(256) == ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "IQ1_S", "IQ1_M", "IQ2_XXS",
+                                    "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_XS"]
+    assert candidate_types(576) == ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL"]
     assert candidate_types(100) == []
+    with pytest.raises(TwinquantError, match="candidates"):
+        candidate_types(256, "iq")
     assert tensor_bytes("Q2_K", (10, 512)) == 10 * 2 * 84
     assert tensor_bytes("Q4_0", (3, 64)) == 3 * 2 * 18
 
@@ -189,12 +195,17 @@ def test_infeasible_target_names_the_smallest_size(tiny, tmp_path):
                       "85XB")
 
 
-@pytest.mark.parametrize("assemble", [False, True])
-def test_allocated_file_runs_in_stock_llama_cpp(tiny, tmp_path, assemble):
+@pytest.mark.parametrize("assemble,bpw", [(False, "4.5"), (True, "4.5"), (True, "2.3")])
+def test_allocated_file_runs_in_stock_llama_cpp(tiny, tmp_path, assemble, bpw):
     import llama_cpp
 
     out = tmp_path / "q.gguf"
-    run("quantize", tiny, "-o", out, *CAL, "--target-bpw", "4.5", "-q", *(["--from-measurement"] if assemble else []))
+    run("quantize", tiny, "-o", out, *CAL, "--target-bpw", bpw, "-q", *(["--from-measurement"] if assemble else []))
+    rd = gguf.GGUFReader(out)
+    n_params = load_model(str(tiny), materialize=False).n_params()
+    assert 8 * sum(int(t.n_bytes) for t in rd.tensors) <= float(bpw) * n_params
+    if bpw == "2.3":      # below Q2_K's 2.625 bpw only the i-quants (block LDLQ) reach
+        assert any(t.startswith("IQ") for t in _types(out).values()), _types(out)
     if assemble:   # the file holds exactly the kept bytes of the chosen candidates
         rd = gguf.GGUFReader(out)
         t = next(t for t in rd.tensors if t.name == "blk.1.ffn_up.weight")

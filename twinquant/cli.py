@@ -270,7 +270,7 @@ def _options(args, **extra):
     from twinquant.pipeline import Options
 
     names = ("outtype", "split_max_size", "imatrix", "target_size", "target_bpw", "measurement", "kld_windows",
-             "cost", "keep_blocks", "from_measurement", "dry_run", "report", "resume", "work_dir", "keep_work")
+             "cost", "candidates", "keep_blocks", "from_measurement", "dry_run", "report", "resume", "work_dir", "keep_work")
     kw = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     if getattr(args, "exact", False):
         kw["cost"] = "exact"
@@ -486,6 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "when measuring (default 4)")
     sp.add_argument("--cost", choices=["fisher", "anchor", "exact"], help="how a measurement made by this run "
                     "prices candidates (as measure --cost; default anchor)")
+    sp.add_argument("--candidates", choices=["all", "k"], help="a measurement made by this run prices all types "
+                    "(default: with llama.cpp's i-quants IQ1_S..IQ4_XS) or k (K-quants and legacy types only)")
     sp.add_argument("--from-measurement", action="store_true", help="with --target-*: take each tensor's bytes "
                     "from the measurement's kept blocks (seconds; needs `measure --keep-blocks`) instead of "
                     "quantizing again (sequential GPTQ)")
@@ -518,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "per tensor: one block in memory, for large models; it ranks tensors of a type well but "
                     "underprices attn_v and a tied embedding, see benchmarks/results/measure_cost_smol.md)")
     sp.add_argument("--exact", action="store_true", help="the same as --cost exact")
+    sp.add_argument("--candidates", choices=["all", "k"], help="candidate types: all (default: K-quants, legacy "
+                    "types and llama.cpp's i-quants IQ1_S..IQ4_XS, the only types below 2.6 bpw) or k (without the "
+                    "i-quants: faster)")
     sp.add_argument("--keep-blocks", action="store_true", help="keep every candidate's packed bytes beside the "
                     "JSON (OUTPUT.blocks/, ~4x a 5-bit file) for quantize --from-measurement")
     sp.add_argument("--outtype", choices=["f32", "f16", "bf16"], default="f16")

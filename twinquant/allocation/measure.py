@@ -1,7 +1,7 @@
 """Measure what every candidate type costs each tensor, once, so any target size can be solved from it.
 
-For every quantizable tensor and every candidate type (`candidate_types`: K-quants Q2_K…Q6_K and Q8_0 where rows
-are whole 256-blocks, the 32-block types Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 elsewhere) the tensor is quantized with the
+For every quantizable tensor and every candidate type (`candidate_types`: K-quants Q2_K…Q6_K, Q8_0 and the i-quants
+IQ1_S…IQ4_XS where rows are whole 256-blocks, the 32-block types Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/IQ4_NL elsewhere) the tensor is quantized with the
 quantizer the file will really use (GPTQ with the layer's input Hessian and the importance data; RTN for the
 embedding, as the quantize executor does) and its cost is recorded as the KL divergence it adds to the model's output:
 
@@ -50,6 +50,10 @@ from twinquant.progress import Progress
 VERSION = 1
 K_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
 BLOCK32_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+# llama.cpp's i-quants (256-blocks but IQ4_NL): lattice codebooks, the only types below Q2_K's 2.625 bpw
+I_TYPES = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_XS")
+I_BLOCK32_TYPES = ("IQ4_NL",)
+CANDIDATE_SETS = ("all", "k")       # "k": the K-quant / legacy types only (faster to measure, >= 2.625 bpw)
 FLOAT_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
 T = roles.T
 
@@ -64,9 +68,14 @@ def tensor_bytes(type_name: str, shape) -> int:
     return n // block * size
 
 
-def candidate_types(cols: int) -> list[str]:
-    """The types a row of `cols` values can take (no fallback: every one of them fits exactly)."""
+def candidate_types(cols: int, candidates: str = "all") -> list[str]:
+    """The types a row of `cols` values can take (no fallback: every one of them fits exactly); the first is the
+    anchor of the "anchor" cost (Q2_K / Q4_0, whose KL forwards were validated). `candidates`: "all" or "k"."""
+    if candidates not in CANDIDATE_SETS:
+        raise TwinquantError(f"candidates must be one of {', '.join(CANDIDATE_SETS)}, not {candidates!r}")
     kinds = K_TYPES if cols % 256 == 0 else BLOCK32_TYPES
+    if candidates == "all":
+        kinds = kinds + (I_TYPES if cols % 256 == 0 else I_BLOCK32_TYPES)
     return [t for t in kinds if cols % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t]][0] == 0]
 
 
@@ -250,7 +259,8 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
             n_params: int, method: str = "gptq", config: dict | None = None,
             importance: dict[str, torch.Tensor] | None = None, cost: str = "anchor",
             path: str | os.PathLike | None = None, progress: bool = True, log=None,
-            stop_after_layer: int | None = None, keep_blocks: bool = False, stream: bool = False) -> Measurement:
+            stop_after_layer: int | None = None, keep_blocks: bool = False, stream: bool = False,
+            candidates: str = "all") -> Measurement:
     """Measure `names` (quantizable 2-D tensors of `model`, float) on the calibration windows; see module doc.
 
     `cost`: "fisher" (no forward: the Fisher-weighted output error of allocation/fisher.py), "anchor" (one KL
@@ -262,8 +272,9 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
     `path`: save after every block, and resume from it when it holds a matching, incomplete measurement.
     `stop_after_layer`: stop (incomplete) after that block — for tests of resuming.
     `keep_blocks`: keep every candidate's packed bytes beside `path` (see module doc).
+    `candidates`: "all" (K-quants, legacy types and the i-quants) or "k" (without the i-quants).
     """
-    from twinquant.algorithms.backends import get_quantizer
+    from twinquant.algorithms.backends import get_quantizer, quantize_to_format
     from twinquant.allocation.fisher import output_fisher
     from twinquant.calibration.blocks import HessianHook, block_pass
     from twinquant.formats import codec_for
@@ -280,7 +291,7 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
         raise TwinquantError("keep_blocks needs a measurement path (the blocks are kept beside it)")
     store = blocks_dir(path) if keep_blocks else None
     header = {**header, "method": method, "config": quantizer.config.to_dict(), "cost": cost, "fisher_seed": 0,
-              "keep_blocks": keep_blocks,
+              "keep_blocks": keep_blocks, "candidates": candidates,
               "kld_windows": int(min(kld_windows, calib_windows.shape[0])), "kld_scored": "second half"}
     meas = Measurement(header, n_params, fixed_bytes)
     if path is not None and Path(path).is_file():
@@ -305,18 +316,18 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
         imp = importance.get(name) if importance else None
         if imp is None and H is not None:
             imp = torch.diagonal(H).clone()
-        types = candidate_types(W.shape[1])
+        types = candidate_types(W.shape[1], candidates)
         if not types:
             raise TwinquantError(f"{name}: rows of {W.shape[1]} fit no quantized type (not a multiple of 32)")
         direct = cost != "fisher" and (exact or H is None or layer < 0 or layer >= s.n_layers)
         cands = {}
         for ty in types:
             codec = codec_for(ty, W.shape[1])
-            codes, params, W_hat = (quant if H is not None else rtn).quantize_weight(W, codec, H=H, importance=imp)
+            data, W_hat = quantize_to_format(quant if H is not None else rtn, W, codec, H=H, importance=imp)
             c = {"bytes": tensor_bytes(ty, W.shape), "out_error": _out_error(W, W_hat, H) if H is not None else None,
                  "fisher": fisher.cost(name, W, W_hat, H)}
             if store is not None:
-                _save_block(store / f"{name}.{ty}.npy", codec.pack(codes, params))
+                _save_block(store / f"{name}.{ty}.npy", data)
             if scorer is not None and (direct or ty == types[0]):
                 model.set(name, W_hat)
                 start = max(layer, 0)

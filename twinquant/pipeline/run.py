@@ -43,6 +43,7 @@ class Options:
     kld_windows: int = 4
     cost: str = "anchor"                 # how measure prices candidates (allocation/measure.py COSTS)
     keep_blocks: bool = False
+    candidates: str = "all"              # measure's candidate types: "all" (with the i-quants) or "k"
     from_measurement: bool = False
     dry_run: bool = False
     report: str | None = None            # JSON (+ PNG beside it)
@@ -122,7 +123,8 @@ class Session:
         def types_for(spec):
             return assign_types(spec, roles.all_tensor_names(spec), mix=recipe.mix, default=recipe.format,
                                 overrides=recipe.tensor_type, output_type=recipe.output_tensor_type,
-                                embedding_type=recipe.token_embedding_type, pure=recipe.pure)
+                                embedding_type=recipe.token_embedding_type, pure=recipe.pure,
+                                imatrix=opts.imatrix is not None)   # llama-quantize's rules with --imatrix
 
         self.types_for = types_for
         types_for(model.spec)   # a bad mix, type or rule fails here, before any work
@@ -199,7 +201,7 @@ class Session:
                   "pad": recipe.pad, "pad_multiple": recipe.pad_multiple if recipe.pad else None,
                   "act_order": recipe.act_order,
                   "calibration": {"sha256": calib.text_sha256, "tokens": calib.n_tokens, "ctx": recipe.calib_ctx},
-                  "imatrix": self.imp_sha, "method": recipe.method}
+                  "imatrix": self.imp_sha, "method": recipe.method, "candidates": opts.candidates}
         p = Path(path)
         if p.is_file():
             m = Measurement.load(p)
@@ -220,7 +222,7 @@ class Session:
             if n not in names:
                 fixed += math.prod(shape) * (4 if len(shape) == 1 else FLOAT_BYTES[opts.outtype.upper()])
         kw = opts.kld_windows
-        n_c = sum(len(candidate_types(roles.expected_shape(model.spec, n)[1])) for n in names)
+        n_c = sum(len(candidate_types(roles.expected_shape(model.spec, n)[1], opts.candidates)) for n in names)
         forwards = {"fisher": "one backward pass", "anchor": f"{len(names)} forwards",
                     "exact": f"{n_c} forwards"}[opts.cost]
         opts.say(f"measuring {len(names)} tensors x their candidate types: {n_c} {recipe.method} quantizations "
@@ -230,7 +232,8 @@ class Session:
             model.materialize()    # KL forwards run every block after the measured one to the logits
         return measure(model, names, calib.windows, kw, header, fixed, self.n_params, recipe.method,
                        self.quantizer_config(), self.imp, cost=opts.cost, path=p, progress=not opts.quiet,
-                       log=opts.say, keep_blocks=opts.keep_blocks, stream=opts.stream)
+                       log=opts.say, keep_blocks=opts.keep_blocks, stream=opts.stream,
+                       candidates=opts.candidates)
 
     def fingerprint_parts(self, types: dict[str, str], calib) -> dict:
         import twinquant

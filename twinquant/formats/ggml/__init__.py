@@ -20,7 +20,9 @@ import gguf
 from twinquant.errors import TwinquantError
 from twinquant.formats.ggml._base import GGMLCodec, GGMLPacked
 from twinquant.formats.ggml._blockwise import BlockwiseCodec
+from twinquant.formats.ggml.iq1 import IQ1_M, IQ1_S
 from twinquant.formats.ggml.iq2 import IQ2_S, IQ2_XS, IQ2_XXS
+from twinquant.formats.ggml.iq3 import IQ3_S, IQ3_XXS
 from twinquant.formats.ggml.iq4 import IQ4_NL, IQ4_XS
 from twinquant.formats.ggml.kquants import Q2_K, Q3_K, Q4_K, Q5_K, Q6_K
 from twinquant.formats.ggml.legacy import Q4_0, Q4_1, Q5_0, Q5_1, Q8_0
@@ -38,9 +40,13 @@ CODECS: dict[gguf.GGMLQuantizationType, GGMLCodec | BlockwiseCodec] = {
     T.Q4_K: Q4_K(),
     T.Q5_K: Q5_K(),
     T.Q6_K: Q6_K(),
+    T.IQ1_S: IQ1_S(),
+    T.IQ1_M: IQ1_M(),
     T.IQ2_XXS: IQ2_XXS(),
     T.IQ2_XS: IQ2_XS(),
     T.IQ2_S: IQ2_S(),
+    T.IQ3_XXS: IQ3_XXS(),
+    T.IQ3_S: IQ3_S(),
     T.IQ4_NL: IQ4_NL(),
     T.IQ4_XS: IQ4_XS(),
 }
@@ -62,6 +68,7 @@ def get_codec(name_or_type) -> GGMLCodec | BlockwiseCodec:
     return CODECS[key]
 
 
-__all__ = ["CODECS", "get_codec", "GGMLCodec", "GGMLPacked", "BlockwiseCodec", "IQ2_XXS", "IQ2_XS", "IQ2_S",
+__all__ = ["CODECS", "get_codec", "GGMLCodec", "GGMLPacked", "BlockwiseCodec", "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S",
+           "IQ3_XXS", "IQ3_S",
            "IQ4_NL", "IQ4_XS", "Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1", "Q2_K",
            "Q3_K", "Q4_K", "Q5_K", "Q6_K"]

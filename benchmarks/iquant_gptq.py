@@ -1,0 +1,170 @@
+"""Error feedback into llama.cpp's low-bit formats on real Hessians: output error of llama.cpp's own quantizer
+(RTN with the imatrix) vs twinquant's GPTQ (column GPTQ for the K-quants, block LDLQ for the i-quants).
+
+For the chosen blocks of a real model (calibration text through the float model, block by block, one block in
+memory), every linear is quantized into every type both ways; the figure is the relative output error
+e = tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) on the block's real inputs (H = 2XᵀX/n). llama.cpp's imatrix is the mean square of
+each input, i.e. diag(H)/2: the RTN rows are what `llama-quantize --imatrix` writes for these weights (the codecs
+are byte-identical to it). Writes benchmarks/results/iquant_gptq_TAG.{json,md,png}.
+
+    python benchmarks/iquant_gptq.py --model qwen2.5-coder-1.5b --layers 13 --tag qwen15
+    python benchmarks/iquant_gptq.py --model qwen2.5-coder-1.5b --layers 2 13 25 --device cuda --tag qwen15-h200
+
+Note: the packaged models are themselves Q4_K_M files; types of 4 bits and more can re-create parts of the source's
+grid, the 1–3-bit types cannot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import torch  # noqa: E402
+
+from provenance import record  # noqa: E402
+
+TYPES = ["IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K", "IQ3_XXS", "IQ3_S", "Q3_K", "IQ4_XS", "Q4_K"]
+
+
+def rel_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
+    d = (W - W_hat).double()
+    Hd = H.double()
+    return float(torch.einsum("ij,jk,ik->", d, Hd, d) / torch.einsum("ij,jk,ik->", W.double(), Hd, W.double()))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="qwen2.5-coder-1.5b")
+    ap.add_argument("--layers", type=int, nargs="+", default=[13])
+    ap.add_argument("--types", nargs="+", default=TYPES)
+    ap.add_argument("--roles", nargs="+", default=None, help="e.g. attn_v ffn_down (default: every linear)")
+    ap.add_argument("--calib-tokens", type=int, default=4096)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--tag", required=True)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = ap.parse_args(argv)
+
+    from twinquant.algorithms.backends import get_quantizer, quantize_to_format
+    from twinquant.calibration.blocks import block_hessians, block_pass
+    from twinquant.calibration.windows import load_calibration
+    from twinquant.formats import codec_for
+    from twinquant.io.load import load_model
+    from twinquant.model import roles
+    from twinquant.model.forward import embed
+    from twinquant.zoo import resolve
+
+    dev = torch.device(args.device)
+    model = load_model(args.model, device=args.device)
+    calib = load_calibration(model, None, args.calib_tokens, 512)
+    x = torch.cat([embed(model, calib.windows[i: i + 1].to(dev)).float() for i in range(calib.windows.shape[0])])
+    rtn, gptq = get_quantizer("rtn"), get_quantizer("gptq")
+    rows = []
+    t_all = time.perf_counter()
+    for layer in range(max(args.layers) + 1):
+        if layer in args.layers:
+            names = [n for n in roles.block_tensor_names(model.spec, layer) if n.endswith(".weight")
+                     and len(roles.expected_shape(model.spec, n)) == 2
+                     and (args.roles is None or any(f".{r}." in n for r in args.roles))]
+            hooks = block_hessians(model, layer, x, set(names))
+            group_of = {n: g[0] for g in roles.shared_input_groups(layer) for n in g}
+            for name in names:
+                W = model.get(name).float()
+                H = hooks.hessian(group_of[name]).to(dev)
+                imatrix = torch.diagonal(H) / 2                  # llama.cpp's imatrix: mean x² per input
+                for ty in args.types:
+                    codec = codec_for(ty, W.shape[1])
+                    row = {"layer": layer, "tensor": name, "shape": list(W.shape), "type": ty,
+                           "bpw": round(codec.bits_per_weight, 4)}
+                    for label, q in (("llama.cpp", rtn), ("twinquant", gptq)):
+                        t0 = time.perf_counter()
+                        _, W_hat = quantize_to_format(q, W, codec, H=H if q is gptq else None, importance=imatrix)
+                        row[label] = rel_error(W, W_hat.to(dev), H)
+                        row[f"{label}_seconds"] = round(time.perf_counter() - t0, 2)
+                    row["ratio"] = row["twinquant"] / row["llama.cpp"]
+                    rows.append(row)
+                    print(f"{name:28s} {ty:8s} llama.cpp {row['llama.cpp']:.5f}  twinquant {row['twinquant']:.5f}"
+                          f"  ratio {row['ratio']:.3f}  ({row['llama.cpp_seconds']} s / {row['twinquant_seconds']} s)",
+                          flush=True)
+        x = block_pass(model, layer, x)
+        model.release_block(layer)
+
+    import statistics
+
+    summary = {}
+    for ty in args.types:
+        r = [v for v in rows if v["type"] == ty]
+        summary[ty] = {"bpw": r[0]["bpw"], "n": len(r),
+                       "llama.cpp_mean": statistics.fmean(v["llama.cpp"] for v in r),
+                       "twinquant_mean": statistics.fmean(v["twinquant"] for v in r),
+                       "ratio_median": statistics.median(v["ratio"] for v in r),
+                       "ratio_worst": max(v["ratio"] for v in r),
+                       "llama.cpp_seconds": round(sum(v["llama.cpp_seconds"] for v in r), 1),
+                       "twinquant_seconds": round(sum(v["twinquant_seconds"] for v in r), 1)}
+    res = record(benchmark="iquant_gptq", tag=args.tag, model=args.model,
+                 source_sha256=_sha(resolve(args.model)), layers=args.layers, calib_tokens=calib.n_tokens,
+                 calibration_sha256=calib.text_sha256, seconds=round(time.perf_counter() - t_all, 1),
+                 summary=summary, rows=rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"iquant_gptq_{args.tag}.json").write_text(json.dumps(res, indent=1) + "\n")
+    lines = [f"# llama.cpp's quantizer vs twinquant's GPTQ: relative output error on real Hessians ({args.model})",
+             "", f"command: `{res['command']}`  ", f"commit: {res['commit']}  ",
+             f"blocks {args.layers}, every linear of them; {calib.n_tokens} calibration tokens; "
+             f"e = tr(ΔW H ΔWᵀ)/tr(W H Wᵀ); llama.cpp = its own quantizer with imatrix = diag(H)/2 "
+             f"(byte-identical codecs); twinquant = GPTQ (K-quants) / block LDLQ (i-quants) with the same "
+             f"importance", "",
+             "| type | bpw | tensors | llama.cpp mean e | twinquant mean e | median ratio | worst ratio | seconds (llama.cpp / twinquant) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for ty, v in summary.items():
+        lines.append(f"| {ty} | {v['bpw']:.4f} | {v['n']} | {v['llama.cpp_mean']:.5f} | {v['twinquant_mean']:.5f} "
+                     f"| {v['ratio_median']:.3f} | {v['ratio_worst']:.3f} | {v['llama.cpp_seconds']} / "
+                     f"{v['twinquant_seconds']} |")
+    text = "\n".join(lines) + "\n"
+    (out / f"iquant_gptq_{args.tag}.md").write_text(text)
+    _plot(summary, out / f"iquant_gptq_{args.tag}.png", args.model)
+    print(text)
+    return 0
+
+
+def _sha(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for b in iter(lambda: f.read(1 << 24), b""):
+            h.update(b)
+    return h.hexdigest()
+
+
+def _plot(summary: dict, path: Path, model: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, key, m in (("llama.cpp (imatrix)", "llama.cpp_mean", "o"), ("twinquant GPTQ / block LDLQ",
+                                                                           "twinquant_mean", "s")):
+        pts = sorted((v["bpw"], v[key], ty) for ty, v in summary.items())
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], m + "-", label=label)
+        if m == "o":
+            for b, e, ty in pts:
+                ax.annotate(ty, (b, e), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per weight (type)")
+    ax.set_ylabel("mean relative output error")
+    ax.set_title(f"{model}: output error by type")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
