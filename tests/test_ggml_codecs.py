@@ -219,5 +219,7 @@ def test_codecs_and_gptq_on_device(device):
         assert r.codes.device.type == device and r.dequantized.device.type == device
         agree = (r.codes.cpu() == ref.codes).float().mean().item()
         assert agree == 1.0 if device == "cpu" else agree > 0.99, (name, agree)
-        assert r.loss == pytest.approx(ref.loss, rel=1e-3)
+        # GPTQ factorises H in float32 (as the reference implementation): the flipped roundings on another device
+        # move the loss by a few tenths of a percent (0.16 % seen on an H200 for Q4_K)
+        assert r.loss == pytest.approx(ref.loss, rel=1e-3 if device == "cpu" else 1e-2)
         assert np.array_equal(codec.pack(r.codes, r.params), codec.pack(r.codes.cpu(), r.params))
