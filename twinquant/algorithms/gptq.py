@@ -96,6 +96,17 @@ def _cholesky_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
     raise TwinquantError("gptq: the Hessian is not positive definite even with heavy damping")
 
 
+def prepare_inputs(W: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float32 copies of W and H on W's device with dead columns (H_ii == 0: an input that is always 0) given
+    H_ii = 1 and weight 0, and the mask of those columns."""
+    W = W.float().clone()
+    H = H.to(W.device, torch.float32, copy=True)
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    return W, H, dead
+
+
 def gptq(W: torch.Tensor, H: torch.Tensor, codec, block_size: int = 128, damp: float = 0.01, act_order: bool = False,
          static_groups: bool = False, importance: torch.Tensor | None = None, clip_search: bool = False,
          grid=DEFAULT_CLIP_GRID) -> GPTQResult:
@@ -118,11 +129,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, codec, block_size: int = 128, damp: f
     imp = None if importance is None else importance.to(W.device, torch.float32).reshape(cols)
 
     dev = W.device
-    W = W.float().clone()
-    H = H.to(dev, torch.float32, copy=True)
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
+    W, H, dead = prepare_inputs(W, H)
 
     def fit(w_block, j):                                 # parameters of block j fitted on w_block [rows, B]
         ib = None if imp is None else imp[j * B:(j + 1) * B]

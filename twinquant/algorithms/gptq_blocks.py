@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from twinquant.errors import TwinquantError
-from twinquant.algorithms.gptq import _cholesky_factor
+from twinquant.algorithms.gptq import _cholesky_factor, prepare_inputs
 
 
 @dataclass
@@ -45,11 +45,7 @@ def gptq_blocks(W: torch.Tensor, H: torch.Tensor, codec, damp: float = 0.01,
     codec.check_cols(cols)
     G = codec.block
     dev = W.device
-    W0 = W.float().clone()
-    H = H.to(dev, torch.float32, copy=True)
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
-    W0[:, dead] = 0.0
+    W0, H, dead = prepare_inputs(W, H)
     if importance is not None:
         if importance.numel() != cols:
             raise TwinquantError(f"gptq: importance has {importance.numel()} entries for {cols} columns")

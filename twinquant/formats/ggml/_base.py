@@ -74,23 +74,15 @@ def as_f32(w, what: str = "weight") -> torch.Tensor:
     return t.to(F32).contiguous()
 
 
-class GGMLCodec:
-    """One GGML block format (see twinquant.formats.codec for the protocol). Codes are torch.uint8 in [0, qmax]."""
+class GGMLSizes:
+    """Block and byte sizes of a GGML type (`ggml_type`), shared by every codec of a GGML format."""
 
     name: str
     ggml_type: gguf.GGMLQuantizationType
-    sub: int
-    qmax: int
-    zero_code: int = 0                  # signed formats: the code of 0 (offset = -zero_code * scale)
 
     def __init__(self) -> None:
         self.block, self.type_size = gguf.GGML_QUANT_SIZES[self.ggml_type]
-        self.nsub = self.block // self.sub
 
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} block={self.block} sub={self.sub} qmax={self.qmax}>"
-
-    # ---- sizes -------------------------------------------------------------------------------------------------
     @property
     def bits_per_weight(self) -> float:
         return 8.0 * self.type_size / self.block
@@ -103,6 +95,21 @@ class GGMLCodec:
     def bytes_per_row(self, cols: int) -> int:
         self.check_cols(cols)
         return cols // self.block * self.type_size
+
+
+class GGMLCodec(GGMLSizes):
+    """One GGML block format (see twinquant.formats.codec for the protocol). Codes are torch.uint8 in [0, qmax]."""
+
+    sub: int
+    qmax: int
+    zero_code: int = 0                  # signed formats: the code of 0 (offset = -zero_code * scale)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nsub = self.block // self.sub
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} block={self.block} sub={self.sub} qmax={self.qmax}>"
 
     # ---- hooks ---------------------------------------------------------------------------------------------------
     def _fit(self, x, qw, sigma2) -> dict: raise NotImplementedError

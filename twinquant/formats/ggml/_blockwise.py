@@ -21,39 +21,20 @@ import numpy as np
 import torch
 
 from twinquant.errors import TwinquantError
-from twinquant.formats.ggml._base import _np, _torch, as_f32
+from twinquant.formats.ggml._base import GGMLSizes, _np, _torch, as_f32
 from twinquant.formats.ggml._num import F32
 
 _ROWS_PER_CALL = 4096          # blocks per hook call: bounds the search buffers
 
 
-class BlockwiseCodec:
+class BlockwiseCodec(GGMLSizes):
     """One GGML format quantized a whole block at a time (no per-weight integer codes)."""
 
-    name: str
-    ggml_type: gguf.GGMLQuantizationType
     needs_imatrix: bool = False         # llama.cpp refuses to quantize the type without one
     blockwise = True                    # pipeline stages branch on this (affine codecs have codes / params)
 
-    def __init__(self) -> None:
-        self.block, self.type_size = gguf.GGML_QUANT_SIZES[self.ggml_type]
-
     def __repr__(self) -> str:
         return f"<{type(self).__name__} block={self.block} type_size={self.type_size}>"
-
-    # ---- sizes -------------------------------------------------------------------------------------------------
-    @property
-    def bits_per_weight(self) -> float:
-        return 8.0 * self.type_size / self.block
-
-    def check_cols(self, cols: int) -> None:
-        if cols <= 0 or cols % self.block:
-            raise TwinquantError(f"{self.name} needs rows whose length is a multiple of its block size "
-                                 f"{self.block}; got a row of {cols}")
-
-    def bytes_per_row(self, cols: int) -> int:
-        self.check_cols(cols)
-        return cols // self.block * self.type_size
 
     # ---- hooks ---------------------------------------------------------------------------------------------------
     def _quantize_blocks(self, x: torch.Tensor, qw: torch.Tensor | None) -> np.ndarray:
