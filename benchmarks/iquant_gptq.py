@@ -45,11 +45,16 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, nargs="+", default=[13])
     ap.add_argument("--types", nargs="+", default=TYPES)
     ap.add_argument("--roles", nargs="+", default=None, help="e.g. attn_v ffn_down (default: every linear)")
+    ap.add_argument("--rows", type=int, default=None, help="quantize only the first ROWS rows of each tensor (rows "
+                    "are independent given H: an unbiased, cheaper estimate of the relative error)")
     ap.add_argument("--calib-tokens", type=int, default=4096)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--tag", required=True)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--render", help="write the table and plot of a results JSON (e.g. of a stopped run) and exit")
     args = ap.parse_args(argv)
+    if args.render:
+        return render(Path(args.render))
 
     from twinquant.algorithms.backends import get_quantizer, quantize_to_format
     from twinquant.calibration.blocks import block_hessians, block_pass
@@ -65,6 +70,7 @@ def main(argv=None) -> int:
     calib = load_calibration(model, None, args.calib_tokens, 512)
     x = torch.cat([embed(model, calib.windows[i: i + 1].to(dev)).float() for i in range(calib.windows.shape[0])])
     rtn, gptq = get_quantizer("rtn"), get_quantizer("gptq")
+    model_sha = _sha(resolve(args.model))
     rows = []
     t_all = time.perf_counter()
     for layer in range(max(args.layers) + 1):
@@ -76,6 +82,8 @@ def main(argv=None) -> int:
             group_of = {n: g[0] for g in roles.shared_input_groups(layer) for n in g}
             for name in names:
                 W = model.get(name).float()
+                if args.rows:
+                    W = W[: args.rows].contiguous()
                 H = hooks.hessian(group_of[name]).to(dev)
                 imatrix = torch.diagonal(H) / 2                  # llama.cpp's imatrix: mean x² per input
                 for ty in args.types:
@@ -89,17 +97,43 @@ def main(argv=None) -> int:
                         row[f"{label}_seconds"] = round(time.perf_counter() - t0, 2)
                     row["ratio"] = row["twinquant"] / row["llama.cpp"]
                     rows.append(row)
+                    write(args, rows, calib, model_sha, time.perf_counter() - t_all)
                     print(f"{name:28s} {ty:8s} llama.cpp {row['llama.cpp']:.5f}  twinquant {row['twinquant']:.5f}"
                           f"  ratio {row['ratio']:.3f}  ({row['llama.cpp_seconds']} s / {row['twinquant_seconds']} s)",
                           flush=True)
         x = block_pass(model, layer, x)
         model.release_block(layer)
 
+    write(args, rows, calib, model_sha, time.perf_counter() - t_all, final=True)
+    return 0
+
+
+def render(path: Path) -> int:
+    """Table and plot of a results JSON as it stands (a run stopped before its end keeps complete = false)."""
+    from types import SimpleNamespace
+
+    res = json.loads(path.read_text())
+    done_layers = sorted({r["layer"] for r in res["rows"]})
+    args = SimpleNamespace(types=list(dict.fromkeys(r["type"] for r in res["rows"])), tag=res["tag"],
+                           model=res["model"], layers=res["layers"], roles=res["roles"], rows=res["rows_per_tensor"],
+                           out=str(path.parent))
+    calib = SimpleNamespace(n_tokens=res["calib_tokens"], text_sha256=res["calibration_sha256"])
+    write(args, res["rows"], calib, res["source_sha256"], res["seconds"], final=True, complete=res["complete"],
+          provenance={k: res[k] for k in ("command", "commit", "versions", "machine")},
+          note=None if res["complete"] else f"stopped before its end: tensors of blocks {done_layers} measured "
+                                            f"({len(res['rows'])} rows)")
+    return 0
+
+
+def write(args, rows, calib, model_sha, seconds, final=False, complete=None, provenance=None, note=None):
+    """The results so far: JSON, markdown (and the plot when final)."""
     import statistics
 
     summary = {}
     for ty in args.types:
         r = [v for v in rows if v["type"] == ty]
+        if not r:
+            continue
         summary[ty] = {"bpw": r[0]["bpw"], "n": len(r),
                        "llama.cpp_mean": statistics.fmean(v["llama.cpp"] for v in r),
                        "twinquant_mean": statistics.fmean(v["twinquant"] for v in r),
@@ -107,16 +141,19 @@ def main(argv=None) -> int:
                        "ratio_worst": max(v["ratio"] for v in r),
                        "llama.cpp_seconds": round(sum(v["llama.cpp_seconds"] for v in r), 1),
                        "twinquant_seconds": round(sum(v["twinquant_seconds"] for v in r), 1)}
-    res = record(benchmark="iquant_gptq", tag=args.tag, model=args.model,
-                 source_sha256=_sha(resolve(args.model)), layers=args.layers, calib_tokens=calib.n_tokens,
-                 calibration_sha256=calib.text_sha256, seconds=round(time.perf_counter() - t_all, 1),
-                 summary=summary, rows=rows)
+    fields = dict(benchmark="iquant_gptq", tag=args.tag, model=args.model, source_sha256=model_sha,
+                  layers=args.layers, roles=args.roles, rows_per_tensor=args.rows, calib_tokens=calib.n_tokens,
+                  calibration_sha256=calib.text_sha256, seconds=round(seconds, 1),
+                  complete=final if complete is None else complete, note=note, summary=summary, rows=rows)
+    res = {**provenance, **fields} if provenance else record(**fields)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"iquant_gptq_{args.tag}.json").write_text(json.dumps(res, indent=1) + "\n")
     lines = [f"# llama.cpp's quantizer vs twinquant's GPTQ: relative output error on real Hessians ({args.model})",
              "", f"command: `{res['command']}`  ", f"commit: {res['commit']}  ",
-             f"blocks {args.layers}, every linear of them; {calib.n_tokens} calibration tokens; "
+             f"blocks {args.layers}, roles {args.roles or 'all'}, first {args.rows or 'all'} rows of each tensor"
+             f"{'' if final else ' (INCOMPLETE: written while running)'}{'; ' + note if note else ''}; "
+             f"{calib.n_tokens} calibration tokens; "
              f"e = tr(ΔW H ΔWᵀ)/tr(W H Wᵀ); llama.cpp = its own quantizer with imatrix = diag(H)/2 "
              f"(byte-identical codecs); twinquant = GPTQ (K-quants) / block LDLQ (i-quants) with the same "
              f"importance", "",
@@ -128,10 +165,9 @@ def main(argv=None) -> int:
                      f"{v['twinquant_seconds']} |")
     text = "\n".join(lines) + "\n"
     (out / f"iquant_gptq_{args.tag}.md").write_text(text)
-    _plot(summary, out / f"iquant_gptq_{args.tag}.png", args.model)
-    print(text)
-    return 0
-
+    if final:
+        _plot(summary, out / f"iquant_gptq_{args.tag}.png", args.model)
+        print(text)
 
 def _sha(path: Path) -> str:
     import hashlib
