@@ -360,7 +360,9 @@ class IQ1_M(BlockwiseCodec):
         wq = w * q
         sqx, sq2 = seqsum(wq * x, axis=1), seqsum(wq * q, axis=1)
         d = torch.where(sq2 > 0, div(sqx, sq2), d)
-        dbits = fp16(d * f32(1.1125)).view(torch.int16).int() & 0xFFFF
+        d = d * f32(1.1125)
+        # a NaN d (inf/inf from huge values: llama.cpp stores it) is x86's default NaN, fp16 0xFE00; CUDA's NaN differs
+        dbits = torch.where(d.isnan(), 0xFE00, fp16(d).view(torch.int16).int() & 0xFFFF)
         masks = torch.tensor([0x00, 0x80, 0x08, 0x88], device=dev)[k]
         qh = (index[..., 0] >> 8) | ((index[..., 1] >> 8) << 4) | torch.where(have[:, None], masks, 0)
         sc = (l.reshape(B, 4, 4) << torch.tensor([0, 3, 6, 9], device=dev)).sum(2)
