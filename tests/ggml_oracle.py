@@ -53,3 +53,16 @@ def quantize(w: np.ndarray, ggml_type: int, imatrix: np.ndarray | None = None) -
                                 None if qw is None else qw.ctypes.data)
     assert n == dst.size, (n, dst.size)
     return dst
+
+
+def assert_same_bytes(codec, w: np.ndarray, imp: np.ndarray | None, what: str) -> np.ndarray:
+    """A blockwise codec's bytes of w [rows, cols] (imatrix imp or None) == llama.cpp's, block for block."""
+    import torch
+
+    ours = codec.quantize_bytes(torch.from_numpy(w), None if imp is None else torch.from_numpy(imp))
+    theirs = quantize(w, codec.ggml_type, imp)
+    assert ours.shape == theirs.shape == (w.shape[0], codec.bytes_per_row(w.shape[1]))
+    bad = (ours.reshape(w.shape[0], -1, codec.type_size) != theirs.reshape(w.shape[0], -1, codec.type_size)).any(2)
+    assert not bad.any(), f"{codec.name} {what}: {bad.sum()} of {bad.size} blocks differ, rows " \
+                          f"{np.unique(bad.nonzero()[0])[:10]}"
+    return ours
