@@ -98,11 +98,21 @@ class Measurement:
     def from_dict(cls, d: dict) -> Measurement:
         if not isinstance(d, dict) or d.get("version") != VERSION:
             raise TwinquantError(f"not a twinquant measurement of version {VERSION}")
-        try:
-            return cls(d["header"], int(d["n_params"]), int(d["fixed_bytes"]), dict(d["tensors"]),
-                       float(d.get("seconds", 0.0)), bool(d["complete"]))
-        except (KeyError, TypeError, ValueError) as e:
-            raise TwinquantError(f"measurement: malformed ({e})") from None
+        missing = [k for k in ("header", "n_params", "fixed_bytes", "tensors", "complete") if k not in d]
+        if missing:
+            raise TwinquantError(f"measurement: malformed (no {missing[0]!r})")
+        header, n_params, fixed, tensors = d["header"], d["n_params"], d["fixed_bytes"], d["tensors"]
+        seconds, complete = d.get("seconds", 0.0), d["complete"]
+        if not isinstance(header, dict) or not isinstance(tensors, dict) or not isinstance(complete, bool):
+            raise TwinquantError("measurement: malformed (header and tensors must be objects, complete a bool)")
+        if not _is_int(n_params) or n_params <= 0 or not _is_int(fixed) or fixed < 0:
+            raise TwinquantError(f"measurement: malformed (n_params {str(n_params)[:40]!r}, fixed_bytes "
+                                 f"{str(fixed)[:40]!r})")
+        if not _is_number(seconds):
+            raise TwinquantError(f"measurement: malformed (seconds {str(seconds)[:40]!r})")
+        for name, t in tensors.items():
+            _check_entry(name, t)
+        return cls(header, n_params, fixed, dict(tensors), float(seconds), complete)
 
     def save(self, path: str | os.PathLike) -> None:
         p = Path(path)
@@ -117,9 +127,9 @@ class Measurement:
         if not p.is_file():
             raise TwinquantError(f"{p}: no such measurement file")
         try:
-            d = json.loads(p.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise TwinquantError(f"{p}: not a measurement JSON ({e})") from None
+            d = json.loads(p.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError) as e:   # JSONDecodeError, UnicodeDecodeError, an int of 5000 digits
+            raise TwinquantError(f"{p}: not a measurement JSON ({type(e).__name__}: {str(e)[:200]})") from None
         try:
             return cls.from_dict(d)
         except TwinquantError as e:
@@ -158,6 +168,36 @@ class Measurement:
                 cands.append(Candidate(f, size, cost))
             out.append(Group(name, cands, fixed=f, min_type=minimum.get(name)))
         return out
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def _check_entry(name: str, t) -> None:
+    """One tensor of a measurement file: {shape: [positive ints], anchor: one of its candidates, candidates: {GGML
+    type: {bytes: int >= 0, cost: finite number, other numbers finite or null}}}."""
+    def bad(what: str):
+        return TwinquantError(f"measurement: malformed entry {name[:60]!r} ({what})")
+
+    if not isinstance(t, dict) or not isinstance(t.get("candidates"), dict) or not t["candidates"]:
+        raise bad("no candidates")
+    shape = t.get("shape")
+    if not isinstance(shape, list) or not 1 <= len(shape) <= 2 or not all(_is_int(v) and v > 0 for v in shape):
+        raise bad(f"shape {str(shape)[:40]!r}")
+    if not isinstance(t.get("anchor"), str) or t["anchor"] not in t["candidates"]:
+        raise bad(f"anchor {str(t.get('anchor'))[:40]!r} is not a candidate")
+    for ty, c in t["candidates"].items():
+        if ty not in gguf.GGMLQuantizationType.__members__:
+            raise bad(f"{ty[:20]!r} is not a GGML type")
+        if not isinstance(c, dict) or not _is_int(c.get("bytes")) or c["bytes"] < 0 or not _is_number(c.get("cost")):
+            raise bad(f"{ty}: bytes and cost must be a non-negative int and a finite number")
+        if not all(v is None or _is_number(v) for v in c.values() if not isinstance(v, str)):
+            raise bad(f"{ty}: a value is not a finite number")
 
 
 # --- kept blocks ---------------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from twinquant.errors import TwinquantError
+from twinquant.errors import TwinquantError, show
 
 SUM_SUFFIX = ".in_sum2"
 COUNT_SUFFIX = ".counts"
@@ -409,6 +409,7 @@ def _writer_class():
     return Writer
 
 
+
 def _read_gguf(path: Path) -> Imatrix:
     import gguf
 
@@ -444,15 +445,17 @@ def _read_gguf(path: Path) -> Imatrix:
     sums, counts = {}, {}
     for name, (ts, tc) in pairs.items():
         if ts is None or tc is None:
-            raise TwinquantError(f"{path}: mismatched sums and counts for {name}")
+            raise TwinquantError(f"{path}: mismatched sums and counts for {show(name)}")
         if ts.tensor_type != gguf.GGMLQuantizationType.F32 or tc.tensor_type != gguf.GGMLQuantizationType.F32:
-            raise TwinquantError(f"{path}: sums and counts for {name} must be F32")
+            raise TwinquantError(f"{path}: sums and counts for {show(name)} must be F32")
         s = np.array(ts.data, dtype=np.float32).reshape(-1)
         c = np.array(tc.data, dtype=np.float32).reshape(-1)
         if s.size == 0 or c.size == 0 or s.size % c.size:
-            raise TwinquantError(f"{path}: {name} has {s.size} sums for {c.size} counts")
-        if not np.isfinite(c).all() or (c < 0).any():
-            raise TwinquantError(f"{path}: invalid counts for {name}")
+            raise TwinquantError(f"{path}: {show(name)} has {s.size} sums for {c.size} counts")
+        if not np.isfinite(c).all() or (c < 0).any() or (c >= 2.0 ** 62).any():
+            raise TwinquantError(f"{path}: invalid counts for {show(name)}")
+        if not np.isfinite(s).all():
+            raise TwinquantError(f"{path}: non-finite sums for {show(name)}")
         sums[name] = s if c.size == 1 else s.reshape(c.size, -1)
         # std::lround: halves away from zero
         counts[name] = np.floor(c.astype(np.float64) + 0.5).astype(np.int64)
@@ -492,18 +495,21 @@ def _read_dat(path: Path, chunk_size: int | None) -> Imatrix:
             raise TwinquantError(f"{path}: corrupt imatrix file (entry {i + 1} has an invalid name)") from None
         if not name or name in sums:
             raise TwinquantError(f"{path}: corrupt imatrix file (empty or duplicate entry name {name!r})")
-        ncall = i32(f"the call count of {name}")
-        nval = i32(f"the value count of {name}")
+        ncall = i32(f"the call count of {show(name)}")
+        nval = i32(f"the value count of {show(name)}")
         if ncall < 0 or nval < 1:
-            raise TwinquantError(f"{path}: corrupt imatrix file ({name}: ncall {ncall}, nval {nval})")
-        vals = np.frombuffer(take(4 * nval, f"the values of {name}"), dtype="<f4").astype(np.float32)
-        if not np.isfinite(vals).all():
-            raise TwinquantError(f"{path}: non-finite values for {name}")
-        sums[name] = vals * np.float32(factor) if factor != 1 else vals
+            raise TwinquantError(f"{path}: corrupt imatrix file ({show(name)}: ncall {ncall}, nval {nval})")
+        vals = np.frombuffer(take(4 * nval, f"the values of {show(name)}"), dtype="<f4").astype(np.float32)
+        with np.errstate(over="ignore"):
+            sums[name] = vals * np.float32(factor) if factor != 1 else vals
+        if not np.isfinite(sums[name]).all():      # stored so, or too large once scaled by the chunk size
+            raise TwinquantError(f"{path}: non-finite values for {show(name)}")
         counts[name] = np.array([ncall * factor], dtype=np.int64)
     chunk_count, datasets = 0, []
     if pos < len(data):                          # optional trailer: chunk count, dataset name
         chunk_count = i32("the chunk count")
+        if chunk_count < 0:
+            raise TwinquantError(f"{path}: corrupt imatrix file (chunk count {chunk_count})")
         if pos < len(data):
             n = i32("the dataset name length")
             if n > 0:

@@ -8,6 +8,7 @@ to the HF (rotate-half) order here, which is exact.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import gguf
 import numpy as np
 import torch
 
-from twinquant.errors import TwinquantError
+from twinquant.errors import TwinquantError, one_line, show
 from twinquant.io.split import SHARD_NAME, shard_name, shard_paths
 from twinquant.io.metadata import apply_metadata, read_metadata
 from twinquant.model import roles
@@ -26,6 +27,24 @@ from twinquant.model.spec import ModelSpec
 T = gguf.MODEL_TENSOR
 K = gguf.Keys
 DEQUANT_ROWS = 8192
+MAX_ARRAY_ITEMS = 1 << 24     # a metadata array longer than this is damage (tokenizers hold ~10^5 entries)
+_ARRAY = int(gguf.GGUFValueType.ARRAY)
+
+
+class _BoundedReader(gguf.GGUFReader):
+    """gguf-py's reader with the bound it lacks: a metadata array's length must fit in the rest of the file (and be
+    sane) before gguf-py loops over its items one by one. gguf-py reads past the end of the file as an empty array
+    and carries on, so a damaged length (2^60 items of a scalar type) made it loop for ever, appending to a list on
+    every turn. (Other reads past the end fail at once: gguf-py indexes the empty result.)"""
+
+    def _get_field_parts(self, orig_offs, raw_type):
+        if raw_type == _ARRAY:      # a plain int: numpy scalar == IntEnum costs ~8 us, on every tokenizer entry
+            item_type, n = int(self._get(orig_offs, np.uint32)[0]), int(self._get(orig_offs + 4, np.uint64)[0])
+            scalar = self.gguf_scalar_to_np.get(item_type)
+            least = np.dtype(scalar).itemsize if scalar is not None else 8    # a string or array: its length
+            if n > MAX_ARRAY_ITEMS or n * least > len(self.data) - orig_offs - 12:
+                raise ValueError(f"array of {n} items at byte {orig_offs} does not fit in the file")
+        return super()._get_field_parts(orig_offs, raw_type)
 
 
 def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
@@ -36,19 +55,23 @@ def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
         if f.read(4) != b"GGUF":
             raise TwinquantError(f"{path}: not a GGUF file (bad magic)")
     try:
-        reader = gguf.GGUFReader(path, "r")
+        reader = _BoundedReader(path, "r")
+    except MemoryError:
+        raise
     except Exception as e:  # gguf-py raises ValueError/IndexError/struct errors on damaged headers
-        raise TwinquantError(f"{path}: corrupt or truncated GGUF ({type(e).__name__}: {e})") from None
+        raise TwinquantError(f"{path}: corrupt or truncated GGUF ({one_line(e)})") from None
     size = path.stat().st_size
     for t in reader.tensors:
+        offset = int(t.field.parts[-1][0])
+        if offset + reader.data_offset != t.data_offset:     # gguf-py adds them as uint64, which wraps around
+            raise TwinquantError(f"{path}: corrupt GGUF (tensor {show(t.name)} has offset {offset})")
         if t.data_offset + t.n_bytes > size:
-            raise TwinquantError(f"{path}: truncated GGUF (tensor {t.name} runs past the end of the file)")
+            raise TwinquantError(f"{path}: truncated GGUF (tensor {show(t.name)} runs past the end of the file)")
     return reader
 
 
 def split_count(reader: gguf.GGUFReader) -> int:
-    f = reader.fields.get(K.Split.LLM_KV_SPLIT_COUNT)
-    return int(f.contents()) if f is not None else 1
+    return field(reader, K.Split.LLM_KV_SPLIT_COUNT, 1, int)
 
 
 class SplitReader:
@@ -79,27 +102,34 @@ def open_split(path: str | os.PathLike, reader: gguf.GGUFReader | None = None) -
     readers = [reader if p == path else open_gguf(p) for p in paths]
     seen: set[str] = set()
     for i, (p, r) in enumerate(zip(paths, readers)):
-        no = r.fields.get(K.Split.LLM_KV_SPLIT_NO)
-        if no is None or int(no.contents()) != i or split_count(r) != count:
+        if field(r, K.Split.LLM_KV_SPLIT_NO, None, int) != i or split_count(r) != count:
             raise TwinquantError(f"{p}: not shard {i + 1} of {count} (its split.no / split.count disagree)")
         for t in r.tensors:
             if t.name in seen:
-                raise TwinquantError(f"{p}: tensor {t.name} also appears in an earlier shard")
+                raise TwinquantError(f"{p}: tensor {show(t.name)} also appears in an earlier shard")
             seen.add(t.name)
-    total = readers[0].fields.get(K.Split.LLM_KV_SPLIT_TENSORS_COUNT)
-    if total is not None and int(total.contents()) != len(seen):
-        raise TwinquantError(f"{paths[0]}: split.tensors.count is {int(total.contents())}, the shards hold "
-                             f"{len(seen)} tensors")
+    total = field(readers[0], K.Split.LLM_KV_SPLIT_TENSORS_COUNT, None, int)
+    if total is not None and total != len(seen):
+        raise TwinquantError(f"{paths[0]}: split.tensors.count is {total}, the shards hold {len(seen)} tensors")
     return SplitReader(paths, readers)
 
 
-def field(reader: gguf.GGUFReader, key: str, default=...):
+def field(reader: gguf.GGUFReader, key: str, default=..., kind: type | None = None):
+    """The value of metadata `key` (`default` if absent; required if no default). kind int / float / str: the
+    value must be of that type (an int is a float too; a bool is no int)."""
     f = reader.fields.get(key)
     if f is None:
         if default is ...:
             raise TwinquantError(f"GGUF metadata: missing required key {key!r}")
         return default
-    return f.contents()
+    try:
+        v = f.contents()
+    except (ValueError, IndexError, TypeError) as e:      # e.g. a string that is not UTF-8
+        raise TwinquantError(f"GGUF metadata: unreadable value of {key!r} ({type(e).__name__})") from None
+    ok = {int: (int,), float: (int, float), str: (str,)}.get(kind, (object,))
+    if not isinstance(v, ok) or (kind in (int, float) and isinstance(v, bool)):
+        raise TwinquantError(f"GGUF metadata: {key!r} is {type(v).__name__} {str(v)[:40]!r}, expected {kind.__name__}")
+    return float(v) if kind is float else v
 
 
 def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -123,34 +153,42 @@ def rope_permuted_heads(spec: ModelSpec, name: str) -> int:
 
 
 def spec_from_gguf(reader: gguf.GGUFReader) -> ModelSpec:
-    arch_name = field(reader, K.General.ARCHITECTURE)
+    arch_name = field(reader, K.General.ARCHITECTURE, kind=str)
     arch = get_architecture(arch_name)
     names = {t.name for t in reader.tensors}
     if "rope_freqs.weight" in names:
         raise TwinquantError("GGUF: RoPE frequency factors (rope_freqs) are not supported yet")
     a = {"arch": arch_name}
-    hidden = int(field(reader, K.LLM.EMBEDDING_LENGTH.format(**a)))
-    heads = int(field(reader, K.Attention.HEAD_COUNT.format(**a)))
-    kv = field(reader, K.Attention.HEAD_COUNT_KV.format(**a), heads)
+    hidden = field(reader, K.LLM.EMBEDDING_LENGTH.format(**a), kind=int)
+    heads = field(reader, K.Attention.HEAD_COUNT.format(**a), kind=int)
+    kv = field(reader, K.Attention.HEAD_COUNT_KV.format(**a), heads, int)
     embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embd is None:
         raise TwinquantError("GGUF: no token_embd.weight tensor")
-    vocab = field(reader, K.LLM.VOCAB_SIZE.format(**a), None) or int(embd.shape[1])
+    vocab = field(reader, K.LLM.VOCAB_SIZE.format(**a), None, int) or int(embd.shape[-1])
+    n_layers = field(reader, K.LLM.BLOCK_COUNT.format(**a), kind=int)
+    if n_layers > len(reader.tensors):     # before anything makes a list of n_layers blocks
+        raise TwinquantError(f"GGUF metadata: block_count {n_layers}, but the file holds {len(reader.tensors)} tensors")
+    rope_theta = field(reader, K.Rope.FREQ_BASE.format(**a), 10000.0, float)
+    rms_eps = field(reader, K.Attention.LAYERNORM_RMS_EPS.format(**a), kind=float)
+    for key, v in (("rope.freq_base", rope_theta), ("attention.layer_norm_rms_epsilon", rms_eps)):
+        if not (math.isfinite(v) and v > 0):
+            raise TwinquantError(f"GGUF metadata: {arch_name}.{key} is {v}, must be a positive finite number")
     return ModelSpec(
         arch=arch.name,
-        n_layers=int(field(reader, K.LLM.BLOCK_COUNT.format(**a))),
+        n_layers=n_layers,
         hidden=hidden,
-        intermediate=int(field(reader, K.LLM.FEED_FORWARD_LENGTH.format(**a))),
+        intermediate=field(reader, K.LLM.FEED_FORWARD_LENGTH.format(**a), kind=int),
         n_heads=heads,
-        n_kv_heads=int(kv),
-        head_dim=int(field(reader, K.Attention.KEY_LENGTH.format(**a), hidden // heads)),
-        vocab=int(vocab),
-        rope_theta=float(field(reader, K.Rope.FREQ_BASE.format(**a), 10000.0)),
-        rms_eps=float(field(reader, K.Attention.LAYERNORM_RMS_EPS.format(**a))),
+        n_kv_heads=kv,
+        head_dim=field(reader, K.Attention.KEY_LENGTH.format(**a), hidden // heads if heads > 0 else 0, int),
+        vocab=vocab,
+        rope_theta=rope_theta,
+        rms_eps=rms_eps,
         tied_embeddings="output.weight" not in names,
         qkv_bias="blk.0.attn_q.bias" in names,
         qk_norm="blk.0.attn_q_norm.weight" in names,
-        context_length=int(field(reader, K.LLM.CONTEXT_LENGTH.format(**a), 4096)),
+        context_length=field(reader, K.LLM.CONTEXT_LENGTH.format(**a), 4096, int),
         name=str(field(reader, K.General.NAME, "")),
     )
 
@@ -185,10 +223,14 @@ class GGUFSource:
         expected = set(roles.all_tensor_names(spec))
         extra = sorted(set(self._tensors) - expected)
         if extra:
-            raise TwinquantError(f"{path}: tensors no role consumes: {', '.join(extra[:5])}")
+            raise TwinquantError(f"{path}: tensors no role consumes: {', '.join(map(_show, extra[:5]))}")
         missing = [n for n in roles.all_tensor_names(spec) if n not in self._tensors]
         if missing:
             raise TwinquantError(f"{path}: missing tensors: {', '.join(missing[:5])}")
+        for n, t in self._tensors.items():   # before any dequantizing / un-permuting by the metadata's shapes
+            shape, want = tuple(int(d) for d in reversed(t.shape)), roles.expected_shape(spec, n)
+            if shape != want:
+                raise TwinquantError(f"{path}: tensor {n} has shape {shape}, the metadata says {want}")
 
     def info(self, name: str) -> TensorInfo:
         t = self._tensors[name]
@@ -224,6 +266,8 @@ class GGUFSource:
         return rope_permuted_heads(self.spec, name)
 
 
+
+
 def load_gguf(path: str | os.PathLike, load_tokenizer: bool = True, keep_quantized: bool = False) -> Model:
     """A model from a GGUF file, or from a split model (llama.cpp's `<stem>-00001-of-0000N.gguf` shards) given
     its first shard: the shards are found by name and their tensors merged; metadata comes from the first.
@@ -235,20 +279,29 @@ def load_gguf(path: str | os.PathLike, load_tokenizer: bool = True, keep_quantiz
         reader = open_split(path, reader)
     spec = spec_from_gguf(reader)
     source = GGUFSource(path, reader, spec)
-    meta = read_metadata(reader)
+    try:
+        meta = read_metadata(reader)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        raise TwinquantError(f"{path}: corrupt twinquant.* metadata ({one_line(e)})") from None
     tokenizer = None
     if load_tokenizer:
         from twinquant.io.tokenizer import Tokenizer
 
-        tokenizer = Tokenizer.from_gguf(reader)
+        try:
+            tokenizer = Tokenizer.from_gguf(reader)
+        except (ValueError, TypeError, KeyError, IndexError) as e:     # e.g. a token that is not UTF-8
+            raise TwinquantError(f"{path}: corrupt tokenizer metadata ({one_line(e)})") from None
     model = Model(spec=spec, source=source, tokenizer=tokenizer)
-    apply_metadata(model, meta)
+    try:
+        apply_metadata(model, meta)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        raise TwinquantError(f"{path}: corrupt twinquant.* metadata ({one_line(e)})") from None
     if keep_quantized:
         from twinquant.model.model import QuantizedWeight
 
         floats = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
         for t in reader.tensors:
-            if t.tensor_type in floats:
+            if t.tensor_type in floats or len(t.shape) != 2:    # 1-D tensors are kept (and written) as F32
                 continue
             data = np.asarray(t.data)                 # [rows, bytes per row], memory-mapped
             heads = source._rope_heads(t.name)

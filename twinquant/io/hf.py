@@ -8,6 +8,7 @@ want one) uses the canonical HF module names below.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from twinquant.errors import TwinquantError
+from twinquant.errors import TwinquantError, one_line
 from twinquant.model import roles
 from twinquant.model.architectures import Architecture, architecture_for_hf, get_architecture
 from twinquant.model.model import Model, TensorInfo
@@ -60,49 +61,71 @@ def _read_json(path: Path) -> dict:
             return json.load(f)
     except FileNotFoundError:
         raise TwinquantError(f"{path}: not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TwinquantError(f"{path}: not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:   # JSONDecodeError, UnicodeDecodeError, an int of 5000 digits
+        raise TwinquantError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+
+def _get(cfg: dict, key: str, kind: type, default=...):
+    """config.json's `key` as `kind` (int, float, bool, str, dict, list); absent or null: `default` (required
+    without one). An int is a float too; a bool is no int; a float must be finite."""
+    v = cfg.get(key)
+    if v is None:
+        if default is ...:
+            raise TwinquantError(f"config.json: missing required key {key!r}")
+        return default
+    ok = (int, float) if kind is float else (kind,)
+    if not isinstance(v, ok) or (kind in (int, float) and isinstance(v, bool)) or \
+            (kind is float and not math.isfinite(v)):
+        raise TwinquantError(f"config.json: {key} is {str(v)[:40]!r}, expected {kind.__name__}")
+    return float(v) if kind is float else v
 
 
 def _rope_theta(cfg: dict) -> float:
-    params = cfg.get("rope_parameters") or {}
-    scaling = cfg.get("rope_scaling") or {}
+    params = _get(cfg, "rope_parameters", dict, {})
+    scaling = _get(cfg, "rope_scaling", dict, {})
     kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     if kind != "default":
-        raise TwinquantError(f"RoPE scaling type {kind!r} is not supported yet (only default RoPE)")
-    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    return float(theta)
+        raise TwinquantError(f"RoPE scaling type {str(kind)[:40]!r} is not supported yet (only default RoPE)")
+    theta = _get(params, "rope_theta", float, None)
+    return theta if theta is not None else _get(cfg, "rope_theta", float, 10000.0)
 
 
 def spec_from_hf_config(cfg: dict) -> ModelSpec:
+    if not isinstance(cfg, dict):
+        raise TwinquantError("config.json: not a JSON object")
+    names = _get(cfg, "architectures", list, [])
+    if not all(isinstance(n, str) for n in names) or not isinstance(cfg.get("model_type") or "", str):
+        raise TwinquantError("config.json: architectures must be a list of strings and model_type a string")
     arch = architecture_for_hf(cfg)
     if cfg.get("mlp_bias"):
         raise TwinquantError("config: mlp_bias=true is not supported")
     if cfg.get("use_sliding_window"):
         raise TwinquantError("config: sliding-window attention is not supported")
     if cfg.get("hidden_act", "silu") != "silu":
-        raise TwinquantError(f"config: activation {cfg.get('hidden_act')!r} is not supported (only silu)")
-    try:
-        hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-        return ModelSpec(
-            arch=arch.name,
-            n_layers=int(cfg["num_hidden_layers"]),
-            hidden=hidden,
-            intermediate=int(cfg["intermediate_size"]),
-            n_heads=heads,
-            n_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or hidden // heads),
-            vocab=int(cfg["vocab_size"]),
-            rope_theta=_rope_theta(cfg),
-            rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=bool(cfg.get("attention_bias", arch.qkv_bias)),
-            qk_norm=arch.qk_norm,
-            context_length=int(cfg.get("max_position_embeddings", 4096)),
-            name=str(cfg.get("_name_or_path", "")),
-        )
-    except KeyError as e:
-        raise TwinquantError(f"config.json: missing required key {e.args[0]!r}") from None
+        raise TwinquantError(f"config: activation {str(cfg.get('hidden_act'))[:40]!r} is not supported (only silu)")
+    hidden, heads = _get(cfg, "hidden_size", int), _get(cfg, "num_attention_heads", int)
+    rope_theta, rms_eps = _rope_theta(cfg), _get(cfg, "rms_norm_eps", float, 1e-6)
+    for key, v in (("rope_theta", rope_theta), ("rms_norm_eps", rms_eps)):
+        if v <= 0:
+            raise TwinquantError(f"config.json: {key} is {v}, must be positive")
+    return ModelSpec(
+        arch=arch.name,
+        n_layers=_get(cfg, "num_hidden_layers", int),
+        hidden=hidden,
+        intermediate=_get(cfg, "intermediate_size", int),
+        n_heads=heads,
+        n_kv_heads=_get(cfg, "num_key_value_heads", int, 0) or heads,
+        head_dim=_get(cfg, "head_dim", int, 0) or (hidden // heads if heads > 0 else 0),
+        vocab=_get(cfg, "vocab_size", int),
+        rope_theta=rope_theta,
+        rms_eps=rms_eps,
+        tied_embeddings=_get(cfg, "tie_word_embeddings", bool, False),
+        qkv_bias=_get(cfg, "attention_bias", bool, arch.qkv_bias),
+        qk_norm=arch.qk_norm,
+        context_length=_get(cfg, "max_position_embeddings", int, 4096),
+        name=str(cfg.get("_name_or_path", ""))[:200],
+    )
 
 
 class SafetensorsSource:
@@ -113,9 +136,12 @@ class SafetensorsSource:
         self._handles: dict[Path, object] = {}
         index = path / "model.safetensors.index.json"
         if index.exists():
-            weight_map = _read_json(index).get("weight_map")
+            doc = _read_json(index)
+            weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
             if not isinstance(weight_map, dict):
                 raise TwinquantError(f"{index}: no weight_map")
+            if not all(isinstance(f, str) and f and f.isprintable() for f in weight_map.values()):
+                raise TwinquantError(f"{index}: weight_map values must be file names")
             files = {hf: path / f for hf, f in weight_map.items()}
         else:
             shards = sorted(path.glob("*.safetensors"))
@@ -125,6 +151,8 @@ class SafetensorsSource:
             for shard in shards:
                 for hf in self._open(shard).keys():
                     files[hf] = shard
+        if n_layers > len(files):      # before TensorNameMap builds names for n_layers blocks
+            raise TwinquantError(f"{path}: num_hidden_layers is {n_layers}, but there are {len(files)} tensors")
         names = gguf.TensorNameMap(arch.gguf_arch, n_layers)
         self._where: dict[str, tuple[Path, str]] = {}
         for hf, shard in files.items():
@@ -143,7 +171,7 @@ class SafetensorsSource:
             except FileNotFoundError:
                 raise TwinquantError(f"{shard}: not found (listed in the index)") from None
             except Exception as e:  # safetensors raises its own error types for corrupt headers
-                raise TwinquantError(f"{shard}: not a valid safetensors file ({e})") from None
+                raise TwinquantError(f"{shard}: not a valid safetensors file ({one_line(e)})") from None
             self._handles[shard] = h
         return h
 
@@ -156,9 +184,13 @@ class SafetensorsSource:
 
     def info(self, name: str) -> TensorInfo:
         shard, hf = self._lookup(name)
-        sl = self._open(shard).get_slice(hf)
-        shape = tuple(sl.get_shape())
-        dtype = sl.get_dtype()
+        try:
+            sl = self._open(shard).get_slice(hf)
+            shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
+        except TwinquantError:
+            raise
+        except Exception as e:  # safetensors' own error types: a name the index lists but the shard lacks
+            raise TwinquantError(f"{shard}: cannot read tensor {hf!r} ({one_line(e)})") from None
         size = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}.get(dtype, 4)
         n = 1
         for d in shape:
@@ -175,8 +207,10 @@ class SafetensorsSource:
         shard, hf = self._lookup(name)
         try:
             t = self._open(shard).get_tensor(hf)
+        except TwinquantError:
+            raise
         except Exception as e:
-            raise TwinquantError(f"{shard}: cannot read tensor {hf!r} ({e})") from None
+            raise TwinquantError(f"{shard}: cannot read tensor {hf!r} ({one_line(e)})") from None
         return t.float()
 
 
@@ -188,8 +222,10 @@ def load_hf_dir(path: str | os.PathLike, load_tokenizer: bool = True) -> Model:
     source = SafetensorsSource(path, arch, spec.n_layers)
     if not spec.tied_embeddings and not source.has(roles.name(T.OUTPUT)):
         raise TwinquantError(f"{path}: tie_word_embeddings is false but there is no lm_head.weight")
-    for n in roles.all_tensor_names(spec):
-        source._lookup(n)  # fail now, not half-way through a forward
+    for n in roles.all_tensor_names(spec):  # fail now, not half-way through a forward
+        shape, want = source.info(n).shape, roles.expected_shape(spec, n)
+        if shape != want:
+            raise TwinquantError(f"{path}: tensor {source._lookup(n)[1]} has shape {shape}, config.json says {want}")
     tokenizer = None
     if load_tokenizer and (path / "tokenizer.json").exists():
         from twinquant.io.tokenizer import Tokenizer

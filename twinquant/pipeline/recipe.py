@@ -20,6 +20,12 @@ from twinquant.errors import TwinquantError
 
 METHODS = ("gptq", "rtn", "hqq")
 ROTATIONS = ("none", "rh", "ro", "auto")
+# field -> (type, may be None); tensor_type is a list of str
+_KINDS = {"name": (str, False), "method": (str, False), "mix": (str, True), "format": (str, True),
+          "tensor_type": (list, False), "output_tensor_type": (str, True), "token_embedding_type": (str, True),
+          "pure": (bool, False), "rotation": (str, False), "seed": (int, False), "pad": (bool, False),
+          "pad_multiple": (int, False), "act_order": (bool, False), "calib": (str, True), "calib_tokens": (int, False),
+          "calib_ctx": (int, False)}
 
 
 @dataclass
@@ -47,6 +53,17 @@ class Recipe:
         self.validate()
 
     def validate(self) -> None:
+        for f, (kind, optional) in _KINDS.items():   # YAML gives any type: check them before comparing values
+            v = getattr(self, f)
+            ok = (v is None and optional) or (isinstance(v, kind) and not (kind is int and isinstance(v, bool)))
+            if f == "tensor_type":
+                ok = ok and all(isinstance(r, str) for r in v)
+            if not ok:
+                raise TwinquantError(f"recipe {str(self.name)[:40]!r}: {f} is {type(v).__name__} {str(v)[:40]!r}, "
+                                     f"expected {'a list of str' if kind is list else kind.__name__}"
+                                     + (" or null" if optional else ""))
+        if not -(2 ** 63) <= self.seed < 2 ** 63:      # torch generators take a 64-bit seed
+            raise TwinquantError(f"recipe {self.name!r}: seed {self.seed} is not a 64-bit integer")
         if self.method not in METHODS:
             raise TwinquantError(f"recipe {self.name!r}: method {self.method!r} is not one of {', '.join(METHODS)}")
         if self.rotation not in ROTATIONS:
@@ -75,7 +92,7 @@ class Recipe:
         if not isinstance(d, dict):
             raise TwinquantError("a recipe is a mapping of field: value")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(k if isinstance(k, str) and k.isprintable() else repr(k)[:40] for k in set(d) - known)
         if unknown:
             raise TwinquantError(f"recipe: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         d = dict(d)
@@ -117,6 +134,7 @@ def load_recipe(spec: str | None) -> Recipe:
 
     try:
         d = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise TwinquantError(f"{p}: not a valid YAML recipe ({str(e).splitlines()[0]})") from None
-    return Recipe.from_dict(d or {}, name=p.stem)
+    except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: not UTF-8, an int of 5000 digits
+        raise TwinquantError(f"{p}: not a valid YAML recipe ({(str(e).splitlines() or [type(e).__name__])[0]})") \
+            from None
+    return Recipe.from_dict(d if d is not None else {}, name=p.stem)
