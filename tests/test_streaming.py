@@ -203,3 +203,19 @@ def test_row_chunks_bound_cpu_memory_and_keep_one_gpu_sweep():
     assert chunk_rows(27648, 5120, "cuda") == 27648            # a 32B ffn matrix: one GPTQ column sweep on a GPU
     head = chunk_rows(152064, 5120, torch.device("cuda", 0))
     assert 27648 < head < 152064 and head * 5120 * 4 * 14 <= 24 * 2**30   # the head: few chunks, bounded memory
+
+
+def test_gptq_gets_llama_quantize_types_with_an_imatrix(tmp_path):
+    """GPTQ's calibration is importance data: its type plan is llama-quantize's with --imatrix (Q4_0: the first
+    1/8 of ffn_down become Q4_1), so it is compared with llama.cpp's +imatrix file at the same bytes; RTN without
+    an imatrix file keeps the plain plan."""
+    src = save_tiny("llama", tmp_path / "m8", tokenizer=True, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                    num_key_value_heads=2, num_hidden_layers=8)       # n_layers // 8 = 1 block
+
+    def plan(method):
+        res = quantize(str(src), tmp_path / "p.gguf",
+                       _recipe(method=method, mix="llama.cpp:Q4_0", rotation="none"), Options(quiet=True, dry_run=True))
+        return dict(ln.split()[:2] for ln in res.dry_run_text.splitlines() if ln.startswith("blk.0.ffn_down"))
+
+    assert plan("gptq") == {"blk.0.ffn_down.weight": "Q4_1"}
+    assert plan("rtn") == {"blk.0.ffn_down.weight": "Q4_0"}

@@ -120,11 +120,13 @@ class Session:
         self.n_params = model.n_params()   # of the source: bits per weight are counted against the real weights
         self.prep = Preparation.of(recipe, model.spec.tied_embeddings)
 
+        # llama-quantize's rules "with an imatrix" when there is importance data: an --imatrix file, or GPTQ's
+        # calibration (its Hessian diagonal is the imatrix), so a GPTQ file has the types of llama.cpp's +imatrix one
         def types_for(spec):
             return assign_types(spec, roles.all_tensor_names(spec), mix=recipe.mix, default=recipe.format,
                                 overrides=recipe.tensor_type, output_type=recipe.output_tensor_type,
                                 embedding_type=recipe.token_embedding_type, pure=recipe.pure,
-                                imatrix=opts.imatrix is not None)   # llama-quantize's rules with --imatrix
+                                imatrix=opts.imatrix is not None or recipe.method == "gptq")
 
         self.types_for = types_for
         types_for(model.spec)   # a bad mix, type or rule fails here, before any work

@@ -12,6 +12,9 @@ A type implements two hooks on tensors whose leading axis runs over B independen
 device, following the bit-exactness rules of `_num.py`); blocks are independent, so the error-feedback quantizer
 (`twinquant.algorithms.gptq_blocks`) can call it on any set of blocks. `qw` is llama.cpp's `quant_weights`
 (the imatrix) broadcast to every row; types that llama.cpp quantizes only with an imatrix raise without one.
+
+On a CPU with llama-cpp-python installed, `quantize_bytes` / `quantize_blocks` call libggml itself (`libggml.py`:
+the same bytes, 5-10x faster than these hooks there); TWINQUANT_LIBGGML=0 keeps the hooks (the tests do).
 """
 
 from __future__ import annotations
@@ -22,9 +25,15 @@ import torch
 
 from twinquant.errors import TwinquantError
 from twinquant.formats.ggml._base import GGMLSizes, _np, _torch, as_f32
+from twinquant.formats.ggml import libggml
 from twinquant.formats.ggml._num import F32
 
 _ROWS_PER_CALL = 4096          # blocks per hook call: bounds the search buffers
+
+
+def _same_rows(qw: torch.Tensor) -> bool:
+    """Every block has the same quant_weights (one imatrix slice broadcast, as block LDLQ passes it)."""
+    return qw.shape[0] <= 1 or qw.stride(0) == 0 or bool(torch.equal(qw, qw[:1].expand_as(qw)))
 
 
 class BlockwiseCodec(GGMLSizes):
@@ -55,6 +64,8 @@ class BlockwiseCodec(GGMLSizes):
             raise TwinquantError(f"{self.name} needs an importance matrix (llama.cpp quantizes it only with one)")
         if qw is not None:
             qw = _torch(qw, x.device).to(F32).reshape(x.shape)
+        if libggml.usable(x) and (qw is None or _same_rows(qw)):     # llama.cpp's C on a CPU: 5-10x faster
+            return libggml.quantize_rows(self.ggml_type, x, None if qw is None else qw[0])
         out = np.empty((x.shape[0], self.type_size), np.uint8)
         for s in range(0, x.shape[0], _ROWS_PER_CALL):
             e = min(s + _ROWS_PER_CALL, x.shape[0])
@@ -77,7 +88,11 @@ class BlockwiseCodec(GGMLSizes):
             imp = _torch(importance, x.device).to(F32).reshape(-1)
             if imp.numel() != C:
                 raise TwinquantError(f"{self.name}: importance has {imp.numel()} values, expected {C} (one per column)")
+            if libggml.usable(x):
+                return libggml.quantize_rows(self.ggml_type, x, imp)
             qw = imp[None].expand(R, C).reshape(R * nb, self.block)
+        elif libggml.usable(x) and not self.needs_imatrix:
+            return libggml.quantize_rows(self.ggml_type, x, None)
         return self.quantize_blocks(x.reshape(R * nb, self.block), qw).reshape(R, nb * self.type_size)
 
     def dequantize_bytes(self, data, cols: int) -> torch.Tensor:
