@@ -63,3 +63,20 @@ def test_rows_with_different_weights_keep_the_torch_codec(fast, monkeypatch):
     assert not calls and out.shape == (4, codec.type_size)
     codec.quantize_blocks(x, qw[:1].expand(4, 256))
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("type_name", ["Q2_K", "Q4_K", "Q6_K", "Q4_0", "Q8_0"])
+def test_rtn_into_affine_ggml_types_is_the_same_either_way(fast, monkeypatch, type_name):
+    """quantize_to_format with RTN: libggml's bytes and dequantization == the torch codec's (codes, params)."""
+    from twinquant.algorithms.backends import get_quantizer, quantize_to_format
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(200, 512, generator=g) * 0.02
+    imp = torch.rand(512, generator=g) + 0.01
+    codec = codec_for(type_name, 512)
+    rtn = get_quantizer("rtn")
+    for im in (imp, None):
+        d1, h1 = quantize_to_format(rtn, w, codec, importance=im)
+        d2, h2 = _torch_path(monkeypatch, lambda: quantize_to_format(rtn, w, codec, importance=im))
+        assert np.array_equal(np.asarray(d1), np.asarray(d2)), (type_name, im is None)
+        assert torch.equal(h1.float(), h2.float())
