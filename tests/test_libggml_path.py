@@ -80,3 +80,20 @@ def test_rtn_into_affine_ggml_types_is_the_same_either_way(fast, monkeypatch, ty
         d2, h2 = _torch_path(monkeypatch, lambda: quantize_to_format(rtn, w, codec, importance=im))
         assert np.array_equal(np.asarray(d1), np.asarray(d2)), (type_name, im is None)
         assert torch.equal(h1.float(), h2.float())
+
+
+@pytest.mark.parametrize("type_name", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+def test_gptq_into_k_quants_is_the_same_with_libggml_fits(fast, monkeypatch, type_name):
+    """GPTQ fits each K-quant block through libggml on a CPU: the same parameters, so the same codes and loss."""
+    from twinquant.algorithms.gptq import gptq
+
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(1024, 512, generator=g) @ (torch.eye(512) + 0.3 * torch.randn(512, 512, generator=g) / 512 ** 0.5)
+    H = X.T @ X / X.shape[0]
+    W = torch.randn(64, 512, generator=g) * 0.02
+    codec = codec_for(type_name, 512)
+    for imp in (None, torch.diagonal(H).clone()):
+        a = gptq(W, H, codec, importance=imp)
+        b = _torch_path(monkeypatch, lambda: gptq(W, H, codec, importance=imp))
+        assert torch.equal(a.codes, b.codes) and a.loss == b.loss
+        assert np.array_equal(codec.pack(a.codes, a.params), codec.pack(b.codes, b.params))

@@ -15,6 +15,7 @@ import torch
 
 from twinquant.errors import TwinquantError
 from twinquant.formats.codec import BlockParams, dequantize_codes
+from twinquant.formats.ggml import libggml
 
 # shrink factors tried by the clip search, 1.0 (plain min/max) first: ties keep the unclipped range
 DEFAULT_CLIP_GRID = tuple(round(1.0 - 0.025 * i, 4) for i in range(29))          # 1.0 … 0.3
@@ -40,12 +41,19 @@ def has_clip_hook(codec) -> bool:
         return False
 
 
+_K_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
+
 def fit_block(codec, w: torch.Tensor, importance: torch.Tensor | None = None, clip_search: bool = True,
               grid=DEFAULT_CLIP_GRID) -> BlockParams:
     """Parameters of one block slice w [rows, block]: the codec's `fit`, or with `clip_search` (and a clip hook) the
     clip ratio from `grid` that minimises the importance-weighted squared error of each sub-block (of each row's
     block when one block has several sub-blocks, whose parameters are then chosen together)."""
     if not (clip_search and has_clip_hook(codec)):
+        if getattr(codec, "name", None) in _K_TYPES and libggml.usable(w) and w.shape[1] == codec.block:
+            # llama.cpp's fit on a CPU: libggml's bytes of the block hold exactly the parameters `fit` returns
+            # (tested); the K-quant searches are the slow part of GPTQ there
+            return codec.unpack(libggml.quantize_rows(codec.ggml_type, w, importance), codec.block)[1][0]
         return codec.fit(w, importance)
     w = w.float()
     rows, width = w.shape
