@@ -32,6 +32,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from provenance import record  # noqa: E402
+
 SHARED = ROOT.parent / "shared"
 WIKI = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
 CALIB = SHARED / "data" / "calibration" / "groups_merged.txt"
@@ -84,6 +87,30 @@ def parse_perplexity(text: str) -> dict:
     return r
 
 
+def sha256(path: Path) -> str:
+    """sha256 of a file, cached beside it (keyed by size and mtime): judged files are hashed once."""
+    import hashlib
+
+    st = path.stat()
+    cache = path.with_name(path.name + ".sha256")
+    key = f"{st.st_size} {st.st_mtime_ns}"
+    if cache.exists():
+        k, _, h = cache.read_text().partition("\n")
+        if k == key:
+            return h.strip()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    cache.write_text(f"{key}\n{h.hexdigest()}\n")
+    return h.hexdigest()
+
+
+def llamacpp_version(bin_dir: Path) -> str:
+    out = subprocess.run([str(bin_dir / "llama-perplexity"), "--version"], capture_output=True, text=True)
+    return next((ln.strip() for ln in (out.stdout + out.stderr).splitlines() if ln.startswith("version")), "unknown")
+
+
 def tensor_stats(path: Path) -> tuple[int, int]:
     """(tensor data bytes, number of weights) of a GGUF, as llama.cpp counts them for its BPW."""
     import gguf
@@ -103,6 +130,20 @@ class Bench:
         self.n_params = None
         self.imatrix_chunks = None
         self.autoround_args: list[str] = []
+
+    def inputs(self) -> dict:
+        """sha256 of what every row of this model depends on: the packaged source, the F16 reference, the texts."""
+        from twinquant import zoo
+
+        out = {"reference_f16": sha256(self.ref), "wiki.test.raw": sha256(WIKI), "groups_merged.txt": sha256(CALIB)}
+        try:
+            src = Path(zoo.resolve(self.model))
+            out["source"] = {"file": src.name, "sha256": sha256(src)}
+        except Exception as e:          # a path given as the model: the reference identifies it
+            out["source"] = {"file": str(self.model), "error": str(e)[:200]}
+        if self.imatrix.exists():
+            out["imatrix.gguf"] = sha256(self.imatrix)
+        return out
 
     def tool(self, name: str) -> str:
         return str(self.bin / name)
@@ -179,28 +220,43 @@ class Bench:
         path, facts = self.make(row)
         cache = path.with_suffix(f".eval-{self.chunks}.json")
         if cache.exists() and not self.force and cache.stat().st_mtime >= path.stat().st_mtime:
-            return json.loads(cache.read_text())
+            r = json.loads(cache.read_text())
+            r.setdefault("sha256", sha256(path))
+            return r
         log(f"{self.model}: evaluate {row}")
         text = run([self.tool("llama-perplexity"), "-m", path, "-c", 512, "--chunks", self.chunks, "-t", self.threads,
                     "--kl-divergence-base", self.base, "--kl-divergence"], path.with_suffix(".eval.log"))
         tbytes, _ = tensor_stats(path)
         r = {"model": self.model, "row": row, "file_bytes": path.stat().st_size, "tensor_bytes": tbytes,
-             "bpw": 8 * tbytes / self.n_params, **facts, **parse_perplexity(text)}
+             "bpw": 8 * tbytes / self.n_params, "sha256": sha256(path), **facts, **parse_perplexity(text)}
         cache.write_text(json.dumps(r))
         return r
 
 
+def same_types_anchor(r: dict, results: list[dict]) -> dict | None:
+    """For a twinquant row quantized into a llama.cpp mix (METHOD@MIX, no padding): llama.cpp's MIX + imatrix file,
+    which has the same types tensor for tensor (GPTQ takes llama-quantize's +imatrix plan): only rounding differs."""
+    kind, _, spec = r["row"].partition(":")
+    if kind != "twinquant" or spec.startswith("recipe=") or "pad" in spec.split("@")[0].split("+"):
+        return None
+    mix = spec.partition("@")[2] or "Q2_K"
+    return next((x for x in results if x["model"] == r["model"] and x["row"] == f"llama.cpp:{mix}+imatrix"), None)
+
+
 def markdown(results: list[dict], chunks: int) -> str:
     lines = [f"wiki.test.raw, ctx 512, {chunks} chunks, stock llama-perplexity; KLD vs the F16 reference", "",
-             "| model | file | MiB | bpw | PPL | mean KLD | 99% KLD | same top | KLD ÷ Q2_K+imatrix |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| model | file | MiB | bpw | PPL | mean KLD | 99% KLD | same top | KLD ÷ Q2_K+imatrix | "
+             "KLD ÷ llama.cpp, same types |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         anchor = next((x for x in results if x["model"] == r["model"] and x["row"] == "llama.cpp:Q2_K+imatrix"),
                       None)
         ratio = f"{r['kld_mean'] / anchor['kld_mean']:.2f}" if anchor else ""
-        lines.append(f"| {r['model']} | {r['row']} | {r['file_bytes'] / 2**20:.1f} | {r['bpw']:.2f} | "
+        same = same_types_anchor(r, results)
+        same_ratio = f"{r['kld_mean'] / same['kld_mean']:.2f}" if same else ""
+        lines.append(f"| {r['model']} | {r['row']} | {r['file_bytes'] / 2**20:.1f} | {r['bpw']:.3f} | "
                      f"{r['ppl']:.3f} | {r['kld_mean']:.4f} | {r['kld_p99']:.3f} | {100 * r['same_top']:.1f}% | "
-                     f"{ratio} |")
+                     f"{ratio} | {same_ratio} |")
     lines += ["", "Targets (issue 5): a twinquant file no larger than Q2_K + imatrix with mean KLD <= 0.6x of it; "
               "and one at most 0.75x its size with no higher KLD. Size = tensor data, as llama.cpp reports model "
               "size (files differ by a few hundred bytes of metadata: twinquant.* keys, imatrix provenance).", ""]
@@ -270,7 +326,22 @@ def main() -> None:
     bin_dir = llamacpp_bin()
     rows = ([f"llama.cpp:{r}" for r in args.llamacpp] + [f"twinquant:{r}" for r in args.twinquant]
             + [f"autoround:{r}" for r in args.autoround])
-    results, failures = [], []
+    results, failures, inputs = [], [], {}
+    prov = record(llama_cpp=llamacpp_version(bin_dir), chunks=args.chunks, ctx=512, text=WIKI.name,
+                  calibration=CALIB.name, imatrix_chunks=args.imatrix_chunks)
+
+    def write() -> None:      # after every row: an interrupted run keeps what it measured
+        (out / f"{stem}.json").write_text(json.dumps({"provenance": prov, "inputs": inputs, "results": results},
+                                                     indent=1))
+
+    def header() -> str:
+        v = prov["versions"]
+        return (f"# quality: {', '.join(args.models)}\n\ncommand: `{prov['command']}`  \ncommit {prov['commit']}; "
+                f"llama.cpp {prov['llama_cpp']}; twinquant {v['twinquant']}, torch {v['torch']}, gguf {v['gguf']}; "
+                f"{prov['machine']['cpu']}, {prov['machine']['cores']} cores  \ninputs (sha256): "
+                + "; ".join(f"{m}: " + ", ".join(f"{k} {(x['sha256'] if isinstance(x, dict) else x)[:12]}"
+                                                 for k, x in d.items() if isinstance(x, str) or "sha256" in x)
+                            for m, d in inputs.items()) + "\n\n")
     for m in args.models:
         work = Path(args.work) / m if args.work else Path.home() / ".cache" / "twinquant" / "quality" / m
         b = Bench(m, work, bin_dir, args.chunks, args.threads, args.force)
@@ -287,8 +358,10 @@ def main() -> None:
             results.append(r)
             log(f"{m}: {row}: {r['file_bytes'] / 2**20:.1f} MiB, bpw {r['bpw']:.2f}, PPL {r['ppl']:.3f}, "
                 f"KLD {r['kld_mean']:.4f}, same top {100 * r['same_top']:.1f}%")
-            (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
-    md = markdown(results, args.chunks)
+            write()
+        inputs[m] = b.inputs()
+    write()
+    md = header() + markdown(results, args.chunks)
     (out / f"{stem}.md").write_text(md)
     plot(results, out / f"{stem}.png")
     print(md)
