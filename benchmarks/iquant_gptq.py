@@ -48,6 +48,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", type=int, default=None, help="quantize only the first ROWS rows of each tensor (rows "
                     "are independent given H: an unbiased, cheaper estimate of the relative error)")
     ap.add_argument("--calib-tokens", type=int, default=4096)
+    ap.add_argument("--heldout-tokens", type=int, default=0,
+                    help="also report each error on this many further tokens of the text, not used to quantize")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--tag", required=True)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -67,8 +69,14 @@ def main(argv=None) -> int:
 
     dev = torch.device(args.device)
     model = load_model(args.model, device=args.device)
-    calib = load_calibration(model, None, args.calib_tokens, 512)
-    x = torch.cat([embed(model, calib.windows[i: i + 1].to(dev)).float() for i in range(calib.windows.shape[0])])
+    calib = load_calibration(model, None, args.calib_tokens + args.heldout_tokens, 512)
+    n_fit = args.calib_tokens // 512
+    xs = torch.cat([embed(model, calib.windows[i: i + 1].to(dev)).float() for i in range(calib.windows.shape[0])])
+    x, x_out = xs[:n_fit], (xs[n_fit:] if xs.shape[0] > n_fit else None)      # fitted / held-out windows
+    from types import SimpleNamespace
+
+    calib = SimpleNamespace(n_tokens=n_fit * 512, text_sha256=calib.text_sha256,
+                            heldout_tokens=(xs.shape[0] - n_fit) * 512)
     rtn, gptq = get_quantizer("rtn"), get_quantizer("gptq")
     model_sha = _sha(resolve(args.model))
     rows = []
@@ -79,6 +87,7 @@ def main(argv=None) -> int:
                      and len(roles.expected_shape(model.spec, n)) == 2
                      and (args.roles is None or any(f".{r}." in n for r in args.roles))]
             hooks = block_hessians(model, layer, x, set(names))
+            hooks_out = block_hessians(model, layer, x_out, set(names)) if x_out is not None else None
             group_of = {n: g[0] for g in roles.shared_input_groups(layer) for n in g}
             for name in names:
                 W = model.get(name).float()
@@ -94,14 +103,23 @@ def main(argv=None) -> int:
                         t0 = time.perf_counter()
                         _, W_hat = quantize_to_format(q, W, codec, H=H if q is gptq else None, importance=imatrix)
                         row[label] = rel_error(W, W_hat.to(dev), H)
+                        if hooks_out is not None:    # the same weights judged on inputs they were not fitted to
+                            row[f"{label}_heldout"] = rel_error(W, W_hat.to(dev),
+                                                               hooks_out.hessian(group_of[name]).to(dev))
                         row[f"{label}_seconds"] = round(time.perf_counter() - t0, 2)
                     row["ratio"] = row["twinquant"] / row["llama.cpp"]
+                    if hooks_out is not None:
+                        row["ratio_heldout"] = row["twinquant_heldout"] / row["llama.cpp_heldout"]
+                        print(f"{name:28s} {ty:8s} held out: llama.cpp {row['llama.cpp_heldout']:.5f}  twinquant "
+                              f"{row['twinquant_heldout']:.5f}  ratio {row['ratio_heldout']:.3f}", flush=True)
                     rows.append(row)
                     write(args, rows, calib, model_sha, time.perf_counter() - t_all)
                     print(f"{name:28s} {ty:8s} llama.cpp {row['llama.cpp']:.5f}  twinquant {row['twinquant']:.5f}"
                           f"  ratio {row['ratio']:.3f}  ({row['llama.cpp_seconds']} s / {row['twinquant_seconds']} s)",
                           flush=True)
         x = block_pass(model, layer, x)
+        if x_out is not None:
+            x_out = block_pass(model, layer, x_out)
         model.release_block(layer)
 
     write(args, rows, calib, model_sha, time.perf_counter() - t_all, final=True)
@@ -141,9 +159,13 @@ def write(args, rows, calib, model_sha, seconds, final=False, complete=None, pro
                        "ratio_worst": max(v["ratio"] for v in r),
                        "llama.cpp_seconds": round(sum(v["llama.cpp_seconds"] for v in r), 1),
                        "twinquant_seconds": round(sum(v["twinquant_seconds"] for v in r), 1)}
+        if all("ratio_heldout" in v for v in r):
+            summary[ty].update({"llama.cpp_heldout_mean": statistics.fmean(v["llama.cpp_heldout"] for v in r),
+                                "twinquant_heldout_mean": statistics.fmean(v["twinquant_heldout"] for v in r),
+                                "ratio_heldout_median": statistics.median(v["ratio_heldout"] for v in r)})
     fields = dict(benchmark="iquant_gptq", tag=args.tag, model=args.model, source_sha256=model_sha,
                   layers=args.layers, roles=args.roles, rows_per_tensor=args.rows, calib_tokens=calib.n_tokens,
-                  calibration_sha256=calib.text_sha256, seconds=round(seconds, 1),
+                  heldout_tokens=getattr(calib, "heldout_tokens", 0), calibration_sha256=calib.text_sha256, seconds=round(seconds, 1),
                   complete=final if complete is None else complete, note=note, summary=summary, rows=rows)
     res = {**provenance, **fields} if provenance else record(**fields)
     out = Path(args.out)
@@ -163,6 +185,14 @@ def write(args, rows, calib, model_sha, seconds, final=False, complete=None, pro
         lines.append(f"| {ty} | {v['bpw']:.4f} | {v['n']} | {v['llama.cpp_mean']:.5f} | {v['twinquant_mean']:.5f} "
                      f"| {v['ratio_median']:.3f} | {v['ratio_worst']:.3f} | {v['llama.cpp_seconds']} / "
                      f"{v['twinquant_seconds']} |")
+    held = {ty: v for ty, v in summary.items() if "ratio_heldout_median" in v}
+    if held:
+        lines += ["", f"Held out: the same quantized weights judged on {getattr(calib, 'heldout_tokens', 0)} further "
+                  "tokens of the text (not used to quantize)", "",
+                  "| type | llama.cpp mean e (held out) | twinquant mean e (held out) | median ratio (held out) |",
+                  "|---|---|---|---|"]
+        lines += [f"| {ty} | {v['llama.cpp_heldout_mean']:.5f} | {v['twinquant_heldout_mean']:.5f} | "
+                  f"{v['ratio_heldout_median']:.3f} |" for ty, v in held.items()]
     text = "\n".join(lines) + "\n"
     (out / f"iquant_gptq_{args.tag}.md").write_text(text)
     if final:
