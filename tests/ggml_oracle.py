@@ -12,29 +12,18 @@ which is exactly what `llama-quantize` runs per tensor (no imatrix: the `quantiz
 from __future__ import annotations
 
 import ctypes
-import functools
-from pathlib import Path
 
 import numpy as np
 
 
-@functools.cache
 def _lib() -> ctypes.CDLL:
-    import llama_cpp
+    """The binding twinquant's CPU fast path uses too (`twinquant.formats.ggml.libggml`): one place for the ctypes
+    signatures. Here it is the oracle, so the torch codecs are compared with it (tests run with TWINQUANT_LIBGGML=0)."""
+    from twinquant.formats.ggml import libggml
 
-    libdir = Path(llama_cpp.__file__).parent / "lib"
-    candidates = sorted(libdir.glob("libggml-base.so*")) + sorted(libdir.glob("libggml-base.dylib")) \
-        + sorted(libdir.glob("ggml-base.dll"))
-    if not candidates:
-        raise FileNotFoundError(f"no libggml-base in {libdir}")
-    lib = ctypes.CDLL(str(candidates[0]))
-    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    lib.ggml_row_size.restype = ctypes.c_size_t
-    lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
-    lib.ggml_quantize_init.restype = None
-    lib.ggml_quantize_init.argtypes = [ctypes.c_int]
+    lib = libggml._lib()
+    if lib is None:
+        raise FileNotFoundError("llama-cpp-python's libggml-base could not be loaded (part of the test install)")
     return lib
 
 
