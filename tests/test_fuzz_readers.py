@@ -549,17 +549,22 @@ def test_gguf_every_field_extreme(inputs, gguf_case):
         p.unlink()
 
 
+def nonfinite_edit(draw, floats):
+    """An edit writing NaN / +Inf / -Inf over one weight of one float tensor ((start, nbytes, itemsize) in floats)."""
+    start, nbytes, itemsize = draw.draw(st.sampled_from(floats))
+    pat = draw.draw(st.sampled_from((F16_SPECIAL if itemsize == 2 else F32_SPECIAL)[:3]))
+    i = draw.draw(st.integers(0, nbytes // itemsize - 1))
+    return ("float", start + i * itemsize, pat)
+
+
 def test_gguf_nan_weights_are_refused(inputs, gguf_case):
     data, _, floats, _ = gguf_case
 
     @fuzz_settings(40)
     @given(st.data())
     def run(draw):
-        start, nbytes, itemsize = draw.draw(st.sampled_from(floats))
-        pat = draw.draw(st.sampled_from((F16_SPECIAL if itemsize == 2 else F32_SPECIAL)[:3]))
-        i = draw.draw(st.integers(0, nbytes // itemsize - 1))
         p = fresh(inputs["dir"], "nan.gguf")
-        p.write_bytes(apply_bytes(data, [("float", start + i * itemsize, pat)]))
+        p.write_bytes(apply_bytes(data, [nonfinite_edit(draw, floats)]))
         assert load_and_touch(p, load_tokenizer=False) is None, "a NaN / Inf weight was accepted"
 
     run()
@@ -683,10 +688,7 @@ def test_hf_nan_weights_are_refused(inputs, hf_case):
     @fuzz_settings(30)
     @given(st.data())
     def run(draw):
-        start, nbytes, itemsize = draw.draw(st.sampled_from(floats))
-        pat = draw.draw(st.sampled_from((F16_SPECIAL if itemsize == 2 else F32_SPECIAL)[:3]))
-        i = draw.draw(st.integers(0, nbytes // itemsize - 1))
-        d = write_hf(inputs, hf_case, cfg, apply_bytes(data, [("float", start + i * itemsize, pat)]))
+        d = write_hf(inputs, hf_case, cfg, apply_bytes(data, [nonfinite_edit(draw, floats)]))
         assert load_and_touch(d, load_tokenizer=False) is None, "a NaN / Inf weight was accepted"
 
     run()
