@@ -50,11 +50,17 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-tokens", type=int, default=4096)
     ap.add_argument("--heldout-tokens", type=int, default=0,
                     help="also report each error on this many further tokens of the text, not used to quantize")
+    ap.add_argument("--damp", type=float, nargs="+", default=None,
+                    help="GPTQ damping(s) to compare (default: the `default` recipe's); a row per value")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--tag", required=True)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--render", help="write the table and plot of a results JSON (e.g. of a stopped run) and exit")
     args = ap.parse_args(argv)
+    if args.damp is None:
+        from twinquant.pipeline.recipe import BUILTIN
+
+        args.damp = [BUILTIN["default"].damp]
     if args.render:
         return render(Path(args.render))
 
@@ -77,7 +83,7 @@ def main(argv=None) -> int:
 
     calib = SimpleNamespace(n_tokens=n_fit * 512, text_sha256=calib.text_sha256,
                             heldout_tokens=(xs.shape[0] - n_fit) * 512)
-    rtn, gptq = get_quantizer("rtn"), get_quantizer("gptq")
+    rtn = get_quantizer("rtn")
     model_sha = _sha(resolve(args.model))
     rows = []
     t_all = time.perf_counter()
@@ -97,26 +103,25 @@ def main(argv=None) -> int:
                 imatrix = torch.diagonal(H) / 2                  # llama.cpp's imatrix: mean x² per input
                 for ty in args.types:
                     codec = codec_for(ty, W.shape[1])
-                    row = {"layer": layer, "tensor": name, "shape": list(W.shape), "type": ty,
-                           "bpw": round(codec.bits_per_weight, 4)}
-                    for label, q in (("llama.cpp", rtn), ("twinquant", gptq)):
-                        t0 = time.perf_counter()
-                        _, W_hat = quantize_to_format(q, W, codec, H=H if q is gptq else None, importance=imatrix)
-                        row[label] = rel_error(W, W_hat.to(dev), H)
-                        if hooks_out is not None:    # the same weights judged on inputs they were not fitted to
-                            row[f"{label}_heldout"] = rel_error(W, W_hat.to(dev),
-                                                               hooks_out.hessian(group_of[name]).to(dev))
-                        row[f"{label}_seconds"] = round(time.perf_counter() - t0, 2)
-                    row["ratio"] = row["twinquant"] / row["llama.cpp"]
-                    if hooks_out is not None:
-                        row["ratio_heldout"] = row["twinquant_heldout"] / row["llama.cpp_heldout"]
-                        print(f"{name:28s} {ty:8s} held out: llama.cpp {row['llama.cpp_heldout']:.5f}  twinquant "
-                              f"{row['twinquant_heldout']:.5f}  ratio {row['ratio_heldout']:.3f}", flush=True)
-                    rows.append(row)
-                    write(args, rows, calib, model_sha, time.perf_counter() - t_all)
-                    print(f"{name:28s} {ty:8s} llama.cpp {row['llama.cpp']:.5f}  twinquant {row['twinquant']:.5f}"
-                          f"  ratio {row['ratio']:.3f}  ({row['llama.cpp_seconds']} s / {row['twinquant_seconds']} s)",
-                          flush=True)
+                    base = {"layer": layer, "tensor": name, "shape": list(W.shape), "type": ty,
+                            "bpw": round(codec.bits_per_weight, 4)}
+                    ref = _judge(W, rtn, codec, None, imatrix, H, hooks_out, group_of[name], dev)
+                    for damp in args.damp:      # llama.cpp's row is the same for every damping: computed once
+                        row = {**base, "damp": damp, **{f"llama.cpp{k}": v for k, v in ref.items()}}
+                        got = _judge(W, get_quantizer("gptq", {"damp": damp}), codec, H, imatrix, H, hooks_out,
+                                     group_of[name], dev)
+                        row.update({f"twinquant{k}": v for k, v in got.items()})
+                        row["ratio"] = row["twinquant"] / row["llama.cpp"]
+                        if hooks_out is not None:
+                            row["ratio_heldout"] = row["twinquant_heldout"] / row["llama.cpp_heldout"]
+                            print(f"{name:28s} {ty:8s} damp {damp:<5g} held out: llama.cpp "
+                                  f"{row['llama.cpp_heldout']:.5f}  twinquant {row['twinquant_heldout']:.5f}  "
+                                  f"ratio {row['ratio_heldout']:.3f}", flush=True)
+                        rows.append(row)
+                        write(args, rows, calib, model_sha, time.perf_counter() - t_all)
+                        print(f"{name:28s} {ty:8s} damp {damp:<5g} llama.cpp {row['llama.cpp']:.5f}  twinquant "
+                              f"{row['twinquant']:.5f}  ratio {row['ratio']:.3f}  ({row['llama.cpp_seconds']} s / "
+                              f"{row['twinquant_seconds']} s)", flush=True)
         x = block_pass(model, layer, x)
         if x_out is not None:
             x_out = block_pass(model, layer, x_out)
@@ -124,6 +129,19 @@ def main(argv=None) -> int:
 
     write(args, rows, calib, model_sha, time.perf_counter() - t_all, final=True)
     return 0
+
+
+def _judge(W, q, codec, H, imatrix, H_fit, hooks_out, group, dev) -> dict:
+    """W quantized by `q` (with Hessian H, or none): its error on the fitted inputs, on held-out ones, seconds."""
+    from twinquant.algorithms.backends import quantize_to_format
+
+    t0 = time.perf_counter()
+    _, W_hat = quantize_to_format(q, W, codec, H=H, importance=imatrix)
+    out = {"": rel_error(W, W_hat.to(dev), H_fit)}
+    if hooks_out is not None:     # the same weights judged on inputs they were not fitted to
+        out["_heldout"] = rel_error(W, W_hat.to(dev), hooks_out.hessian(group).to(dev))
+    out["_seconds"] = round(time.perf_counter() - t0, 2)
+    return out
 
 
 def render(path: Path) -> int:
@@ -135,7 +153,8 @@ def render(path: Path) -> int:
     args = SimpleNamespace(types=list(dict.fromkeys(r["type"] for r in res["rows"])), tag=res["tag"],
                            model=res["model"], layers=res["layers"], roles=res["roles"], rows=res["rows_per_tensor"],
                            out=str(path.parent))
-    calib = SimpleNamespace(n_tokens=res["calib_tokens"], text_sha256=res["calibration_sha256"])
+    calib = SimpleNamespace(n_tokens=res["calib_tokens"], text_sha256=res["calibration_sha256"],
+                            heldout_tokens=res.get("heldout_tokens", 0))
     write(args, res["rows"], calib, res["source_sha256"], res["seconds"], final=True, complete=res["complete"],
           provenance={k: res[k] for k in ("command", "commit", "versions", "machine")},
           note=None if res["complete"] else f"stopped before its end: tensors of blocks {done_layers} measured "
@@ -148,11 +167,13 @@ def write(args, rows, calib, model_sha, seconds, final=False, complete=None, pro
     import statistics
 
     summary = {}
-    for ty in args.types:
-        r = [v for v in rows if v["type"] == ty]
+    damps = list(dict.fromkeys(v.get("damp") for v in rows))      # None: a file from before --damp
+    for ty, damp in ((t, d) for t in args.types for d in damps):
+        r = [v for v in rows if v["type"] == ty and v.get("damp") == damp]
         if not r:
             continue
-        summary[ty] = {"bpw": r[0]["bpw"], "n": len(r),
+        key = ty if len(damps) == 1 else f"{ty} damp {damp:g}"
+        summary[key] = {"bpw": r[0]["bpw"], "n": len(r), "type": ty, "damp": damp,
                        "llama.cpp_mean": statistics.fmean(v["llama.cpp"] for v in r),
                        "twinquant_mean": statistics.fmean(v["twinquant"] for v in r),
                        "ratio_median": statistics.median(v["ratio"] for v in r),
@@ -160,7 +181,7 @@ def write(args, rows, calib, model_sha, seconds, final=False, complete=None, pro
                        "llama.cpp_seconds": round(sum(v["llama.cpp_seconds"] for v in r), 1),
                        "twinquant_seconds": round(sum(v["twinquant_seconds"] for v in r), 1)}
         if all("ratio_heldout" in v for v in r):
-            summary[ty].update({"llama.cpp_heldout_mean": statistics.fmean(v["llama.cpp_heldout"] for v in r),
+            summary[key].update({"llama.cpp_heldout_mean": statistics.fmean(v["llama.cpp_heldout"] for v in r),
                                 "twinquant_heldout_mean": statistics.fmean(v["twinquant_heldout"] for v in r),
                                 "ratio_heldout_median": statistics.median(v["ratio_heldout"] for v in r)})
     fields = dict(benchmark="iquant_gptq", tag=args.tag, model=args.model, source_sha256=model_sha,
@@ -216,16 +237,21 @@ def _plot(summary: dict, path: Path, model: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, key, m in (("llama.cpp (imatrix)", "llama.cpp_mean", "o"), ("twinquant GPTQ / block LDLQ",
-                                                                           "twinquant_mean", "s")):
-        pts = sorted((v["bpw"], v[key], ty) for ty, v in summary.items())
+    damps = list(dict.fromkeys(v.get("damp") for v in summary.values()))
+    held = all("twinquant_heldout_mean" in v for v in summary.values())
+    suffix = "_heldout_mean" if held else "_mean"     # the figure that says whether the fit carries to new text
+    lines = [("llama.cpp (imatrix)", "llama.cpp" + suffix, "o", damps[0])]
+    lines += [("twinquant GPTQ / block LDLQ" + (f", damp {d:g}" if d is not None else ""), "twinquant" + suffix,
+               "s", d) for d in damps]
+    for label, key, m, damp in lines:
+        pts = sorted((v["bpw"], v[key], v.get("type", k)) for k, v in summary.items() if v.get("damp") == damp)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], m + "-", label=label)
         if m == "o":
             for b, e, ty in pts:
                 ax.annotate(ty, (b, e), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_yscale("log")
     ax.set_xlabel("bits per weight (type)")
-    ax.set_ylabel("mean relative output error")
+    ax.set_ylabel("mean relative output error" + (" (held-out tokens)" if held else ""))
     ax.set_title(f"{model}: output error by type")
     ax.legend()
     fig.tight_layout()

@@ -188,6 +188,10 @@ def test_infeasible_target_names_the_smallest_size(tiny, tmp_path):
     p = run("quantize", tiny, "-o", tmp_path / "x.gguf", *CAL[:-2], "-q", "--rotation", "rh", "--measurement", meas,
             "--target-bpw", "4", ok=False)
     assert_user_error(p, "rotation")
+    # ... or for another GPTQ damping (its costs would be another quantizer's)
+    p = run("quantize", tiny, "-o", tmp_path / "x.gguf", *CAL, "-q", "--damp", "0.01", "--measurement", meas,
+            "--target-bpw", "4", ok=False)
+    assert_user_error(p, "config")
     (tmp_path / "bad.json").write_text("{not json")
     assert_user_error(run("quantize", tiny, "-o", tmp_path / "x.gguf", *CAL, "-q", "--measurement", tmp_path / "bad.json",
                           "--target-bpw", "4", ok=False), "bad.json")

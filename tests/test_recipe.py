@@ -25,6 +25,30 @@ def test_validation_rejects_impossible_recipes():
         Recipe(tensor_type=["ffn_down"])
     with pytest.raises(TwinquantError, match="unknown field.*bits"):
         Recipe.from_dict({"method": "rtn", "bits": 2})
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(TwinquantError, match="damp"):
+            Recipe(damp=bad)
+    with pytest.raises(TwinquantError, match="damp is str"):
+        Recipe.from_dict({"damp": "lots"})
+    assert Recipe.from_dict({"damp": 1}).damp == 1.0 and isinstance(Recipe.from_dict({"damp": 1}).damp, float)
+    with pytest.raises(TwinquantError, match="calib_tokens"):
+        Recipe(calib_tokens=0)
+
+
+def test_default_calibration_grows_with_the_widest_input():
+    from types import SimpleNamespace
+
+    from twinquant.calibration.windows import auto_tokens
+
+    def spec(h, f, q=None):
+        return SimpleNamespace(hidden=h, intermediate=f, q_dim=q or h)
+
+    assert BUILTIN["default"].calib_tokens is None and BUILTIN["default"].damp == 0.5
+    assert auto_tokens(spec(576, 1536)) == 8192                  # small models keep the floor
+    assert auto_tokens(spec(1536, 8960)) == 17920                 # Qwen2.5-1.5B: 2 per ffn_down input
+    assert auto_tokens(spec(5120, 27648)) == 55296                # 32B
+    assert auto_tokens(spec(4096, 4100), ctx=512) == 8704         # whole windows
+    assert auto_tokens(spec(2048, 1024, q=6000)) == 12288         # the widest input may be attn_output's
 
 
 def test_yaml_file_round_trip_and_builtins(tmp_path):
@@ -73,3 +97,17 @@ def test_cli_recipe_overrides_and_metadata(tmp_path):
     assert rec["recipe"]["mix"] == "llama.cpp:Q3_K_M" and rec["recipe"]["format"] is None
     assert rec["recipe"]["method"] == "gptq" and rec["rotation"] == "none"
     assert rec["calibration"]["tokens"] == 256 and len(rec["calibration"]["sha256"]) == 64
+    assert rec["recipe"]["damp"] == 0.5
+    # --damp reaches GPTQ: another damping, other weights; recorded in the file
+    out2 = tmp_path / "q2.gguf"
+    run("quantize", d, "-o", out2, "--recipe", f, "--mix", "llama.cpp:Q3_K_M", "--method", "gptq",
+        "--calib-tokens", 256, "--calib-ctx", 64, "--damp", "0.01", "-q")
+    assert load_gguf(out2).quant_record["recipe"]["damp"] == 0.01
+    from twinquant.io.gguf_read import open_gguf
+
+    def data(path, name="blk.0.ffn_down.weight"):
+        return next(bytes(t.data) for t in open_gguf(path).tensors if t.name == name)
+    assert data(out) != data(out2)
+    # without --calib-tokens a GPTQ file records the grown calibration (the tiny model's floor: 8192, or the text)
+    p = run("quantize", d, "-o", tmp_path / "z.gguf", "--recipe", f, "--method", "gptq", "--dry-run")
+    assert "8192 tokens of" in p.stdout

@@ -257,7 +257,7 @@ def _recipe(args):
 
     r = load_recipe(args.recipe)
     changes = {k: getattr(args, k) for k in ("method", "output_tensor_type", "token_embedding_type", "rotation",
-                                              "seed", "pad_multiple", "calib", "calib_tokens", "calib_ctx")}
+                                              "seed", "pad_multiple", "damp", "calib", "calib_tokens", "calib_ctx")}
     for flag in ("pure", "pad", "act_order"):
         changes[flag] = True if getattr(args, flag) else None
     if args.mix or args.format:    # either replaces both of the recipe's
@@ -427,7 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     def with_calib(sp, recipe: bool = False):   # recipe: defaults come from the recipe, not from here
         sp.add_argument("--calib", help="calibration text (default ../shared/data/calibration/groups_merged.txt)")
         sp.add_argument("--calib-tokens", type=int, default=None if recipe else 8192,
-                        help="calibration tokens (default 8192)")
+                        help="calibration tokens (default " + ("the recipe's; `default`: 2 per input of the widest "
+                             "linear, at least 8192)" if recipe else "8192)"))
         sp.add_argument("--calib-ctx", type=int, default=None if recipe else 512,
                         help="calibration window (default 512)")
         return sp
@@ -465,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="R1+R2 before quantizing; auto = rh unless the embeddings are tied")
     sp.add_argument("--seed", type=int)
     sp.add_argument("--act-order", action="store_true", help="GPTQ act-order (with static groups)")
+    sp.add_argument("--damp", type=float, help="GPTQ damping: λ = DAMP x mean(diag H) (recipe default 0.5)")
     sp.add_argument("--pad", action="store_true", help="pad hidden / ffn / heads with zeros to a multiple of "
                     "--pad-multiple (exact; lets 576- or 896-wide models use K-quants instead of fallbacks)")
     sp.add_argument("--pad-multiple", type=int)
@@ -511,6 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--pad", action="store_true")
     sp.add_argument("--pad-multiple", type=int)
     sp.add_argument("--act-order", action="store_true")
+    sp.add_argument("--damp", type=float, help="GPTQ damping (as quantize --damp)")
     sp.add_argument("--imatrix", help="importance matrix (as quantize --imatrix)")
     sp.add_argument("--kld-windows", type=int, default=4, help="calibration windows that price candidates by KL "
                     "(default 4; the Hessians use all --calib-tokens)")

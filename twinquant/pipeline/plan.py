@@ -38,7 +38,10 @@ def make_plan(sess, types: dict[str, str], out: Path, target, measures: bool, wo
                                     + (", head untied" if sess.source_model.spec.tied_embeddings
                                        and not spec.tied_embeddings else "")))
     if recipe.method == "gptq":
-        steps.append(Step("calibrate", f"{recipe.calib_tokens} tokens of {recipe.calib or 'groups_merged.txt'} in "
+        from twinquant.calibration.windows import auto_tokens
+
+        n = recipe.calib_tokens if recipe.calib_tokens is not None else auto_tokens(spec, recipe.calib_ctx)
+        steps.append(Step("calibrate", f"{n} tokens of {recipe.calib or 'groups_merged.txt'} in "
                                        f"windows of {recipe.calib_ctx}"))
     if target:
         if measures:

@@ -150,7 +150,10 @@ class Session:
         return self._calib
 
     def quantizer_config(self) -> dict | None:
-        return {"act_order": True, "static_groups": True} if self.recipe.act_order else None
+        cfg = {"damp": self.recipe.damp} if self.recipe.method == "gptq" else {}
+        if self.recipe.act_order:
+            cfg.update(act_order=True, static_groups=True)
+        return cfg or None
 
     def importance(self, names: list[str]) -> None:
         """--imatrix: per-tensor importance with a coverage report; tensors without data keep the calibration's
@@ -209,6 +212,10 @@ class Session:
             m = Measurement.load(p)
             full = {**header, **{k: m.header.get(k) for k in ("method", "config", "cost", "fisher_seed",
                                                                "kld_windows", "kld_scored", "keep_blocks")}}
+            if recipe.method == m.header.get("method"):     # a measurement made with another damping is stale
+                from twinquant.algorithms.backends import get_quantizer
+
+                full["config"] = get_quantizer(recipe.method, self.quantizer_config()).config.to_dict()
             m.check_matches(full)
             if m.complete:
                 opts.say(f"measurement {p}: {len(m.tensors)} tensors (sha256 {m.sha256()[:12]})")
