@@ -136,9 +136,14 @@ def _tensor_seconds(report: dict, name: str) -> float:
 
 
 def run_stage(stage: str, src: Path, work: Path, args) -> dict:
+    """One stage; `quantize@N` is the default recipe calibrated on N tokens instead of its own count."""
     import twinquant
     from twinquant.pipeline import Options
+    from twinquant.pipeline.recipe import BUILTIN
 
+    label = stage
+    stage, _, tokens = stage.partition("@")
+    recipe = BUILTIN["default"].replace(calib_tokens=int(tokens) if tokens else None)
     out = work / f"{stage}.gguf"
     mpath = work / "measurement.json"
     opts = dict(dtype=torch.float32, device=args.device, quiet=False, work_dir=str(work / f"{stage}.work"))
@@ -146,12 +151,12 @@ def run_stage(stage: str, src: Path, work: Path, args) -> dict:
     with Sampler() as mem:
         if stage == "measure":
             mpath.unlink(missing_ok=True)
-            m = twinquant.measure(str(src), mpath, "default", Options(cost="fisher", **opts))
+            m = twinquant.measure(str(src), mpath, recipe, Options(cost="fisher", **opts))
             result = {"tensors": len(m.tensors)}
         else:
             extra = {"target_bpw": args.target_bpw, "measurement": str(mpath)} if stage == "target" else {}
             rep = work / f"{stage}.report.json"
-            res = twinquant.quantize(str(src), out, "default", Options(report=str(rep), **opts, **extra))
+            res = twinquant.quantize(str(src), out, recipe, Options(report=str(rep), **opts, **extra))
             report = json.loads(rep.read_text())
             blocks = _per_block(report, args.layers)
             mean = sum(b["seconds"] for b in blocks) / len(blocks)
@@ -160,10 +165,11 @@ def run_stage(stage: str, src: Path, work: Path, args) -> dict:
                       "blocks": blocks, "embedding_seconds": _tensor_seconds(report, "token_embd.weight"),
                       "head_seconds": _tensor_seconds(report, "output.weight"),
                       "mean_block_seconds": round(mean, 2),
+                      "calib_tokens": (report.get("calibration") or {}).get("tokens"),
                       "extrapolated_64_layers_min": round((fixed + 64 * mean) / 60, 1)}
             out.unlink(missing_ok=True)
     wall = time.perf_counter() - t0
-    result.update({"stage": stage, "wall_seconds": round(wall, 1), "peak_rss_anon_gib": _gib(mem.peak_anon),
+    result.update({"stage": label, "wall_seconds": round(wall, 1), "peak_rss_anon_gib": _gib(mem.peak_anon),
                    "peak_rss_file_gib": _gib(mem.peak_file), "peak_gpu_gib": _gib(mem.gpu_peak)})
     if stage == "measure":   # no per-block report: its wall time is embedding/head + layers x block
         result["extrapolated_64_layers_min"] = round(wall * 64 / args.layers / 60, 1)
@@ -176,7 +182,9 @@ def main(argv=None) -> int:
     for k, v in QWEN32B.items():
         ap.add_argument("--" + k.replace("_", "-"), type=int, default=v)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--stages", default="quantize,measure,target")
+    ap.add_argument("--stages", default="quantize,measure,target",
+                    help="comma-separated; quantize@N: the default recipe on N calibration tokens (e.g. "
+                         "quantize@8192,quantize compares a fixed count with the recipe's own)")
     ap.add_argument("--target-bpw", type=float, default=2.5)
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "twinquant" / "scale"))
     ap.add_argument("--tag", required=True)
@@ -211,14 +219,15 @@ def write_results(res: dict, out: Path, tag: str) -> str:
     (out / f"scale_{tag}.json").write_text(json.dumps(res, indent=1) + "\n")
     lines = [f"# scale: {res['layers']} layers of Qwen2.5-32B shapes {res['shape']}, device {res['device']}", "",
              f"command: `{res['command']}`  ", f"commit: {res['commit']}  ", f"machine: {res['machine']}", "",
-             "| stage | wall s | mean block s | GPTQ s/block | other s/block | embedding s | head s | peak RSS anon GiB "
-             "| peak GPU GiB | 64 layers (min) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| stage | calibration tokens | wall s | mean block s | GPTQ s/block | other s/block | embedding s | head s "
+             "| peak RSS anon GiB | peak GPU GiB | 64 layers (min) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in res["stages"]:
         b = s.get("blocks") or []
         g = sum(x["gptq"] for x in b) / len(b) if b else None
         o = sum(x["other"] for x in b) / len(b) if b else None
         f = lambda v: "" if v is None else f"{v:.1f}"  # noqa: E731
-        lines.append(f"| {s['stage']} | {s['wall_seconds']:.0f} | {f(s.get('mean_block_seconds'))} | {f(g)} | {f(o)} "
+        lines.append(f"| {s['stage']} | {s.get('calib_tokens') or ''} | {s['wall_seconds']:.0f} "
+                     f"| {f(s.get('mean_block_seconds'))} | {f(g)} | {f(o)} "
                      f"| {f(s.get('embedding_seconds'))} | {f(s.get('head_seconds'))} | {s['peak_rss_anon_gib']} "
                      f"| {s['peak_gpu_gib']} | {s['extrapolated_64_layers_min']} |")
     if res.get("cut_off"):
