@@ -63,6 +63,11 @@ def test_yaml_file_round_trip_and_builtins(tmp_path):
         load_recipe(str(f))
     with pytest.raises(TwinquantError, match="no such recipe"):
         load_recipe(str(tmp_path / "missing.yaml"))
+    # deep nesting is refused before PyYAML recurses into it (seconds to a RecursionError)
+    for deep in ("seed: " + "[" * 5000 + "]" * 5000, "a:\n" + "".join(" " * i + f"k{i}:\n" for i in range(1, 300))):
+        f.write_text(deep)
+        with pytest.raises(TwinquantError, match="nested too deeply"):
+            load_recipe(str(f))
     assert load_recipe(None) is BUILTIN["default"]
     # rotation `auto`: none where fusing the final norm would untie the head (a second vocab x hidden matrix)
     assert BUILTIN["default"].resolved_rotation(tied_embeddings=True) == "none"

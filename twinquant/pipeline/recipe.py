@@ -130,6 +130,19 @@ BUILTIN: dict[str, Recipe] = {
 BUILTIN["default"] = dataclasses.replace(BUILTIN["q2k-gptq-auto"], name="default")
 
 
+def _nesting(text: str) -> int:
+    """An upper bound of the YAML nesting: the deepest run of [ / { (quoted or not), or a line's indentation."""
+    indent = max((len(line) - len(line.lstrip(" -?:")) for line in text.splitlines()), default=0) // 2
+    depth = deepest = 0
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth = max(depth - 1, 0)
+    return max(deepest, indent)
+
+
 def load_recipe(spec: str | None) -> Recipe:
     """A built-in recipe by name, or a YAML file; None gives `default`."""
     if spec is None:
@@ -142,7 +155,10 @@ def load_recipe(spec: str | None) -> Recipe:
     import yaml
 
     try:
-        d = yaml.safe_load(p.read_text(encoding="utf-8"))
+        text = p.read_text(encoding="utf-8")
+        if _nesting(text) > 32:     # a recipe is flat; PyYAML recurses per level (seconds to a RecursionError)
+            raise ValueError("nested too deeply")
+        d = yaml.safe_load(text)
     except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: not UTF-8, an int of 5000 digits
         raise TwinquantError(f"{p}: not a valid YAML recipe ({(str(e).splitlines() or [type(e).__name__])[0]})") \
             from None
