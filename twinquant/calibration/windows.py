@@ -63,5 +63,9 @@ def auto_tokens(spec, ctx: int = 512, per_input: int = 2, floor: int = 8192) -> 
 def calibration_for(cfg, model) -> Calibration:
     """The calibration a recipe (or any object with `calib`, `calib_tokens`, `calib_ctx`) names; `calib_tokens`
     None grows with the model's widest input (`auto_tokens`)."""
-    n = cfg.calib_tokens if cfg.calib_tokens is not None else auto_tokens(model.spec, cfg.calib_ctx)
-    return load_calibration(model, cfg.calib, n, cfg.calib_ctx)
+    return load_calibration(model, cfg.calib, tokens_for(cfg, model.spec), cfg.calib_ctx)
+
+
+def tokens_for(cfg, spec) -> int:
+    """The token count `cfg` asks for: its `calib_tokens`, or `auto_tokens` of the model when that is None."""
+    return cfg.calib_tokens if cfg.calib_tokens is not None else auto_tokens(spec, cfg.calib_ctx)

@@ -38,10 +38,9 @@ def make_plan(sess, types: dict[str, str], out: Path, target, measures: bool, wo
                                     + (", head untied" if sess.source_model.spec.tied_embeddings
                                        and not spec.tied_embeddings else "")))
     if recipe.method == "gptq":
-        from twinquant.calibration.windows import auto_tokens
+        from twinquant.calibration.windows import tokens_for
 
-        n = recipe.calib_tokens if recipe.calib_tokens is not None else auto_tokens(spec, recipe.calib_ctx)
-        steps.append(Step("calibrate", f"{n} tokens of {recipe.calib or 'groups_merged.txt'} in "
+        steps.append(Step("calibrate", f"{tokens_for(recipe, spec)} tokens of {recipe.calib or 'groups_merged.txt'} in "
                                        f"windows of {recipe.calib_ctx}"))
     if target:
         if measures:
