@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     if args.render:
         return render(Path(args.render))
 
-    from twinquant.algorithms.backends import get_quantizer, quantize_to_format
+    from twinquant.algorithms.backends import get_quantizer
     from twinquant.calibration.blocks import block_hessians, block_pass
     from twinquant.calibration.windows import load_calibration
     from twinquant.formats import codec_for
@@ -84,6 +84,7 @@ def main(argv=None) -> int:
     calib = SimpleNamespace(n_tokens=n_fit * 512, text_sha256=calib.text_sha256,
                             heldout_tokens=(xs.shape[0] - n_fit) * 512)
     rtn = get_quantizer("rtn")
+    gptqs = {d: get_quantizer("gptq", {"damp": d}) for d in args.damp}
     model_sha = _sha(resolve(args.model))
     rows = []
     t_all = time.perf_counter()
@@ -100,19 +101,19 @@ def main(argv=None) -> int:
                 if args.rows:
                     W = W[: args.rows].contiguous()
                 H = hooks.hessian(group_of[name]).to(dev)
+                H_out = hooks_out.hessian(group_of[name]).to(dev) if hooks_out is not None else None
                 imatrix = torch.diagonal(H) / 2                  # llama.cpp's imatrix: mean x² per input
                 for ty in args.types:
                     codec = codec_for(ty, W.shape[1])
                     base = {"layer": layer, "tensor": name, "shape": list(W.shape), "type": ty,
                             "bpw": round(codec.bits_per_weight, 4)}
-                    ref = _judge(W, rtn, codec, None, imatrix, H, hooks_out, group_of[name], dev)
+                    ref = _judge(W, rtn, codec, None, imatrix, H, H_out, dev)
                     for damp in args.damp:      # llama.cpp's row is the same for every damping: computed once
                         row = {**base, "damp": damp, **{f"llama.cpp{k}": v for k, v in ref.items()}}
-                        got = _judge(W, get_quantizer("gptq", {"damp": damp}), codec, H, imatrix, H, hooks_out,
-                                     group_of[name], dev)
+                        got = _judge(W, gptqs[damp], codec, H, imatrix, H, H_out, dev)
                         row.update({f"twinquant{k}": v for k, v in got.items()})
                         row["ratio"] = row["twinquant"] / row["llama.cpp"]
-                        if hooks_out is not None:
+                        if H_out is not None:
                             row["ratio_heldout"] = row["twinquant_heldout"] / row["llama.cpp_heldout"]
                             print(f"{name:28s} {ty:8s} damp {damp:<5g} held out: llama.cpp "
                                   f"{row['llama.cpp_heldout']:.5f}  twinquant {row['twinquant_heldout']:.5f}  "
@@ -131,15 +132,16 @@ def main(argv=None) -> int:
     return 0
 
 
-def _judge(W, q, codec, H, imatrix, H_fit, hooks_out, group, dev) -> dict:
-    """W quantized by `q` (with Hessian H, or none): its error on the fitted inputs, on held-out ones, seconds."""
+def _judge(W, q, codec, H, imatrix, H_fit, H_out, dev) -> dict:
+    """W quantized by `q` (with Hessian H, or none): its error on the fitted inputs (H_fit), on held-out ones
+    (H_out, if any), seconds."""
     from twinquant.algorithms.backends import quantize_to_format
 
     t0 = time.perf_counter()
     _, W_hat = quantize_to_format(q, W, codec, H=H, importance=imatrix)
     out = {"": rel_error(W, W_hat.to(dev), H_fit)}
-    if hooks_out is not None:     # the same weights judged on inputs they were not fitted to
-        out["_heldout"] = rel_error(W, W_hat.to(dev), hooks_out.hessian(group).to(dev))
+    if H_out is not None:     # the same weights judged on inputs they were not fitted to
+        out["_heldout"] = rel_error(W, W_hat.to(dev), H_out)
     out["_seconds"] = round(time.perf_counter() - t0, 2)
     return out
 
@@ -186,7 +188,8 @@ def write(args, rows, calib, model_sha, seconds, final=False, complete=None, pro
                                 "ratio_heldout_median": statistics.median(v["ratio_heldout"] for v in r)})
     fields = dict(benchmark="iquant_gptq", tag=args.tag, model=args.model, source_sha256=model_sha,
                   layers=args.layers, roles=args.roles, rows_per_tensor=args.rows, calib_tokens=calib.n_tokens,
-                  heldout_tokens=getattr(calib, "heldout_tokens", 0), calibration_sha256=calib.text_sha256, seconds=round(seconds, 1),
+                  heldout_tokens=getattr(calib, "heldout_tokens", 0), calibration_sha256=calib.text_sha256,
+                  seconds=round(seconds, 1),
                   complete=final if complete is None else complete, note=note, summary=summary, rows=rows)
     res = {**provenance, **fields} if provenance else record(**fields)
     out = Path(args.out)

@@ -2,8 +2,8 @@
 
 A table cites its results: a `benchmarks/results/...` path in a row (that row's numbers are looked up there) or in
 the paragraph just above the table (for the rows citing none). A number written with d decimals must equal, at d
-decimals, a number in a cited file (git-tracked, JSON or markdown), or be one of the row's explicitly derived
-values (a ratio of two numbers of that row's own files). Numbers inside `code` (paths, commands) are not data.
+decimals, a number in a cited file (git-tracked, JSON or markdown; a JSON and the markdown of the same stem count
+as one result). Numbers inside `code` (paths, commands, labels) are not data.
 """
 
 from __future__ import annotations
