@@ -34,11 +34,31 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import CALIB, ROOT, TWINQUANT, Bench, llamacpp_bin, log, run, tensor_stats  # noqa: E402
+from provenance import record as provenance  # noqa: E402
+from quality import CALIB, ROOT, TWINQUANT, WIKI, Bench, llamacpp_bin, llamacpp_version, log, \
+    results_header, run, tensor_stats  # noqa: E402
 
 LLAMACPP = ["Q2_K+imatrix", "Q3_K_S+imatrix", "Q3_K_M+imatrix", "Q4_K_M+imatrix", "IQ2_XS+imatrix",
             "IQ2_M+imatrix", "IQ3_XXS+imatrix"]
-VARIANTS = {"default": [], "pad": ["--pad"]}
+# a variant: the recipe options (measure and quantize alike) and how it is measured. The kept-block variants
+# assemble each target from the measured blocks; a sampled measurement (`--sample-rows`, the Fisher cost: how a
+# 1.5B model is measured on two cores) keeps none, so its targets are built by a normal quantize run.
+# `fisher32-nosrc` allocates from fisher32's measurement without the packaged source's own types (Q4_K, Q6_K of a
+# Q4_K_M file), the control that cannot profit from re-creating the source's grid.
+KEEP = ["--keep-blocks"]
+FISHER32 = ["--cost", "fisher", "--sample-rows", "32"]
+VARIANTS = {"default": ([], KEEP), "pad": (["--pad"], KEEP), "fisher32": (["--rotation", "none"], FISHER32),
+            "fisher32-nosrc": (["--rotation", "none"], FISHER32)}
+MEASURED_AS = {"fisher32-nosrc": "fisher32"}
+ALLOCATION = {"fisher32-nosrc": ["--exclude-type", "Q4_K", "--exclude-type", "Q6_K"]}
+
+
+def recipe_args(variant: str) -> list[str]:
+    return VARIANTS[variant][0]
+
+
+def kept(variant: str) -> bool:
+    return "--keep-blocks" in VARIANTS[variant][1]
 
 
 class Frontier(Bench):
@@ -46,13 +66,14 @@ class Frontier(Bench):
 
     def measurement(self, variant: str) -> tuple[Path, dict]:
         """The variant's measurement (made once; resumed if interrupted), with its time and peak memory."""
-        path = self.work / f"measure-{variant}.json"
-        logf = self.work / f"measure-{variant}.log"
+        name = MEASURED_AS.get(variant, variant)
+        path = self.work / f"measure-{name}.json"
+        logf = self.work / f"measure-{name}.log"
         done = path.exists() and json.loads(path.read_text()).get("complete")
         if not done:
             log(f"{self.model}: twinquant measure ({variant})")
             run(["/usr/bin/time", "-v", *TWINQUANT, "measure", self.ref, "-o", path, "--calib", CALIB,
-                 "--keep-blocks", *VARIANTS[variant]], logf)
+                 *VARIANTS[variant][1], *recipe_args(variant)], logf)
         m = json.loads(path.read_text())
         text = logf.read_text() if logf.exists() else ""
         rss = re.findall(r"Maximum resident set size \(kbytes\): (\d+)", text)
@@ -74,7 +95,7 @@ class Frontier(Bench):
         path, _ = self.measurement(variant)
         p = subprocess.run([str(c) for c in TWINQUANT + ["quantize", self.ref, "-o", self.work / "dry.gguf",
                            "--calib", CALIB, "--measurement", path, "--target-bpw", f"{bpw:.6f}", "--dry-run",
-                           "-q", *VARIANTS[variant]]], capture_output=True, text=True)
+                           "-q", *recipe_args(variant), *ALLOCATION.get(variant, [])]], capture_output=True, text=True)
         if p.returncode != 0:
             if "below the smallest" in p.stderr:
                 return None
@@ -87,7 +108,8 @@ class Frontier(Bench):
             return super().make(row)
         bpw_text, *steps = spec.split("+")
         variant = next((v for v in steps if v in VARIANTS), "default")
-        seq = "seq" in steps          # sequential GPTQ (a normal quantize run) instead of the measured blocks
+        # sequential GPTQ (a normal quantize run) instead of the measured blocks
+        seq = "seq" in steps or not kept(variant)
         out = self.work / f"target-{bpw_text}-{variant}{'-seq' if seq else ''}.gguf"
         meta = out.with_suffix(".make.json")
         if out.exists() and meta.exists() and not self.force:
@@ -96,7 +118,8 @@ class Frontier(Bench):
         tmp = out.with_name(out.stem + ".tmp.gguf")
         t0 = time.perf_counter()
         text = run(TWINQUANT + ["quantize", self.ref, "-o", tmp, "--calib", CALIB, "--measurement", path,
-                                "--target-bpw", bpw_text, *VARIANTS[variant], "--report",
+                                "--target-bpw", bpw_text, *recipe_args(variant), *ALLOCATION.get(variant, []),
+                                "--report",
                                 out.with_suffix(".report.json"), *([] if seq else ["--from-measurement"])],
                    out.with_suffix(".log"))
         facts = {"make_seconds": time.perf_counter() - t0, "variant": variant, "target_bpw": float(bpw_text),
@@ -213,7 +236,15 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     bin_dir = llamacpp_bin()
-    results, measurements, failures = [], {}, []
+    results, measurements, failures, inputs = [], {}, [], {}
+    prov = provenance(llama_cpp=llamacpp_version(bin_dir), chunks=args.chunks, ctx=512, text=WIKI.name,
+                      calibration=CALIB.name, imatrix_chunks=args.imatrix_chunks,
+                      variants={v: {"recipe": VARIANTS[v][0], "measure": VARIANTS[v][1],
+                                    "allocation": ALLOCATION.get(v, [])} for v in args.variants})
+
+    def write() -> None:     # after every row: an interrupted run keeps what it measured
+        (out / f"{stem}.json").write_text(json.dumps({"provenance": prov, "inputs": inputs, "results": results,
+                                                      "measurements": measurements}, indent=1))
 
     def record(b, row):
         try:
@@ -229,7 +260,7 @@ def main() -> None:
         results.append(r)
         log(f"{b.model}: {row}: {r['bpw']:.3f} bpw, KLD {r['kld_mean']:.4f}"
             + (f" (predicted {r['predicted_kld']:.4f})" if r.get("predicted_kld") else ""))
-        (out / f"{stem}.json").write_text(json.dumps({"results": results, "measurements": measurements}, indent=1))
+        write()
         return r
 
     for m in args.models:
@@ -256,8 +287,10 @@ def main() -> None:
             v, _ = b.best_variant(bpw)
             if v is not None:
                 record(b, f"target:{bpw:.6f}+{v}+seq")
-    (out / f"{stem}.json").write_text(json.dumps({"results": results, "measurements": measurements}, indent=1))
-    md = markdown(results, measurements, args.chunks)
+        inputs[m] = b.inputs()
+    write()
+    md = results_header(f"frontier: {', '.join(args.models)}", prov, inputs) + markdown(results, measurements,
+                                                                                       args.chunks)
     (out / f"{stem}.md").write_text(md)
     plot(results, out / f"{stem}.png")
     print(md)

@@ -305,6 +305,17 @@ def plot(results: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def results_header(title: str, prov: dict, inputs: dict) -> str:
+    """The markdown head of a results file: command, commit, tool versions, machine, input hashes."""
+    v = prov["versions"]
+    return (f"# {title}\n\ncommand: `{prov['command']}`  \ncommit {prov['commit']}; llama.cpp {prov['llama_cpp']}; "
+            f"twinquant {v['twinquant']}, torch {v['torch']}, gguf {v['gguf']}; {prov['machine']['cpu']}, "
+            f"{prov['machine']['cores']} cores  \ninputs (sha256): "
+            + "; ".join(f"{m}: " + ", ".join(f"{k} {(x['sha256'] if isinstance(x, dict) else x)[:12]}"
+                                             for k, x in d.items() if isinstance(x, str) or "sha256" in x)
+                        for m, d in inputs.items()) + "\n\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["smollm2-135m", "qwen2.5-coder-0.5b"])
@@ -334,14 +345,6 @@ def main() -> None:
         (out / f"{stem}.json").write_text(json.dumps({"provenance": prov, "inputs": inputs, "results": results},
                                                      indent=1))
 
-    def header() -> str:
-        v = prov["versions"]
-        return (f"# quality: {', '.join(args.models)}\n\ncommand: `{prov['command']}`  \ncommit {prov['commit']}; "
-                f"llama.cpp {prov['llama_cpp']}; twinquant {v['twinquant']}, torch {v['torch']}, gguf {v['gguf']}; "
-                f"{prov['machine']['cpu']}, {prov['machine']['cores']} cores  \ninputs (sha256): "
-                + "; ".join(f"{m}: " + ", ".join(f"{k} {(x['sha256'] if isinstance(x, dict) else x)[:12]}"
-                                                 for k, x in d.items() if isinstance(x, str) or "sha256" in x)
-                            for m, d in inputs.items()) + "\n\n")
     for m in args.models:
         work = Path(args.work) / m if args.work else Path.home() / ".cache" / "twinquant" / "quality" / m
         b = Bench(m, work, bin_dir, args.chunks, args.threads, args.force)
@@ -361,7 +364,7 @@ def main() -> None:
             write()
         inputs[m] = b.inputs()
     write()
-    md = header() + markdown(results, args.chunks)
+    md = results_header(f"quality: {', '.join(args.models)}", prov, inputs) + markdown(results, args.chunks)
     (out / f"{stem}.md").write_text(md)
     plot(results, out / f"{stem}.png")
     print(md)

@@ -4,7 +4,8 @@ Writes a random-weight Hugging Face model (hidden 5120, ffn 27648, 40/8 heads, v
 one safetensors shard per layer) and runs, through the library, with one block in memory:
 
   quantize   the default recipe (GPTQ into llama.cpp's Q2_K mix, RH rotation)
-  measure    the Fisher-cost measurement of every candidate type (`measure --cost fisher`)
+  measure    the Fisher-cost measurement of every candidate type (`measure --cost fisher`; `--sample-rows N`: on N
+             rows of each tensor)
   target     quantize --target-bpw with that measurement
 
 For each stage: seconds per block (GPTQ vs the rest: calibration forwards, Hessians, rotation, I/O), the embedding
@@ -151,8 +152,11 @@ def run_stage(stage: str, src: Path, work: Path, args) -> dict:
     with Sampler() as mem:
         if stage == "measure":
             mpath.unlink(missing_ok=True)
-            m = twinquant.measure(str(src), mpath, recipe, Options(cost="fisher", **opts))
-            result = {"tensors": len(m.tensors)}
+            m = twinquant.measure(str(src), mpath, recipe, Options(cost="fisher", sample_rows=args.sample_rows,
+                                                                   **opts))
+            result = {"tensors": len(m.tensors), "sample_rows": args.sample_rows,
+                      "candidates": sum(len(t["candidates"]) for t in m.tensors.values())}
+            label += f" ({args.sample_rows} rows)" if args.sample_rows else ""
         else:
             extra = {"target_bpw": args.target_bpw, "measurement": str(mpath)} if stage == "target" else {}
             rep = work / f"{stage}.report.json"
@@ -186,6 +190,8 @@ def main(argv=None) -> int:
                     help="comma-separated; quantize@N: the default recipe on N calibration tokens (e.g. "
                          "quantize@8192,quantize compares a fixed count with the recipe's own)")
     ap.add_argument("--target-bpw", type=float, default=2.5)
+    ap.add_argument("--sample-rows", type=int, help="the measure stage prices candidates on this many rows a tensor "
+                    "(measure --sample-rows)")
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "twinquant" / "scale"))
     ap.add_argument("--tag", required=True)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))

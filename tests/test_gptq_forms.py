@@ -103,3 +103,30 @@ def test_block_ldlq_with_a_diagonal_hessian_is_rtn_and_beats_it_otherwise():
     rtn = codec.dequantize_bytes(codec.quantize_bytes(w, torch.diagonal(H)), 256)
     err = lambda wh: (((w - wh).double() @ H.double()) * (w - wh).double()).sum().item()
     assert err(g.dequantized) < 0.8 * err(rtn)
+
+
+def test_reuse_factors_factorises_one_hessian_once_and_changes_no_byte(monkeypatch):
+    # measure quantizes a tensor into a dozen types with one H: inside reuse_factors() H is factorised once, and
+    # every result equals the one without reuse (the shared factor is read only)
+    import twinquant.algorithms.gptq as g
+
+    calls = []
+    real = g._cholesky_factor
+    monkeypatch.setattr(g, "_cholesky_factor", lambda H, damp: calls.append(damp) or real(H, damp))
+    w = torch.randn(16, 256, generator=_gen(7))
+    H, H2 = _hessian(256, 8), _hessian(256, 9)
+    q4k, blockwise = get_codec("Q4_K"), _Q4_1Blockwise()
+    alone = [gptq(w, H, q4k, damp=0.5).dequantized, gptq_blocks(w, H, blockwise, damp=0.5).dequantized,
+             gptq(w, H2, q4k, damp=0.5).dequantized]
+    assert len(calls) == 3
+    calls.clear()
+    with g.reuse_factors():
+        again = [gptq(w, H, q4k, damp=0.5).dequantized, gptq_blocks(w, H, blockwise, damp=0.5).dequantized,
+                 gptq(w, H, q4k, damp=0.5).dequantized]
+        assert len(calls) == 1                                      # one factorisation for three quantizations
+        other = gptq(w, H2, q4k, damp=0.5).dequantized               # another H (or damping) is factorised anew
+        gptq(w, H2, q4k, damp=0.1)
+        assert len(calls) == 3
+    assert all(torch.equal(a, b) for a, b in zip(alone[:2] + alone[:1], again)) and torch.equal(other, alone[2])
+    gptq(w, H, q4k, damp=0.5)
+    assert len(calls) == 4                                          # nothing is kept after the block

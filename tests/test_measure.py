@@ -136,6 +136,56 @@ def test_fisher_measurement_streams_block_by_block(tiny):
         assert all(c["cost"] == c["fisher"] > 0 and "kld" not in c for c in t["candidates"].values())
 
 
+def test_sampled_rows_estimate_the_full_fisher_measurement(tiny):
+    # sampled rows are exactly the full quantization's rows (each row is rounded alone); with every row sampled the
+    # ratio estimator is the full cost, with a quarter of them it stays close; the embedding is priced on exactly
+    # the rows its windows use, so it is the full cost
+    cal = load_calibration(load_model(str(tiny)), None, 1024, 64)
+    names = ["token_embd.weight", "blk.0.attn_q.weight", "blk.1.ffn_gate.weight", "blk.1.ffn_down.weight",
+             "output.weight"]
+
+    def run(rows):
+        model = load_model(str(tiny)).materialize()
+        return measure(model, names, cal.windows, 4, {"model": "tiny"}, 0, model.n_params(), cost="fisher",
+                       progress=False, candidates="all", sample_rows=rows)
+
+    full, every, quarter = run(None), run(100_000), run(64)
+    assert quarter.header["sample_rows"] == 64 and full.header["sample_rows"] is None
+    for n in names:
+        for ty, c in full.tensors[n]["candidates"].items():
+            e, q = every.tensors[n]["candidates"][ty], quarter.tensors[n]["candidates"][ty]
+            assert e["cost"] == pytest.approx(c["cost"], rel=1e-4), (n, ty)
+            if n == "token_embd.weight":
+                assert q["cost"] == pytest.approx(c["cost"], rel=1e-6) and q["rows"] < 2000
+            else:
+                assert q["rows"] == 64 and q["cost"] == pytest.approx(c["cost"], rel=0.35), (n, ty, q, c)
+                assert q["out_error"] == pytest.approx(c["out_error"], rel=0.35), (n, ty)
+        # the sampled costs order the types as the full ones do, from the smallest (IQ1_S) to Q8_0
+        f, q = full.tensors[n]["candidates"], quarter.tensors[n]["candidates"]
+        assert q["IQ1_S"]["cost"] > q["IQ2_XS"]["cost"] > q["Q4_K"]["cost"] > q["Q8_0"]["cost"], n
+        assert f["IQ1_S"]["cost"] > f["IQ2_XS"]["cost"] > f["Q4_K"]["cost"] > f["Q8_0"]["cost"], n
+
+
+def test_sample_row_indices():
+    from twinquant.allocation.measure import sample_row_indices
+
+    G = torch.zeros(1000)
+    G[[7, 500, 501, 999]] = torch.tensor([5.0, 4.0, 3.0, 2.0])
+    idx = sample_row_indices(G, 1000, 8)
+    assert idx.tolist() == sorted(set(idx.tolist())) and len(idx) == 8
+    assert {7, 500, 501, 999} <= set(idx.tolist())               # the largest Fisher weights are always priced
+    assert sample_row_indices(G, 6, 8).tolist() == list(range(6))
+    assert len(sample_row_indices(torch.ones(10), 10, 9)) == 9     # the halves overlap: filled up, no duplicates
+
+
+def test_sample_rows_refused_without_the_fisher_cost(tiny, tmp_path):
+    p = run("measure", tiny, "-o", tmp_path / "m.json", *CAL, "--sample-rows", "16", ok=False)
+    assert_user_error(p, "--sample-rows", "--cost fisher")
+    p = run("measure", tiny, "-o", tmp_path / "m.json", *CAL, "--cost", "fisher", "--sample-rows", "1", ok=False)
+    assert_user_error(p, "--sample-rows", ">= 2")
+    assert not (tmp_path / "m.json").exists()
+
+
 def _types(path):
     return {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
 
@@ -172,6 +222,28 @@ def test_target_size_never_exceeded_and_rules_honoured(tiny, tmp_path):
     for n, t in types.items():
         if n in p.stdout:
             assert any(line.split()[0] == n and line.split()[2] == t for line in p.stdout.splitlines()), n
+
+
+def test_excluded_types_are_never_allocated(tiny, tmp_path):
+    # the control for a quantized source: its own types (re-created almost exactly) taken out of the candidates
+    meas = tmp_path / "m.json"
+    run("measure", tiny, "-o", meas, *CAL, "-q", "--candidates", "k", "--cost", "fisher")
+
+    def alloc(*extra):
+        p = run("quantize", tiny, "-o", tmp_path / "dry.gguf", *CAL, "--measurement", meas, "--target-bpw", "5.5",
+                "--candidates", "k", "--dry-run", "-q", *extra)
+        return {ln.split()[0]: ln.split()[2] for ln in p.stdout.splitlines()
+                if ln.split() and ln.split()[0].endswith(".weight") and len(ln.split()) >= 5 and "x" in ln.split()[1]}
+
+    free = alloc()
+    assert {"Q4_K", "Q6_K"} & set(free.values()), free          # the types the control takes away are chosen
+    ctrl = alloc("--exclude-type", "Q4_K", "--exclude-type", "q6_k")
+    assert ctrl and not {"Q4_K", "Q6_K"} & set(ctrl.values()), ctrl
+    # a fixed rule still wins over the exclusion; an unknown type is refused before any work
+    fixed = alloc("--exclude-type", "Q4_K", "--tensor-type", "ffn_down=Q4_K")
+    assert all(t == "Q4_K" for n, t in fixed.items() if "ffn_down" in n)
+    assert_user_error(run("quantize", tiny, "-o", tmp_path / "x.gguf", *CAL, "--measurement", meas, "--target-bpw",
+                          "5", "--exclude-type", "Q4_Q", ok=False), "--exclude-type", "Q4_Q")
 
 
 def test_infeasible_target_names_the_smallest_size(tiny, tmp_path):

@@ -270,11 +270,12 @@ def _options(args, **extra):
     from twinquant.pipeline import Options
 
     names = ("outtype", "split_max_size", "imatrix", "target_size", "target_bpw", "measurement", "kld_windows",
-             "cost", "candidates", "keep_blocks", "from_measurement", "dry_run", "report", "resume", "work_dir", "keep_work")
+             "cost", "candidates", "sample_rows", "keep_blocks", "from_measurement", "dry_run", "report", "resume", "work_dir", "keep_work")
     kw = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     if getattr(args, "exact", False):
         kw["cost"] = "exact"
     kw["min_type"] = tuple(getattr(args, "min_type", None) or ())
+    kw["exclude_type"] = tuple(getattr(args, "exclude_type", None) or ())
     if getattr(args, "in_memory", False):
         kw["stream"] = False
     return Options(dtype=DTYPES[args.dtype], device=args.device, quiet=args.quiet, **kw, **extra)
@@ -484,12 +485,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "(or resumed) and saved there (default OUT.measurement.json)")
     sp.add_argument("--min-type", action="append", metavar="REGEX=TYPE", help="with --target-*: the smallest type "
                     "allowed for matching tensors (repeatable)")
+    sp.add_argument("--exclude-type", action="append", metavar="TYPE", help="with --target-*: a type no tensor "
+                    "may take (repeatable), e.g. the source's own Q4_K and Q6_K as a control: re-creating a quantized "
+                    "source's grid costs almost nothing")
     sp.add_argument("--kld-windows", type=int, default=4, help="calibration windows that price candidates by KL "
                     "when measuring (default 4)")
     sp.add_argument("--cost", choices=["fisher", "anchor", "exact"], help="how a measurement made by this run "
                     "prices candidates (as measure --cost; default anchor)")
     sp.add_argument("--candidates", choices=["all", "k"], help="a measurement made by this run prices all types "
                     "(default: with llama.cpp's i-quants IQ1_S..IQ4_XS) or k (K-quants and legacy types only)")
+    sp.add_argument("--sample-rows", type=int, metavar="N", help="a measurement made by this run prices each "
+                    "candidate on N rows of each tensor (as measure --sample-rows)")
     sp.add_argument("--from-measurement", action="store_true", help="with --target-*: take each tensor's bytes "
                     "from the measurement's kept blocks (seconds; needs `measure --keep-blocks`) instead of "
                     "quantizing again (sequential GPTQ)")
@@ -526,6 +532,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--candidates", choices=["all", "k"], help="candidate types: all (default: K-quants, legacy "
                     "types and llama.cpp's i-quants IQ1_S..IQ4_XS, the only types below 2.6 bpw) or k (without the "
                     "i-quants: faster)")
+    sp.add_argument("--sample-rows", type=int, metavar="N", help="with --cost fisher: quantize each candidate on N "
+                    "rows of each tensor (half the largest Fisher weight, half evenly spaced) and scale the sample's "
+                    "relative error to the whole tensor; the embedding on exactly the rows its windows use. About "
+                    "rows/N times faster: how a 1.5B model is measured on a CPU (default: every row)")
     sp.add_argument("--keep-blocks", action="store_true", help="keep every candidate's packed bytes beside the "
                     "JSON (OUTPUT.blocks/, ~4x a 5-bit file) for quantize --from-measurement")
     sp.add_argument("--outtype", choices=["f32", "f16", "bf16"], default="f16")

@@ -29,6 +29,7 @@ Q8_0/Q4_0/Q5_0, whose RTN rounds with the fp32 inverse scale before the scale is
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -96,6 +97,39 @@ def _cholesky_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
     raise TwinquantError("gptq: the Hessian is not positive definite even with heavy damping")
 
 
+_FACTORS: dict | None = None     # (damp, device, act_order) -> (H, (M, rdiag)); on inside reuse_factors()
+
+
+@contextmanager
+def reuse_factors():
+    """Within this block a Hessian (the same, unmodified tensor) is factorised once for every quantization that
+    uses it: measure quantizes one tensor into a dozen candidate types with one H, and the factorisation of a
+    8960-wide H costs seconds each time on a CPU. H must not change inside the block (inference tensors have no
+    version counter to tell). The factors are dropped when the block ends."""
+    global _FACTORS
+    outer, _FACTORS = _FACTORS, {}
+    try:
+        yield
+    finally:
+        _FACTORS = outer
+
+
+def unit_factor(H_source: torch.Tensor, H: torch.Tensor, damp: float, act_order: bool = False):
+    """(M, rdiag) with H + λI = R·Rᵀ, rdiag = diag(R), M = R·diag(R)⁻¹ (unit upper), for H prepared from
+    `H_source` (dead columns, act-order permutation); reused inside `reuse_factors()`. M is shared: read only."""
+    key = (float(damp), str(H.device), act_order)
+    hit = _FACTORS.get(key) if _FACTORS is not None else None
+    if hit is not None and hit[0] is H_source:          # the very tensor (held here, so its id is not reused)
+        return hit[1]
+    R = _cholesky_factor(H, damp)
+    rdiag = torch.diagonal(R).clone()
+    out = (R.div_(rdiag), rdiag)                         # M[k, c] = R[k, c] / R[c, c]
+    if _FACTORS is not None:
+        _FACTORS.clear()                                 # one H at a time: measure prices tensor by tensor
+        _FACTORS[key] = (H_source, out)
+    return out
+
+
 def prepare_inputs(W: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """float32 copies of W and H on W's device with dead columns (H_ii == 0: an input that is always 0) given
     H_ii = 1 and weight 0, and the mask of those columns."""
@@ -129,6 +163,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, codec, block_size: int = 128, damp: f
     imp = None if importance is None else importance.to(W.device, torch.float32).reshape(cols)
 
     dev = W.device
+    H_source = H
     W, H, dead = prepare_inputs(W, H)
 
     def fit(w_block, j):                                 # parameters of block j fitted on w_block [rows, B]
@@ -155,10 +190,8 @@ def gptq(W: torch.Tensor, H: torch.Tensor, codec, block_size: int = 128, damp: f
     # H + λI = R·Rᵀ, R upper. With Δ = W − Q, GPTQ's sequence of updates gives the columns it rounds as
     # W̃_c = W_c + Σ_{k<c} Δ_k·R_kc / R_cc (the LDLQ form of Chee et al. 2023), so the factor is all it needs:
     # no inverse of H (one n³/3 factorisation instead of three), and the loss is ½‖Δ·R‖² = ½·tr(ΔW H ΔWᵀ).
-    R = _cholesky_factor(H, damp)
+    M, rdiag = unit_factor(H_source, H, damp, act_order)
     del H
-    rdiag = torch.diagonal(R).clone()
-    M = R.div_(rdiag)                                    # M[k, c] = R[k, c] / R[c, c]
     Sd = St.masked_fill(St == 0, float("inf"))           # division scales: a zero-scale block rounds to code 0
     Wt0 = W.T.contiguous()                               # the original columns: Δ is measured against them
     del W

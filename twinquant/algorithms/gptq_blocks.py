@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from twinquant.errors import TwinquantError
-from twinquant.algorithms.gptq import _cholesky_factor, prepare_inputs
+from twinquant.algorithms.gptq import prepare_inputs, unit_factor
 
 
 @dataclass
@@ -45,6 +45,7 @@ def gptq_blocks(W: torch.Tensor, H: torch.Tensor, codec, damp: float = 0.01,
     codec.check_cols(cols)
     G = codec.block
     dev = W.device
+    H_source = H
     W0, H, dead = prepare_inputs(W, H)
     if importance is not None:
         if importance.numel() != cols:
@@ -54,10 +55,8 @@ def gptq_blocks(W: torch.Tensor, H: torch.Tensor, codec, damp: float = 0.01,
         qw = torch.diagonal(H).clone()
         qw[dead] = 0.0
 
-    R = _cholesky_factor(H, damp)
+    M, rdiag = unit_factor(H_source, H, damp)            # M[k, c] = R[k, c] / R[c, c], unit upper
     del H
-    rdiag = torch.diagonal(R).clone()
-    M = R.div_(rdiag)                                    # M[k, c] = R[k, c] / R[c, c], unit upper
     W0t = W0.T.contiguous()                              # [cols, rows]: a group of columns is a contiguous slice
     del W0
     Ut = torch.zeros(cols, rows, device=dev)             # Σ_{k<G} Δ_k·M_kc, accumulated group by group

@@ -62,11 +62,13 @@ class Fisher:
         self.emb_weights = emb_weights    # float64 [U, hidden]
         self.scored = scored              # scored positions in all windows
 
-    def cost(self, name: str, W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor | None) -> float:
-        """The estimated mean KL per scored token added by W -> W_hat (H: the input Hessian 2·E[xxᵀ])."""
+    def cost(self, name: str, W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor | None,
+             sampled: bool = False) -> float:
+        """The estimated mean KL per scored token added by W -> W_hat (H: the input Hessian 2·E[xxᵀ]).
+        `sampled` (the embedding): W holds only the rows of `emb_tokens`, in that order."""
         d = (W_hat.float() - W.float()).double()
         if name == roles.name(T.TOKEN_EMBD):
-            rows = d[self.emb_tokens.to(d.device)]
+            rows = d if sampled else d[self.emb_tokens.to(d.device)]
             return float((self.emb_weights.to(d.device) * rows.square()).sum()) / (2 * self.scored)
         r = ((d @ (H.double() / 2)) * d).sum(1)          # (ΔW A ΔWᵀ)_jj
         return float((self.weights[name].to(d.device) * r).sum()) / (2 * self.scored)

@@ -21,6 +21,15 @@ checks how well they do). The measurement is a JSON file, written after every bl
 interrupted run resumes where it stopped and gives the same file as an uninterrupted one. `sha256()` names it in
 the GGUF's `twinquant.quant.allocation`.
 
+With `sample_rows` (Fisher cost only) each candidate is quantized on a sample of each tensor's rows, not all of
+them: GPTQ and the codecs round every row on its own, so the sampled rows are exactly what a full quantization
+gives them, and a tensor's cost is `Σ_j G_j (ΔW A ΔWᵀ)_jj` estimated by the ratio estimator: the sampled rows'
+Fisher-weighted share of error, `Σ_S G_j r_j / Σ_S G_j s_j` (r = the row's error, s = the row's own signal
+`(W A Wᵀ)_jj`), times the whole tensor's `Σ_all G_j s_j`, computed exactly. A type's relative error varies little
+from row to row, so a few dozen rows (half those with the largest G, half evenly spaced) price a 8960-row
+tensor; the embedding is priced on exactly the rows of the tokens the Fisher windows hold (the others cost
+nothing there), so it stays exact. The Hessian of a tensor is factorised once for all its candidates.
+
 With `keep_blocks` every candidate's packed GGML bytes are also kept (`<measurement>.blocks/`, one .npy per tensor and
 type; about four times the size of a 5-bit file): `quantize --from-measurement` then assembles a file for any target
 from them in seconds instead of quantizing again (each tensor as measured: GPTQ on the float model's inputs, not
@@ -150,8 +159,10 @@ class Measurement:
             raise TwinquantError(f"the measurement was made with {k} = {self.header.get(k)!r}, this run has "
                                  f"{header.get(k)!r}; measure again or use a matching recipe")
 
-    def groups(self, fixed: dict[str, str] | None = None, minimum: dict[str, str] | None = None):
-        """Solver groups (one per tensor); `fixed` / `minimum`: name -> type from the user's rules."""
+    def groups(self, fixed: dict[str, str] | None = None, minimum: dict[str, str] | None = None,
+               exclude: tuple[str, ...] = ()):
+        """Solver groups (one per tensor); `fixed` / `minimum`: name -> type from the user's rules; `exclude`:
+        types dropped from every tensor's candidates (a fixed type stays)."""
         from twinquant.allocation.solve import Candidate, Group
 
         if not self.complete:
@@ -159,8 +170,11 @@ class Measurement:
         fixed, minimum = fixed or {}, minimum or {}
         out = []
         for name, t in self.tensors.items():
-            cands = [Candidate(ty, c["bytes"], c["cost"]) for ty, c in t["candidates"].items()]
             f = fixed.get(name)
+            cands = [Candidate(ty, c["bytes"], c["cost"]) for ty, c in t["candidates"].items()
+                     if ty not in exclude or ty == f]
+            if not cands:
+                raise TwinquantError(f"{name}: --exclude-type leaves it no measured type")
             if f is not None and f not in t["candidates"]:   # a type we did not measure (e.g. F16): size known
                 f = f.upper()
                 cost = 0.0 if f in FLOAT_BYTES else min(c.cost for c in cands)
@@ -292,6 +306,34 @@ def _out_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
     return float(((d @ H.double()) * d).sum())
 
 
+def _row_quadratic(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """(W H Wᵀ)_jj for every row j, float64 [rows], in row chunks (float32 products: W of a head is 151936 rows)."""
+    Hf = H.float()
+    return torch.cat([((W[a:a + 8192].float() @ Hf) * W[a:a + 8192].float()).double().sum(1)
+                      for a in range(0, W.shape[0], 8192)])
+
+
+def sample_row_indices(G: torch.Tensor | None, rows: int, k: int) -> torch.Tensor:
+    """`k` of `rows` row indices, sorted: half the rows with the largest Fisher weight G (where the cost lives),
+    half evenly spaced (the rest of the tensor); all rows when k >= rows."""
+    if k >= rows:
+        return torch.arange(rows)
+    top = torch.topk(G.double(), k // 2).indices if G is not None and k >= 2 else torch.zeros(0, dtype=torch.long)
+    even = (torch.arange(k - top.numel()) * rows) // (k - top.numel())
+    idx = torch.unique(torch.cat([top.cpu(), even]))
+    if idx.numel() < k:                  # the two halves overlapped: fill up with the next unused rows
+        free = torch.ones(rows, dtype=torch.bool)
+        free[idx] = False
+        idx = torch.cat([idx, torch.nonzero(free).flatten()[: k - idx.numel()]])
+    return torch.sort(idx).values
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor, total: torch.Tensor) -> float:
+    """num.sum() / den.sum() · total (the ratio estimator), 0 where the sample has no signal."""
+    d = float(den.sum())
+    return float(num.sum()) / d * float(total) if d > 0 else 0.0
+
+
 COSTS = ("fisher", "anchor", "exact")
 
 
@@ -300,7 +342,7 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
             importance: dict[str, torch.Tensor] | None = None, cost: str = "anchor",
             path: str | os.PathLike | None = None, progress: bool = True, log=None,
             stop_after_layer: int | None = None, keep_blocks: bool = False, stream: bool = False,
-            candidates: str = "all") -> Measurement:
+            candidates: str = "all", sample_rows: int | None = None) -> Measurement:
     """Measure `names` (quantizable 2-D tensors of `model`, float) on the calibration windows; see module doc.
 
     `cost`: "fisher" (no forward: the Fisher-weighted output error of allocation/fisher.py), "anchor" (one KL
@@ -313,8 +355,10 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
     `stop_after_layer`: stop (incomplete) after that block — for tests of resuming.
     `keep_blocks`: keep every candidate's packed bytes beside `path` (see module doc).
     `candidates`: "all" (K-quants, legacy types and the i-quants) or "k" (without the i-quants).
+    `sample_rows`: price each candidate on this many rows of each tensor (Fisher cost only; see module doc).
     """
     from twinquant.algorithms.backends import get_quantizer, quantize_to_format
+    from twinquant.algorithms.gptq import reuse_factors
     from twinquant.allocation.fisher import output_fisher
     from twinquant.calibration.blocks import HessianHook, block_pass
     from twinquant.formats import codec_for
@@ -323,6 +367,12 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
         raise TwinquantError(f"measure: cost {cost!r} is not one of {', '.join(COSTS)}")
     exact = cost == "exact"
     stream = stream and cost == "fisher"
+    if sample_rows is not None:
+        if not (isinstance(sample_rows, int) and not isinstance(sample_rows, bool) and sample_rows >= 2):
+            raise TwinquantError(f"measure: sample_rows must be an integer >= 2, not {sample_rows!r}")
+        if cost != "fisher" or keep_blocks:
+            raise TwinquantError("measure: sampled rows price candidates by the Fisher cost alone (cost='fisher', "
+                                 "no kept blocks: a sampled tensor has no whole quantized bytes)")
 
     quantizer = get_quantizer(method, config)
     rtn = get_quantizer("rtn")
@@ -331,7 +381,7 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
         raise TwinquantError("keep_blocks needs a measurement path (the blocks are kept beside it)")
     store = blocks_dir(path) if keep_blocks else None
     header = {**header, "method": method, "config": quantizer.config.to_dict(), "cost": cost, "fisher_seed": 0,
-              "keep_blocks": keep_blocks, "candidates": candidates,
+              "keep_blocks": keep_blocks, "candidates": candidates, "sample_rows": sample_rows,
               "kld_windows": int(min(kld_windows, calib_windows.shape[0])), "kld_scored": "second half"}
     meas = Measurement(header, n_params, fixed_bytes)
     if path is not None and Path(path).is_file():
@@ -360,21 +410,41 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
         if not types:
             raise TwinquantError(f"{name}: rows of {W.shape[1]} fit no quantized type (not a multiple of 32)")
         direct = cost != "fisher" and (exact or H is None or layer < 0 or layer >= s.n_layers)
+        rows = None
+        if sample_rows is not None:
+            if name == emb:       # exactly the rows the Fisher windows look up
+                rows = fisher.emb_tokens.to(W.device)
+            else:
+                rows = sample_row_indices(fisher.weights.get(name), W.shape[0], sample_rows).to(W.device)
+                signal = _row_quadratic(W, H)                                   # s_j of every row
+                G = fisher.weights[name].to(signal.device)
+        Ws = W if rows is None else W[rows]
         cands = {}
-        for ty in types:
-            codec = codec_for(ty, W.shape[1])
-            data, W_hat = quantize_to_format(quant if H is not None else rtn, W, codec, H=H, importance=imp)
-            c = {"bytes": tensor_bytes(ty, W.shape), "out_error": _out_error(W, W_hat, H) if H is not None else None,
-                 "fisher": fisher.cost(name, W, W_hat, H)}
-            if store is not None:
-                _save_block(store / f"{name}.{ty}.npy", data)
-            if scorer is not None and (direct or ty == types[0]):
-                model.set(name, W_hat)
-                start = max(layer, 0)
-                x_in = [embed(model, kw[i: i + 1]).float() for i in range(kw.shape[0])] if layer < 0 else xs
-                c["kld"] = scorer.kld(start, x_in)
-                model.set(name, W)
-            cands[ty] = c
+        with reuse_factors():                    # one factorisation of H for all the candidates
+            for ty in types:
+                codec = codec_for(ty, W.shape[1])
+                data, W_hat = quantize_to_format(quant if H is not None else rtn, Ws, codec, H=H, importance=imp)
+                if rows is None:
+                    c = {"bytes": tensor_bytes(ty, W.shape), "fisher": fisher.cost(name, W, W_hat, H),
+                         "out_error": _out_error(W, W_hat, H) if H is not None else None}
+                elif name == emb:
+                    c = {"bytes": tensor_bytes(ty, W.shape), "fisher": fisher.cost(name, Ws, W_hat, H, sampled=True),
+                         "out_error": None, "rows": int(rows.numel())}
+                else:
+                    r = _row_quadratic(W_hat.float() - Ws, H)                      # r_j of the sampled rows
+                    s_s, G_s = signal[rows.to(signal.device)], G[rows.to(G.device)]
+                    c = {"bytes": tensor_bytes(ty, W.shape), "rows": int(rows.numel()),
+                         "fisher": _ratio(G_s * r, G_s * s_s, (G * signal).sum()) / 2 / (2 * fisher.scored),
+                         "out_error": _ratio(r, s_s, signal.sum())}
+                if store is not None:
+                    _save_block(store / f"{name}.{ty}.npy", data)
+                if scorer is not None and (direct or ty == types[0]):
+                    model.set(name, W_hat)
+                    start = max(layer, 0)
+                    x_in = [embed(model, kw[i: i + 1]).float() for i in range(kw.shape[0])] if layer < 0 else xs
+                    c["kld"] = scorer.kld(start, x_in)
+                    model.set(name, W)
+                cands[ty] = c
         anchor = types[0]
         a = cands[anchor]
         for ty, c in cands.items():

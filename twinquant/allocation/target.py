@@ -63,13 +63,14 @@ def _record(alloc, meas_sha: str, target: Target, placeholder: bool = False) -> 
 
 
 def allocate(model, meas, target: Target, fixed_rules: dict[str, str], min_rules: dict[str, str], outtype: str,
-             method: str = "dp"):
+             method: str = "dp", exclude: tuple[str, ...] = ()):
     """Solve the allocation for `model` (prepared: padded / rotated as measured, quant_record set without the
-    allocation). Returns (Allocation, record for twinquant.quant.allocation)."""
+    allocation); `exclude`: types no tensor may take (unless a rule fixes it). Returns (Allocation, record for
+    twinquant.quant.allocation)."""
     from twinquant.io.gguf_write import file_bytes
     from twinquant.allocation.solve import solve
 
-    groups = meas.groups(fixed_rules, min_rules)
+    groups = meas.groups(fixed_rules, min_rules, exclude)
     names = [g.name for g in groups]
     missing = [n for n in names if n not in model.tensor_names()]
     if missing:
@@ -103,7 +104,10 @@ def allocate(model, meas, target: Target, fixed_rules: dict[str, str], min_rules
                              f"allow: {least + overhead:,} bytes ({(least + overhead) / 1e6:.2f} MB; every tensor at "
                              "its smallest allowed type)")
     alloc = solve(groups, budget, fixed, method=method)
-    return alloc, _record(alloc, meas.sha256(), target), overhead
+    rec = _record(alloc, meas.sha256(), target)
+    if exclude:
+        rec["excluded_types"] = sorted(exclude)
+    return alloc, rec, overhead
 
 
 def format_allocation(alloc, meas) -> str:

@@ -54,14 +54,16 @@ class Recipe:
     calib_ctx: int = 512
 
     def __post_init__(self) -> None:
+        for f, (kind, _) in _KINDS.items():      # YAML's `damp: 1` is an int: normalised once, here
+            v = getattr(self, f)
+            if kind is float and isinstance(v, int) and not isinstance(v, bool):
+                setattr(self, f, float(v))
         self.validate()
 
     def validate(self) -> None:
+        """Raise a TwinquantError naming the first bad field; changes nothing."""
         for f, (kind, optional) in _KINDS.items():   # YAML gives any type: check them before comparing values
             v = getattr(self, f)
-            if kind is float and isinstance(v, int) and not isinstance(v, bool):
-                v = float(v)                     # YAML's `damp: 1` is an int
-                setattr(self, f, v)
             ok = (v is None and optional) or (isinstance(v, kind) and not (kind is int and isinstance(v, bool)))
             if f == "tensor_type":
                 ok = ok and all(isinstance(r, str) for r in v)

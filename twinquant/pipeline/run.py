@@ -40,10 +40,12 @@ class Options:
     target_bpw: float | None = None
     measurement: str | None = None       # reused if it matches, else measured and saved there
     min_type: tuple[str, ...] = ()
+    exclude_type: tuple[str, ...] = ()   # types the allocation never picks (a control: the source's own types)
     kld_windows: int = 4
     cost: str = "anchor"                 # how measure prices candidates (allocation/measure.py COSTS)
     keep_blocks: bool = False
     candidates: str = "all"              # measure's candidate types: "all" (with the i-quants) or "k"
+    sample_rows: int | None = None       # measure prices candidates on this many rows a tensor (Fisher cost)
     from_measurement: bool = False
     dry_run: bool = False
     report: str | None = None            # JSON (+ PNG beside it)
@@ -56,6 +58,21 @@ class Options:
     quiet: bool = False
     log: Callable[[str], None] | None = None
     stop_after_block: int | None = None  # tests: a simulated kill after that block
+
+    def __post_init__(self):
+        import gguf
+
+        self.exclude_type = tuple(t.upper() for t in self.exclude_type)
+        bad = [t for t in self.exclude_type if t not in gguf.GGMLQuantizationType.__members__]
+        if bad:
+            raise TwinquantError(f"--exclude-type {bad[0]}: not a GGML type (e.g. Q4_K, IQ2_XS)")
+        n = self.sample_rows
+        if n is not None:           # an impossible measurement fails before any model is loaded
+            if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+                raise TwinquantError(f"--sample-rows must be an integer >= 2, not {n!r}")
+            if self.cost != "fisher" or self.keep_blocks:
+                raise TwinquantError("--sample-rows prices candidates by the Fisher cost alone: give --cost fisher "
+                                     "(and no --keep-blocks: a sampled tensor has no whole quantized bytes)")
 
     def say(self, msg: str) -> None:
         if self.quiet:
@@ -211,7 +228,8 @@ class Session:
         if p.is_file():
             m = Measurement.load(p)
             full = {**header, **{k: m.header.get(k) for k in ("method", "config", "cost", "fisher_seed",
-                                                               "kld_windows", "kld_scored", "keep_blocks")}}
+                                                               "kld_windows", "kld_scored", "keep_blocks",
+                                                               "sample_rows")}}
             if recipe.method == m.header.get("method"):     # a measurement made with another damping is stale
                 from twinquant.algorithms.backends import get_quantizer
 
@@ -234,7 +252,8 @@ class Session:
         n_c = sum(len(candidate_types(roles.expected_shape(model.spec, n)[1], opts.candidates)) for n in names)
         forwards = {"fisher": "one backward pass", "anchor": f"{len(names)} forwards",
                     "exact": f"{n_c} forwards"}[opts.cost]
-        opts.say(f"measuring {len(names)} tensors x their candidate types: {n_c} {recipe.method} quantizations "
+        rows = f" of {opts.sample_rows} rows each" if opts.sample_rows else ""
+        opts.say(f"measuring {len(names)} tensors x their candidate types: {n_c} {recipe.method} quantizations{rows} "
                  f"and {forwards} of {min(kw, calib.windows.shape[0])} x {recipe.calib_ctx} tokens ({opts.cost} "
                  f"cost; Hessians from {calib.n_tokens} tokens); saved after every block to {p}")
         if opts.cost != "fisher" or not opts.stream:
@@ -242,7 +261,7 @@ class Session:
         return measure(model, names, calib.windows, kw, header, fixed, self.n_params, recipe.method,
                        self.quantizer_config(), self.imp, cost=opts.cost, path=p, progress=not opts.quiet,
                        log=opts.say, keep_blocks=opts.keep_blocks, stream=opts.stream,
-                       candidates=opts.candidates)
+                       candidates=opts.candidates, sample_rows=opts.sample_rows)
 
     def fingerprint_parts(self, types: dict[str, str], calib) -> dict:
         import twinquant
@@ -309,7 +328,8 @@ def quantize(source: str, out: str | Path, recipe: Recipe | str | None = None,
         if recipe.token_embedding_type and "token_embd.weight" in meas.tensors:
             fixed.setdefault("token_embd.weight", recipe.token_embedding_type.upper())
         minimum = match_rules(names, list(opts.min_type or []), "--min-type")
-        alloc, record, overhead = allocate(model, meas, target, fixed, minimum, opts.outtype)
+        alloc, record, overhead = allocate(model, meas, target, fixed, minimum, opts.outtype,
+                                           exclude=opts.exclude_type)
         model.quant_record["allocation"] = record
         # a rule that keeps a tensor in float leaves it to the writer (--outtype), as the mixes do
         types = {n: c.type for n, c in alloc.choice.items() if c.type not in ("F32", "F16", "BF16")}
