@@ -206,6 +206,10 @@ def plot(results: list[dict], path: Path) -> None:
                         xytext=(3, 2), textcoords="offset points")
         ax.set_title(m)
         ax.set_xlabel("bits per weight (tensor data)")
+        ax.xaxis.get_major_formatter().set_useOffset(False)      # plain bpw, even for rows a few 1e-5 apart
+        lo, hi = min(r["bpw"] for r in rows), max(r["bpw"] for r in rows)
+        if hi - lo < 0.5:
+            ax.set_xlim((lo + hi) / 2 - 0.5, (lo + hi) / 2 + 0.5)
         ax.set_ylabel("mean KLD vs F16 (log)")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
