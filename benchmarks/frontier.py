@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -135,6 +136,18 @@ class Frontier(Bench):
         return (min(ok, key=ok.get) if ok else None), preds
 
 
+def type_share(report: Path) -> dict[str, float]:
+    """Share of the quantized weights in each type (from a quantize --report), largest first."""
+    if not report.exists():
+        return {}
+    tensors = json.loads(report.read_text())["tensors"]
+    total = sum(math.prod(t["shape"]) for t in tensors)
+    share: dict[str, float] = {}
+    for t in tensors:
+        share[t["type"]] = share.get(t["type"], 0.0) + math.prod(t["shape"]) / total
+    return dict(sorted(((k, round(v, 4)) for k, v in share.items()), key=lambda kv: -kv[1]))
+
+
 def markdown(results: list[dict], measurements: dict, chunks: int) -> str:
     lines = [f"wiki.test.raw, ctx 512, {chunks} chunks, stock llama-perplexity; KLD vs the F16 reference. "
              "bpw = tensor data bits per weight (llama.cpp's count).", "",
@@ -168,6 +181,10 @@ def markdown(results: list[dict], measurements: dict, chunks: int) -> str:
                          f"({'meets' if ratio <= 0.6 else 'misses'} the 0.6x goal)")
         if theirs:
             lines.append(f"- {m}: twinquant below llama.cpp at {sum(below)} of {len(below)} llama.cpp sizes")
+        for o in ours:
+            if o.get("type_share"):
+                lines.append(f"- {m}: {o['row']}: weights by type " + ", ".join(
+                    f"{k} {100 * v:.1f}%" for k, v in o["type_share"].items()))
         pairs = [(o["predicted_kld"], o["calib_kld"], o["kld_mean"]) for o in ours
                  if o.get("predicted_kld") and o.get("calib_kld") and not o.get("sequential")]
         if len(pairs) >= 2:
@@ -261,6 +278,7 @@ def main() -> None:
         r = {**r, **{k: facts[k] for k in ("predicted_kld", "variant", "sequential", "make_seconds") if k in facts}}
         if row.startswith("target:"):
             r["calib_kld"] = b.calib_kld(b.make(row)[0])
+            r["type_share"] = type_share(b.make(row)[0].with_suffix(".report.json"))
         results.append(r)
         log(f"{b.model}: {row}: {r['bpw']:.3f} bpw, KLD {r['kld_mean']:.4f}"
             + (f" (predicted {r['predicted_kld']:.4f})" if r.get("predicted_kld") else ""))
@@ -274,6 +292,8 @@ def main() -> None:
         b.variants = args.variants
         b.prepare()
         measurements[m] = {v: b.measurement(v)[1] for v in args.variants}
+        for v in args.variants:     # the measurement is a result too: any size can be allocated from it
+            shutil.copyfile(b.measurement(v)[0], out / f"measure_{args.tag or 'frontier'}-{MEASURED_AS.get(v, v)}.json")
         targets = list(args.bpw)
         for row in (f"llama.cpp:{t}" for t in args.llamacpp):
             r = record(b, row)
