@@ -145,7 +145,7 @@ def type_share(report: Path) -> dict[str, float]:
     share: dict[str, float] = {}
     for t in tensors:
         share[t["type"]] = share.get(t["type"], 0.0) + math.prod(t["shape"]) / total
-    return dict(sorted(((k, round(v, 4)) for k, v in share.items()), key=lambda kv: -kv[1]))
+    return dict(sorted(((k, round(v, 6)) for k, v in share.items()), key=lambda kv: -kv[1]))
 
 
 def markdown(results: list[dict], measurements: dict, chunks: int) -> str:
