@@ -274,11 +274,11 @@ def main() -> None:
             failures.append((b.model, row, str(e).splitlines()[0]))
             log(f"{b.model}: {row} FAILED: {str(e)[-600:]}")
             return None
-        facts = b.make(row)[1]
+        path, facts = b.make(row)          # cached by evaluate: the file and how it was made
         r = {**r, **{k: facts[k] for k in ("predicted_kld", "variant", "sequential", "make_seconds") if k in facts}}
         if row.startswith("target:"):
-            r["calib_kld"] = b.calib_kld(b.make(row)[0])
-            r["type_share"] = type_share(b.make(row)[0].with_suffix(".report.json"))
+            r["calib_kld"] = b.calib_kld(path)
+            r["type_share"] = type_share(path.with_suffix(".report.json"))
         results.append(r)
         log(f"{b.model}: {row}: {r['bpw']:.3f} bpw, KLD {r['kld_mean']:.4f}"
             + (f" (predicted {r['predicted_kld']:.4f})" if r.get("predicted_kld") else ""))
@@ -291,9 +291,10 @@ def main() -> None:
         b.imatrix_chunks = args.imatrix_chunks
         b.variants = args.variants
         b.prepare()
-        measurements[m] = {v: b.measurement(v)[1] for v in args.variants}
+        measurements[m] = {}
         for v in args.variants:     # the measurement is a result too: any size can be allocated from it
-            shutil.copyfile(b.measurement(v)[0], out / f"measure_{args.tag or 'frontier'}-{MEASURED_AS.get(v, v)}.json")
+            mpath, measurements[m][v] = b.measurement(v)
+            shutil.copyfile(mpath, out / f"measure_{args.tag or 'frontier'}-{MEASURED_AS.get(v, v)}.json")
         targets = list(args.bpw)
         for row in (f"llama.cpp:{t}" for t in args.llamacpp):
             r = record(b, row)
