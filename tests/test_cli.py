@@ -92,7 +92,7 @@ def test_unknown_gguf_architecture(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    assert_user_error(run("inspect", path, ok=False), "'mamba'", "llama, qwen2, qwen3")
+    assert_user_error(run("inspect", path, ok=False), "'mamba'", "llama, qwen2, qwen2moe, qwen3, qwen3moe")
 
 
 def test_text_shorter_than_a_window(tmp_path):

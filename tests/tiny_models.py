@@ -1,4 +1,5 @@
-"""Tiny random Llama / Qwen2 / Qwen3 models from `transformers` config classes: the oracles for our forward."""
+"""Tiny random Llama / Qwen2 / Qwen3 (and Qwen2-MoE / Qwen3-MoE) models from `transformers` config classes: the
+oracles for our forward."""
 
 from __future__ import annotations
 
@@ -12,12 +13,20 @@ FAMILIES = {
     "qwen2": dict(cls="Qwen2Config"),
     "qwen3": dict(cls="Qwen3Config", head_dim=24),   # head_dim != hidden / heads, as in real Qwen3
 }
+# Mixture-of-experts families (not in FAMILIES: the dense-only stages refuse them). Norms of the top-k weights as
+# llama.cpp's graph for each family has them (Qwen2-MoE: none; Qwen3-MoE: renormalized).
+MOE_FAMILIES = {
+    "qwen2moe": dict(cls="Qwen2MoeConfig", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                     shared_expert_intermediate_size=48, norm_topk_prob=False),
+    "qwen3moe": dict(cls="Qwen3MoeConfig", head_dim=24, num_experts=8, num_experts_per_tok=2,
+                     moe_intermediate_size=32, norm_topk_prob=True),
+}
 
 
 def tiny_config(family: str, vocab: int = 320, **over):
     import transformers
 
-    kw = dict(FAMILIES[family])
+    kw = dict({**FAMILIES, **MOE_FAMILIES}[family])
     cls = getattr(transformers, kw.pop("cls"))
     base = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,

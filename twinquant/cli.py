@@ -87,6 +87,10 @@ def cmd_inspect(args) -> None:
           f"head_dim {s.head_dim}, vocab {s.vocab}")
     print(f"rope theta {s.rope_theta:g}, rms eps {s.rms_eps:g}, context {s.context_length}, "
           f"tied embeddings {s.tied_embeddings}, qkv bias {s.qkv_bias}, q/k norm {s.qk_norm}")
+    if s.moe:
+        print(f"experts {s.n_experts}, {s.n_experts_used} per token, expert ffn {s.expert_ffn}"
+              + (f", shared expert ffn {s.shared_ffn}" if s.shared_ffn else "")
+              + f", top-k weights {'renormalized' if s.norm_topk else 'as the softmax gives them'}")
     print(f"parameters:   {n_params:,} ({n_params / 1e6:.1f} M)")
     print(f"tensor bytes: {_human(total_bytes)} ({8 * total_bytes / n_params:.2f} bits per weight)")
     if model.tokenizer is not None:
@@ -223,6 +227,7 @@ def cmd_rotate(args) -> None:
     if online and Path(args.output).suffix != ".gguf":
         raise TwinquantError("online transforms (R3/R4) cannot be stored in an HF directory; write a .gguf")
     model = _load(args)
+    model.spec.require_dense("rotation")
     if not args.quiet:
         print(f"rotating: fuse norms, R1 {args.rotation} (seed {args.seed}), R2"
               + (f", online {', '.join(online)}" if online else ""), file=sys.stderr)

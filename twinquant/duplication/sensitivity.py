@@ -105,6 +105,7 @@ def layer_sensitivity(float_model, quant_model, windows, progress: bool = True) 
     """Measure every block's sensitivity (see module doc). Both models are left as they were."""
     shape = lambda s: (s.arch, s.n_layers, s.hidden, s.intermediate, s.n_heads, s.n_kv_heads, s.head_dim,  # noqa
                        s.vocab, s.tied_embeddings, s.qkv_bias, s.qk_norm)
+    float_model.spec.require_dense("layer sensitivity")
     if shape(float_model.spec) != shape(quant_model.spec):
         raise TwinquantError("sensitivity: the float and quantized models differ in shape (padding? a different "
                              "model?)")

@@ -158,6 +158,7 @@ def pad_model(model: Model, multiple: int = 256, ffn: bool = False, heads: bool 
     """
     if multiple <= 0:
         raise TwinquantError(f"padding multiple must be positive, got {multiple}")
+    model.spec.require_dense("padding")
     if model.quantized:
         raise TwinquantError("pad the model before quantizing it (packed GGML weights cannot be padded)")
     if len(model.layout) != model.spec.n_layers or any(sl.block != i for i, sl in enumerate(model.layout.slots)):

@@ -174,8 +174,18 @@ def spec_from_gguf(reader: gguf.GGUFReader) -> ModelSpec:
     for key, v in (("rope.freq_base", rope_theta), ("attention.layer_norm_rms_epsilon", rms_eps)):
         if not (math.isfinite(v) and v > 0):
             raise TwinquantError(f"GGUF metadata: {arch_name}.{key} is {v}, must be a positive finite number")
+    n_experts = field(reader, K.LLM.EXPERT_COUNT.format(**a), 0, int) if arch.moe else 0
+    if arch.moe and not n_experts:
+        raise TwinquantError(f"GGUF metadata: {arch_name}.expert_count is missing or 0")
+    experts = {} if not n_experts else dict(
+        n_experts=n_experts, n_experts_used=field(reader, K.LLM.EXPERT_USED_COUNT.format(**a), kind=int),
+        expert_ffn=field(reader, K.LLM.EXPERT_FEED_FORWARD_LENGTH.format(**a), kind=int),
+        shared_ffn=field(reader, K.LLM.EXPERT_SHARED_FEED_FORWARD_LENGTH.format(**a), 0, int)
+        if arch.shared_expert else 0,
+        norm_topk=arch.gguf_norm_topk)     # what llama.cpp's graph for the family does
     return ModelSpec(
         arch=arch.name,
+        **experts,
         n_layers=n_layers,
         hidden=hidden,
         intermediate=field(reader, K.LLM.FEED_FORWARD_LENGTH.format(**a), kind=int),

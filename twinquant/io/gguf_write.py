@@ -49,11 +49,27 @@ def _hyperparameters(w: gguf.GGUFWriter, model: Model) -> None:
     w.add_rope_freq_base(s.rope_theta)
     w.add_layer_norm_rms_eps(s.rms_eps)
     w.add_vocab_size(s.vocab)
+    if s.moe:
+        w.add_expert_count(s.n_experts)
+        w.add_expert_used_count(s.n_experts_used)
+        w.add_expert_feed_forward_length(s.expert_ffn)
+        if s.shared_ffn:
+            w.add_expert_shared_feed_forward_length(s.shared_ffn)
 
 
 def _type_for(name: str, t_shape: tuple[int, ...], ftype: Q) -> Q:
-    # llama.cpp keeps 1-D tensors (norms, biases) in F32 whatever the file type.
-    return Q.F32 if len(t_shape) == 1 else ftype
+    # llama.cpp keeps 1-D tensors (norms, biases) and routers in F32 whatever the file type.
+    return Q.F32 if roles.keeps_f32(name, t_shape) else ftype
+
+
+def check_stock_graph(model: Model) -> None:
+    """Refuse what stock llama.cpp would load and compute differently, with no twinquant metadata to say so."""
+    s, arch = model.spec, get_architecture(model.spec.arch)
+    if s.moe and s.norm_topk != arch.gguf_norm_topk:
+        raise TwinquantError(f"llama.cpp's {arch.name} graph {'re' if arch.gguf_norm_topk else 'does not re'}"
+                             f"normalize the chosen experts' weights, and this model "
+                             f"{'does not' if arch.gguf_norm_topk else 'does'} (norm_topk_prob): a GGUF of it "
+                             "would compute another function")
 
 
 def _write_head(w: gguf.GGUFWriter, model: Model, qtype: Q, types: dict[str, Q]) -> None:
@@ -117,6 +133,7 @@ def write_gguf(model: Model, path: str | os.PathLike, ftype: str = "F16",
     qtype = FLOAT_TYPES[ftype.upper()]
     if model.tokenizer is None:
         raise TwinquantError("the model has no tokenizer; llama.cpp needs one in the GGUF")
+    check_stock_graph(model)
     if not model.layout.is_sequential or (model.dup_params is not None and not model.dup_params.empty):
         warnings.warn("duplicated layers / per-copy parameters are twinquant.dup.* metadata: stock llama.cpp runs "
                       "each block once with plain activations (the base path); twinquant's runtime runs the full "

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
@@ -41,18 +43,26 @@ HF_NAMES: dict[gguf.MODEL_TENSOR, str] = {
     T.FFN_GATE: "model.layers.{bid}.mlp.gate_proj",
     T.FFN_UP: "model.layers.{bid}.mlp.up_proj",
     T.FFN_DOWN: "model.layers.{bid}.mlp.down_proj",
+    T.FFN_GATE_INP: "model.layers.{bid}.mlp.gate",
+    T.FFN_GATE_EXP: "model.layers.{bid}.mlp.experts.{xid}.gate_proj",     # written one expert at a time
+    T.FFN_UP_EXP: "model.layers.{bid}.mlp.experts.{xid}.up_proj",
+    T.FFN_DOWN_EXP: "model.layers.{bid}.mlp.experts.{xid}.down_proj",
+    T.FFN_GATE_INP_SHEXP: "model.layers.{bid}.mlp.shared_expert_gate",
+    T.FFN_GATE_SHEXP: "model.layers.{bid}.mlp.shared_expert.gate_proj",
+    T.FFN_UP_SHEXP: "model.layers.{bid}.mlp.shared_expert.up_proj",
+    T.FFN_DOWN_SHEXP: "model.layers.{bid}.mlp.shared_expert.down_proj",
 }
 _BASE_TO_TENSOR = {gguf.TENSOR_NAMES[t]: t for t in HF_NAMES}
 
 
-def hf_name(role_name: str) -> str:
-    """`blk.3.attn_q.bias` -> `model.layers.3.self_attn.q_proj.bias`."""
+def hf_name(role_name: str, expert: int | None = None) -> str:
+    """`blk.3.attn_q.bias` -> `model.layers.3.self_attn.q_proj.bias`; a stacked expert tensor names one expert's."""
     parts = role_name.split(".")
     if parts[0] == "blk":
         t, bid = _BASE_TO_TENSOR["blk.{bid}." + parts[2]], int(parts[1])
     else:
         t, bid = _BASE_TO_TENSOR[parts[0]], None
-    return HF_NAMES[t].format(bid=bid) + "." + parts[-1]
+    return HF_NAMES[t].format(bid=bid, xid=expert) + "." + parts[-1]
 
 
 def _read_json(path: Path) -> dict:
@@ -91,6 +101,23 @@ def _rope_theta(cfg: dict) -> float:
     return theta if theta is not None else _get(cfg, "rope_theta", float, 10000.0)
 
 
+def _experts(cfg: dict, arch: Architecture) -> dict:
+    """ModelSpec's expert fields from a MoE family's config (Qwen2-MoE / Qwen3-MoE key names)."""
+    if not arch.moe:
+        return {}
+    mlp_only = _get(cfg, "mlp_only_layers", list, [])
+    if mlp_only or _get(cfg, "decoder_sparse_step", int, 1) != 1:
+        raise TwinquantError("config: dense FFN layers between MoE layers (mlp_only_layers / decoder_sparse_step) "
+                             "are not supported (llama.cpp's graph for this family has none either)")
+    n_experts = _get(cfg, "num_experts", int, None)       # transformers 5 writes num_local_experts for Qwen3-MoE
+    out = dict(n_experts=n_experts if n_experts is not None else _get(cfg, "num_local_experts", int),
+               n_experts_used=_get(cfg, "num_experts_per_tok", int),
+               expert_ffn=_get(cfg, "moe_intermediate_size", int), norm_topk=_get(cfg, "norm_topk_prob", bool, False))
+    if arch.shared_expert:
+        out["shared_ffn"] = _get(cfg, "shared_expert_intermediate_size", int)
+    return out
+
+
 def spec_from_hf_config(cfg: dict) -> ModelSpec:
     if not isinstance(cfg, dict):
         raise TwinquantError("config.json: not a JSON object")
@@ -111,6 +138,7 @@ def spec_from_hf_config(cfg: dict) -> ModelSpec:
             raise TwinquantError(f"config.json: {key} is {v}, must be positive")
     return ModelSpec(
         arch=arch.name,
+        **_experts(cfg, arch),
         n_layers=_get(cfg, "num_hidden_layers", int),
         hidden=hidden,
         intermediate=_get(cfg, "intermediate_size", int),
@@ -126,6 +154,22 @@ def spec_from_hf_config(cfg: dict) -> ModelSpec:
         context_length=_get(cfg, "max_position_embeddings", int, 4096),
         name=str(cfg.get("_name_or_path", ""))[:200],
     )
+
+
+# A checkpoint's per-expert linears (`model.layers.3.mlp.experts.7.gate_proj.weight`) and transformers 5's fused
+# gate/up of all experts (`model.layers.3.mlp.experts.gate_up_proj`).
+_PER_EXPERT = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+_FUSED_GATE_UP = re.compile(r"^model\.layers\.(?P<bid>\d+)\.mlp\.experts\.gate_up_proj$")
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """Where a role's tensor is: one (shard, name); one per expert, stacked in expert order; or one half (0: gate,
+    1: up) of a fused gate_up tensor along its rows."""
+
+    parts: tuple[tuple[Path, str], ...]
+    stacked: bool = False
+    half: int | None = None
 
 
 class SafetensorsSource:
@@ -154,14 +198,33 @@ class SafetensorsSource:
         if n_layers > len(files):      # before TensorNameMap builds names for n_layers blocks
             raise TwinquantError(f"{path}: num_hidden_layers is {n_layers}, but there are {len(files)} tensors")
         names = gguf.TensorNameMap(arch.gguf_arch, n_layers)
-        self._where: dict[str, tuple[Path, str]] = {}
+        self._where: dict[str, _Stored] = {}
+        experts: dict[str, dict[int, tuple[Path, str]]] = {}
         for hf, shard in files.items():
+            m = _PER_EXPERT.match(hf) if arch.moe else None
+            if m:       # one expert's linear: stacked with the others of its tensor (llama.cpp's layout)
+                role = names.get_name(f"{m['prefix']}.{m['proj']}.weight", try_suffixes=(".weight",))
+                if role is not None:
+                    experts.setdefault(role, {})[int(m["expert"])] = (shard, hf)
+                    continue
+            m = _FUSED_GATE_UP.match(hf) if arch.moe else None
+            if m:       # transformers 5's fused [experts, 2 * ffn, hidden] gate_up: gate rows first
+                for half, t in enumerate(roles.EXPERTS[:2]):
+                    self._where[roles.name(t, int(m["bid"]))] = _Stored(((shard, hf),), half=half)
+                continue
             role = names.get_name(hf, try_suffixes=(".weight", ".bias"))
             if role is None:
                 if hf.endswith("rotary_emb.inv_freq"):
                     continue  # recomputed from rope_theta
                 raise TwinquantError(f"{path}: tensor {hf!r} has no role in the {arch.name} architecture")
-            self._where[role] = (shard, hf)
+            if not role.endswith((".weight", ".bias")):     # a bare parameter (transformers 5's fused down_proj)
+                role += ".weight"
+            self._where[role] = _Stored(((shard, hf),))
+        for role, by_expert in experts.items():
+            if sorted(by_expert) != list(range(len(by_expert))):
+                missing = sorted(set(range(max(by_expert) + 1)) - set(by_expert))
+                raise TwinquantError(f"{path}: {role}: no tensor for expert(s) {missing[:5]}")
+            self._where[role] = _Stored(tuple(by_expert[e] for e in range(len(by_expert))), stacked=True)
 
     def _open(self, shard: Path):
         h = self._handles.get(shard)
@@ -182,36 +245,52 @@ class SafetensorsSource:
     def has(self, name: str) -> bool:
         return name in self._where
 
-    def info(self, name: str) -> TensorInfo:
-        shard, hf = self._lookup(name)
+    def _slice_info(self, shard: Path, hf: str) -> tuple[tuple[int, ...], str]:
         try:
             sl = self._open(shard).get_slice(hf)
-            shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
+            return tuple(sl.get_shape()), sl.get_dtype()
         except TwinquantError:
             raise
         except Exception as e:  # safetensors' own error types: a name the index lists but the shard lacks
             raise TwinquantError(f"{shard}: cannot read tensor {hf!r} ({one_line(e)})") from None
+
+    def info(self, name: str) -> TensorInfo:
+        st = self._lookup(name)
+        shape, dtype = self._slice_info(*st.parts[0])
+        for part in st.parts[1:]:
+            if self._slice_info(*part)[0] != shape:
+                raise TwinquantError(f"{self.path}: {part[1]} has shape {self._slice_info(*part)[0]}, "
+                                     f"{st.parts[0][1]} has {shape}")
+        if st.stacked:
+            shape = (len(st.parts), *shape)
+        if st.half is not None:
+            shape = (shape[0], shape[1] // 2, *shape[2:])
         size = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}.get(dtype, 4)
         n = 1
         for d in shape:
             n *= d
         return TensorInfo(name, shape, dtype, n * size)
 
-    def _lookup(self, name: str) -> tuple[Path, str]:
+    def _lookup(self, name: str) -> "_Stored":
         try:
             return self._where[name]
         except KeyError:
             raise TwinquantError(f"{self.path}: missing tensor for role {name}") from None
 
-    def load(self, name: str) -> torch.Tensor:
-        shard, hf = self._lookup(name)
+    def _tensor(self, shard: Path, hf: str) -> torch.Tensor:
         try:
-            t = self._open(shard).get_tensor(hf)
+            return self._open(shard).get_tensor(hf).float()
         except TwinquantError:
             raise
         except Exception as e:
             raise TwinquantError(f"{shard}: cannot read tensor {hf!r} ({one_line(e)})") from None
-        return t.float()
+
+    def load(self, name: str) -> torch.Tensor:
+        st = self._lookup(name)
+        if st.stacked:
+            return torch.stack([self._tensor(*part) for part in st.parts])
+        t = self._tensor(*st.parts[0])
+        return t if st.half is None else t.chunk(2, dim=1)[st.half].contiguous()
 
 
 def load_hf_dir(path: str | os.PathLike, load_tokenizer: bool = True) -> Model:
@@ -225,7 +304,8 @@ def load_hf_dir(path: str | os.PathLike, load_tokenizer: bool = True) -> Model:
     for n in roles.all_tensor_names(spec):  # fail now, not half-way through a forward
         shape, want = source.info(n).shape, roles.expected_shape(spec, n)
         if shape != want:
-            raise TwinquantError(f"{path}: tensor {source._lookup(n)[1]} has shape {shape}, config.json says {want}")
+            raise TwinquantError(f"{path}: tensor {source._lookup(n).parts[0][1]} has shape {shape}, "
+                                 f"config.json says {want}")
     tokenizer = None
     if load_tokenizer and (path / "tokenizer.json").exists():
         from twinquant.io.tokenizer import Tokenizer
@@ -253,13 +333,27 @@ def hf_config(spec: ModelSpec) -> dict:
         "max_position_embeddings": spec.context_length,
         "hidden_act": "silu",
     }
-    if arch.name != "qwen2":  # Qwen2 always has q/k/v biases; llama/qwen3 say so with attention_bias
+    if arch.name not in ("qwen2", "qwen2moe"):  # Qwen2 always has q/k/v biases; the others say so
         cfg["attention_bias"] = spec.qkv_bias
+    if spec.moe:
+        cfg.update(num_experts=spec.n_experts, num_experts_per_tok=spec.n_experts_used,
+                   moe_intermediate_size=spec.expert_ffn, norm_topk_prob=spec.norm_topk, decoder_sparse_step=1,
+                   mlp_only_layers=[])
+        if arch.shared_expert:
+            cfg["shared_expert_intermediate_size"] = spec.shared_ffn
     return cfg
 
 
 def hf_state_dict(model: Model) -> dict[str, torch.Tensor]:
-    return {hf_name(n): model.get(n) for n in model.tensor_names()}
+    """HF names -> tensors; stacked expert tensors as one tensor per expert (how checkpoints ship them)."""
+    out = {}
+    for n in model.tensor_names():
+        t = model.get(n)
+        if roles.is_expert_stack(n):
+            out.update({hf_name(n, e): t[e].clone() for e in range(t.shape[0])})
+        else:
+            out[hf_name(n)] = t
+    return out
 
 
 def save_hf_dir(model: Model, path: str | os.PathLike) -> None:

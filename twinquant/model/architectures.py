@@ -25,6 +25,11 @@ class Architecture:
     # llama.cpp's LLAMA graph applies RoPE to interleaved pairs, so convert_hf_to_gguf permutes the rows of
     # attn_q / attn_k for this family; Qwen2/3 use the NeoX (rotate-half) layout that HF uses, unpermuted.
     gguf_rope_permuted: bool
+    moe: bool = False              # blocks route tokens to experts (ModelSpec.n_experts > 0)
+    shared_expert: bool = False    # ... plus a shared expert behind a sigmoid gate (Qwen2-MoE)
+    # llama.cpp's graph for the family renormalizes the chosen experts' weights or not: fixed per family there,
+    # not read from the file, so a model whose config says otherwise cannot run in stock llama.cpp.
+    gguf_norm_topk: bool = False
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -36,6 +41,11 @@ ARCHITECTURES: dict[str, Architecture] = {
                      qkv_bias=True, qk_norm=False, gguf_rope_permuted=False),
         Architecture("qwen3", ("Qwen3ForCausalLM",), "qwen3", gguf.MODEL_ARCH.QWEN3,
                      qkv_bias=False, qk_norm=True, gguf_rope_permuted=False),
+        Architecture("qwen2moe", ("Qwen2MoeForCausalLM",), "qwen2_moe", gguf.MODEL_ARCH.QWEN2MOE,
+                     qkv_bias=True, qk_norm=False, gguf_rope_permuted=False, moe=True, shared_expert=True,
+                     gguf_norm_topk=False),
+        Architecture("qwen3moe", ("Qwen3MoeForCausalLM",), "qwen3_moe", gguf.MODEL_ARCH.QWEN3MOE,
+                     qkv_bias=False, qk_norm=True, gguf_rope_permuted=False, moe=True, gguf_norm_topk=True),
     )
 }
 

@@ -1,4 +1,4 @@
-"""The one forward: a pure-torch decoder that executes a `Model` (llama / qwen2 / qwen3 families).
+"""The one forward: a pure-torch decoder that executes a `Model` (llama / qwen2 / qwen3 and their MoE families).
 
 Serves calibration (hooks on every linear input), evaluation, search and the runtime. Weights are in HF
 orientation ([out, in]); RoPE uses the rotate-half (NeoX) layout that HF checkpoints use.
@@ -169,6 +169,36 @@ def feed_forward(model: Model, layer: int, x: torch.Tensor, hook: LinearHook | N
     return _linear(F.silu(g) * u, model, roles.name(T.FFN_DOWN, layer), hook, params=params)
 
 
+def moe_feed_forward(model: Model, layer: int, x: torch.Tensor, hook: LinearHook | None) -> torch.Tensor:
+    """Routed experts (+ the shared expert behind its sigmoid gate), as the Qwen2/3-MoE families compute them:
+    softmax over the router's logits in float32, the top `n_experts_used` kept (renormalized when `norm_topk`),
+    each expert a SwiGLU FFN over the tokens routed to it, outputs summed with those weights.
+
+    The hook sees the router's and the shared expert's inputs (whole linears); the routed experts' inputs are
+    per-expert token subsets and are not hooked yet (their calibration is still to come)."""
+    s = model.spec
+    shape = x.shape
+    flat = x.reshape(-1, shape[-1])
+    logits = _linear(flat, model, roles.name(roles.ROUTER, layer), hook)
+    weights, chosen = torch.softmax(logits.float(), dim=-1).topk(s.n_experts_used, dim=-1)
+    if s.norm_topk:
+        weights = weights / weights.sum(-1, keepdim=True)
+    weights = weights.to(x.dtype)
+    gate, up, down = (model.get(roles.name(t, layer)) for t in roles.EXPERTS)
+    out = torch.zeros_like(flat)
+    for e in chosen.unique().tolist():      # experts no token chose cost nothing
+        tok, k = (chosen == e).nonzero(as_tuple=True)
+        xe = flat[tok]
+        ye = F.linear(F.silu(F.linear(xe, gate[e])) * F.linear(xe, up[e]), down[e])
+        out.index_add_(0, tok, ye * weights[tok, k, None])
+    if s.shared_ffn:
+        gate_inp, g_sh, u_sh, d_sh = (roles.name(t, layer) for t in roles.SHARED_EXPERT)
+        g, u = _linears(flat, model, (g_sh, u_sh), hook)
+        shared = _linear(F.silu(g) * u, model, d_sh, hook)
+        out = out + torch.sigmoid(_linear(flat, model, gate_inp, hook)) * shared
+    return out.reshape(shape)
+
+
 def block_forward(model: Model, layer: int, x: torch.Tensor, start: int = 0, cache: KVCache | None = None,
                   slot: int = 0, hook: LinearHook | None = None, params=None) -> torch.Tensor:
     """One residual block: x + attn(norm(x)), then + ffn(norm(.)). x: [B, L, hidden].
@@ -178,6 +208,8 @@ def block_forward(model: Model, layer: int, x: torch.Tensor, start: int = 0, cac
     h = rms_norm(x, model.get(roles.name(T.ATTN_NORM, layer)), eps)
     x = x + attention(model, layer, h, start, cache, slot, hook, params)
     h = rms_norm(x, model.get(roles.name(T.FFN_NORM, layer)), eps)
+    if model.spec.moe:
+        return x + moe_feed_forward(model, layer, h, hook)
     return x + feed_forward(model, layer, h, hook, params)
 
 

@@ -45,6 +45,35 @@ BLOCK_LINEARS: tuple[LinearRole, ...] = (
 )
 OUTPUT_LINEAR = LinearRole(T.OUTPUT, "residual", "vocab", "output")
 
+# A mixture-of-experts block's FFN (in place of the dense gate/up/down): the router, the routed experts stacked
+# [experts, out, in] as llama.cpp stores them, and the optional shared expert with its sigmoid gate ([1, hidden]).
+ROUTER = T.FFN_GATE_INP
+EXPERTS = (T.FFN_GATE_EXP, T.FFN_UP_EXP, T.FFN_DOWN_EXP)
+SHARED_EXPERT = (T.FFN_GATE_INP_SHEXP, T.FFN_GATE_SHEXP, T.FFN_UP_SHEXP, T.FFN_DOWN_SHEXP)
+# Weights kept in F32 whatever the file type, as llama.cpp's converter keeps them: a router in half precision
+# changes which experts tokens go to.
+_F32_TENSORS = {ROUTER, T.FFN_GATE_INP_SHEXP}
+_BLOCK_TENSORS = {_base(t).split(".")[-1]: t for t in (
+    *(lin.tensor for lin in BLOCK_LINEARS), T.ATTN_NORM, T.FFN_NORM, T.ATTN_Q_NORM, T.ATTN_K_NORM, ROUTER, *EXPERTS,
+    *SHARED_EXPERT)}
+
+
+def block_tensor(tensor_name: str) -> gguf.MODEL_TENSOR | None:
+    """`blk.3.ffn_up_exps.weight` -> T.FFN_UP_EXP; None for a tensor outside the blocks."""
+    parts = tensor_name.split(".")
+    return _BLOCK_TENSORS.get(parts[2]) if parts[0] == "blk" and len(parts) > 2 else None
+
+
+def keeps_f32(tensor_name: str, shape: tuple[int, ...]) -> bool:
+    """1-D tensors (norms, biases) and the routers stay F32 in every file."""
+    return len(shape) == 1 or block_tensor(tensor_name) in _F32_TENSORS
+
+
+def is_expert_stack(tensor_name: str) -> bool:
+    """A routed experts' tensor ([experts, out, in])."""
+    return block_tensor(tensor_name) in EXPERTS
+
+
 # Which linears each RMSNorm feeds (norm fusion multiplies the norm weight into these).
 NORM_FEEDS: dict[gguf.MODEL_TENSOR, tuple[gguf.MODEL_TENSOR, ...]] = {
     T.ATTN_NORM: (T.ATTN_Q, T.ATTN_K, T.ATTN_V),
@@ -78,7 +107,12 @@ def block_tensor_names(spec: ModelSpec, layer: int) -> list[str]:
         names += [name(T.ATTN_Q_NORM, layer), name(T.ATTN_K_NORM, layer)]
     names.append(name(T.ATTN_OUT, layer))
     names.append(name(T.FFN_NORM, layer))
-    names += [name(lin.tensor, layer) for lin in BLOCK_LINEARS[4:]]
+    if spec.moe:
+        names += [name(t, layer) for t in (ROUTER, *EXPERTS)]
+        if spec.shared_ffn:
+            names += [name(t, layer) for t in SHARED_EXPERT]
+    else:
+        names += [name(lin.tensor, layer) for lin in BLOCK_LINEARS[4:]]
     return names
 
 
@@ -104,12 +138,15 @@ def expected_shape(spec: ModelSpec, tensor_name: str) -> tuple[int, ...]:
     base = parts[2] if parts[0] == "blk" else parts[0]
     is_bias = parts[-1] == "bias"
     h, f, q, kv = spec.hidden, spec.intermediate, spec.q_dim, spec.kv_dim
+    e, ef, sf = spec.n_experts, spec.expert_ffn, spec.shared_ffn
     shapes = {
         "token_embd": (spec.vocab, h), "output": (spec.vocab, h), "output_norm": (h,),
         "attn_norm": (h,), "ffn_norm": (h,),
         "attn_q": (q, h), "attn_k": (kv, h), "attn_v": (kv, h), "attn_output": (h, q),
         "attn_q_norm": (spec.head_dim,), "attn_k_norm": (spec.head_dim,),
         "ffn_gate": (f, h), "ffn_up": (f, h), "ffn_down": (h, f),
+        "ffn_gate_inp": (e, h), "ffn_gate_exps": (e, ef, h), "ffn_up_exps": (e, ef, h), "ffn_down_exps": (e, h, ef),
+        "ffn_gate_inp_shexp": (1, h), "ffn_gate_shexp": (sf, h), "ffn_up_shexp": (sf, h), "ffn_down_shexp": (h, sf),
     }
     shape = shapes[base]
     return shape[:1] if is_bias else shape

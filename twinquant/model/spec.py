@@ -29,6 +29,15 @@ class ModelSpec:
     qk_norm: bool             # per-head RMSNorm on q and k before RoPE (Qwen3)
     context_length: int = 4096
     name: str = ""
+    # Mixture of experts (0 experts: a dense FFN in every block). Every block of a MoE model routes each token to
+    # `n_experts_used` of `n_experts` experts of width `expert_ffn` (stacked [experts, out, in] tensors), plus a
+    # shared expert of width `shared_ffn` (0: none) behind a sigmoid gate; `norm_topk`: the chosen experts'
+    # softmax weights are renormalized to sum to 1.
+    n_experts: int = 0
+    n_experts_used: int = 0
+    expert_ffn: int = 0
+    shared_ffn: int = 0
+    norm_topk: bool = False
 
     def __post_init__(self) -> None:
         from twinquant.errors import TwinquantError
@@ -40,6 +49,26 @@ class ModelSpec:
             raise TwinquantError(f"model spec: {self.n_heads} heads not divisible by {self.n_kv_heads} kv heads")
         if self.head_dim % 2:
             raise TwinquantError(f"model spec: head_dim {self.head_dim} must be even for RoPE")
+        if self.n_experts < 0 or self.shared_ffn < 0:
+            raise TwinquantError("model spec: expert counts and widths cannot be negative")
+        if self.n_experts and not (0 < self.n_experts_used <= self.n_experts and self.expert_ffn > 0):
+            raise TwinquantError(f"model spec: {self.n_experts} experts need 1..{self.n_experts} experts per token "
+                                 f"(got {self.n_experts_used}) and a positive expert width (got {self.expert_ffn})")
+        if not self.n_experts and (self.n_experts_used or self.expert_ffn or self.shared_ffn):
+            raise TwinquantError("model spec: expert settings without experts")
+
+    @property
+    def moe(self) -> bool:
+        """Blocks route tokens to experts (stacked expert tensors) instead of one dense FFN."""
+        return self.n_experts > 0
+
+    def require_dense(self, what: str) -> None:
+        """One clear line where a stage has no mixture-of-experts path yet (before any long work)."""
+        if self.moe:
+            from twinquant.errors import TwinquantError
+
+            raise TwinquantError(f"{what} is not supported for mixture-of-experts models ({self.arch}) yet; "
+                                 "loading, running, evaluating and float GGUF export are")
 
     @property
     def q_dim(self) -> int:

@@ -76,6 +76,7 @@ def duplicate(model_path: str | Path, out: str | Path, options: DuplicateOptions
     progress_log = None if o.quiet else say
     budget = _budget(model_path, out, o)
     model = load_gguf(model_path, keep_quantized=True)     # metadata and mapped blocks; the tensors come later
+    model.spec.require_dense("layer duplication")
     topo = _read_topology(o.topology, model.spec.n_layers) if o.topology else None
     if not o.ref:
         raise TwinquantError("--ref MODEL (the float model) is needed: choices are made on the KL divergence "

@@ -134,6 +134,7 @@ class Session:
 
         self.source, self.recipe, self.opts = str(source), recipe, opts
         model = load_model(self.source, dtype=opts.dtype, device=opts.device, materialize=False)
+        model.spec.require_dense("quantization")
         self.n_params = model.n_params()   # of the source: bits per weight are counted against the real weights
         self.prep = Preparation.of(recipe, model.spec.tied_embeddings)
 
