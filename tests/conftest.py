@@ -8,3 +8,20 @@ tests/test_libggml_path.py turns the libggml CPU path on where it tests it.
 import os
 
 os.environ["TWINQUANT_LIBGGML"] = "0"
+
+
+import subprocess  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def bindir() -> Path:
+    """Stock llama.cpp's command-line tools (llama-quantize, llama-imatrix, llama-perplexity), built once by the
+    install and found (or built) by benchmarks/build_llamacpp.sh."""
+    root = Path(__file__).resolve().parent.parent
+    p = subprocess.run(["bash", str(root / "benchmarks" / "build_llamacpp.sh")], capture_output=True, text=True,
+                       timeout=3600, check=False)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return Path(p.stdout.strip().splitlines()[-1])

@@ -43,14 +43,6 @@ def _run(cmd, cwd, ok=True):
 
 
 @pytest.fixture(scope="module")
-def bindir():
-    p = subprocess.run(["bash", str(ROOT / "benchmarks" / "build_llamacpp.sh")], capture_output=True, text=True,
-                       timeout=3600, check=False)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return Path(p.stdout.strip().splitlines()[-1])
-
-
-@pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """The tiny model as f32 GGUF, a calibration text of a few KB, and the model loaded by twinquant."""
     from twinquant.io.gguf_write import write_gguf

@@ -40,6 +40,17 @@ MODELS = {
     "qwen3-192": ("qwen3", dict(hidden_size=192, num_attention_heads=4, num_key_value_heads=2, head_dim=64)),
     "qwen2-17L-gqa4": ("qwen2", dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=1, head_dim=64,
                                      num_hidden_layers=17)),
+    # mixture of experts: 8 experts (llama.cpp's Mixtral rules), 4 (the i-quants' attn_v rule); a shared expert
+    # whose ffn_down counts beside the experts' (the i-quants' first-eighth ffn_down counts tensors); 17 layers
+    "qwen3moe-8e-256": ("qwen3moe", dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                                         num_experts=8, num_experts_per_tok=2, moe_intermediate_size=256)),
+    "qwen2moe-4e-17L-shexp": ("qwen2moe", dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
+                                               head_dim=64, num_experts=4, num_experts_per_tok=2,
+                                               moe_intermediate_size=256, shared_expert_intermediate_size=512,
+                                               num_hidden_layers=17)),
+    "qwen2moe-16e-192": ("qwen2moe", dict(hidden_size=192, num_attention_heads=4, num_key_value_heads=2, head_dim=48,
+                                          num_experts=16, num_experts_per_tok=4, moe_intermediate_size=256,
+                                          shared_expert_intermediate_size=256)),
 }
 BASE = dict(intermediate_size=512, num_hidden_layers=8, vocab=320)
 

@@ -23,6 +23,14 @@ def _close(got: torch.Tensor, want: torch.Tensor, tol: float = 1e-4) -> float:
     return rel
 
 
+def _close_but_routing(theirs: torch.Tensor, ours: torch.Tensor) -> None:
+    """A quantized file in stock llama.cpp vs our forward: llama.cpp's CPU products round activations to 8 bits
+    (close, not equal: 0.06 of the logit range, as for dense files), and where that moves a router's top-k across
+    a near-tie the token goes to another expert: a few positions may differ more, most may not."""
+    rel = (theirs - ours).abs().amax(-1) / ours.abs().max()
+    assert (rel <= 0.06).float().mean() >= 0.9, [round(v, 3) for v in rel.tolist()]
+
+
 @pytest.fixture(params=list(MOE_FAMILIES))
 def family(request):
     return request.param
@@ -164,7 +172,8 @@ def test_export_refuses_a_routing_llama_cpp_does_not_compute(tmp_path):
 
 
 @pytest.mark.parametrize("argv", [
-    ["quantize", "{m}", "-o", "{o}/q.gguf"],
+    ["quantize", "{m}", "-o", "{o}/q.gguf", "--rotation", "rh"],
+    ["quantize", "{m}", "-o", "{o}/q.gguf", "--format", "Q4_0", "--target-bpw", "5"],
     ["measure", "{m}", "-o", "{o}/m.json"],
     ["rotate", "{m}", "-o", "{o}/r.gguf"],
     ["imatrix", "{m}", "-f", "{t}", "-o", "{o}/i.gguf"],
@@ -181,3 +190,226 @@ def test_stages_without_an_moe_path_refuse_in_one_line(tmp_path, argv, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "mixture-of-experts" in err[0], err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "t.txt"]
+
+
+def test_transformers5_fused_expert_checkpoint_loads(tmp_path):
+    """transformers 5 holds experts as fused tensors (`experts.gate_up_proj` [experts, 2 * ffn, hidden], gate rows
+    first; `experts.down_proj`): a checkpoint in that layout loads to the same stacked tensors."""
+    from safetensors.torch import load_file, save_file
+
+    src = save_tiny("qwen2moe", tmp_path / "a")
+    m = load_hf_dir(src)
+    sd = load_file(str(src / "model.safetensors"))
+    for i in range(m.spec.n_layers):
+        p = f"model.layers.{i}.mlp.experts"
+        per = {k: torch.stack([sd.pop(f"{p}.{e}.{k}.weight") for e in range(m.spec.n_experts)])
+               for k in ("gate_proj", "up_proj", "down_proj")}
+        sd[f"{p}.gate_up_proj"] = torch.cat([per["gate_proj"], per["up_proj"]], dim=1)
+        sd[f"{p}.down_proj"] = per["down_proj"]
+    (tmp_path / "b").mkdir()
+    save_file(sd, str(tmp_path / "b" / "model.safetensors"))
+    (tmp_path / "b" / "config.json").write_text((src / "config.json").read_text())
+    fused = load_hf_dir(tmp_path / "b")
+    for n in m.tensor_names():
+        assert torch.equal(fused.get(n), m.get(n)), n
+
+
+def test_quantized_expert_stacks_read_as_llama_cpp_dequantizes_them(with_tokenizer, tmp_path, bindir):
+    """A file llama-quantize made (Q8_0 stacked experts, as published MoE GGUFs are K-/i-quant stacks): each
+    expert's rows come back as gguf-py dequantizes them, and our forward on it agrees with stock llama.cpp's."""
+    import subprocess
+
+    import llama_cpp
+
+    m = with_tokenizer
+    f32 = write_gguf(m, tmp_path / "m.gguf", "F32")
+    subprocess.run([str(bindir / "llama-quantize"), str(f32), str(tmp_path / "q.gguf"), "Q8_0", "1"], check=True,
+                   capture_output=True)
+    q = load_gguf(tmp_path / "q.gguf")
+    r = gguf.GGUFReader(tmp_path / "q.gguf")
+    t = next(t for t in r.tensors if t.name == "blk.1.ffn_down_exps.weight")
+    assert t.tensor_type == gguf.GGMLQuantizationType.Q8_0
+    want = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).reshape(8, 64, 32).copy())
+    got = q.get("blk.1.ffn_down_exps.weight")
+    assert torch.equal(got, want)
+    assert 0 < (got - m.get("blk.1.ffn_down_exps.weight")).abs().max() < 0.05
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "q.gguf"), n_ctx=64, logits_all=True, verbose=False,
+                          n_threads=2, type_k=0, type_v=0)
+    toks = torch.randint(3, m.spec.vocab, (40,)).tolist()
+    llm.eval(toks)
+    theirs = torch.from_numpy(np.array(llm.scores[: len(toks)], dtype=np.float32))
+    _close_but_routing(theirs, forward(q, torch.tensor([toks]))[0])
+
+
+# --- quantization: GPTQ with per-expert Hessians ---------------------------------------------------------------------
+
+def test_each_expert_sees_exactly_the_tokens_routed_to_it(tmp_path):
+    """The forward hands a hook's `expert_input` each expert's own tokens: the ones whose top-k (transformers'
+    router) holds that expert, in token order."""
+    ref = tiny_hf_model("qwen3moe")
+    ref.save_pretrained(tmp_path)
+    m = load_hf_dir(tmp_path)
+    x = torch.randint(0, m.spec.vocab, (1, 50))
+    seen: dict = {}
+
+    class Hook:
+        def __call__(self, name, inp):
+            if name == "blk.1.ffn_gate_inp.weight":
+                seen["router_in"] = inp.reshape(-1, inp.shape[-1]).clone()
+
+        def expert_input(self, name, e, inp):
+            seen.setdefault(name, {})[e] = inp.clone()
+
+    forward(m, x, hook=Hook())
+    router = ref.model.layers[1].mlp.gate
+    with torch.no_grad():
+        _, _, chosen = router(seen["router_in"])
+    gate_in = seen["blk.1.ffn_gate_exps.weight"]
+    assert sorted(gate_in) == sorted(chosen.unique().tolist())
+    for e, inp in gate_in.items():
+        rows = (chosen == e).any(-1).nonzero().flatten()
+        assert torch.equal(inp, seen["router_in"][rows])
+        assert seen["blk.1.ffn_down_exps.weight"][e].shape == (len(rows), 32)
+
+
+def test_rarely_reached_experts_fall_back_to_the_pooled_hessian():
+    from twinquant.algorithms.gptq import accumulate_hessian
+    from twinquant.calibration.blocks import HessianHook
+
+    torch.manual_seed(0)
+    hook = HessianHook({"w"})
+    xs = {0: torch.randn(40, 8), 1: torch.randn(3, 8)}       # expert 0: 40 tokens, 1: 3 (< 8 inputs), 2: none
+    for e, x in xs.items():
+        hook.expert_input("w", e, x)
+    hook.expert_input("other", 0, torch.randn(5, 8))          # not asked for: ignored
+    Hs, tokens = hook.expert_hessians("w", 3, cols=8)
+    assert tokens == [40, 3, 0]
+    own = {e: accumulate_hessian(None, 0, x)[0] for e, x in xs.items()}
+    pool = (own[0] * 40 + own[1] * 3) / 43
+    assert torch.allclose(Hs[0], own[0])                              # enough tokens: its own
+    assert torch.allclose(Hs[1], (own[1] * 3 + pool * 5) / 8)         # 3 of 8: blended with the pool
+    assert torch.allclose(Hs[2], pool)                                # never reached: the pool
+    assert torch.linalg.eigvalsh(Hs[1]).min() > 0                     # no longer singular
+
+
+def _moe_quantize(src, out, method="gptq", stream=True, **changes):
+    import dataclasses
+
+    from twinquant.pipeline import Options, quantize
+    from twinquant.pipeline.recipe import load_recipe
+
+    recipe = dataclasses.replace(load_recipe("default"), method=method, mix=None, format="Q4_0", rotation="none",
+                                 calib_tokens=512, calib_ctx=64, **changes)
+    return quantize(str(src), out, recipe, Options(quiet=True, stream=stream))
+
+
+def test_gptq_per_expert_file_runs_in_stock_llama_cpp(family, tmp_path):
+    import llama_cpp
+
+    src = save_tiny(family, tmp_path / "hf", tokenizer=True)
+    res = _moe_quantize(src, tmp_path / "q.gguf")
+    reps = {t.name: t for t in res.report.tensors}
+    gate = reps["blk.0.ffn_gate_exps.weight"]
+    assert gate.type == "Q4_0" and gate.shape == (8, 32, 64)
+    assert sum(gate.expert_tokens) == 512 * 2                   # every calibration token reaches 2 experts
+    assert reps["blk.0.ffn_down_exps.weight"].expert_tokens == gate.expert_tokens
+    assert "blk.0.ffn_gate_inp.weight" not in reps               # the router is never quantized
+    r = gguf.GGUFReader(res.path)
+    types = {t.name: t.tensor_type.name for t in r.tensors}
+    assert types["blk.1.ffn_gate_inp.weight"] == "F32" and types["blk.1.ffn_up_exps.weight"] == "Q4_0"
+    q = load_gguf(res.path)
+    llm = llama_cpp.Llama(model_path=str(res.path), n_ctx=64, logits_all=True, verbose=False, n_threads=2,
+                          type_k=0, type_v=0)
+    toks = torch.randint(3, q.spec.vocab, (40,)).tolist()
+    llm.eval(toks)
+    theirs = torch.from_numpy(np.array(llm.scores[: len(toks)], dtype=np.float32))
+    _close_but_routing(theirs, forward(q, torch.tensor([toks]))[0])
+
+
+def test_gptq_per_expert_beats_rtn_and_streams_bit_for_bit(tmp_path):
+    """GPTQ with each expert's Hessian ends closer to the float model than RTN into the same types (on tokens it
+    was not calibrated on), and the streamed run writes the in-memory run's bytes."""
+    src = save_tiny("qwen2moe", tmp_path / "hf", tokenizer=True, hidden_size=128, moe_intermediate_size=64)
+    f = load_hf_dir(src)
+    a = _moe_quantize(src, tmp_path / "gptq.gguf")
+    b = _moe_quantize(src, tmp_path / "memory.gguf", stream=False)
+    assert a.path.read_bytes() == b.path.read_bytes()
+    rtn = _moe_quantize(src, tmp_path / "rtn.gguf", method="rtn")
+    x = torch.randint(0, f.spec.vocab, (4, 64))
+    ref = forward(f, x).log_softmax(-1)
+
+    def kld(path):
+        got = forward(load_gguf(path), x).log_softmax(-1)
+        return (ref.exp() * (ref - got)).sum(-1).mean().item()
+
+    assert kld(a.path) < 0.9 * kld(rtn.path), (kld(a.path), kld(rtn.path))
+
+
+def test_each_expert_is_quantized_with_its_own_hessian(tmp_path):
+    """A stacked tensor's packed bytes are, expert after expert, GPTQ of that expert's weights with that expert's
+    Hessian (llama.cpp's expert-major rows)."""
+    from twinquant.algorithms.backends import get_quantizer, quantize_to_format
+    from twinquant.formats import codec_for
+    from twinquant.pipeline.executor import quantize_tensor
+
+    m = load_hf_dir(save_tiny("qwen3moe", tmp_path))
+    name = "blk.0.ffn_down_exps.weight"
+    W = m.get(name).clone()
+    g = torch.Generator().manual_seed(0)
+    Hs = []
+    for e in range(8):        # a different input distribution per expert
+        x = torch.randn(200, 32, generator=g) * torch.rand(32, generator=g) * (e + 1)
+        Hs.append(2 * x.T @ x / 200)
+    gptq = get_quantizer("gptq")
+    rep = quantize_tensor(m, name, "Q4_0", gptq, None, None, Hs, [200] * 8)
+    data = m.quantized[name].data
+    assert data.shape == (8, 64, 18) and rep.expert_tokens == [200] * 8
+    codec = codec_for("Q4_0", 32)
+    for e in range(8):
+        want, _ = quantize_to_format(gptq, W[e], codec, H=Hs[e], importance=torch.diagonal(Hs[e]).clone())
+        assert np.array_equal(np.asarray(data[e]), np.asarray(want).reshape(64, 18)), e
+    other, _ = quantize_to_format(gptq, W[0], codec, H=Hs[5], importance=torch.diagonal(Hs[5]).clone())
+    assert not np.array_equal(np.asarray(data[0]), np.asarray(other).reshape(64, 18))   # the Hessian matters
+    assert torch.equal(m.get(name)[3], codec.dequantize_bytes(np.asarray(data[3]), 32))
+
+
+def test_cli_inspect_and_quantize_as_the_readme_shows(tmp_path, capsys):
+    from twinquant.cli import main
+
+    m = save_tiny("qwen2moe", tmp_path / "hf", tokenizer=True)
+    capsys.readouterr()
+    assert main(["inspect", str(m)]) == 0
+    assert "experts 8, 2 per token, expert ffn 32, shared expert ffn 48" in capsys.readouterr().out
+    out = tmp_path / "q.gguf"
+    assert main(["quantize", str(m), "-o", str(out), "--format", "Q4_0", "--rotation", "none", "--calib-tokens",
+                 "512", "--calib-ctx", "64", "-q", "--report", str(tmp_path / "r.json")]) == 0
+    rep = json.loads((tmp_path / "r.json").read_text())
+    tokens = {t["name"]: t["expert_tokens"] for t in rep["tensors"] if t.get("expert_tokens")}
+    assert sorted(tokens) == sorted(f"blk.{i}.ffn_{r}_exps.weight" for i in range(2) for r in ("gate", "up", "down"))
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
+    assert types["blk.0.ffn_down_exps.weight"] == "Q4_0" and types["blk.0.ffn_gate_inp.weight"] == "F32"
+
+
+@pytest.mark.parametrize("ftype", ["Q2_K", "Q4_K_M", "IQ4_XS"])
+def test_rtn_mix_is_byte_identical_to_llama_quantize(bindir, tmp_path, ftype):
+    """`quantize --mix llama.cpp:FTYPE --method rtn` of an 8-expert model writes llama-quantize's file's tensors
+    byte for byte: its MoE type rules (8 experts: attn_v / attn_k Q8_0, attn_output Q5_K …) and the stacked
+    experts packed expert-major."""
+    import subprocess
+
+    from twinquant.cli import main
+
+    src = save_tiny("qwen3moe", tmp_path / "hf", tokenizer=True, hidden_size=256, head_dim=64,
+                    moe_intermediate_size=256, num_hidden_layers=3)
+    f32 = write_gguf(load_hf_dir(src), tmp_path / "m.gguf", "F32")
+    subprocess.run([str(bindir / "llama-quantize"), str(f32), str(tmp_path / "theirs.gguf"), ftype, "1"],
+                   check=True, capture_output=True)
+    assert main(["quantize", str(f32), "-o", str(tmp_path / "ours.gguf"), "--mix", f"llama.cpp:{ftype}",
+                 "--method", "rtn", "-q"]) == 0
+    theirs = {t.name: t for t in gguf.GGUFReader(tmp_path / "theirs.gguf").tensors}
+    ours = gguf.GGUFReader(tmp_path / "ours.gguf").tensors
+    assert {t.name for t in ours} == set(theirs)
+    assert theirs["blk.0.attn_v.weight"].tensor_type.name == "Q8_0"          # the 8-expert rule
+    for t in ours:
+        assert t.tensor_type == theirs[t.name].tensor_type, t.name
+        assert np.array_equal(np.asarray(t.data), np.asarray(theirs[t.name].data)), (t.name, t.tensor_type.name)

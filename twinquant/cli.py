@@ -469,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--token-embedding-type", help="type of token_embd.weight")
     sp.add_argument("--pure", action="store_true", help="no mix rules: the default type everywhere")
     sp.add_argument("--rotation", choices=["none", "rh", "ro", "auto"],
-                    help="R1+R2 before quantizing; auto = rh unless the embeddings are tied")
+                    help="R1+R2 before quantizing; auto = rh unless the embeddings are tied or the model has experts")
     sp.add_argument("--seed", type=int)
     sp.add_argument("--act-order", action="store_true", help="GPTQ act-order (with static groups)")
     sp.add_argument("--damp", type=float, help="GPTQ damping: λ = DAMP x mean(diag H) (recipe default 0.5)")

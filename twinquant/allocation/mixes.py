@@ -37,8 +37,12 @@ types without an imatrix (`needs_imatrix`): IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S
 file, except in token_embd / output — so IQ1_*, IQ2_*, IQ3_XXS, IQ3_XS and Q2_K_S need one unless every such
 tensor fell back (rows not whole 256-blocks).
 
-Not reproduced: llama.cpp's rules for mixture-of-experts models (expert counts) and falcon, whose architectures
-are not supported here; the conditions would read them from the same `RuleContext`.
+Mixture-of-experts models (qwen2moe, qwen3moe): llama.cpp names categories by substring, so the stacked experts
+and the shared expert follow the ffn_gate / ffn_up / ffn_down rules (`category`); with more than one expert it
+reads a tensor's layer from its name (`RuleContext.i` is the layer), except the 1-/2-bit i-quants' first-eighth
+ffn_down rule, which counts tensors (`count`: exps and shexp both count); the 1-/2-bit i-quants give attn_v Q4_K
+with four or more experts; eight experts (Mixtral's count) change attn_v, attn_k, attn_output and IQ3_M's ffn_down
+(`_eight_experts`). Not reproduced: falcon, whose architecture is not supported here.
 
 Deliberate differences from llama-quantize, where it would fail: a `--token-embedding-type` /
 `--output-tensor-type` whose block does not divide the row falls back here (llama.cpp aborts); overrides also
@@ -66,11 +70,11 @@ def _role(t: gguf.MODEL_TENSOR) -> str:
 
 
 TOKEN_EMBD, OUTPUT = _role(roles.T.TOKEN_EMBD), _role(roles.T.OUTPUT)
-ATTN_V, ATTN_OUT = _role(roles.T.ATTN_V), _role(roles.T.ATTN_OUT)
+ATTN_V, ATTN_OUT, ATTN_K = _role(roles.T.ATTN_V), _role(roles.T.ATTN_OUT), _role(roles.T.ATTN_K)
 FFN_DOWN, FFN_GATE, FFN_UP = _role(roles.T.FFN_DOWN), _role(roles.T.FFN_GATE), _role(roles.T.FFN_UP)
 OUTPUT_NAME = roles.name(roles.T.OUTPUT)
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3")   # whose llama.cpp rules are reproduced (none is falcon / MoE)
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe")   # whose llama.cpp rules are reproduced
 
 
 # --- tensor names -------------------------------------------------------------------------------------------------
@@ -86,8 +90,9 @@ class TensorRef:
 
     @property
     def quantizable(self) -> bool:
-        """llama.cpp quantizes 2-D `*.weight` tensors other than norms."""
-        return self.name.endswith(".weight") and len(self.shape) == 2 and not self.role.endswith("_norm")
+        """llama.cpp quantizes 2-D (and stacked 3-D expert) `*.weight` tensors other than norms and routers."""
+        return (self.name.endswith(".weight") and len(self.shape) in (2, 3) and not self.role.endswith("_norm")
+                and not roles.keeps_f32(self.name, self.shape))
 
     @property
     def order(self) -> tuple[int, str]:
@@ -165,10 +170,18 @@ def fallback_type(t: TensorType, cols: int) -> TensorType:
 # --- llama.cpp's mixes ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RuleContext:
-    i: int            # tensors of this role the rules have seen before this one
+    i: int            # tensors of this role the rules have seen before this one (with experts: ffn_*'s layer)
     n: int            # total of this role (attn_v: attn_v tensors; ffn_down: layers)
     n_gqa: int        # n_heads // n_kv_heads
     imatrix: bool
+    n_expert: int = 0
+    count: int = 0    # tensors of this role seen before this one, whatever the experts
+
+
+def category(role: str) -> str:
+    """llama.cpp's tensor category: it matches ffn_up, ffn_gate, ffn_down by substring (in that order), so the
+    stacked experts (`ffn_down_exps`) and the shared expert (`ffn_down_shexp`) follow the ffn_down rules."""
+    return next((c for c in (FFN_UP, FFN_GATE, FFN_DOWN) if role.startswith(c)), role)
 
 
 def use_more_bits(i: int, n: int) -> bool:
@@ -179,6 +192,9 @@ def use_more_bits(i: int, n: int) -> bool:
 CONDITIONS: dict[str, Callable[[RuleContext], bool]] = {
     "": lambda c: True,
     "gqa>=4": lambda c: c.n_gqa >= 4,
+    "gqa>=4 or experts>=4": lambda c: c.n_gqa >= 4 or c.n_expert >= 4,
+    "first 1/8 tensors": lambda c: c.count < c.n // 8,
+    "first 1/8, or 8 experts and more bits": lambda c: c.i < c.n // 8 or (c.n_expert == 8 and use_more_bits(c.i, c.n)),
     "first 2": lambda c: c.i < 2,
     "first 4": lambda c: c.i < 4,
     "first 1/16": lambda c: c.i < c.n // 16,
@@ -228,20 +244,20 @@ MIXES: dict[str, Mix] = {m.ftype: m for m in (
     # 1- and 2-bit i-quants: one rule set (attn_v, the first eighth of ffn_down, attn_output and token_embd get a
     # larger type; Q5_K output), and no 70B bump
     _mix("IQ2_XXS", Q.IQ2_XXS, output=Q.Q5_K, bump_70b=False, token_embd=(("", Q.Q2_K),),
-         attn_v=(("gqa>=4", Q.Q4_K), ("", Q.Q2_K)), ffn_down=(("first 1/8", Q.Q2_K),)),
+         attn_v=(("gqa>=4 or experts>=4", Q.Q4_K), ("", Q.Q2_K)), ffn_down=(("first 1/8 tensors", Q.Q2_K),)),
     _mix("IQ2_XS", Q.IQ2_XS, output=Q.Q5_K, bump_70b=False, token_embd=(("", Q.Q2_K),),
-         attn_v=(("gqa>=4", Q.Q4_K), ("", Q.Q2_K)), ffn_down=(("first 1/8", Q.Q2_K),)),
+         attn_v=(("gqa>=4 or experts>=4", Q.Q4_K), ("", Q.Q2_K)), ffn_down=(("first 1/8 tensors", Q.Q2_K),)),
     _mix("IQ2_S", Q.IQ2_XS, output=Q.Q5_K, bump_70b=False, token_embd=(("", Q.IQ3_S),),
-         attn_v=(("gqa>=4", Q.Q4_K), ("", Q.IQ3_S)), ffn_down=(("first 1/8", Q.IQ3_S),),
+         attn_v=(("gqa>=4 or experts>=4", Q.Q4_K), ("", Q.IQ3_S)), ffn_down=(("first 1/8 tensors", Q.IQ3_S),),
          attn_output=(("", Q.IQ3_S),)),
     _mix("IQ2_M", Q.IQ2_S, output=Q.Q5_K, bump_70b=False, token_embd=(("", Q.IQ3_S),),
-         attn_v=(("gqa>=4", Q.Q4_K), ("", Q.IQ3_S)), ffn_down=(("first 1/8", Q.IQ3_S),),
+         attn_v=(("gqa>=4 or experts>=4", Q.Q4_K), ("", Q.IQ3_S)), ffn_down=(("first 1/8 tensors", Q.IQ3_S),),
          attn_output=(("", Q.IQ3_S),)),
     _mix("IQ1_S", Q.IQ1_S, output=Q.Q5_K, bump_70b=False, token_embd=(("", Q.Q2_K),),
-         attn_v=(("gqa>=4", Q.Q4_K), ("", Q.Q2_K)), ffn_down=(("first 1/8", Q.Q2_K),),
+         attn_v=(("gqa>=4 or experts>=4", Q.Q4_K), ("", Q.Q2_K)), ffn_down=(("first 1/8 tensors", Q.Q2_K),),
          attn_output=(("", Q.IQ2_XXS),)),
     _mix("IQ1_M", Q.IQ1_M, output=Q.Q5_K, bump_70b=False, token_embd=(("", Q.Q2_K),),
-         attn_v=(("gqa>=4", Q.Q4_K), ("", Q.Q2_K)), ffn_down=(("first 1/8", Q.Q2_K),),
+         attn_v=(("gqa>=4 or experts>=4", Q.Q4_K), ("", Q.Q2_K)), ffn_down=(("first 1/8 tensors", Q.Q2_K),),
          attn_output=(("", Q.IQ2_XXS),)),
     # 3- and 4-bit i-quants
     _mix("IQ3_XXS", Q.IQ3_XXS, output=Q.Q5_K, token_embd=(("", Q.IQ3_S),),
@@ -250,7 +266,8 @@ MIXES: dict[str, Mix] = {m.ftype: m for m in (
     _mix("IQ3_XS", Q.IQ3_S, attn_v=(("gqa>=4", Q.Q4_K),), attn_k=(("", Q.IQ3_XXS),), attn_q=(("", Q.IQ3_XXS),),
          ffn_gate=(("not first/last 1/8", Q.IQ3_XXS),), ffn_up=(("not first/last 1/8", Q.IQ3_XXS),)),
     _mix("IQ3_S", Q.IQ3_S, attn_v=(("gqa>=4", Q.Q4_K),)),
-    _mix("IQ3_M", Q.IQ3_S, attn_v=(("", Q.Q4_K),), ffn_down=(("first 1/8", Q.Q4_K),), attn_output=(("", Q.Q4_K),)),
+    _mix("IQ3_M", Q.IQ3_S, attn_v=(("", Q.Q4_K),), ffn_down=(("first 1/8, or 8 experts and more bits", Q.Q4_K),),
+         attn_output=(("", Q.Q4_K),)),
     _mix("IQ4_NL", Q.IQ4_NL, attn_v=(("gqa>=4", Q.Q5_K),), ffn_down=(("no imatrix, first 1/8", Q.Q5_K),)),
     _mix("IQ4_XS", Q.IQ4_XS, attn_v=(("gqa>=4", Q.Q5_K),), ffn_down=(("no imatrix, first 1/8", Q.Q5_K),)),
     # ternary
@@ -258,6 +275,10 @@ MIXES: dict[str, Mix] = {m.ftype: m for m in (
     _mix("TQ2_0", Q.TQ2_0, token_embd=(("", Q.Q4_K),)),
 )}
 ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}   # llama-quantize's names
+# llama.cpp's branch for the 1- and 2-bit i-quants, and the ftypes whose attn_output an 8-expert model raises to Q5_K
+IQ2_GROUP = {"IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M"}
+EIGHT_EXPERTS_Q5_K_OUTPUT = {"Q2_K", "IQ3_XS", "IQ3_XXS", "Q3_K_S", "Q3_K_M", "IQ4_NL", "Q4_K_S", "Q4_K_M", "IQ3_S",
+                             "IQ3_M", "IQ4_XS"}
 LLAMA_CPP_FTYPES = tuple(MIXES)
 
 # roles whose rules count their tensors, and the total each counts against
@@ -359,19 +380,36 @@ class _Rules:
             t, why = output_type(self.base, ref.shape[-1], self.mix.output)
             return t, f"{self.label} {what} {why}"
         t, rule = self.base, f"{self.label} default"
-        if ref.role in COUNTED:
-            ctx = RuleContext(self.seen[ref.role], self.totals[ref.role], self.spec.n_heads // self.spec.n_kv_heads,
-                              self.imatrix)
-            self.seen[ref.role] += 1
+        role, s = category(ref.role), self.spec
+        gqa = s.n_heads // s.n_kv_heads
+        if role in COUNTED:
+            count = self.seen[role]
+            # with experts llama.cpp reads the layer from the name (its ffn tensors are not one per layer)
+            i = ref.layer if s.n_experts > 1 and role != ATTN_V else count
+            ctx = RuleContext(i, self.totals[role], gqa, self.imatrix, s.n_experts, count)
+            self.seen[role] += 1
         else:
-            ctx = RuleContext(0, 0, self.spec.n_heads // self.spec.n_kv_heads, self.imatrix)
-        for cond, ct in self.mix.rules.get(ref.role, ()):
+            ctx = RuleContext(0, 0, gqa, self.imatrix, s.n_experts)
+        for cond, ct in self.mix.rules.get(role, ()):
             if CONDITIONS[cond](ctx):
-                t, rule = ct, f"{self.label} {ref.role}" + (f" {cond}" if cond else "")
+                t, rule = ct, f"{self.label} {role}" + (f" {cond}" if cond else "")
                 break
-        if t in self.bump.get(ref.role, {}):
-            t, rule = self.bump[ref.role][t], f"{rule}, 70B bump"
+        if t in self.bump.get(role, {}):
+            t, rule = self.bump[role][t], f"{rule}, 70B bump"
+        if s.n_experts == 8 and role in (ATTN_V, ATTN_K, ATTN_OUT):
+            t, rule = self._eight_experts(role, t, rule)
         return t, rule
+
+    def _eight_experts(self, role: str, t: Q, rule: str) -> tuple[Q, str]:
+        """llama.cpp's rules for 8-expert models, which replace the others for these roles."""
+        iq2, ftype = self.mix.ftype in IQ2_GROUP, self.mix.ftype
+        if role == ATTN_V:
+            return (t, rule) if iq2 else (Q.Q8_0, f"{self.label} attn_v, 8 experts")
+        if role == ATTN_K:
+            return (Q.Q4_K if iq2 else Q.Q8_0), f"{self.label} attn_k, 8 experts"
+        if iq2 or ftype in EIGHT_EXPERTS_Q5_K_OUTPUT:
+            return Q.Q5_K, f"{self.label} attn_output, 8 experts"
+        return self.base, f"{self.label} default (attn_output, 8 experts)"
 
 
 def assign_types(spec: ModelSpec, tensor_names: Iterable[str], mix: str | None = "llama.cpp:Q2_K",
@@ -403,7 +441,7 @@ def assign_types(spec: ModelSpec, tensor_names: Iterable[str], mix: str | None =
     chosen: dict[str, TypeChoice] = {}
     for ref in sorted(refs, key=lambda r: r.order):       # the rules count tensors in llama.cpp's order
         if not ref.quantizable:
-            chosen[ref.name] = TypeChoice(ref.name, Q.F32, "not quantized (1-D)")
+            chosen[ref.name] = TypeChoice(ref.name, Q.F32, "not quantized (1-D or router)")
             continue
         hit = next((p for p in pats if p.regex.search(ref.name)), None)
         if ref.role == TOKEN_EMBD and emb_t is not None:

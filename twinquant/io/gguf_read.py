@@ -239,16 +239,17 @@ class GGUFSource:
             raise TwinquantError(f"{path}: missing tensors: {', '.join(missing[:5])}")
         for n, t in self._tensors.items():   # before any dequantizing / un-permuting by the metadata's shapes
             shape, want = tuple(int(d) for d in reversed(t.shape)), roles.expected_shape(spec, n)
-            if shape != want:
+            # llama-quantize drops a size-1 dimension (the shared expert's gate [1, hidden] becomes [hidden])
+            if shape != want and [d for d in shape if d != 1] != [d for d in want if d != 1]:
                 raise TwinquantError(f"{path}: tensor {n} has shape {shape}, the metadata says {want}")
 
     def info(self, name: str) -> TensorInfo:
         t = self._tensors[name]
-        return TensorInfo(name, tuple(int(d) for d in reversed(t.shape)), t.tensor_type.name, int(t.n_bytes))
+        return TensorInfo(name, roles.expected_shape(self.spec, name), t.tensor_type.name, int(t.n_bytes))
 
     def load(self, name: str) -> torch.Tensor:
         t = self._tensors[name]
-        shape = tuple(int(d) for d in reversed(t.shape))
+        shape = roles.expected_shape(self.spec, name)
         data = t.data
         out = np.empty(shape, dtype=np.float32)
         flat = out.reshape(-1, shape[-1])

@@ -174,8 +174,9 @@ def moe_feed_forward(model: Model, layer: int, x: torch.Tensor, hook: LinearHook
     softmax over the router's logits in float32, the top `n_experts_used` kept (renormalized when `norm_topk`),
     each expert a SwiGLU FFN over the tokens routed to it, outputs summed with those weights.
 
-    The hook sees the router's and the shared expert's inputs (whole linears); the routed experts' inputs are
-    per-expert token subsets and are not hooked yet (their calibration is still to come)."""
+    The hook sees the router's and the shared expert's inputs as any linear's; a hook with an
+    `expert_input(name, expert, x)` method also sees each routed expert's inputs (the tokens routed to it), under
+    the stacked tensor's name (gate_exps for gate and up, down_exps for down): per-expert Hessians."""
     s = model.spec
     shape = x.shape
     flat = x.reshape(-1, shape[-1])
@@ -184,13 +185,19 @@ def moe_feed_forward(model: Model, layer: int, x: torch.Tensor, hook: LinearHook
     if s.norm_topk:
         weights = weights / weights.sum(-1, keepdim=True)
     weights = weights.to(x.dtype)
-    gate, up, down = (model.get(roles.name(t, layer)) for t in roles.EXPERTS)
+    names = [roles.name(t, layer) for t in roles.EXPERTS]
+    gate, up, down = (model.get(n) for n in names)
+    seen = getattr(hook, "expert_input", None)
     out = torch.zeros_like(flat)
     for e in chosen.unique().tolist():      # experts no token chose cost nothing
         tok, k = (chosen == e).nonzero(as_tuple=True)
         xe = flat[tok]
-        ye = F.linear(F.silu(F.linear(xe, gate[e])) * F.linear(xe, up[e]), down[e])
-        out.index_add_(0, tok, ye * weights[tok, k, None])
+        if seen is not None:
+            seen(names[0], e, xe)
+        act = F.silu(F.linear(xe, gate[e])) * F.linear(xe, up[e])
+        if seen is not None:
+            seen(names[2], e, act)
+        out.index_add_(0, tok, F.linear(act, down[e]) * weights[tok, k, None])
     if s.shared_ffn:
         gate_inp, g_sh, u_sh, d_sh = (roles.name(t, layer) for t in roles.SHARED_EXPERT)
         g, u = _linears(flat, model, (g_sh, u_sh), hook)

@@ -124,7 +124,8 @@ class Model:
         if q is not None:
             from twinquant.formats.ggml import get_codec
 
-            return get_codec(q.ggml_type.name).dequantize_bytes(q.data, roles.expected_shape(self.spec, name)[1])
+            shape = roles.expected_shape(self.spec, name)      # [experts, out, in] for stacked experts
+            return get_codec(q.ggml_type.name).dequantize_bytes(q.data, shape[-1]).reshape(shape)
         if self.source is None:
             raise KeyError(name)
         return self.source.load(name)

@@ -82,12 +82,21 @@ NORM_FEEDS: dict[gguf.MODEL_TENSOR, tuple[gguf.MODEL_TENSOR, ...]] = {
 }
 
 
-def shared_input_groups(layer: int) -> list[tuple[str, ...]]:
-    """Weight names of block `layer` that read one input, in execution order: (q, k, v), (o), (gate, up), (down)."""
+def shared_input_groups(layer: int, spec: ModelSpec | None = None) -> list[tuple[str, ...]]:
+    """Weight names of block `layer` that read one input, in execution order: (q, k, v), (o), (gate, up), (down).
+
+    A mixture-of-experts block (`spec.moe`) has, after (q, k, v), (o): the shared expert's (gate, up), (down) if it
+    has one, then the routed experts' (gate, up), (down), whose inputs (and Hessians) are per expert. The router
+    is in no group: it is never quantized."""
     groups: dict[str, list[str]] = {}
-    for lin in BLOCK_LINEARS:
+    for lin in BLOCK_LINEARS[:4] if spec is not None and spec.moe else BLOCK_LINEARS:
         groups.setdefault(lin.input_group, []).append(name(lin.tensor, layer))
-    return [tuple(g) for g in groups.values()]
+    out = [tuple(g) for g in groups.values()]
+    if spec is not None and spec.moe:
+        if spec.shared_ffn:
+            out += [(name(T.FFN_GATE_SHEXP, layer), name(T.FFN_UP_SHEXP, layer)), (name(T.FFN_DOWN_SHEXP, layer),)]
+        out += [(name(EXPERTS[0], layer), name(EXPERTS[1], layer)), (name(EXPERTS[2], layer),)]
+    return out
 
 
 def name(t: gguf.MODEL_TENSOR, layer: int | None = None, suffix: str = "weight") -> str:

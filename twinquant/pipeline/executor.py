@@ -58,6 +58,7 @@ class TensorReport:
     rel_error: float            # ‖W − Ŵ‖ / ‖W‖
     out_error: float | None     # tr(ΔW H ΔWᵀ) / tr(W H Wᵀ): relative output error on the calibration inputs
     seconds: float
+    expert_tokens: list[int] | None = None    # a stacked expert tensor: calibration tokens routed to each expert
 
 
 @dataclass
@@ -75,49 +76,65 @@ class Interrupted(Exception):
     """Raised by `stop_after_block` (tests of resuming: a simulated kill after a finished block)."""
 
 
+def _parts(W: torch.Tensor, H, imp, expert_hessians):
+    """(weights, Hessian, importance) pieces quantized one at a time: a stacked expert tensor's experts, each with
+    its own Hessian; else row chunks of a large tensor (rows are independent in every codec and in GPTQ)."""
+    if W.ndim == 3:
+        for e in range(W.shape[0]):
+            He = expert_hessians[e] if expert_hessians is not None else None
+            yield W[e], He, (torch.diagonal(He).clone() if He is not None else None)
+        return
+    step = chunk_rows(W.shape[0], W.shape[1], W.device)
+    for r in range(0, W.shape[0], step):
+        yield W[r: r + step], H, imp
+
+
 def quantize_tensor(model: Model, name: str, type_name: str, quantizer, H: torch.Tensor | None,
-                    importance: torch.Tensor | None = None) -> TensorReport:
+                    importance: torch.Tensor | None = None, expert_hessians: list[torch.Tensor] | None = None,
+                    expert_tokens: list[int] | None = None) -> TensorReport:
     """Quantize one tensor of `model` in place (packed bytes to `model.quantized`, its dequantization to
-    `model.tensors`); row chunk by row chunk when it is large."""
+    `model.tensors`); row chunk by row chunk when it is large, expert by expert (`expert_hessians`) when it is a
+    stacked expert tensor [experts, out, in]."""
     t0 = time.perf_counter()
     W = model.get(name).float()          # on the model's device: GPTQ and the codecs' block fits run there
-    codec = codec_for(type_name, W.shape[1])
+    codec = codec_for(type_name, W.shape[-1])
     imp = importance if importance is not None else (torch.diagonal(H).clone() if H is not None else None)
-    if quantizer.needs_hessian and H is None:   # e.g. the embedding: nothing to weigh GPTQ with, so RTN
-        from twinquant.algorithms.backends import get_quantizer
+    if quantizer.needs_hessian and H is None and expert_hessians is None:   # the embedding: nothing to weigh GPTQ
+        from twinquant.algorithms.backends import get_quantizer             # with, so RTN
 
         quantizer = get_quantizer("rtn")
     ggml = getattr(codec, "ggml_type", None) is not None
-    Hf = H.float() if H is not None else None
     packed = []
     W_hat = None
     dd = ww = dhd = whw = 0.0
-    step = chunk_rows(W.shape[0], W.shape[1], W.device)
-    for r in range(0, W.shape[0], step):
-        Wc = W[r: r + step]
-        data, hat = quantize_to_format(quantizer, Wc, codec, H=H, importance=imp)
+    done_rows = 0
+    for Wc, Hc, ic in _parts(W, H, imp, expert_hessians):
+        data, hat = quantize_to_format(quantizer, Wc, codec, H=Hc, importance=ic)
         if ggml:
             packed.append(data)
         if W_hat is None:
-            W_hat = hat if Wc.shape[0] == W.shape[0] else torch.empty(W.shape, dtype=hat.dtype, device=hat.device)
+            W_hat = hat if Wc.shape == W.shape else torch.empty(W.shape, dtype=hat.dtype, device=hat.device)
         if W_hat is not hat:
-            W_hat[r: r + Wc.shape[0]] = hat
+            W_hat.view(-1, W.shape[-1])[done_rows: done_rows + Wc.shape[0]] = hat
+        done_rows += Wc.shape[0]
         d = Wc - hat.float()
         dd += float(d.double().square().sum())
         ww += float(Wc.double().square().sum())
-        if Hf is not None:
+        if Hc is not None:
+            Hf = Hc.float()
             dhd += float(torch.einsum("ij,jk,ik->", d, Hf, d))
             whw += float(torch.einsum("ij,jk,ik->", Wc, Hf, Wc))
     if ggml:
         data = packed[0] if len(packed) == 1 else np.concatenate(packed)
+        data = data.reshape(*W.shape[:-1], -1)        # a stacked tensor's bytes as GGUF holds them
         model.set_quantized(name, W_hat, QuantizedWeight(codec.ggml_type, data))
         bpw = 8.0 * data.size / W.numel()
     else:
         model.set(name, W_hat)     # integer grids: fake-quant (no GGUF type), float storage
         bpw = float(getattr(codec, "bits_per_weight", 0.0))
-    out_err = dhd / max(whw, 1e-30) if Hf is not None else None
+    out_err = dhd / max(whw, 1e-30) if whw > 0 else None
     return TensorReport(name, tuple(W.shape), type_name, bpw, (dd / max(ww, 1e-60)) ** 0.5, out_err,
-                        time.perf_counter() - t0)
+                        time.perf_counter() - t0, expert_tokens)
 
 
 def quantize_blocks(model: Model, types: dict[str, str], method: str = "gptq", windows: torch.Tensor | None = None,
@@ -180,13 +197,20 @@ def quantize_blocks(model: Model, types: dict[str, str], method: str = "gptq", w
     with Progress(s.n_layers, "quantize", enabled=progress) as bar:
         for layer in range(start, s.n_layers):
             t0 = time.perf_counter()
-            wanted = {n for g in roles.shared_input_groups(layer) for n in g if n in types}
+            groups = roles.shared_input_groups(layer, s)
+            wanted = {n for g in groups for n in g if n in types}
             hooks = block_hessians(model, layer, x, wanted) if x is not None else None
-            for g in roles.shared_input_groups(layer):
+            for g in groups:
                 for n in g:
-                    if n in types:
-                        H = hooks.hessian(g[0]) if hooks is not None else None
-                        done(quantize_tensor(model, n, types[n], quantizer, H, imps.get(n)))
+                    if n not in types:
+                        continue
+                    if roles.is_expert_stack(n) and hooks is not None:
+                        cols = roles.expected_shape(s, n)[-1]
+                        Hs, tokens = hooks.expert_hessians(g[0], s.n_experts, cols)
+                        done(quantize_tensor(model, n, types[n], quantizer, None, None, Hs, tokens))
+                        continue
+                    H = hooks.hessian(g[0]) if hooks is not None else None
+                    done(quantize_tensor(model, n, types[n], quantizer, H, imps.get(n)))
             if x is not None:   # the next block sees this block's quantized outputs
                 x = block_pass(model, layer, x)
             model.fuse_shared_inputs()

@@ -29,8 +29,8 @@ class Preparation:
     pad_multiple: int = 256
 
     @classmethod
-    def of(cls, recipe, tied_embeddings: bool) -> "Preparation":
-        return cls(recipe.resolved_rotation(tied_embeddings), recipe.seed, recipe.pad, recipe.pad_multiple)
+    def of(cls, recipe, tied_embeddings: bool, moe: bool = False) -> "Preparation":
+        return cls(recipe.resolved_rotation(tied_embeddings, moe), recipe.seed, recipe.pad, recipe.pad_multiple)
 
     @classmethod
     def from_quant_record(cls, rec: dict | None) -> "Preparation":

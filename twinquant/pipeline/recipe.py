@@ -90,9 +90,10 @@ class Recipe:
             if "=" not in rule:
                 raise TwinquantError(f"recipe {self.name!r}: tensor_type rule {rule!r} is not REGEX=TYPE")
 
-    def resolved_rotation(self, tied_embeddings: bool) -> str:
+    def resolved_rotation(self, tied_embeddings: bool, moe: bool = False) -> str:
+        """`auto`: rh, unless the embeddings are tied or the model routes to experts (no rotation through them yet)."""
         if self.rotation == "auto":
-            return "none" if tied_embeddings else "rh"
+            return "none" if tied_embeddings or moe else "rh"
         return self.rotation
 
     def to_dict(self) -> dict:

@@ -125,18 +125,34 @@ def _check_writable(path: Path) -> None:
         raise TwinquantError(f"{path}: is a directory")
 
 
+def _check_moe(spec, recipe: Recipe, prep: Preparation, opts: Options, stage: str) -> None:
+    """What a mixture-of-experts model can be quantized with so far (one line, before any work): a mix or a format
+    with --tensor-type rules, RTN or GPTQ (per-expert Hessians); no rotation, padding, measurement or imatrix."""
+    if stage != "quantize":
+        spec.require_dense(stage)
+    why = [w for bad, w in ((prep.rotation != "none", f"rotation ({prep.rotation})"),
+                            (recipe.pad, "padding"),
+                            (opts.target_size or opts.target_bpw or opts.measurement, "a measured allocation"),
+                            (opts.imatrix, "an imatrix file"), (recipe.method == "hqq", "hqq"))
+           if bad]
+    if why:
+        raise TwinquantError(f"a mixture-of-experts model ({spec.arch}) cannot be quantized with {', '.join(why)} "
+                             "yet (rotation: --rotation none or auto)")
+
+
 class Session:
     """One prepared model and what the stages share (calibration, importance); built once per run."""
 
-    def __init__(self, source: str, recipe: Recipe, opts: Options, dry_run: bool = False):
+    def __init__(self, source: str, recipe: Recipe, opts: Options, dry_run: bool = False, stage: str = "quantize"):
         from twinquant.io.load import load_model
         from twinquant.allocation.mixes import assign_types
 
         self.source, self.recipe, self.opts = str(source), recipe, opts
         model = load_model(self.source, dtype=opts.dtype, device=opts.device, materialize=False)
-        model.spec.require_dense("quantization")
         self.n_params = model.n_params()   # of the source: bits per weight are counted against the real weights
-        self.prep = Preparation.of(recipe, model.spec.tied_embeddings)
+        self.prep = Preparation.of(recipe, model.spec.tied_embeddings, model.spec.moe)
+        if model.spec.moe:
+            _check_moe(model.spec, recipe, self.prep, opts, stage)
 
         # llama-quantize's rules "with an imatrix" when there is importance data: an --imatrix file, or GPTQ's
         # calibration (its Hessian diagonal is the imatrix), so a GPTQ file has the types of llama.cpp's +imatrix one
@@ -434,6 +450,6 @@ def measure(source: str, out: str | Path, recipe: Recipe | str | None = None, op
     opts = options or Options()
     recipe = _recipe(recipe)
     _check_writable(Path(out))
-    sess = Session(source, recipe, opts)
+    sess = Session(source, recipe, opts, stage="measure")
     sess.importance(list(quantized_types(sess.choices)))
     return sess.measurement(str(out))
