@@ -1,4 +1,5 @@
-"""Scale benchmark: the default recipe and `measure` + `--target-bpw` on a random model with Qwen2.5-32B's shapes.
+"""Scale benchmark: the default recipe and `measure` + `--target-bpw` on a random model with Qwen2.5-32B's shapes
+(or, `--shape qwen3-30b-a3b`, Qwen3-30B-A3B's: 128 experts of width 768, 8 per token, 48 layers; quantize only).
 
 Writes a random-weight Hugging Face model (hidden 5120, ffn 27648, 40/8 heads, vocab 152064, qkv bias; N layers,
 one safetensors shard per layer) and runs, through the library, with one block in memory:
@@ -15,6 +16,7 @@ extrapolation to 64 layers (embedding + head + 64 x the mean block). Writes benc
     python benchmarks/scale.py --layers 2 --device cuda --tag h200
     python benchmarks/scale.py --layers 1 --tag cpu --stages quantize
     python benchmarks/scale.py --hidden 256 --ffn 512 --heads 4 --kv-heads 2 --vocab 1024 --tag tiny   # a smoke run
+    python benchmarks/scale.py --shape qwen3-30b-a3b --layers 1 --stages quantize --tag cpu-qwen3moe
 """
 
 from __future__ import annotations
@@ -37,6 +39,63 @@ import torch  # noqa: E402
 from provenance import record  # noqa: E402
 
 QWEN32B = {"hidden": 5120, "ffn": 27648, "heads": 40, "kv_heads": 8, "vocab": 152064}
+# Qwen3-30B-A3B (config.json of the release): the shapes of a mixture-of-experts block; its real layer count
+QWEN3_30B_A3B = {"hidden": 2048, "ffn": 6144, "heads": 32, "kv_heads": 4, "head_dim": 128, "vocab": 151936,
+                 "experts": 128, "experts_used": 8, "expert_ffn": 768}
+TOTAL_LAYERS = {"qwen2.5-32b": 64, "qwen3-30b-a3b": 48}
+
+
+def write_moe_model(path: Path, layers: int, hidden: int, ffn: int, heads: int, kv_heads: int, head_dim: int,
+                    vocab: int, experts: int, experts_used: int, expert_ffn: int, seed: int = 0) -> Path:
+    """A random Qwen3-MoE model as an HF directory (bf16, one shard per layer, one tensor per expert as
+    checkpoints ship) with a small BPE tokenizer."""
+    from safetensors.torch import save_file
+
+    from tests.tiny_models import save_tiny_tokenizer
+
+    if (path / "done").is_file():
+        return path
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    cfg = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": hidden,
+           "intermediate_size": ffn, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+           "head_dim": head_dim, "num_hidden_layers": layers, "vocab_size": vocab, "rms_norm_eps": 1e-6,
+           "rope_theta": 1e6, "max_position_embeddings": 32768, "tie_word_embeddings": False,
+           "torch_dtype": "bfloat16", "hidden_act": "silu", "num_experts": experts,
+           "num_experts_per_tok": experts_used, "moe_intermediate_size": expert_ffn, "norm_topk_prob": True,
+           "bos_token_id": None, "eos_token_id": 2}
+    (path / "config.json").write_text(json.dumps(cfg, indent=1))
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, std=0.02):
+        return (torch.randn(*shape, generator=g) * std).to(torch.bfloat16)
+
+    index = {}
+
+    def shard(name: str, tensors: dict) -> None:
+        save_file(tensors, str(path / name), metadata={"format": "pt"})
+        index.update({k: name for k in tensors})
+
+    ones = lambda n: torch.ones(n, dtype=torch.bfloat16)  # noqa: E731
+    shard("embed.safetensors", {"model.embed_tokens.weight": rnd(vocab, hidden), "lm_head.weight": rnd(vocab, hidden),
+                                "model.norm.weight": ones(hidden)})
+    q, kv = heads * head_dim, kv_heads * head_dim
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        t = {p + "input_layernorm.weight": ones(hidden), p + "post_attention_layernorm.weight": ones(hidden),
+             p + "self_attn.q_proj.weight": rnd(q, hidden), p + "self_attn.k_proj.weight": rnd(kv, hidden),
+             p + "self_attn.v_proj.weight": rnd(kv, hidden), p + "self_attn.o_proj.weight": rnd(hidden, q),
+             p + "self_attn.q_norm.weight": ones(head_dim), p + "self_attn.k_norm.weight": ones(head_dim),
+             p + "mlp.gate.weight": rnd(experts, hidden)}
+        for e in range(experts):
+            x = f"{p}mlp.experts.{e}."
+            t.update({x + "gate_proj.weight": rnd(expert_ffn, hidden), x + "up_proj.weight": rnd(expert_ffn, hidden),
+                      x + "down_proj.weight": rnd(hidden, expert_ffn, std=0.02 / math.sqrt(expert_ffn / hidden))})
+        shard(f"layer{i:03d}.safetensors", t)
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+    save_tiny_tokenizer(path, 512)
+    (path / "done").write_text("")
+    return path
 
 
 def write_model(path: Path, layers: int, hidden: int, ffn: int, heads: int, kv_heads: int, vocab: int,
@@ -165,24 +224,32 @@ def run_stage(stage: str, src: Path, work: Path, args) -> dict:
             blocks = _per_block(report, args.layers)
             mean = sum(b["seconds"] for b in blocks) / len(blocks)
             fixed = _tensor_seconds(report, "token_embd.weight") + _tensor_seconds(report, "output.weight")
+            total = TOTAL_LAYERS[args.shape]
             result = {"file_bytes": out.stat().st_size, "file_bpw": round(8 * res.file_bytes / res.n_params, 4),
                       "blocks": blocks, "embedding_seconds": _tensor_seconds(report, "token_embd.weight"),
                       "head_seconds": _tensor_seconds(report, "output.weight"),
                       "mean_block_seconds": round(mean, 2),
                       "calib_tokens": (report.get("calibration") or {}).get("tokens"),
-                      "extrapolated_64_layers_min": round((fixed + 64 * mean) / 60, 1)}
+                      "extrapolated_layers": total, "extrapolated_min": round((fixed + total * mean) / 60, 1)}
+            if total == 64:     # the key earlier results files have
+                result["extrapolated_64_layers_min"] = result["extrapolated_min"]
             out.unlink(missing_ok=True)
     wall = time.perf_counter() - t0
     result.update({"stage": label, "wall_seconds": round(wall, 1), "peak_rss_anon_gib": _gib(mem.peak_anon),
                    "peak_rss_file_gib": _gib(mem.peak_file), "peak_gpu_gib": _gib(mem.gpu_peak)})
     if stage == "measure":   # no per-block report: its wall time is embedding/head + layers x block
-        result["extrapolated_64_layers_min"] = round(wall * 64 / args.layers / 60, 1)
+        total = TOTAL_LAYERS[args.shape]
+        result.update(extrapolated_layers=total, extrapolated_min=round(wall * total / args.layers / 60, 1))
+        if total == 64:
+            result["extrapolated_64_layers_min"] = result["extrapolated_min"]
     return result
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--shape", choices=list(TOTAL_LAYERS), default="qwen2.5-32b",
+                    help="qwen3-30b-a3b: a mixture-of-experts model (its own dims; --hidden etc. ignored)")
     for k, v in QWEN32B.items():
         ap.add_argument("--" + k.replace("_", "-"), type=int, default=v)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -202,9 +269,12 @@ def main(argv=None) -> int:
         print(write_results(json.loads(Path(args.render).read_text()), Path(args.out), args.tag))
         return 0
     work = Path(args.work) / args.tag
-    shape = {k: getattr(args, k) for k in QWEN32B}
+    moe = args.shape == "qwen3-30b-a3b"
+    shape = dict(QWEN3_30B_A3B) if moe else {k: getattr(args, k) for k in QWEN32B}
+    if moe and set(args.stages.split(",")) - {"quantize"} - {x for x in args.stages.split(",") if "@" in x}:
+        ap.error("--shape qwen3-30b-a3b runs the quantize stage only (measure has no MoE path yet)")
     t0 = time.perf_counter()
-    src = write_model(work / "model", args.layers, **shape)
+    src = (write_moe_model if moe else write_model)(work / "model", args.layers, **shape)
     t_model = time.perf_counter() - t0
     print(f"model: {args.layers} layers of {shape} in {t_model:.0f} s", file=sys.stderr)
     stages = []
@@ -212,7 +282,8 @@ def main(argv=None) -> int:
     for stage in args.stages.split(","):      # written after every stage: a cut-off run keeps its part
         stages.append(run_stage(stage, src, work, args))
         print(json.dumps(stages[-1]), file=sys.stderr)
-        res = record(benchmark="scale", tag=args.tag, layers=args.layers, shape=shape, device=args.device,
+        res = record(benchmark="scale", tag=args.tag, layers=args.layers, shape=shape, model=args.shape,
+                     device=args.device,
                      model_seconds=round(t_model, 1), stages=stages)
         table = write_results(res, out, args.tag)
     print(table)
@@ -223,10 +294,11 @@ def write_results(res: dict, out: Path, tag: str) -> str:
     """scale_TAG.json, .md and .png from a results record; returns the markdown table."""
     out.mkdir(parents=True, exist_ok=True)
     (out / f"scale_{tag}.json").write_text(json.dumps(res, indent=1) + "\n")
-    lines = [f"# scale: {res['layers']} layers of Qwen2.5-32B shapes {res['shape']}, device {res['device']}", "",
+    lines = [f"# scale: {res['layers']} layers of {res.get('model', 'qwen2.5-32b')} shapes {res['shape']}, device "
+             f"{res['device']}", "",
              f"command: `{res['command']}`  ", f"commit: {res['commit']}  ", f"machine: {res['machine']}", "",
              "| stage | calibration tokens | wall s | mean block s | GPTQ s/block | other s/block | embedding s | head s "
-             "| peak RSS anon GiB | peak GPU GiB | 64 layers (min) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| peak RSS anon GiB | peak GPU GiB | whole model (min) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in res["stages"]:
         b = s.get("blocks") or []
         g = sum(x["gptq"] for x in b) / len(b) if b else None
@@ -235,16 +307,17 @@ def write_results(res: dict, out: Path, tag: str) -> str:
         lines.append(f"| {s['stage']} | {s.get('calib_tokens') or ''} | {s['wall_seconds']:.0f} "
                      f"| {f(s.get('mean_block_seconds'))} | {f(g)} | {f(o)} "
                      f"| {f(s.get('embedding_seconds'))} | {f(s.get('head_seconds'))} | {s['peak_rss_anon_gib']} "
-                     f"| {s['peak_gpu_gib']} | {s['extrapolated_64_layers_min']} |")
+                     f"| {s['peak_gpu_gib']} | {s.get('extrapolated_min', s.get('extrapolated_64_layers_min'))} "
+                     f"({s.get('extrapolated_layers', 64)} layers) |")
     if res.get("cut_off"):
         lines += ["", f"cut off: {res['cut_off']}"]
     table = "\n".join(lines) + "\n"
     (out / f"scale_{tag}.md").write_text(table)
-    _plot(res["stages"], out / f"scale_{tag}.png", res["device"])
+    _plot(res["stages"], out / f"scale_{tag}.png", res["device"], res.get("model", "qwen2.5-32b"))
     return table
 
 
-def _plot(stages, path: Path, device: str) -> None:
+def _plot(stages, path: Path, device: str, model: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -260,7 +333,7 @@ def _plot(stages, path: Path, device: str) -> None:
     ax.bar(names, gptq, label="GPTQ (codec fits, column sweep)")
     ax.bar(names, other, bottom=gptq, label="calibration forwards, Hessians, rotation, I/O")
     ax.set_ylabel("seconds per block")
-    ax.set_title(f"Qwen2.5-32B shapes, {device}: per block")
+    ax.set_title(f"{model} shapes, {device}: per block")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -55,7 +55,11 @@ def auto_tokens(spec, ctx: int = 512, per_input: int = 2, floor: int = 8192) -> 
     text: on Qwen2.5-Coder-1.5B (ffn_down: 8960 inputs) the IQ2_XS fit with damp 0.01 had 1.91x llama.cpp's error
     on held-out tokens when fitted on 8192 tokens, 1.18x on 16384, 0.79x on 32768 (benchmarks/results/
     iquant_gptq_qwen15-heldout*.md, iquant_gptq_qwen15-damping-16k.md; damp 0.5 on 16384: 0.83x)."""
-    widest = max(spec.hidden, spec.intermediate, spec.q_dim)
+    # a MoE model's linears: attention, the experts (the config's dense intermediate size is no linear's width);
+    # each expert sees about used/experts of the tokens, and its Hessian is completed from the pooled one
+    # (calibration/blocks.py) where that is too few
+    widest = max(spec.hidden, spec.q_dim, spec.expert_ffn, spec.shared_ffn) if spec.moe else \
+        max(spec.hidden, spec.intermediate, spec.q_dim)
     n = max(floor, per_input * widest)
     return -(-n // ctx) * ctx
 
