@@ -130,3 +130,27 @@ def test_reuse_factors_factorises_one_hessian_once_and_changes_no_byte(monkeypat
     assert all(torch.equal(a, b) for a, b in zip(alone[:2] + alone[:1], again)) and torch.equal(other, alone[2])
     gptq(w, H, q4k, damp=0.5)
     assert len(calls) == 4                                          # nothing is kept after the block
+
+
+@pytest.mark.parametrize("fmt", ["Q2_K", "Q4_K", "Q4_0", "Q8_0"])
+def test_batched_sweep_of_experts_gives_each_experts_own_gptq(fmt):
+    """`gptq_many` (a MoE layer's experts swept together, one Hessian each) gives every matrix exactly the codes,
+    parameters and loss `gptq` gives it alone, dead input columns included."""
+    from twinquant.algorithms.gptq import gptq_many
+
+    torch.manual_seed(1)
+    n, rows, cols = 3, 32, 512
+    W = torch.randn(n, rows, cols)
+    xs = [torch.randn(300, cols) * torch.rand(cols) * (e + 1) for e in range(n)]
+    xs[1][:, 7] = 0                                       # an input expert 1 never sees
+    H = torch.stack([2 * x.T @ x / 300 for x in xs])
+    imp = torch.stack([h.diagonal() for h in H])
+    codec = get_codec(fmt)
+    many = gptq_many(W, H, codec, damp=0.5, importance=imp, clip_search=True)
+    for e in range(n):
+        one = gptq(W[e], H[e], codec, damp=0.5, importance=imp[e].clone(), clip_search=True)
+        assert torch.equal(many[e].codes, one.codes), e
+        assert np.array_equal(codec.pack(many[e].codes, many[e].params), codec.pack(one.codes, one.params))
+        assert many[e].loss == pytest.approx(one.loss, rel=1e-5)
+    assert not torch.equal(many[0].codes, gptq(W[0], H[2], codec, damp=0.5, importance=imp[2].clone(),
+                                                clip_search=True).codes)     # each its own Hessian

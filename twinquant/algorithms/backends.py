@@ -14,7 +14,7 @@ import torch
 
 from twinquant.errors import TwinquantError
 from twinquant.algorithms.config import Config
-from twinquant.algorithms.gptq import gptq
+from twinquant.algorithms.gptq import gptq, gptq_many
 from twinquant.algorithms.gptq_blocks import gptq_blocks
 from twinquant.algorithms.hqq_backend import HQQQuantizer       # hqq itself is imported only when used
 from twinquant.algorithms.rtn import has_clip_hook, rtn
@@ -122,3 +122,31 @@ def quantize_to_format(quantizer: Quantizer, W: torch.Tensor, codec, H: torch.Te
     codes, params, hat = quantizer.quantize_weight(W, codec, H=H, importance=importance)
     data = codec.pack(codes, params) if ggml_type is not None else None
     return data, hat
+
+
+# experts swept together by gptq_many: their factors and working copies, ~ (cols² + 5·rows·cols) float32 each
+EXPERT_BATCH_BYTES = 4 * 2**30
+
+
+def quantize_experts_to_format(quantizer: Quantizer, W: torch.Tensor, codec, hessians: list | None):
+    """[(bytes or None, dequantized float32)] of each expert of a stacked W [experts, rows, cols], each with its own
+    Hessian and that Hessian's diagonal as its importance, as `quantize_to_format` gives them one by one. GPTQ into
+    a format with per-weight codes sweeps many experts at once (`gptq_many`: the same codes, one launch per column
+    for all of them)."""
+    n, rows, cols = W.shape
+    Hs = hessians if hessians is not None else [None] * n
+    imps = [None if H is None else torch.diagonal(H).clone() for H in Hs]
+    cfg = getattr(quantizer, "config", None)
+    if not (quantizer.name == "gptq" and hessians is not None and not getattr(codec, "blockwise", False)
+            and not cfg.act_order and not cfg.static_groups):
+        return [quantize_to_format(quantizer, W[e], codec, H=Hs[e], importance=imps[e]) for e in range(n)]
+    ggml_type = getattr(codec, "ggml_type", None)
+    step = max(1, EXPERT_BATCH_BYTES // (4 * (cols * cols + 5 * rows * cols)))
+    out = []
+    for e0 in range(0, n, step):
+        e1 = min(n, e0 + step)
+        res = gptq_many(W[e0:e1], torch.stack([H.to(W.device) for H in Hs[e0:e1]]), codec,
+                        block_size=cfg.block_size, damp=cfg.damp, importance=torch.stack(imps[e0:e1]).to(W.device),
+                        clip_search=cfg.clip_search)
+        out += [(codec.pack(r.codes, r.params) if ggml_type is not None else None, r.dequantized) for r in res]
+    return out

@@ -28,7 +28,7 @@ from twinquant.model import roles
 from twinquant.model.forward import embed, rms_norm
 from twinquant.model.model import Model, QuantizedWeight
 from twinquant.calibration.blocks import block_hessians, block_pass
-from twinquant.algorithms.backends import quantize_to_format
+from twinquant.algorithms.backends import quantize_experts_to_format, quantize_to_format
 from twinquant.formats import codec_for
 from twinquant.progress import Progress
 
@@ -76,17 +76,19 @@ class Interrupted(Exception):
     """Raised by `stop_after_block` (tests of resuming: a simulated kill after a finished block)."""
 
 
-def _parts(W: torch.Tensor, H, imp, expert_hessians):
-    """(weights, Hessian, importance) pieces quantized one at a time: a stacked expert tensor's experts, each with
-    its own Hessian; else row chunks of a large tensor (rows are independent in every codec and in GPTQ)."""
+def _parts(quantizer, W: torch.Tensor, codec, H, imp, expert_hessians):
+    """(weights, Hessian, (bytes, dequantized)) pieces: a stacked expert tensor's experts, each with its own Hessian
+    (quantized together where the quantizer can: `quantize_experts_to_format`); else row chunks of a large tensor
+    (rows are independent in every codec and in GPTQ), quantized as they are asked for."""
     if W.ndim == 3:
+        done = quantize_experts_to_format(quantizer, W, codec, expert_hessians)
         for e in range(W.shape[0]):
-            He = expert_hessians[e] if expert_hessians is not None else None
-            yield W[e], He, (torch.diagonal(He).clone() if He is not None else None)
+            yield W[e], (expert_hessians[e] if expert_hessians is not None else None), done[e]
         return
     step = chunk_rows(W.shape[0], W.shape[1], W.device)
     for r in range(0, W.shape[0], step):
-        yield W[r: r + step], H, imp
+        Wc = W[r: r + step]
+        yield Wc, H, quantize_to_format(quantizer, Wc, codec, H=H, importance=imp)
 
 
 def quantize_tensor(model: Model, name: str, type_name: str, quantizer, H: torch.Tensor | None,
@@ -108,8 +110,7 @@ def quantize_tensor(model: Model, name: str, type_name: str, quantizer, H: torch
     W_hat = None
     dd = ww = dhd = whw = 0.0
     done_rows = 0
-    for Wc, Hc, ic in _parts(W, H, imp, expert_hessians):
-        data, hat = quantize_to_format(quantizer, Wc, codec, H=Hc, importance=ic)
+    for Wc, Hc, (data, hat) in _parts(quantizer, W, codec, H, imp, expert_hessians):
         if ggml:
             packed.append(data)
         if W_hat is None:
