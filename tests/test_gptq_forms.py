@@ -132,8 +132,9 @@ def test_reuse_factors_factorises_one_hessian_once_and_changes_no_byte(monkeypat
     assert len(calls) == 4                                          # nothing is kept after the block
 
 
+@pytest.mark.parametrize("together", [False, True])
 @pytest.mark.parametrize("fmt", ["Q2_K", "Q4_K", "Q4_0", "Q8_0"])
-def test_batched_sweep_of_experts_gives_each_experts_own_gptq(fmt):
+def test_batched_sweep_of_experts_gives_each_experts_own_gptq(fmt, together):
     """`gptq_many` (a MoE layer's experts swept together, one Hessian each) gives every matrix exactly the codes,
     parameters and loss `gptq` gives it alone, dead input columns included."""
     from twinquant.algorithms.gptq import gptq_many
@@ -146,7 +147,7 @@ def test_batched_sweep_of_experts_gives_each_experts_own_gptq(fmt):
     H = torch.stack([2 * x.T @ x / 300 for x in xs])
     imp = torch.stack([h.diagonal() for h in H])
     codec = get_codec(fmt)
-    many = gptq_many(W, H, codec, damp=0.5, importance=imp, clip_search=True)
+    many = gptq_many(W, H, codec, damp=0.5, importance=imp, clip_search=True, fit_together=together)
     for e in range(n):
         one = gptq(W[e], H[e], codec, damp=0.5, importance=imp[e].clone(), clip_search=True)
         assert torch.equal(many[e].codes, one.codes), e

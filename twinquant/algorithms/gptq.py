@@ -28,6 +28,7 @@ Q8_0/Q4_0/Q5_0, whose RTN rounds with the fp32 inverse scale before the scale is
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ import torch
 from twinquant.errors import TwinquantError
 from twinquant.formats.codec import BlockParams
 from twinquant.formats.intgrid import nearest_codes
-from twinquant.algorithms.rtn import DEFAULT_CLIP_GRID, bind, dequantize, fit_block
+from twinquant.algorithms.rtn import DEFAULT_CLIP_GRID, bind, dequantize, fit_block, has_clip_hook
 
 
 @dataclass
@@ -238,13 +239,23 @@ def gptq(W: torch.Tensor, H: torch.Tensor, codec, block_size: int = 128, damp: f
     return GPTQResult(codes, params, dequantize(codes, params, codec), losses.double().sum().item())
 
 
+def _rows(p: BlockParams, sl: slice) -> BlockParams:
+    """The parameters of some rows of a block (every stored field is per row)."""
+    pk = p.packed
+    if dataclasses.is_dataclass(pk):
+        pk = dataclasses.replace(pk, **{f.name: getattr(pk, f.name)[sl] for f in dataclasses.fields(pk)
+                                        if isinstance(getattr(pk, f.name), torch.Tensor)})
+    return BlockParams(p.scale[sl], p.offset[sl], pk)
+
+
 def gptq_many(W: torch.Tensor, H: torch.Tensor, codec, block_size: int = 128, damp: float = 0.01,
               importance: torch.Tensor | None = None, clip_search: bool = False,
-              grid=DEFAULT_CLIP_GRID) -> list[GPTQResult]:
+              grid=DEFAULT_CLIP_GRID, fit_together: bool | None = None) -> list[GPTQResult]:
     """`gptq` of several matrices at once, each with its own Hessian: W [n, rows, cols], H [n, cols, cols],
     importance [n, cols] (a MoE layer's experts). The same sweep, batched: one launch per column for all n
     matrices instead of n (on a GPU the per-column loop, not the arithmetic, is GPTQ's cost; 128 experts of
-    768 x 2048 took 120 s one by one on an H200). No act-order / static groups (the executor uses neither)."""
+    768 x 2048 took 120 s one by one on an H200). No act-order / static groups (the executor uses neither).
+    `fit_together`: fit a block of every matrix in one call (default: on a GPU)."""
     if W.dim() != 3 or H.shape != (W.shape[0], W.shape[2], W.shape[2]):
         raise TwinquantError(f"gptq_many: W {tuple(W.shape)} and H {tuple(H.shape)} do not match")
     n, rows, cols = W.shape
@@ -264,6 +275,10 @@ def gptq_many(W: torch.Tensor, H: torch.Tensor, codec, block_size: int = 128, da
     rdiag = torch.stack(rdiags)
     del Ms
     params: list[list[BlockParams | None]] = [[None] * nb for _ in range(n)]
+    # GGML formats fit rows independently: on a GPU all matrices' blocks are fitted in one call (the fits, not the
+    # sweep, were most of a Q2_K expert's time); on a CPU each goes to libggml's faster fit (`fit_block`)
+    can = not has_clip_hook(codec) and hasattr(codec, "ggml_type")
+    together = can and (dev.type != "cpu" if fit_together is None else fit_together)
     St = torch.zeros(n, cols, rows, device=dev)
     Ot = torch.zeros(n, cols, rows, device=dev)
     Sd = torch.zeros(n, cols, rows, device=dev)
@@ -286,11 +301,19 @@ def gptq_many(W: torch.Tensor, H: torch.Tensor, codec, block_size: int = 128, da
                 if e2 > i2:
                     wb = torch.cat([wb, Wt[:, i2:e2] + M[:, i1:c, i2:e2].transpose(1, 2) @ D1[:, :i]], 1)
                 j = c // B
-                for e in range(n):
-                    ib = None if imp is None else imp[e, j * B:(j + 1) * B]
-                    p = params[e][j] = fit_block(codec, wb[e].T.contiguous(), ib, clip_search, grid)
-                    St[e, c:e2] = p.scale.repeat_interleave(sub, 1).T
-                    Ot[e, c:e2] = p.offset.repeat_interleave(sub, 1).T
+                if together:    # one fit over every matrix's rows, each row with its own matrix's importance
+                    ib = None if imp is None else imp[:, None, j * B:(j + 1) * B].expand(n, rows, B).reshape(-1, B)
+                    p = codec.fit(wb.transpose(1, 2).reshape(n * rows, -1), ib)
+                    for e in range(n):
+                        params[e][j] = _rows(p, slice(e * rows, (e + 1) * rows))
+                    St[:, c:e2] = p.scale.view(n, rows, -1).repeat_interleave(sub, 2).transpose(1, 2)
+                    Ot[:, c:e2] = p.offset.view(n, rows, -1).repeat_interleave(sub, 2).transpose(1, 2)
+                else:
+                    for e in range(n):
+                        ib = None if imp is None else imp[e, j * B:(j + 1) * B]
+                        p = params[e][j] = fit_block(codec, wb[e].T.contiguous(), ib, clip_search, grid)
+                        St[e, c:e2] = p.scale.repeat_interleave(sub, 1).T
+                        Ot[e, c:e2] = p.offset.repeat_interleave(sub, 1).T
                 Sd[:, c:e2] = St[:, c:e2].masked_fill(St[:, c:e2] == 0, float("inf"))
             w = W1[:, i]
             q = (w - Ot[:, c]).div_(Sd[:, c]).round_().clamp_(0, codec.qmax)

@@ -225,10 +225,13 @@ class GGMLCodec(GGMLSizes):
     _needs_row_sigma2 = False
 
     def _importance(self, importance, n: int, x: torch.Tensor) -> torch.Tensor | None:
-        """importance [n] as [rows, n] float32 on x's device, or None."""
+        """importance [n] (or one row of it per row of x: [rows, n]) as [rows, n] float32 on x's device, or None."""
         if importance is None:
             return None
-        a = _torch(importance, x.device).to(F32).reshape(-1)
+        a = _torch(importance, x.device).to(F32)
+        if a.dim() == 2 and tuple(a.shape) == (x.shape[0], n):     # per row: several experts fitted together
+            return a.contiguous()
+        a = a.reshape(-1)
         if a.numel() != n:
             raise TwinquantError(f"{self.name}: importance has {a.numel()} values, expected {n} (one per column)")
         return a[None].expand(x.shape[0], n).contiguous()
