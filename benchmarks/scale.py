@@ -45,18 +45,45 @@ QWEN3_30B_A3B = {"hidden": 2048, "ffn": 6144, "heads": 32, "kv_heads": 4, "head_
 TOTAL_LAYERS = {"qwen2.5-32b": 64, "qwen3-30b-a3b": 48}
 
 
+class _ModelWriter:
+    """An HF directory being written: config.json, bf16 random tensors, one safetensors shard per call, the index
+    and a small BPE tokenizer at the end."""
+
+    def __init__(self, path: Path, cfg: dict, seed: int):
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+        (path / "config.json").write_text(json.dumps(cfg, indent=1))
+        self.path, self.index = path, {}
+        self.g = torch.Generator().manual_seed(seed)
+
+    def rnd(self, *shape, std=0.02):
+        return (torch.randn(*shape, generator=self.g) * std).to(torch.bfloat16)
+
+    @staticmethod
+    def ones(n: int):
+        return torch.ones(n, dtype=torch.bfloat16)
+
+    def shard(self, name: str, tensors: dict) -> None:
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(self.path / name), metadata={"format": "pt"})
+        self.index.update({k: name for k in tensors})
+
+    def finish(self) -> Path:
+        from tests.tiny_models import save_tiny_tokenizer
+
+        (self.path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": self.index}))
+        save_tiny_tokenizer(self.path, 512)
+        (self.path / "done").write_text("")
+        return self.path
+
+
 def write_moe_model(path: Path, layers: int, hidden: int, ffn: int, heads: int, kv_heads: int, head_dim: int,
                     vocab: int, experts: int, experts_used: int, expert_ffn: int, seed: int = 0) -> Path:
     """A random Qwen3-MoE model as an HF directory (bf16, one shard per layer, one tensor per expert as
     checkpoints ship) with a small BPE tokenizer."""
-    from safetensors.torch import save_file
-
-    from tests.tiny_models import save_tiny_tokenizer
-
     if (path / "done").is_file():
         return path
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
     cfg = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": hidden,
            "intermediate_size": ffn, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
            "head_dim": head_dim, "num_hidden_layers": layers, "vocab_size": vocab, "rms_norm_eps": 1e-6,
@@ -64,21 +91,10 @@ def write_moe_model(path: Path, layers: int, hidden: int, ffn: int, heads: int, 
            "torch_dtype": "bfloat16", "hidden_act": "silu", "num_experts": experts,
            "num_experts_per_tok": experts_used, "moe_intermediate_size": expert_ffn, "norm_topk_prob": True,
            "bos_token_id": None, "eos_token_id": 2}
-    (path / "config.json").write_text(json.dumps(cfg, indent=1))
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape, std=0.02):
-        return (torch.randn(*shape, generator=g) * std).to(torch.bfloat16)
-
-    index = {}
-
-    def shard(name: str, tensors: dict) -> None:
-        save_file(tensors, str(path / name), metadata={"format": "pt"})
-        index.update({k: name for k in tensors})
-
-    ones = lambda n: torch.ones(n, dtype=torch.bfloat16)  # noqa: E731
-    shard("embed.safetensors", {"model.embed_tokens.weight": rnd(vocab, hidden), "lm_head.weight": rnd(vocab, hidden),
-                                "model.norm.weight": ones(hidden)})
+    w = _ModelWriter(path, cfg, seed)
+    rnd, ones = w.rnd, w.ones
+    w.shard("embed.safetensors", {"model.embed_tokens.weight": rnd(vocab, hidden), "lm_head.weight": rnd(vocab, hidden),
+                                  "model.norm.weight": ones(hidden)})
     q, kv = heads * head_dim, kv_heads * head_dim
     for i in range(layers):
         p = f"model.layers.{i}."
@@ -91,49 +107,30 @@ def write_moe_model(path: Path, layers: int, hidden: int, ffn: int, heads: int, 
             x = f"{p}mlp.experts.{e}."
             t.update({x + "gate_proj.weight": rnd(expert_ffn, hidden), x + "up_proj.weight": rnd(expert_ffn, hidden),
                       x + "down_proj.weight": rnd(hidden, expert_ffn, std=0.02 / math.sqrt(expert_ffn / hidden))})
-        shard(f"layer{i:03d}.safetensors", t)
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
-    save_tiny_tokenizer(path, 512)
-    (path / "done").write_text("")
-    return path
+        w.shard(f"layer{i:03d}.safetensors", t)
+    return w.finish()
 
 
 def write_model(path: Path, layers: int, hidden: int, ffn: int, heads: int, kv_heads: int, vocab: int,
                 seed: int = 0) -> Path:
     """A random Qwen2 model as an HF directory (bf16 shards, one per layer) with a small BPE tokenizer."""
-    from safetensors.torch import save_file
-
-    from tests.tiny_models import save_tiny_tokenizer
-
     if (path / "done").is_file():
         return path
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
     head_dim = hidden // heads
     cfg = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": hidden,
            "intermediate_size": ffn, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
            "num_hidden_layers": layers, "vocab_size": vocab, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
            "max_position_embeddings": 32768, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
            "hidden_act": "silu", "bos_token_id": None, "eos_token_id": 2}
-    (path / "config.json").write_text(json.dumps(cfg, indent=1))
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape, std=0.02):
-        return (torch.randn(*shape, generator=g) * std).to(torch.bfloat16)
-
-    index = {}
-
-    def shard(name: str, tensors: dict) -> None:
-        save_file(tensors, str(path / name), metadata={"format": "pt"})
-        index.update({k: name for k in tensors})
-
-    shard("embed.safetensors", {"model.embed_tokens.weight": rnd(vocab, hidden),
-                                "lm_head.weight": rnd(vocab, hidden),
-                                "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16)})
+    w = _ModelWriter(path, cfg, seed)
+    rnd = w.rnd
+    w.shard("embed.safetensors", {"model.embed_tokens.weight": rnd(vocab, hidden),
+                                  "lm_head.weight": rnd(vocab, hidden),
+                                  "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16)})
     kv = kv_heads * head_dim
     for i in range(layers):
         p = f"model.layers.{i}."
-        shard(f"layer{i:03d}.safetensors", {
+        w.shard(f"layer{i:03d}.safetensors", {
             p + "input_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
             p + "post_attention_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
             p + "self_attn.q_proj.weight": rnd(hidden, hidden), p + "self_attn.q_proj.bias": rnd(hidden),
@@ -142,10 +139,7 @@ def write_model(path: Path, layers: int, hidden: int, ffn: int, heads: int, kv_h
             p + "self_attn.o_proj.weight": rnd(hidden, hidden),
             p + "mlp.gate_proj.weight": rnd(ffn, hidden), p + "mlp.up_proj.weight": rnd(ffn, hidden),
             p + "mlp.down_proj.weight": rnd(hidden, ffn, std=0.02 / math.sqrt(ffn / hidden))})
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
-    save_tiny_tokenizer(path, 512)
-    (path / "done").write_text("")
-    return path
+    return w.finish()
 
 
 class Sampler:

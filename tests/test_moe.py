@@ -23,6 +23,16 @@ def _close(got: torch.Tensor, want: torch.Tensor, tol: float = 1e-4) -> float:
     return rel
 
 
+def _stock_logits(path, toks: list[int]) -> torch.Tensor:
+    """Stock llama.cpp's logits for `toks` (F32 KV cache: its default F16 cache alone costs ~1e-3)."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2,
+                          type_k=0, type_v=0)
+    llm.eval(toks)
+    return torch.from_numpy(np.array(llm.scores[: len(toks)], dtype=np.float32))
+
+
 def _close_but_routing(theirs: torch.Tensor, ours: torch.Tensor) -> None:
     """A quantized file in stock llama.cpp vs our forward: llama.cpp's CPU products round activations to 8 bits
     (close, not equal: 0.06 of the logit range, as for dense files), and where that moves a router's top-k across
@@ -151,15 +161,10 @@ def test_routers_stay_f32_in_a_half_precision_file(with_tokenizer, tmp_path):
 
 
 def test_stock_llama_cpp_runs_the_export(with_tokenizer, tmp_path):
-    import llama_cpp
-
     m = with_tokenizer
     path = write_gguf(m, tmp_path / "m.gguf", "F32")
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2,
-                          type_k=0, type_v=0)
     toks = torch.randint(3, m.spec.vocab, (40,)).tolist()
-    llm.eval(toks)
-    theirs = torch.from_numpy(np.array(llm.scores[: len(toks)], dtype=np.float32))
+    theirs = _stock_logits(path, toks)
     _close(theirs, forward(m, torch.tensor([toks]))[0])
 
 
@@ -219,8 +224,6 @@ def test_quantized_expert_stacks_read_as_llama_cpp_dequantizes_them(with_tokeniz
     expert's rows come back as gguf-py dequantizes them, and our forward on it agrees with stock llama.cpp's."""
     import subprocess
 
-    import llama_cpp
-
     m = with_tokenizer
     f32 = write_gguf(m, tmp_path / "m.gguf", "F32")
     subprocess.run([str(bindir / "llama-quantize"), str(f32), str(tmp_path / "q.gguf"), "Q8_0", "1"], check=True,
@@ -233,11 +236,8 @@ def test_quantized_expert_stacks_read_as_llama_cpp_dequantizes_them(with_tokeniz
     got = q.get("blk.1.ffn_down_exps.weight")
     assert torch.equal(got, want)
     assert 0 < (got - m.get("blk.1.ffn_down_exps.weight")).abs().max() < 0.05
-    llm = llama_cpp.Llama(model_path=str(tmp_path / "q.gguf"), n_ctx=64, logits_all=True, verbose=False,
-                          n_threads=2, type_k=0, type_v=0)
     toks = torch.randint(3, m.spec.vocab, (40,)).tolist()
-    llm.eval(toks)
-    theirs = torch.from_numpy(np.array(llm.scores[: len(toks)], dtype=np.float32))
+    theirs = _stock_logits(tmp_path / "q.gguf", toks)
     _close_but_routing(theirs, forward(q, torch.tensor([toks]))[0])
 
 
@@ -304,8 +304,6 @@ def _moe_quantize(src, out, method="gptq", stream=True, **changes):
 
 
 def test_gptq_per_expert_file_runs_in_stock_llama_cpp(family, tmp_path):
-    import llama_cpp
-
     src = save_tiny(family, tmp_path / "hf", tokenizer=True)
     res = _moe_quantize(src, tmp_path / "q.gguf")
     reps = {t.name: t for t in res.report.tensors}
@@ -318,11 +316,8 @@ def test_gptq_per_expert_file_runs_in_stock_llama_cpp(family, tmp_path):
     types = {t.name: t.tensor_type.name for t in r.tensors}
     assert types["blk.1.ffn_gate_inp.weight"] == "F32" and types["blk.1.ffn_up_exps.weight"] == "Q4_0"
     q = load_gguf(res.path)
-    llm = llama_cpp.Llama(model_path=str(res.path), n_ctx=64, logits_all=True, verbose=False, n_threads=2,
-                          type_k=0, type_v=0)
     toks = torch.randint(3, q.spec.vocab, (40,)).tolist()
-    llm.eval(toks)
-    theirs = torch.from_numpy(np.array(llm.scores[: len(toks)], dtype=np.float32))
+    theirs = _stock_logits(res.path, toks)
     _close_but_routing(theirs, forward(q, torch.tensor([toks]))[0])
 
 
