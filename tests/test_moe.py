@@ -179,6 +179,7 @@ def test_export_refuses_a_routing_llama_cpp_does_not_compute(tmp_path):
 @pytest.mark.parametrize("argv", [
     ["quantize", "{m}", "-o", "{o}/q.gguf", "--rotation", "rh"],
     ["quantize", "{m}", "-o", "{o}/q.gguf", "--format", "Q4_0", "--target-bpw", "5"],
+    ["quantize", "{m}", "-o", "{o}/q.gguf", "--pad"],
     ["measure", "{m}", "-o", "{o}/m.json"],
     ["rotate", "{m}", "-o", "{o}/r.gguf"],
     ["imatrix", "{m}", "-f", "{t}", "-o", "{o}/i.gguf"],
@@ -385,11 +386,13 @@ def test_cli_inspect_and_quantize_as_the_readme_shows(tmp_path, capsys):
     assert types["blk.0.ffn_down_exps.weight"] == "Q4_0" and types["blk.0.ffn_gate_inp.weight"] == "F32"
 
 
-@pytest.mark.parametrize("ftype", ["Q2_K", "Q4_K_M", "IQ4_XS"])
-def test_rtn_mix_is_byte_identical_to_llama_quantize(bindir, tmp_path, ftype):
-    """`quantize --mix llama.cpp:FTYPE --method rtn` of an 8-expert model writes llama-quantize's file's tensors
-    byte for byte: its MoE type rules (8 experts: attn_v / attn_k Q8_0, attn_output Q5_K …) and the stacked
-    experts packed expert-major."""
+@pytest.mark.parametrize("ftype,imatrix", [("Q2_K", False), ("Q4_K_M", False), ("IQ4_XS", False),
+                                           ("Q2_K", True), ("Q3_K_S", True)])
+def test_rtn_mix_is_byte_identical_to_llama_quantize(bindir, tmp_path, ftype, imatrix):
+    """`quantize --mix llama.cpp:FTYPE --method rtn [--imatrix F]` of an 8-expert model writes llama-quantize's
+    file's tensors byte for byte: its MoE type rules (8 experts: attn_v / attn_k Q8_0, attn_output Q5_K …), the
+    stacked experts packed expert-major, and with an imatrix from stock llama-imatrix each expert weighted by its
+    own data (experts no calibration token reached: llama.cpp's 1.0)."""
     import subprocess
 
     from twinquant.cli import main
@@ -397,10 +400,16 @@ def test_rtn_mix_is_byte_identical_to_llama_quantize(bindir, tmp_path, ftype):
     src = save_tiny("qwen3moe", tmp_path / "hf", tokenizer=True, hidden_size=256, head_dim=64,
                     moe_intermediate_size=256, num_hidden_layers=3)
     f32 = write_gguf(load_hf_dir(src), tmp_path / "m.gguf", "F32")
-    subprocess.run([str(bindir / "llama-quantize"), str(f32), str(tmp_path / "theirs.gguf"), ftype, "1"],
+    extra = []
+    if imatrix:
+        (tmp_path / "t.txt").write_text("The quick brown fox jumps over the lazy dog, twice: 12 and 345. " * 60)
+        subprocess.run([str(bindir / "llama-imatrix"), "-m", str(f32), "-f", str(tmp_path / "t.txt"), "-c", "64",
+                        "-t", "2", "-o", str(tmp_path / "im.gguf")], check=True, capture_output=True)
+        extra = ["--imatrix", str(tmp_path / "im.gguf")]
+    subprocess.run([str(bindir / "llama-quantize"), *extra, str(f32), str(tmp_path / "theirs.gguf"), ftype, "1"],
                    check=True, capture_output=True)
     assert main(["quantize", str(f32), "-o", str(tmp_path / "ours.gguf"), "--mix", f"llama.cpp:{ftype}",
-                 "--method", "rtn", "-q"]) == 0
+                 "--method", "rtn", "-q", *extra]) == 0
     theirs = {t.name: t for t in gguf.GGUFReader(tmp_path / "theirs.gguf").tensors}
     ours = gguf.GGUFReader(tmp_path / "ours.gguf").tensors
     assert {t.name for t in ours} == set(theirs)

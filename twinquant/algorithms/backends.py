@@ -128,14 +128,17 @@ def quantize_to_format(quantizer: Quantizer, W: torch.Tensor, codec, H: torch.Te
 EXPERT_BATCH_BYTES = 4 * 2**30
 
 
-def quantize_experts_to_format(quantizer: Quantizer, W: torch.Tensor, codec, hessians: list | None):
+def quantize_experts_to_format(quantizer: Quantizer, W: torch.Tensor, codec, hessians: list | None,
+                               importance: torch.Tensor | None = None):
     """[(bytes or None, dequantized float32)] of each expert of a stacked W [experts, rows, cols], each with its own
-    Hessian and that Hessian's diagonal as its importance, as `quantize_to_format` gives them one by one. GPTQ into
+    Hessian and importance (`importance` [experts, cols], e.g. an imatrix file's per-expert data; by default the
+    Hessian's diagonal), as `quantize_to_format` gives them one by one. GPTQ into
     a format with per-weight codes sweeps many experts at once (`gptq_many`: the same codes, one launch per column
     for all of them)."""
     n, rows, cols = W.shape
     Hs = hessians if hessians is not None else [None] * n
-    imps = [None if H is None else torch.diagonal(H).clone() for H in Hs]
+    imps = [None if H is None else torch.diagonal(H).clone() for H in Hs] if importance is None else \
+        [importance[e].to(W.device, torch.float32) for e in range(n)]
     cfg = getattr(quantizer, "config", None)
     if not (quantizer.name == "gptq" and hessians is not None and not getattr(codec, "blockwise", False)
             and not cfg.act_order and not cfg.static_groups):

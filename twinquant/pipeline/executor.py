@@ -81,7 +81,7 @@ def _parts(quantizer, W: torch.Tensor, codec, H, imp, expert_hessians):
     (quantized together where the quantizer can: `quantize_experts_to_format`); else row chunks of a large tensor
     (rows are independent in every codec and in GPTQ), quantized as they are asked for."""
     if W.ndim == 3:
-        done = quantize_experts_to_format(quantizer, W, codec, expert_hessians)
+        done = quantize_experts_to_format(quantizer, W, codec, expert_hessians, imp)
         for e in range(W.shape[0]):
             yield W[e], (expert_hessians[e] if expert_hessians is not None else None), done[e]
         return
@@ -144,7 +144,7 @@ def quantize_blocks(model: Model, types: dict[str, str], method: str = "gptq", w
                     stop_after_block: int | None = None) -> QuantReport:
     """Quantize every tensor named in `types` (name -> type name); others stay float. See the module doc.
 
-    `importance` (name -> [cols], e.g. from an imatrix file) replaces the Hessian diagonal as the weights of the
+    `importance` (name -> [cols], [experts, cols] for stacked experts, e.g. from an imatrix file) replaces the Hessian diagonal as the weights of the
     block fits for the tensors it names. `log(TensorReport)` is called after every tensor."""
     imps = importance or {}
     from twinquant.algorithms.backends import get_quantizer
@@ -208,7 +208,7 @@ def quantize_blocks(model: Model, types: dict[str, str], method: str = "gptq", w
                     if roles.is_expert_stack(n) and hooks is not None:
                         cols = roles.expected_shape(s, n)[-1]
                         Hs, tokens = hooks.expert_hessians(g[0], s.n_experts, cols)
-                        done(quantize_tensor(model, n, types[n], quantizer, None, None, Hs, tokens))
+                        done(quantize_tensor(model, n, types[n], quantizer, None, imps.get(n), Hs, tokens))
                         continue
                     H = hooks.hessian(g[0]) if hooks is not None else None
                     done(quantize_tensor(model, n, types[n], quantizer, H, imps.get(n)))

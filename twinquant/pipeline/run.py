@@ -127,13 +127,14 @@ def _check_writable(path: Path) -> None:
 
 def _check_moe(spec, recipe: Recipe, prep: Preparation, opts: Options, stage: str) -> None:
     """What a mixture-of-experts model can be quantized with so far (one line, before any work): a mix or a format
-    with --tensor-type rules, RTN or GPTQ (per-expert Hessians); no rotation, padding, measurement or imatrix."""
+    with --tensor-type rules, RTN or GPTQ (per-expert Hessians), an imatrix file; no rotation, padding or
+    measurement."""
     if stage != "quantize":
         spec.require_dense(stage)
     why = [w for bad, w in ((prep.rotation != "none", f"rotation ({prep.rotation})"),
                             (recipe.pad, "padding"),
                             (opts.target_size or opts.target_bpw or opts.measurement, "a measured allocation"),
-                            (opts.imatrix, "an imatrix file"), (recipe.method == "hqq", "hqq"))
+                            (recipe.method == "hqq", "hqq"))
            if bad]
     if why:
         raise TwinquantError(f"a mixture-of-experts model ({spec.arch}) cannot be quantized with {', '.join(why)} "
@@ -204,11 +205,18 @@ class Session:
         cov = coverage(im, names)
         imp, missing = {}, []
         for n in names:
-            cols = roles.expected_shape(self.model.spec, n)[1]
+            shape = roles.expected_shape(self.model.spec, n)
+            cols = shape[-1]
             if not cov[n]["present"]:
                 missing.append(n)
                 continue
             v = np.asarray(im.importance(n), dtype=np.float32).reshape(-1)
+            if len(shape) == 3:     # stacked experts: one row per expert (1.0 where an expert saw no token)
+                if v.size != shape[0] * cols:
+                    raise TwinquantError(f"{path}: {n} has {v.size} values of data, the model's {shape[0]} experts "
+                                         f"x {cols} inputs {shape[0] * cols}: an imatrix of another model?")
+                imp[n] = torch.from_numpy(v.reshape(shape[0], cols))
+                continue
             if v.size > cols:
                 raise TwinquantError(f"{path}: {n} has {v.size} columns of data, the model {cols}: an imatrix "
                                      "of another model?")
