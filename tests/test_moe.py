@@ -378,7 +378,10 @@ def test_cli_inspect_and_quantize_as_the_readme_shows(tmp_path, capsys):
     assert "experts 8, 2 per token, expert ffn 32, shared expert ffn 48" in capsys.readouterr().out
     out = tmp_path / "q.gguf"
     assert main(["quantize", str(m), "-o", str(out), "--format", "Q4_0", "--rotation", "none", "--calib-tokens",
-                 "512", "--calib-ctx", "64", "-q", "--report", str(tmp_path / "r.json")]) == 0
+                 "128", "--calib-ctx", "64", "--report", str(tmp_path / "r.json")]) == 0
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if "blk.0.ffn_gate_exps" in x)
+    assert "experts: tokens" in line and "below 64 (pooled Hessian mixed in)" in line, line
     rep = json.loads((tmp_path / "r.json").read_text())
     tokens = {t["name"]: t["expert_tokens"] for t in rep["tensors"] if t.get("expert_tokens")}
     assert sorted(tokens) == sorted(f"blk.{i}.ffn_{r}_exps.weight" for i in range(2) for r in ("gate", "up", "down"))

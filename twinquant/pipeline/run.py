@@ -416,6 +416,17 @@ def quantize(source: str, out: str | Path, recipe: Recipe | str | None = None,
     return res
 
 
+def _coverage(rep) -> str:
+    """A stacked expert tensor's calibration coverage: tokens per expert, and how many experts saw fewer tokens
+    than they have inputs (their Hessians completed with the pooled one) or none."""
+    t = rep.expert_tokens
+    if not t:
+        return ""
+    few = sum(n < rep.shape[-1] for n in t)
+    return (f"  experts: tokens {min(t)}..{max(t)}, {few} of {len(t)} below {rep.shape[-1]} (pooled Hessian mixed in)"
+            + (f", {t.count(0)} never reached" if 0 in t else ""))
+
+
 def _quantize_blocks(sess: Session, model, types: dict[str, str], calib, workdir):
     """Block by block GPTQ (or RTN) into `types`, one progress line per tensor like llama-quantize."""
     from twinquant.pipeline.executor import quantize_blocks
@@ -427,7 +438,7 @@ def _quantize_blocks(sess: Session, model, types: dict[str, str], calib, workdir
         n_done[0] += 1
         err = f"err {rep.rel_error:.4f}" + (f"  out {rep.out_error:.4f}" if rep.out_error is not None else "")
         opts.say(f"[{n_done[0]:>4}/{total}] {rep.name:<28} {str(list(rep.shape)):>13}  -> {rep.type:<7} "
-                 f"{rep.bits_per_weight:5.2f} bpw  {err}  {rep.seconds:.1f}s")
+                 f"{rep.bits_per_weight:5.2f} bpw  {err}  {rep.seconds:.1f}s" + _coverage(rep))
 
     return quantize_blocks(model, types, sess.recipe.method, calib.windows if calib else None,
                            config=sess.quantizer_config(), progress=False, log=log, importance=sess.imp,
