@@ -40,8 +40,9 @@ def test_default_calibration_grows_with_the_widest_input():
 
     from twinquant.calibration.windows import auto_tokens
 
-    def spec(h, f, q=None):
-        return SimpleNamespace(hidden=h, intermediate=f, q_dim=q or h)
+    def spec(h, f, q=None, experts=0, expert_ffn=0, shared_ffn=0):
+        return SimpleNamespace(hidden=h, intermediate=f, q_dim=q or h, moe=experts > 0, expert_ffn=expert_ffn,
+                               shared_ffn=shared_ffn)
 
     assert BUILTIN["default"].calib_tokens is None and BUILTIN["default"].damp == 0.5
     assert auto_tokens(spec(576, 1536)) == 8192                  # small models keep the floor
@@ -49,6 +50,9 @@ def test_default_calibration_grows_with_the_widest_input():
     assert auto_tokens(spec(5120, 27648)) == 55296                # 32B
     assert auto_tokens(spec(4096, 4100), ctx=512) == 8704         # whole windows
     assert auto_tokens(spec(2048, 1024, q=6000)) == 12288         # the widest input may be attn_output's
+    # MoE: the experts' widths count, not the config's dense intermediate size (no linear has it)
+    assert auto_tokens(spec(2048, 6144, q=4096, experts=128, expert_ffn=768)) == 8192        # Qwen3-30B-A3B
+    assert auto_tokens(spec(2048, 5632, experts=60, expert_ffn=1408, shared_ffn=5632)) == 11264   # shared expert
 
 
 def test_yaml_file_round_trip_and_builtins(tmp_path):
