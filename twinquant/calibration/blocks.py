@@ -22,18 +22,18 @@ class HessianHook:
 
     def __call__(self, name: str, inp: torch.Tensor) -> None:
         if name in self.names:
-            from twinquant.algorithms.gptq import accumulate_hessian
-
-            H, n = self.acc.get(name, (None, 0))
-            self.acc[name] = accumulate_hessian(H, n, inp.reshape(-1, inp.shape[-1]).float())
+            self._add(name, inp)
 
     def expert_input(self, name: str, expert: int, inp: torch.Tensor) -> None:
         """The inputs of one routed expert (the tokens routed to it): one Hessian per expert."""
         if name in self.names:
-            from twinquant.algorithms.gptq import accumulate_hessian
+            self._add((name, expert), inp)
 
-            H, n = self.acc.get((name, expert), (None, 0))
-            self.acc[(name, expert)] = accumulate_hessian(H, n, inp.reshape(-1, inp.shape[-1]).float())
+    def _add(self, key, inp: torch.Tensor) -> None:
+        from twinquant.algorithms.gptq import accumulate_hessian
+
+        H, n = self.acc.get(key, (None, 0))
+        self.acc[key] = accumulate_hessian(H, n, inp.reshape(-1, inp.shape[-1]).float())
 
     def hessian(self, name: str) -> torch.Tensor | None:
         return self.acc.get(name, (None, 0))[0]
