@@ -237,7 +237,7 @@ def test_quantized_expert_stacks_read_as_llama_cpp_dequantizes_them(with_tokeniz
     got = q.get("blk.1.ffn_down_exps.weight")
     assert torch.equal(got, want)
     assert 0 < (got - m.get("blk.1.ffn_down_exps.weight")).abs().max() < 0.05
-    toks = torch.randint(3, m.spec.vocab, (40,)).tolist()
+    toks = torch.randint(3, m.spec.vocab, (40,), generator=torch.Generator().manual_seed(0)).tolist()
     theirs = _stock_logits(tmp_path / "q.gguf", toks)
     _close_but_routing(theirs, forward(q, torch.tensor([toks]))[0])
 
@@ -317,7 +317,7 @@ def test_gptq_per_expert_file_runs_in_stock_llama_cpp(family, tmp_path):
     types = {t.name: t.tensor_type.name for t in r.tensors}
     assert types["blk.1.ffn_gate_inp.weight"] == "F32" and types["blk.1.ffn_up_exps.weight"] == "Q4_0"
     q = load_gguf(res.path)
-    toks = torch.randint(3, q.spec.vocab, (40,)).tolist()
+    toks = torch.randint(3, q.spec.vocab, (40,), generator=torch.Generator().manual_seed(0)).tolist()
     theirs = _stock_logits(res.path, toks)
     _close_but_routing(theirs, forward(q, torch.tensor([toks]))[0])
 
