@@ -420,3 +420,17 @@ def test_rtn_mix_is_byte_identical_to_llama_quantize(bindir, tmp_path, ftype, im
     for t in ours:
         assert t.tensor_type == theirs[t.name].tensor_type, t.name
         assert np.array_equal(np.asarray(t.data), np.asarray(theirs[t.name].data)), (t.name, t.tensor_type.name)
+
+
+def test_quantize_refuses_a_routing_llama_cpp_does_not_compute_before_any_work(tmp_path, capsys):
+    """The export check runs when quantize starts, not after the quantization (hours on a large model)."""
+    from twinquant.cli import main
+
+    path = save_tiny("qwen2moe", tmp_path / "hf", norm_topk_prob=True)
+    save_tiny_tokenizer(path)
+    capsys.readouterr()
+    assert main(["quantize", str(path), "-o", str(tmp_path / "q.gguf"), "--format", "Q4_0", "--calib-tokens", "128",
+                 "--calib-ctx", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "does not renormalize" in err and "[   1/" not in err       # nothing was quantized
+    assert not list(tmp_path.glob("q.gguf*"))

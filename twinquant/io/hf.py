@@ -258,9 +258,9 @@ class SafetensorsSource:
         st = self._lookup(name)
         shape, dtype = self._slice_info(*st.parts[0])
         for part in st.parts[1:]:
-            if self._slice_info(*part)[0] != shape:
-                raise TwinquantError(f"{self.path}: {part[1]} has shape {self._slice_info(*part)[0]}, "
-                                     f"{st.parts[0][1]} has {shape}")
+            other = self._slice_info(*part)[0]
+            if other != shape:
+                raise TwinquantError(f"{self.path}: {part[1]} has shape {other}, {st.parts[0][1]} has {shape}")
         if st.stacked:
             shape = (len(st.parts), *shape)
         if st.half is not None:

@@ -153,7 +153,10 @@ class Session:
         self.n_params = model.n_params()   # of the source: bits per weight are counted against the real weights
         self.prep = Preparation.of(recipe, model.spec.tied_embeddings, model.spec.moe)
         if model.spec.moe:
+            from twinquant.io.gguf_write import check_stock_graph
+
             _check_moe(model.spec, recipe, self.prep, opts, stage)
+            check_stock_graph(model)       # the file written hours later must be one stock llama.cpp computes
 
         # llama-quantize's rules "with an imatrix" when there is importance data: an --imatrix file, or GPTQ's
         # calibration (its Hessian diagonal is the imatrix), so a GPTQ file has the types of llama.cpp's +imatrix one
