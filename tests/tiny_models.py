@@ -1,4 +1,4 @@
-"""Tiny random Llama / Qwen2 / Qwen3 (and Qwen2-MoE / Qwen3-MoE) models from `transformers` config classes: the
+"""Tiny random Llama / Qwen2 / Qwen3 (and Qwen2-MoE / Qwen3-MoE, DeepSeek-V2 / V3) models from `transformers` config classes: the
 oracles for our forward."""
 
 from __future__ import annotations
@@ -21,12 +21,26 @@ MOE_FAMILIES = {
     "qwen3moe": dict(cls="Qwen3MoeConfig", head_dim=24, num_experts=8, num_experts_per_tok=2,
                      moe_intermediate_size=32, norm_topk_prob=True),
 }
+# DeepSeek (llama.cpp's deepseek2): latent attention with a q bottleneck (V3) or without (V2-Lite), a first dense
+# block, two shared experts; V3's sigmoid routing with a selection bias over the best 1 of 2 groups, scaled and
+# renormalized; V2's softmax routing (greedy; or group-limited by each group's best expert).
+_MLA = dict(num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=24,
+            n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=2,
+            first_k_dense_replace=1, num_hidden_layers=3)
+DEEPSEEK_FAMILIES = {
+    "deepseek_v3": dict(cls="DeepseekV3Config", **_MLA, q_lora_rank=48, n_group=2, topk_group=1,
+                        routed_scaling_factor=2.5, norm_topk_prob=True),
+    "deepseek_v2_lite": dict(cls="DeepseekV2Config", **_MLA, q_lora_rank=None, topk_method="greedy",
+                             routed_scaling_factor=1.5),
+    "deepseek_v2_grouped": dict(cls="DeepseekV2Config", **_MLA, q_lora_rank=48, topk_method="group_limited_greedy",
+                                n_group=4, topk_group=2),
+}
 
 
 def tiny_config(family: str, vocab: int = 320, **over):
     import transformers
 
-    kw = dict({**FAMILIES, **MOE_FAMILIES}[family])
+    kw = dict({**FAMILIES, **MOE_FAMILIES, **DEEPSEEK_FAMILIES}[family])
     cls = getattr(transformers, kw.pop("cls"))
     base = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -50,6 +64,9 @@ def tiny_hf_model(family: str, seed: int = 0, **over):
                 p.copy_(0.2 * torch.randn_like(p))
             else:
                 p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):     # DeepSeek-V3's selection bias (a buffer)
+                b.copy_(0.1 * torch.randn_like(b))
     return model
 
 

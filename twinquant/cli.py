@@ -90,7 +90,14 @@ def cmd_inspect(args) -> None:
     if s.moe:
         print(f"experts {s.n_experts}, {s.n_experts_used} per token, expert ffn {s.expert_ffn}"
               + (f", shared expert ffn {s.shared_ffn}" if s.shared_ffn else "")
-              + f", top-k weights {'renormalized' if s.norm_topk else 'as the softmax gives them'}")
+              + f", {s.gating} scores, top-k weights {'renormalized' if s.norm_topk else 'not renormalized'}"
+              + (f" x {s.expert_scale:g}" if s.expert_scale != 1 else "")
+              + (", selection bias" if s.expert_bias else "")
+              + (f", best {s.groups_used} of {s.n_groups} groups" if s.n_groups > 1 else "")
+              + (f", first {s.n_dense_lead} blocks dense" if s.n_dense_lead else ""))
+    if s.mla:
+        print(f"latent attention: kv rank {s.kv_lora_rank}, q rank {s.q_lora_rank or '- (direct)'}, "
+              f"rope dims {s.rope_dim} of {s.head_dim}, value dims {s.v_head_dim}")
     print(f"parameters:   {n_params:,} ({n_params / 1e6:.1f} M)")
     print(f"tensor bytes: {_human(total_bytes)} ({8 * total_bytes / n_params:.2f} bits per weight)")
     if model.tokenizer is not None:

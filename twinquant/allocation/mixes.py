@@ -42,7 +42,9 @@ and the shared expert follow the ffn_gate / ffn_up / ffn_down rules (`category`)
 reads a tensor's layer from its name (`RuleContext.i` is the layer), except the 1-/2-bit i-quants' first-eighth
 ffn_down rule, which counts tensors (`count`: exps and shexp both count); the 1-/2-bit i-quants give attn_v Q4_K
 with four or more experts; eight experts (Mixtral's count) change attn_v, attn_k, attn_output and IQ3_M's ffn_down
-(`_eight_experts`). Not reproduced: falcon, whose architecture is not supported here.
+(`_eight_experts`). DeepSeek (deepseek2): its latent-attention tensors (attn_q_a, attn_q_b, attn_kv_a_mqa, the
+per-head attn_k_b / attn_v_b stacks) are in no category and take the default type; there is no attn_v, so no
+attn_v rule applies. Not reproduced: falcon, whose architecture is not supported here.
 
 Deliberate differences from llama-quantize, where it would fail: a `--token-embedding-type` /
 `--output-tensor-type` whose block does not divide the row falls back here (llama.cpp aborts); overrides also
@@ -74,7 +76,8 @@ ATTN_V, ATTN_OUT, ATTN_K = _role(roles.T.ATTN_V), _role(roles.T.ATTN_OUT), _role
 FFN_DOWN, FFN_GATE, FFN_UP = _role(roles.T.FFN_DOWN), _role(roles.T.FFN_GATE), _role(roles.T.FFN_UP)
 OUTPUT_NAME = roles.name(roles.T.OUTPUT)
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe")   # whose llama.cpp rules are reproduced
+# whose llama.cpp rules are reproduced
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "deepseek2")
 
 
 # --- tensor names -------------------------------------------------------------------------------------------------
@@ -381,7 +384,7 @@ class _Rules:
             return t, f"{self.label} {what} {why}"
         t, rule = self.base, f"{self.label} default"
         role, s = category(ref.role), self.spec
-        gqa = s.n_heads // s.n_kv_heads
+        gqa = s.n_heads if s.mla else s.n_heads // s.n_kv_heads     # llama.cpp sees latent attention as 1 kv head
         if role in COUNTED:
             count = self.seen[role]
             # with experts llama.cpp reads the layer from the name (its ffn tensors are not one per layer)

@@ -152,6 +152,30 @@ def rope_permuted_heads(spec: ModelSpec, name: str) -> int:
     return {"attn_q": spec.n_heads, "attn_k": spec.n_kv_heads}.get(parts[2], 0)
 
 
+def _deepseek(reader, a: dict, names: set[str], expert_ffn: int) -> dict:
+    """Latent-attention and routing fields of a DeepSeek (deepseek2) file, defaulted as llama.cpp defaults them."""
+    if any(n.endswith(".attn_kv_b.weight") for n in names):
+        raise TwinquantError("GGUF: an early DeepSeek file with the unsplit attn_kv_b tensor; convert the model "
+                             "again (llama.cpp's converter now writes attn_k_b and attn_v_b)")
+    dense = field(reader, K.LLM.LEADING_DENSE_BLOCK_COUNT.format(**a), 0, int)
+    gating = field(reader, K.LLM.EXPERT_GATING_FUNC.format(**a), int(gguf.ExpertGatingFuncType.SOFTMAX), int)
+    if gating not in (int(gguf.ExpertGatingFuncType.SOFTMAX), int(gguf.ExpertGatingFuncType.SIGMOID)):
+        raise TwinquantError(f"GGUF metadata: expert gating function {gating} is not supported (softmax, sigmoid)")
+    groups = field(reader, K.LLM.EXPERT_GROUP_COUNT.format(**a), 1, int) or 1
+    return dict(
+        shared_ffn=field(reader, K.LLM.EXPERT_SHARED_COUNT.format(**a), 0, int) * expert_ffn,
+        norm_topk=bool(field(reader, K.LLM.EXPERT_WEIGHTS_NORM.format(**a), False)),
+        gating="sigmoid" if gating == int(gguf.ExpertGatingFuncType.SIGMOID) else "softmax",
+        expert_bias=f"blk.{dense}.exp_probs_b.bias" in names, n_groups=groups,
+        groups_used=field(reader, K.LLM.EXPERT_GROUP_USED_COUNT.format(**a), groups, int) if groups > 1 else 1,
+        expert_scale=field(reader, K.LLM.EXPERT_WEIGHTS_SCALE.format(**a), 0.0, float) or 1.0,   # 0: unscaled
+        n_dense_lead=dense,
+        q_lora_rank=field(reader, K.Attention.Q_LORA_RANK.format(**a), 0, int),
+        kv_lora_rank=field(reader, K.Attention.KV_LORA_RANK.format(**a), kind=int),
+        rope_dim=field(reader, K.Rope.DIMENSION_COUNT.format(**a), kind=int),
+        v_head_dim=field(reader, K.Attention.VALUE_LENGTH_MLA.format(**a), kind=int))
+
+
 def spec_from_gguf(reader: gguf.GGUFReader) -> ModelSpec:
     arch_name = field(reader, K.General.ARCHITECTURE, kind=str)
     arch = get_architecture(arch_name)
@@ -183,15 +207,19 @@ def spec_from_gguf(reader: gguf.GGUFReader) -> ModelSpec:
         shared_ffn=field(reader, K.LLM.EXPERT_SHARED_FEED_FORWARD_LENGTH.format(**a), 0, int)
         if arch.shared_expert else 0,
         norm_topk=arch.gguf_norm_topk)     # what llama.cpp's graph for the family does
+    attn = dict(n_kv_heads=kv,
+                head_dim=field(reader, K.Attention.KEY_LENGTH.format(**a), hidden // heads if heads > 0 else 0, int))
+    if arch.mla:
+        experts.update(_deepseek(reader, a, names, experts["expert_ffn"]))
+        attn = dict(n_kv_heads=heads, head_dim=field(reader, K.Attention.KEY_LENGTH_MLA.format(**a), kind=int))
     return ModelSpec(
         arch=arch.name,
         **experts,
+        **attn,
         n_layers=n_layers,
         hidden=hidden,
         intermediate=field(reader, K.LLM.FEED_FORWARD_LENGTH.format(**a), kind=int),
         n_heads=heads,
-        n_kv_heads=kv,
-        head_dim=field(reader, K.Attention.KEY_LENGTH.format(**a), hidden // heads if heads > 0 else 0, int),
         vocab=vocab,
         rope_theta=rope_theta,
         rms_eps=rms_eps,

@@ -42,10 +42,20 @@ def _hyperparameters(w: gguf.GGUFWriter, model: Model) -> None:
     w.add_block_count(s.n_layers)
     w.add_feed_forward_length(s.intermediate)
     w.add_head_count(s.n_heads)
-    w.add_head_count_kv(s.n_kv_heads)
-    w.add_key_length(s.head_dim)
-    w.add_value_length(s.head_dim)
-    w.add_rope_dimension_count(s.head_dim)
+    if s.mla:   # llama.cpp runs latent attention as one key/value head of the latent + RoPE part (its converter's keys)
+        w.add_head_count_kv(1)
+        w.add_key_length(s.kv_lora_rank + s.rope_dim)
+        w.add_value_length(s.kv_lora_rank)
+        w.add_key_length_mla(s.head_dim)
+        w.add_value_length_mla(s.v_head_dim)
+        w.add_q_lora_rank(s.q_lora_rank)      # 0: attn_q (llama.cpp requires the key but for its "lite" sizes)
+        w.add_kv_lora_rank(s.kv_lora_rank)
+        w.add_rope_dimension_count(s.rope_dim)
+    else:
+        w.add_head_count_kv(s.n_kv_heads)
+        w.add_key_length(s.head_dim)
+        w.add_value_length(s.head_dim)
+        w.add_rope_dimension_count(s.head_dim)
     w.add_rope_freq_base(s.rope_theta)
     w.add_layer_norm_rms_eps(s.rms_eps)
     w.add_vocab_size(s.vocab)
@@ -53,8 +63,19 @@ def _hyperparameters(w: gguf.GGUFWriter, model: Model) -> None:
         w.add_expert_count(s.n_experts)
         w.add_expert_used_count(s.n_experts_used)
         w.add_expert_feed_forward_length(s.expert_ffn)
-        if s.shared_ffn:
+        if s.shared_ffn and not roles.shared_gate(s):       # DeepSeek: shared experts of the routed experts' width
+            w.add_expert_shared_count(s.shared_ffn // s.expert_ffn)
+        elif s.shared_ffn:
             w.add_expert_shared_feed_forward_length(s.shared_ffn)
+    if get_architecture(s.arch).mla:
+        w.add_leading_dense_block_count(s.n_dense_lead)
+        w.add_expert_weights_scale(s.expert_scale)
+        w.add_expert_weights_norm(s.norm_topk)
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if s.gating == "sigmoid"
+                                 else gguf.ExpertGatingFuncType.SOFTMAX)
+        if s.n_groups > 1:
+            w.add_expert_group_count(s.n_groups)
+            w.add_expert_group_used_count(s.groups_used)
 
 
 def _type_for(name: str, t_shape: tuple[int, ...], ftype: Q) -> Q:
@@ -65,7 +86,13 @@ def _type_for(name: str, t_shape: tuple[int, ...], ftype: Q) -> Q:
 def check_stock_graph(model: Model) -> None:
     """Refuse what stock llama.cpp would load and compute differently, with no twinquant metadata to say so."""
     s, arch = model.spec, get_architecture(model.spec.arch)
-    if s.moe and s.norm_topk != arch.gguf_norm_topk:
+    if s.moe and s.group_score == "max" and 1 < s.n_groups and s.groups_used < s.n_groups:
+        raise TwinquantError("llama.cpp scores a group of experts by its best two (DeepSeek-V3's rule), this model by "
+                             "its best one (DeepSeek-V2's group_limited_greedy): a GGUF of it would route differently")
+    if s.moe and s.shared_ffn and not roles.shared_gate(s) and s.shared_ffn % s.expert_ffn:
+        raise TwinquantError(f"shared experts of width {s.shared_ffn} are not a whole number of experts of width "
+                             f"{s.expert_ffn}, which llama.cpp's DeepSeek graph needs")
+    if s.moe and arch.gguf_norm_topk is not None and s.norm_topk != arch.gguf_norm_topk:
         raise TwinquantError(f"llama.cpp's {arch.name} graph {'re' if arch.gguf_norm_topk else 'does not re'}"
                              f"normalize the chosen experts' weights, and this model "
                              f"{'does not' if arch.gguf_norm_topk else 'does'} (norm_topk_prob): a GGUF of it "

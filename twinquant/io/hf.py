@@ -51,18 +51,29 @@ HF_NAMES: dict[gguf.MODEL_TENSOR, str] = {
     T.FFN_GATE_SHEXP: "model.layers.{bid}.mlp.shared_expert.gate_proj",
     T.FFN_UP_SHEXP: "model.layers.{bid}.mlp.shared_expert.up_proj",
     T.FFN_DOWN_SHEXP: "model.layers.{bid}.mlp.shared_expert.down_proj",
+    # DeepSeek: latent attention, the selection bias (a bare parameter), kv_b_proj (our attn_k_b + attn_v_b)
+    T.ATTN_Q_A: "model.layers.{bid}.self_attn.q_a_proj",
+    T.ATTN_Q_A_NORM: "model.layers.{bid}.self_attn.q_a_layernorm",
+    T.ATTN_Q_B: "model.layers.{bid}.self_attn.q_b_proj",
+    T.ATTN_KV_A_MQA: "model.layers.{bid}.self_attn.kv_a_proj_with_mqa",
+    T.ATTN_KV_A_NORM: "model.layers.{bid}.self_attn.kv_a_layernorm",
+    T.ATTN_KV_B: "model.layers.{bid}.self_attn.kv_b_proj",
+    T.FFN_EXP_PROBS_B: "model.layers.{bid}.mlp.gate.e_score_correction",
 }
+# DeepSeek names its shared experts in the plural
+_HF_NAMES_MLA = {t: HF_NAMES[t].replace("shared_expert.", "shared_experts.") for t in roles.SHARED_EXPERT[1:]}
 _BASE_TO_TENSOR = {gguf.TENSOR_NAMES[t]: t for t in HF_NAMES}
 
 
-def hf_name(role_name: str, expert: int | None = None) -> str:
+def hf_name(role_name: str, expert: int | None = None, spec: ModelSpec | None = None) -> str:
     """`blk.3.attn_q.bias` -> `model.layers.3.self_attn.q_proj.bias`; a stacked expert tensor names one expert's."""
     parts = role_name.split(".")
     if parts[0] == "blk":
         t, bid = _BASE_TO_TENSOR["blk.{bid}." + parts[2]], int(parts[1])
     else:
         t, bid = _BASE_TO_TENSOR[parts[0]], None
-    return HF_NAMES[t].format(bid=bid, xid=expert) + "." + parts[-1]
+    names = {**HF_NAMES, **_HF_NAMES_MLA} if spec is not None and spec.mla else HF_NAMES
+    return names[t].format(bid=bid, xid=expert) + ("_" if t == T.FFN_EXP_PROBS_B else ".") + parts[-1]
 
 
 def _read_json(path: Path) -> dict:
@@ -118,6 +129,37 @@ def _experts(cfg: dict, arch: Architecture) -> dict:
     return out
 
 
+def _deepseek(cfg: dict) -> dict:
+    """ModelSpec's latent-attention and routing fields from a DeepSeek-V2 / V3 config (the original checkpoints'
+    keys, which transformers keeps)."""
+    v3 = "DeepseekV3ForCausalLM" in _get(cfg, "architectures", list, []) or cfg.get("model_type") == "deepseek_v3"
+    n_experts = _get(cfg, "n_routed_experts", int, None)
+    if not n_experts:
+        raise TwinquantError("config: a DeepSeek model without routed experts (n_routed_experts) is not supported")
+    if not _get(cfg, "rope_interleave", bool, True):
+        raise TwinquantError("config: rope_interleave=false is not supported (llama.cpp's DeepSeek graph rotates "
+                             "interleaved pairs)")
+    gating = _get(cfg, "scoring_func", str, "sigmoid" if v3 else "softmax")
+    method = _get(cfg, "topk_method", str, "noaux_tc" if v3 else "greedy")
+    known = {"noaux_tc"} if v3 else {"greedy", "group_limited_greedy"}
+    if gating not in ("softmax", "sigmoid") or method not in known:
+        raise TwinquantError(f"config: expert routing {gating!r} / {method!r} is not supported "
+                             f"(DeepSeek-{'V3: sigmoid / noaux_tc' if v3 else 'V2: softmax / greedy or group_limited_greedy'})")
+    groups = _get(cfg, "n_group", int, 1) if method != "greedy" else 1
+    ffn, nope, rope = _get(cfg, "moe_intermediate_size", int), _get(cfg, "qk_nope_head_dim", int), \
+        _get(cfg, "qk_rope_head_dim", int)
+    return dict(
+        n_experts=n_experts, n_experts_used=_get(cfg, "num_experts_per_tok", int), expert_ffn=ffn,
+        shared_ffn=_get(cfg, "n_shared_experts", int, 0) * ffn, norm_topk=_get(cfg, "norm_topk_prob", bool, v3),
+        gating=gating, expert_bias=v3, n_groups=groups,
+        groups_used=_get(cfg, "topk_group", int, groups) if groups > 1 else 1,
+        group_score="max" if groups > 1 and not v3 else "sum_top2", expert_scale=_get(cfg, "routed_scaling_factor", float, 1.0),
+        n_dense_lead=_get(cfg, "first_k_dense_replace", int, 0),
+        q_lora_rank=_get(cfg, "q_lora_rank", int, 0), kv_lora_rank=_get(cfg, "kv_lora_rank", int),
+        rope_dim=rope, v_head_dim=_get(cfg, "v_head_dim", int), head_dim=nope + rope,
+        n_kv_heads=_get(cfg, "num_attention_heads", int))
+
+
 def spec_from_hf_config(cfg: dict) -> ModelSpec:
     if not isinstance(cfg, dict):
         raise TwinquantError("config.json: not a JSON object")
@@ -136,15 +178,16 @@ def spec_from_hf_config(cfg: dict) -> ModelSpec:
     for key, v in (("rope_theta", rope_theta), ("rms_norm_eps", rms_eps)):
         if v <= 0:
             raise TwinquantError(f"config.json: {key} is {v}, must be positive")
+    fields = dict(n_kv_heads=_get(cfg, "num_key_value_heads", int, 0) or heads,
+                  head_dim=_get(cfg, "head_dim", int, 0) or (hidden // heads if heads > 0 else 0))
+    fields.update(_deepseek(cfg) if arch.mla else _experts(cfg, arch))
     return ModelSpec(
         arch=arch.name,
-        **_experts(cfg, arch),
+        **fields,
         n_layers=_get(cfg, "num_hidden_layers", int),
         hidden=hidden,
         intermediate=_get(cfg, "intermediate_size", int),
         n_heads=heads,
-        n_kv_heads=_get(cfg, "num_key_value_heads", int, 0) or heads,
-        head_dim=_get(cfg, "head_dim", int, 0) or (hidden // heads if heads > 0 else 0),
         vocab=_get(cfg, "vocab_size", int),
         rope_theta=rope_theta,
         rms_eps=rms_eps,
@@ -160,6 +203,8 @@ def spec_from_hf_config(cfg: dict) -> ModelSpec:
 # gate/up of all experts (`model.layers.3.mlp.experts.gate_up_proj`).
 _PER_EXPERT = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
 _FUSED_GATE_UP = re.compile(r"^model\.layers\.(?P<bid>\d+)\.mlp\.experts\.gate_up_proj$")
+_LAYER = re.compile(r"^model\.layers\.(?P<bid>\d+)\.")
+_EXPERT_BIAS = re.compile(r"^model\.layers\.(?P<bid>\d+)\.mlp\.gate\.e_score_correction_bias$")
 
 
 @dataclass(frozen=True)
@@ -170,12 +215,16 @@ class _Stored:
     parts: tuple[tuple[Path, str], ...]
     stacked: bool = False
     half: int | None = None
+    # DeepSeek's kv_b_proj [heads * (nope + v), latent] as llama.cpp splits it: 0: attn_k_b [heads, latent, nope]
+    # (each head's key rows, transposed), 1: attn_v_b [heads, v, latent]; with (heads, nope, v)
+    kv_b: tuple[int, int, int, int] | None = None
 
 
 class SafetensorsSource:
     """Lazy tensors of an HF directory, addressed by role name."""
 
-    def __init__(self, path: Path, arch: Architecture, n_layers: int):
+    def __init__(self, path: Path, arch: Architecture, spec: ModelSpec):
+        n_layers = spec.n_layers
         self.path = str(path)
         self._handles: dict[Path, object] = {}
         index = path / "model.safetensors.index.json"
@@ -201,6 +250,13 @@ class SafetensorsSource:
         self._where: dict[str, _Stored] = {}
         experts: dict[str, dict[int, tuple[Path, str]]] = {}
         for hf, shard in files.items():
+            m = _LAYER.match(hf) if arch.mla else None
+            if m and int(m["bid"]) >= n_layers:
+                continue    # DeepSeek-V3's multi-token-prediction layer: not part of the model (as in llama.cpp)
+            m = _EXPERT_BIAS.match(hf) if arch.mla else None
+            if m:
+                self._where[roles.name(roles.EXPERT_BIAS, int(m["bid"]), "bias")] = _Stored(((shard, hf),))
+                continue
             m = _PER_EXPERT.match(hf) if arch.moe else None
             if m:       # one expert's linear: stacked with the others of its tensor (llama.cpp's layout)
                 role = names.get_name(f"{m['prefix']}.{m['proj']}.weight", try_suffixes=(".weight",))
@@ -219,6 +275,11 @@ class SafetensorsSource:
                 raise TwinquantError(f"{path}: tensor {hf!r} has no role in the {arch.name} architecture")
             if not role.endswith((".weight", ".bias")):     # a bare parameter (transformers 5's fused down_proj)
                 role += ".weight"
+            if spec.mla and role.startswith("blk.") and role.split(".")[2] == "attn_kv_b":
+                split = (spec.n_heads, spec.nope_dim, spec.v_head_dim)
+                for part, t in enumerate(roles.PER_HEAD):
+                    self._where[roles.name(t, int(role.split(".")[1]))] = _Stored(((shard, hf),), kv_b=(part, *split))
+                continue
             self._where[role] = _Stored(((shard, hf),))
         for role, by_expert in experts.items():
             if sorted(by_expert) != list(range(len(by_expert))):
@@ -265,6 +326,12 @@ class SafetensorsSource:
             shape = (len(st.parts), *shape)
         if st.half is not None:
             shape = (shape[0], shape[1] // 2, *shape[2:])
+        if st.kv_b is not None:
+            part, heads, nope, v = st.kv_b
+            if len(shape) != 2 or shape[0] != heads * (nope + v):
+                raise TwinquantError(f"{self.path}: {st.parts[0][1]} has shape {shape}, the config says "
+                                     f"[{heads * (nope + v)}, kv_lora_rank]")
+            shape = (heads, shape[1], nope) if part == 0 else (heads, v, shape[1])
         size = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}.get(dtype, 4)
         n = 1
         for d in shape:
@@ -290,6 +357,10 @@ class SafetensorsSource:
         if st.stacked:
             return torch.stack([self._tensor(*part) for part in st.parts])
         t = self._tensor(*st.parts[0])
+        if st.kv_b is not None:
+            part, heads, nope, v = st.kv_b
+            k, val = t.reshape(heads, nope + v, -1).split([nope, v], dim=1)
+            return (k.transpose(1, 2) if part == 0 else val).contiguous()
         return t if st.half is None else t.chunk(2, dim=1)[st.half].contiguous()
 
 
@@ -298,7 +369,7 @@ def load_hf_dir(path: str | os.PathLike, load_tokenizer: bool = True) -> Model:
     cfg = _read_json(path / "config.json")
     spec = spec_from_hf_config(cfg)
     arch = get_architecture(spec.arch)
-    source = SafetensorsSource(path, arch, spec.n_layers)
+    source = SafetensorsSource(path, arch, spec)
     if not spec.tied_embeddings and not source.has(roles.name(T.OUTPUT)):
         raise TwinquantError(f"{path}: tie_word_embeddings is false but there is no lm_head.weight")
     for n in roles.all_tensor_names(spec):  # fail now, not half-way through a forward
@@ -335,7 +406,19 @@ def hf_config(spec: ModelSpec) -> dict:
     }
     if arch.name not in ("qwen2", "qwen2moe"):  # Qwen2 always has q/k/v biases; the others say so
         cfg["attention_bias"] = spec.qkv_bias
-    if spec.moe:
+    if arch.mla:
+        v3 = spec.gating == "sigmoid"
+        cfg.update(architectures=["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"],
+                   model_type="deepseek_v3" if v3 else "deepseek_v2", head_dim=spec.rope_dim,
+                   n_routed_experts=spec.n_experts, num_experts_per_tok=spec.n_experts_used,
+                   moe_intermediate_size=spec.expert_ffn, n_shared_experts=spec.shared_ffn // spec.expert_ffn,
+                   norm_topk_prob=spec.norm_topk, routed_scaling_factor=spec.expert_scale,
+                   scoring_func=spec.gating, n_group=spec.n_groups, topk_group=spec.groups_used,
+                   topk_method="noaux_tc" if v3 else ("group_limited_greedy" if spec.n_groups > 1 else "greedy"),
+                   first_k_dense_replace=spec.n_dense_lead, q_lora_rank=spec.q_lora_rank or None,
+                   kv_lora_rank=spec.kv_lora_rank, qk_nope_head_dim=spec.nope_dim, qk_rope_head_dim=spec.rope_dim,
+                   v_head_dim=spec.v_head_dim, rope_interleave=True)
+    elif spec.moe:
         cfg.update(num_experts=spec.n_experts, num_experts_per_tok=spec.n_experts_used,
                    moe_intermediate_size=spec.expert_ffn, norm_topk_prob=spec.norm_topk, decoder_sparse_step=1,
                    mlp_only_layers=[])
@@ -346,13 +429,17 @@ def hf_config(spec: ModelSpec) -> dict:
 
 def hf_state_dict(model: Model) -> dict[str, torch.Tensor]:
     """HF names -> tensors; stacked expert tensors as one tensor per expert (how checkpoints ship them)."""
-    out = {}
+    out, s = {}, model.spec
     for n in model.tensor_names():
         t = model.get(n)
         if roles.is_expert_stack(n):
-            out.update({hf_name(n, e): t[e].clone() for e in range(t.shape[0])})
-        else:
-            out[hf_name(n)] = t
+            out.update({hf_name(n, e, s): t[e].clone() for e in range(t.shape[0])})
+        elif roles.block_tensor(n) == T.ATTN_K_B:      # with attn_v_b, back into one kv_b_proj
+            v = model.get(n.replace("attn_k_b", "attn_v_b"))
+            kv_b = n.replace("attn_k_b", "attn_kv_b")
+            out[hf_name(kv_b, None, s)] = torch.cat((t.transpose(1, 2), v), dim=1).reshape(-1, s.kv_lora_rank)
+        elif roles.block_tensor(n) != T.ATTN_V_B:
+            out[hf_name(n, None, s)] = t
     return out
 
 

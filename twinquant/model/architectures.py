@@ -28,8 +28,12 @@ class Architecture:
     moe: bool = False              # blocks route tokens to experts (ModelSpec.n_experts > 0)
     shared_expert: bool = False    # ... plus a shared expert behind a sigmoid gate (Qwen2-MoE)
     # llama.cpp's graph for the family renormalizes the chosen experts' weights or not: fixed per family there,
-    # not read from the file, so a model whose config says otherwise cannot run in stock llama.cpp.
-    gguf_norm_topk: bool = False
+    # not read from the file, so a model whose config says otherwise cannot run in stock llama.cpp. None: the file
+    # says (expert_weights_norm, DeepSeek).
+    gguf_norm_topk: bool | None = False
+    # Multi-head latent attention with DeepSeek's routing options (ModelSpec.kv_lora_rank > 0); its RoPE part is
+    # laid out in interleaved pairs in the checkpoint and in llama.cpp alike (no row permutation).
+    mla: bool = False
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -46,6 +50,11 @@ ARCHITECTURES: dict[str, Architecture] = {
                      gguf_norm_topk=False),
         Architecture("qwen3moe", ("Qwen3MoeForCausalLM",), "qwen3_moe", gguf.MODEL_ARCH.QWEN3MOE,
                      qkv_bias=False, qk_norm=True, gguf_rope_permuted=False, moe=True, gguf_norm_topk=True),
+        # DeepSeek-V2 / V2-Lite (softmax routing) and V3 / R1 (sigmoid routing with a selection bias): one llama.cpp
+        # architecture, told apart by their configs' routing keys.
+        Architecture("deepseek2", ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"), "deepseek_v2",
+                     gguf.MODEL_ARCH.DEEPSEEK2, qkv_bias=False, qk_norm=False, gguf_rope_permuted=False, moe=True,
+                     gguf_norm_topk=None, mla=True),
     )
 }
 

@@ -38,10 +38,14 @@ class KVCache:
     @classmethod
     def empty(cls, model: Model, batch: int, max_len: int) -> "KVCache":
         s = model.spec
-        shape = (batch, s.n_kv_heads, max_len, s.head_dim)
+        # latent attention caches one "head" per position: the normed latent and the RoPE key part (its values are
+        # the latent itself, a view of k)
+        k_shape = (batch, 1, max_len, s.kv_lora_rank + s.rope_dim) if s.mla else (batch, s.n_kv_heads, max_len,
+                                                                                 s.head_dim)
+        v_shape = (*k_shape[:3], 0) if s.mla else k_shape
         n = len(model.layout.executions())
-        mk = lambda: torch.zeros(shape, dtype=model.dtype, device=model.device)  # noqa: E731
-        return cls([mk() for _ in range(n)], [mk() for _ in range(n)])
+        mk = lambda shape: torch.zeros(shape, dtype=model.dtype, device=model.device)  # noqa: E731
+        return cls([mk(k_shape) for _ in range(n)], [mk(v_shape) for _ in range(n)])
 
     @property
     def max_len(self) -> int:
@@ -83,7 +87,7 @@ _ROPE_CACHE: dict[tuple[float, int], _Rope] = {}
 
 
 def _rope_tables(spec: ModelSpec, start: int, length: int, device, dtype):
-    key = (spec.rope_theta, spec.head_dim)
+    key = (spec.rope_theta, spec.rope_dim if spec.mla else spec.head_dim)
     rope = _ROPE_CACHE.setdefault(key, _Rope(*key))
     return rope.get(start, length, device, dtype)
 
@@ -100,6 +104,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rot * sin
+
+
+def apply_rope_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on interleaved pairs (x0, x1), (x2, x3) … (DeepSeek's layout, llama.cpp's "normal" mode). The result is
+    laid out de-interleaved (rotated evens, then odds), as transformers does: q·k is the same in either order."""
+    half = x.shape[-1] // 2
+    c, s_ = cos[..., :half], sin[..., :half]
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.cat((x1 * c - x2 * s_, x2 * c + x1 * s_), dim=-1)
 
 
 def _linear(x: torch.Tensor, model: Model, name: str, hook: LinearHook | None, bias: bool = False, params=None):
@@ -164,15 +177,84 @@ def attention(model: Model, layer: int, x: torch.Tensor, start: int, cache: KVCa
     return _linear(o, model, roles.name(T.ATTN_OUT, layer), hook, params=params)
 
 
+def _per_head(x: torch.Tensor, w: torch.Tensor, name: str, hook) -> torch.Tensor:
+    """x [B, H, L, in] through a per-head stack w [H, out, in]; a hook's `expert_input` sees each head's inputs."""
+    seen = getattr(hook, "expert_input", None)
+    if seen is not None:
+        for h in range(w.shape[0]):
+            seen(name, h, x[:, h].reshape(-1, x.shape[-1]))
+    return torch.einsum("bhli,hoi->bhlo", x, w)
+
+
+def latent_attention(model: Model, layer: int, x: torch.Tensor, start: int, cache: KVCache | None, slot: int,
+                     hook: LinearHook | None) -> torch.Tensor:
+    """DeepSeek's multi-head latent attention in the "absorbed" form llama.cpp runs: each head's non-RoPE query
+    is mapped into the latent space (attn_k_b), scored against the cached normed latent plus the shared RoPE key
+    (one key/value "head" for all heads), and its latent-space output is mapped to the head's value (attn_v_b).
+    Equal to expanding keys and values per head (transformers' form) up to rounding."""
+    s = model.spec
+    B, L, _ = x.shape
+    n = lambda t: roles.name(t, layer)   # noqa: E731
+    r, rope = s.kv_lora_rank, s.rope_dim
+    if s.q_lora_rank:
+        q, kv = _linears(x, model, (n(T.ATTN_Q_A), n(T.ATTN_KV_A_MQA)), hook)
+        q = _linear(rms_norm(q, model.get(n(T.ATTN_Q_A_NORM)), s.rms_eps), model, n(T.ATTN_Q_B), hook)
+    else:
+        q, kv = _linears(x, model, (n(T.ATTN_Q), n(T.ATTN_KV_A_MQA)), hook)
+    q = q.reshape(B, L, s.n_heads, s.head_dim).transpose(1, 2)          # [B, H, L, hd]
+    q_nope, q_pe = q.split([s.nope_dim, rope], dim=-1)
+    latent, k_pe = kv.split([r, rope], dim=-1)
+    latent = rms_norm(latent, model.get(n(T.ATTN_KV_A_NORM)), s.rms_eps)[:, None]      # [B, 1, L, r]
+    cos, sin = _rope_tables(s, start, L, x.device, x.dtype)
+    q_pe, k_pe = apply_rope_pairs(q_pe, cos, sin), apply_rope_pairs(k_pe[:, None], cos, sin)
+    q = torch.cat((_per_head(q_nope, model.get(n(T.ATTN_K_B)), n(T.ATTN_K_B), hook), q_pe), dim=-1)
+    k = torch.cat((latent, k_pe), dim=-1)                               # [B, 1, L, r + rope]
+    mask, causal = None, True
+    if cache is not None:
+        cache.k[slot][:, :, start:start + L] = k
+        k = cache.k[slot][:, :, :start + L]
+        if start > 0:
+            causal = False
+            if L > 1:
+                qpos = torch.arange(start, start + L, device=x.device)[:, None]
+                mask = torch.arange(start + L, device=x.device)[None, :] <= qpos
+    o = F.scaled_dot_product_attention(q, k, k[..., :r], attn_mask=mask, is_causal=causal and L > 1,
+                                       scale=s.head_dim ** -0.5, enable_gqa=True)      # [B, H, L, r]
+    o = _per_head(o, model.get(n(T.ATTN_V_B)), n(T.ATTN_V_B), hook)
+    return _linear(o.transpose(1, 2).reshape(B, L, s.attn_out_dim), model, n(T.ATTN_OUT), hook)
+
+
 def feed_forward(model: Model, layer: int, x: torch.Tensor, hook: LinearHook | None, params=None) -> torch.Tensor:
     g, u = _linears(x, model, (roles.name(T.FFN_GATE, layer), roles.name(T.FFN_UP, layer)), hook, params=params)
     return _linear(F.silu(g) * u, model, roles.name(T.FFN_DOWN, layer), hook, params=params)
 
 
+def route(model: Model, layer: int, x: torch.Tensor, hook: LinearHook | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights, chosen experts) [tokens, n_experts_used] for x [tokens, hidden], in float32: softmax or sigmoid
+    scores of the router's logits; the choice among the best groups only (if grouped), by the scores plus the
+    selection bias (if any); the chosen scores renormalized (`norm_topk`) and scaled (`expert_scale`)."""
+    s = model.spec
+    logits = _linear(x, model, roles.name(roles.ROUTER, layer), hook).float()
+    scores = torch.softmax(logits, dim=-1) if s.gating == "softmax" else torch.sigmoid(logits)
+    pick = scores
+    if s.expert_bias:
+        pick = scores + model.get(roles.name(roles.EXPERT_BIAS, layer, "bias")).float()
+    if s.n_groups > 1 and s.groups_used < s.n_groups:
+        grouped = pick.reshape(-1, s.n_groups, s.n_experts // s.n_groups)
+        score = grouped.max(-1).values if s.group_score == "max" else grouped.topk(2, dim=-1).values.sum(-1)
+        keep = torch.zeros_like(score, dtype=torch.bool).scatter_(1, score.topk(s.groups_used, dim=-1).indices, True)
+        pick = grouped.masked_fill(~keep[..., None], float("-inf")).reshape(pick.shape)
+    chosen = pick.topk(s.n_experts_used, dim=-1).indices
+    weights = scores.gather(1, chosen)
+    if s.norm_topk:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights * s.expert_scale, chosen
+
+
 def moe_feed_forward(model: Model, layer: int, x: torch.Tensor, hook: LinearHook | None) -> torch.Tensor:
-    """Routed experts (+ the shared expert behind its sigmoid gate), as the Qwen2/3-MoE families compute them:
-    softmax over the router's logits in float32, the top `n_experts_used` kept (renormalized when `norm_topk`),
-    each expert a SwiGLU FFN over the tokens routed to it, outputs summed with those weights.
+    """Routed experts (+ the shared expert, behind its sigmoid gate in Qwen2-MoE), as the Qwen2/3-MoE and DeepSeek
+    families compute them: the `route`'s top `n_experts_used` experts, each a SwiGLU FFN over the tokens routed
+    to it, outputs summed with their weights.
 
     The hook sees the router's and the shared expert's inputs as any linear's; a hook with an
     `expert_input(name, expert, x)` method also sees each routed expert's inputs (the tokens routed to it), under
@@ -180,10 +262,7 @@ def moe_feed_forward(model: Model, layer: int, x: torch.Tensor, hook: LinearHook
     s = model.spec
     shape = x.shape
     flat = x.reshape(-1, shape[-1])
-    logits = _linear(flat, model, roles.name(roles.ROUTER, layer), hook)
-    weights, chosen = torch.softmax(logits.float(), dim=-1).topk(s.n_experts_used, dim=-1)
-    if s.norm_topk:
-        weights = weights / weights.sum(-1, keepdim=True)
+    weights, chosen = route(model, layer, flat, hook)
     weights = weights.to(x.dtype)
     names = [roles.name(t, layer) for t in roles.EXPERTS]
     gate, up, down = (model.get(n) for n in names)
@@ -202,7 +281,7 @@ def moe_feed_forward(model: Model, layer: int, x: torch.Tensor, hook: LinearHook
         gate_inp, g_sh, u_sh, d_sh = (roles.name(t, layer) for t in roles.SHARED_EXPERT)
         g, u = _linears(flat, model, (g_sh, u_sh), hook)
         shared = _linear(F.silu(g) * u, model, d_sh, hook)
-        out = out + torch.sigmoid(_linear(flat, model, gate_inp, hook)) * shared
+        out = out + (torch.sigmoid(_linear(flat, model, gate_inp, hook)) * shared if roles.shared_gate(s) else shared)
     return out.reshape(shape)
 
 
@@ -213,9 +292,12 @@ def block_forward(model: Model, layer: int, x: torch.Tensor, start: int = 0, cac
     `slot` is the KV-cache entry (the execution index); `params` the copy's parameter set (None: plain)."""
     eps = model.spec.rms_eps
     h = rms_norm(x, model.get(roles.name(T.ATTN_NORM, layer)), eps)
-    x = x + attention(model, layer, h, start, cache, slot, hook, params)
+    if model.spec.mla:
+        x = x + latent_attention(model, layer, h, start, cache, slot, hook)
+    else:
+        x = x + attention(model, layer, h, start, cache, slot, hook, params)
     h = rms_norm(x, model.get(roles.name(T.FFN_NORM, layer)), eps)
-    if model.spec.moe:
+    if model.spec.moe_layer(layer):
         return x + moe_feed_forward(model, layer, h, hook)
     return x + feed_forward(model, layer, h, hook, params)
 

@@ -134,10 +134,14 @@ class Model:
         parts = name.split(".")
         if parts[0] != "blk" or parts[-1] != "weight":
             return None
-        for g in roles.shared_input_groups(int(parts[1])):
-            if len(g) > 1 and name in g:
+        for g in self._fusable(int(parts[1])):
+            if name in g:
                 return g
         return None
+
+    def _fusable(self, layer: int) -> list[tuple[str, ...]]:
+        """Shared-input groups of block `layer` held as one concatenated matrix (not the stacked experts)."""
+        return [g for g in roles.shared_input_groups(layer, self.spec) if len(g) > 1 and not roles.is_stack(g[0])]
 
     def _fuse(self, group: tuple[str, ...]) -> None:
         whole = torch.cat([self.tensors[n] for n in group])
@@ -185,7 +189,7 @@ class Model:
         names = [n for n in roles.block_tensor_names(self.spec, layer) if n not in self._pinned]
         for n in names:
             self.tensors.pop(n, None)
-        for g in roles.shared_input_groups(layer):
+        for g in self._fusable(layer):
             if any(n in names for n in g):
                 self._fused.pop(g, None)
         self._release_source()
@@ -222,8 +226,8 @@ class Model:
         """(Re-)fuse every shared-input group whose members are loaded (after stages replaced tensors)."""
         self._fused.clear()
         for i in range(self.spec.n_layers):
-            for g in roles.shared_input_groups(i):
-                if len(g) > 1 and all(n in self.tensors for n in g):
+            for g in self._fusable(i):
+                if all(n in self.tensors for n in g):
                     self._fuse(g)
         return self
 

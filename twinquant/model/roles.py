@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import gguf
 
+from twinquant.model.architectures import get_architecture
 from twinquant.model.spec import ModelSpec
 
 T = gguf.MODEL_TENSOR
@@ -53,9 +54,19 @@ SHARED_EXPERT = (T.FFN_GATE_INP_SHEXP, T.FFN_GATE_SHEXP, T.FFN_UP_SHEXP, T.FFN_D
 # Weights kept in F32 whatever the file type, as llama.cpp's converter keeps them: a router in half precision
 # changes which experts tokens go to.
 _F32_TENSORS = {ROUTER, T.FFN_GATE_INP_SHEXP}
+# DeepSeek's per-expert selection bias (`exp_probs_b.bias`, [experts], F32 as every 1-D tensor).
+EXPERT_BIAS = T.FFN_EXP_PROBS_B
+# Multi-head latent attention (DeepSeek): queries through a low-rank bottleneck (q_a, its norm, q_b) or directly
+# (attn_q); the shared latent + RoPE key (kv_a_mqa, its norm on the latent part); the per-head expansions stacked
+# [heads, out, in] as llama.cpp stores them: attn_k_b maps a head's non-RoPE query into the latent space (the
+# "absorbed" key, so the latent is all the cache holds), attn_v_b maps the head's attention output in the latent
+# space to its value.
+MLA_Q_LORA = (T.ATTN_Q_A, T.ATTN_Q_A_NORM, T.ATTN_Q_B)
+MLA_KV = (T.ATTN_KV_A_MQA, T.ATTN_KV_A_NORM, T.ATTN_K_B, T.ATTN_V_B)
+PER_HEAD = (T.ATTN_K_B, T.ATTN_V_B)
 _BLOCK_TENSORS = {_base(t).split(".")[-1]: t for t in (
     *(lin.tensor for lin in BLOCK_LINEARS), T.ATTN_NORM, T.FFN_NORM, T.ATTN_Q_NORM, T.ATTN_K_NORM, ROUTER, *EXPERTS,
-    *SHARED_EXPERT)}
+    *SHARED_EXPERT, EXPERT_BIAS, *MLA_Q_LORA, *MLA_KV)}
 
 
 def block_tensor(tensor_name: str) -> gguf.MODEL_TENSOR | None:
@@ -74,6 +85,17 @@ def is_expert_stack(tensor_name: str) -> bool:
     return block_tensor(tensor_name) in EXPERTS
 
 
+def is_stack(tensor_name: str) -> bool:
+    """A stack of matrices with inputs of their own ([n, out, in]): routed experts, or MLA's per-head k_b / v_b.
+    Each slice is quantized with its own Hessian (`expert_input` hooks)."""
+    return block_tensor(tensor_name) in (*EXPERTS, *PER_HEAD)
+
+
+def shared_gate(spec: ModelSpec) -> bool:
+    """The shared expert sits behind a sigmoid gate (Qwen2-MoE; DeepSeek's shared experts have none)."""
+    return bool(spec.shared_ffn) and get_architecture(spec.arch).shared_expert
+
+
 # Which linears each RMSNorm feeds (norm fusion multiplies the norm weight into these).
 NORM_FEEDS: dict[gguf.MODEL_TENSOR, tuple[gguf.MODEL_TENSOR, ...]] = {
     T.ATTN_NORM: (T.ATTN_Q, T.ATTN_K, T.ATTN_V),
@@ -85,14 +107,23 @@ NORM_FEEDS: dict[gguf.MODEL_TENSOR, tuple[gguf.MODEL_TENSOR, ...]] = {
 def shared_input_groups(layer: int, spec: ModelSpec | None = None) -> list[tuple[str, ...]]:
     """Weight names of block `layer` that read one input, in execution order: (q, k, v), (o), (gate, up), (down).
 
-    A mixture-of-experts block (`spec.moe`) has, after (q, k, v), (o): the shared expert's (gate, up), (down) if it
-    has one, then the routed experts' (gate, up), (down), whose inputs (and Hessians) are per expert. The router
-    is in no group: it is never quantized."""
+    A mixture-of-experts block (`spec.moe_layer`) has, after (q, k, v), (o): the shared expert's (gate, up), (down)
+    if it has one, then the routed experts' (gate, up), (down), whose inputs (and Hessians) are per expert. The
+    router is in no group: it is never quantized. Latent attention (`spec.mla`) replaces (q, k, v) with (q_a or q,
+    kv_a_mqa), (q_b), (k_b), (v_b): k_b's and v_b's inputs are per head."""
     groups: dict[str, list[str]] = {}
-    for lin in BLOCK_LINEARS[:4] if spec is not None and spec.moe else BLOCK_LINEARS:
+    for lin in BLOCK_LINEARS:
         groups.setdefault(lin.input_group, []).append(name(lin.tensor, layer))
     out = [tuple(g) for g in groups.values()]
-    if spec is not None and spec.moe:
+    if spec is None:
+        return out
+    if spec.mla:
+        n = lambda t: name(t, layer)    # noqa: E731
+        q = [(n(T.ATTN_Q_A), n(T.ATTN_KV_A_MQA)), (n(T.ATTN_Q_B),)] if spec.q_lora_rank else \
+            [(n(T.ATTN_Q), n(T.ATTN_KV_A_MQA))]
+        out = [*q, (n(T.ATTN_K_B),), (n(T.ATTN_V_B),), *out[1:]]
+    if spec.moe_layer(layer):
+        out = out[:-2]
         if spec.shared_ffn:
             out += [(name(T.FFN_GATE_SHEXP, layer), name(T.FFN_UP_SHEXP, layer)), (name(T.FFN_DOWN_SHEXP, layer),)]
         out += [(name(EXPERTS[0], layer), name(EXPERTS[1], layer)), (name(EXPERTS[2], layer),)]
@@ -108,18 +139,24 @@ def name(t: gguf.MODEL_TENSOR, layer: int | None = None, suffix: str = "weight")
 def block_tensor_names(spec: ModelSpec, layer: int) -> list[str]:
     """Every tensor name block `layer` of a model with `spec` holds, in a stable order."""
     names = [name(T.ATTN_NORM, layer)]
-    for lin in BLOCK_LINEARS[:3]:
-        names.append(name(lin.tensor, layer))
-        if spec.qkv_bias:
-            names.append(name(lin.tensor, layer, "bias"))
+    if spec.mla:
+        names += [name(t, layer) for t in (*(MLA_Q_LORA if spec.q_lora_rank else (T.ATTN_Q,)), *MLA_KV)]
+    else:
+        for lin in BLOCK_LINEARS[:3]:
+            names.append(name(lin.tensor, layer))
+            if spec.qkv_bias:
+                names.append(name(lin.tensor, layer, "bias"))
     if spec.qk_norm:
         names += [name(T.ATTN_Q_NORM, layer), name(T.ATTN_K_NORM, layer)]
     names.append(name(T.ATTN_OUT, layer))
     names.append(name(T.FFN_NORM, layer))
-    if spec.moe:
-        names += [name(t, layer) for t in (ROUTER, *EXPERTS)]
+    if spec.moe_layer(layer):
+        names.append(name(ROUTER, layer))
+        if spec.expert_bias:
+            names.append(name(EXPERT_BIAS, layer, "bias"))
+        names += [name(t, layer) for t in EXPERTS]
         if spec.shared_ffn:
-            names += [name(t, layer) for t in SHARED_EXPERT]
+            names += [name(t, layer) for t in (SHARED_EXPERT if shared_gate(spec) else SHARED_EXPERT[1:])]
     else:
         names += [name(lin.tensor, layer) for lin in BLOCK_LINEARS[4:]]
     return names
@@ -151,11 +188,18 @@ def expected_shape(spec: ModelSpec, tensor_name: str) -> tuple[int, ...]:
     shapes = {
         "token_embd": (spec.vocab, h), "output": (spec.vocab, h), "output_norm": (h,),
         "attn_norm": (h,), "ffn_norm": (h,),
-        "attn_q": (q, h), "attn_k": (kv, h), "attn_v": (kv, h), "attn_output": (h, q),
+        "attn_q": (q, h), "attn_k": (kv, h), "attn_v": (kv, h), "attn_output": (h, spec.attn_out_dim),
         "attn_q_norm": (spec.head_dim,), "attn_k_norm": (spec.head_dim,),
         "ffn_gate": (f, h), "ffn_up": (f, h), "ffn_down": (h, f),
         "ffn_gate_inp": (e, h), "ffn_gate_exps": (e, ef, h), "ffn_up_exps": (e, ef, h), "ffn_down_exps": (e, h, ef),
         "ffn_gate_inp_shexp": (1, h), "ffn_gate_shexp": (sf, h), "ffn_up_shexp": (sf, h), "ffn_down_shexp": (h, sf),
+        "exp_probs_b": (e,),
     }
+    if spec.mla:
+        ql, r, heads = spec.q_lora_rank, spec.kv_lora_rank, spec.n_heads
+        shapes.update({
+            "attn_q_a": (ql, h), "attn_q_a_norm": (ql,), "attn_q_b": (q, ql),
+            "attn_kv_a_mqa": (r + spec.rope_dim, h), "attn_kv_a_norm": (r,),
+            "attn_k_b": (heads, r, spec.nope_dim), "attn_v_b": (heads, spec.v_head_dim, r)})
     shape = shapes[base]
     return shape[:1] if is_bias else shape

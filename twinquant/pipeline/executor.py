@@ -205,10 +205,11 @@ def quantize_blocks(model: Model, types: dict[str, str], method: str = "gptq", w
                 for n in g:
                     if n not in types:
                         continue
-                    if roles.is_expert_stack(n) and hooks is not None:
-                        cols = roles.expected_shape(s, n)[-1]
-                        Hs, tokens = hooks.expert_hessians(g[0], s.n_experts, cols)
-                        done(quantize_tensor(model, n, types[n], quantizer, None, imps.get(n), Hs, tokens))
+                    if roles.is_stack(n) and hooks is not None:     # experts, or MLA's per-head k_b / v_b
+                        shape = roles.expected_shape(s, n)
+                        Hs, tokens = hooks.expert_hessians(g[0], shape[0], shape[-1])
+                        done(quantize_tensor(model, n, types[n], quantizer, None, imps.get(n), Hs,
+                                             tokens if roles.is_expert_stack(n) else None))
                         continue
                     H = hooks.hessian(g[0]) if hooks is not None else None
                     done(quantize_tensor(model, n, types[n], quantizer, H, imps.get(n)))
