@@ -1,5 +1,7 @@
 """Scale benchmark: the default recipe and `measure` + `--target-bpw` on a random model with Qwen2.5-32B's shapes
-(or, `--shape qwen3-30b-a3b`, Qwen3-30B-A3B's: 128 experts of width 768, 8 per token, 48 layers; quantize only).
+(or, `--shape qwen3-30b-a3b`, Qwen3-30B-A3B's: 128 experts of width 768, 8 per token, 48 layers; `--shape
+deepseek-v3`: DeepSeek-V3's latent attention and 256 experts of width 2048, 8 per token, 3 dense + 58 MoE blocks;
+`--shape deepseek-v2-lite`: 64 experts of width 1408, 6 per token, 1 dense + 26 MoE blocks; quantize only).
 
 Writes a random-weight Hugging Face model (hidden 5120, ffn 27648, 40/8 heads, vocab 152064, qkv bias; N layers,
 one safetensors shard per layer) and runs, through the library, with one block in memory:
@@ -17,6 +19,10 @@ extrapolation to 64 layers (embedding + head + 64 x the mean block). Writes benc
     python benchmarks/scale.py --layers 1 --tag cpu --stages quantize
     python benchmarks/scale.py --hidden 256 --ffn 512 --heads 4 --kv-heads 2 --vocab 1024 --tag tiny   # a smoke run
     python benchmarks/scale.py --shape qwen3-30b-a3b --layers 1 --stages quantize --tag cpu-qwen3moe
+    python benchmarks/scale.py --shape deepseek-v3 --layers 2 --stages quantize --tag h200-deepseek-v3
+
+A DeepSeek run's first block is dense and the others are MoE; the whole model is extrapolated from the dense
+block's time x the real dense count plus the mean MoE block's x the real MoE count.
 """
 
 from __future__ import annotations
@@ -42,7 +48,16 @@ QWEN32B = {"hidden": 5120, "ffn": 27648, "heads": 40, "kv_heads": 8, "vocab": 15
 # Qwen3-30B-A3B (config.json of the release): the shapes of a mixture-of-experts block; its real layer count
 QWEN3_30B_A3B = {"hidden": 2048, "ffn": 6144, "heads": 32, "kv_heads": 4, "head_dim": 128, "vocab": 151936,
                  "experts": 128, "experts_used": 8, "expert_ffn": 768}
-TOTAL_LAYERS = {"qwen2.5-32b": 64, "qwen3-30b-a3b": 48}
+# DeepSeek-V3 / V2-Lite (config.json of the releases; their YaRN RoPE left out: it does not change the work)
+DEEPSEEK_V3 = {"hidden": 7168, "ffn": 18432, "heads": 128, "vocab": 129280, "q_lora": 1536, "kv_lora": 512,
+               "nope": 128, "rope": 64, "v": 128, "experts": 256, "experts_used": 8, "expert_ffn": 2048, "shared": 1,
+               "v3": True}
+DEEPSEEK_V2_LITE = {"hidden": 2048, "ffn": 10944, "heads": 16, "vocab": 102400, "q_lora": 0, "kv_lora": 512,
+                    "nope": 128, "rope": 64, "v": 128, "experts": 64, "experts_used": 6, "expert_ffn": 1408,
+                    "shared": 2, "v3": False}
+TOTAL_LAYERS = {"qwen2.5-32b": 64, "qwen3-30b-a3b": 48, "deepseek-v3": 61, "deepseek-v2-lite": 27}
+DENSE_LEAD = {"deepseek-v3": 3, "deepseek-v2-lite": 1}     # of TOTAL_LAYERS; the benchmark's model has one
+MOE_SHAPES = {"qwen3-30b-a3b": QWEN3_30B_A3B, "deepseek-v3": DEEPSEEK_V3, "deepseek-v2-lite": DEEPSEEK_V2_LITE}
 
 
 class _ModelWriter:
@@ -108,6 +123,59 @@ def write_moe_model(path: Path, layers: int, hidden: int, ffn: int, heads: int, 
             t.update({x + "gate_proj.weight": rnd(expert_ffn, hidden), x + "up_proj.weight": rnd(expert_ffn, hidden),
                       x + "down_proj.weight": rnd(hidden, expert_ffn, std=0.02 / math.sqrt(expert_ffn / hidden))})
         w.shard(f"layer{i:03d}.safetensors", t)
+    return w.finish()
+
+
+def write_deepseek_model(path: Path, layers: int, hidden: int, ffn: int, heads: int, vocab: int, q_lora: int,
+                         kv_lora: int, nope: int, rope: int, v: int, experts: int, experts_used: int,
+                         expert_ffn: int, shared: int, v3: bool, seed: int = 0) -> Path:
+    """A random DeepSeek-V3 (or V2) model as an HF directory: block 0 dense, the others MoE (bf16, one shard per
+    layer, one tensor per expert as checkpoints ship) with a small BPE tokenizer."""
+    if (path / "done").is_file():
+        return path
+    cfg = {"architectures": ["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"],
+           "model_type": "deepseek_v3" if v3 else "deepseek_v2", "hidden_size": hidden, "intermediate_size": ffn,
+           "num_attention_heads": heads, "num_key_value_heads": heads, "num_hidden_layers": layers,
+           "vocab_size": vocab, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 4096,
+           "tie_word_embeddings": False, "torch_dtype": "bfloat16", "hidden_act": "silu",
+           "q_lora_rank": q_lora or None, "kv_lora_rank": kv_lora, "qk_nope_head_dim": nope,
+           "qk_rope_head_dim": rope, "v_head_dim": v, "n_routed_experts": experts,
+           "num_experts_per_tok": experts_used, "moe_intermediate_size": expert_ffn, "n_shared_experts": shared,
+           "first_k_dense_replace": 1, "norm_topk_prob": v3, "routed_scaling_factor": 2.5 if v3 else 1.0,
+           "scoring_func": "sigmoid" if v3 else "softmax", "topk_method": "noaux_tc" if v3 else "greedy",
+           "n_group": 8 if v3 else 1, "topk_group": 4 if v3 else 1, "bos_token_id": None, "eos_token_id": 2}
+    w = _ModelWriter(path, cfg, seed)
+    rnd, ones = w.rnd, w.ones
+    w.shard("embed.safetensors", {"model.embed_tokens.weight": rnd(vocab, hidden), "lm_head.weight": rnd(vocab, hidden),
+                                  "model.norm.weight": ones(hidden)})
+    down_std = lambda f: 0.02 / math.sqrt(f / hidden)   # noqa: E731
+    for i in range(layers):
+        p, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
+        t = {p + "input_layernorm.weight": ones(hidden), p + "post_attention_layernorm.weight": ones(hidden),
+             a + "kv_a_proj_with_mqa.weight": rnd(kv_lora + rope, hidden), a + "kv_a_layernorm.weight": ones(kv_lora),
+             a + "kv_b_proj.weight": rnd(heads * (nope + v), kv_lora), a + "o_proj.weight": rnd(hidden, heads * v)}
+        if q_lora:
+            t.update({a + "q_a_proj.weight": rnd(q_lora, hidden), a + "q_a_layernorm.weight": ones(q_lora),
+                      a + "q_b_proj.weight": rnd(heads * (nope + rope), q_lora)})
+        else:
+            t[a + "q_proj.weight"] = rnd(heads * (nope + rope), hidden)
+        if i == 0:
+            t.update({p + "mlp.gate_proj.weight": rnd(ffn, hidden), p + "mlp.up_proj.weight": rnd(ffn, hidden),
+                      p + "mlp.down_proj.weight": rnd(hidden, ffn, std=down_std(ffn))})
+        else:
+            t[p + "mlp.gate.weight"] = rnd(experts, hidden)
+            if v3:
+                t[p + "mlp.gate.e_score_correction_bias"] = torch.zeros(experts, dtype=torch.float32)
+            sf = shared * expert_ffn
+            t.update({p + "mlp.shared_experts.gate_proj.weight": rnd(sf, hidden),
+                      p + "mlp.shared_experts.up_proj.weight": rnd(sf, hidden),
+                      p + "mlp.shared_experts.down_proj.weight": rnd(hidden, sf, std=down_std(sf))})
+            for e in range(experts):
+                x = f"{p}mlp.experts.{e}."
+                t.update({x + "gate_proj.weight": rnd(expert_ffn, hidden), x + "up_proj.weight": rnd(expert_ffn, hidden),
+                          x + "down_proj.weight": rnd(hidden, expert_ffn, std=down_std(expert_ffn))})
+        w.shard(f"layer{i:03d}.safetensors", t)
+        del t
     return w.finish()
 
 
@@ -219,12 +287,20 @@ def run_stage(stage: str, src: Path, work: Path, args) -> dict:
             mean = sum(b["seconds"] for b in blocks) / len(blocks)
             fixed = _tensor_seconds(report, "token_embd.weight") + _tensor_seconds(report, "output.weight")
             total = TOTAL_LAYERS[args.shape]
+            lead = DENSE_LEAD.get(args.shape, 0)
+            if lead and len(blocks) > 1:    # block 0 dense, the rest MoE: each kind at its real count
+                moe = blocks[1:]
+                mean = (lead * blocks[0]["seconds"]
+                        + (total - lead) * sum(b["seconds"] for b in moe) / len(moe)) / total
             result = {"file_bytes": out.stat().st_size, "file_bpw": round(8 * res.file_bytes / res.n_params, 4),
                       "blocks": blocks, "embedding_seconds": _tensor_seconds(report, "token_embd.weight"),
                       "head_seconds": _tensor_seconds(report, "output.weight"),
                       "mean_block_seconds": round(mean, 2),
                       "calib_tokens": (report.get("calibration") or {}).get("tokens"),
                       "extrapolated_layers": total, "extrapolated_min": round((fixed + total * mean) / 60, 1)}
+            if lead and len(blocks) > 1:
+                result.update(dense_block_seconds=blocks[0]["seconds"], dense_blocks=lead,
+                              moe_block_seconds=round(sum(b["seconds"] for b in blocks[1:]) / (len(blocks) - 1), 2))
             if total == 64:     # the key earlier results files have
                 result["extrapolated_64_layers_min"] = result["extrapolated_min"]
             out.unlink(missing_ok=True)
@@ -243,7 +319,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--shape", choices=list(TOTAL_LAYERS), default="qwen2.5-32b",
-                    help="qwen3-30b-a3b: a mixture-of-experts model (its own dims; --hidden etc. ignored)")
+                    help="qwen3-30b-a3b, deepseek-*: a mixture-of-experts model (its own dims; --hidden etc. "
+                         "ignored)")
     for k, v in QWEN32B.items():
         ap.add_argument("--" + k.replace("_", "-"), type=int, default=v)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -263,12 +340,13 @@ def main(argv=None) -> int:
         print(write_results(json.loads(Path(args.render).read_text()), Path(args.out), args.tag))
         return 0
     work = Path(args.work) / args.tag
-    moe = args.shape == "qwen3-30b-a3b"
-    shape = dict(QWEN3_30B_A3B) if moe else {k: getattr(args, k) for k in QWEN32B}
+    moe = args.shape in MOE_SHAPES
+    shape = dict(MOE_SHAPES[args.shape]) if moe else {k: getattr(args, k) for k in QWEN32B}
     if moe and set(args.stages.split(",")) - {"quantize"} - {x for x in args.stages.split(",") if "@" in x}:
-        ap.error("--shape qwen3-30b-a3b runs the quantize stage only (measure has no MoE path yet)")
+        ap.error(f"--shape {args.shape} runs the quantize stage only (measure has no MoE path yet)")
     t0 = time.perf_counter()
-    src = (write_moe_model if moe else write_model)(work / "model", args.layers, **shape)
+    writer = write_deepseek_model if args.shape.startswith("deepseek") else write_moe_model if moe else write_model
+    src = writer(work / "model", args.layers, **shape)
     t_model = time.perf_counter() - t0
     print(f"model: {args.layers} layers of {shape} in {t_model:.0f} s", file=sys.stderr)
     stages = []

@@ -128,28 +128,40 @@ def quantize_to_format(quantizer: Quantizer, W: torch.Tensor, codec, H: torch.Te
 EXPERT_BATCH_BYTES = 4 * 2**30
 
 
-def quantize_experts_to_format(quantizer: Quantizer, W: torch.Tensor, codec, hessians: list | None,
-                               importance: torch.Tensor | None = None):
-    """[(bytes or None, dequantized float32)] of each expert of a stacked W [experts, rows, cols], each with its own
-    Hessian and importance (`importance` [experts, cols], e.g. an imatrix file's per-expert data; by default the
-    Hessian's diagonal), as `quantize_to_format` gives them one by one. GPTQ into
+def quantize_experts_to_format(quantizer: Quantizer, W: torch.Tensor, codec, hessians, importance=None):
+    """Yields (bytes or None, dequantized float32) of each expert of a stacked W [experts, rows, cols] in order,
+    each with its own Hessian (`hessians[e]`: a list, or `calibration.blocks.ExpertHessians`, which may build them
+    a chunk at a time as they are asked for) and importance (`importance` [experts, cols], e.g. an imatrix file's
+    per-expert data; by default the Hessian's diagonal), as `quantize_to_format` gives them one by one. GPTQ into
     a format with per-weight codes sweeps many experts at once (`gptq_many`: the same codes, one launch per column
     for all of them)."""
     n, rows, cols = W.shape
     Hs = hessians if hessians is not None else [None] * n
-    imps = [None if H is None else torch.diagonal(H).clone() for H in Hs] if importance is None else \
-        [importance[e].to(W.device, torch.float32) for e in range(n)]
+
+    def imp(e):
+        if importance is not None:
+            return importance[e].to(W.device, torch.float32)
+        if hessians is None:
+            return None
+        diag = getattr(Hs, "diagonal", None)
+        return diag(e).to(W.device) if diag is not None else torch.diagonal(Hs[e]).clone()
+
     cfg = getattr(quantizer, "config", None)
     if not (quantizer.name == "gptq" and hessians is not None and not getattr(codec, "blockwise", False)
             and not cfg.act_order and not cfg.static_groups):
-        return [quantize_to_format(quantizer, W[e], codec, H=Hs[e], importance=imps[e]) for e in range(n)]
+        for e in range(n):
+            yield quantize_to_format(quantizer, W[e], codec, H=Hs[e], importance=imp(e))
+        return
     ggml_type = getattr(codec, "ggml_type", None)
     step = max(1, EXPERT_BATCH_BYTES // (4 * (cols * cols + 5 * rows * cols)))
-    out = []
-    for e0 in range(0, n, step):
-        e1 = min(n, e0 + step)
+    bound = getattr(Hs, "chunk", 0) or n       # a batch stays within one chunk of lazily built Hessians
+    e0 = 0
+    while e0 < n:
+        e1 = min(n, e0 + step, (e0 // bound + 1) * bound)
         res = gptq_many(W[e0:e1], torch.stack([H.to(W.device) for H in Hs[e0:e1]]), codec,
-                        block_size=cfg.block_size, damp=cfg.damp, importance=torch.stack(imps[e0:e1]).to(W.device),
+                        block_size=cfg.block_size, damp=cfg.damp,
+                        importance=torch.stack([imp(e) for e in range(e0, e1)]).to(W.device),
                         clip_search=cfg.clip_search)
-        out += [(codec.pack(r.codes, r.params) if ggml_type is not None else None, r.dequantized) for r in res]
-    return out
+        for r in res:
+            yield codec.pack(r.codes, r.params) if ggml_type is not None else None, r.dequantized
+        e0 = e1

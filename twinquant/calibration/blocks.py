@@ -13,21 +13,49 @@ from twinquant.model import roles
 from twinquant.model.forward import block_forward
 
 
-class HessianHook:
-    """A `LinearHook` accumulating H = mean of 2·xᵀx over the inputs of the named linears (one per input group)."""
+# Bytes of one stacked tensor's per-expert Hessians held at once. DeepSeek-V3's 256 experts of 7168 inputs need
+# 53 GB; past this they are collected a chunk of experts at a time (`ExpertHessians`), from the routed inputs the
+# block pass kept (one [tokens, hidden] copy, 1 GB there), as GPTQ reaches each chunk.
+EXPERT_HESSIAN_BYTES = 8 << 30
 
-    def __init__(self, names: set[str]):
+
+class HessianHook:
+    """A `LinearHook` accumulating H = mean of 2·xᵀx over the inputs of the named linears (one per input group), and
+    one H per slice of a stacked tensor (routed experts, MLA's per-head k_b / v_b) through `expert_input`.
+
+    `chunked`: stacked expert tensors (by their gate_exps / down_exps name) whose per-expert Hessians would not fit
+    in memory: for them the hook keeps the routed inputs (`routing`), each expert's token count and input power
+    (the Hessian's diagonal) and the pooled Hessian instead; `expert_hessians` then rebuilds chunks on demand."""
+
+    def __init__(self, names: set[str], chunked: set[str] = frozenset()):
         self.names = names
-        self.acc: dict[str, tuple[torch.Tensor, int]] = {}
+        self.chunked = set(chunked)
+        self.acc: dict = {}
+        self.stats: dict[tuple[str, int], list] = {}      # chunked: (name, expert) -> [tokens, Σ 2x²]
+        self.routed: dict[str, list] = {}                 # chunked gate_exps name -> [(inputs, chosen experts)]
+        self._experts: dict[str, ExpertHessians] = {}
 
     def __call__(self, name: str, inp: torch.Tensor) -> None:
         if name in self.names:
             self._add(name, inp)
 
     def expert_input(self, name: str, expert: int, inp: torch.Tensor) -> None:
-        """The inputs of one routed expert (the tokens routed to it): one Hessian per expert."""
-        if name in self.names:
+        """The inputs of one routed expert (the tokens routed to it) or head: one Hessian per expert."""
+        if name not in self.names:
+            return
+        if name not in self.chunked:
             self._add((name, expert), inp)
+            return
+        x = inp.reshape(-1, inp.shape[-1]).float()
+        st = self.stats.setdefault((name, expert), [0, 0.0])
+        st[0] += x.shape[0]
+        st[1] = st[1] + 2 * x.square().sum(0)
+        self._add(name, x)          # the pool: every routed input of the tensor
+
+    def routing(self, name: str, x: torch.Tensor, chosen: torch.Tensor) -> None:
+        """A MoE block's FFN input [tokens, hidden] and the experts each token was routed to [tokens, k]."""
+        if self.chunked:        # (any of this block's stacks: down's inputs are computed from these too)
+            self.routed.setdefault(name, []).append((x.detach().float(), chosen))
 
     def _add(self, key, inp: torch.Tensor) -> None:
         from twinquant.algorithms.gptq import accumulate_hessian
@@ -38,22 +66,109 @@ class HessianHook:
     def hessian(self, name: str) -> torch.Tensor | None:
         return self.acc.get(name, (None, 0))[0]
 
-    def expert_hessians(self, name: str, n_experts: int, cols: int) -> tuple[list[torch.Tensor], list[int]]:
-        """Per-expert Hessians of a stacked expert tensor with `cols` inputs, and the tokens each expert saw.
+    def expert_hessians(self, name: str, n_experts: int, cols: int, recollect=None) -> tuple["ExpertHessians",
+                                                                                                list[int]]:
+        """Per-expert Hessians of a stacked tensor with `cols` inputs (`ExpertHessians`), and the tokens each
+        expert saw. `recollect(name, experts: range) -> {expert: (H, tokens)}` rebuilds a chunk of a `chunked`
+        tensor's. Asked again (gate and up share theirs), the same object."""
+        if name not in self._experts:
+            if name in self.chunked:
+                tokens = [self.stats.get((name, e), [0])[0] for e in range(n_experts)]
+                power = [self.stats.get((name, e), [0, None])[1] for e in range(n_experts)]
+                pool = self.acc.get(name, (None, 0))[0]
+                chunk = max(1, EXPERT_HESSIAN_BYTES // (4 * cols * cols))
+                hs = ExpertHessians(cols, tokens, pool, power=power, chunk=chunk,
+                                    recollect=lambda r: recollect(name, r))
+            else:
+                own = [self.acc.pop((name, e), (None, 0)) for e in range(n_experts)]
+                tokens = [n for _, n in own]
+                total = sum(tokens)
+                pool = sum(H * (n / total) for H, n in own if n) if total else None
+                hs = ExpertHessians(cols, tokens, pool, own=[H for H, _ in own])
+            if hs.pool is None:
+                raise TwinquantError(f"{name}: no calibration token reached any expert")
+            self._experts[name] = hs
+        hs = self._experts[name]
+        return hs, hs.tokens
 
-        Calibration reaches some experts rarely or never. An expert that saw fewer tokens than it has inputs has a
-        singular Hessian (GPTQ would fit those few tokens), and one that saw none has no Hessian at all: both are
-        completed with the tensor's pooled Hessian (the token-weighted mean over its experts), in proportion to the
-        tokens missing: H = (n·H_e + (cols − n)·H_pool) / cols. An expert with enough tokens keeps its own."""
-        own = [self.acc.get((name, e), (None, 0)) for e in range(n_experts)]
-        total = sum(n for _, n in own)
-        if total == 0:
-            raise TwinquantError(f"{name}: no calibration token reached any expert")
-        pool = sum(H * (n / total) for H, n in own if n)
-        out = []
-        for H, n in own:
-            out.append(H if n >= cols else (pool if n == 0 else (H * n + pool * (cols - n)) / cols))
-        return out, [n for _, n in own]
+
+class ExpertHessians:
+    """The Hessians of a stacked tensor's experts (`hs[e]`, `hs[a:b]`), their diagonals (`diagonal(e)`) and the
+    tokens each saw (`tokens`).
+
+    Calibration reaches some experts rarely or never. An expert that saw fewer tokens than it has inputs has a
+    singular Hessian (GPTQ would fit those few tokens), and one that saw none has no Hessian at all: both are
+    completed with the tensor's pooled Hessian (the token-weighted mean over its experts), in proportion to the
+    tokens missing: H = (n·H_e + (cols − n)·H_pool) / cols. An expert with enough tokens keeps its own.
+
+    Held all at once (`own`), or a chunk of `chunk` experts at a time: `recollect(range)` rebuilds a chunk's own
+    Hessians when one of its experts is asked for, dropping the previous chunk (ask in expert order)."""
+
+    def __init__(self, cols: int, tokens: list[int], pool, own: list | None = None, power: list | None = None,
+                 chunk: int = 0, recollect=None):
+        self.cols, self.tokens, self.pool = cols, tokens, pool
+        self.power, self.chunk, self.recollect = power, chunk, recollect
+        self.held = None if own is None else {e: self._complete(H, n) for e, (H, n) in enumerate(zip(own, tokens))}
+        self.chunks_built = 0
+
+    def _complete(self, H, n: int):
+        """In place: a chunk's (or the whole set's) own Hessians are not used otherwise."""
+        if n >= self.cols:
+            return H
+        if n == 0 or H is None:
+            return self.pool
+        return H.mul_(n / self.cols).add_(self.pool, alpha=(self.cols - n) / self.cols)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, e):
+        if isinstance(e, slice):
+            return [self[i] for i in range(*e.indices(len(self)))]
+        if self.held is None or e not in self.held:
+            if self.recollect is None:
+                raise IndexError(e)
+            start = e // self.chunk * self.chunk
+            self.held = None            # the previous chunk goes before the next is built
+            got = self.recollect(range(start, min(start + self.chunk, len(self))))
+            self.held = {i: self._complete(got.get(i, (None, 0))[0], self.tokens[i])
+                         for i in range(start, min(start + self.chunk, len(self)))}
+            self.chunks_built += 1
+        return self.held[e]
+
+    def diagonal(self, e: int) -> torch.Tensor:
+        """Expert e's completed Hessian's diagonal, without building its chunk."""
+        if self.power is None:
+            return torch.diagonal(self[e]).clone()
+        n = self.tokens[e]
+        if n >= self.cols:
+            return self.power[e] / n
+        own = self.power[e] if n else 0.0
+        return (own + torch.diagonal(self.pool) * (self.cols - n)) / self.cols
+
+
+def routed_hessians(model, layer: int, name: str, inputs: list, experts: range) -> dict[int, tuple]:
+    """{expert: (H, tokens)} of the stacked tensor `name` of MoE block `layer` for `experts`, from the block's
+    routed FFN inputs (`HessianHook.routing`): gate/up's inputs are the tokens routed to the expert, down's the
+    expert's activations on them (with the block's gate/up as they are now)."""
+    import torch.nn.functional as F
+
+    from twinquant.algorithms.gptq import accumulate_hessian
+
+    x = torch.cat([i for i, _ in inputs])
+    chosen = torch.cat([c for _, c in inputs])
+    down = roles.block_tensor(name) == roles.EXPERTS[2]
+    if down:
+        gate, up = (model.get(roles.name(t, layer)) for t in roles.EXPERTS[:2])
+    out = {}
+    for e in experts:
+        xe = x[(chosen == e).any(-1)]
+        if xe.shape[0] == 0:
+            continue
+        if down:
+            xe = (F.silu(xe @ gate[e].float().T) * (xe @ up[e].float().T))
+        out[e] = accumulate_hessian(None, 0, xe)
+    return out
 
 
 def block_pass(model, layer: int, x: torch.Tensor, hook=None) -> torch.Tensor:
@@ -62,10 +177,24 @@ def block_pass(model, layer: int, x: torch.Tensor, hook=None) -> torch.Tensor:
                       for i in range(x.shape[0])])
 
 
+def chunked_stacks(model, layer: int) -> set[str]:
+    """The stacked expert tensors of block `layer` whose per-expert Hessians exceed EXPERT_HESSIAN_BYTES."""
+    s = model.spec
+    out = set()
+    for g in roles.shared_input_groups(layer, s):
+        if roles.is_expert_stack(g[0]):
+            n, _, cols = roles.expected_shape(s, g[0])
+            if 4 * n * cols * cols > EXPERT_HESSIAN_BYTES:
+                out.add(g[0])
+    return out
+
+
 def block_hessians(model, layer: int, x: torch.Tensor, wanted: set[str]) -> HessianHook:
     """The Hessians of the shared-input groups of block `layer` whose members are in `wanted` (keyed by the
-    group's first name), from the activations x entering it."""
-    hooks = HessianHook({g[0] for g in roles.shared_input_groups(layer, model.spec) if any(n in wanted for n in g)})
+    group's first name), from the activations x entering it; per-expert ones of large stacks in chunks later
+    (`chunked_stacks`)."""
+    names = {g[0] for g in roles.shared_input_groups(layer, model.spec) if any(n in wanted for n in g)}
+    hooks = HessianHook(names, chunked_stacks(model, layer) & names)
     if hooks.names:
         for i in range(x.shape[0]):
             block_forward(model, layer, x[i: i + 1].to(model.dtype), hook=hooks)

@@ -58,8 +58,10 @@ def auto_tokens(spec, ctx: int = 512, per_input: int = 2, floor: int = 8192) -> 
     # a MoE model's linears: attention, the experts (the config's dense intermediate size is no linear's width);
     # each expert sees about used/experts of the tokens, and its Hessian is completed from the pooled one
     # (calibration/blocks.py) where that is too few
-    widest = max(spec.hidden, spec.q_dim, spec.expert_ffn, spec.shared_ffn) if spec.moe else \
-        max(spec.hidden, spec.intermediate, spec.q_dim)
+    # (DeepSeek: plus its dense leading blocks' FFN and latent attention's widths)
+    dense = spec.intermediate if not spec.moe or spec.n_dense_lead else 0
+    widest = max(spec.hidden, spec.attn_out_dim, spec.q_lora_rank, spec.kv_lora_rank, spec.expert_ffn,
+                 spec.shared_ffn, dense)
     n = max(floor, per_input * widest)
     return -(-n // ctx) * ctx
 

@@ -267,6 +267,9 @@ def moe_feed_forward(model: Model, layer: int, x: torch.Tensor, hook: LinearHook
     names = [roles.name(t, layer) for t in roles.EXPERTS]
     gate, up, down = (model.get(n) for n in names)
     seen = getattr(hook, "expert_input", None)
+    routing = getattr(hook, "routing", None)
+    if routing is not None:      # the block's routed inputs, kept by a hook that rebuilds expert Hessians later
+        routing(names[0], flat, chosen)
     out = torch.zeros_like(flat)
     for e in chosen.unique().tolist():      # experts no token chose cost nothing
         tok, k = (chosen == e).nonzero(as_tuple=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -80,10 +81,10 @@ def _parts(quantizer, W: torch.Tensor, codec, H, imp, expert_hessians):
     """(weights, Hessian, (bytes, dequantized)) pieces: a stacked expert tensor's experts, each with its own Hessian
     (quantized together where the quantizer can: `quantize_experts_to_format`); else row chunks of a large tensor
     (rows are independent in every codec and in GPTQ), quantized as they are asked for."""
-    if W.ndim == 3:
+    if W.ndim == 3:     # (each expert's Hessian asked for right after its result: a chunk is built once)
         done = quantize_experts_to_format(quantizer, W, codec, expert_hessians, imp)
-        for e in range(W.shape[0]):
-            yield W[e], (expert_hessians[e] if expert_hessians is not None else None), done[e]
+        for e, res in enumerate(done):
+            yield W[e], (expert_hessians[e] if expert_hessians is not None else None), res
         return
     step = chunk_rows(W.shape[0], W.shape[1], W.device)
     for r in range(0, W.shape[0], step):
@@ -136,6 +137,13 @@ def quantize_tensor(model: Model, name: str, type_name: str, quantizer, H: torch
     out_err = dhd / max(whw, 1e-30) if whw > 0 else None
     return TensorReport(name, tuple(W.shape), type_name, bpw, (dd / max(ww, 1e-60)) ** 0.5, out_err,
                         time.perf_counter() - t0, expert_tokens)
+
+
+def _recollect(model: Model, layer: int, hooks, name: str, experts: range) -> dict:
+    """A chunk of a large stacked tensor's per-expert Hessians, from the routed inputs the block pass kept."""
+    from twinquant.calibration.blocks import routed_hessians
+
+    return routed_hessians(model, layer, name, hooks.routed[roles.name(roles.EXPERTS[0], layer)], experts)
 
 
 def quantize_blocks(model: Model, types: dict[str, str], method: str = "gptq", windows: torch.Tensor | None = None,
@@ -207,7 +215,8 @@ def quantize_blocks(model: Model, types: dict[str, str], method: str = "gptq", w
                         continue
                     if roles.is_stack(n) and hooks is not None:     # experts, or MLA's per-head k_b / v_b
                         shape = roles.expected_shape(s, n)
-                        Hs, tokens = hooks.expert_hessians(g[0], shape[0], shape[-1])
+                        Hs, tokens = hooks.expert_hessians(g[0], shape[0], shape[-1], recollect=partial(
+                            _recollect, model, layer, hooks))
                         done(quantize_tensor(model, n, types[n], quantizer, None, imps.get(n), Hs,
                                              tokens if roles.is_expert_stack(n) else None))
                         continue
