@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import shutil
 import sys
 import threading
@@ -335,9 +336,18 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--render", metavar="JSON", help="only write the table and plot of an existing results file "
                     "(e.g. one brought back from a GPU machine) as scale_TAG.{json,md,png}")
+    ap.add_argument("--from-log", metavar="LOG", help="a run cut off before its stage ended: the per-tensor seconds "
+                    "of its quantize log (with --command, --commit: the run's own) as a partial results file")
+    ap.add_argument("--command", help="with --from-log: the command that wrote the log")
+    ap.add_argument("--commit", help="with --from-log: the commit that ran")
+    ap.add_argument("--machine-of", metavar="JSON", help="with --from-log: a results file written on the machine "
+                    "that ran it (its `machine` record)")
     args = ap.parse_args(argv)
     if args.render:
         print(write_results(json.loads(Path(args.render).read_text()), Path(args.out), args.tag))
+        return 0
+    if args.from_log:
+        print(write_results(partial_from_log(Path(args.from_log), args), Path(args.out), args.tag))
         return 0
     work = Path(args.work) / args.tag
     moe = args.shape in MOE_SHAPES
@@ -362,6 +372,45 @@ def main(argv=None) -> int:
     return 0
 
 
+_LOG_LINE = re.compile(r"^\[\s*\d+/\d+\]\s+(?P<name>\S+)\s+\[[^\]]*\]\s+->\s+(?P<type>\S+)\s+(?P<bpw>[\d.]+) bpw"
+                       r".*?\s(?P<s>[\d.]+)s(?:\s|$)")
+
+
+def partial_from_log(log: Path, args) -> dict:
+    """A cut-off quantize run's record from its log: each finished tensor's seconds (GPTQ, including a chunked
+    stack's Hessian rebuilds), summed per block; the blocks' calibration forwards are not in the log."""
+    tensors = []
+    for line in log.read_text().splitlines():
+        m = _LOG_LINE.match(line)
+        if m:
+            tensors.append({"name": m["name"], "type": m["type"], "bpw": float(m["bpw"]), "seconds": float(m["s"])})
+    blocks: dict[int, float] = {}
+    for t in tensors:
+        if t["name"].startswith("blk."):
+            b = int(t["name"].split(".")[1])
+            blocks[b] = blocks.get(b, 0.0) + t["seconds"]
+    last = tensors[-1]["name"] if tensors else "nothing"
+    total, lead = TOTAL_LAYERS[args.shape], DENSE_LEAD.get(args.shape, 0)
+    per = [blocks[b] for b in sorted(blocks)]
+    # a lower bound: the finished tensors only (the cut-off block's missing ones and every calibration forward not)
+    lower = (sum(t["seconds"] for t in tensors if not t["name"].startswith("blk."))
+             + (lead * per[0] + (total - lead) * max(per[1:]) if lead and len(per) > 1 else total * max(per))) / 60
+    stage = {"stage": "quantize (cut off)", "wall_seconds": sum(t["seconds"] for t in tensors),
+             "blocks": [{"block": b, "seconds": round(v, 1), "gptq": round(v, 1), "other": 0.0}
+                        for b, v in sorted(blocks.items())],
+             "embedding_seconds": _tensor_seconds({"tensors": tensors}, "token_embd.weight"),
+             "tensors": tensors, "peak_rss_anon_gib": None, "peak_gpu_gib": None,
+             "extrapolated_layers": total, "extrapolated_min": round(lower, 1), "extrapolated_is_lower_bound": True}
+    res = record(benchmark="scale", tag=args.tag, layers=args.layers, shape=dict(MOE_SHAPES.get(args.shape, {})),
+                 model=args.shape, device=args.device, stages=[stage],
+                 cut_off=f"the run ended (device time limit) after {last}: the blocks' seconds are the finished "
+                         "tensors' only; no peak memory was sampled")
+    res.update(command=args.command or res["command"], commit=args.commit or res["commit"], log=str(log.name))
+    if args.machine_of:
+        res["machine"] = json.loads(Path(args.machine_of).read_text())["machine"]
+    return res
+
+
 def write_results(res: dict, out: Path, tag: str) -> str:
     """scale_TAG.json, .md and .png from a results record; returns the markdown table."""
     out.mkdir(parents=True, exist_ok=True)
@@ -378,11 +427,16 @@ def write_results(res: dict, out: Path, tag: str) -> str:
         f = lambda v: "" if v is None else f"{v:.1f}"  # noqa: E731
         lines.append(f"| {s['stage']} | {s.get('calib_tokens') or ''} | {s['wall_seconds']:.0f} "
                      f"| {f(s.get('mean_block_seconds'))} | {f(g)} | {f(o)} "
-                     f"| {f(s.get('embedding_seconds'))} | {f(s.get('head_seconds'))} | {s['peak_rss_anon_gib']} "
-                     f"| {s['peak_gpu_gib']} | {s.get('extrapolated_min', s.get('extrapolated_64_layers_min'))} "
+                     f"| {f(s.get('embedding_seconds'))} | {f(s.get('head_seconds'))} | {s['peak_rss_anon_gib'] or ''} "
+                     f"| {s['peak_gpu_gib'] or ''} | {'≥ ' if s.get('extrapolated_is_lower_bound') else ''}"
+                     f"{s.get('extrapolated_min', s.get('extrapolated_64_layers_min'))} "
                      f"({s.get('extrapolated_layers', 64)} layers) |")
     if res.get("cut_off"):
         lines += ["", f"cut off: {res['cut_off']}"]
+    for s in res["stages"]:
+        if s.get("tensors"):
+            lines += ["", f"{s['stage']}: seconds per tensor", "", "| tensor | type | seconds |", "|---|---|---|"]
+            lines += [f"| {t['name']} | {t['type']} | {t['seconds']:.1f} |" for t in s["tensors"]]
     table = "\n".join(lines) + "\n"
     (out / f"scale_{tag}.md").write_text(table)
     _plot(res["stages"], out / f"scale_{tag}.png", res["device"], res.get("model", "qwen2.5-32b"))
