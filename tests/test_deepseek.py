@@ -282,3 +282,42 @@ def test_large_expert_hessians_are_built_a_chunk_at_a_time(tmp_path, monkeypatch
     for t in gguf.GGUFReader(b.path).tensors:
         same = np.mean(np.asarray(t.data) == np.asarray(ra[t.name].data))
         assert same > 0.97, (t.name, same)
+
+
+YARN = dict(rope_scaling={"type": "yarn", "rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 64,
+                          "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
+            max_position_embeddings=2560)
+
+
+@pytest.mark.parametrize("family", STOCK)
+def test_yarn_rope_matches_transformers_and_stock_llama_cpp(family, tmp_path):
+    """DeepSeek's releases use YaRN RoPE (V2-Lite: factor 40, mscale = mscale_all_dim = 0.707): our forward computes
+    what transformers computes, on positions past the original context too, the GGUF keeps it, and stock llama.cpp
+    computes it as well."""
+    ref = tiny_hf_model(family, **YARN)
+    ref.save_pretrained(tmp_path / "hf")
+    from tests.tiny_models import save_tiny_tokenizer
+
+    save_tiny_tokenizer(tmp_path / "hf")
+    m = load_hf_dir(tmp_path / "hf")
+    assert (m.spec.yarn_factor, m.spec.yarn_orig_ctx, m.spec.yarn_mscale_all_dim) == (40.0, 64, 0.707)
+    x = _ids(150)
+    with torch.no_grad():
+        want = ref(x).logits
+    ours = forward(m, x)
+    _close(ours, want)
+    plain = load_hf_dir(save_tiny(family, tmp_path / "plain"))      # same seed, no YaRN: another function
+    assert (forward(plain, x) - want).abs().max() > 1e-2
+    path = write_gguf(m, tmp_path / "m.gguf", "F32")
+    g = load_gguf(path)
+    assert abs(g.spec.yarn_mscale_all_dim - 0.707) < 1e-6 and g.spec.yarn_factor == 40.0
+    _close(forward(g, x), ours, 1e-5)
+    _close(_stock_logits(path, x[0, :60].tolist()), ours[0, :60])
+
+
+def test_yarn_llama_cpp_cannot_compute_is_refused(tmp_path):
+    m = load_hf_dir(save_tiny("deepseek_v3", tmp_path / "hf", tokenizer=True,
+                              **{**YARN, "rope_scaling": {**YARN["rope_scaling"], "mscale": 1.0}}))
+    with pytest.raises(TwinquantError, match="mscale"):
+        write_gguf(m, tmp_path / "m.gguf", "F32")
+    assert not list(tmp_path.glob("m.gguf*"))

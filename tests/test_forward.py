@@ -118,3 +118,33 @@ def test_residual_hook_sees_every_slot(tmp_path):
     forward(m, x, residual_hook=lambda i, h: seen.setdefault(i, h.clone()))
     assert sorted(seen) == [0, 1, 2] and seen[0].shape == (1, 12, m.spec.hidden)
     assert torch.equal(seen[0], m.get("token_embd.weight")[x])
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_yarn_rope_matches_transformers_and_stock_llama_cpp(family, tmp_path):
+    """YaRN RoPE scaling (as long-context Qwen2.5 configs set it): frequencies mixed by the ramp, cos/sin scaled by
+    0.1·ln(factor) + 1 — transformers' logits, and stock llama.cpp's on the exported file."""
+    import numpy as np
+
+    from tests.tiny_models import save_tiny_tokenizer
+    from twinquant.io.gguf_write import write_gguf
+
+    yarn = {"type": "yarn", "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    ref = tiny_hf_model(family, rope_scaling=yarn, max_position_embeddings=256)
+    ref.save_pretrained(tmp_path)
+    save_tiny_tokenizer(tmp_path)
+    m = load_hf_dir(tmp_path)
+    assert (m.spec.yarn_factor, m.spec.yarn_orig_ctx, m.spec.yarn_mscale) == (4.0, 64, 0.0)
+    x = torch.randint(3, m.spec.vocab, (1, 120), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ref(x).logits
+    ours = forward(m, x)
+    assert ((ours - want).abs().max() / want.abs().max()) < 1e-4
+    import llama_cpp
+
+    path = write_gguf(m, tmp_path / "m.gguf", "F32")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=2,
+                          type_k=0, type_v=0)
+    llm.eval(x[0, :80].tolist())
+    theirs = torch.from_numpy(np.array(llm.scores[:80], dtype=np.float32))
+    assert ((theirs - ours[0, :80]).abs().max() / ours.abs().max()) < 1e-4

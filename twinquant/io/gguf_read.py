@@ -176,6 +176,21 @@ def _deepseek(reader, a: dict, names: set[str], expert_ffn: int) -> dict:
         v_head_dim=field(reader, K.Attention.VALUE_LENGTH_MLA.format(**a), kind=int))
 
 
+def _yarn(reader, a: dict, mla: bool) -> dict:
+    """YaRN's fields as llama.cpp reads them (its betas: 32 and 1; DeepSeek's mscale = mscale_all_dim, from the
+    log multiplier the converter writes as 0.1 x mscale_all_dim)."""
+    kind = field(reader, K.Rope.SCALING_TYPE.format(**a), "none", str)
+    if kind in ("none", "linear") and not field(reader, K.Rope.SCALING_FACTOR.format(**a), 0.0, float):
+        return {}
+    if kind != "yarn":
+        raise TwinquantError(f"GGUF metadata: RoPE scaling {kind[:40]!r} is not supported yet (default RoPE or YaRN)")
+    mscale = field(reader, K.Rope.SCALING_YARN_LOG_MUL.format(**a), 0.0, float) / 0.1 if mla else 0.0
+    return dict(yarn_factor=field(reader, K.Rope.SCALING_FACTOR.format(**a), kind=float),
+                yarn_orig_ctx=field(reader, K.Rope.SCALING_ORIG_CTX_LEN.format(**a), None, int)
+                or field(reader, K.LLM.CONTEXT_LENGTH.format(**a), kind=int),
+                yarn_mscale=mscale, yarn_mscale_all_dim=mscale)
+
+
 def spec_from_gguf(reader: gguf.GGUFReader) -> ModelSpec:
     arch_name = field(reader, K.General.ARCHITECTURE, kind=str)
     arch = get_architecture(arch_name)
@@ -216,6 +231,7 @@ def spec_from_gguf(reader: gguf.GGUFReader) -> ModelSpec:
         arch=arch.name,
         **experts,
         **attn,
+        **_yarn(reader, a, arch.mla),
         n_layers=n_layers,
         hidden=hidden,
         intermediate=field(reader, K.LLM.FEED_FORWARD_LENGTH.format(**a), kind=int),

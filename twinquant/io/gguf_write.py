@@ -57,6 +57,12 @@ def _hyperparameters(w: gguf.GGUFWriter, model: Model) -> None:
         w.add_value_length(s.head_dim)
         w.add_rope_dimension_count(s.head_dim)
     w.add_rope_freq_base(s.rope_theta)
+    if s.yarn_factor:
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(s.yarn_factor)
+        w.add_rope_scaling_orig_ctx_len(s.yarn_orig_ctx)
+        if s.yarn_mscale_all_dim:   # llama.cpp's converter writes 0.1 x mscale_all_dim here (and divides it back)
+            w.add_rope_scaling_yarn_log_mul(0.1 * s.yarn_mscale_all_dim)
     w.add_layer_norm_rms_eps(s.rms_eps)
     w.add_vocab_size(s.vocab)
     if s.moe:
@@ -89,6 +95,12 @@ def check_stock_graph(model: Model) -> None:
     if s.moe and s.group_score == "max" and 1 < s.n_groups and s.groups_used < s.n_groups:
         raise TwinquantError("llama.cpp scores a group of experts by its best two (DeepSeek-V3's rule), this model by "
                              "its best one (DeepSeek-V2's group_limited_greedy): a GGUF of it would route differently")
+    if s.yarn_factor and ((s.yarn_beta_fast, s.yarn_beta_slow) != (32.0, 1.0) or (
+            s.yarn_mscale != s.yarn_mscale_all_dim or (s.mla and not s.yarn_mscale))):
+        raise TwinquantError("llama.cpp computes YaRN with beta_fast 32, beta_slow 1 and (DeepSeek) mscale = "
+                             f"mscale_all_dim (none elsewhere); this model has {s.yarn_beta_fast:g}, "
+                             f"{s.yarn_beta_slow:g}, {s.yarn_mscale:g} / {s.yarn_mscale_all_dim:g}: a GGUF of it would "
+                             "compute another function")
     if s.moe and s.shared_ffn and not roles.shared_gate(s) and s.shared_ffn % s.expert_ffn:
         raise TwinquantError(f"shared experts of width {s.shared_ffn} are not a whole number of experts of width "
                              f"{s.expert_ffn}, which llama.cpp's DeepSeek graph needs")

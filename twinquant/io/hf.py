@@ -102,14 +102,26 @@ def _get(cfg: dict, key: str, kind: type, default=...):
     return float(v) if kind is float else v
 
 
-def _rope_theta(cfg: dict) -> float:
+def _rope(cfg: dict) -> dict:
+    """ModelSpec's RoPE fields: rope_theta, and YaRN's (transformers 5's rope_parameters or the older
+    rope_scaling; default RoPE or YaRN only)."""
     params = _get(cfg, "rope_parameters", dict, {})
     scaling = _get(cfg, "rope_scaling", dict, {})
     kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if kind != "default":
-        raise TwinquantError(f"RoPE scaling type {str(kind)[:40]!r} is not supported yet (only default RoPE)")
+    if kind not in ("default", "yarn"):
+        raise TwinquantError(f"RoPE scaling type {str(kind)[:40]!r} is not supported yet (default RoPE or YaRN)")
     theta = _get(params, "rope_theta", float, None)
-    return theta if theta is not None else _get(cfg, "rope_theta", float, 10000.0)
+    out = {"rope_theta": theta if theta is not None else _get(cfg, "rope_theta", float, 10000.0)}
+    if kind == "yarn":
+        y = {**scaling, **params}
+        if y.get("attention_factor") is not None or y.get("truncate", True) is not True:
+            raise TwinquantError("config: YaRN with an explicit attention_factor or truncate=false is not supported")
+        orig = _get(y, "original_max_position_embeddings", int)
+        out.update(yarn_factor=_get(y, "factor", float, None) or _get(cfg, "max_position_embeddings", int) / orig,
+                   yarn_orig_ctx=orig, yarn_beta_fast=_get(y, "beta_fast", float, None) or 32.0,
+                   yarn_beta_slow=_get(y, "beta_slow", float, None) or 1.0,
+                   yarn_mscale=_get(y, "mscale", float, 0.0), yarn_mscale_all_dim=_get(y, "mscale_all_dim", float, 0.0))
+    return out
 
 
 def _experts(cfg: dict, arch: Architecture) -> dict:
@@ -174,13 +186,14 @@ def spec_from_hf_config(cfg: dict) -> ModelSpec:
     if cfg.get("hidden_act", "silu") != "silu":
         raise TwinquantError(f"config: activation {str(cfg.get('hidden_act'))[:40]!r} is not supported (only silu)")
     hidden, heads = _get(cfg, "hidden_size", int), _get(cfg, "num_attention_heads", int)
-    rope_theta, rms_eps = _rope_theta(cfg), _get(cfg, "rms_norm_eps", float, 1e-6)
-    for key, v in (("rope_theta", rope_theta), ("rms_norm_eps", rms_eps)):
+    rope, rms_eps = _rope(cfg), _get(cfg, "rms_norm_eps", float, 1e-6)
+    for key, v in (("rope_theta", rope["rope_theta"]), ("rms_norm_eps", rms_eps)):
         if v <= 0:
             raise TwinquantError(f"config.json: {key} is {v}, must be positive")
     fields = dict(n_kv_heads=_get(cfg, "num_key_value_heads", int, 0) or heads,
                   head_dim=_get(cfg, "head_dim", int, 0) or (hidden // heads if heads > 0 else 0))
     fields.update(_deepseek(cfg) if arch.mla else _experts(cfg, arch))
+    fields.update(rope)
     return ModelSpec(
         arch=arch.name,
         **fields,
@@ -189,7 +202,6 @@ def spec_from_hf_config(cfg: dict) -> ModelSpec:
         intermediate=_get(cfg, "intermediate_size", int),
         n_heads=heads,
         vocab=_get(cfg, "vocab_size", int),
-        rope_theta=rope_theta,
         rms_eps=rms_eps,
         tied_embeddings=_get(cfg, "tie_word_embeddings", bool, False),
         qkv_bias=_get(cfg, "attention_bias", bool, arch.qkv_bias),
@@ -399,6 +411,12 @@ def hf_config(spec: ModelSpec) -> dict:
         "head_dim": spec.head_dim,
         "vocab_size": spec.vocab,
         "rope_theta": spec.rope_theta,
+        **({"rope_scaling": {"type": "yarn", "rope_type": "yarn", "factor": spec.yarn_factor,
+                             "original_max_position_embeddings": spec.yarn_orig_ctx,
+                             "beta_fast": spec.yarn_beta_fast, "beta_slow": spec.yarn_beta_slow,
+                             **({"mscale": spec.yarn_mscale} if spec.yarn_mscale else {}),
+                             **({"mscale_all_dim": spec.yarn_mscale_all_dim} if spec.yarn_mscale_all_dim else {})}}
+           if spec.yarn_factor else {}),
         "rms_norm_eps": spec.rms_eps,
         "tie_word_embeddings": spec.tied_embeddings,
         "max_position_embeddings": spec.context_length,

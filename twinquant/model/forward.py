@@ -6,6 +6,7 @@ orientation ([out, in]); RoPE uses the rotate-half (NeoX) layout that HF checkpo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -52,12 +53,43 @@ class KVCache:
         return self.k[0].shape[2]
 
 
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction for a context `factor` times the original."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
+    """RoPE's inverse frequencies (float64), YaRN-mixed when the spec says (transformers' formula, truncated
+    correction range)."""
+    dim, base = spec.rope_width, spec.rope_theta
+    pos = base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    if not spec.yarn_factor:
+        return 1.0 / pos
+
+    def corr(rotations: float) -> float:
+        return dim * math.log(spec.yarn_orig_ctx / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = max(math.floor(corr(spec.yarn_beta_fast)), 0), min(math.ceil(corr(spec.yarn_beta_slow)), dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / ((high - low) or 0.001)).clamp(0, 1)
+    keep = 1 - ramp                      # share of the original (extrapolated) frequency
+    return (1.0 / (spec.yarn_factor * pos)) * (1 - keep) + (1.0 / pos) * keep
+
+
+def rope_attention_factor(spec: ModelSpec) -> float:
+    """The factor YaRN scales cos/sin by (1 without scaling)."""
+    if not spec.yarn_factor:
+        return 1.0
+    if spec.yarn_mscale and spec.yarn_mscale_all_dim:
+        return yarn_mscale(spec.yarn_factor, spec.yarn_mscale) / yarn_mscale(spec.yarn_factor, spec.yarn_mscale_all_dim)
+    return yarn_mscale(spec.yarn_factor)
+
+
 @dataclass
 class _Rope:
     """cos/sin tables for positions [0, n), grown on demand."""
 
-    theta: float
-    head_dim: int
+    inv: torch.Tensor          # float64 inverse frequencies [dim / 2]
+    scale: float = 1.0         # cos/sin magnitude (YaRN's attention factor)
     cos: torch.Tensor | None = None
     sin: torch.Tensor | None = None
     cast: dict = field(default_factory=dict)   # dtype -> (cos, sin): cast once, not in every layer
@@ -72,10 +104,9 @@ class _Rope:
         end = start + length
         if self.cos is None or self.cos.shape[0] < end or self.cos.device != device:
             n = max(end, 2 * (self.cos.shape[0] if self.cos is not None else 0), 512)
-            inv = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim))
-            ang = torch.outer(torch.arange(n, dtype=torch.float64), inv)     # [n, hd/2]
+            ang = torch.outer(torch.arange(n, dtype=torch.float64), self.inv)   # [n, hd/2]
             ang = torch.cat([ang, ang], dim=-1)                                 # rotate-half layout
-            self.cos, self.sin = ang.cos().to(device), ang.sin().to(device)   # float64 master tables
+            self.cos, self.sin = (ang.cos() * self.scale).to(device), (ang.sin() * self.scale).to(device)
             self.cast.clear()
         if dtype not in self.cast:
             self.cast[dtype] = (self.cos.to(dtype), self.sin.to(dtype))
@@ -83,12 +114,15 @@ class _Rope:
         return cos[start:end], sin[start:end]
 
 
-_ROPE_CACHE: dict[tuple[float, int], _Rope] = {}
+_ROPE_CACHE: dict[tuple, _Rope] = {}
 
 
 def _rope_tables(spec: ModelSpec, start: int, length: int, device, dtype):
-    key = (spec.rope_theta, spec.rope_dim if spec.mla else spec.head_dim)
-    rope = _ROPE_CACHE.setdefault(key, _Rope(*key))
+    key = (spec.rope_theta, spec.rope_width, spec.yarn_factor, spec.yarn_orig_ctx, spec.yarn_beta_fast,
+           spec.yarn_beta_slow, spec.yarn_mscale, spec.yarn_mscale_all_dim)
+    rope = _ROPE_CACHE.get(key)
+    if rope is None:
+        rope = _ROPE_CACHE[key] = _Rope(rope_inv_freq(spec), rope_attention_factor(spec))
     return rope.get(start, length, device, dtype)
 
 
@@ -218,8 +252,11 @@ def latent_attention(model: Model, layer: int, x: torch.Tensor, start: int, cach
             if L > 1:
                 qpos = torch.arange(start, start + L, device=x.device)[:, None]
                 mask = torch.arange(start + L, device=x.device)[None, :] <= qpos
+    scale = s.head_dim ** -0.5
+    if s.yarn_factor and s.yarn_mscale_all_dim:     # DeepSeek's YaRN also sharpens the softmax
+        scale *= yarn_mscale(s.yarn_factor, s.yarn_mscale_all_dim) ** 2
     o = F.scaled_dot_product_attention(q, k, k[..., :r], attn_mask=mask, is_causal=causal and L > 1,
-                                       scale=s.head_dim ** -0.5, enable_gqa=True)      # [B, H, L, r]
+                                       scale=scale, enable_gqa=True)      # [B, H, L, r]
     o = _per_head(o, model.get(n(T.ATTN_V_B)), n(T.ATTN_V_B), hook)
     return _linear(o.transpose(1, 2).reshape(B, L, s.attn_out_dim), model, n(T.ATTN_OUT), hook)
 

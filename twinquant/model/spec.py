@@ -59,6 +59,16 @@ class ModelSpec:
     kv_lora_rank: int = 0
     rope_dim: int = 0
     v_head_dim: int = 0
+    # YaRN RoPE scaling (yarn_factor 0: none): each frequency a mix of the original and the interpolated (/factor)
+    # one, by a ramp over the dimensions between beta_fast and beta_slow rotations within the original context;
+    # cos/sin scaled by an attention factor (from mscale / mscale_all_dim); latent attention's softmax scale also
+    # by mscale_all_dim's factor squared (DeepSeek), as transformers computes them.
+    yarn_factor: float = 0.0
+    yarn_orig_ctx: int = 0
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_mscale: float = 0.0
+    yarn_mscale_all_dim: float = 0.0
 
     def __post_init__(self) -> None:
         from twinquant.errors import TwinquantError
@@ -96,6 +106,10 @@ class ModelSpec:
                                      "many key/value heads as heads")
         elif self.q_lora_rank or self.rope_dim or self.v_head_dim:
             raise TwinquantError("model spec: latent-attention settings without kv_lora_rank")
+        if self.yarn_factor and not (self.yarn_factor > 0 and self.yarn_orig_ctx > 0
+                                     and self.yarn_beta_fast > self.yarn_beta_slow > 0):
+            raise TwinquantError(f"model spec: YaRN needs a positive factor ({self.yarn_factor}), the original "
+                                 f"context ({self.yarn_orig_ctx}) and beta_fast > beta_slow > 0")
 
     @property
     def moe(self) -> bool:
@@ -105,6 +119,11 @@ class ModelSpec:
     def moe_layer(self, layer: int) -> bool:
         """Block `layer` routes to experts (a MoE model's leading dense blocks do not)."""
         return self.n_experts > 0 and layer >= self.n_dense_lead
+
+    @property
+    def rope_width(self) -> int:
+        """Dimensions per head that RoPE rotates."""
+        return self.rope_dim if self.mla else self.head_dim
 
     @property
     def mla(self) -> bool:
