@@ -321,3 +321,24 @@ def test_yarn_llama_cpp_cannot_compute_is_refused(tmp_path):
     with pytest.raises(TwinquantError, match="mscale"):
         write_gguf(m, tmp_path / "m.gguf", "F32")
     assert not list(tmp_path.glob("m.gguf*"))
+
+
+def test_measured_target_size_on_deepseek(tmp_path):
+    """measure + --target-bpw on DeepSeek: per-head k_b / v_b and stacked experts priced as one entry each; the
+    file meets the target and runs in stock llama.cpp."""
+    from twinquant.pipeline import Options, measure, quantize
+    from twinquant.pipeline.recipe import load_recipe
+
+    src = save_tiny("deepseek_v3", tmp_path / "hf", tokenizer=True, kv_lora_rank=64, qk_nope_head_dim=32,
+                    v_head_dim=32, moe_intermediate_size=64, q_lora_rank=64)
+    recipe = load_recipe("default").replace(calib_tokens=512, calib_ctx=64)
+    m = measure(str(src), tmp_path / "m.json", recipe, Options(quiet=True))
+    assert m.tensors["blk.1.attn_k_b.weight"]["shape"] == [4, 64, 32]
+    assert m.tensors["blk.1.ffn_gate_exps.weight"]["candidates"]["Q4_0"]["kld"] >= 0
+    res = quantize(str(src), tmp_path / "q.gguf", recipe, Options(quiet=True, target_bpw=5.0,
+                                                                  measurement=str(tmp_path / "m.json")))
+    r = gguf.GGUFReader(res.path)
+    assert 8 * sum(int(t.n_bytes) for t in r.tensors) / res.n_params <= 5.0 + 1e-9
+    q = load_gguf(res.path)
+    toks = _ids(40, q.spec.vocab)[0].tolist()
+    _close_but_routing(_stock_logits(res.path, toks), forward(q, torch.tensor([toks]))[0])

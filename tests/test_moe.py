@@ -178,9 +178,10 @@ def test_export_refuses_a_routing_llama_cpp_does_not_compute(tmp_path):
 
 @pytest.mark.parametrize("argv", [
     ["quantize", "{m}", "-o", "{o}/q.gguf", "--rotation", "rh"],
-    ["quantize", "{m}", "-o", "{o}/q.gguf", "--format", "Q4_0", "--target-bpw", "5"],
+    ["quantize", "{m}", "-o", "{o}/q.gguf", "--format", "Q4_0", "--target-bpw", "5", "--cost", "fisher"],
     ["quantize", "{m}", "-o", "{o}/q.gguf", "--pad"],
-    ["measure", "{m}", "-o", "{o}/m.json"],
+    ["measure", "{m}", "-o", "{o}/m.json", "--cost", "fisher"],
+    ["measure", "{m}", "-o", "{o}/m.json", "--keep-blocks"],
     ["rotate", "{m}", "-o", "{o}/r.gguf"],
     ["imatrix", "{m}", "-f", "{t}", "-o", "{o}/i.gguf"],
 ])
@@ -434,3 +435,31 @@ def test_quantize_refuses_a_routing_llama_cpp_does_not_compute_before_any_work(t
     err = capsys.readouterr().err
     assert "does not renormalize" in err and "[   1/" not in err       # nothing was quantized
     assert not list(tmp_path.glob("q.gguf*"))
+
+
+def test_measured_target_size_treats_a_stacked_tensor_as_one_group(tmp_path):
+    """measure (KL-priced) and quantize --target-bpw on a MoE model: each stacked expert tensor is one entry of the
+    measurement (one type for all its experts, its cost from per-expert Hessians weighted by their tokens), the
+    solver meets the target, and the file runs in stock llama.cpp."""
+    from twinquant.allocation.measure import Measurement
+    from twinquant.pipeline import Options, measure, quantize
+    from twinquant.pipeline.recipe import load_recipe
+
+    src = save_tiny("qwen3moe", tmp_path / "hf", tokenizer=True, hidden_size=128, moe_intermediate_size=64)
+    recipe = load_recipe("default").replace(calib_tokens=512, calib_ctx=64)
+    m = measure(str(src), tmp_path / "m.json", recipe, Options(quiet=True))
+    entry = m.tensors["blk.1.ffn_down_exps.weight"]
+    assert entry["shape"] == [8, 128, 64] and entry["anchor"] == "Q4_0"
+    costs = [c["cost"] for c in entry["candidates"].values()]
+    assert all(c >= 0 for c in costs) and max(costs) > 10 * min(costs)      # types really differ
+    assert "kld" in entry["candidates"]["Q4_0"] and Measurement.load(tmp_path / "m.json").complete
+    res = quantize(str(src), tmp_path / "q.gguf", recipe, Options(quiet=True, target_bpw=6.0,
+                                                                  measurement=str(tmp_path / "m.json")))
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(res.path).tensors}
+    tensor_bits = 8 * sum(int(t.n_bytes) for t in gguf.GGUFReader(res.path).tensors) / res.n_params
+    assert tensor_bits <= 6.0 + 1e-9
+    assert len({types[f"blk.{i}.ffn_{r}_exps.weight"] for i in range(2) for r in ("gate", "up", "down")}) > 1
+    assert types["blk.0.ffn_gate_inp.weight"] == "F32"
+    q = load_gguf(res.path)
+    toks = torch.randint(3, q.spec.vocab, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    _close_but_routing(_stock_logits(res.path, toks), forward(q, torch.tensor([toks]))[0])

@@ -193,7 +193,7 @@ def _is_number(v) -> bool:
 
 
 def _check_entry(name: str, t) -> None:
-    """One tensor of a measurement file: {shape: [positive ints], anchor: one of its candidates, candidates: {GGML
+    """One tensor of a measurement file: {shape: [1-3 positive ints], anchor: one of its candidates, candidates: {GGML
     type: {bytes: int >= 0, cost: finite number, other numbers finite or null}}}."""
     def bad(what: str):
         return TwinquantError(f"measurement: malformed entry {name[:60]!r} ({what})")
@@ -201,7 +201,7 @@ def _check_entry(name: str, t) -> None:
     if not isinstance(t, dict) or not isinstance(t.get("candidates"), dict) or not t["candidates"]:
         raise bad("no candidates")
     shape = t.get("shape")
-    if not isinstance(shape, list) or not 1 <= len(shape) <= 2 or not all(_is_int(v) and v > 0 for v in shape):
+    if not isinstance(shape, list) or not 1 <= len(shape) <= 3 or not all(_is_int(v) and v > 0 for v in shape):
         raise bad(f"shape {str(shape)[:40]!r}")
     if not isinstance(t.get("anchor"), str) or t["anchor"] not in t["candidates"]:
         raise bad(f"anchor {str(t.get('anchor'))[:40]!r} is not a candidate")
@@ -357,7 +357,7 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
     `candidates`: "all" (K-quants, legacy types and the i-quants) or "k" (without the i-quants).
     `sample_rows`: price each candidate on this many rows of each tensor (Fisher cost only; see module doc).
     """
-    from twinquant.algorithms.backends import get_quantizer, quantize_to_format
+    from twinquant.algorithms.backends import get_quantizer, quantize_experts_to_format, quantize_to_format
     from twinquant.algorithms.gptq import reuse_factors
     from twinquant.allocation.fisher import output_fisher
     from twinquant.calibration.blocks import HessianHook, block_pass
@@ -377,6 +377,9 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
     quantizer = get_quantizer(method, config)
     rtn = get_quantizer("rtn")
     s = model.spec
+    if (s.moe or s.mla) and (cost == "fisher" or keep_blocks):
+        raise TwinquantError(f"measure: a {s.arch} model (stacked experts / per-head tensors) is priced by KL "
+                             "(--cost anchor or exact) without kept blocks so far")
     if keep_blocks and path is None:
         raise TwinquantError("keep_blocks needs a measurement path (the blocks are kept beside it)")
     store = blocks_dir(path) if keep_blocks else None
@@ -397,18 +400,21 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
     kw = calib_windows[: header["kld_windows"]]
     if log:
         log(f"fisher: output-channel weights from {kw.shape[0]} windows (one streamed backward pass)")
-    fisher = output_fisher(model, kw, want, seed=header["fisher_seed"], stream=stream, progress=progress)
+    # (stacked tensors have no output taps: their candidates carry no Fisher estimate)
+    fisher = None if s.moe or s.mla else output_fisher(model, kw, want, seed=header["fisher_seed"], stream=stream,
+                                                        progress=progress)
     scorer = _Scorer(model, kw) if cost != "fisher" else None
 
-    def price(name: str, layer: int, xs, H: torch.Tensor | None, quant) -> None:
-        """Quantize `name` into each candidate; KL of the anchor (or of all), output errors of all."""
+    def price(name: str, layer: int, xs, H, quant) -> None:
+        """Quantize `name` into each candidate; KL of the anchor (or of all), output errors of all. H: the input
+        Hessian, or a stacked tensor's per-expert ones (`ExpertHessians`)."""
         W = model.get(name).float().clone()      # on the model's device: the quantizers run there
         imp = importance.get(name) if importance else None
-        if imp is None and H is not None:
+        if imp is None and H is not None and W.ndim == 2:
             imp = torch.diagonal(H).clone()
-        types = candidate_types(W.shape[1], candidates)
+        types = candidate_types(W.shape[-1], candidates)
         if not types:
-            raise TwinquantError(f"{name}: rows of {W.shape[1]} fit no quantized type (not a multiple of 32)")
+            raise TwinquantError(f"{name}: rows of {W.shape[-1]} fit no quantized type (not a multiple of 32)")
         direct = cost != "fisher" and (exact or H is None or layer < 0 or layer >= s.n_layers)
         rows = None
         if sample_rows is not None:
@@ -422,10 +428,22 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
         cands = {}
         with reuse_factors():                    # one factorisation of H for all the candidates
             for ty in types:
-                codec = codec_for(ty, W.shape[1])
+                codec = codec_for(ty, W.shape[-1])
+                if W.ndim == 3:     # a stack: each expert (head) with its Hessian; its share of the tokens weighs it
+                    parts = list(quantize_experts_to_format(quant, W, codec, H, imp))
+                    W_hat = torch.stack([hat.float() for _, hat in parts])
+                    share = [n / max(sum(H.tokens), 1) for n in H.tokens]
+                    cands[ty] = {"bytes": tensor_bytes(ty, W.shape), "fisher": None,
+                                 "out_error": sum(w * _out_error(W[e], W_hat[e], H[e]) for e, w in enumerate(share))}
+                    if scorer is not None and (direct or ty == types[0]):
+                        model.set(name, W_hat)
+                        cands[ty]["kld"] = scorer.kld(max(layer, 0), xs)
+                        model.set(name, W)
+                    continue
                 data, W_hat = quantize_to_format(quant if H is not None else rtn, Ws, codec, H=H, importance=imp)
                 if rows is None:
-                    c = {"bytes": tensor_bytes(ty, W.shape), "fisher": fisher.cost(name, W, W_hat, H),
+                    c = {"bytes": tensor_bytes(ty, W.shape),
+                         "fisher": fisher.cost(name, W, W_hat, H) if fisher is not None else None,
                          "out_error": _out_error(W, W_hat, H) if H is not None else None}
                 elif name == emb:
                     c = {"bytes": tensor_bytes(ty, W.shape), "fisher": fisher.cost(name, Ws, W_hat, H, sampled=True),
@@ -469,14 +487,18 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
         bar.update(1, emb)
         x = embed(model, calib_windows).float()
         for layer in range(s.n_layers):
-            todo = [n for g in roles.shared_input_groups(layer) for n in g if n in want and n not in meas.tensors]
-            hooks = HessianHook({g[0] for g in roles.shared_input_groups(layer) if any(n in todo for n in g)})
+            groups = roles.shared_input_groups(layer, s)
+            todo = [n for g in groups for n in g if n in want and n not in meas.tensors]
+            hooks = HessianHook({g[0] for g in groups if any(n in todo for n in g)})
             x_kld = [x[i: i + 1] for i in range(kw.shape[0])]
             x = block_pass(model, layer, x, hook=hooks)
-            for g in roles.shared_input_groups(layer):
+            for g in groups:
                 for n in g:
                     if n in todo:
-                        price(n, layer, x_kld, hooks.hessian(g[0]), quantizer)
+                        shape = roles.expected_shape(s, n)
+                        H = hooks.expert_hessians(g[0], shape[0], shape[-1])[0] if roles.is_stack(n) else \
+                            hooks.hessian(g[0])
+                        price(n, layer, x_kld, H, quantizer)
             model.fuse_shared_inputs()
             if stream:
                 model.release_block(layer)

@@ -126,14 +126,16 @@ def _check_writable(path: Path) -> None:
 
 
 def _check_moe(spec, recipe: Recipe, prep: Preparation, opts: Options, stage: str) -> None:
-    """What a mixture-of-experts model can be quantized with so far (one line, before any work): a mix or a format
-    with --tensor-type rules, RTN or GPTQ (per-expert Hessians), an imatrix file; no rotation, padding or
-    measurement."""
-    if stage != "quantize":
+    """What a mixture-of-experts model can be quantized (or measured) with so far (one line, before any work): a
+    mix or a format with --tensor-type rules, or a KL-priced measurement and a target size; RTN or GPTQ (per-expert
+    Hessians), an imatrix file; no rotation, padding, Fisher-priced measurement or kept blocks."""
+    if stage not in ("quantize", "measure"):
         spec.require_dense(stage)
+    measured = stage == "measure" or opts.target_size or opts.target_bpw or opts.measurement
     why = [w for bad, w in ((prep.rotation != "none", f"rotation ({prep.rotation})"),
                             (recipe.pad, "padding"),
-                            (opts.target_size or opts.target_bpw or opts.measurement, "a measured allocation"),
+                            (measured and opts.cost == "fisher", "the Fisher cost (--cost anchor or exact)"),
+                            (measured and opts.keep_blocks, "kept measurement blocks"),
                             (recipe.method == "hqq", "hqq"))
            if bad]
     if why:
@@ -153,10 +155,10 @@ class Session:
         self.n_params = model.n_params()   # of the source: bits per weight are counted against the real weights
         self.prep = Preparation.of(recipe, model.spec.tied_embeddings, model.spec.moe)
         if model.spec.moe:
-            from twinquant.io.gguf_write import check_stock_graph
-
             _check_moe(model.spec, recipe, self.prep, opts, stage)
-            check_stock_graph(model)       # the file written hours later must be one stock llama.cpp computes
+        from twinquant.io.gguf_write import check_stock_graph
+
+        check_stock_graph(model)       # the file written hours later must be one stock llama.cpp computes
 
         # llama-quantize's rules "with an imatrix" when there is importance data: an --imatrix file, or GPTQ's
         # calibration (its Hessian diagonal is the imatrix), so a GPTQ file has the types of llama.cpp's +imatrix one
