@@ -155,3 +155,14 @@ def test_batched_sweep_of_experts_gives_each_experts_own_gptq(fmt, together):
         assert many[e].loss == pytest.approx(one.loss, rel=1e-5)
     assert not torch.equal(many[0].codes, gptq(W[0], H[2], codec, damp=0.5, importance=imp[2].clone(),
                                                 clip_search=True).codes)     # each its own Hessian
+
+
+def test_expert_batches_grow_with_free_gpu_memory(monkeypatch):
+    """On a GPU the experts' sweep is launch-bound, so a batch takes a quarter of the free memory (4 to 32 GiB);
+    on the CPU the fixed 4 GiB."""
+    from twinquant.algorithms import backends
+
+    assert backends.expert_batch_bytes("cpu") == backends.EXPERT_BATCH_BYTES
+    for free, want in ((8 << 30, 4 << 30), (64 << 30, 16 << 30), (512 << 30, 32 << 30)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, f=free: (f, 2 * f))
+        assert backends.expert_batch_bytes("cuda") == want

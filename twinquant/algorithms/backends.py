@@ -126,6 +126,18 @@ def quantize_to_format(quantizer: Quantizer, W: torch.Tensor, codec, H: torch.Te
 
 # experts swept together by gptq_many: their factors and working copies, ~ (cols² + 5·rows·cols) float32 each
 EXPERT_BATCH_BYTES = 4 * 2**30
+# on a GPU the sweep is launch-bound: DeepSeek-V3's 2048 x 7168 Q2_K experts took 0.132 s each 32 at a time and
+# 0.474 s 8 at a time on an H200 (benchmarks/results/gptq_many_speed_h200-v3-gate.md), so batches take up to a
+# quarter of the free memory (at most 32 GiB)
+GPU_EXPERT_BATCH_MAX = 32 * 2**30
+
+
+def expert_batch_bytes(device) -> int:
+    """Bytes one gptq_many batch of experts may use on `device`."""
+    if torch.device(device).type != "cuda":
+        return EXPERT_BATCH_BYTES
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return max(EXPERT_BATCH_BYTES, min(GPU_EXPERT_BATCH_MAX, free // 4))
 
 
 def quantize_experts_to_format(quantizer: Quantizer, W: torch.Tensor, codec, hessians, importance=None):
@@ -153,7 +165,7 @@ def quantize_experts_to_format(quantizer: Quantizer, W: torch.Tensor, codec, hes
             yield quantize_to_format(quantizer, W[e], codec, H=Hs[e], importance=imp(e))
         return
     ggml_type = getattr(codec, "ggml_type", None)
-    step = max(1, EXPERT_BATCH_BYTES // (4 * (cols * cols + 5 * rows * cols)))
+    step = max(1, expert_batch_bytes(W.device) // (4 * (cols * cols + 5 * rows * cols)))
     bound = getattr(Hs, "chunk", 0) or n       # a batch stays within one chunk of lazily built Hessians
     e0 = 0
     while e0 < n:
