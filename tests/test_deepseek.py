@@ -342,3 +342,16 @@ def test_measured_target_size_on_deepseek(tmp_path):
     q = load_gguf(res.path)
     toks = _ids(40, q.spec.vocab)[0].tolist()
     _close_but_routing(_stock_logits(res.path, toks), forward(q, torch.tensor([toks]))[0])
+
+
+def test_cli_inspect_shows_latent_attention_and_routing(tmp_path, capsys):
+    from twinquant.cli import main
+
+    path = save_tiny("deepseek_v2_lite", tmp_path / "hf", tokenizer=True)
+    capsys.readouterr()
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "architecture: deepseek2" in out
+    assert "latent attention: kv rank 32, q rank - (direct), rope dims 8 of 24, value dims 24" in out
+    assert "experts 8, 2 per token, expert ffn 32, shared expert ffn 64, softmax scores" in out
+    assert "x 1.5" in out and "first 1 blocks dense" in out
