@@ -183,7 +183,6 @@ def test_export_refuses_a_routing_llama_cpp_does_not_compute(tmp_path):
     ["measure", "{m}", "-o", "{o}/m.json", "--cost", "fisher"],
     ["measure", "{m}", "-o", "{o}/m.json", "--keep-blocks"],
     ["rotate", "{m}", "-o", "{o}/r.gguf"],
-    ["imatrix", "{m}", "-f", "{t}", "-o", "{o}/i.gguf"],
 ])
 def test_stages_without_an_moe_path_refuse_in_one_line(tmp_path, argv, capsys):
     from twinquant.cli import main
@@ -463,3 +462,40 @@ def test_measured_target_size_treats_a_stacked_tensor_as_one_group(tmp_path):
     q = load_gguf(res.path)
     toks = torch.randint(3, q.spec.vocab, (40,), generator=torch.Generator().manual_seed(0)).tolist()
     _close_but_routing(_stock_logits(res.path, toks), forward(q, torch.tensor([toks]))[0])
+
+
+@pytest.mark.parametrize("family,over", [
+    ("qwen3moe", {}),
+    ("deepseek_v3", dict(kv_lora_rank=64, qk_nope_head_dim=32, v_head_dim=32, moe_intermediate_size=64,
+                         q_lora_rank=64)),
+])
+def test_imatrix_matches_stock_llama_imatrix(bindir, tmp_path, family, over):
+    """`twinquant imatrix` of a MoE model writes llama-imatrix's layout: per-expert sums and token counts for the
+    stacked experts (gate's inputs are up's too), one count for DeepSeek's per-head attn_k_b / attn_v_b — the
+    same entries as stock llama-imatrix's file on the same text, the same values up to rounding (a routing
+    near-tie may move a token between two experts)."""
+    import subprocess
+
+    from twinquant.calibration.imatrix import Imatrix
+    from twinquant.cli import main
+
+    src = save_tiny(family, tmp_path / "hf", tokenizer=True, **over)
+    f32 = write_gguf(load_hf_dir(src), tmp_path / "m.gguf", "F32")
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog, twice: 12 and 345. " * 60)
+    subprocess.run([str(bindir / "llama-imatrix"), "-m", str(f32), "-f", str(text), "-c", "64", "-t", "2", "-o",
+                    str(tmp_path / "theirs.gguf")], check=True, capture_output=True)
+    assert main(["imatrix", str(f32), "-f", str(text), "-c", "64", "-o", str(tmp_path / "ours.gguf")]) == 0
+    theirs, ours = Imatrix.read(tmp_path / "theirs.gguf"), Imatrix.read(tmp_path / "ours.gguf")
+    assert set(ours.names) == set(theirs.names)
+    assert ours.counts["blk.1.ffn_gate_exps.weight"].shape == (8,)
+    moved = 0
+    for n in ours.names:
+        a, b = ours.sums[n].reshape(-1), theirs.sums[n].reshape(-1)
+        assert ours.counts[n].shape == theirs.counts[n].shape, n
+        if ".ffn_gate_exps." in n:
+            moved += int(np.abs(ours.counts[n] - theirs.counts[n]).sum()) // 2     # out of one expert, into another
+        assert np.abs(a - b).max() <= 0.02 * np.abs(b).max(), n
+    assert moved <= 4
+    if family == "deepseek_v3":
+        assert ours.counts["blk.1.attn_k_b.weight"].shape == (1,) and ours.sums["blk.1.attn_k_b.weight"].size == 128

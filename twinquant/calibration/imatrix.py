@@ -214,11 +214,28 @@ read_imatrix = Imatrix.read
 class _Accumulator:
     """The LinearHook: float64 per-column sums of x² and token counts per weight name."""
 
-    def __init__(self, include: Callable[[str], bool]):
+    def __init__(self, include: Callable[[str], bool], stack_size: Callable[[str], int] | None = None):
         self.include = include
+        self.stack_size = stack_size      # name -> matrices in a stacked tensor (experts, MLA's heads)
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
+        self.slices: dict[str, dict[int, list]] = {}      # stacked tensor -> {matrix: [Σ x², tokens]}
         self._last: tuple[torch.Tensor, torch.Tensor, int] | None = None
+
+    def expert_input(self, name: str, expert: int, x: torch.Tensor) -> None:
+        """One matrix of a stacked tensor and its inputs (the tokens routed to an expert, or a head's): per-matrix
+        sums and counts, as llama-imatrix keeps them for MUL_MAT_ID. gate_exps' inputs are up_exps' too."""
+        names = [name] + ([name.replace("ffn_gate_exps", "ffn_up_exps")] if ".ffn_gate_exps." in name else [])
+        x2 = x.detach().reshape(-1, x.shape[-1])
+        sq = None
+        for n in names:
+            if not self.include(n):
+                continue
+            if sq is None:
+                sq = x2.to(torch.float64).pow(2).sum(0)
+            acc = self.slices.setdefault(n, {}).setdefault(expert, [torch.zeros_like(sq), 0])
+            acc[0] += sq
+            acc[1] += x2.shape[0]
 
     def __call__(self, name: str, x: torch.Tensor) -> None:
         if not self.include(name):
@@ -248,6 +265,20 @@ class _Accumulator:
                 raise TwinquantError(f"imatrix: non-finite values in the activations of {name}")
             sums[name] = v
             counts[name] = np.array([self.counts[name]], dtype=np.int64)
+        for name, per in self.slices.items():     # every matrix, those no token reached with zeros
+            n_mat = self.stack_size(name)
+            cols = next(iter(per.values()))[0].shape[0]
+            v = np.zeros((n_mat, cols), dtype=np.float32)
+            c = np.zeros(n_mat, dtype=np.int64)
+            for e, (sq, rows) in per.items():
+                v[e], c[e] = sq.cpu().numpy().astype(np.float32), rows
+            if not np.isfinite(v).all():
+                raise TwinquantError(f"imatrix: non-finite values in the activations of {name}")
+            from twinquant.model import roles
+
+            if not roles.is_expert_stack(name):     # a dense 3-D tensor (per-head): one count, as llama-imatrix
+                v, c = v.reshape(-1), c[:1]
+            sums[name], counts[name] = v, c
         return Imatrix(sums, counts, list(datasets), chunk_count, chunk_size)
 
 
@@ -272,7 +303,10 @@ def collect_imatrix(model, windows, progress: bool = True, process_output: bool 
         raise TwinquantError("imatrix: windows must be a non-empty [n, ctx] tensor of token ids")
     n, ctx = tokens.shape
     head = process_output and not model.spec.tied_embeddings
-    acc = _Accumulator(lambda name: name.startswith("blk.") or (head and name == "output.weight"))
+    from twinquant.model import roles
+
+    acc = _Accumulator(lambda name: name.startswith("blk.") or (head and name == "output.weight"),
+                       lambda name: roles.expected_shape(model.spec, name)[0])
     ds = list(datasets)
     with Progress(n, "imatrix", enabled=progress) as bar:
         for i in range(n):

@@ -55,7 +55,6 @@ def run_imatrix(model, text: str | Path, out: str | Path, ctx: int = 512, chunks
     `output_frequency` chunks and at the end; returns it."""
     from twinquant.eval.perplexity import make_windows
 
-    model.spec.require_dense("an importance matrix (llama.cpp's per-expert layout)")
     text_path = check_options(text, ctx, chunks, output_frequency)
     out = Path(out)
     if model.tokenizer is None:

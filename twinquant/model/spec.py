@@ -14,7 +14,7 @@ from typing import Any
 
 @dataclass(frozen=True)
 class ModelSpec:
-    arch: str                 # architecture record name: "llama", "qwen2", "qwen3"
+    arch: str                 # architecture record name (model/architectures.py): "llama", "qwen2", "deepseek2" …
     n_layers: int
     hidden: int               # residual width
     intermediate: int         # FFN width
@@ -31,8 +31,8 @@ class ModelSpec:
     name: str = ""
     # Mixture of experts (0 experts: a dense FFN in every block). Every block of a MoE model routes each token to
     # `n_experts_used` of `n_experts` experts of width `expert_ffn` (stacked [experts, out, in] tensors), plus a
-    # shared expert of width `shared_ffn` (0: none) behind a sigmoid gate; `norm_topk`: the chosen experts'
-    # softmax weights are renormalized to sum to 1.
+    # shared expert of width `shared_ffn` (0: none; behind a sigmoid gate in Qwen2-MoE, DeepSeek's shared experts
+    # have none); `norm_topk`: the chosen experts' weights are renormalized to sum to 1.
     n_experts: int = 0
     n_experts_used: int = 0
     expert_ffn: int = 0
