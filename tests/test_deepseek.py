@@ -265,12 +265,8 @@ def test_large_expert_hessians_are_built_a_chunk_at_a_time(tmp_path, monkeypatch
     monkeypatch.setattr(blocks, "EXPERT_HESSIAN_BYTES", 3 * 4 * 64 * 64)     # 3 experts of 64 inputs a chunk
     hooks = blocks.block_hessians(m, 1, x, {"blk.1.ffn_gate_exps.weight", "blk.1.ffn_down_exps.weight"})
     assert hooks.chunked == {"blk.1.ffn_gate_exps.weight"}          # down's 32-wide Hessians still fit
-    from functools import partial
-
-    from twinquant.pipeline.executor import _recollect
-
     got, got_tokens = hooks.expert_hessians("blk.1.ffn_gate_exps.weight", 8, 64,
-                                            recollect=partial(_recollect, m, 1, hooks))
+                                            recollect=blocks.recollector(m, 1, hooks))
     assert got_tokens == tokens and sum(tokens) == 3 * 32 * 2
     for e in range(8):
         assert torch.allclose(got.diagonal(e), torch.diagonal(want[e]), rtol=1e-4, atol=1e-6), e
@@ -355,3 +351,20 @@ def test_cli_inspect_shows_latent_attention_and_routing(tmp_path, capsys):
     assert "latent attention: kv rank 32, q rank - (direct), rope dims 8 of 24, value dims 24" in out
     assert "experts 8, 2 per token, expert ffn 32, shared expert ffn 64, softmax scores" in out
     assert "x 1.5" in out and "first 1 blocks dense" in out
+
+
+def test_measure_with_chunked_expert_hessians(tmp_path, monkeypatch):
+    """measure prices a stack whose Hessians are built a chunk at a time as it prices one held whole."""
+    from twinquant.calibration import blocks
+    from twinquant.pipeline import Options, measure
+    from twinquant.pipeline.recipe import load_recipe
+
+    src = save_tiny("deepseek_v3", tmp_path / "hf", tokenizer=True)
+    recipe = load_recipe("default").replace(calib_tokens=256, calib_ctx=64)
+    held = measure(str(src), tmp_path / "a.json", recipe, Options(quiet=True))
+    monkeypatch.setattr(blocks, "EXPERT_HESSIAN_BYTES", 3 * 4 * 64 * 64)
+    chunked = measure(str(src), tmp_path / "b.json", recipe, Options(quiet=True))
+    for n in ("blk.1.ffn_gate_exps.weight", "blk.2.ffn_up_exps.weight"):
+        a, b = held.tensors[n]["candidates"], chunked.tensors[n]["candidates"]
+        for ty in a:
+            assert b[ty]["out_error"] == pytest.approx(a[ty]["out_error"], rel=0.05), (n, ty)

@@ -360,7 +360,7 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
     from twinquant.algorithms.backends import get_quantizer, quantize_experts_to_format, quantize_to_format
     from twinquant.algorithms.gptq import reuse_factors
     from twinquant.allocation.fisher import output_fisher
-    from twinquant.calibration.blocks import HessianHook, block_pass
+    from twinquant.calibration.blocks import HessianHook, block_pass, chunked_stacks, recollector
     from twinquant.formats import codec_for
 
     if cost not in COSTS:
@@ -489,15 +489,16 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
         for layer in range(s.n_layers):
             groups = roles.shared_input_groups(layer, s)
             todo = [n for g in groups for n in g if n in want and n not in meas.tensors]
-            hooks = HessianHook({g[0] for g in groups if any(n in todo for n in g)})
+            names = {g[0] for g in groups if any(n in todo for n in g)}
+            hooks = HessianHook(names, chunked_stacks(model, layer) & names)
             x_kld = [x[i: i + 1] for i in range(kw.shape[0])]
             x = block_pass(model, layer, x, hook=hooks)
             for g in groups:
                 for n in g:
                     if n in todo:
                         shape = roles.expected_shape(s, n)
-                        H = hooks.expert_hessians(g[0], shape[0], shape[-1])[0] if roles.is_stack(n) else \
-                            hooks.hessian(g[0])
+                        H = hooks.expert_hessians(g[0], shape[0], shape[-1], recollect=recollector(
+                            model, layer, hooks))[0] if roles.is_stack(n) else hooks.hessian(g[0])
                         price(n, layer, x_kld, H, quantizer)
             model.fuse_shared_inputs()
             if stream:

@@ -177,6 +177,13 @@ def block_pass(model, layer: int, x: torch.Tensor, hook=None) -> torch.Tensor:
                       for i in range(x.shape[0])])
 
 
+def recollector(model, layer: int, hooks: HessianHook):
+    """`recollect(name, experts)` for `HessianHook.expert_hessians`: chunks of block `layer`'s large stacks from
+    the routed inputs `hooks` kept."""
+    gate = roles.name(roles.EXPERTS[0], layer)
+    return lambda name, experts: routed_hessians(model, layer, name, hooks.routed[gate], experts)
+
+
 def chunked_stacks(model, layer: int) -> set[str]:
     """The stacked expert tensors of block `layer` whose per-expert Hessians exceed EXPERT_HESSIAN_BYTES."""
     s = model.spec

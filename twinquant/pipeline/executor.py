@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from functools import partial
 
 import numpy as np
 import torch
@@ -28,7 +27,7 @@ from twinquant.errors import TwinquantError
 from twinquant.model import roles
 from twinquant.model.forward import embed, rms_norm
 from twinquant.model.model import Model, QuantizedWeight
-from twinquant.calibration.blocks import block_hessians, block_pass
+from twinquant.calibration.blocks import block_hessians, block_pass, recollector
 from twinquant.algorithms.backends import quantize_experts_to_format, quantize_to_format
 from twinquant.formats import codec_for
 from twinquant.progress import Progress
@@ -139,13 +138,6 @@ def quantize_tensor(model: Model, name: str, type_name: str, quantizer, H: torch
                         time.perf_counter() - t0, expert_tokens)
 
 
-def _recollect(model: Model, layer: int, hooks, name: str, experts: range) -> dict:
-    """A chunk of a large stacked tensor's per-expert Hessians, from the routed inputs the block pass kept."""
-    from twinquant.calibration.blocks import routed_hessians
-
-    return routed_hessians(model, layer, name, hooks.routed[roles.name(roles.EXPERTS[0], layer)], experts)
-
-
 def quantize_blocks(model: Model, types: dict[str, str], method: str = "gptq", windows: torch.Tensor | None = None,
                     config: dict | None = None, progress: bool = True, log=None,
                     importance: dict[str, torch.Tensor] | None = None, stream: bool = False, workdir=None,
@@ -215,8 +207,8 @@ def quantize_blocks(model: Model, types: dict[str, str], method: str = "gptq", w
                         continue
                     if roles.is_stack(n) and hooks is not None:     # experts, or MLA's per-head k_b / v_b
                         shape = roles.expected_shape(s, n)
-                        Hs, tokens = hooks.expert_hessians(g[0], shape[0], shape[-1], recollect=partial(
-                            _recollect, model, layer, hooks))
+                        Hs, tokens = hooks.expert_hessians(g[0], shape[0], shape[-1],
+                                                           recollect=recollector(model, layer, hooks))
                         done(quantize_tensor(model, n, types[n], quantizer, None, imps.get(n), Hs,
                                              tokens if roles.is_expert_stack(n) else None))
                         continue
