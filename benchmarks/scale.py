@@ -417,7 +417,8 @@ def write_results(res: dict, out: Path, tag: str) -> str:
     (out / f"scale_{tag}.json").write_text(json.dumps(res, indent=1) + "\n")
     lines = [f"# scale: {res['layers']} layers of {res.get('model', 'qwen2.5-32b')} shapes {res['shape']}, device "
              f"{res['device']}", "",
-             f"command: `{res['command']}`  ", f"commit: {res['commit']}  ", f"machine: {res['machine']}", "",
+             f"command: `{res['command']}`  ", f"commit: {res['commit']}  ",
+             *([f"({res['commit_note']})  "] if res.get("commit_note") else []), f"machine: {res['machine']}", "",
              "| stage | calibration tokens | wall s | mean block s | GPTQ s/block | other s/block | embedding s | head s "
              "| peak RSS anon GiB | peak GPU GiB | whole model (min) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in res["stages"]:
