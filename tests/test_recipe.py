@@ -36,13 +36,16 @@ def test_validation_rejects_impossible_recipes():
 
 
 def test_default_calibration_grows_with_the_widest_input():
-    from types import SimpleNamespace
-
     from twinquant.calibration.windows import auto_tokens
+    from twinquant.model.spec import ModelSpec
 
-    def spec(h, f, q=None, experts=0, expert_ffn=0, shared_ffn=0):
-        return SimpleNamespace(hidden=h, intermediate=f, q_dim=q or h, moe=experts > 0, expert_ffn=expert_ffn,
-                               shared_ffn=shared_ffn)
+    def spec(h, f, q=None, experts=0, expert_ffn=0, shared_ffn=0, **mla):
+        q = q or h
+        hd = mla.pop("head_dim", None) or next(d for d in (128, 120, 64) if q % d == 0)
+        heads = mla.pop("heads", None) or q // hd
+        return ModelSpec("deepseek2" if mla else "qwen2moe" if experts else "qwen2", 4, h, f, heads, heads, hd, 100,
+                         1e4, 1e-6, False, False, False, n_experts=experts, n_experts_used=min(experts, 8),
+                         expert_ffn=expert_ffn, shared_ffn=shared_ffn, **mla)
 
     assert BUILTIN["default"].calib_tokens is None and BUILTIN["default"].damp == 0.5
     assert auto_tokens(spec(576, 1536)) == 8192                  # small models keep the floor
@@ -53,6 +56,11 @@ def test_default_calibration_grows_with_the_widest_input():
     # MoE: the experts' widths count, not the config's dense intermediate size (no linear has it)
     assert auto_tokens(spec(2048, 6144, q=4096, experts=128, expert_ffn=768)) == 8192        # Qwen3-30B-A3B
     assert auto_tokens(spec(2048, 5632, experts=60, expert_ffn=1408, shared_ffn=5632)) == 11264   # shared expert
+    # DeepSeek-V3: its three dense blocks' FFN (18432) is the widest input; without them attn_output's (128 x 128)
+    v3 = dict(heads=128, head_dim=192, q_lora_rank=1536, kv_lora_rank=512, rope_dim=64, v_head_dim=128, n_groups=8,
+              groups_used=4, gating="sigmoid")
+    assert auto_tokens(spec(7168, 18432, None, 256, 2048, 2048, n_dense_lead=3, **v3)) == 36864
+    assert auto_tokens(spec(7168, 18432, None, 256, 2048, 2048, **v3)) == 32768
 
 
 def test_yaml_file_round_trip_and_builtins(tmp_path):
