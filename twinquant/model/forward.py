@@ -178,6 +178,17 @@ def _linears(x: torch.Tensor, model: Model, names: tuple[str, ...], hook: Linear
     return [tap(n, y) for n, y in zip(names, ys)] if tap is not None else ys
 
 
+def _causal(start: int, L: int, device) -> tuple[torch.Tensor | None, bool]:
+    """(attn_mask, is_causal) for L queries at positions start.. over the keys 0..start+L-1: SDPA's own causal mask
+    from position 0; after cached positions each query sees the keys up to its own (one query: all of them)."""
+    if start == 0:
+        return None, L > 1
+    if L == 1:
+        return None, False
+    qpos = torch.arange(start, start + L, device=device)[:, None]
+    return torch.arange(start + L, device=device)[None, :] <= qpos, False
+
+
 def attention(model: Model, layer: int, x: torch.Tensor, start: int, cache: KVCache | None, slot: int,
               hook: LinearHook | None, params=None) -> torch.Tensor:
     s = model.spec
@@ -195,17 +206,12 @@ def attention(model: Model, layer: int, x: torch.Tensor, start: int, cache: KVCa
     if model.qk_transform is not None:   # R3: q·kᵀ is unchanged, the cached keys are rotated
         q, k = model.qk_transform.apply(q), model.qk_transform.apply(k)
 
-    mask, causal = None, True
     if cache is not None:
         cache.k[slot][:, :, start:start + L] = k
         cache.v[slot][:, :, start:start + L] = v
         k, v = cache.k[slot][:, :, :start + L], cache.v[slot][:, :, :start + L]
-        if start > 0:
-            causal = False
-            if L > 1:  # queries at positions start..start+L-1 see keys 0..their own position
-                qpos = torch.arange(start, start + L, device=x.device)[:, None]
-                mask = torch.arange(start + L, device=x.device)[None, :] <= qpos
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and L > 1,
+    mask, causal = _causal(start, L, x.device)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                        enable_gqa=s.n_heads != s.n_kv_heads)
     o = o.transpose(1, 2).reshape(B, L, s.q_dim)
     return _linear(o, model, roles.name(T.ATTN_OUT, layer), hook, params=params)
@@ -243,19 +249,14 @@ def latent_attention(model: Model, layer: int, x: torch.Tensor, start: int, cach
     q_pe, k_pe = apply_rope_pairs(q_pe, cos, sin), apply_rope_pairs(k_pe[:, None], cos, sin)
     q = torch.cat((_per_head(q_nope, model.get(n(T.ATTN_K_B)), n(T.ATTN_K_B), hook), q_pe), dim=-1)
     k = torch.cat((latent, k_pe), dim=-1)                               # [B, 1, L, r + rope]
-    mask, causal = None, True
     if cache is not None:
         cache.k[slot][:, :, start:start + L] = k
         k = cache.k[slot][:, :, :start + L]
-        if start > 0:
-            causal = False
-            if L > 1:
-                qpos = torch.arange(start, start + L, device=x.device)[:, None]
-                mask = torch.arange(start + L, device=x.device)[None, :] <= qpos
+    mask, causal = _causal(start, L, x.device)
     scale = s.head_dim ** -0.5
     if s.yarn_factor and s.yarn_mscale_all_dim:     # DeepSeek's YaRN also sharpens the softmax
         scale *= yarn_mscale(s.yarn_factor, s.yarn_mscale_all_dim) ** 2
-    o = F.scaled_dot_product_attention(q, k, k[..., :r], attn_mask=mask, is_causal=causal and L > 1,
+    o = F.scaled_dot_product_attention(q, k, k[..., :r], attn_mask=mask, is_causal=causal,
                                        scale=scale, enable_gqa=True)      # [B, H, L, r]
     o = _per_head(o, model.get(n(T.ATTN_V_B)), n(T.ATTN_V_B), hook)
     return _linear(o.transpose(1, 2).reshape(B, L, s.attn_out_dim), model, n(T.ATTN_OUT), hook)
