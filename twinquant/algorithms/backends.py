@@ -124,7 +124,8 @@ def quantize_to_format(quantizer: Quantizer, W: torch.Tensor, codec, H: torch.Te
     return data, hat
 
 
-# experts swept together by gptq_many: their factors and working copies, ~ (cols² + 5·rows·cols) float32 each
+# experts swept together by gptq_many: their Hessians, factors and working copies, ~ (2·cols² + 6·rows·cols) float32
+# each (measured: 64 experts of 1408 x 2048 on the CPU, 105 MB each; DeepSeek-V3's 2048 x 7168 on an H200, 800 MB)
 EXPERT_BATCH_BYTES = 4 * 2**30
 # on a GPU the sweep is launch-bound: DeepSeek-V3's 2048 x 7168 Q2_K experts took 0.132 s each 32 at a time and
 # 0.474 s 8 at a time on an H200 (benchmarks/results/gptq_many_speed_h200-v3-gate.md), so batches take up to a
@@ -165,7 +166,7 @@ def quantize_experts_to_format(quantizer: Quantizer, W: torch.Tensor, codec, hes
             yield quantize_to_format(quantizer, W[e], codec, H=Hs[e], importance=imp(e))
         return
     ggml_type = getattr(codec, "ggml_type", None)
-    step = max(1, expert_batch_bytes(W.device) // (4 * (cols * cols + 5 * rows * cols)))
+    step = max(1, expert_batch_bytes(W.device) // (4 * (2 * cols * cols + 6 * rows * cols)))
     bound = getattr(Hs, "chunk", 0) or n       # a batch stays within one chunk of lazily built Hessians
     e0 = 0
     while e0 < n:
