@@ -430,11 +430,12 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
             for ty in types:
                 codec = codec_for(ty, W.shape[-1])
                 if W.ndim == 3:     # a stack: each expert (head) with its Hessian; its share of the tokens weighs it
-                    parts = list(quantize_experts_to_format(quant, W, codec, H, imp))
-                    W_hat = torch.stack([hat.float() for _, hat in parts])
-                    share = [n / max(sum(H.tokens), 1) for n in H.tokens]
-                    cands[ty] = {"bytes": tensor_bytes(ty, W.shape), "fisher": None,
-                                 "out_error": sum(w * _out_error(W[e], W_hat[e], H[e]) for e, w in enumerate(share))}
+                    # each expert's error taken as its result arrives, while a chunked Hessian is still held
+                    W_hat, err, total = torch.empty_like(W), 0.0, max(sum(H.tokens), 1)
+                    for e, (_, hat) in enumerate(quantize_experts_to_format(quant, W, codec, H, imp)):
+                        W_hat[e] = hat.float()
+                        err += H.tokens[e] / total * _out_error(W[e], W_hat[e], H[e])
+                    cands[ty] = {"bytes": tensor_bytes(ty, W.shape), "fisher": None, "out_error": err}
                     if scorer is not None and (direct or ty == types[0]):
                         model.set(name, W_hat)
                         cands[ty]["kld"] = scorer.kld(max(layer, 0), xs)
