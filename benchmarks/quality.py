@@ -39,6 +39,9 @@ SHARED = ROOT.parent / "shared"
 WIKI = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
 CALIB = SHARED / "data" / "calibration" / "groups_merged.txt"
 TWINQUANT = [sys.executable, "-m", "twinquant"]
+# "text of another kind" for evaluation: code the models cannot have seen in training, fixed by a commit of this
+# repository (its own Python source then), so any clone rebuilds the same bytes
+CODE_COMMIT = "9058ec8"
 
 LLAMACPP_ROWS = ["Q2_K", "Q2_K+imatrix", "IQ2_XS+imatrix", "IQ2_S+imatrix", "IQ2_M+imatrix", "Q3_K_S+imatrix"]
 TWINQUANT_ROWS = ["rtn", "gptq", "rtn+rh", "gptq+rh", "rtn+ro", "gptq+ro",
@@ -59,6 +62,44 @@ def run(cmd: list, logfile: Path) -> str:
         raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({p.returncode}):\n{text[-3000:]}")
     log(f"  {Path(str(cmd[0])).name} {' '.join(map(str, cmd[1:3]))} ... {time.perf_counter() - t0:.0f}s")
     return text
+
+
+TIME = ["/usr/bin/time", "-v"] if Path("/usr/bin/time").exists() else []
+
+
+def time_facts(logfile: Path) -> dict:
+    """Peak resident memory and CPU seconds of a command run under `/usr/bin/time -v` (the last one in its log)."""
+    text = logfile.read_text(errors="replace") if logfile.exists() else ""
+    rss = re.findall(r"Maximum resident set size \(kbytes\): (\d+)", text)
+    cpu = [float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", text)[-2:]]
+    return {"peak_rss_mib": int(rss[-1]) / 1024 if rss else None, "cpu_seconds": sum(cpu) if cpu else None}
+
+
+def code_text(work: Path) -> Path:
+    """This repository's Python source at CODE_COMMIT, file after file (built once; `git show`, so any clone with
+    the history makes the same bytes)."""
+    path = work / f"code-{CODE_COMMIT}.txt"
+    if not path.exists():
+        git = ["git", "-C", str(ROOT)]
+        names = subprocess.run(git + ["ls-tree", "-r", "--name-only", CODE_COMMIT, "twinquant"], check=True,
+                               capture_output=True, text=True).stdout.split()
+        parts = [f"# file: {n}\n" + subprocess.run(git + ["show", f"{CODE_COMMIT}:{n}"], check=True,
+                                                    capture_output=True, text=True).stdout
+                 for n in sorted(names) if n.endswith(".py")]
+        work.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(parts), encoding="utf-8")
+    return path
+
+
+def eval_text(name: str) -> Path:
+    """wiki (wiki.test.raw), code (code_text) or a file's path."""
+    if name == "wiki":
+        return WIKI
+    if name == "code":
+        return code_text(Path.home() / ".cache" / "twinquant" / "texts")
+    if not Path(name).is_file():
+        raise SystemExit(f"--text: {name} is not wiki, code or a file")
+    return Path(name)
 
 
 def llamacpp_bin() -> Path:
@@ -120,12 +161,15 @@ def tensor_stats(path: Path) -> tuple[int, int]:
 
 
 class Bench:
-    def __init__(self, model: str, work: Path, bin_dir: Path, chunks: int, threads: int, force: bool):
+    def __init__(self, model: str, work: Path, bin_dir: Path, chunks: int, threads: int, force: bool,
+                 text: Path = WIKI):
         self.model, self.work, self.bin, self.chunks, self.threads, self.force = \
             model, work, bin_dir, chunks, threads, force
         work.mkdir(parents=True, exist_ok=True)
+        self.text = text
+        self.key = "" if text == WIKI else f"-{text.stem}"     # evaluations on other texts kept apart
         self.ref = work / "ref-f16.gguf"
-        self.base = work / f"ref-c512-{chunks}.kld"
+        self.base = work / f"ref-c512-{chunks}{self.key}.kld"
         self.imatrix = work / "imatrix.gguf"
         self.n_params = None
         self.imatrix_chunks = None
@@ -135,7 +179,7 @@ class Bench:
         """sha256 of what every row of this model depends on: the packaged source, the F16 reference, the texts."""
         from twinquant import zoo
 
-        out = {"reference_f16": sha256(self.ref), "wiki.test.raw": sha256(WIKI), "groups_merged.txt": sha256(CALIB)}
+        out = {"reference_f16": sha256(self.ref), self.text.name: sha256(self.text), "groups_merged.txt": sha256(CALIB)}
         try:
             src = Path(zoo.resolve(self.model))
             out["source"] = {"file": src.name, "sha256": sha256(src)}
@@ -155,10 +199,10 @@ class Bench:
                 self.work / "ref.log")
         self.n_params = tensor_stats(self.ref)[1]
         if not self.base.exists():
-            log(f"{self.model}: reference logits ({self.chunks} chunks)")
+            log(f"{self.model}: reference logits ({self.chunks} chunks of {self.text.name})")
             tmp = self.base.with_suffix(".tmp")
-            run([self.tool("llama-perplexity"), "-m", self.ref, "-f", WIKI, "-c", 512, "--chunks", self.chunks,
-                 "-t", self.threads, "--kl-divergence-base", tmp], self.work / "ref-perplexity.log")
+            run([self.tool("llama-perplexity"), "-m", self.ref, "-f", self.text, "-c", 512, "--chunks", self.chunks,
+                 "-t", self.threads, "--kl-divergence-base", tmp], self.work / f"ref-perplexity{self.key}.log")
             os.replace(tmp, self.base)
 
     def need_imatrix(self) -> None:
@@ -186,15 +230,15 @@ class Bench:
             if "imatrix" in extra:
                 self.need_imatrix()
                 cmd += ["--imatrix", self.imatrix]
-            run(cmd + [self.ref, tmp, ftype, self.threads], out.with_suffix(".log"))
+            run(TIME + cmd + [self.ref, tmp, ftype, self.threads], out.with_suffix(".log"))
         elif kind == "twinquant" and spec.startswith("recipe="):     # a built-in recipe name or a YAML file
-            run(TWINQUANT + ["quantize", self.ref, "-o", tmp, "--recipe", spec[len("recipe="):], "--calib", CALIB,
+            run(TIME + TWINQUANT + ["quantize", self.ref, "-o", tmp, "--recipe", spec[len("recipe="):], "--calib", CALIB,
                              "--report", out.with_suffix(".report.json")], out.with_suffix(".log"))
         elif kind == "twinquant":
             spec_, _, mix = spec.partition("@")
             method, *steps = spec_.split("+")
             rotation = next((s for s in steps if s in ("rh", "ro")), "none")
-            cmd = TWINQUANT + ["quantize", self.ref, "-o", tmp, "--method", method, "--rotation", rotation,
+            cmd = TIME + TWINQUANT + ["quantize", self.ref, "-o", tmp, "--method", method, "--rotation", rotation,
                                "--mix", f"llama.cpp:{mix or 'Q2_K'}", "--calib", CALIB,
                                "--report", out.with_suffix(".report.json")]
             if "pad" in steps:
@@ -212,22 +256,27 @@ class Bench:
         else:
             raise SystemExit(f"unknown row kind {kind!r} in {row!r}")
         facts["make_seconds"] = time.perf_counter() - t0
+        facts.update(time_facts(out.with_suffix(".log")))
+        report = out.with_suffix(".report.json")
+        if kind == "twinquant" and report.exists():      # how the row was made, from twinquant's own report
+            rep = json.loads(report.read_text())
+            facts.update({k: rep.get(k) for k in ("recipe", "calibration", "rotation")})
         os.replace(tmp, out)
         out.with_suffix(".make.json").write_text(json.dumps(facts))
         return out, facts
 
     def evaluate(self, row: str) -> dict:
         path, facts = self.make(row)
-        cache = path.with_suffix(f".eval-{self.chunks}.json")
+        cache = path.with_suffix(f".eval-{self.chunks}{self.key}.json")
         if cache.exists() and not self.force and cache.stat().st_mtime >= path.stat().st_mtime:
             r = json.loads(cache.read_text())
             r.setdefault("sha256", sha256(path))
             return r
         log(f"{self.model}: evaluate {row}")
         text = run([self.tool("llama-perplexity"), "-m", path, "-c", 512, "--chunks", self.chunks, "-t", self.threads,
-                    "--kl-divergence-base", self.base, "--kl-divergence"], path.with_suffix(".eval.log"))
+                    "--kl-divergence-base", self.base, "--kl-divergence"], path.with_suffix(f".eval{self.key}.log"))
         tbytes, _ = tensor_stats(path)
-        r = {"model": self.model, "row": row, "file_bytes": path.stat().st_size, "tensor_bytes": tbytes,
+        r = {"model": self.model, "row": row, "text": self.text.name, "file_bytes": path.stat().st_size, "tensor_bytes": tbytes,
              "bpw": 8 * tbytes / self.n_params, "sha256": sha256(path), **facts, **parse_perplexity(text)}
         cache.write_text(json.dumps(r))
         return r
@@ -243,8 +292,8 @@ def same_types_anchor(r: dict, results: list[dict]) -> dict | None:
     return next((x for x in results if x["model"] == r["model"] and x["row"] == f"llama.cpp:{mix}+imatrix"), None)
 
 
-def markdown(results: list[dict], chunks: int) -> str:
-    lines = [f"wiki.test.raw, ctx 512, {chunks} chunks, stock llama-perplexity; KLD vs the F16 reference", "",
+def markdown(results: list[dict], chunks: int, text: str = WIKI.name) -> str:
+    lines = [f"{text}, ctx 512, {chunks} chunks, stock llama-perplexity; KLD vs the F16 reference", "",
              "| model | file | MiB | bpw | PPL | mean KLD | 99% KLD | same top | KLD ÷ Q2_K+imatrix | "
              "KLD ÷ llama.cpp, same types |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -320,6 +369,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["smollm2-135m", "qwen2.5-coder-0.5b"])
     ap.add_argument("--chunks", type=int, default=40)
+    ap.add_argument("--text", default="wiki", help="evaluation text: wiki (wiki.test.raw), code (this repository's "
+                    f"source at {CODE_COMMIT}) or a file")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--llamacpp", nargs="*", default=LLAMACPP_ROWS, help="llama-quantize types, +imatrix")
     ap.add_argument("--twinquant", nargs="*", default=TWINQUANT_ROWS, help="METHOD[+rh|+ro][+pad][@MIX]")
@@ -338,7 +389,8 @@ def main() -> None:
     rows = ([f"llama.cpp:{r}" for r in args.llamacpp] + [f"twinquant:{r}" for r in args.twinquant]
             + [f"autoround:{r}" for r in args.autoround])
     results, failures, inputs = [], [], {}
-    prov = record(llama_cpp=llamacpp_version(bin_dir), chunks=args.chunks, ctx=512, text=WIKI.name,
+    text = eval_text(args.text)
+    prov = record(llama_cpp=llamacpp_version(bin_dir), chunks=args.chunks, ctx=512, text=text.name,
                   calibration=CALIB.name, imatrix_chunks=args.imatrix_chunks)
 
     def write() -> None:      # after every row: an interrupted run keeps what it measured
@@ -347,7 +399,7 @@ def main() -> None:
 
     for m in args.models:
         work = Path(args.work) / m if args.work else Path.home() / ".cache" / "twinquant" / "quality" / m
-        b = Bench(m, work, bin_dir, args.chunks, args.threads, args.force)
+        b = Bench(m, work, bin_dir, args.chunks, args.threads, args.force, text)
         b.imatrix_chunks = args.imatrix_chunks
         b.autoround_args = args.autoround_args.split()
         b.prepare()
@@ -364,7 +416,7 @@ def main() -> None:
             write()
         inputs[m] = b.inputs()
     write()
-    md = results_header(f"quality: {', '.join(args.models)}", prov, inputs) + markdown(results, args.chunks)
+    md = results_header(f"quality: {', '.join(args.models)}", prov, inputs) + markdown(results, args.chunks, text.name)
     (out / f"{stem}.md").write_text(md)
     plot(results, out / f"{stem}.png")
     print(md)

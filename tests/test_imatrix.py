@@ -271,6 +271,38 @@ def test_corrupt_files(llama_runs, work, tmp_path):
         Imatrix.read(tmp_path / "missing.gguf")
 
 
+def test_streamed_collection_is_byte_identical(work, tmp_path):
+    """A lazily loaded model is run block by block (`every` windows at a time, each block read and released per
+    group): the sums, counts and written bytes equal the window-by-window run on the materialized model; the
+    snapshots come at the group ends and hold every tensor for the windows done so far."""
+    from twinquant.io.load import load_model
+
+    d, model = work
+    _, windows = _windows(model, d / "calib.txt")
+    ours = collect_imatrix(model, windows, progress=False, process_output=True, datasets=["calib.txt"],
+                           stream=False)
+    lazy = load_model(d / "m.gguf")
+    assert lazy.source is not None and not lazy.tensors
+    seen = []
+    streamed = collect_imatrix(lazy, windows, progress=False, process_output=True, datasets=["calib.txt"],
+                               every=3, on_chunk=lambda done, snap: seen.append((done, snap())))
+    assert not lazy.tensors                                # every block released after its group
+    assert [done for done, _ in seen] == [min(k, windows.shape[0]) for k in range(3, windows.shape[0] + 3, 3)]
+    assert streamed.names == ours.names and streamed.chunk_count == ours.chunk_count
+    for name in ours.names:
+        assert np.array_equal(streamed.sums[name], ours.sums[name]), name
+        assert np.array_equal(streamed.counts[name], ours.counts[name]), name
+    ours.write_gguf(tmp_path / "a.gguf")
+    streamed.write_gguf(tmp_path / "b.gguf")
+    assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
+    first = seen[0][1]                                     # the first group's save: 3 windows, all tensors
+    assert first.chunk_count == 3 and first.names == ours.names
+    alone = collect_imatrix(model, windows[:3], progress=False, process_output=True, datasets=["calib.txt"],
+                            stream=False)
+    for name in ours.names:
+        assert np.array_equal(first.sums[name], alone.sums[name]), name
+
+
 def _parser():
     from twinquant.cli import build_parser
 

@@ -54,7 +54,7 @@ def cmd_imatrix(args) -> None:
         log(f"twinquant: warning: {out}: saving the imatrix as GGUF with a suffix other than .gguf "
             f"(--output-format dat writes the legacy format)")
     base = read_inputs(args.in_files, args.ctx, log)       # read before the model loads, to fail fast
-    result = run_imatrix(_load(args), args.text, out, args.ctx, args.chunks, args.output_frequency, base,
+    result = run_imatrix(_load(args, materialize=False), args.text, out, args.ctx, args.chunks, args.output_frequency, base,
                          args.output_format, args.process_output, progress=not args.quiet, log=log)
     print(f"stored {len(result)} entries after {result.chunk_count} chunks of {args.ctx} tokens in {out}")
     if args.show_statistics:

@@ -284,15 +284,22 @@ class _Accumulator:
 
 def collect_imatrix(model, windows, progress: bool = True, process_output: bool = False,
                     datasets: Iterable[str] = (),
-                    on_chunk: Callable[[int, Callable[[], Imatrix]], None] | None = None) -> Imatrix:
+                    on_chunk: Callable[[int, Callable[[], Imatrix]], None] | None = None,
+                    every: int | None = None, stream: bool | None = None) -> Imatrix:
     """Run `windows` (int64 [n, ctx] token windows, BOS already placed, or an object with `.tokens` / `.windows`)
     through the model and collect the imatrix of every `blk.*` linear (and of `output.weight` with
     `process_output`, unless the head is tied to the embeddings, as llama-imatrix does).
 
     Each window is one chunk; chunk_size = ctx. Sums are accumulated in float64 and stored as float32.
-    `on_chunk(done, snapshot)` is called after every window; `snapshot()` builds the imatrix so far (for periodic
-    saves)."""
-    from twinquant.model.forward import forward
+    `on_chunk(done, snapshot)` is called after every window, or with `every` after every `every` windows;
+    `snapshot()` builds the imatrix so far (for periodic saves).
+
+    `stream` (default: when the model is lazily loaded with the plain layout) runs the windows block by block,
+    `every` of them at a time (all at once without it): each block is read, run on the group's windows and
+    released, so a model larger than memory needs one block plus the group's hidden states ([every, ctx,
+    hidden]). Every tensor's sums are added window after window in both orders, so the bytes are the same.
+    """
+    from twinquant.eval.perplexity import streamable
     from twinquant.progress import Progress
 
     tokens = getattr(windows, "tokens", None)
@@ -301,6 +308,8 @@ def collect_imatrix(model, windows, progress: bool = True, process_output: bool 
     tokens = torch.as_tensor(tokens, dtype=torch.long)
     if tokens.ndim != 2 or tokens.shape[0] < 1:
         raise TwinquantError("imatrix: windows must be a non-empty [n, ctx] tensor of token ids")
+    if every is not None and every < 1:
+        raise TwinquantError(f"imatrix: every must be positive, got {every}")
     n, ctx = tokens.shape
     head = process_output and not model.spec.tied_embeddings
     from twinquant.model import roles
@@ -308,15 +317,55 @@ def collect_imatrix(model, windows, progress: bool = True, process_output: bool 
     acc = _Accumulator(lambda name: name.startswith("blk.") or (head and name == "output.weight"),
                        lambda name: roles.expected_shape(model.spec, name)[0])
     ds = list(datasets)
+    if stream is None:
+        stream = streamable(model)
+    step = every or (n if stream else 1)
     with Progress(n, "imatrix", enabled=progress) as bar:
-        for i in range(n):
-            # all logits are computed, as llama-imatrix requests them (the last block runs on every token)
-            forward(model, tokens[i: i + 1], hook=acc)
-            acc._last = None
-            bar.update(i + 1)
+        for i in range(0, n, step):
+            j = min(i + step, n)
+            if stream:
+                _streamed_group(model, tokens[i:j], acc, head, progress)
+            else:
+                for k in range(i, j):
+                    _window(model, tokens[k: k + 1], acc)
+            bar.update(j)
             if on_chunk is not None:
-                on_chunk(i + 1, lambda done=i + 1: acc.snapshot(done, ctx, ds))
+                on_chunk(j, lambda done=j: acc.snapshot(done, ctx, ds))
     return acc.snapshot(n, ctx, ds)
+
+
+def _window(model, tokens: torch.Tensor, acc: _Accumulator) -> None:
+    """One window through the whole model; all logits computed, as llama-imatrix requests them."""
+    from twinquant.model.forward import forward
+
+    forward(model, tokens, hook=acc)
+    acc._last = None
+
+
+@torch.inference_mode()
+def _streamed_group(model, tokens: torch.Tensor, acc: _Accumulator, head: bool, progress: bool) -> None:
+    """Windows [g, ctx] through the model block by block (each block released after use), window after window
+    within a block; the head's input collected only when wanted (the logits themselves are not needed)."""
+    from twinquant.model import roles
+    from twinquant.model.forward import block_forward, embed, head as head_forward
+    from twinquant.progress import Progress
+
+    x = [embed(model, tokens[k: k + 1]) for k in range(tokens.shape[0])]
+    if not model.spec.tied_embeddings:
+        model.release(roles.name(roles.T.TOKEN_EMBD))
+    with Progress(model.spec.n_layers, "blocks", enabled=progress) as bar:
+        for layer in range(model.spec.n_layers):
+            for k in range(len(x)):
+                x[k] = block_forward(model, layer, x[k], hook=acc)
+                acc._last = None
+            model.release_block(layer)
+            bar.update(layer + 1)
+    if head:
+        for xk in x:
+            head_forward(model, xk, hook=acc)
+            acc._last = None
+        for t in (roles.T.OUTPUT_NORM, roles.T.OUTPUT):
+            model.release(roles.name(t))
 
 
 # --- coverage / statistics -------------------------------------------------------------------------------------

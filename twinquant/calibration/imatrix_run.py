@@ -77,7 +77,9 @@ def run_imatrix(model, text: str | Path, out: str | Path, ctx: int = 512, chunks
         if output_frequency and done % output_frequency == 0 and done < windows.shape[0]:
             save(combined(snapshot()), out, fmt)
 
+    # a lazily loaded model is run block by block, `output_frequency` windows at a time (a save after each group)
     result = combined(collect_imatrix(model, windows, progress=progress, datasets=[str(text)],
-                                      process_output=process_output, on_chunk=on_chunk))
+                                      process_output=process_output, on_chunk=on_chunk,
+                                      every=output_frequency or None))
     save(result, out, fmt)
     return result
