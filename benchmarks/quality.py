@@ -60,7 +60,8 @@ def run(cmd: list, logfile: Path) -> str:
     text = logfile.read_text(errors="replace")
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({p.returncode}):\n{text[-3000:]}")
-    log(f"  {Path(str(cmd[0])).name} {' '.join(map(str, cmd[1:3]))} ... {time.perf_counter() - t0:.0f}s")
+    shown = cmd[len(TIME):] if cmd[:len(TIME)] == TIME and TIME else cmd
+    log(f"  {Path(str(shown[0])).name} {' '.join(map(str, shown[1:3]))} ... {time.perf_counter() - t0:.0f}s")
     return text
 
 

@@ -358,6 +358,33 @@ def _generate_options(sp) -> None:
     sp.add_argument("--ignore-eos", action="store_true")
 
 
+# --- roofline -------------------------------------------------------------------------------------------------
+def cmd_roofline(args) -> None:
+    from twinquant.eval import roofline as rf
+
+    for d in args.device:
+        if d not in rf.DEVICES:
+            raise TwinquantError(f"roofline: unknown device {d!r} (known: {', '.join(rf.DEVICES.names())})")
+    if (args.model is None) == (args.shape is None):
+        raise TwinquantError("roofline: give a GGUF file, or --shape NAME with --mix (not both)")
+    if args.shape and not args.mix:
+        raise TwinquantError("roofline: --shape needs --mix (e.g. llama.cpp:IQ2_XS)")
+    if args.shape:
+        spec = rf.shape_spec(args.shape)
+        tb = rf.plan_token_bytes(spec, rf.mix_types(spec, args.mix), args.ctx)
+        what = f"{args.shape} in {args.mix}"
+    else:
+        from twinquant.io.load import load_model
+
+        model = load_model(args.model, load_tokenizer=False)
+        spec, tb = model.spec, rf.file_token_bytes(model, args.ctx)
+        what = str(args.model)
+    preds = [rf.predict(tb, d, args.bandwidth) for d in args.device]
+    print(rf.format_report(what, tb, rf.n_weights(spec), preds))
+    if args.json:
+        _write_json(args.json, {"what": what, "predictions": [p.to_dict() for p in preds]})
+
+
 # --- duplication ----------------------------------------------------------------------------------------------
 def cmd_sensitivity(args) -> None:
     from twinquant.duplication.sensitivity import layer_sensitivity
@@ -605,6 +632,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--show-statistics", action="store_true",
                     help="print per-tensor statistics of the result (as llama-imatrix --show-statistics)")
     sp.set_defaults(func=cmd_imatrix)
+
+    sp = sub.add_parser("roofline", help="decode speed a GGUF file (or a model shape in a mix) reaches on a device, "
+                                         "from the bytes it reads per token")
+    sp.add_argument("model", nargs="?", help="GGUF file (or a packaged model name)")
+    sp.add_argument("--shape", help="a model by its published shape instead of a file: qwen2.5-32b, qwen2.5-7b, "
+                                    "qwen2.5-coder-1.5b")
+    sp.add_argument("--mix", help="with --shape: llama-quantize's type mix, e.g. llama.cpp:IQ2_XS")
+    sp.add_argument("--device", nargs="+", default=["this-cpu", "m1-pro"],
+                    help="this-cpu, m1-pro, m2-max, m3-max, h200 (default: this-cpu m1-pro)")
+    sp.add_argument("--ctx", type=int, default=512, help="context of the generated token (KV cache read; default 512)")
+    sp.add_argument("--bandwidth", type=float, help="GB/s instead of the device's figure (this-cpu: measured)")
+    sp.add_argument("--json", help="also write the predictions as JSON")
+    sp.set_defaults(func=cmd_roofline)
 
     sp = sub.add_parser("models", help="list the packaged models and where their files are")
     sp.add_argument("--assemble", action="store_true", help="assemble multi-part models into the cache")

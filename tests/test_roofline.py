@@ -1,0 +1,155 @@
+"""`twinquant roofline`: the bytes a generated token reads, and the decode speed they allow on a device.
+
+Oracles: the GGUF files themselves (gguf-py's tensor sizes), stock llama-quantize's files for the per-type byte
+count of a mix (our plan of a mix must give the bytes llama.cpp writes), the LLaMA-2-7B file sizes that llama.cpp
+discussion #4167 reports (12.55 / 6.67 / 3.56 GiB for F16 / Q8_0 / Q4_0), and the committed decode measurement
+for this CPU's efficiencies."""
+
+import dataclasses
+import json
+import math
+
+import gguf
+import pytest
+
+from tests.paths import ROOT
+from tests.tiny_models import save_tiny
+from twinquant.errors import TwinquantError
+from twinquant.eval import roofline as rf
+from twinquant.model import roles
+from twinquant.model.layout import Layout, Slot
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny untied llama (256 wide: K-quants apply) as F32 GGUF, and stock llama-quantize's Q2_K of it."""
+    from tests.test_mixes import llama_quantize
+    from twinquant.io.gguf_write import write_gguf
+    from twinquant.io.load import load_model
+
+    d = tmp_path_factory.mktemp("roofline")
+    hf = save_tiny("llama", d / "hf", tokenizer=True, hidden_size=256, intermediate_size=512,
+                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    write_gguf(load_model(hf), d / "f32.gguf", "F32")
+    llama_quantize(d / "f32.gguf", d / "q2k.gguf", "Q2_K")
+    return d
+
+
+def _sizes(path):
+    return {t.name: (t.tensor_type.name, int(t.n_bytes)) for t in gguf.GGUFReader(path).tensors}
+
+
+def test_token_bytes_of_a_file(tiny):
+    from twinquant.io.load import load_model
+
+    model = load_model(tiny / "q2k.gguf", load_tokenizer=False)
+    spec, sizes = model.spec, _sizes(tiny / "q2k.gguf")
+    tb = rf.file_token_bytes(model, ctx=100)
+    blocks = sum(b for n, (_, b) in sizes.items() if n.startswith("blk."))
+    embd_type, embd = sizes["token_embd.weight"]
+    want = blocks + sizes["output.weight"][1] + sizes["output_norm.weight"][1] + round(embd / spec.vocab)
+    assert sum(tb.weights.values()) == want
+    assert tb.stored == sum(b for _, b in sizes.values())
+    assert tb.repeated == 0
+    # F16 keys and values of every layer at the context: 2 bytes × kv heads × (k + v widths) × positions
+    assert tb.kv == spec.n_layers * 2 * spec.n_kv_heads * 2 * spec.head_dim * 100
+    by_type = {}
+    for n, (t, b) in sizes.items():
+        if n.startswith("blk.") or n.startswith("output"):
+            by_type[t] = by_type.get(t, 0) + b
+    by_type[embd_type] = by_type.get(embd_type, 0) + round(embd / spec.vocab)
+    assert tb.weights == by_type
+
+
+def test_plan_of_a_mix_has_the_bytes_llama_quantize_writes(tiny):
+    from twinquant.io.load import load_model
+
+    model = load_model(tiny / "q2k.gguf", load_tokenizer=False)
+    types = rf.mix_types(model.spec, "llama.cpp:Q2_K", imatrix=False)
+    planned = rf.plan_token_bytes(model.spec, types, ctx=7)
+    written = rf.file_token_bytes(model, ctx=7)
+    assert planned.weights == written.weights and planned.stored == written.stored and planned.kv == written.kv
+    floats = rf.plan_token_bytes(model.spec, rf.mix_types(model.spec, "F32"), ctx=7)
+    assert floats.stored == sum(b for _, b in _sizes(tiny / "f32.gguf").values())
+
+
+def test_llama2_7b_sizes_match_the_cited_files():
+    """Our byte count of llama-quantize's LLaMA-2-7B files = the sizes llama-bench printed in discussion #4167."""
+    spec = rf.shape_spec("llama-2-7b")
+    for mix, gib in (("F16", 12.55), ("llama.cpp:Q8_0", 6.67), ("llama.cpp:Q4_0", 3.56)):
+        tb = rf.plan_token_bytes(spec, rf.mix_types(spec, mix, imatrix=False), 0)
+        assert round(tb.stored / 2**30, 2) == gib, mix
+
+
+def test_metal_devices_reproduce_their_anchors():
+    """Each Apple device's F16 / Q8_0 / Q4_0 efficiency is its cited tg128 speed over its bandwidth bound, so the
+    prediction for those LLaMA-2-7B files at tg128's mean context gives back the cited tokens/s."""
+    spec = rf.shape_spec("llama-2-7b")
+    for name, (_, bw, *tps) in rf.TG128_4167.items():
+        dev = rf.DEVICES[name]
+        for mix, cited in zip(("F16", "llama.cpp:Q8_0", "llama.cpp:Q4_0"), tps):
+            tb = rf.plan_token_bytes(spec, rf.mix_types(spec, mix, imatrix=False), rf.ANCHOR_CTX)
+            p = rf.predict(tb, dev)
+            assert p.expected_tps == pytest.approx(cited, rel=0.01), (name, mix)
+            assert p.bound_tps == pytest.approx(bw * 1e9 / tb.total)
+        assert all(0 < e <= 1 for e in dev.efficiency.values())
+        assert dev.eff("IQ2_XS") < dev.eff("Q4_0") < dev.eff("Q8_0") < dev.eff("F16")
+
+
+def test_duplicates_and_experts():
+    """A block executed twice is read twice (its weights counted once in the file); a routed expert stack is read
+    in the share of experts a token uses; each execution of attention reads its own KV cache."""
+    spec = rf.shape_spec("qwen2.5-coder-1.5b")
+    info = lambda name: ("Q4_K", 1000 if name.startswith("blk.") else 10**6)   # noqa: E731
+    plain = rf.token_bytes(spec, Layout.sequential(spec.n_layers), info, ctx=10)
+    slots = list(Layout.sequential(spec.n_layers).slots)
+    dup = Layout(tuple(slots[:4] + [Slot(3, 1)] + slots[4:]))
+    twice = rf.token_bytes(spec, dup, info, ctx=10)
+    per_block = 1000 * len(roles.block_tensor_names(spec, 3))
+    assert twice.repeated == per_block and twice.stored == plain.stored
+    assert sum(twice.weights.values()) - sum(plain.weights.values()) == per_block
+    assert twice.kv == plain.kv * (spec.n_layers + 1) // spec.n_layers
+    moe = dataclasses.replace(spec, n_experts=8, n_experts_used=2, expert_ffn=64)
+    tb = rf.token_bytes(moe, Layout.sequential(moe.n_layers), lambda n: ("Q2_K", 800), ctx=0)
+    stacks = [n for n in roles.block_tensor_names(moe, 0) if roles.is_expert_stack(n)]
+    others = len(roles.block_tensor_names(moe, 0)) - len(stacks)
+    # the tied head reads the embedding whole, plus its norm and one embedding row
+    assert stacks and tb.weights["Q2_K"] == (moe.n_layers * (800 * others + 200 * len(stacks)) + 800 + 800
+                                         + round(800 / moe.vocab))
+
+
+def test_predict_and_errors():
+    tb = rf.TokenBytes(weights={"Q4_K": 4 * 10**9, "IQ2_XS": 10**9}, kv=10**8, ctx=512)
+    dev = rf.Device("unit", "unit", 100.0, {"*": 1.0}, 1.0, "test")
+    p = rf.predict(tb, dev)
+    assert p.expected_tps == pytest.approx(p.bound_tps) == pytest.approx(100e9 / 5.1e9)
+    half = rf.predict(tb, dataclasses.replace(dev, efficiency={"*": 1.0, "IQ2_XS": 0.5}))
+    assert 1 / half.expected_tps == pytest.approx(5.1e9 / 100e9 + 1e9 / 100e9)
+    assert rf.predict(tb, dev, bandwidth=200.0).bound_tps == pytest.approx(2 * p.bound_tps)
+    with pytest.raises(TwinquantError, match="unknown device"):
+        rf.predict(tb, "m9-ultra")
+    with pytest.raises(TwinquantError, match="context"):
+        rf.token_bytes(rf.shape_spec("qwen2.5-7b"), Layout.sequential(28), lambda n: ("F16", 1), ctx=-1)
+    assert rf.copy_bandwidth(seconds=0.05, mib=16) > 0.1
+
+
+def test_cli(tiny, capsys):
+    from twinquant.cli import main
+
+    assert main(["roofline", "--shape", "qwen2.5-32b", "--mix", "llama.cpp:IQ2_XS", "--device", "m1-pro",
+                 "h200"]) == 0
+    out = capsys.readouterr().out
+    assert "qwen2.5-32b in llama.cpp:IQ2_XS" in out and "| IQ2_XS |" in out and "Apple M1 Pro" in out
+    assert main(["roofline", str(tiny / "q2k.gguf"), "--device", "m2-max", "--ctx", "0",
+                 "--json", str(tiny / "r.json")]) == 0
+    js = json.loads((tiny / "r.json").read_text())
+    assert js["predictions"][0]["device"] == "m2-max" and js["predictions"][0]["kv_bytes"] == 0
+    for argv, msg in ((["roofline", "--device", "zz", "--shape", "qwen2.5-7b", "--mix", "llama.cpp:Q2_K"],
+                       "unknown device"),
+                      (["roofline", "--shape", "qwen2.5-7b"], "needs --mix"),
+                      (["roofline", str(tiny / "q2k.gguf"), "--shape", "qwen2.5-7b", "--mix", "llama.cpp:Q2_K"],
+                       "not both"),
+                      (["roofline", "--shape", "gpt-5", "--mix", "llama.cpp:Q2_K"], "unknown shape")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0], (argv, err)
