@@ -36,7 +36,7 @@ MODEL = "qwen2.5-coder-1.5b"
 QUALITY = Path.home() / ".cache" / "twinquant" / "quality" / MODEL
 TYPES = ["F16", "Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K", "IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS",
          "IQ2_XXS", "IQ1_M"]
-NEEDS_IMATRIX = {"IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ1_M"}
+NEEDS_IMATRIX = {"IQ3_XXS", "IQ2_S", "IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ1_M"}     # llama-quantize refuses them without
 PROMPT, WARM = 16, 4
 
 TIMER = r"""

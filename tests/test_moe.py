@@ -33,12 +33,12 @@ def _stock_logits(path, toks: list[int]) -> torch.Tensor:
     return torch.from_numpy(np.array(llm.scores[: len(toks)], dtype=np.float32))
 
 
-def _close_but_routing(theirs: torch.Tensor, ours: torch.Tensor) -> None:
+def _close_but_routing(theirs: torch.Tensor, ours: torch.Tensor, share: float = 0.9) -> None:
     """A quantized file in stock llama.cpp vs our forward: llama.cpp's CPU products round activations to 8 bits
     (close, not equal: 0.06 of the logit range, as for dense files), and where that moves a router's top-k across
-    a near-tie the token goes to another expert: a few positions may differ more, most may not."""
+    a near-tie the token goes to another expert: a few positions may differ more, most (`share`) may not."""
     rel = (theirs - ours).abs().amax(-1) / ours.abs().max()
-    assert (rel <= 0.06).float().mean() >= 0.9, [round(v, 3) for v in rel.tolist()]
+    assert (rel <= 0.06).float().mean() >= share, [round(v, 3) for v in rel.tolist()]
 
 
 @pytest.fixture(params=list(MOE_FAMILIES))
@@ -177,12 +177,12 @@ def test_export_refuses_a_routing_llama_cpp_does_not_compute(tmp_path):
 
 
 @pytest.mark.parametrize("argv", [
-    ["quantize", "{m}", "-o", "{o}/q.gguf", "--rotation", "rh"],
+    ["quantize", "{m}", "-o", "{o}/q.gguf", "--rotation", "ro"],
     ["quantize", "{m}", "-o", "{o}/q.gguf", "--format", "Q4_0", "--target-bpw", "5", "--cost", "fisher"],
     ["quantize", "{m}", "-o", "{o}/q.gguf", "--pad"],
     ["measure", "{m}", "-o", "{o}/m.json", "--cost", "fisher"],
     ["measure", "{m}", "-o", "{o}/m.json", "--keep-blocks"],
-    ["rotate", "{m}", "-o", "{o}/r.gguf"],
+    ["rotate", "{m}", "-o", "{o}/r.gguf", "--online", "r4"],
 ])
 def test_stages_without_an_moe_path_refuse_in_one_line(tmp_path, argv, capsys):
     from twinquant.cli import main
@@ -299,8 +299,8 @@ def _moe_quantize(src, out, method="gptq", stream=True, **changes):
     from twinquant.pipeline import Options, quantize
     from twinquant.pipeline.recipe import load_recipe
 
-    recipe = dataclasses.replace(load_recipe("default"), method=method, mix=None, format="Q4_0", rotation="none",
-                                 calib_tokens=512, calib_ctx=64, **changes)
+    recipe = dataclasses.replace(load_recipe("default"), method=method, mix=None, format="Q4_0",
+                                 **{"rotation": "none", "calib_tokens": 512, "calib_ctx": 64, **changes})
     return quantize(str(src), out, recipe, Options(quiet=True, stream=stream))
 
 

@@ -233,8 +233,11 @@ def cmd_rotate(args) -> None:
     online = parse_online(args.online)      # check the options before any work
     if online and Path(args.output).suffix != ".gguf":
         raise TwinquantError("online transforms (R3/R4) cannot be stored in an HF directory; write a .gguf")
-    model = _load(args)
-    model.spec.require_dense("rotation")
+    model = _load(args, materialize=False)
+    from twinquant.rotation.rotate import check_rotatable
+
+    check_rotatable(model.spec, args.rotation, online)      # MoE / latent attention: R1 (RH) only, before any work
+    model.materialize()
     if not args.quiet:
         print(f"rotating: fuse norms, R1 {args.rotation} (seed {args.seed}), R2"
               + (f", online {', '.join(online)}" if online else ""), file=sys.stderr)

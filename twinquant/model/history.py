@@ -66,6 +66,20 @@ class Padding:
 
 
 @dataclass(frozen=True)
+class Skipped:
+    """A step a recipe asked for that this model's architecture cannot take (yet), with the reason: kept in the
+    file so nobody mistakes its absence for an oversight."""
+
+    what: str
+    why: str
+
+    KIND: ClassVar[str] = "skipped"
+
+    def to_dict(self) -> dict:
+        return {"kind": self.KIND, "what": self.what, "why": self.why}
+
+
+@dataclass(frozen=True)
 class Other:
     """A record of a kind this version does not know (kept as read, written back unchanged)."""
 
@@ -75,7 +89,7 @@ class Other:
         return dict(self.fields)
 
 
-Record = Union[FuseNorms, Rotation, Padding, Other]
+Record = Union[FuseNorms, Rotation, Padding, Skipped, Other]
 
 
 def from_dict(d: dict) -> Record:
@@ -89,6 +103,8 @@ def from_dict(d: dict) -> Record:
             return Rotation(d["kind"], **body)
         if d["kind"] == Padding.KIND:
             return Padding(**body)
+        if d["kind"] == Skipped.KIND:
+            return Skipped(**body)
     except TypeError as e:
         raise TwinquantError(f"twinquant.rotation: malformed {d['kind']} record ({e})") from None
     return Other(tuple(d.items()))

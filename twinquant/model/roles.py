@@ -96,14 +96,6 @@ def shared_gate(spec: ModelSpec) -> bool:
     return bool(spec.shared_ffn) and get_architecture(spec.arch).shared_expert
 
 
-# Which linears each RMSNorm feeds (norm fusion multiplies the norm weight into these).
-NORM_FEEDS: dict[gguf.MODEL_TENSOR, tuple[gguf.MODEL_TENSOR, ...]] = {
-    T.ATTN_NORM: (T.ATTN_Q, T.ATTN_K, T.ATTN_V),
-    T.FFN_NORM: (T.FFN_GATE, T.FFN_UP),
-    T.OUTPUT_NORM: (T.OUTPUT,),
-}
-
-
 def shared_input_groups(layer: int, spec: ModelSpec | None = None) -> list[tuple[str, ...]]:
     """Weight names of block `layer` that read one input, in execution order: (q, k, v), (o), (gate, up), (down).
 
@@ -128,6 +120,33 @@ def shared_input_groups(layer: int, spec: ModelSpec | None = None) -> list[tuple
             out += [(name(T.FFN_GATE_SHEXP, layer), name(T.FFN_UP_SHEXP, layer)), (name(T.FFN_DOWN_SHEXP, layer),)]
         out += [(name(EXPERTS[0], layer), name(EXPERTS[1], layer)), (name(EXPERTS[2], layer),)]
     return out
+
+
+def norm_feeds(spec: ModelSpec, layer: int) -> dict[gguf.MODEL_TENSOR, list[str]]:
+    """The weights each RMSNorm of block `layer` feeds, which read the (normed) residual: norm fusion multiplies
+    the gain into them and R1 rotates their inputs. Latent attention: q_a (or q) and kv_a_mqa; a MoE block: the
+    router, the routed experts' gate/up, the shared expert's gate/up and its sigmoid gate."""
+    n = lambda t: name(t, layer)    # noqa: E731
+    if spec.mla:
+        attn = [n(T.ATTN_Q_A) if spec.q_lora_rank else n(T.ATTN_Q), n(T.ATTN_KV_A_MQA)]
+    else:
+        attn = [n(T.ATTN_Q), n(T.ATTN_K), n(T.ATTN_V)]
+    if spec.moe_layer(layer):
+        ffn = [n(ROUTER), n(T.FFN_GATE_EXP), n(T.FFN_UP_EXP)]
+        if spec.shared_ffn:
+            ffn += [n(T.FFN_GATE_SHEXP), n(T.FFN_UP_SHEXP)] + ([n(T.FFN_GATE_INP_SHEXP)] if shared_gate(spec) else [])
+    else:
+        ffn = [n(T.FFN_GATE), n(T.FFN_UP)]
+    return {T.ATTN_NORM: attn, T.FFN_NORM: ffn}
+
+
+def residual_writers(spec: ModelSpec, layer: int) -> list[str]:
+    """The weights of block `layer` whose outputs are added to the residual (R1 rotates their rows)."""
+    if spec.moe_layer(layer):
+        ffn = [name(T.FFN_DOWN_EXP, layer)] + ([name(T.FFN_DOWN_SHEXP, layer)] if spec.shared_ffn else [])
+    else:
+        ffn = [name(T.FFN_DOWN, layer)]
+    return [name(T.ATTN_OUT, layer), *ffn]
 
 
 def name(t: gguf.MODEL_TENSOR, layer: int | None = None, suffix: str = "weight") -> str:

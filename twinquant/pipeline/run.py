@@ -128,19 +128,22 @@ def _check_writable(path: Path) -> None:
 def _check_moe(spec, recipe: Recipe, prep: Preparation, opts: Options, stage: str) -> None:
     """What a mixture-of-experts model can be quantized (or measured) with so far (one line, before any work): a
     mix or a format with --tensor-type rules, or a KL-priced measurement and a target size; RTN or GPTQ (per-expert
-    Hessians), an imatrix file; no rotation, padding, Fisher-priced measurement or kept blocks."""
+    Hessians), an imatrix file; RH rotation (R1; R2 where attention is ordinary); no RO, padding, Fisher-priced
+    measurement or kept blocks."""
     if stage not in ("quantize", "measure"):
         spec.require_dense(stage)
+    from twinquant.rotation.rotate import check_rotatable
+
+    check_rotatable(spec, prep.rotation)
     measured = stage == "measure" or opts.target_size or opts.target_bpw or opts.measurement
-    why = [w for bad, w in ((prep.rotation != "none", f"rotation ({prep.rotation})"),
-                            (recipe.pad, "padding"),
+    why = [w for bad, w in ((recipe.pad, "padding"),
                             (measured and opts.cost == "fisher", "the Fisher cost (--cost anchor or exact)"),
                             (measured and opts.keep_blocks, "kept measurement blocks"),
                             (recipe.method == "hqq", "hqq"))
            if bad]
     if why:
         raise TwinquantError(f"a mixture-of-experts model ({spec.arch}) cannot be quantized with {', '.join(why)} "
-                             "yet (rotation: --rotation none or auto)")
+                             "yet")
 
 
 class Session:

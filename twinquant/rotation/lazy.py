@@ -97,11 +97,11 @@ def rotated_tensor(spec: ModelSpec, plan: RotationPlan, name: str, orig, untie: 
         g = d(name)
         return (torch.ones_like(g) if plan.fuse else g).to(out_dtype)
     bias = name.endswith(".bias")
-    if base in ("attn_q", "attn_k", "attn_v", "ffn_gate", "ffn_up") and not bias:
+    feeds = {n: norm for norm, fed in roles.norm_feeds(s, layer).items() for n in fed}
+    if name in feeds:                     # reads the normed residual: q/k/v (or MLA's q_a, kv_a), gate/up, router…
         w = d(name)
         if plan.fuse:
-            norm = T.ATTN_NORM if base.startswith("attn") else T.FFN_NORM
-            w = w * d(roles.name(norm, layer))[None, :]
+            w = w * d(roles.name(feeds[name], layer))
         if q1 is not None:
             w = w @ q1
         if base == "attn_v" and q2 is not None:
@@ -117,10 +117,10 @@ def rotated_tensor(spec: ModelSpec, plan: RotationPlan, name: str, orig, untie: 
         if q2 is not None:
             w = (w.view(s.hidden, s.n_heads, s.head_dim) @ q2).reshape(s.hidden, s.q_dim)
         return w.to(out_dtype)
-    if base == "ffn_down":
+    if name in roles.residual_writers(s, layer):    # ffn_down, the experts' and the shared expert's down
         w = d(name)
         return (q1.T @ w if q1 is not None else w).to(out_dtype)
-    return orig(name).to(out_dtype)          # q/k norms, q/k biases: untouched
+    return orig(name).to(out_dtype)          # q/k norms, q/k biases, MLA's inner tensors, expert bias: untouched
 
 
 def _lazy(model: Model, plan: RotationPlan, records: list, dtype: torch.dtype | None = None) -> Model:
@@ -154,11 +154,13 @@ def rotate_lazy(model: Model, rotation: str = "rh", seed: int = 0, r2: bool = Tr
                 massive_factor: float = 10.0) -> Model:
     """`rotate(model, rotation, seed, r2)` without online transforms, as a lazy view: the same records and the
     same bits, one tensor at a time (see module doc). The original must not be changed afterwards."""
+    from twinquant.rotation.rotate import R2_SKIPPED_MLA, check_rotatable
     from twinquant.transforms.hadamard import RandomizedHadamard
 
     if rotation not in ROTATIONS:
         raise TwinquantError(f"unknown rotation {rotation!r}; choose {' or '.join(ROTATIONS)}")
     s = model.spec
+    check_rotatable(s, rotation)
     fuse = not history.has(model.history, history.FuseNorms)
     q1 = RandomizedHadamard(s.hidden, seed).matrix(torch.float64)
     record = history.Rotation("R1", "rh", s.hidden, seed)
@@ -172,7 +174,9 @@ def rotate_lazy(model: Model, rotation: str = "rh", seed: int = 0, r2: bool = Tr
         q1, record = optimize_rotation_from_samples(x, q1, s.hidden, seed, ro_iters, ro_bits, massive_factor)
     records = ([history.FuseNorms()] if fuse else []) + [record]
     q2 = None
-    if r2:
+    if r2 and s.mla:
+        records.append(R2_SKIPPED_MLA)
+    elif r2:
         q2 = RandomizedHadamard(s.head_dim, seed + 1).matrix(torch.float64)
         records.append(history.Rotation("R2", "rh", s.head_dim, seed + 1))
     return _lazy(model, RotationPlan(fuse, q1, q2), records)

@@ -33,14 +33,12 @@ def _w(model: Model, name: str) -> torch.Tensor:
 
 
 def _readers(model: Model) -> list[str]:
-    out = []
-    for i in range(model.spec.n_layers):
-        out += [roles.name(t, i) for t in (T.ATTN_Q, T.ATTN_K, T.ATTN_V, T.FFN_GATE, T.FFN_UP)]
+    out = [n for i in range(model.spec.n_layers) for fed in roles.norm_feeds(model.spec, i).values() for n in fed]
     return out + [roles.name(T.OUTPUT)] if not model.spec.tied_embeddings else out
 
 
 def _writers(model: Model) -> list[str]:
-    return [roles.name(t, i) for i in range(model.spec.n_layers) for t in (T.ATTN_OUT, T.FFN_DOWN)]
+    return [n for i in range(model.spec.n_layers) for n in roles.residual_writers(model.spec, i)]
 
 
 ROW_CHUNK = 8192    # rows of the embedding / head rotated at once (float64 for one chunk, not the whole matrix)
@@ -73,13 +71,10 @@ def fuse_norms(model: Model) -> Model:
         return model
     s = model.spec
     for i in range(s.n_layers):
-        for norm, fed in roles.NORM_FEEDS.items():
-            if norm == T.OUTPUT_NORM:
-                continue
+        for norm, fed in roles.norm_feeds(s, i).items():
             g = _w(model, roles.name(norm, i))
-            for t in fed:
-                n = roles.name(t, i)
-                model.set(n, _w(model, n) * g[None, :])
+            for n in fed:
+                model.set(n, _w(model, n) * g)          # [.., out, in] · diag(g): experts' stacks too
             model.set(roles.name(norm, i), torch.ones_like(g))
     g = _w(model, roles.name(T.OUTPUT_NORM))
     if s.tied_embeddings and not torch.all(g == 1):
@@ -156,6 +151,26 @@ ROTATIONS = ("rh", "ro")
 ONLINE = ("r3", "r4")
 
 
+# latent attention's values come out of attn_v_b per head from the cached latent; a per-head R2 would have to be
+# fused into attn_v_b's rows and attn_output's columns, which is exact but not done yet: recorded, not silent
+R2_SKIPPED_MLA = history.Skipped("R2", "latent attention (DeepSeek): per-head value rotation not fused into "
+                                       "attn_v_b / attn_output yet")
+
+
+def check_rotatable(spec, rotation: str, online: tuple[str, ...] = ()) -> None:
+    """What a mixture-of-experts or latent-attention model can be rotated with: R1 (RH) is exact through routers,
+    experts, shared experts and MLA's q_a / kv_a; R2 where attention is ordinary. RO samples the inputs of attn_q
+    and ffn_gate, and R3/R4 are written for dense blocks: refused there in one line."""
+    if not (spec.moe or spec.mla):
+        return
+    if rotation == "ro":
+        raise TwinquantError(f"--rotation ro is not available for a mixture-of-experts / latent-attention model "
+                             f"({spec.arch}) yet; --rotation rh is")
+    if online:
+        raise TwinquantError(f"online transforms ({', '.join(online)}) are not available for a mixture-of-experts "
+                             f"/ latent-attention model ({spec.arch}) yet")
+
+
 def check_online(online: tuple[str, ...]) -> None:
     """Refuse an online transform that is not one of `ONLINE` (the first unknown one is named)."""
     bad = [o for o in online if o not in ONLINE]
@@ -194,6 +209,7 @@ def rotate(model: Model, rotation: str = "rh", seed: int = 0, r2: bool = True, o
         raise TwinquantError(f"unknown rotation {rotation!r}; choose {' or '.join(ROTATIONS)}")
     check_online(online)
     s = model.spec
+    check_rotatable(s, rotation, online)
     fuse_norms(model)
     rh = RandomizedHadamard(s.hidden, seed)
     q1, record = rh.matrix(torch.float64), history.Rotation("R1", "rh", s.hidden, seed)
@@ -205,7 +221,9 @@ def rotate(model: Model, rotation: str = "rh", seed: int = 0, r2: bool = True, o
         x = residual_samples(model, calib_windows, seed=seed)
         q1, record = optimize_rotation_from_samples(x, q1, s.hidden, seed, ro_iters, ro_bits, massive_factor)
     rotate_residual(model, q1, record)
-    if r2:
+    if r2 and s.mla:
+        model.history.append(R2_SKIPPED_MLA)
+    elif r2:
         rotate_heads(model, RandomizedHadamard(s.head_dim, seed + 1).matrix(torch.float64),
                      history.Rotation("R2", "rh", s.head_dim, seed + 1))
     if "r4" in online:

@@ -23,7 +23,6 @@ def rotate_model(model: Model, rotation: str = "rh", seed: int = 0, r2: bool = T
                  log: Callable[[str], None] | None = None) -> Model:
     """Fuse norms and rotate `model` in place as `rotate()` does, exactly (in float64), then back in its dtype;
     `log` gets one line per RO record of the model's history (the objective before and after optimizing)."""
-    model.spec.require_dense("rotation")
     dtype = model.dtype
     model.to(dtype=torch.float64)
     rotate(model, rotation, seed, r2=r2, online=online, calib_windows=calib_windows, ro_iters=ro_iters)
