@@ -95,11 +95,11 @@ def uniform_imatrix(model_path: Path, out: Path) -> Path:
 
     m = load_model(model_path)
     sums, counts = {}, {}
-    for layer in range(m.spec.n_layers):
-        for n in roles.block_tensor_names(m.spec, layer):
-            shape = roles.expected_shape(m.spec, n)
-            if len(shape) == 2:
-                sums[n], counts[n] = np.ones(shape[1], np.float32), np.array([1], np.int64)
+    names = [n for layer in range(m.spec.n_layers) for n in roles.block_tensor_names(m.spec, layer)]
+    for n in names + roles.global_tensor_names(m.spec):      # the IQ2 types want one for the embedding too
+        shape = roles.expected_shape(m.spec, n)
+        if len(shape) == 2:
+            sums[n], counts[n] = np.ones(shape[1], np.float32), np.array([1], np.int64)
     Imatrix(sums, counts, ["uniform"], 1, 1).write_gguf(out)
     return out
 

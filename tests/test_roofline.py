@@ -133,6 +133,16 @@ def test_predict_and_errors():
     assert rf.copy_bandwidth(seconds=0.05, mib=16) > 0.1
 
 
+def test_cpu_efficiencies_are_the_committed_measurement():
+    """this-cpu's table is what benchmarks/decode_speed.py measured (not typed in by hand)."""
+    res = json.loads((ROOT / "benchmarks" / "results" / "decode_speed_cpu.json").read_text())
+    assert set(rf.CPU_EFFICIENCY) == set(res["efficiency"])
+    for t, e in res["efficiency"].items():
+        assert rf.CPU_EFFICIENCY[t] == pytest.approx(e, abs=5e-4), t
+    v = [r["measured_over_predicted"] for r in res["rows"] if r["kind"] == "validation"]
+    assert v and all(math.isfinite(x) for x in v)
+
+
 def test_cli(tiny, capsys):
     from twinquant.cli import main
 

@@ -45,8 +45,10 @@ class Device:
 # Efficiencies of stock llama.cpp decode on this project's 2-core x86 machine (AVX2, llama.cpp 0.3.36 via
 # llama-cpp-python, 2 threads, relative to the copy bandwidth measured in the same run): benchmarks/decode_speed.py
 # on files of one type each (benchmarks/results/decode_speed_cpu.json; tests/test_roofline.py checks this table
-# against that file). On two cores decode is compute-bound for most types: these mostly measure the cores.
-CPU_EFFICIENCY = {"*": 0.5}
+# against that file; "*", the median, for types not measured there: the IQ2 / IQ1 families). A read-only stream can
+# beat a copy's read+write rate, so F16 comes out near 1; on two cores the i-quants are compute-bound (IQ3: 0.2).
+CPU_EFFICIENCY = {"F16": 0.9551, "Q8_0": 0.7525, "Q6_K": 0.6294, "Q5_K": 0.6299, "Q4_K": 0.6818, "Q3_K": 0.4645,
+                  "Q2_K": 0.5258, "IQ4_XS": 0.5637, "IQ3_S": 0.2016, "IQ3_XXS": 0.2180, "*": 0.5966}
 
 # Apple GPUs, llama.cpp Metal (docs/ROOFLINE.md has the sources). Anchors: tg128 of LLaMA-2-7B per chip in llama.cpp
 # discussion #4167 (F16, Q8_0, Q4_0 t/s); a type's efficiency = bytes read per token (our byte count of that
