@@ -105,7 +105,7 @@ def uniform_imatrix(model_path: Path, out: Path) -> Path:
 
 
 def token_bytes(path: Path, ctx: int):
-    from twinquant.eval.roofline import file_token_bytes
+    from twinquant.runtime.roofline import file_token_bytes
     from twinquant.io.load import load_model
 
     return file_token_bytes(load_model(path, load_tokenizer=False), ctx)
@@ -125,7 +125,7 @@ def main() -> None:
     ap.add_argument("--make-only", action="store_true", help="make the calibration files, measure nothing")
     args = ap.parse_args()
     from twinquant import zoo
-    from twinquant.eval.roofline import DEVICES, copy_bandwidth, predict
+    from twinquant.runtime.roofline import DEVICES, copy_bandwidth, predict
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -178,7 +178,7 @@ def main() -> None:
         eff[t] = r["weights_by_type"][t] / (bandwidth * 1e9 * main_s)
     eff["*"] = statistics.median(eff.values())
     dev = dataclasses.replace(DEVICES["this-cpu"], efficiency=eff)
-    from twinquant.eval.roofline import TokenBytes
+    from twinquant.runtime.roofline import TokenBytes
 
     for r in rows:
         tb = TokenBytes(weights=r["weights_by_type"], kv=r["kv_bytes"], ctx=ctx)

@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--budget-gb", type=float, default=10.7, help="weights + KV that fit (M1 Pro 16 GB: ~10.7)")
     ap.add_argument("--tag", default="qwen32b")
     args = ap.parse_args()
-    from twinquant.eval import roofline as rf
+    from twinquant.runtime import roofline as rf
 
     spec = rf.shape_spec(args.shape)
     n = rf.n_weights(spec)

@@ -15,7 +15,7 @@ import pytest
 from tests.paths import ROOT
 from tests.tiny_models import save_tiny
 from twinquant.errors import TwinquantError
-from twinquant.eval import roofline as rf
+from twinquant.runtime import roofline as rf
 from twinquant.model import roles
 from twinquant.model.layout import Layout, Slot
 

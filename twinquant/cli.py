@@ -363,7 +363,7 @@ def _generate_options(sp) -> None:
 
 # --- roofline -------------------------------------------------------------------------------------------------
 def cmd_roofline(args) -> None:
-    from twinquant.eval import roofline as rf
+    from twinquant.runtime import roofline as rf
 
     for d in args.device:
         if d not in rf.DEVICES:
