@@ -36,8 +36,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import record as provenance  # noqa: E402
-from quality import CALIB, ROOT, TWINQUANT, WIKI, Bench, llamacpp_bin, llamacpp_version, log, \
-    results_header, run, tensor_stats  # noqa: E402
+from quality import CALIB, ROOT, TIME, TWINQUANT, WIKI, Bench, llamacpp_bin, llamacpp_version, log, \
+    results_header, run, tensor_stats, time_facts  # noqa: E402
 
 LLAMACPP = ["Q2_K+imatrix", "Q3_K_S+imatrix", "Q3_K_M+imatrix", "Q4_K_M+imatrix", "IQ2_XS+imatrix",
             "IQ2_M+imatrix", "IQ3_XXS+imatrix"]
@@ -73,14 +73,10 @@ class Frontier(Bench):
         done = path.exists() and json.loads(path.read_text()).get("complete")
         if not done:
             log(f"{self.model}: twinquant measure ({variant})")
-            run(["/usr/bin/time", "-v", *TWINQUANT, "measure", self.ref, "-o", path, "--calib", CALIB,
+            run([*TIME, *TWINQUANT, "measure", self.ref, "-o", path, "--calib", CALIB,
                  *VARIANTS[variant][1], *recipe_args(variant)], logf)
         m = json.loads(path.read_text())
-        text = logf.read_text() if logf.exists() else ""
-        rss = re.findall(r"Maximum resident set size \(kbytes\): (\d+)", text)
-        cpu = [float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", text)[-2:]]
-        return path, {"seconds": m["seconds"], "cpu_seconds": sum(cpu) if cpu else None,
-                      "peak_rss_mib": int(rss[-1]) / 1024 if rss else None, "tensors": len(m["tensors"])}
+        return path, {"seconds": m["seconds"], **time_facts(logf), "tensors": len(m["tensors"])}
 
     def calib_kld(self, path: Path) -> float:
         """KLD on the calibration windows the measurement priced candidates on (4 x 512 tokens, second halves):

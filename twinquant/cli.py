@@ -367,7 +367,7 @@ def cmd_roofline(args) -> None:
 
     for d in args.device:
         if d not in rf.DEVICES:
-            raise TwinquantError(f"roofline: unknown device {d!r} (known: {', '.join(rf.DEVICES.names())})")
+            raise TwinquantError(f"roofline: unknown device {d!r} (known: {', '.join(rf.DEVICES)})")
     if (args.model is None) == (args.shape is None):
         raise TwinquantError("roofline: give a GGUF file, or --shape NAME with --mix (not both)")
     if args.shape and not args.mix:

@@ -17,6 +17,7 @@ the same sum is the bandwidth bound. `DEVICES` holds the figures and where each 
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -64,12 +65,17 @@ METAL_VS_Q4_0 = {"IQ4_XS": 0.81, "IQ4_NL": 0.81, "IQ3_S": 0.61, "IQ3_XXS": 0.61,
 ANCHOR_CTX = 64                       # tg128 from an empty context: the mean context of its tokens
 
 
-def anchor_efficiency(ftype: str, tokens_per_s: float, bandwidth: float) -> float:
-    """The fraction of `bandwidth` a LLaMA-2-7B file of llama-quantize's `ftype` moved at `tokens_per_s`."""
+@functools.cache
+def _anchor_bytes(ftype: str) -> int:
+    """Bytes a LLaMA-2-7B file of llama-quantize's `ftype` reads per token at tg128's mean context."""
     spec = shape_spec("llama-2-7b")
     mix = ftype if ftype == "F16" else f"llama.cpp:{ftype}"
-    tb = plan_token_bytes(spec, mix_types(spec, mix, imatrix=False), ANCHOR_CTX)
-    return tb.total * tokens_per_s / (bandwidth * GB)
+    return plan_token_bytes(spec, mix_types(spec, mix, imatrix=False), ANCHOR_CTX).total
+
+
+def anchor_efficiency(ftype: str, tokens_per_s: float, bandwidth: float) -> float:
+    """The fraction of `bandwidth` a LLaMA-2-7B file of llama-quantize's `ftype` moved at `tokens_per_s`."""
+    return _anchor_bytes(ftype) * tokens_per_s / (bandwidth * GB)
 
 
 def _metal(name: str) -> Device:
@@ -81,23 +87,7 @@ def _metal(name: str) -> Device:
                   f"Q8_0 / Q4_0 {f16} / {q8} / {q4} t/s) and each type's Metal PR (docs/ROOFLINE.md)")
 
 
-class _Devices(dict):
-    """DEVICES: the Metal entries are computed on first use (they need the mix rules)."""
-
-    def __missing__(self, name: str) -> Device:
-        if name not in TG128_4167:
-            raise KeyError(name)
-        self[name] = _metal(name)
-        return self[name]
-
-    def __contains__(self, name) -> bool:
-        return dict.__contains__(self, name) or name in TG128_4167
-
-    def names(self) -> list[str]:
-        return list(dict.fromkeys([*dict.keys(self), *TG128_4167]))
-
-
-DEVICES = _Devices({
+DEVICES: dict[str, Device] = {
     "this-cpu": Device(
         "this-cpu", "this machine's CPU, llama.cpp CPU backend (copy bandwidth measured now)",
         None, CPU_EFFICIENCY, 1.0,
@@ -106,7 +96,7 @@ DEVICES = _Devices({
     # 280.74 t/s with flash attention, 3.75 GB read per token) is 0.31 of an H100 SXM's 3.35 TB/s. Not validated.
     "h200": Device("h200", "NVIDIA H200 (4.8 TB/s HBM3e), llama.cpp CUDA", 4800.0, {"*": 0.31}, 0.31,
                    "cited: an H100's LLaMA-2-7B Q4_0 decode in llama.cpp discussion #15013 (not measured on an H200)"),
-})
+}
 
 
 @dataclass
@@ -239,7 +229,7 @@ def predict(tb: TokenBytes, device: str | Device, bandwidth: float | None = None
     GB/s (this-cpu measures a copy when none is given)."""
     if isinstance(device, str):
         if device not in DEVICES:
-            raise TwinquantError(f"roofline: unknown device {device!r} (known: {', '.join(DEVICES.names())})")
+            raise TwinquantError(f"roofline: unknown device {device!r} (known: {', '.join(DEVICES)})")
         device = DEVICES[device]
     bw = bandwidth or device.bandwidth or copy_bandwidth()
     if not bw > 0:
@@ -305,3 +295,7 @@ def format_report(what: str, tb: TokenBytes, n_params: int, predictions: list[Pr
     lines += [f"| {p.device.description} | {p.bandwidth:.1f} | {p.bound_tps:.1f} | {p.expected_tps:.1f} | "
               f"{p.device.source} |" for p in predictions]
     return "\n".join(lines)
+
+
+# the Apple entries need the mix rules and shapes above
+DEVICES.update({name: _metal(name) for name in TG128_4167})
