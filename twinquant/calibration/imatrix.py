@@ -346,20 +346,14 @@ def _window(model, tokens: torch.Tensor, acc: _Accumulator) -> None:
 def _streamed_group(model, tokens: torch.Tensor, acc: _Accumulator, head: bool, progress: bool) -> None:
     """Windows [g, ctx] through the model block by block (each block released after use), window after window
     within a block; the head's input collected only when wanted (the logits themselves are not needed)."""
+    from twinquant.eval.perplexity import blocks_streamed
     from twinquant.model import roles
-    from twinquant.model.forward import block_forward, embed, head as head_forward
-    from twinquant.progress import Progress
+    from twinquant.model.forward import head as head_forward
 
-    x = [embed(model, tokens[k: k + 1]) for k in range(tokens.shape[0])]
-    if not model.spec.tied_embeddings:
-        model.release(roles.name(roles.T.TOKEN_EMBD))
-    with Progress(model.spec.n_layers, "blocks", enabled=progress) as bar:
-        for layer in range(model.spec.n_layers):
-            for k in range(len(x)):
-                x[k] = block_forward(model, layer, x[k], hook=acc)
-                acc._last = None
-            model.release_block(layer)
-            bar.update(layer + 1)
+    def forget():                         # q/k/v's shared input is cached per window
+        acc._last = None
+
+    x = blocks_streamed(model, tokens, hook=acc, after_window=forget, progress=progress)
     if head:
         for xk in x:
             head_forward(model, xk, hook=acc)

@@ -104,25 +104,36 @@ def streamable(model: "Model") -> bool:
             and (model.dup_params is None or model.dup_params.empty))
 
 
+def blocks_streamed(model: "Model", tokens: torch.Tensor, hook=None, after_window=None,
+                    progress: bool = False) -> list[torch.Tensor]:
+    """The hidden states after the last block of every window of `tokens` [n, ctx], computed block by block: all
+    windows pass block 0 (window after window, `hook` on each linear, `after_window()` after each), then block 1 …,
+    each block released after use, the embedding as soon as the windows are embedded (unless tied to the head)."""
+    from twinquant.model import roles
+    from twinquant.model.forward import block_forward, embed
+
+    x = [embed(model, tokens[i: i + 1]) for i in range(tokens.shape[0])]
+    if not model.spec.tied_embeddings:
+        model.release(roles.name(roles.T.TOKEN_EMBD))
+    with Progress(model.spec.n_layers, "blocks", enabled=progress) as bar:
+        for layer in range(model.spec.n_layers):
+            for i in range(len(x)):
+                x[i] = block_forward(model, layer, x[i], hook=hook)
+                if after_window is not None:
+                    after_window()
+            model.release_block(layer)
+            bar.update(layer + 1)
+    return x
+
+
 class StreamedLogprobs:
     """The scored positions' log-probs of every window, computed block by block: all windows pass block 0, then
     block 1 … (each block released after use), so a model larger than memory is evaluated with one block plus
     the windows' hidden states ([n, ctx, hidden]) in memory. The arithmetic per window is the forward's."""
 
     def __init__(self, model: "Model", windows: Windows, progress: bool = False):
-        from twinquant.model import roles
-        from twinquant.model.forward import block_forward, embed
-
         self.model, self.windows = model, windows
-        x = [embed(model, windows.tokens[i: i + 1]) for i in range(windows.tokens.shape[0])]
-        if not model.spec.tied_embeddings:
-            model.release(roles.name(roles.T.TOKEN_EMBD))
-        with Progress(model.spec.n_layers, "blocks", enabled=progress) as bar:
-            for layer in range(model.spec.n_layers):
-                x = [block_forward(model, layer, xi) for xi in x]
-                model.release_block(layer)
-                bar.update(layer + 1)
-        self.hidden = x
+        self.hidden = blocks_streamed(model, windows.tokens, progress=progress)
 
     def __call__(self, i: int) -> torch.Tensor:
         from twinquant.model.forward import head
