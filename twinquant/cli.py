@@ -499,7 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "below override its fields")
     sp.add_argument("--method", choices=["gptq", "rtn", "hqq"],
                     help="gptq, rtn, or hqq (integer grids only); recipe default gptq")
-    sp.add_argument("--mix", help="type mix, e.g. llama.cpp:Q2_K (the types llama-quantize picks)")
+    sp.add_argument("--mix", help="type mix: llama.cpp:FTYPE (the types llama-quantize picks, e.g. llama.cpp:Q2_K) "
+                    "or twinquant:Q2_K (measured role rules in llama.cpp Q2_K's bytes)")
     sp.add_argument("--format", help="one type for every 2-D tensor (with llama.cpp's fallbacks), e.g. Q4_K")
     sp.add_argument("--tensor-type", action="append", metavar="REGEX=TYPE", help="per-tensor override (repeatable)")
     sp.add_argument("--output-tensor-type", help="type of output.weight")
@@ -641,7 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("model", nargs="?", help="GGUF file (or a packaged model name)")
     sp.add_argument("--shape", help="a model by its published shape instead of a file: qwen2.5-32b, qwen2.5-7b, "
                                     "qwen2.5-coder-1.5b")
-    sp.add_argument("--mix", help="with --shape: llama-quantize's type mix, e.g. llama.cpp:IQ2_XS")
+    sp.add_argument("--mix", help="with --shape: a type mix, e.g. llama.cpp:IQ2_XS or twinquant:Q2_K")
     sp.add_argument("--device", nargs="+", default=["this-cpu", "m1-pro"],
                     help="this-cpu, m1-pro, m2-max, m3-max, h200 (default: this-cpu m1-pro)")
     sp.add_argument("--ctx", type=int, default=512, help="context of the generated token (KV cache read; default 512)")

@@ -307,7 +307,7 @@ def get_mix(text: str) -> Mix:
         s = s.split(":", 1)[1]
     s = ALIASES.get(s.upper(), s.upper())
     if s not in MIXES:
-        raise TwinquantError(f"unknown mix {text!r}; choose llama.cpp:FTYPE with FTYPE one of "
+        raise TwinquantError(f"unknown mix {text!r}; choose twinquant:Q2_K or llama.cpp:FTYPE with FTYPE one of "
                              f"{', '.join(LLAMA_CPP_FTYPES)}")
     return MIXES[s]
 
@@ -420,7 +420,8 @@ def assign_types(spec: ModelSpec, tensor_names: Iterable[str], mix: str | None =
                  embedding_type: str | None = None, pure: bool = False, imatrix: bool = False) -> list[TypeChoice]:
     """The type of every tensor of `tensor_names` (in that order), as llama-quantize would choose it.
 
-    mix: `llama.cpp:FTYPE` (its rules and default type) or None (no rules: `default` everywhere);
+    mix: `llama.cpp:FTYPE` (its rules and default type) or None (no rules: `default` everywhere); twinquant's own
+    mixes (`twinquant:FTYPE`) are role_mix.assign's;
     default: the base type instead of the mix's (required without a mix); overrides: `REGEX=TYPE` strings, the
     first regex found in the name wins; output_type / embedding_type: llama-quantize's --output-tensor-type /
     --token-embedding-type; pure: no mix rules; imatrix: whether an importance matrix will be used (Q4_0/Q5_0).
@@ -483,6 +484,8 @@ def needs_imatrix(choices: Iterable[TypeChoice], mix: str | None = None) -> list
 
     mix: the mix the choices came from (`llama.cpp:Q2_K_S` makes its Q2_K tensors need one too).
     """
+    if mix and mix.lower().startswith("twinquant:"):      # sized against (and falling back to) llama.cpp:FTYPE
+        mix = "llama.cpp:" + mix.split(":", 1)[1]
     extra = IMATRIX_MIX_TYPES.get(get_mix(mix).ftype, frozenset()) if mix else frozenset()
     return [c.name for c in choices if c.name not in (roles.name(roles.T.TOKEN_EMBD), OUTPUT_NAME)
             and (c.type in IMATRIX_TYPES or c.type in extra)]

@@ -151,7 +151,7 @@ class Session:
 
     def __init__(self, source: str, recipe: Recipe, opts: Options, dry_run: bool = False, stage: str = "quantize"):
         from twinquant.io.load import load_model
-        from twinquant.allocation.mixes import assign_types
+        from twinquant.allocation.role_mix import assign as assign_types
 
         self.source, self.recipe, self.opts = str(source), recipe, opts
         model = load_model(self.source, dtype=opts.dtype, device=opts.device, materialize=False)

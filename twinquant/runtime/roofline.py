@@ -269,7 +269,8 @@ def shape_spec(name: str):
 def mix_types(spec, mix: str, imatrix: bool = True) -> dict[str, str]:
     """Each tensor's GGML type name in llama-quantize's mix `mix` (e.g. llama.cpp:IQ2_XS), made with an imatrix
     or without."""
-    from twinquant.allocation.mixes import assign_types, type_name
+    from twinquant.allocation.mixes import type_name
+    from twinquant.allocation.role_mix import assign as assign_types
 
     names = roles.all_tensor_names(spec)
     if mix.upper() in ("F16", "BF16", "F32"):           # a float file: 1-D tensors stay F32, as the writers do
