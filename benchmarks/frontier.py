@@ -36,8 +36,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import record as provenance  # noqa: E402
-from quality import CALIB, ROOT, TIME, TWINQUANT, WIKI, Bench, llamacpp_bin, llamacpp_version, log, \
-    results_header, run, tensor_stats, time_facts  # noqa: E402
+from quality import CALIB, CODE_COMMIT, ROOT, TIME, TWINQUANT, Bench, eval_text, llamacpp_bin, llamacpp_version, \
+    log, results_header, run, tensor_stats, time_facts  # noqa: E402
 
 LLAMACPP = ["Q2_K+imatrix", "Q3_K_S+imatrix", "Q3_K_M+imatrix", "Q4_K_M+imatrix", "IQ2_XS+imatrix",
             "IQ2_M+imatrix", "IQ3_XXS+imatrix"]
@@ -144,8 +144,8 @@ def type_share(report: Path) -> dict[str, float]:
     return dict(sorted(((k, round(v, 6)) for k, v in share.items()), key=lambda kv: -kv[1]))
 
 
-def markdown(results: list[dict], measurements: dict, chunks: int) -> str:
-    lines = [f"wiki.test.raw, ctx 512, {chunks} chunks, stock llama-perplexity; KLD vs the F16 reference. "
+def markdown(results: list[dict], measurements: dict, chunks: int, text: str = "wiki.test.raw") -> str:
+    lines = [f"{text}, ctx 512, {chunks} chunks, stock llama-perplexity; KLD vs the F16 reference. "
              "bpw = tensor data bits per weight (llama.cpp's count).", "",
              "| model | file | MiB | bpw | PPL | mean KLD | 99% KLD | same top | predicted KLD | calib KLD |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -236,6 +236,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["smollm2-135m", "qwen2.5-coder-0.5b"])
     ap.add_argument("--chunks", type=int, default=40)
+    ap.add_argument("--text", default="wiki", help="evaluation text: wiki (wiki.test.raw), code (this repository's "
+                    f"source at {CODE_COMMIT}) or a file")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--llamacpp", nargs="*", default=LLAMACPP, help="llama-quantize types, +imatrix")
     ap.add_argument("--bpw", nargs="*", type=float, default=[], help="extra twinquant targets (bits per weight)")
@@ -254,7 +256,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     bin_dir = llamacpp_bin()
     results, measurements, failures, inputs = [], {}, [], {}
-    prov = provenance(llama_cpp=llamacpp_version(bin_dir), chunks=args.chunks, ctx=512, text=WIKI.name,
+    text = eval_text(args.text)
+    prov = provenance(llama_cpp=llamacpp_version(bin_dir), chunks=args.chunks, ctx=512, text=text.name,
                       calibration=CALIB.name, imatrix_chunks=args.imatrix_chunks,
                       variants={v: {"recipe": VARIANTS[v][0], "measure": VARIANTS[v][1],
                                     "allocation": ALLOCATION.get(v, [])} for v in args.variants})
@@ -283,7 +286,7 @@ def main() -> None:
 
     for m in args.models:
         work = Path(args.work) / m if args.work else Path.home() / ".cache" / "twinquant" / "quality" / m
-        b = Frontier(m, work, bin_dir, args.chunks, args.threads, args.force)
+        b = Frontier(m, work, bin_dir, args.chunks, args.threads, args.force, text)
         b.imatrix_chunks = args.imatrix_chunks
         b.variants = args.variants
         b.prepare()
@@ -311,7 +314,7 @@ def main() -> None:
         inputs[m] = b.inputs()
     write()
     md = results_header(f"frontier: {', '.join(args.models)}", prov, inputs) + markdown(results, measurements,
-                                                                                       args.chunks)
+                                                                                       args.chunks, text.name)
     (out / f"{stem}.md").write_text(md)
     plot(results, out / f"{stem}.png")
     print(md)

@@ -82,8 +82,9 @@ def test_yaml_file_round_trip_and_builtins(tmp_path):
             load_recipe(str(f))
     assert load_recipe(None) is BUILTIN["default"]
     # rotation `auto`: none where fusing the final norm would untie the head (a second vocab x hidden matrix)
-    assert BUILTIN["default"].resolved_rotation(tied_embeddings=True) == "none"
-    assert BUILTIN["default"].resolved_rotation(tied_embeddings=False) == "rh"
+    assert BUILTIN["q2k-gptq-auto"].resolved_rotation(tied_embeddings=True) == "none"
+    assert BUILTIN["q2k-gptq-auto"].resolved_rotation(tied_embeddings=False) == "rh"
+    assert BUILTIN["default"].mix == "twinquant:Q2_K" and BUILTIN["default"].rotation == "none"
     assert r.replace(method=None, seed=3) == Recipe("mine", method="rtn", mix=None, format="Q4_K",
                                                    tensor_type=["ffn_down=Q6_K"], rotation="rh", seed=3)
 

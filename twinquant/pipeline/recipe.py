@@ -129,8 +129,11 @@ BUILTIN: dict[str, Recipe] = {
     "q2k-gptq": Recipe("q2k-gptq", method="gptq"),
     "q2k-gptq-rh": Recipe("q2k-gptq-rh", method="gptq", rotation="rh"),
     "q2k-gptq-auto": Recipe("q2k-gptq-auto", method="gptq", rotation="auto"),
+    # llama.cpp Q2_K's bytes spent by measured role rules (allocation/role_mix.py), no rotation: on
+    # Qwen2.5-Coder-1.5B the RH rotation cost what GPTQ gained (benchmarks/results/quality_qwen15-default*.json)
+    "q2k-roles": Recipe("q2k-roles", method="gptq", mix="twinquant:Q2_K", rotation="none"),
 }
-BUILTIN["default"] = dataclasses.replace(BUILTIN["q2k-gptq-auto"], name="default")
+BUILTIN["default"] = dataclasses.replace(BUILTIN["q2k-roles"], name="default")
 
 
 def _nesting(text: str) -> int:
