@@ -25,7 +25,7 @@ MIXES = ["IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "Q2_K_S", "Q2_K", "IQ3_
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="qwen2.5-32b")
-    ap.add_argument("--mixes", nargs="+", default=MIXES)
+    ap.add_argument("--mixes", nargs="+", default=MIXES, help="llama-quantize ftypes, or twinquant:Q2_K")
     ap.add_argument("--devices", nargs="+", default=["m1-pro", "m2-max", "m3-max", "h200"])
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--budget-gb", type=float, default=10.7, help="weights + KV that fit (M1 Pro 16 GB: ~10.7)")
@@ -37,7 +37,7 @@ def main() -> None:
     n = rf.n_weights(spec)
     rows = []
     for mix in args.mixes:
-        tb = rf.plan_token_bytes(spec, rf.mix_types(spec, f"llama.cpp:{mix}"), args.ctx)
+        tb = rf.plan_token_bytes(spec, rf.mix_types(spec, mix if ":" in mix else f"llama.cpp:{mix}"), args.ctx)
         row = {"mix": mix, "bpw": 8 * tb.stored / n, "stored_gb": tb.stored / 1e9, "read_gb": tb.total / 1e9,
                "fits": (tb.stored + tb.kv) / 1e9 <= args.budget_gb}
         for d in args.devices:
