@@ -1,5 +1,6 @@
 """Recipes: validation, YAML files, command-line overrides, and the `twinquant.quant` record in the GGUF."""
 
+import re
 import subprocess
 import sys
 
@@ -109,8 +110,11 @@ def test_cli_recipe_overrides_and_metadata(tmp_path):
     assert "Q8_0" in p.stdout.split("blk.0.attn_v.weight")[1][:20]
     # a command-line option replaces the recipe's field: --mix replaces its format
     out = tmp_path / "q.gguf"
-    run("quantize", d, "-o", out, "--recipe", f, "--mix", "llama.cpp:Q3_K_M", "--method", "gptq",
-        "--calib-tokens", 256, "--calib-ctx", 64, "-q")
+    args = ("--recipe", f, "--mix", "llama.cpp:Q3_K_M", "--method", "gptq", "--calib-tokens", 256, "--calib-ctx", 64)
+    planned = re.search(r"file about ([\d,]+) bytes", run("quantize", d, "-o", out, *args, "--dry-run").stdout)
+    run("quantize", d, "-o", out, *args, "-q")
+    # the dry run's size is the file's, but for the metadata a run adds (recipe, calibration hash)
+    assert 0 <= out.stat().st_size - int(planned.group(1).replace(",", "")) < 4096
     rec = load_gguf(out).quant_record
     assert rec["recipe"]["mix"] == "llama.cpp:Q3_K_M" and rec["recipe"]["format"] is None
     assert rec["recipe"]["method"] == "gptq" and rec["rotation"] == "none"

@@ -381,6 +381,16 @@ def quantize(source: str, out: str | Path, recipe: Recipe | str | None = None,
             text += [recipe.to_yaml().rstrip(), "---", plan.describe(), "---"]
             text += [f"{c.name:<32} {_type_name(c.type):<8} {c.rule}" for c in sess.choices]
             text.append(f"{len(types)} tensors quantized, {len(sess.choices) - len(types)} kept in float")
+            # the size the plan gives, before any work (a mix has no target); integer grids are not GGML types
+            import gguf
+
+            if model.tokenizer is not None and all(str(t).upper() in gguf.GGMLQuantizationType.__members__
+                                                   for t in types.values()):
+                from twinquant.io.gguf_write import file_bytes
+
+                total, data = file_bytes(model, types, opts.outtype)
+                text.append(f"file about {total:,} bytes ({total / 1e6:.2f} MB), {8 * data / n_params:.3f} bits "
+                            f"per weight of tensor data")
         return QuantizeResult(None, 0, n_params, plan, rotation=sess.prep.rotation, dry_run_text="\n".join(text),
                               allocation=alloc)
     workdir = None
