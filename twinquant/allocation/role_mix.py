@@ -3,7 +3,7 @@
 `twinquant:Q2_K` (the `default` recipe's mix) is sized against llama.cpp's Q2_K + imatrix mix of the same model and
 never larger. On Qwen2.5-Coder-1.5B the measured allocation (`measure --cost fisher`, then the exact solver at
 llama.cpp Q2_K's bytes: benchmarks/results/frontier_qwen15-q2k.md, 0.41x Q2_K + imatrix's KLD) spent those bytes
-differently from llama-quantize: the output head at Q3_K, not Q6_K (it is a fifth of that file), and the bytes
+differently from llama-quantize: the output head at Q3_K, not Q6_K (it is a quarter of that file), and the bytes
 freed went to attn_k / attn_v (Q5_K), attn_output (IQ4_XS), and 3-bit i-quants for attn_q, ffn_gate and ffn_up.
 `ROLE_MIXES` states that choice as rules, so a model gets it without a measurement of its own:
 
