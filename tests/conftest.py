@@ -3,11 +3,21 @@
 TWINQUANT_LIBGGML=0: the i-quant codecs run their own torch code in every test (and in the CLI subprocesses the
 tests start), so the byte-identity tests compare twinquant's implementation with libggml, not libggml with itself.
 tests/test_libggml_path.py turns the libggml CPU path on where it tests it.
+
+TRITON_INTERPRET=1 without a GPU, before anything imports Triton: the Triton kernels' tests run them through
+Triton's interpreter on the CPU (they also set TWINQUANT_TRITON_CPU=1; every other test keeps the torch paths).
 """
 
 import os
 
 os.environ["TWINQUANT_LIBGGML"] = "0"
+try:
+    import torch as _torch
+
+    if not _torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:
+    pass
 
 
 import subprocess  # noqa: E402

@@ -168,7 +168,17 @@ def cmd_perplexity(args) -> None:
 def cmd_generate(args) -> None:
     from twinquant.runtime.generate import Sampling, generate, stream_text
 
-    model = _load(args)
+    from twinquant.io.load import load_model
+
+    packed = args.device.startswith("cuda") and not args.no_kernels
+    model = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device, keep_quantized=packed)
+    if packed:      # K-quant linears decode from their GGML bytes on the GPU (Triton kernels)
+        from twinquant.runtime.packed_weights import pack_linears
+
+        counts = pack_linears(model)
+        if counts and not args.quiet:
+            print("packed on the GPU: " + ", ".join(f"{n} {t}" for t, n in sorted(counts.items())), file=sys.stderr)
+    model.materialize()
     tok = model.tokenizer
     if tok is None:
         raise TwinquantError("the model has no tokenizer")
@@ -359,6 +369,8 @@ def _generate_options(sp) -> None:
     sp.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     sp.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
     sp.add_argument("--ignore-eos", action="store_true")
+    sp.add_argument("--no-kernels", action="store_true", help="on CUDA: dequantize every weight to --dtype instead "
+                    "of multiplying K-quant weights from their packed bytes (Triton)")
 
 
 # --- roofline -------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from twinquant.model.model import Model
 
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu",
-               materialize: bool = False, load_tokenizer: bool = True) -> Model:
+               materialize: bool = False, load_tokenizer: bool = True, keep_quantized: bool = False) -> Model:
     p = zoo.resolve(str(path))
     if p.is_dir():
         from twinquant.io.hf import load_hf_dir
@@ -21,7 +21,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
     elif p.is_file():
         from twinquant.io.gguf_read import load_gguf
 
-        model = load_gguf(p, load_tokenizer=load_tokenizer)
+        model = load_gguf(p, load_tokenizer=load_tokenizer, keep_quantized=keep_quantized)
     else:
         known = ", ".join(zoo.PACKAGED)
         raise TwinquantError(f"{p}: no such file or directory (packaged models: {known})")

@@ -166,8 +166,14 @@ def _linears(x: torch.Tensor, model: Model, names: tuple[str, ...], hook: Linear
     if hook is not None:
         for n in names:
             hook(n, x)
-    ws = [model.get(n) for n in names]
     bs = [model.get(n.replace(".weight", ".bias")) for n in names] if bias else None
+    if model.packed and all(n in model.packed for n in names):     # weights kept as GGML bytes on the GPU
+        from twinquant.formats.ggml.packed import qlinear
+
+        ys = [qlinear(x, model.packed[n], b) for n, b in zip(names, bs or [None] * len(names))]
+        tap = getattr(hook, "tap_output", None)
+        return [tap(n, y) for n, y in zip(names, ys)] if tap is not None else ys
+    ws = [model.get(n) for n in names]
     whole = model.fused(names) if len(names) > 1 else None
     if whole is None:
         ys = [F.linear(x, w, b) for w, b in zip(ws, bs or [None] * len(ws))]
@@ -377,7 +383,13 @@ def head(model: Model, x: torch.Tensor, hook: LinearHook | None = None) -> torch
     x = rms_norm(x, model.get(roles.name(T.OUTPUT_NORM)), model.spec.rms_eps)
     if hook is not None:
         hook(roles.name(T.OUTPUT), x)
-    logits = F.linear(x, model.output_weight())
+    out = roles.name(T.OUTPUT)
+    if out in model.packed:
+        from twinquant.formats.ggml.packed import qlinear
+
+        logits = qlinear(x, model.packed[out])
+    else:
+        logits = F.linear(x, model.output_weight())
     return logits if logits.dtype == torch.float64 else logits.float()
 
 

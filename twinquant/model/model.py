@@ -87,6 +87,9 @@ class Model:
     # Per-copy parameter sets of the layout's executions (twinquant.model.copies.ParamStore); None: plain.
     dup_params: object | None = None
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
+    # Linears the forward runs from their packed GGML bytes on the device (formats/ggml/packed.PackedWeight,
+    # set by runtime/packed_weights.py): never dequantized into `tensors`.
+    packed: dict[str, object] = field(default_factory=dict)
     # Linears that read one input (q/k/v, gate/up) live in one concatenated tensor and `tensors` holds row
     # views of it, so the forward can run one larger matmul (faster on CPU) at no extra memory.
     _fused: dict[tuple[str, ...], tuple[torch.Tensor, tuple[torch.Tensor, ...]]] = field(default_factory=dict)
@@ -210,7 +213,8 @@ class Model:
 
     def materialize(self) -> "Model":
         for n in self.tensor_names():
-            self.get(n)
+            if n not in self.packed:
+                self.get(n)
         return self
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Model":

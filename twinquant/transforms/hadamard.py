@@ -308,6 +308,8 @@ def fwht(x: torch.Tensor, n: int | None = None, normalize: bool = True, *, trans
         raise TwinquantError(f"fwht: last dimension {x.shape[-1]} does not match Hadamard order {plan.n}")
     if not x.is_floating_point():
         raise TwinquantError(f"fwht needs a floating-point tensor, got {x.dtype}")
+    if _kernel_runs(x, plan):
+        return _fwht_triton(x, plan, None, transpose, normalize)
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     B, syl = _factors(plan, work, x.device, transpose, 1 / math.sqrt(n) if normalize else 1.0)
     lead = x.shape[:-1]
@@ -321,6 +323,56 @@ def fwht(x: torch.Tensor, n: int | None = None, normalize: bool = True, *, trans
         y = torch.matmul(S, y.reshape(rows, k, rest))
         rows *= k
     return y.reshape(*lead, n).to(x.dtype)
+
+
+def _kernel_runs(x: torch.Tensor, plan: HadamardPlan) -> bool:
+    """True when the Triton transform (transforms/triton_hadamard.py) takes this call: a CUDA tensor (or Triton's
+    interpreter), a ±1 plan it has a tiling for, a float32/half/bfloat16 row."""
+    from twinquant.triton_env import runs_triton
+
+    if not (runs_triton(x) and plan.is_hadamard and x.dtype in (torch.float32, torch.float16, torch.bfloat16)):
+        return False
+    from twinquant.transforms.triton_hadamard import layout
+
+    return layout(plan.pow2, plan.m) is not None
+
+
+@lru_cache(maxsize=64)
+def _kernel_factors(plan: HadamardPlan, transpose: bool, dtype: torch.dtype, device: str):
+    """The kernel's tiling (A, C, D) and its matrices: L (B zero-padded to D×D, or S_D when m = 1), S_A, S_C."""
+    from twinquant.transforms.triton_hadamard import layout
+
+    A, C, D = layout(plan.pow2, plan.m)
+    if plan.m > 1:
+        B = plan.base()
+        L = torch.zeros(D, D, dtype=torch.float64)
+        L[: plan.m, : plan.m] = B.T if transpose else B
+    else:
+        L = sylvester(D).to(torch.float64)
+    mats = (L, sylvester(A).to(torch.float64), sylvester(C).to(torch.float64))
+    return (A, C, D), tuple(t.to(dtype=dtype, device=device).contiguous() for t in mats)
+
+
+def _fwht_triton(x: torch.Tensor, plan: HadamardPlan, signs: torch.Tensor | None, transpose: bool,
+                 normalize: bool) -> torch.Tensor:
+    """x @ H·diag(s) (transpose: (x·s) @ Hᵀ), over √n when normalize, in one Triton pass over the rows."""
+    from twinquant.transforms.triton_hadamard import fwht_kernel
+
+    n = plan.n
+    (A, C, D), (L, SA, SC) = _kernel_factors(plan, transpose, x.dtype, str(x.device))
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, n)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    if x2.shape[0]:
+        s = L if signs is None else signs.to(device=x.device, dtype=torch.float32).contiguous()
+        fwht_kernel[(x2.shape[0],)](
+            x2, y, L, SA, SC, s, x2.stride(0), y.stride(0), 1 / math.sqrt(n) if normalize else 1.0,
+            M=plan.m if plan.m > 1 else D, A=A, C=C, D=D, SIGN_IN=signs is not None and transpose,
+            SIGN_OUT=signs is not None and not transpose, PREC="tf32x3" if x.dtype == torch.float32 else "ieee",
+            num_warps=4 if A * C * D <= 4096 else 8)
+    return y.reshape(*lead, n)
 
 
 def fwht_transpose(x: torch.Tensor, n: int | None = None, normalize: bool = True, *,
@@ -378,10 +430,14 @@ class RandomizedHadamard:
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """x @ Q."""
+        if _kernel_runs(x, self.plan):         # signs applied inside the kernel's pass
+            return _fwht_triton(x, self.plan, self.signs, False, True)
         return (fwht(x.float() if x.dtype != torch.float64 else x, plan=self.plan) * self._s(x)).to(x.dtype)
 
     def apply_transpose(self, x: torch.Tensor) -> torch.Tensor:
         """x @ Qᵀ (undoes `apply`)."""
+        if _kernel_runs(x, self.plan):
+            return _fwht_triton(x, self.plan, self.signs, True, True)
         xs = (x.float() if x.dtype != torch.float64 else x) * self._s(x)
         return fwht_transpose(xs, plan=self.plan).to(x.dtype)
 

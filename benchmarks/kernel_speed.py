@@ -1,0 +1,340 @@
+"""The runtime's Triton kernels on a GPU, side by side with their peers in one run: GB/s and % of measured copy
+bandwidth, each result checked against float64.
+
+    python benchmarks/kernel_speed.py --tag h200 [--llamacpp BUILD/test-backend-ops]
+
+- copy: a device-to-device copy of 2 GiB (bytes read + written), the ceiling every % below is taken of.
+- hadamard: twinquant's fast Hadamard transform (transforms/triton_hadamard.py) in bfloat16 at the widths of real
+  models (Sylvester and Paley m = 12, 20, 28, 108, 140), 1 to 16384 rows; against the torch reference (radix-16
+  matmul passes) and Dao-AILab's fast-hadamard-transform where it is installed and has the size.
+- gemv: dequant-GEMV reading GGUF's K-quant bytes (formats/ggml/triton_kquants.py) on the Qwen2.5 1.5B/7B/32B
+  linear shapes at batch 1, and batch 16/4096 through qlinear; against cuBLAS on float16 weights (torch) and,
+  with --llamacpp, llama.cpp's CUDA MUL_MAT of the same type and shape (test-backend-ops perf, built by
+  benchmarks/llamacpp_cuda/build.sh from the llama-cpp-python sdist with these shapes added to its perf list).
+- sweep: the GEMV's rows per program, warps and column split on the 32B shapes (the defaults come from it).
+
+Timings: triton.testing.do_bench (median; the L2 is flushed before every run: cold cache). Bytes: what the
+kernel must read and write (packed weights + activations for GEMV). Writes benchmarks/results/kernel_speed_TAG
+.json / .md / .png with the device, driver and versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import record  # noqa: E402
+
+from twinquant.formats.ggml.packed import (KERNEL_TYPES, QK_K, PackedWeight, _gemv_config,  # noqa: E402
+                                           dequantize, qlinear)
+from twinquant.transforms.hadamard import _kernel_runs, fwht, hadamard_plan  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+WIDTHS = [4096, 8192, 5120, 14336, 27648, 1536, 8960]
+HAD_ROWS = [1, 16, 4096, 16384]
+# rows x cols of the linears: Qwen2.5-32B (gate/up, down, q/o), Llama-3-8B down (llama.cpp's own perf shape),
+# Qwen2.5-7B (gate/up, down), Qwen2.5-1.5B (gate/up, down)
+SHAPES = [(27648, 5120), (5120, 27648), (5120, 5120), (4096, 14336), (18944, 3584), (3584, 18944), (8960, 1536),
+          (1536, 8960)]
+GEMV_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q6_K"]
+F16_FIELDS = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def bench(fn) -> float:
+    """Seconds per call: median of do_bench with the L2 flushed before each call."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median") / 1e3
+
+
+def copy_bandwidth() -> float:
+    x = torch.empty(2**30, dtype=torch.bfloat16, device="cuda").normal_()
+    y = torch.empty_like(x)
+    t = bench(lambda: y.copy_(x))
+    del x, y
+    return 2 * 2**31 / t / 1e9
+
+
+def random_blocks(ggml_type: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    bs = KERNEL_TYPES[ggml_type][1]
+    data = rng.integers(0, 256, (rows, cols // QK_K, bs), dtype=np.uint8)
+    for off in F16_FIELDS[ggml_type]:
+        data[:, :, off:off + 2] = rng.normal(0, 0.01, (rows, cols // QK_K)).astype(np.float16)[..., None].view(np.uint8)
+    return data.reshape(rows, -1)
+
+
+def fht_peer():
+    """Dao-AILab's fast-hadamard-transform: (width -> callable or None, version), or (None, None) if absent."""
+    try:
+        import fast_hadamard_transform as fht
+    except ImportError:
+        return None, None
+    fns = {1: fht.hadamard_transform}
+    fns.update({m: getattr(fht, f"hadamard_transform_{m}N") for m in (12, 20, 28, 40)
+                if hasattr(fht, f"hadamard_transform_{m}N")})
+
+    def for_width(n):
+        for m, f in fns.items():
+            k = n // m
+            if n % m == 0 and k & (k - 1) == 0:
+                return lambda x: f(x, 1 / n ** 0.5)
+        return None
+    return for_width, getattr(fht, "__version__", "installed")
+
+
+def _without_triton(fn):
+    """fn run with the kernels switched off: twinquant's torch reference."""
+    def run():
+        os.environ["TWINQUANT_NO_TRITON"] = "1"
+        try:
+            return fn()
+        finally:
+            os.environ.pop("TWINQUANT_NO_TRITON")
+    return run
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want).abs().max() / want.abs().max())
+
+
+def hadamard_rows(copy_gbs: float, quick: bool) -> list[dict]:
+    peer, _ = fht_peer()
+    out = []
+    for n in WIDTHS:
+        plan = hadamard_plan(n)
+        for rows in HAD_ROWS[:3] if quick else HAD_ROWS:
+            x = torch.randn(rows, n, device="cuda", dtype=torch.bfloat16)
+            ref = fwht(x[:64].double(), plan=plan)
+            nbytes = 2 * x.numel() * 2
+            row = {"n": n, "m": plan.m, "rows": rows, "bytes": nbytes, "kernel": _kernel_runs(x, plan)}
+            cands = {"twinquant": lambda: fwht(x, plan=plan),
+                     "torch_reference": _without_triton(lambda: fwht(x, plan=plan))}
+            f = peer(n) if peer else None
+            if f is not None:
+                cands["fast_hadamard_transform"] = lambda: f(x)
+            for name, fn in cands.items():
+                try:
+                    t = bench(fn)
+                    err = rel_err(fn()[:64], ref)
+                except Exception as e:           # a peer without this size raises
+                    row[name + "_error"] = str(e).splitlines()[0][:200]
+                    continue
+                row[name] = {"us": t * 1e6, "gb_s": nbytes / t / 1e9, "pct_copy": 100 * nbytes / t / 1e9 / copy_gbs,
+                             "rel_err": err}
+            if "fast_hadamard_transform" in row and "twinquant" in row:
+                row["ratio_vs_fht"] = row["fast_hadamard_transform"]["us"] / row["twinquant"]["us"]
+            out.append(row)
+            print(f"hadamard n={n:6d} rows={rows:6d}  " + "  ".join(
+                f"{k} {v['gb_s']:7.1f} GB/s ({v['pct_copy']:4.1f}%) err {v['rel_err']:.1e}"
+                for k, v in row.items() if isinstance(v, dict)), flush=True)
+            del x
+    return out
+
+
+def gemv_rows(copy_gbs: float, quick: bool) -> list[dict]:
+    out = []
+    for rows, cols in SHAPES:
+        xf = {b: torch.randn(b, cols, device="cuda") for b in (1, 16, 4096)}
+        w16 = torch.randn(rows, cols, device="cuda", dtype=torch.float16)
+        x16 = {b: v.half() for b, v in xf.items()}
+        for t in GEMV_TYPES:
+            try:
+                out.extend(_gemv_type(t, rows, cols, xf, x16, w16, copy_gbs, quick))
+            except Exception as e:               # record a kernel that does not build or run, go on
+                out.append({"type": t, "rows": rows, "cols": cols, "error": str(e).splitlines()[0][:300]})
+                print(f"gemv {t} {rows}x{cols}: FAILED {out[-1]['error']}", flush=True)
+        del xf, w16, x16
+        torch.cuda.empty_cache()
+    return out
+
+
+def _gemv_type(t, rows, cols, xf, x16, w16, copy_gbs, quick) -> list[dict]:
+    out = []
+    w = PackedWeight.from_bytes(t, random_blocks(t, rows, cols), cols, "cuda")
+    wd = dequantize(w).double()
+    for b in ((1,) if quick else (1, 16, 4096)):
+        if b == 4096 and t != "Q2_K":
+            continue
+        x = xf[b]
+        nbytes = w.data.numel() + x.numel() * 4 + b * rows * 4
+        tq = bench(lambda: qlinear(x, w))
+        err = rel_err(qlinear(x[:16], w), x[:16].double() @ wd.T)
+        t16 = bench(lambda: torch.nn.functional.linear(x16[b], w16))
+        row = {"type": t, "rows": rows, "cols": cols, "batch": b, "bytes": nbytes, "us": tq * 1e6,
+               "gb_s": nbytes / tq / 1e9, "pct_copy": 100 * nbytes / tq / 1e9 / copy_gbs, "rel_err": err,
+               "f16_cublas_us": t16 * 1e6, "speedup_vs_f16": t16 / tq, "config": _gemv_config(rows, cols // QK_K)}
+        out.append(row)
+        print(f"gemv {t} {rows}x{cols} batch {b:5d}: {row['us']:8.1f} us {row['gb_s']:7.1f} GB/s "
+              f"({row['pct_copy']:4.1f}% of copy), f16 cuBLAS {row['f16_cublas_us']:8.1f} us, err {err:.1e}",
+              flush=True)
+    return out
+
+
+def sweep(copy_gbs: float) -> list[dict]:
+    """Batch-1 Q2_K GEMV over (rows per program, warps, split) on the 32B shapes."""
+    import triton
+
+    from twinquant.formats.ggml.triton_kquants import gemv_kernel
+    out = []
+    for rows, cols in SHAPES[:4]:
+        w = PackedWeight.from_bytes("Q2_K", random_blocks("Q2_K", rows, cols), cols, "cuda")
+        x = torch.randn(1, cols, device="cuda")
+        nb = cols // QK_K
+        nbytes = w.data.numel() + cols * 4 + rows * 4
+        best = None
+        for br in (4, 8, 16):
+            for warps in (2, 4, 8):
+                for split in (1, 2, 4):
+                    y = torch.zeros(1, rows, device="cuda")
+
+                    def run():
+                        if split > 1:
+                            y.zero_()
+                        gemv_kernel[(triton.cdiv(rows, br), 1, split)](w.data, x, y, rows, nb, w.data.shape[1],
+                                                                       x.stride(0), y.stride(0), TYPE=2, BS=84,
+                                                                       BR=br, SPLIT=split, num_warps=warps)
+                    t = bench(run)
+                    r = {"rows": rows, "cols": cols, "br": br, "warps": warps, "split": split, "us": t * 1e6,
+                         "pct_copy": 100 * nbytes / t / 1e9 / copy_gbs}
+                    out.append(r)
+                    if best is None or t * 1e6 < best["us"]:
+                        best = r
+        print(f"sweep Q2_K {rows}x{cols}: best br={best['br']} warps={best['warps']} split={best['split']} "
+              f"{best['us']:.1f} us ({best['pct_copy']:.1f}% of copy); default {_gemv_config(rows, nb)}", flush=True)
+    return out
+
+
+def llamacpp_rows(binary: str) -> tuple[list[dict], str]:
+    """llama.cpp's CUDA MUL_MAT at batch 1 on SHAPES (test-backend-ops perf; its console lines parsed)."""
+    types = "|".join(t.lower() for t in GEMV_TYPES) + "|f16"
+    shapes = "|".join(f"m={r},n=1,k={c}," for r, c in SHAPES)
+    cmd = [binary, "perf", "-o", "MUL_MAT", "-b", "CUDA0", "-p", f"type_a=({types}),type_b=f32,({shapes})"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    pat = re.compile(r"MUL_MAT\(type_a=(\w+),type_b=f32,m=(\d+),n=1,k=(\d+),.*?:\s+(\d+) runs -\s+([\d.]+) us/run")
+    out = []
+    for ln in p.stdout.splitlines():
+        mt = pat.search(ln)
+        if mt:
+            t, m, k, runs, us = mt.groups()
+            out.append({"type": t.upper() if t != "f16" else "F16", "rows": int(m), "cols": int(k), "us": float(us)})
+    return out, " ".join(cmd) + "\n" + p.stdout[-4000:] + p.stderr[-2000:]
+
+
+def render(res: dict, stem: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+    ax = axes[0]
+    big = [r for r in res["hadamard"] if r["rows"] == max(x["rows"] for x in res["hadamard"])]
+    names = ["twinquant", "fast_hadamard_transform", "torch_reference"]
+    for i, nm in enumerate(names):
+        xs = [j + 0.27 * i for j, r in enumerate(big) if nm in r]
+        ax.bar(xs, [r[nm]["pct_copy"] for r in big if nm in r], 0.27, label=nm)
+    ax.set_xticks(range(len(big)), [f"{r['n']}" for r in big])
+    ax.set_ylabel("% of copy bandwidth")
+    ax.set_title(f"Hadamard transform, bf16, {big[0]['rows'] if big else ''} rows")
+    ax.axhline(80, ls=":", c="k")
+    ax.legend()
+    ax = axes[1]
+    g = [r for r in res["gemv"] if r.get("batch") == 1 and r["type"] == "Q2_K"]
+    ll = {(r["rows"], r["cols"]): r for r in res.get("llamacpp", []) if r["type"] == "Q2_K"}
+    ax.bar([j for j in range(len(g))], [r["pct_copy"] for r in g], 0.4, label="twinquant Q2_K")
+    ax.bar([j + 0.4 for j, r in enumerate(g) if (r["rows"], r["cols"]) in ll],
+           [r["pct_copy"] * r["us"] / ll[(r["rows"], r["cols"])]["us"] for r in g if (r["rows"], r["cols"]) in ll],
+           0.4, label="llama.cpp CUDA q2_K")
+    ax.set_xticks(range(len(g)), [f"{r['rows']}x{r['cols']}" for r in g], rotation=30)
+    ax.set_ylabel("% of copy bandwidth")
+    ax.set_title("dequant-GEMV, batch 1")
+    ax.axhline(70, ls=":", c="k")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(stem.with_suffix(".png"), dpi=110)
+
+
+def table(res: dict) -> str:
+    lines = [f"# kernel_speed {res['tag']}", "", f"copy bandwidth: {res['copy_gb_s']:.0f} GB/s (read + write)", "",
+             "## Hadamard transform (bf16): % of copy bandwidth", "",
+             "| n | m | rows | twinquant | fast-hadamard-transform | torch reference | twinquant / fht |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in res["hadamard"]:
+        c = [f"{r[k]['pct_copy']:.1f}%" if k in r else "-" for k in ("twinquant", "fast_hadamard_transform",
+                                                                       "torch_reference")]
+        lines.append(f"| {r['n']} | {r['m']} | {r['rows']} | {' | '.join(c)} | "
+                     f"{r['ratio_vs_fht']:.2f}x |" if "ratio_vs_fht" in r else
+                     f"| {r['n']} | {r['m']} | {r['rows']} | {' | '.join(c)} | - |")
+    ll = {(r["type"], r["rows"], r["cols"]): r["us"] for r in res.get("llamacpp", [])}
+    lines += ["", "## dequant-GEMV: µs and % of copy bandwidth", "",
+              "| type | rows x cols | batch | twinquant µs | % copy | llama.cpp CUDA µs | twinquant / llama.cpp | "
+              "f16 cuBLAS µs | rel. error |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in res["gemv"]:
+        if "error" in r:
+            lines.append(f"| {r['type']} | {r['rows']}x{r['cols']} | - | failed: {r['error']} | | | | | |")
+            continue
+        lu = ll.get((r["type"], r["rows"], r["cols"])) if r["batch"] == 1 else None
+        lus, ratio = (f"{lu:.1f}", f"{lu / r['us']:.2f}x") if lu else ("-", "-")
+        lines.append(f"| {r['type']} | {r['rows']}x{r['cols']} | {r['batch']} | {r['us']:.1f} | {r['pct_copy']:.1f}% | "
+                     f"{lus} | {ratio} | "
+                     f"{r['f16_cublas_us']:.1f} | {r['rel_err']:.1e} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tag", required=True)
+    ap.add_argument("--llamacpp", help="test-backend-ops built with CUDA (benchmarks/llamacpp_cuda/build.sh)")
+    ap.add_argument("--quick", action="store_true", help="fewer rows and batches")
+    ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--render", help="re-render the table and PNG of a results JSON")
+    a = ap.parse_args()
+    if a.render:
+        res = json.loads(Path(a.render).read_text())
+        stem = Path(a.render).with_suffix("")
+        stem.with_suffix(".md").write_text(table(res))
+        render(res, stem)
+        return
+    if not torch.cuda.is_available():
+        raise SystemExit("kernel_speed: needs a CUDA GPU")
+    import triton
+
+    _, fht_version = fht_peer()
+    res = record(tag=a.tag, triton=triton.__version__, fast_hadamard_transform=fht_version)
+    res["copy_gb_s"] = copy_bandwidth()
+    print(f"copy bandwidth {res['copy_gb_s']:.0f} GB/s", flush=True)
+    stem = Path(a.out) / f"kernel_speed_{a.tag}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
+        stem.with_suffix(".md").write_text(table(res))
+
+    res["hadamard"] = hadamard_rows(res["copy_gb_s"], a.quick)
+    res["gemv"] = []
+    save()
+    res["gemv"] = gemv_rows(res["copy_gb_s"], a.quick)
+    save()
+    if a.llamacpp:
+        res["llamacpp"], res["llamacpp_log"] = llamacpp_rows(a.llamacpp)
+        save()
+    if not a.no_sweep:
+        res["sweep"] = sweep(res["copy_gb_s"])
+    save()
+    render(res, stem)
+    print(table(res))
+
+
+if __name__ == "__main__":
+    main()

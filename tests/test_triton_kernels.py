@@ -1,0 +1,159 @@
+"""The runtime's Triton kernels against their references: K-quant dequant-GEMV / dequantize against gguf-py's
+dequantization of the same bytes, the fast Hadamard transform against float64.
+
+Without a GPU they run through Triton's interpreter (TRITON_INTERPRET=1 from conftest, TWINQUANT_TRITON_CPU=1
+here); with one, the same tests run the compiled kernels on CUDA too (and bfloat16, which the interpreter's dot
+does not compute)."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from twinquant.errors import TwinquantError
+from twinquant.formats.ggml import get_codec
+from twinquant.formats.ggml.packed import GEMV_MAX_ROWS, KERNEL_TYPES, PackedWeight, dequantize, qlinear
+from twinquant.transforms.hadamard import RandomizedHadamard, _kernel_runs, fwht, hadamard_plan
+
+CUDA = torch.cuda.is_available()
+DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
+
+
+@pytest.fixture(autouse=True)
+def _triton_on_cpu(monkeypatch):
+    monkeypatch.setenv("TWINQUANT_TRITON_CPU", "1")
+
+
+# Byte offsets of the fp16 fields of each super-block: random bytes there could be NaN/inf.
+F16_FIELDS = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def random_blocks(ggml_type: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Every bit pattern of scales and codes (random bytes), finite fp16 scales of either sign."""
+    rng = np.random.default_rng(seed)
+    bs = KERNEL_TYPES[ggml_type][1]
+    data = rng.integers(0, 256, (rows, cols // 256, bs), dtype=np.uint8)
+    for off in F16_FIELDS[ggml_type]:
+        data[:, :, off:off + 2] = rng.normal(0, 0.01, (rows, cols // 256)).astype(np.float16)[..., None].view(np.uint8)
+    return data.reshape(rows, -1)
+
+
+def reference(ggml_type: str, data: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(gguf.quants.dequantize(data, gguf.GGMLQuantizationType[ggml_type]),
+                                       dtype=np.float32))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("ggml_type", list(KERNEL_TYPES))
+def test_dequantize_and_gemv_read_every_bit_of_the_blocks_as_gguf_py_does(ggml_type, device):
+    rows, cols = 13, 4096                      # rows not a multiple of the 8 per program; 16 super-blocks: split 2
+    data = random_blocks(ggml_type, rows, cols)
+    ref = reference(ggml_type, data)
+    w = PackedWeight.from_bytes(ggml_type, data, cols, device)
+    assert torch.equal(dequantize(w).cpu(), ref)
+    g = torch.Generator().manual_seed(1)
+    for m in (1, 3, GEMV_MAX_ROWS + 5):         # GEMV rows, and the dequantize + matmul path above GEMV_MAX_ROWS
+        x = torch.randn(m, cols, generator=g)
+        want = x.double() @ ref.double().T
+        got = qlinear(x.to(device), w).cpu().double()
+        assert got.shape == (m, rows)
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max(), (m, (got - want).abs().max())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_qlinear_on_real_codes_with_bias_and_leading_axes(device):
+    codec = get_codec("Q2_K")
+    w = torch.randn(24, 512, generator=torch.Generator().manual_seed(2))
+    data = codec.pack(*codec.quantize(w))
+    wq = codec.dequantize_bytes(data, 512).float()
+    bias = torch.randn(24)
+    x = torch.randn(2, 1, 512)
+    got = qlinear(x.to(device), PackedWeight.from_bytes("Q2_K", data, 512, device), bias.to(device)).cpu()
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, wq, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_weight_rejects_what_it_cannot_hold():
+    with pytest.raises(TwinquantError, match="no packed-weight kernel for IQ3_XXS"):
+        PackedWeight.from_bytes("IQ3_XXS", np.zeros((2, 98), np.uint8), 256, "cpu")
+    with pytest.raises(TwinquantError, match="do not hold"):
+        PackedWeight.from_bytes("Q2_K", np.zeros((2, 80), np.uint8), 256, "cpu")
+    w = PackedWeight.from_bytes("Q2_K", np.zeros((2, 84), np.uint8), 256, "cpu")
+    with pytest.raises(TwinquantError, match="input width 128"):
+        qlinear(torch.zeros(1, 128), w)
+
+
+WIDTHS = [256, 896, 1536, 4096, 5120, 8960, 14336, 27648]   # Sylvester and Paley m = 28, 12, 20, 140, 108
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", WIDTHS)
+def test_hadamard_kernel_matches_float64_for_real_widths(n, device):
+    plan = hadamard_plan(n)
+    x = torch.randn(5, n, generator=torch.Generator().manual_seed(n))
+    assert _kernel_runs(x.to(device), plan)
+    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" else [])
+    for transpose in (False, True):
+        want = fwht(x.double(), transpose=transpose, plan=plan)
+        for dt in dtypes:
+            got = fwht(x.to(device, dt), transpose=transpose, plan=plan).cpu().double()
+            tol = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dt]
+            assert (got - want).abs().max() <= tol * want.abs().max(), (dt, transpose, (got - want).abs().max())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_randomized_hadamard_applies_its_signs_inside_the_kernel(device):
+    n = 5120
+    rh = RandomizedHadamard(n, seed=7)
+    x = torch.randn(3, n, generator=torch.Generator().manual_seed(0))
+    Q = rh.matrix(torch.float64)
+    torch.testing.assert_close(rh.apply(x.to(device)).cpu().double(), x.double() @ Q, rtol=0, atol=2e-5)
+    torch.testing.assert_close(rh.apply_transpose(x.to(device)).cpu().double(), x.double() @ Q.T, rtol=0, atol=2e-5)
+
+
+def test_widths_without_a_tiling_fall_back_to_torch():
+    plan = hadamard_plan(64)               # too small for the kernel's tensor-core tiles
+    x = torch.randn(2, 64)
+    assert not _kernel_runs(x, plan)
+    torch.testing.assert_close(fwht(x, plan=plan).double(), x.double() @ plan.matrix() / 8, rtol=0, atol=1e-6)
+
+
+def test_a_gguf_decodes_from_packed_weights_as_from_dequantized_ones(tmp_path):
+    """runtime/packed_weights.pack_linears: every K-quant linear (and the head) multiplied from its bytes; the
+    prefill (dequantize + matmul) and each decode step (GEMV) give the float path's logits."""
+    from tests.tiny_models import save_tiny
+    from twinquant.io.gguf_write import write_gguf
+    from twinquant.io.hf import load_hf_dir
+    from twinquant.io.load import load_model
+    from twinquant.model.forward import KVCache, forward
+    from twinquant.pipeline.executor import quantize_model
+    from twinquant.runtime.packed_weights import pack_linears
+
+    model = load_hf_dir(save_tiny("qwen2", tmp_path / "hf", tokenizer=True, hidden_size=256, intermediate_size=512,
+                                  num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2))
+    model.materialize()
+    kinds = {"attn_q": "Q2_K", "attn_k": "Q3_K", "attn_v": "Q4_K", "attn_output": "Q5_K", "ffn_gate": "Q6_K",
+             "ffn_up": "IQ4_XS", "ffn_down": "Q2_K"}          # IQ4_XS has no kernel: it stays a float tensor
+    types = {n: kinds[n.split(".")[2]] for n in model.tensor_names() if n.startswith("blk.") and n.endswith(
+        "weight") and n.split(".")[2] in kinds}
+    types["output.weight"] = "Q6_K"
+    quantize_model(model, types, "rtn", progress=False)
+    path = write_gguf(model, tmp_path / "q.gguf", "F32")
+
+    plain = load_model(path).materialize()
+    packed = load_model(path, keep_quantized=True)
+    counts = pack_linears(packed)
+    packed.materialize()
+    assert dict(counts) == {"Q2_K": 4, "Q3_K": 2, "Q4_K": 2, "Q5_K": 2, "Q6_K": 3}
+    assert "blk.0.ffn_up.weight" not in packed.packed and "blk.0.attn_q.weight" not in packed.tensors
+
+    tokens = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(0))
+    caches = [KVCache.empty(m, 1, 16) for m in (plain, packed)]
+    want = forward(plain, tokens, cache=caches[0])
+    got = forward(packed, tokens, cache=caches[1])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for step in range(2):                                   # decode: one row at a time, the GEMV kernels
+        t = tokens[:, step:step + 1]
+        torch.testing.assert_close(forward(packed, t, cache=caches[1]), forward(plain, t, cache=caches[0]),
+                                   rtol=1e-4, atol=1e-4)

@@ -1,0 +1,102 @@
+"""Linear layers whose weights stay in their packed GGML K-quant bytes on the GPU (the runtime's decode path).
+
+`qlinear(x, w)` is F.linear(x, W) with W read from the bytes GGUF stores (formats/ggml/triton_kquants.py): one
+dequant-GEMV per activation row up to GEMV_MAX_ROWS rows (decode reads 84 bytes per 256 Q2_K weights instead of
+1 KB of float32), above that one dequantization into x's dtype and a dense matmul (prefill: the matmul dominates).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from twinquant.errors import TwinquantError
+from twinquant.triton_env import runs_triton, triton_available
+
+GEMV_MAX_ROWS = 8
+QK_K = 256
+# type -> (kernel id, bytes per super-block); mirrors triton_kquants.KQUANTS without importing Triton
+KERNEL_TYPES = {"Q2_K": (2, 84), "Q3_K": (3, 110), "Q4_K": (4, 144), "Q5_K": (5, 176), "Q6_K": (6, 210)}
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """A weight as GGML bytes on a device: data uint8 [rows, bytes per row], HF row order."""
+
+    ggml_type: str
+    data: torch.Tensor
+    cols: int
+
+    @property
+    def rows(self) -> int:
+        return int(self.data.shape[0])
+
+    @classmethod
+    def from_bytes(cls, ggml_type: str, data, cols: int, device) -> "PackedWeight":
+        if ggml_type not in KERNEL_TYPES:
+            raise TwinquantError(f"no packed-weight kernel for {ggml_type} (have: {', '.join(KERNEL_TYPES)})")
+        arr = np.ascontiguousarray(np.asarray(data, dtype=np.uint8))
+        if not arr.flags.writeable:         # a memory-mapped file: torch wants memory it may write
+            arr = arr.copy()
+        if cols % QK_K or arr.ndim != 2 or arr.shape[1] != cols // QK_K * KERNEL_TYPES[ggml_type][1]:
+            raise TwinquantError(f"{ggml_type}: packed rows of {arr.shape[-1]} bytes do not hold {cols} columns")
+        return cls(ggml_type, torch.from_numpy(arr).to(device), cols)
+
+
+def kernel_for(ggml_type: str, device) -> bool:
+    """True when qlinear has a kernel for this type on this device."""
+    return ggml_type in KERNEL_TYPES and triton_available() and runs_triton(torch.empty(0, device=device))
+
+
+def _gemv_config(rows: int, nb: int) -> tuple[int, int]:
+    """(rows per program, super-block split): split the columns of short matrices so that the programs fill a
+    large GPU (132 SMs on an H200) several times over."""
+    br = 8
+    programs = -(-rows // br)
+    split = 1
+    while programs * split < 4 * 132 and split < 8 and nb >= 8 * split:
+        split *= 2
+    return br, split
+
+
+def dequantize(w: PackedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The float weight [rows, cols] of a packed one, computed on its device."""
+    from twinquant.formats.ggml.triton_kquants import dequant_kernel
+
+    tid, bs = KERNEL_TYPES[w.ggml_type]
+    out = torch.empty(w.rows, w.cols, dtype=dtype, device=w.data.device)
+    br = 8
+    dequant_kernel[(-(-w.rows // br), w.cols // QK_K)](w.data, out, w.rows, w.data.shape[1], w.cols,
+                                                       TYPE=tid, BS=bs, BR=br, num_warps=4)
+    return out
+
+
+def qlinear(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, W, bias) with W read from its packed bytes; float32 accumulation, x's dtype out."""
+    if x.shape[-1] != w.cols:
+        raise TwinquantError(f"qlinear: input width {x.shape[-1]} does not match the weight's {w.cols}")
+    if not runs_triton(w.data):
+        raise TwinquantError(f"qlinear: no Triton kernel runs on {w.data.device}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, w.cols)
+    if x2.shape[0] > GEMV_MAX_ROWS:
+        y = F.linear(x2, dequantize(w, x.dtype))
+    else:
+        from twinquant.formats.ggml.triton_kquants import gemv_kernel
+
+        tid, bs = KERNEL_TYPES[w.ggml_type]
+        x2 = x2.contiguous()
+        nb = w.cols // QK_K
+        br, split = _gemv_config(w.rows, nb)
+        y = torch.zeros(x2.shape[0], w.rows, dtype=torch.float32, device=x.device)
+        if x2.shape[0]:
+            gemv_kernel[(-(-w.rows // br), x2.shape[0], split)](
+                w.data, x2, y, w.rows, nb, w.data.shape[1], x2.stride(0), y.stride(0),
+                TYPE=tid, BS=bs, BR=br, SPLIT=split, num_warps=4)
+        y = y.to(x.dtype)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*lead, w.rows)

@@ -1,0 +1,132 @@
+"""Triton kernels that read GGML K-quant blocks as GGUF stores them: dequant-GEMV (decode) and dequantize (prefill).
+
+A K-quant row is a run of super-blocks of 256 weights (llama.cpp's `block_q{2..6}_K`, ggml-common.h). The kernels
+take the packed bytes as they are in the file ([rows, bytes per row] uint8, on the GPU) and compute each weight in
+registers, so a decode step reads 84 bytes per 256 weights for Q2_K instead of 1 KB of float32. Layouts (byte
+offsets inside one super-block; d/dmin are fp16):
+
+  Q2_K  84 B: scales[16] @0 (lo 4 bits scale, hi 4 bits min), qs[64] @16, d @80, dmin @82
+  Q3_K 110 B: hmask[32] @0, qs[64] @32, scales[12] @96 (16 six-bit scales, biased by 32), d @108
+  Q4_K 144 B: d @0, dmin @2, scales[12] @4 (8 six-bit scales + 8 six-bit mins), qs[128] @16
+  Q5_K 176 B: d @0, dmin @2, scales[12] @4, qh[32] @16, qs[128] @48
+  Q6_K 210 B: ql[128] @0, qh[64] @128, scales[16] (int8) @192, d @208
+
+Weight e of a super-block (0..255) is computed from its own byte(s): no shuffles, so one code path serves every
+type; the same bytes are read by neighbouring lanes from L1, DRAM traffic stays the packed size. Tests run these
+kernels on the CPU with Triton's interpreter against the codecs' dequantization; formats/ggml/packed.py calls them.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+QK_K: tl.constexpr = 256     # the kernel ids and block sizes of each type: packed.KERNEL_TYPES
+
+
+@triton.jit
+def _u8(p, mask):
+    return tl.load(p, mask=mask, other=0).to(tl.int32)
+
+
+@triton.jit
+def _f16(p, mask):
+    """An fp16 stored little-endian at byte pointer p, as float32."""
+    lo = tl.load(p, mask=mask, other=0).to(tl.uint16)
+    hi = tl.load(p + 1, mask=mask, other=0).to(tl.uint16)
+    return (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _scale_min_k4(sp, s, mask):
+    """Q4_K/Q5_K's get_scale_min_k4: 6-bit scale and min of sub-block s (0..7) from the 12 bytes at sp."""
+    lo = s < 4
+    a = _u8(sp + s, mask)                                  # s < 4: scale;  s >= 4: top 2 bits of the min
+    b = _u8(sp + s + 4, mask)                              # s < 4: min;    s >= 4: low nibbles of both
+    c = _u8(sp + tl.where(lo, s, s - 4), mask)             # s >= 4: top 2 bits of the scale
+    sc = tl.where(lo, a & 63, (b & 0xF) | ((c >> 6) << 4))
+    mn = tl.where(lo, b & 63, (b >> 4) | ((a >> 6) << 4))
+    return sc, mn
+
+
+@triton.jit
+def _superblock(blk, e, mask, TYPE: tl.constexpr):
+    """Weights e (int32 [1, 256]) of the super-blocks at byte pointers blk ([R, 1]) as float32 [R, 256]."""
+    if TYPE == 2:
+        q = _u8(blk + 16 + (e // 128) * 32 + e % 32, mask)
+        q = (q >> (2 * ((e % 128) // 32))) & 3
+        sc = _u8(blk + e // 16, mask)
+        d = _f16(blk + 80, mask)
+        dmin = _f16(blk + 82, mask)
+        w = d * (sc & 0xF).to(tl.float32) * q.to(tl.float32) - dmin * (sc >> 4).to(tl.float32)
+    elif TYPE == 3:
+        j = (e % 128) // 32
+        q = (_u8(blk + 32 + (e // 128) * 32 + e % 32, mask) >> (2 * j)) & 3
+        hbit = (_u8(blk + e % 32, mask) >> ((e // 128) * 4 + j)) & 1
+        s = e // 16
+        lo4 = tl.where(s < 8, _u8(blk + 96 + s % 8, mask) & 0xF, _u8(blk + 96 + s % 8, mask) >> 4)
+        hi2 = (_u8(blk + 96 + 8 + s % 4, mask) >> (2 * (s // 4))) & 3
+        sc = (lo4 | (hi2 << 4)) - 32
+        d = _f16(blk + 108, mask)
+        w = d * sc.to(tl.float32) * (q - 4 * (1 - hbit)).to(tl.float32)
+    elif TYPE == 4 or TYPE == 5:
+        c = e // 64
+        hi = (e % 64) // 32
+        qb = _u8(blk + 16 + 32 * (TYPE - 4) + c * 32 + e % 32, mask)    # qs @16 (Q4_K) / @48 (Q5_K)
+        q = tl.where(hi == 1, qb >> 4, qb & 0xF)
+        if TYPE == 5:
+            q += ((_u8(blk + 16 + e % 32, mask) >> (2 * c + hi)) & 1) * 16
+        sc, mn = _scale_min_k4(blk + 4, e // 32, mask)
+        d = _f16(blk, mask)
+        dmin = _f16(blk + 2, mask)
+        w = d * sc.to(tl.float32) * q.to(tl.float32) - dmin * mn.to(tl.float32)
+    else:   # Q6_K
+        h = e // 128
+        k = (e % 128) // 32
+        l = e % 32
+        qb = _u8(blk + h * 64 + (k % 2) * 32 + l, mask)
+        lo = tl.where(k >= 2, qb >> 4, qb & 0xF)
+        hb = (_u8(blk + 128 + h * 32 + l, mask) >> (2 * k)) & 3
+        sc = tl.load(blk + 192 + e // 16, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+        d = _f16(blk + 208, mask)
+        w = d * sc * ((lo | (hb << 4)) - 32).to(tl.float32)
+    return w
+
+
+@triton.jit
+def gemv_kernel(w_ptr, x_ptr, y_ptr, R, NB, row_bytes, stride_xm, stride_ym,
+                TYPE: tl.constexpr, BS: tl.constexpr, BR: tl.constexpr, SPLIT: tl.constexpr):
+    """y[m, r] (+)= sum_c W[r, c] x[m, c] for BR rows and one activation row m; super-blocks b ≡ part (mod SPLIT)
+    (SPLIT > 1: partial sums added atomically into a zeroed y, for matrices with few rows)."""
+    pid = tl.program_id(0)
+    m = tl.program_id(1)
+    part = tl.program_id(2)
+    rows = pid * BR + tl.arange(0, BR)
+    rmask = (rows < R)[:, None]
+    e = tl.arange(0, QK_K)[None, :]
+    row_base = w_ptr + rows.to(tl.int64)[:, None] * row_bytes
+    acc = tl.zeros((BR, QK_K), dtype=tl.float32)
+    for b in range(part, NB, SPLIT):
+        w = _superblock(row_base + b * BS, e, rmask, TYPE)
+        xv = tl.load(x_ptr + m * stride_xm + b * QK_K + e).to(tl.float32)
+        acc += w * xv
+    y = tl.sum(acc, axis=1)
+    out = y_ptr + m * stride_ym + rows
+    if SPLIT == 1:
+        tl.store(out, y, mask=rows < R)
+    else:
+        tl.atomic_add(out, y, mask=rows < R)
+
+
+@triton.jit
+def dequant_kernel(w_ptr, out_ptr, R, row_bytes, cols,
+                   TYPE: tl.constexpr, BS: tl.constexpr, BR: tl.constexpr):
+    """out[r, b*256:(b+1)*256] = the weights of super-block b of rows r (BR rows per program)."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    rows = pid * BR + tl.arange(0, BR)
+    rmask = (rows < R)[:, None]
+    e = tl.arange(0, QK_K)[None, :]
+    w = _superblock(w_ptr + rows.to(tl.int64)[:, None] * row_bytes + b * BS, e, rmask, TYPE)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * cols + b * QK_K + e, w.to(out_ptr.dtype.element_ty),
+             mask=rmask)

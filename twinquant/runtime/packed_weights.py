@@ -1,0 +1,28 @@
+"""Decode from packed weights: a GGUF's K-quant linears stay as their GGML bytes on the GPU and the forward
+multiplies them there (formats/ggml/packed.qlinear), instead of holding float copies: a Q2_K model takes its file
+size in GPU memory, and each decode step reads those bytes once."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from twinquant.formats.ggml.packed import PackedWeight, kernel_for
+from twinquant.model import roles
+from twinquant.model.model import Model
+
+
+def pack_linears(model: Model) -> Counter:
+    """Move every 2-D quantized weight with a kernel on model.device (not the token embedding: it is looked up,
+    not multiplied) into `model.packed`; needs the model loaded with keep_quantized. Returns {type: count}."""
+    embd = roles.name(roles.T.TOKEN_EMBD)
+    counts: Counter = Counter()
+    for name, q in model.quantized.items():
+        shape = roles.expected_shape(model.spec, name)
+        t = q.ggml_type.name
+        if name == embd or len(shape) != 2 or not kernel_for(t, model.device):
+            continue
+        model.packed[name] = PackedWeight.from_bytes(t, q.data, shape[-1], model.device)
+        model.tensors.pop(name, None)
+        counts[t] += 1
+    model.fuse_shared_inputs()
+    return counts
