@@ -238,7 +238,7 @@ def render(res: dict, stem: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(14, 5))
     ax = axes[0]
-    big = [r for r in res["hadamard"] if r["rows"] == max(x["rows"] for x in res["hadamard"])]
+    big = [r for r in res["hadamard"] if r["rows"] == max([x["rows"] for x in res["hadamard"]], default=0)]
     names = ["twinquant", "fast_hadamard_transform", "torch_reference"]
     for i, nm in enumerate(names):
         xs = [j + 0.27 * i for j, r in enumerate(big) if nm in r]
@@ -296,7 +296,8 @@ def main() -> None:
     ap.add_argument("--tag", required=True)
     ap.add_argument("--llamacpp", help="test-backend-ops built with CUDA (benchmarks/llamacpp_cuda/build.sh)")
     ap.add_argument("--quick", action="store_true", help="fewer rows and batches")
-    ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--sections", default="gemv,hadamard,llamacpp,sweep", help="comma-separated parts to run")
+    ap.add_argument("--resume", action="store_true", help="add the sections to an existing results file")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--render", help="re-render the table and PNG of a results JSON")
     a = ap.parse_args()
@@ -310,28 +311,34 @@ def main() -> None:
         raise SystemExit("kernel_speed: needs a CUDA GPU")
     import triton
 
-    _, fht_version = fht_peer()
-    res = record(tag=a.tag, triton=triton.__version__, fast_hadamard_transform=fht_version)
-    res["copy_gb_s"] = copy_bandwidth()
-    print(f"copy bandwidth {res['copy_gb_s']:.0f} GB/s", flush=True)
     stem = Path(a.out) / f"kernel_speed_{a.tag}"
     stem.parent.mkdir(parents=True, exist_ok=True)
+    sections = a.sections.split(",")
+    if stem.with_suffix(".json").exists() and a.resume:      # later sections of the same run (same machine)
+        res = json.loads(stem.with_suffix(".json").read_text())
+    else:
+        res = record(tag=a.tag, triton=triton.__version__)
+        res["copy_gb_s"] = copy_bandwidth()
+        res["hadamard"], res["gemv"] = [], []
+    print(f"copy bandwidth {res['copy_gb_s']:.0f} GB/s", flush=True)
 
     def save():
         stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
         stem.with_suffix(".md").write_text(table(res))
 
-    res["hadamard"] = hadamard_rows(res["copy_gb_s"], a.quick)
-    res["gemv"] = []
-    save()
-    res["gemv"] = gemv_rows(res["copy_gb_s"], a.quick)
-    save()
-    if a.llamacpp:
+    if "gemv" in sections:
+        res["gemv"] = gemv_rows(res["copy_gb_s"], a.quick)
+        save()
+    if "hadamard" in sections:
+        res["fast_hadamard_transform"] = fht_peer()[1]
+        res["hadamard"] = hadamard_rows(res["copy_gb_s"], a.quick)
+        save()
+    if "llamacpp" in sections and a.llamacpp:
         res["llamacpp"], res["llamacpp_log"] = llamacpp_rows(a.llamacpp)
         save()
-    if not a.no_sweep:
+    if "sweep" in sections:
         res["sweep"] = sweep(res["copy_gb_s"])
-    save()
+        save()
     render(res, stem)
     print(table(res))
 
