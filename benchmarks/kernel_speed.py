@@ -10,7 +10,7 @@ bandwidth, each result checked against float64.
 - gemv: dequant-GEMV reading GGUF's K-quant bytes (formats/ggml/triton_kquants.py) on the Qwen2.5 1.5B/7B/32B
   linear shapes at batch 1, and batch 16/4096 through qlinear; against cuBLAS on float16 weights (torch) and,
   with --llamacpp, llama.cpp's CUDA MUL_MAT of the same type and shape (test-backend-ops perf, built by
-  benchmarks/llamacpp_cuda/build.sh from the llama-cpp-python sdist with these shapes added to its perf list).
+  benchmarks/gpu_peers/ from the llama-cpp-python sdist with these shapes added to its perf list).
 - sweep: the GEMV's rows per program, warps and column split on the 32B shapes (the defaults come from it).
 
 Timings: triton.testing.do_bench (median; the L2 is flushed before every run: cold cache). Bytes: what the
@@ -294,7 +294,7 @@ def table(res: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tag", required=True)
-    ap.add_argument("--llamacpp", help="test-backend-ops built with CUDA (benchmarks/llamacpp_cuda/build.sh)")
+    ap.add_argument("--llamacpp", help="test-backend-ops built with CUDA (benchmarks/gpu_peers/build.sh)")
     ap.add_argument("--quick", action="store_true", help="fewer rows and batches")
     ap.add_argument("--sections", default="gemv,hadamard,llamacpp,sweep", help="comma-separated parts to run")
     ap.add_argument("--resume", action="store_true", help="add the sections to an existing results file")
