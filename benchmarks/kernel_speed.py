@@ -181,10 +181,10 @@ def _gemv_type(t, rows, cols, xf, x16, w16, copy_gbs, quick) -> list[dict]:
 
 
 def sweep(copy_gbs: float) -> list[dict]:
-    """Batch-1 Q2_K GEMV over (rows per program, warps, split) on the 32B shapes."""
+    """Batch-1 Q2_K GEMV over kernel (byte order / generic), rows per program, warps and split, 32B shapes."""
     import triton
 
-    from twinquant.formats.ggml.triton_kquants import gemv_kernel
+    from twinquant.formats.ggml.triton_kquants import gemv_kernel, gemv_q2k_kernel
     out = []
     for rows, cols in SHAPES[:4]:
         w = PackedWeight.from_bytes("Q2_K", random_blocks("Q2_K", rows, cols), cols, "cuda")
@@ -192,25 +192,35 @@ def sweep(copy_gbs: float) -> list[dict]:
         nb = cols // QK_K
         nbytes = w.data.numel() + cols * 4 + rows * 4
         best = None
-        for br in (4, 8, 16):
-            for warps in (2, 4, 8):
-                for split in (1, 2, 4):
-                    y = torch.zeros(1, rows, device="cuda")
+        for kernel in ("bytes", "generic"):
+            for br in (4, 8, 16):
+                for warps in (4, 8):
+                    for split in (1, 2, 4):
+                        y = torch.zeros(1, rows, device="cuda")
+                        grid = (triton.cdiv(rows, br), 1, split)
+                        args = (w.data, x, y, rows, nb, w.data.shape[1], x.stride(0), y.stride(0))
 
-                    def run():
-                        if split > 1:
-                            y.zero_()
-                        gemv_kernel[(triton.cdiv(rows, br), 1, split)](w.data, x, y, rows, nb, w.data.shape[1],
-                                                                       x.stride(0), y.stride(0), TYPE=2, BS=84,
-                                                                       BR=br, SPLIT=split, num_warps=warps)
-                    t = bench(run)
-                    r = {"rows": rows, "cols": cols, "br": br, "warps": warps, "split": split, "us": t * 1e6,
-                         "pct_copy": 100 * nbytes / t / 1e9 / copy_gbs}
-                    out.append(r)
-                    if best is None or t * 1e6 < best["us"]:
-                        best = r
-        print(f"sweep Q2_K {rows}x{cols}: best br={best['br']} warps={best['warps']} split={best['split']} "
-              f"{best['us']:.1f} us ({best['pct_copy']:.1f}% of copy); default {_gemv_config(rows, nb)}", flush=True)
+                        def run():
+                            if split > 1:
+                                y.zero_()
+                            if kernel == "bytes":
+                                gemv_q2k_kernel[grid](*args, BR=br, SPLIT=split, num_warps=warps)
+                            else:
+                                gemv_kernel[grid](*args, TYPE=2, BS=84, BR=br, SPLIT=split, num_warps=warps)
+                        try:
+                            t = bench(run)
+                        except Exception as e:
+                            out.append({"rows": rows, "cols": cols, "kernel": kernel, "br": br, "warps": warps,
+                                        "split": split, "error": str(e).splitlines()[0][:200]})
+                            continue
+                        r = {"rows": rows, "cols": cols, "kernel": kernel, "br": br, "warps": warps, "split": split,
+                             "us": t * 1e6, "pct_copy": 100 * nbytes / t / 1e9 / copy_gbs}
+                        out.append(r)
+                        if best is None or r["us"] < best["us"]:
+                            best = r
+        print(f"sweep Q2_K {rows}x{cols}: best {best['kernel']} br={best['br']} warps={best['warps']} "
+              f"split={best['split']} {best['us']:.1f} us ({best['pct_copy']:.1f}% of copy); "
+              f"default {_gemv_config(rows, nb)}", flush=True)
     return out
 
 

@@ -14,7 +14,7 @@ import torch
 
 from twinquant.errors import TwinquantError
 from twinquant.formats.ggml import get_codec
-from twinquant.formats.ggml.packed import GEMV_MAX_ROWS, KERNEL_TYPES, PackedWeight, dequantize, qlinear
+from twinquant.formats.ggml.packed import GEMV_MAX_ROWS, KERNEL_TYPES, PackedWeight, dequantize, gemv, qlinear
 from twinquant.transforms.hadamard import RandomizedHadamard, _kernel_runs, fwht, hadamard_plan
 
 CUDA = torch.cuda.is_available()
@@ -60,6 +60,10 @@ def test_dequantize_and_gemv_read_every_bit_of_the_blocks_as_gguf_py_does(ggml_t
         got = qlinear(x.to(device), w).cpu().double()
         assert got.shape == (m, rows)
         assert (got - want).abs().max() <= 1e-5 * want.abs().max(), (m, (got - want).abs().max())
+    if ggml_type == "Q2_K":                     # qlinear takes the byte-order kernel; the generic one too
+        got = gemv(x[:3].to(device), w, byte_order=False).cpu().double()
+        want = x[:3].double() @ ref.double().T
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -74,6 +74,26 @@ def dequantize(w: PackedWeight, dtype: torch.dtype = torch.float32) -> torch.Ten
     return out
 
 
+def gemv(x2: torch.Tensor, w: PackedWeight, byte_order: bool = True) -> torch.Tensor:
+    """float32 [M, rows] = x2 [M, cols] @ Wᵀ, one pass over the packed rows per activation row. Q2_K takes
+    `gemv_q2k_kernel` (weights in the order their bytes lie) unless byte_order=False (the generic kernel)."""
+    from twinquant.formats.ggml.triton_kquants import gemv_kernel, gemv_q2k_kernel
+
+    tid, bs = KERNEL_TYPES[w.ggml_type]
+    x2 = x2.contiguous()
+    nb = w.cols // QK_K
+    br, split = _gemv_config(w.rows, nb)
+    y = torch.zeros(x2.shape[0], w.rows, dtype=torch.float32, device=x2.device)
+    if x2.shape[0]:
+        grid = (-(-w.rows // br), x2.shape[0], split)
+        args = (w.data, x2, y, w.rows, nb, w.data.shape[1], x2.stride(0), y.stride(0))
+        if w.ggml_type == "Q2_K" and byte_order:
+            gemv_q2k_kernel[grid](*args, BR=br, SPLIT=split, num_warps=4)
+        else:
+            gemv_kernel[grid](*args, TYPE=tid, BS=bs, BR=br, SPLIT=split, num_warps=4)
+    return y
+
+
 def qlinear(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, W, bias) with W read from its packed bytes; float32 accumulation, x's dtype out."""
     if x.shape[-1] != w.cols:
@@ -85,18 +105,7 @@ def qlinear(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None) 
     if x2.shape[0] > GEMV_MAX_ROWS:
         y = F.linear(x2, dequantize(w, x.dtype))
     else:
-        from twinquant.formats.ggml.triton_kquants import gemv_kernel
-
-        tid, bs = KERNEL_TYPES[w.ggml_type]
-        x2 = x2.contiguous()
-        nb = w.cols // QK_K
-        br, split = _gemv_config(w.rows, nb)
-        y = torch.zeros(x2.shape[0], w.rows, dtype=torch.float32, device=x.device)
-        if x2.shape[0]:
-            gemv_kernel[(-(-w.rows // br), x2.shape[0], split)](
-                w.data, x2, y, w.rows, nb, w.data.shape[1], x2.stride(0), y.stride(0),
-                TYPE=tid, BS=bs, BR=br, SPLIT=split, num_warps=4)
-        y = y.to(x.dtype)
+        y = gemv(x2, w).to(x.dtype)
     if bias is not None:
         y = y + bias
     return y.reshape(*lead, w.rows)
