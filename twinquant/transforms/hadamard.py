@@ -370,8 +370,8 @@ def _fwht_triton(x: torch.Tensor, plan: HadamardPlan, signs: torch.Tensor | None
         fwht_kernel[(x2.shape[0],)](
             x2, y, L, SA, SC, s, x2.stride(0), y.stride(0), 1 / math.sqrt(n) if normalize else 1.0,
             M=plan.m if plan.m > 1 else D, A=A, C=C, D=D, SIGN_IN=signs is not None and transpose,
-            SIGN_OUT=signs is not None and not transpose, PREC="tf32x3" if x.dtype == torch.float32 else "ieee",
-            num_warps=4 if A * C * D <= 4096 else 8)
+            SIGN_OUT=signs is not None and not transpose, PREC="tf32x3" if x.dtype == torch.float32 else "tf32",
+            num_warps=4 if A * C * D <= 4096 else 8 if A * C * D <= 16384 else 16)
     return y.reshape(*lead, n)
 
 

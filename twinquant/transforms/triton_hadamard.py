@@ -12,7 +12,8 @@ tensor cores —
 
 with A, C ≤ 128. Random signs (a randomized Hadamard Q = H·diag(s)/√n) multiply the output, or the input for the
 transpose; the normalization is folded into the store. Half and bfloat16 rows are multiplied in their own type
-with float32 accumulation (each of the three products rounds once); float32 rows use 3-pass TF32 on the GPU.
+with float32 accumulation (each of the three products rounds once); float32 rows use 3-pass TF32 on the GPU
+(PREC; the interpreter computes in float32).
 """
 
 from __future__ import annotations
