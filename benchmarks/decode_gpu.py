@@ -3,7 +3,7 @@ dequantized bfloat16 weights and against llama.cpp's CUDA backend, on the same f
 --device h200` against both.
 
 No model file travels to the GPU machine: a random-weight model with a real model's shapes (default
-Qwen2.5-1.5B: hidden 1536, ffn 8960, 12/2 heads, vocab 151936, 28 layers; `--shape qwen2.5-7b`) is written as an
+Qwen2.5-1.5B: hidden 1536, ffn 8960, 12/2 heads, vocab 151936, 28 layers; `--shape qwen2.5-1.5b qwen2.5-7b` for both) is written as an
 HF directory (benchmarks/scale.write_model) and quantized by RTN into llama.cpp's Q2_K mix on the GPU (every
 linear a K-quant the kernels read: Q2_K, Q3_K, Q4_K, Q6_K head).
 
@@ -100,25 +100,49 @@ def llama_bench(binary: str, path: Path, tokens: int) -> dict:
 
 
 def markdown(res: dict) -> str:
-    lines = [f"# decode_gpu {res['tag']}", "", f"{res['shape']} shapes, random weights, llama.cpp Q2_K mix by RTN: "
-             f"{res['file_bytes'] / 1e6:.0f} MB, {res['file_bpw']:.3f} bits per weight; {res['tokens']} tokens", "",
-             "| runtime | tokens/s | vs llama.cpp CUDA | roofline h200 expected |", "| --- | --- | --- | --- |"]
-    ll = res["llamacpp"].get("tokens_per_s")
-    exp = res["roofline"]["expected_tps"]
-    for k, label in (("twinquant_packed", "twinquant, packed K-quants (Triton)"),
-                     ("twinquant_bf16", "twinquant, bfloat16 weights"), ("llamacpp", "llama.cpp CUDA")):
-        tps = res[k].get("tokens_per_s")
-        if tps is None:
-            lines.append(f"| {label} | failed | | |")
-            continue
-        lines.append(f"| {label} | {tps:.1f} | {f'{tps / ll:.2f}x' if ll else '-'} | {exp:.1f} ({tps / exp:.2f}x) |")
+    lines = [f"# decode_gpu {res['tag']}", "", f"Random weights, llama.cpp Q2_K mix by RTN; {res['tokens']} tokens, batch 1; "
+             "roofline: `twinquant roofline FILE --device h200`", "",
+             "| shape | file MB | bpw | runtime | tokens/s | vs llama.cpp CUDA | measured / roofline expected |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for run in res["runs"]:
+        ll = run["llamacpp"].get("tokens_per_s")
+        exp = run["roofline"]["expected_tps"]
+        for k, label in (("twinquant_packed", "twinquant, packed K-quants (Triton)"),
+                         ("twinquant_bf16", "twinquant, bfloat16 weights"), ("llamacpp", "llama.cpp CUDA")):
+            tps = run[k].get("tokens_per_s")
+            head = f"| {run['shape']} | {run['file_bytes'] / 1e6:.0f} | {run['file_bpw']:.3f} | {label} |"
+            if tps is None:
+                lines.append(f"{head} failed | | |")
+            else:
+                lines.append(f"{head} {tps:.1f} | {f'{tps / ll:.2f}x' if ll else '-'} | {tps / exp:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def one_shape(a, shape: str, work: Path) -> dict:
+    from twinquant.io.load import load_model
+    from twinquant.runtime import roofline as rf
+
+    t0 = time.perf_counter()
+    path = quantized_file(work, shape, a.device)
+    run = {"shape": shape, "file_bytes": path.stat().st_size, "prepare_seconds": round(time.perf_counter() - t0, 1)}
+    m = load_model(path, load_tokenizer=False)
+    run["file_bpw"] = 8 * sum(m.source.info(n).nbytes for n in m.tensor_names()) / rf.n_weights(m.spec)
+    run["roofline"] = rf.predict(rf.file_token_bytes(m, a.tokens), "h200").to_dict()
+    for k, packed in (("twinquant_packed", True), ("twinquant_bf16", False)):
+        try:
+            run[k] = twinquant_decode(path, a.tokens, packed, a.device)
+        except Exception as e:
+            run[k] = {"error": str(e).splitlines()[0][:300]}
+        print(shape, k, run[k], flush=True)
+    run["llamacpp"] = llama_bench(a.llama_bench, path, a.tokens) if a.llama_bench else {"error": "not run"}
+    print(shape, "llama.cpp", run["llamacpp"], flush=True)
+    return run
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tag", required=True)
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-1.5b")
+    ap.add_argument("--shape", nargs="+", choices=sorted(SHAPES), default=["qwen2.5-1.5b"])
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--llama-bench")
     ap.add_argument("--device", default="cuda", help="cuda; cpu only for a smoke run (TRITON_INTERPRET=1 "
@@ -128,30 +152,14 @@ def main() -> None:
     a = ap.parse_args()
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("decode_gpu: needs a CUDA GPU")
-    from twinquant.io.load import load_model
-    from twinquant.runtime import roofline as rf
-
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    path = quantized_file(work, a.shape, a.device)
-    res = record(tag=a.tag, shape=a.shape, tokens=a.tokens, file_bytes=path.stat().st_size,
-                 quantize_seconds=round(time.perf_counter() - t0, 1))
-    m = load_model(path, load_tokenizer=False)
-    tb = rf.file_token_bytes(m, a.tokens)
-    res["file_bpw"] = 8 * sum(m.source.info(n).nbytes for n in m.tensor_names()) / rf.n_weights(m.spec)
-    res["roofline"] = rf.predict(tb, "h200").to_dict()
-    for k, packed in (("twinquant_packed", True), ("twinquant_bf16", False)):
-        try:
-            res[k] = twinquant_decode(path, a.tokens, packed, a.device)
-        except Exception as e:
-            res[k] = {"error": str(e).splitlines()[0][:300]}
-        print(k, res[k], flush=True)
-    res["llamacpp"] = llama_bench(a.llama_bench, path, a.tokens) if a.llama_bench else {"error": "not run"}
-    print("llama.cpp", res["llamacpp"], flush=True)
+    res = record(tag=a.tag, tokens=a.tokens, runs=[])
     stem = Path(a.out) / f"decode_gpu_{a.tag}"
-    stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    stem.with_suffix(".md").write_text(markdown(res))
+    for shape in a.shape:
+        res["runs"].append(one_shape(a, shape, work))
+        stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
+        stem.with_suffix(".md").write_text(markdown(res))
     print(markdown(res))
 
 
