@@ -51,6 +51,7 @@ import gguf
 import torch
 import torch.nn.functional as F
 
+from twinquant.formats import tensor_bytes  # noqa: F401  (re-exported: measurement entries price their bytes)
 from twinquant.errors import TwinquantError
 from twinquant.model import roles
 from twinquant.model.forward import block_forward, embed, head, rms_norm
@@ -65,16 +66,6 @@ I_BLOCK32_TYPES = ("IQ4_NL",)
 CANDIDATE_SETS = ("all", "k")       # "k": the K-quant / legacy types only (faster to measure, >= 2.625 bpw)
 FLOAT_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
 T = roles.T
-
-
-def tensor_bytes(type_name: str, shape) -> int:
-    """Bytes of a 2-D (or 1-D) tensor of `shape` stored as `type_name` in a GGUF (scales included)."""
-    t = gguf.GGMLQuantizationType[type_name.upper()]
-    block, size = gguf.GGML_QUANT_SIZES[t]
-    n = math.prod(shape)
-    if shape[-1] % block:
-        raise TwinquantError(f"{type_name}: rows of {shape[-1]} are not whole blocks of {block}")
-    return n // block * size
 
 
 def candidate_types(cols: int, candidates: str = "all") -> list[str]:

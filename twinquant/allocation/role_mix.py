@@ -22,14 +22,13 @@ at 0.994x its bytes (benchmarks/results/quality_qwen15-roles*.md). On other 256-
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
-import gguf
 
 from twinquant.allocation import mixes as M
 from twinquant.errors import TwinquantError
+from twinquant.formats import tensor_bytes
 
 Q = M.Q
 
@@ -71,14 +70,9 @@ def demotion_order(n_layers: int) -> list[int]:
 
 
 def _bytes(choices: Sequence[M.TypeChoice], refs: dict[str, M.TensorRef]) -> int:
-    total = 0
-    for c in choices:
-        n = math.prod(refs[c.name].shape)
-        if isinstance(c.type, str):                 # integer grids: not in a role mix's budget
-            return -1
-        block, size = gguf.GGML_QUANT_SIZES[c.type]
-        total += n // block * size
-    return total
+    if any(isinstance(c.type, str) for c in choices):      # integer grids: not in a role mix's budget
+        return -1
+    return sum(tensor_bytes(c.type.name, refs[c.name].shape) for c in choices)
 
 
 def _layer_regex(layers: Sequence[int], role: str) -> str:

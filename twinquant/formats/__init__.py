@@ -5,6 +5,8 @@ Nothing here knows about models: a codec turns a [rows, cols] matrix into codes 
 
 from __future__ import annotations
 
+import math
+
 
 def codec_for(type_name: str, cols: int):
     """The codec of a type name (GGML types like Q4_K; integer grids like int4_g128_asym) for rows of `cols`."""
@@ -17,3 +19,16 @@ def codec_for(type_name: str, cols: int):
     codec = get_codec(type_name)
     codec.check_cols(cols)
     return codec
+
+
+def tensor_bytes(type_name: str, shape) -> int:
+    """Bytes of a tensor of `shape` stored as GGML type `type_name` in a GGUF (scales included)."""
+    import gguf
+
+    from twinquant.errors import TwinquantError
+
+    t = gguf.GGMLQuantizationType[type_name.upper()]
+    block, size = gguf.GGML_QUANT_SIZES[t]
+    if shape[-1] % block:
+        raise TwinquantError(f"{type_name}: rows of {shape[-1]} are not whole blocks of {block}")
+    return math.prod(shape) // block * size
