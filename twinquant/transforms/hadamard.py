@@ -327,14 +327,15 @@ def fwht(x: torch.Tensor, n: int | None = None, normalize: bool = True, *, trans
 
 def _kernel_runs(x: torch.Tensor, plan: HadamardPlan) -> bool:
     """True when the Triton transform (transforms/triton_hadamard.py) takes this call: a CUDA tensor (or Triton's
-    interpreter), a ±1 plan it has a tiling for, a float32/half/bfloat16 row."""
+    interpreter), a ±1 plan it has a tiling for whose tiles fit in shared memory, a float32/half/bfloat16 row."""
     from twinquant.triton_env import runs_triton
 
     if not (runs_triton(x) and plan.is_hadamard and x.dtype in (torch.float32, torch.float16, torch.bfloat16)):
         return False
-    from twinquant.transforms.triton_hadamard import layout
+    from twinquant.transforms.triton_hadamard import fits, layout
 
-    return layout(plan.pow2, plan.m) is not None
+    tiling = layout(plan.pow2, plan.m)
+    return tiling is not None and fits(*tiling, x.element_size())
 
 
 @lru_cache(maxsize=64)

@@ -25,6 +25,15 @@ MAX_FACTOR = 128      # largest S_A / S_C (a 128×128 tile of ±1)
 MAX_D = 256           # largest padded Paley order (m ≤ 256: every width up to 65536·m of the usual models)
 
 
+TILE_BYTES = 64 * 1024      # a row tile above this, or an L above 2x this, runs out of shared memory on an H200
+                            # (227 KB: float32 rows of 27648 and L of 256x256 float32 were refused there)
+
+
+def fits(A: int, C: int, D: int, elem_bytes: int) -> bool:
+    """True when the tiles of one row fit the shared memory of the GPUs we measured (H200)."""
+    return A * C * D * elem_bytes <= TILE_BYTES and D * D * elem_bytes <= 2 * TILE_BYTES
+
+
 def layout(p: int, m: int) -> tuple[int, int, int] | None:
     """(A, C, D) for n = p·m, or None where the kernel has no tiling (tiny or unusual widths)."""
     if m > 1:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-QK_K: tl.constexpr = 256     # the kernel ids and block sizes of each type: packed.KERNEL_TYPES
+QK_K = tl.constexpr(256)     # the kernel ids and block sizes of each type: packed.KERNEL_TYPES
 
 
 @triton.jit
