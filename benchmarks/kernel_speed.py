@@ -144,13 +144,13 @@ def hadamard_rows(copy_gbs: float, quick: bool) -> list[dict]:
     return out
 
 
-def gemv_rows(copy_gbs: float, quick: bool) -> list[dict]:
+def gemv_rows(copy_gbs: float, quick: bool, types=GEMV_TYPES) -> list[dict]:
     out = []
     for rows, cols in SHAPES:
         xf = {b: torch.randn(b, cols, device="cuda") for b in (1, 16, 4096)}
         w16 = torch.randn(rows, cols, device="cuda", dtype=torch.float16)
         x16 = {b: v.half() for b, v in xf.items()}
-        for t in GEMV_TYPES:
+        for t in types:
             try:
                 out.extend(_gemv_type(t, rows, cols, xf, x16, w16, copy_gbs, quick))
             except Exception as e:               # record a kernel that does not build or run, go on
@@ -195,32 +195,31 @@ def sweep(copy_gbs: float) -> list[dict]:
         nb = cols // QK_K
         nbytes = w.data.numel() + cols * 4 + rows * 4
         best = None
-        for kernel in ("bytes", "generic"):
-            for br in (4, 8, 16):
-                for warps in (4, 8):
-                    for split in (1, 2, 4):
-                        y = torch.zeros(1, rows, device="cuda")
-                        grid = (triton.cdiv(rows, br), 1, split)
-                        args = (w.data, x, y, rows, nb, w.data.shape[1], x.stride(0), y.stride(0))
+        configs = [("bytes", br, warps, split) for br in (8, 16, 32) for warps in (2, 4, 8) for split in (1, 2, 4)]
+        configs.append(("generic",) + _gemv_config(rows, nb)[:1] + (4,) + _gemv_config(rows, nb)[1:])
+        for kernel, br, warps, split in configs:
+            y = torch.zeros(1, rows, device="cuda")
+            grid = (triton.cdiv(rows, br), 1, split)
+            args = (w.data, x, y, rows, nb, w.data.shape[1], x.stride(0), y.stride(0))
 
-                        def run():
-                            if split > 1:
-                                y.zero_()
-                            if kernel == "bytes":
-                                gemv_q2k_kernel[grid](*args, BR=br, SPLIT=split, num_warps=warps)
-                            else:
-                                gemv_kernel[grid](*args, TYPE=2, BS=84, BR=br, SPLIT=split, num_warps=warps)
-                        try:
-                            t = bench(run)
-                        except Exception as e:
-                            out.append({"rows": rows, "cols": cols, "kernel": kernel, "br": br, "warps": warps,
-                                        "split": split, "error": str(e).splitlines()[0][:200]})
-                            continue
-                        r = {"rows": rows, "cols": cols, "kernel": kernel, "br": br, "warps": warps, "split": split,
-                             "us": t * 1e6, "pct_copy": 100 * nbytes / t / 1e9 / copy_gbs}
-                        out.append(r)
-                        if best is None or r["us"] < best["us"]:
-                            best = r
+            def run():
+                if split > 1:
+                    y.zero_()
+                if kernel == "bytes":
+                    gemv_q2k_kernel[grid](*args, BR=br, SPLIT=split, num_warps=warps)
+                else:
+                    gemv_kernel[grid](*args, TYPE=2, BS=84, BR=br, SPLIT=split, num_warps=warps)
+            try:
+                t = bench(run)
+            except Exception as e:
+                out.append({"rows": rows, "cols": cols, "kernel": kernel, "br": br, "warps": warps,
+                            "split": split, "error": str(e).splitlines()[0][:200]})
+                continue
+            r = {"rows": rows, "cols": cols, "kernel": kernel, "br": br, "warps": warps, "split": split,
+                 "us": t * 1e6, "pct_copy": 100 * nbytes / t / 1e9 / copy_gbs}
+            out.append(r)
+            if best is None or r["us"] < best["us"]:
+                best = r
         if best is None:
             print(f"sweep Q2_K {rows}x{cols}: every configuration failed", flush=True)
             continue
@@ -232,7 +231,7 @@ def sweep(copy_gbs: float) -> list[dict]:
 
 def llamacpp_rows(binary: str) -> tuple[list[dict], str]:
     """llama.cpp's CUDA MUL_MAT at batch 1 on SHAPES (test-backend-ops perf; its console lines parsed)."""
-    types = "|".join(t.lower() for t in GEMV_TYPES) + "|f16"
+    types = "|".join(t[0].lower() + t[1:] for t in GEMV_TYPES) + "|f16"     # llama.cpp's names: q2_K
     shapes = "|".join(f"m={r},n=1,k={c}," for r, c in SHAPES)
     cmd = [binary, "perf", "-o", "MUL_MAT", "-b", "CUDA0", "-p", f"type_a=({types}),type_b=f32,({shapes})"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
@@ -316,6 +315,7 @@ def main() -> None:
     ap.add_argument("--llamacpp", help="test-backend-ops built with CUDA (benchmarks/gpu_peers/build.sh)")
     ap.add_argument("--quick", action="store_true", help="fewer rows and batches")
     ap.add_argument("--sections", default="gemv,hadamard,llamacpp,sweep", help="comma-separated parts to run")
+    ap.add_argument("--types", nargs="+", default=GEMV_TYPES, help="K-quant types of the gemv section")
     ap.add_argument("--resume", action="store_true", help="add the sections to an existing results file")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--render", help="re-render the table and PNG of a results JSON")
@@ -353,7 +353,8 @@ def main() -> None:
         return res.get("copy_gb_s_by_section", {}).get(sec, res["copy_gb_s"])
 
     if "gemv" in sections:
-        res["gemv"] = gemv_rows(copy_of("gemv"), a.quick)
+        kept = [r for r in res["gemv"] if r["type"] not in a.types]      # rows of other types from earlier runs
+        res["gemv"] = kept + gemv_rows(copy_of("gemv"), a.quick, a.types)
         save()
     if "hadamard" in sections:
         res["fast_hadamard_transform"] = fht_peer()[1]

@@ -135,31 +135,34 @@ def dequant_kernel(w_ptr, out_ptr, R, row_bytes, cols,
 @triton.jit
 def gemv_q2k_kernel(w_ptr, x_ptr, y_ptr, R, NB, row_bytes, stride_xm, stride_ym,
                     BR: tl.constexpr, SPLIT: tl.constexpr):
-    """Q2_K's GEMV in the order its bytes lie: a super-block's 64 code bytes are one contiguous load per row
-    (vectorized), each byte expanded to its 4 weights (shift j: weight 128·(l // 32) + 32·j + l % 32), and x read
-    in that order; same sums as gemv_kernel (TYPE 2), fewer and wider loads."""
+    """Q2_K's GEMV in the order its bytes lie, with sums per sub-block: a super-block's 64 code bytes are one
+    contiguous load per row; shift j of byte l holds weight 128·(l // 32) + 32·j + l % 32, so for each j the 64
+    codes times x read in that order, summed in groups of 16, are the dot products of 4 sub-blocks; their scale
+    and min are applied once per sub-block (y = Σ_s d·sc_s·Σ q·x − dmin·m_s·Σ x). Per weight: a shift, a mask, a
+    conversion and a multiply-add; x and its sub-block sums are shared by the BR rows of a program."""
     pid = tl.program_id(0)
     m = tl.program_id(1)
     part = tl.program_id(2)
     rows = pid * BR + tl.arange(0, BR)
-    rmask2 = (rows < R)[:, None]
-    rmask3 = rmask2[:, :, None]
-    l = tl.arange(0, 64)[:, None]
-    j = tl.arange(0, 4)[None, :]
-    e = (l // 32) * 128 + j * 32 + l % 32                   # [64, 4]: weight index of (byte l, shift j)
+    rmask = (rows < R)[:, None]
+    l = tl.arange(0, 64)
+    quarter = tl.arange(0, 4)                               # l // 16: (half h, which 16 of its 32 bytes)
     row_base = w_ptr + rows.to(tl.int64)[:, None] * row_bytes
-    acc = tl.zeros((BR, 64, 4), dtype=tl.float32)
+    acc = tl.zeros((BR, 4), dtype=tl.float32)
     for b in range(part, NB, SPLIT):
-        blk = row_base + b * 84                             # [BR, 1]
-        q = tl.load(blk + 16 + tl.arange(0, 64)[None, :], mask=rmask2, other=0).to(tl.int32)   # [BR, 64]
-        q = (q[:, :, None] >> (2 * j[None, :, :])) & 3                                         # [BR, 64, 4]
-        sc = tl.load(blk[:, :, None] + (e // 16)[None, :, :], mask=rmask3, other=0).to(tl.int32)
-        d = _f16(blk + 80, rmask2)[:, :, None]
-        dmin = _f16(blk + 82, rmask2)[:, :, None]
-        w = d * (sc & 0xF).to(tl.float32) * q.to(tl.float32) - dmin * (sc >> 4).to(tl.float32)
-        xv = tl.load(x_ptr + m * stride_xm + b * QK_K + e).to(tl.float32)
-        acc += w * xv[None, :, :]
-    y = tl.sum(tl.sum(acc, axis=2), axis=1)
+        blk = row_base + b * 84                                                          # [BR, 1]
+        q = tl.load(blk + 16 + l[None, :], mask=rmask, other=0).to(tl.int32)            # [BR, 64]
+        d = _f16(blk + 80, rmask)
+        dmin = _f16(blk + 82, rmask)
+        xb = x_ptr + m * stride_xm + b * QK_K + (l // 32) * 128 + l % 32
+        for j in tl.static_range(4):
+            xj = tl.load(xb + 32 * j).to(tl.float32)                                     # [64]
+            c = ((q >> (2 * j)) & 3).to(tl.float32)
+            qx = tl.sum(tl.reshape(c * xj[None, :], (BR, 4, 16)), axis=2)                # [BR, 4]
+            xs = tl.sum(tl.reshape(xj, (4, 16)), axis=1)                                 # [4]
+            sc = _u8(blk + (quarter // 2)[None, :] * 8 + 2 * j + (quarter % 2)[None, :], rmask)   # [BR, 4]
+            acc += d * (sc & 0xF).to(tl.float32) * qx - dmin * (sc >> 4).to(tl.float32) * xs[None, :]
+    y = tl.sum(acc, axis=1)
     out = y_ptr + m * stride_ym + rows
     if SPLIT == 1:
         tl.store(out, y, mask=rows < R)
