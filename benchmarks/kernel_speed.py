@@ -175,7 +175,8 @@ def _gemv_type(t, rows, cols, xf, x16, w16, copy_gbs, quick) -> list[dict]:
         t16 = bench(lambda: torch.nn.functional.linear(x16[b], w16))
         row = {"type": t, "rows": rows, "cols": cols, "batch": b, "bytes": nbytes, "us": tq * 1e6,
                "gb_s": nbytes / tq / 1e9, "pct_copy": 100 * nbytes / tq / 1e9 / copy_gbs, "rel_err": err,
-               "f16_cublas_us": t16 * 1e6, "speedup_vs_f16": t16 / tq, "config": _gemv_config(rows, cols // QK_K)}
+               "f16_cublas_us": t16 * 1e6, "speedup_vs_f16": t16 / tq,
+               "config": _gemv_config(rows, cols // QK_K, 32 if t == "Q2_K" else 8)}
         out.append(row)
         print(f"gemv {t} {rows}x{cols} batch {b:5d}: {row['us']:8.1f} us {row['gb_s']:7.1f} GB/s "
               f"({row['pct_copy']:4.1f}% of copy), f16 cuBLAS {row['f16_cublas_us']:8.1f} us, err {err:.1e}",
@@ -225,7 +226,7 @@ def sweep(copy_gbs: float) -> list[dict]:
             continue
         print(f"sweep Q2_K {rows}x{cols}: best {best['kernel']} br={best['br']} warps={best['warps']} "
               f"split={best['split']} {best['us']:.1f} us ({best['pct_copy']:.1f}% of copy); "
-              f"default {_gemv_config(rows, nb)}", flush=True)
+              f"default {_gemv_config(rows, nb, 32)}", flush=True)
     return out
 
 

@@ -51,13 +51,12 @@ def kernel_for(ggml_type: str, device) -> bool:
     return ggml_type in KERNEL_TYPES and triton_available() and runs_triton(torch.empty(0, device=device))
 
 
-def _gemv_config(rows: int, nb: int) -> tuple[int, int]:
+def _gemv_config(rows: int, nb: int, br: int = 8) -> tuple[int, int]:
     """(rows per program, super-block split): split the columns of short matrices so that the programs fill a
-    large GPU (132 SMs on an H200) several times over."""
-    br = 8
+    large GPU (132 SMs on an H200) several times over, at most 4 ways (the H200 sweep's best on the 32B shapes)."""
     programs = -(-rows // br)
     split = 1
-    while programs * split < 4 * 132 and split < 8 and nb >= 8 * split:
+    while programs * split < 4 * 132 and split < 4 and nb >= 4 * split:
         split *= 2
     return br, split
 
@@ -82,12 +81,14 @@ def gemv(x2: torch.Tensor, w: PackedWeight, byte_order: bool = True) -> torch.Te
     tid, bs = KERNEL_TYPES[w.ggml_type]
     x2 = x2.contiguous()
     nb = w.cols // QK_K
-    br, split = _gemv_config(w.rows, nb)
+    q2k = w.ggml_type == "Q2_K" and byte_order
+    # rows per program: 32 for the Q2_K kernel (best on every 32B shape of the H200 sweep), 8 for the generic one
+    br, split = _gemv_config(w.rows, nb, 32 if q2k else 8)
     y = torch.zeros(x2.shape[0], w.rows, dtype=torch.float32, device=x2.device)
     if x2.shape[0]:
         grid = (-(-w.rows // br), x2.shape[0], split)
         args = (w.data, x2, y, w.rows, nb, w.data.shape[1], x2.stride(0), y.stride(0))
-        if w.ggml_type == "Q2_K" and byte_order:
+        if q2k:
             gemv_q2k_kernel[grid](*args, BR=br, SPLIT=split, num_warps=4)
         else:
             gemv_kernel[grid](*args, TYPE=tid, BS=bs, BR=br, SPLIT=split, num_warps=4)
