@@ -307,6 +307,15 @@ def table(res: dict) -> str:
         lines.append(f"| {r['type']} | {r['rows']}x{r['cols']} | {r['batch']} | {r['us']:.1f} | {r['pct_copy']:.1f}% | "
                      f"{lus} | {ratio} | "
                      f"{r['f16_cublas_us']:.1f} | {r['rel_err']:.1e} |")
+    sw = [r for r in res.get("sweep", []) if "us" in r]
+    if sw:
+        lines += ["", "## Q2_K dequant-GEMV at batch 1: best of the sweep per shape (kernel, rows per program, warps, "
+                  "split)", "", "| rows x cols | kernel | rows/program | warps | split | µs | % copy |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for shape in dict.fromkeys((r["rows"], r["cols"]) for r in sw):
+            b = min((r for r in sw if (r["rows"], r["cols"]) == shape), key=lambda r: r["us"])
+            lines.append(f"| {shape[0]}x{shape[1]} | {b['kernel']} | {b['br']} | {b['warps']} | {b['split']} | "
+                         f"{b['us']:.1f} | {b['pct_copy']:.1f}% |")
     return "\n".join(lines) + "\n"
 
 
