@@ -94,6 +94,15 @@ def _superblock(blk, e, mask, TYPE: tl.constexpr):
 
 
 @triton.jit
+def _store_rows(y_row, rows, y, R, SPLIT: tl.constexpr):
+    """A GEMV's outputs: stored, or (columns split across SPLIT programs) added atomically into a zeroed y."""
+    if SPLIT == 1:
+        tl.store(y_row + rows, y, mask=rows < R)
+    else:
+        tl.atomic_add(y_row + rows, y, mask=rows < R)
+
+
+@triton.jit
 def gemv_kernel(w_ptr, x_ptr, y_ptr, R, NB, row_bytes, stride_xm, stride_ym,
                 TYPE: tl.constexpr, BS: tl.constexpr, BR: tl.constexpr, SPLIT: tl.constexpr):
     """y[m, r] (+)= sum_c W[r, c] x[m, c] for BR rows and one activation row m; super-blocks b ≡ part (mod SPLIT)
@@ -110,12 +119,7 @@ def gemv_kernel(w_ptr, x_ptr, y_ptr, R, NB, row_bytes, stride_xm, stride_ym,
         w = _superblock(row_base + b * BS, e, rmask, TYPE)
         xv = tl.load(x_ptr + m * stride_xm + b * QK_K + e).to(tl.float32)
         acc += w * xv
-    y = tl.sum(acc, axis=1)
-    out = y_ptr + m * stride_ym + rows
-    if SPLIT == 1:
-        tl.store(out, y, mask=rows < R)
-    else:
-        tl.atomic_add(out, y, mask=rows < R)
+    _store_rows(y_ptr + m * stride_ym, rows, tl.sum(acc, axis=1), R, SPLIT)
 
 
 @triton.jit
@@ -162,9 +166,4 @@ def gemv_q2k_kernel(w_ptr, x_ptr, y_ptr, R, NB, row_bytes, stride_xm, stride_ym,
             xs = tl.sum(tl.reshape(xj, (4, 16)), axis=1)                                 # [4]
             sc = _u8(blk + (quarter // 2)[None, :] * 8 + 2 * j + (quarter % 2)[None, :], rmask)   # [BR, 4]
             acc += d * (sc & 0xF).to(tl.float32) * qx - dmin * (sc >> 4).to(tl.float32) * xs[None, :]
-    y = tl.sum(acc, axis=1)
-    out = y_ptr + m * stride_ym + rows
-    if SPLIT == 1:
-        tl.store(out, y, mask=rows < R)
-    else:
-        tl.atomic_add(out, y, mask=rows < R)
+    _store_rows(y_ptr + m * stride_ym, rows, tl.sum(acc, axis=1), R, SPLIT)
