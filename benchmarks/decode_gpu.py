@@ -59,14 +59,11 @@ def _sync(device: str) -> None:
 
 
 def twinquant_decode(path: Path, tokens: int, packed: bool, device: str) -> dict:
-    from twinquant.io.load import load_model
     from twinquant.model.forward import KVCache, forward
-    from twinquant.runtime.packed_weights import pack_linears
+    from twinquant.runtime.packed_weights import load_for_decode
 
-    model = load_model(path, dtype=torch.float32 if packed else torch.bfloat16, device=device, keep_quantized=packed,
-                       load_tokenizer=False)
-    counts = pack_linears(model) if packed else {}
-    model.materialize()
+    # what `twinquant run --device cuda` does (packed), or with --dtype bf16 --no-kernels
+    model, counts = load_for_decode(path, torch.float32 if packed else torch.bfloat16, device, kernels=packed)
     _sync(device)
     mem = torch.cuda.memory_allocated() / 2**30 if device.startswith("cuda") else None
     cache = KVCache.empty(model, 1, 8 + tokens + 1)

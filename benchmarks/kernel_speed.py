@@ -28,14 +28,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import record  # noqa: E402
 
-from twinquant.formats.ggml.packed import (KERNEL_TYPES, QK_K, PackedWeight, _gemv_config,  # noqa: E402
-                                           dequantize, qlinear)
+from twinquant.formats.ggml.packed import (QK_K, PackedWeight, _gemv_config, dequantize, qlinear,  # noqa: E402
+                                           random_blocks)
 from twinquant.transforms.hadamard import _kernel_runs, fwht, hadamard_plan  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -46,7 +45,6 @@ HAD_ROWS = [1, 16, 4096, 16384]
 SHAPES = [(27648, 5120), (5120, 27648), (5120, 5120), (4096, 14336), (18944, 3584), (3584, 18944), (8960, 1536),
           (1536, 8960)]
 GEMV_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q6_K"]
-F16_FIELDS = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
 
 
 def bench(fn) -> float:
@@ -62,15 +60,6 @@ def copy_bandwidth() -> float:
     t = bench(lambda: y.copy_(x))
     del x, y
     return 2 * 2**31 / t / 1e9
-
-
-def random_blocks(ggml_type: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    bs = KERNEL_TYPES[ggml_type][1]
-    data = rng.integers(0, 256, (rows, cols // QK_K, bs), dtype=np.uint8)
-    for off in F16_FIELDS[ggml_type]:
-        data[:, :, off:off + 2] = rng.normal(0, 0.01, (rows, cols // QK_K)).astype(np.float16)[..., None].view(np.uint8)
-    return data.reshape(rows, -1)
 
 
 def fht_peer():

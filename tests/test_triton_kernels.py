@@ -14,7 +14,8 @@ import torch
 
 from twinquant.errors import TwinquantError
 from twinquant.formats.ggml import get_codec
-from twinquant.formats.ggml.packed import GEMV_MAX_ROWS, KERNEL_TYPES, PackedWeight, dequantize, gemv, qlinear
+from twinquant.formats.ggml.packed import (GEMV_MAX_ROWS, KERNEL_TYPES, PackedWeight, dequantize, gemv, qlinear,
+                                          random_blocks)
 from twinquant.transforms.hadamard import RandomizedHadamard, _kernel_runs, fwht, hadamard_plan
 
 CUDA = torch.cuda.is_available()
@@ -24,20 +25,6 @@ DEVICES = ["cuda"] if CUDA else ["cpu"]     # the CPU runs them through the inte
 @pytest.fixture(autouse=True)
 def _triton_on_cpu(monkeypatch):
     monkeypatch.setenv("TWINQUANT_TRITON_CPU", "1")
-
-
-# Byte offsets of the fp16 fields of each super-block: random bytes there could be NaN/inf.
-F16_FIELDS = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
-
-
-def random_blocks(ggml_type: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
-    """Every bit pattern of scales and codes (random bytes), finite fp16 scales of either sign."""
-    rng = np.random.default_rng(seed)
-    bs = KERNEL_TYPES[ggml_type][1]
-    data = rng.integers(0, 256, (rows, cols // 256, bs), dtype=np.uint8)
-    for off in F16_FIELDS[ggml_type]:
-        data[:, :, off:off + 2] = rng.normal(0, 0.01, (rows, cols // 256)).astype(np.float16)[..., None].view(np.uint8)
-    return data.reshape(rows, -1)
 
 
 def reference(ggml_type: str, data: np.ndarray) -> torch.Tensor:

@@ -168,17 +168,11 @@ def cmd_perplexity(args) -> None:
 def cmd_generate(args) -> None:
     from twinquant.runtime.generate import Sampling, generate, stream_text
 
-    from twinquant.io.load import load_model
+    from twinquant.runtime.packed_weights import load_for_decode
 
-    packed = args.device.startswith("cuda") and not args.no_kernels
-    model = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device, keep_quantized=packed)
-    if packed:      # K-quant linears decode from their GGML bytes on the GPU (Triton kernels)
-        from twinquant.runtime.packed_weights import pack_linears
-
-        counts = pack_linears(model)
-        if counts and not args.quiet:
-            print("packed on the GPU: " + ", ".join(f"{n} {t}" for t, n in sorted(counts.items())), file=sys.stderr)
-    model.materialize()
+    model, counts = load_for_decode(args.model, DTYPES[args.dtype], args.device, kernels=not args.no_kernels)
+    if counts and not args.quiet:       # K-quant linears decode from their GGML bytes on the GPU (Triton kernels)
+        print("packed on the GPU: " + ", ".join(f"{n} {t}" for t, n in sorted(counts.items())), file=sys.stderr)
     tok = model.tokenizer
     if tok is None:
         raise TwinquantError("the model has no tokenizer")

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections import Counter
 
 from twinquant.formats.ggml.packed import PackedWeight, kernel_for
+from twinquant.io.load import load_model
 from twinquant.model import roles
 from twinquant.model.model import Model
 
@@ -26,3 +27,12 @@ def pack_linears(model: Model) -> Counter:
         counts[t] += 1
     model.fuse_shared_inputs()
     return counts
+
+
+def load_for_decode(path, dtype, device, kernels: bool = True) -> tuple[Model, Counter]:
+    """The model `generate` / `run` decode with: on CUDA (unless kernels=False) its K-quant linears packed, every
+    other tensor materialized in `dtype`; with the {type: count} of packed weights."""
+    packed = kernels and str(device).startswith("cuda")
+    model = load_model(path, dtype=dtype, device=device, keep_quantized=packed)
+    counts = pack_linears(model) if packed else Counter()
+    return model.materialize(), counts

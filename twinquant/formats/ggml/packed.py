@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import gguf
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -18,8 +19,11 @@ from twinquant.triton_env import runs_triton, triton_available
 
 GEMV_MAX_ROWS = 8
 QK_K = 256
-# type -> (kernel id, bytes per super-block); mirrors triton_kquants.KQUANTS without importing Triton
-KERNEL_TYPES = {"Q2_K": (2, 84), "Q3_K": (3, 110), "Q4_K": (4, 144), "Q5_K": (5, 176), "Q6_K": (6, 210)}
+# type -> (the kernels' TYPE id, bytes per super-block)
+KERNEL_TYPES = {t: (int(t[1]), gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t]][1])
+                for t in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")}
+# byte offsets of each super-block's fp16 fields (d, dmin), ggml-common.h's block_q*_K
+F16_FIELDS = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
 
 
 @dataclass(frozen=True)
@@ -110,3 +114,13 @@ def qlinear(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None) 
     if bias is not None:
         y = y + bias
     return y.reshape(*lead, w.rows)
+
+
+def random_blocks(ggml_type: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Packed rows of random bytes: every bit pattern of codes and scales, finite fp16 d/dmin of either sign (for
+    the kernels' tests and benchmarks; random bytes there could be NaN or inf)."""
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 256, (rows, cols // QK_K, KERNEL_TYPES[ggml_type][1]), dtype=np.uint8)
+    for off in F16_FIELDS[ggml_type]:
+        data[:, :, off:off + 2] = rng.normal(0, 0.01, (rows, cols // QK_K)).astype(np.float16)[..., None].view(np.uint8)
+    return data.reshape(rows, -1)
