@@ -152,3 +152,5 @@ def test_a_gguf_decodes_from_packed_weights_as_from_dequantized_ones(tmp_path):
         t = tokens[:, step:step + 1]
         torch.testing.assert_close(forward(packed, t, cache=caches[1]), forward(plain, t, cache=caches[0]),
                                    rtol=1e-4, atol=1e-4)
+    # ffn_gate (Q6_K) shares its input with ffn_up (IQ4_XS, no kernel): it still ran packed, never dequantized
+    assert "blk.0.ffn_gate.weight" not in packed.tensors and "blk.0.ffn_up.weight" in packed.tensors

@@ -167,10 +167,12 @@ def _linears(x: torch.Tensor, model: Model, names: tuple[str, ...], hook: Linear
         for n in names:
             hook(n, x)
     bs = [model.get(n.replace(".weight", ".bias")) for n in names] if bias else None
-    if model.packed and all(n in model.packed for n in names):     # weights kept as GGML bytes on the GPU
+    if model.packed and any(n in model.packed for n in names):     # weights kept as GGML bytes on the GPU
         from twinquant.formats.ggml.packed import qlinear
 
-        ys = [qlinear(x, model.packed[n], b) for n, b in zip(names, bs or [None] * len(names))]
+        # one product per linear: a group may mix packed and float members (i-quants have no kernel)
+        ys = [qlinear(x, model.packed[n], b) if n in model.packed else F.linear(x, model.get(n), b)
+              for n, b in zip(names, bs or [None] * len(names))]
         tap = getattr(hook, "tap_output", None)
         return [tap(n, y) for n, y in zip(names, ys)] if tap is not None else ys
     ws = [model.get(n) for n in names]

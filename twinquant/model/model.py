@@ -138,8 +138,8 @@ class Model:
         if parts[0] != "blk" or parts[-1] != "weight":
             return None
         for g in self._fusable(int(parts[1])):
-            if name in g:
-                return g
+            if name in g:      # a group with packed members (runtime/packed_weights.py) is loaded one by one
+                return None if any(n in self.packed for n in g) else g
         return None
 
     def _fusable(self, layer: int) -> list[tuple[str, ...]]:
