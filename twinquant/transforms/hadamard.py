@@ -367,7 +367,7 @@ def _fwht_triton(x: torch.Tensor, plan: HadamardPlan, signs: torch.Tensor | None
         x2 = x2.contiguous()
     y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     if x2.shape[0]:
-        s = L if signs is None else signs.to(device=x.device, dtype=torch.float32).contiguous()
+        s = L if signs is None else signs       # float32 on x's device (RandomizedHadamard._s)
         fwht_kernel[(x2.shape[0],)](
             x2, y, L, SA, SC, s, x2.stride(0), y.stride(0), 1 / math.sqrt(n) if normalize else 1.0,
             M=plan.m if plan.m > 1 else D, A=A, C=C, D=D, SIGN_IN=signs is not None and transpose,
@@ -420,6 +420,7 @@ class RandomizedHadamard:
         self.n, self.seed = n, int(seed)
         self.plan = plan or hadamard_plan(n, allow_fallback=allow_fallback, seed=self.seed)
         self.signs = random_signs(n, self.seed) if signs is None else torch.as_tensor(signs, dtype=torch.float64)
+        self._signs_on: dict = {}      # (device, dtype) -> signs there: the online transforms run every token
         if self.plan.n != n or self.signs.shape != (n,):
             raise TwinquantError(f"randomized Hadamard of order {n}: plan/signs have another size")
 
@@ -427,18 +428,21 @@ class RandomizedHadamard:
         return (self.plan.matrix(torch.float64) * self.signs / math.sqrt(self.n)).to(dtype)
 
     def _s(self, x):
-        return self.signs.to(device=x.device, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+        key = (x.device, torch.float64 if x.dtype == torch.float64 else torch.float32)
+        if key not in self._signs_on:
+            self._signs_on[key] = self.signs.to(device=key[0], dtype=key[1]).contiguous()
+        return self._signs_on[key]
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """x @ Q."""
         if _kernel_runs(x, self.plan):         # signs applied inside the kernel's pass
-            return _fwht_triton(x, self.plan, self.signs, False, True)
+            return _fwht_triton(x, self.plan, self._s(x), False, True)
         return (fwht(x.float() if x.dtype != torch.float64 else x, plan=self.plan) * self._s(x)).to(x.dtype)
 
     def apply_transpose(self, x: torch.Tensor) -> torch.Tensor:
         """x @ Qᵀ (undoes `apply`)."""
         if _kernel_runs(x, self.plan):
-            return _fwht_triton(x, self.plan, self.signs, True, True)
+            return _fwht_triton(x, self.plan, self._s(x), True, True)
         xs = (x.float() if x.dtype != torch.float64 else x) * self._s(x)
         return fwht_transpose(xs, plan=self.plan).to(x.dtype)
 

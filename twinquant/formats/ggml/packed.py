@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from twinquant.errors import TwinquantError
-from twinquant.triton_env import runs_triton, triton_available
+from twinquant.triton_env import runs_triton
 
 GEMV_MAX_ROWS = 8
 QK_K = 256
@@ -52,7 +52,7 @@ class PackedWeight:
 
 def kernel_for(ggml_type: str, device) -> bool:
     """True when qlinear has a kernel for this type on this device."""
-    return ggml_type in KERNEL_TYPES and triton_available() and runs_triton(torch.empty(0, device=device))
+    return ggml_type in KERNEL_TYPES and runs_triton(torch.empty(0, device=device))
 
 
 def _gemv_config(rows: int, nb: int, br: int = 8) -> tuple[int, int]:
