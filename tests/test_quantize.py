@@ -88,3 +88,37 @@ def test_gptq_file_runs_in_llama_cpp_and_beats_rtn(f32_gguf, tmp_path):
             assert (theirs - ours).abs().max() < 0.06 * ours.abs().max()
     err = {m: sum(t.out_error for t in r.tensors) for m, r in reports.items()}
     assert err["gptq"] < 0.9 * err["rtn"], err
+
+
+def test_staged_block_takes_each_hessian_after_the_groups_before_it_are_quantized(tmp_path):
+    """The executor's staged pass (GPTQ's "true sequential" order): when a group is quantized, its Hessian is the
+    one a whole forward gives with the groups before it quantized and the rest still float (the oracle:
+    block_hessians at that moment); the outputs it returns are the block's with every weight quantized."""
+    from twinquant.algorithms.backends import get_quantizer
+    from twinquant.calibration.blocks import block_hessians, block_pass, staged_block, stages
+    from twinquant.model import roles
+    from twinquant.pipeline.executor import quantize_tensor
+
+    model = load_hf_dir(save_tiny("qwen2", tmp_path / "hf", hidden_size=256, **DIMS)).materialize()
+    layer = 1
+    assert stages(model, layer)
+    torch.manual_seed(0)
+    x = torch.randn(3, 16, 256)
+    groups = roles.shared_input_groups(layer, model.spec)
+    wanted = {n for g in groups for n in g}
+    quantizer = get_quantizer("gptq")
+    seen = []
+
+    def quantize_group(g, H):
+        oracle = block_hessians(model, layer, x, {g[0]}).hessian(g[0])
+        assert torch.allclose(H, oracle, rtol=1e-4, atol=1e-5 * oracle.abs().max().item()), g
+        seen.append(g)
+        for n in g:
+            quantize_tensor(model, n, "Q4_K", quantizer, H)
+
+    out = staged_block(model, layer, x, wanted, quantize_group)
+    assert seen == groups
+    assert torch.allclose(out, block_pass(model, layer, x), rtol=1e-5, atol=1e-5)
+    skipped = []
+    staged_block(model, layer, x, set(), lambda g, H: skipped.append(H))
+    assert skipped == [None] * 4         # nothing wanted: no Hessian is computed

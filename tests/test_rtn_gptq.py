@@ -87,6 +87,25 @@ def test_accumulate_hessian_is_a_running_mean():
         accumulate_hessian(H, n, torch.randn(5, 23))
 
 
+@pytest.mark.parametrize("cols", (24, 1100, 1536))
+def test_hessian_sum_of_upper_blocks_is_the_whole_symmetric_mean(cols):
+    """HessianSum computes only the blocks on and above the diagonal: read back, H is the whole running mean
+    (float64 oracle) and exactly symmetric."""
+    from twinquant.algorithms.gptq import HessianSum, _triangle_edges
+
+    torch.manual_seed(0)
+    x = torch.randn(700, cols) * torch.linspace(0.1, 3, cols)
+    acc = HessianSum()
+    for part in (x[:300].view(3, 100, cols), x[300:301], x[301:]):
+        acc.add(part)
+    H = acc.H
+    ref = 2 * x.double().T @ x.double() / 700
+    assert acc.n == 700 and torch.equal(H, H.T)
+    assert torch.allclose(H.double(), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    if cols > 1000:
+        assert len(_triangle_edges(cols)) > 2        # more than one block: the mirroring is exercised
+
+
 # -- GPTQ ---------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bits", (2, 3, 4))

@@ -36,7 +36,7 @@ T = roles.T
 
 
 class _OutputTap:
-    """A LinearHook that keeps the outputs of the named linears for their gradients (see forward._linears)."""
+    """A LinearHook that keeps the outputs of the named linears for their gradients (see forward.linears)."""
 
     def __init__(self, names: set[str]):
         self.names = names

@@ -46,6 +46,16 @@ class _BoundedReader(gguf.GGUFReader):
                 raise ValueError(f"array of {n} items at byte {orig_offs} does not fit in the file")
         return super()._get_field_parts(orig_offs, raw_type)
 
+    def _get(self, offset, dtype, count=1, override_order=None):
+        """gguf-py's `_get` on a plain ndarray view of the map: slicing a `np.memmap` runs two Python-level hooks
+        per slice, and a tokenizer's ~450k metadata items made opening a Qwen file take 16 s instead of ~5."""
+        plain = self.__dict__.get("_plain")
+        if plain is None:
+            plain = self._plain = self.data.view(np.ndarray)
+        dt = np.dtype(dtype)
+        arr = plain[offset: offset + dt.itemsize * int(count)].view(dt)[:int(count)]
+        return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
+
 
 def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
     path = Path(path)

@@ -150,19 +150,28 @@ def apply_rope_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 
 
 def _linear(x: torch.Tensor, model: Model, name: str, hook: LinearHook | None, bias: bool = False, params=None):
-    return _linears(x, model, (name,), hook, bias, params)[0]
+    return linears(x, model, (name,), hook, bias, params)[0]
 
 
-def _linears(x: torch.Tensor, model: Model, names: tuple[str, ...], hook: LinearHook | None,
-             bias: bool = False, params=None) -> list[torch.Tensor]:
-    """Linears that read the same input x; one matmul when the model holds them fused.
-
-    `params` (a duplicated layer's `CopyParams`, or None) clips and fake-quantizes the input first."""
-    online = model.input_transforms.get(names[0])
-    if online is not None:   # e.g. R4: the weight was pre-multiplied, the input is rotated here
+def linear_input(x: torch.Tensor, model: Model, name: str, params=None) -> torch.Tensor:
+    """What the linear `name` multiplies for the input x: after its online transform (e.g. R4: the weight was
+    pre-multiplied, the input is rotated here) and a duplicated layer's input clipping (`params`, a `CopyParams`)."""
+    online = model.input_transforms.get(name)
+    if online is not None:
         x = online.apply(x)
     if params is not None and not params.is_identity_transform:
         x = params.apply(x, hidden_width=x.shape[-1] == model.spec.hidden)
+    return x
+
+
+def linears(x: torch.Tensor, model: Model, names: tuple[str, ...], hook: LinearHook | None,
+             bias: bool = False, params=None, prepared: bool = False) -> list[torch.Tensor]:
+    """Linears that read the same input x; one matmul when the model holds them fused.
+
+    `params` (a duplicated layer's `CopyParams`, or None) clips and fake-quantizes the input first
+    (`linear_input`; `prepared`: x already is that)."""
+    if not prepared:
+        x = linear_input(x, model, names[0], params)
     if hook is not None:
         for n in names:
             hook(n, x)
@@ -199,10 +208,17 @@ def _causal(start: int, L: int, device) -> tuple[torch.Tensor | None, bool]:
 
 def attention(model: Model, layer: int, x: torch.Tensor, start: int, cache: KVCache | None, slot: int,
               hook: LinearHook | None, params=None) -> torch.Tensor:
+    o = attention_mix(model, layer, x, start, cache, slot, hook, params)
+    return _linear(o, model, roles.name(T.ATTN_OUT, layer), hook, params=params)
+
+
+def attention_mix(model: Model, layer: int, x: torch.Tensor, start: int, cache: KVCache | None, slot: int,
+                  hook: LinearHook | None, params=None) -> torch.Tensor:
+    """Attention up to the output projection's input: q/k/v, RoPE, the softmax mix of the values [B, L, q_dim]."""
     s = model.spec
     B, L, _ = x.shape
     qkv = tuple(roles.name(t, layer) for t in (T.ATTN_Q, T.ATTN_K, T.ATTN_V))
-    q, k, v = _linears(x, model, qkv, hook, s.qkv_bias, params)
+    q, k, v = linears(x, model, qkv, hook, s.qkv_bias, params)
     q = q.reshape(B, L, s.n_heads, s.head_dim).transpose(1, 2)       # [B, H, L, hd]
     k = k.reshape(B, L, s.n_kv_heads, s.head_dim).transpose(1, 2)    # [B, Hkv, L, hd]
     v = v.reshape(B, L, s.n_kv_heads, s.head_dim).transpose(1, 2)
@@ -221,8 +237,7 @@ def attention(model: Model, layer: int, x: torch.Tensor, start: int, cache: KVCa
     mask, causal = _causal(start, L, x.device)
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                        enable_gqa=s.n_heads != s.n_kv_heads)
-    o = o.transpose(1, 2).reshape(B, L, s.q_dim)
-    return _linear(o, model, roles.name(T.ATTN_OUT, layer), hook, params=params)
+    return o.transpose(1, 2).reshape(B, L, s.q_dim)
 
 
 def _per_head(x: torch.Tensor, w: torch.Tensor, name: str, hook) -> torch.Tensor:
@@ -245,10 +260,10 @@ def latent_attention(model: Model, layer: int, x: torch.Tensor, start: int, cach
     n = lambda t: roles.name(t, layer)   # noqa: E731
     r, rope = s.kv_lora_rank, s.rope_dim
     if s.q_lora_rank:
-        q, kv = _linears(x, model, (n(T.ATTN_Q_A), n(T.ATTN_KV_A_MQA)), hook)
+        q, kv = linears(x, model, (n(T.ATTN_Q_A), n(T.ATTN_KV_A_MQA)), hook)
         q = _linear(rms_norm(q, model.get(n(T.ATTN_Q_A_NORM)), s.rms_eps), model, n(T.ATTN_Q_B), hook)
     else:
-        q, kv = _linears(x, model, (n(T.ATTN_Q), n(T.ATTN_KV_A_MQA)), hook)
+        q, kv = linears(x, model, (n(T.ATTN_Q), n(T.ATTN_KV_A_MQA)), hook)
     q = q.reshape(B, L, s.n_heads, s.head_dim).transpose(1, 2)          # [B, H, L, hd]
     q_nope, q_pe = q.split([s.nope_dim, rope], dim=-1)
     latent, k_pe = kv.split([r, rope], dim=-1)
@@ -271,8 +286,13 @@ def latent_attention(model: Model, layer: int, x: torch.Tensor, start: int, cach
 
 
 def feed_forward(model: Model, layer: int, x: torch.Tensor, hook: LinearHook | None, params=None) -> torch.Tensor:
-    g, u = _linears(x, model, (roles.name(T.FFN_GATE, layer), roles.name(T.FFN_UP, layer)), hook, params=params)
-    return _linear(F.silu(g) * u, model, roles.name(T.FFN_DOWN, layer), hook, params=params)
+    return _linear(ffn_mix(model, layer, x, hook, params), model, roles.name(T.FFN_DOWN, layer), hook, params=params)
+
+
+def ffn_mix(model: Model, layer: int, x: torch.Tensor, hook: LinearHook | None, params=None) -> torch.Tensor:
+    """The SwiGLU FFN up to the down projection's input: silu(gate(x)) * up(x)."""
+    g, u = linears(x, model, (roles.name(T.FFN_GATE, layer), roles.name(T.FFN_UP, layer)), hook, params=params)
+    return F.silu(g) * u
 
 
 def route(model: Model, layer: int, x: torch.Tensor, hook: LinearHook | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -328,7 +348,7 @@ def moe_feed_forward(model: Model, layer: int, x: torch.Tensor, hook: LinearHook
         out.index_add_(0, tok, F.linear(act, down[e]) * weights[tok, k, None])
     if s.shared_ffn:
         gate_inp, g_sh, u_sh, d_sh = (roles.name(t, layer) for t in roles.SHARED_EXPERT)
-        g, u = _linears(flat, model, (g_sh, u_sh), hook)
+        g, u = linears(flat, model, (g_sh, u_sh), hook)
         shared = _linear(F.silu(g) * u, model, d_sh, hook)
         out = out + (torch.sigmoid(_linear(flat, model, gate_inp, hook)) * shared if roles.shared_gate(s) else shared)
     return out.reshape(shape)

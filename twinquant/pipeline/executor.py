@@ -1,11 +1,13 @@
 """Quantize a model block by block (sequential calibration), into per-tensor types; streamed and resumable.
 
-For each block in order: run the calibration activations through it, accumulating one Hessian per shared-input
-group (q/k/v, o, gate/up, down; `roles.shared_input_groups`) from the inputs the block really sees — the earlier
-blocks are already quantized, so their errors feed forward (GPTQ's sequential mode); then quantize the block's
-linears (GPTQ with that Hessian, or RTN), each into its assigned type, with the Hessian's diagonal as the
-importance (what llama.cpp's imatrix holds); then recompute the block's outputs with the quantized weights as the
-next block's inputs. The embedding is quantized first, by RTN (it has no Hessian); the output head last, by GPTQ on
+For each block in order, one shared-input group at a time (q/k/v, o, gate/up, down; `roles.shared_input_groups`):
+run the calibration activations up to the group's input and accumulate its Hessian from the inputs the block
+really sees — the earlier blocks and the block's earlier groups are already quantized, so their errors feed
+forward (GPTQ's "true sequential" mode); then quantize the group's linears (GPTQ with that Hessian, or RTN), each
+into its assigned type, with the Hessian's diagonal as the importance (what llama.cpp's imatrix holds); then
+compute their outputs with the quantized weights (`calibration.blocks.staged_block`: every linear runs once). The
+block's outputs are the next block's inputs. Blocks the staged pass does not know (mixture of experts, latent
+attention) collect every group's Hessian in one pass with the float weights, then quantize, then run again. The embedding is quantized first, by RTN (it has no Hessian); the output head last, by GPTQ on
 the final-norm activations. Tensors of more than `CHUNK_ABOVE` rows (a large vocabulary's embedding and head) are
 quantized row chunk by row chunk: rows are independent in every codec and in GPTQ.
 
@@ -27,7 +29,7 @@ from twinquant.errors import TwinquantError
 from twinquant.model import roles
 from twinquant.model.forward import embed, rms_norm
 from twinquant.model.model import Model, QuantizedWeight
-from twinquant.calibration.blocks import block_hessians, block_pass, recollector
+from twinquant.calibration.blocks import block_hessians, block_pass, recollector, staged_block, stages
 from twinquant.algorithms.backends import quantize_experts_to_format, quantize_to_format
 from twinquant.formats import codec_for
 from twinquant.progress import Progress
@@ -40,6 +42,7 @@ T = roles.T
 CHUNK_ABOVE = 16384
 CHUNK_ROWS = 8192
 GPU_CHUNK_BYTES = 24 * 2**30
+OUT_ERROR_ROWS = 256        # rows a report's output error is taken over (a diagnostic: ~3% off the whole)
 
 
 def chunk_rows(rows: int, cols: int, device) -> int:
@@ -57,6 +60,7 @@ class TensorReport:
     bits_per_weight: float
     rel_error: float            # ‖W − Ŵ‖ / ‖W‖
     out_error: float | None     # tr(ΔW H ΔWᵀ) / tr(W H Wᵀ): relative output error on the calibration inputs
+    #                             (over about OUT_ERROR_ROWS evenly spread rows)
     seconds: float
     expert_tokens: list[int] | None = None    # a stacked expert tensor: calibration tokens routed to each expert
 
@@ -119,12 +123,12 @@ def quantize_tensor(model: Model, name: str, type_name: str, quantizer, H: torch
             W_hat.view(-1, W.shape[-1])[done_rows: done_rows + Wc.shape[0]] = hat
         done_rows += Wc.shape[0]
         d = Wc - hat.float()
-        dd += float(d.double().square().sum())
-        ww += float(Wc.double().square().sum())
-        if Hc is not None:
-            Hf = Hc.float()
-            dhd += float(torch.einsum("ij,jk,ik->", d, Hf, d))
-            whw += float(torch.einsum("ij,jk,ik->", Wc, Hf, Wc))
+        dd += float(d.square().sum())       # (float32 sums are pairwise: as exact as float64 here, 4x faster)
+        ww += float(Wc.square().sum())
+        if Hc is not None:      # on evenly spread rows: the whole costs rows·cols², as much as GPTQ's own sweep
+            Hf, step = Hc.float(), max(1, Wc.shape[0] // OUT_ERROR_ROWS)
+            dhd += float(torch.einsum("ij,jk,ik->", d[::step], Hf, d[::step]))
+            whw += float(torch.einsum("ij,jk,ik->", Wc[::step], Hf, Wc[::step]))
     if ggml:
         data = packed[0] if len(packed) == 1 else np.concatenate(packed)
         data = data.reshape(*W.shape[:-1], -1)        # a stacked tensor's bytes as GGUF holds them
@@ -200,22 +204,28 @@ def quantize_blocks(model: Model, types: dict[str, str], method: str = "gptq", w
             t0 = time.perf_counter()
             groups = roles.shared_input_groups(layer, s)
             wanted = {n for g in groups for n in g if n in types}
-            hooks = block_hessians(model, layer, x, wanted) if x is not None else None
-            for g in groups:
+
+            def quantize_group(g, H) -> None:
                 for n in g:
-                    if n not in types:
+                    if n in types:
+                        done(quantize_tensor(model, n, types[n], quantizer, H, imps.get(n)))
+
+            if x is not None and stages(model, layer):    # group by group, every linear run once
+                x = staged_block(model, layer, x, wanted, quantize_group)
+            else:
+                hooks = block_hessians(model, layer, x, wanted) if x is not None else None
+                for g in groups:
+                    if hooks is not None and roles.is_stack(g[0]):     # experts, or MLA's per-head k_b / v_b
+                        for n in (m for m in g if m in types):
+                            shape = roles.expected_shape(s, n)
+                            Hs, tokens = hooks.expert_hessians(g[0], shape[0], shape[-1],
+                                                               recollect=recollector(model, layer, hooks))
+                            done(quantize_tensor(model, n, types[n], quantizer, None, imps.get(n), Hs,
+                                                 tokens if roles.is_expert_stack(n) else None))
                         continue
-                    if roles.is_stack(n) and hooks is not None:     # experts, or MLA's per-head k_b / v_b
-                        shape = roles.expected_shape(s, n)
-                        Hs, tokens = hooks.expert_hessians(g[0], shape[0], shape[-1],
-                                                           recollect=recollector(model, layer, hooks))
-                        done(quantize_tensor(model, n, types[n], quantizer, None, imps.get(n), Hs,
-                                             tokens if roles.is_expert_stack(n) else None))
-                        continue
-                    H = hooks.hessian(g[0]) if hooks is not None else None
-                    done(quantize_tensor(model, n, types[n], quantizer, H, imps.get(n)))
-            if x is not None:   # the next block sees this block's quantized outputs
-                x = block_pass(model, layer, x)
+                    quantize_group(g, hooks.hessian(g[0]) if hooks is not None else None)
+                if x is not None:   # the next block sees this block's quantized outputs
+                    x = block_pass(model, layer, x)
             model.fuse_shared_inputs()
             if stream:
                 model.release_block(layer)
