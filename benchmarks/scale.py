@@ -6,7 +6,7 @@ deepseek-v3`: DeepSeek-V3's latent attention and 256 experts of width 2048, 8 pe
 Writes a random-weight Hugging Face model (hidden 5120, ffn 27648, 40/8 heads, vocab 152064, qkv bias; N layers,
 one safetensors shard per layer) and runs, through the library, with one block in memory:
 
-  quantize   the default recipe (GPTQ into llama.cpp's Q2_K mix, RH rotation)
+  quantize   the default recipe (`BUILTIN["default"]`: GPTQ into the `twinquant:Q2_K` mix, no rotation)
   measure    the Fisher-cost measurement of every candidate type (`measure --cost fisher`; `--sample-rows N`: on N
              rows of each tensor)
   target     quantize --target-bpw with that measurement

@@ -87,17 +87,19 @@ def test_accumulate_hessian_is_a_running_mean():
         accumulate_hessian(H, n, torch.randn(5, 23))
 
 
+@pytest.mark.parametrize("min_rows", (1, 250, 2048))
 @pytest.mark.parametrize("cols", (24, 1100, 1536))
-def test_hessian_sum_of_upper_blocks_is_the_whole_symmetric_mean(cols):
-    """HessianSum computes only the blocks on and above the diagonal: read back, H is the whole running mean
-    (float64 oracle) and exactly symmetric."""
+def test_hessian_sum_of_upper_blocks_is_the_whole_symmetric_mean(cols, min_rows):
+    """HessianSum computes only the blocks on and above the diagonal, of batches gathered to `min_rows`: read
+    back, H is the whole running mean (float64 oracle) and exactly symmetric."""
     from twinquant.algorithms.gptq import HessianSum, _triangle_edges
 
     torch.manual_seed(0)
     x = torch.randn(700, cols) * torch.linspace(0.1, 3, cols)
-    acc = HessianSum()
-    for part in (x[:300].view(3, 100, cols), x[300:301], x[301:]):
+    acc = HessianSum(min_rows=min_rows)      # batches go in one by one, in twos, or all at the end
+    for k, part in enumerate((x[:300].view(3, 100, cols), x[300:301], x[301:])):
         acc.add(part)
+        assert acc.n == (300, 301, 700)[k]
     H = acc.H
     ref = 2 * x.double().T @ x.double() / 700
     assert acc.n == 700 and torch.equal(H, H.T)
@@ -235,3 +237,18 @@ def test_registry_and_configs():
         get_quantizer("gptq", RTNConfig())
     with pytest.raises(TwinquantError, match="Hessian"):
         g.quantize_weight(w, c)
+
+
+def test_all_finite_finds_nan_inf_and_is_not_fooled_by_an_overflowing_sum():
+    from twinquant.errors import all_finite
+
+    t = torch.randn(300, 70)
+    assert all_finite(t) and all_finite(torch.empty(0))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        u = t.clone()
+        u[123, 45] = bad
+        assert not all_finite(u), bad
+    big = torch.full((1000,), 3e38)          # finite, but the sum overflows: the element-wise test decides
+    assert not torch.isfinite(big.sum()) and all_finite(big)
+    mixed = torch.tensor([float("inf"), -float("inf")])
+    assert not all_finite(mixed)

@@ -224,3 +224,30 @@ def test_gptq_gets_llama_quantize_types_with_an_imatrix(tmp_path):
 
     assert plan("gptq") == {"blk.0.ffn_down.weight": "Q4_1"}
     assert plan("rtn") == {"blk.0.ffn_down.weight": "Q4_0"}
+
+
+def test_measure_resumes_at_its_first_unfinished_block(models, tmp_path, monkeypatch):
+    """`twinquant.measure` keeps the next block's activations and the Fisher weights in MEASUREMENT.work/: after
+    a kill it continues at the first unfinished block without running the blocks before it (or the Fisher pass)
+    again, and gives the measurement an uninterrupted run gives; the work directory goes once it is complete."""
+    import twinquant
+    import twinquant.allocation.fisher as fisher
+    import twinquant.calibration.blocks as blocks
+
+    src, recipe = str(models["llama"]), _recipe(rotation="none")
+    opts = dict(quiet=True, cost="fisher", sample_rows=8, kld_windows=2)
+    full = twinquant.measure(src, tmp_path / "full.json", recipe, Options(**opts))
+    assert full.complete and not (tmp_path / "full.json.work").exists()
+    part = tmp_path / "part.json"
+    got = twinquant.measure(src, part, recipe, Options(**opts, stop_after_block=0))
+    assert not got.complete and (tmp_path / "part.json.work" / "x.1.pt").is_file()
+    seen = []
+    real = blocks.block_pass
+    monkeypatch.setattr(blocks, "block_pass", lambda model, layer, *a, **k: seen.append(layer) or
+                        real(model, layer, *a, **k))
+    monkeypatch.setattr(fisher, "output_fisher", lambda *a, **k: pytest.fail("the Fisher pass ran again"))
+    resumed = twinquant.measure(src, part, recipe, Options(**opts))
+    assert seen == [1, 2]                               # block 0 was not run again
+    strip = lambda m: {k: v for k, v in m.to_dict().items() if k != "seconds"}  # noqa: E731
+    assert strip(resumed) == strip(full) and resumed.sha256() == full.sha256()
+    assert not (tmp_path / "part.json.work").exists()

@@ -17,3 +17,13 @@ def show(name: str) -> str:
 def one_line(e: Exception) -> str:
     """An exception from a library (gguf-py, safetensors, json) as one short line."""
     return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+
+
+def all_finite(t) -> bool:
+    """Whether a tensor holds no NaN or Inf. A sum first: NaN and Inf carry into it, and one reduction is ~40x
+    faster than the element-wise test (0.37 s for an 8960² Hessian on the 2-core CPU, run on every tensor a
+    quantization touches); only a sum that is not finite (a bad element, or finite values overflowing it) needs
+    the element-wise test."""
+    import torch
+
+    return t.numel() == 0 or bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())

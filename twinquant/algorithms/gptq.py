@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from twinquant.errors import TwinquantError
+from twinquant.errors import TwinquantError, all_finite
 from twinquant.formats.codec import BlockParams
 from twinquant.formats.intgrid import nearest_codes
 from twinquant.algorithms.rtn import DEFAULT_CLIP_GRID, bind, dequantize, fit_block, has_clip_hook
@@ -74,12 +74,17 @@ class HessianSum:
     on this project's 2-core CPU, and no temporaries), and `H` mirrors the upper triangle into the lower one when
     read (exactly symmetric).
 
+    Batches of fewer than `min_rows` rows wait and go in together (one 512-token window at a time read and wrote
+    the whole H 35 times per block for Qwen2.5-1.5B's calibration: 4 windows at once cut that and the time of an
+    8960-wide H by ~20% on the 2-core CPU); `H` adds what waits first.
+
     `HessianSum(H, n)` continues a full running H (as `accumulate_hessian` returns it)."""
 
-    def __init__(self, H: torch.Tensor | None = None, n: int = 0):
-        self._H, self.n = H, n
+    def __init__(self, H: torch.Tensor | None = None, n: int = 0, min_rows: int = 2048):
+        self._H, self._n, self.min_rows = H, n, min_rows
         self._edges = _triangle_edges(H.shape[0]) if H is not None else None
         self._mirrored = True
+        self._waiting: list[torch.Tensor] = []
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
@@ -91,18 +96,33 @@ class HessianSum:
             raise TwinquantError(f"hessian: H is {tuple(self._H.shape)} but inputs have {cols} features")
         if t == 0:
             return
-        x = x.to(self._H.device)
-        total = self.n + t
+        self._waiting.append(x.to(self._H.device))
+        if sum(w.shape[0] for w in self._waiting) >= self.min_rows:
+            self._flush()
+
+    @property
+    def n(self) -> int:
+        """Rows (tokens) added so far."""
+        return self._n + sum(w.shape[0] for w in self._waiting)
+
+    def _flush(self) -> None:
+        if not self._waiting:
+            return
+        x = self._waiting[0] if len(self._waiting) == 1 else torch.cat(self._waiting)
+        self._waiting = []
+        t = x.shape[0]
+        total = self._n + t
         e = self._edges
         for i in range(len(e) - 1):
             a, z = e[i], e[i + 1]
-            self._H[a:z, a:].addmm_(x[:, a:z].T, x[:, a:], beta=self.n / total, alpha=2.0 / total)
-        self.n = total
+            self._H[a:z, a:].addmm_(x[:, a:z].T, x[:, a:], beta=self._n / total, alpha=2.0 / total)
+        self._n = total
         self._mirrored = False
 
     @property
     def H(self) -> torch.Tensor | None:
         """The whole symmetric H (None before any batch)."""
+        self._flush()
         if not self._mirrored:
             e, H = self._edges, self._H
             for i in range(len(e) - 1):
@@ -124,18 +144,19 @@ def _cholesky_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
     warning.
     """
     mean = torch.diagonal(H).double().mean().item()
-    if not (mean > 0 and torch.isfinite(H).all()):
+    if not (mean > 0 and all_finite(H)):
         raise TwinquantError("gptq: the Hessian has a non-positive or non-finite diagonal (not 2·XᵀX/n?)")
     dev = H.device
     lam = damp
     for _ in range(10):
         for dtype in (torch.float32, torch.float64):
-            A = H.to("cpu" if dev.type == "mps" and dtype == torch.float64 else dev, dtype, copy=True)
+            # with J the order reversal, J·H·J = L·Lᵀ gives H = R·Rᵀ with R = J·L·J upper (the damping adds to a
+            # diagonal the reversal keeps a diagonal: one copy of H, flipped, is all it takes)
+            A = H.flip(0, 1).to("cpu" if dev.type == "mps" and dtype == torch.float64 else dev, dtype)
             A.diagonal().add_(lam * mean)
-            # with J the order reversal, J·H·J = L·Lᵀ gives H = R·Rᵀ with R = J·L·J upper
-            L, info = torch.linalg.cholesky_ex(A.flip(0, 1))
+            L, info = torch.linalg.cholesky_ex(A)
             del A
-            if info.item() == 0 and torch.isfinite(L).all():
+            if info.item() == 0 and all_finite(L):
                 return L.flip(0, 1).to(dev, torch.float32)
         more = lam * 10 if lam > 0 else 1e-6
         warnings.warn(f"gptq: Hessian not positive definite with damping {lam:g}; retrying with {more:g}", stacklevel=3)

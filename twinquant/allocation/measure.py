@@ -333,7 +333,7 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
             importance: dict[str, torch.Tensor] | None = None, cost: str = "anchor",
             path: str | os.PathLike | None = None, progress: bool = True, log=None,
             stop_after_layer: int | None = None, keep_blocks: bool = False, stream: bool = False,
-            candidates: str = "all", sample_rows: int | None = None) -> Measurement:
+            candidates: str = "all", sample_rows: int | None = None, workdir=None) -> Measurement:
     """Measure `names` (quantizable 2-D tensors of `model`, float) on the calibration windows; see module doc.
 
     `cost`: "fisher" (no forward: the Fisher-weighted output error of allocation/fisher.py), "anchor" (one KL
@@ -347,10 +347,13 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
     `keep_blocks`: keep every candidate's packed bytes beside `path` (see module doc).
     `candidates`: "all" (K-quants, legacy types and the i-quants) or "k" (without the i-quants).
     `sample_rows`: price each candidate on this many rows of each tensor (Fisher cost only; see module doc).
+    `workdir` (a `pipeline.workdir.WorkDir`, with `path`): the activations entering the next block and the Fisher
+    weights are kept there after every block, so a resumed measurement starts at its first unfinished block (it
+    ran every block before it again otherwise).
     """
     from twinquant.algorithms.backends import get_quantizer, quantize_experts_to_format, quantize_to_format
     from twinquant.algorithms.gptq import reuse_factors
-    from twinquant.allocation.fisher import output_fisher
+    from twinquant.allocation.fisher import Fisher, output_fisher
     from twinquant.calibration.blocks import HessianHook, block_pass, chunked_stacks, recollector
     from twinquant.formats import codec_for
 
@@ -392,8 +395,17 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
     if log:
         log(f"fisher: output-channel weights from {kw.shape[0]} windows (one streamed backward pass)")
     # (stacked tensors have no output taps: their candidates carry no Fisher estimate)
-    fisher = None if s.moe or s.mla else output_fisher(model, kw, want, seed=header["fisher_seed"], stream=stream,
-                                                        progress=progress)
+    fisher = None
+    if not (s.moe or s.mla):
+        kept = workdir.load_pt("fisher", required=False) if workdir is not None else None
+        if kept is not None:
+            fisher = Fisher(kept["weights"], kept["emb_tokens"], kept["emb_weights"], int(kept["scored"]))
+        else:
+            fisher = output_fisher(model, kw, want, seed=header["fisher_seed"], stream=stream, progress=progress)
+            if workdir is not None:
+                workdir.save_pt("fisher", {"weights": fisher.weights, "emb_tokens": fisher.emb_tokens,
+                                           "emb_weights": fisher.emb_weights,
+                                           "scored": torch.tensor(fisher.scored)})
     scorer = _Scorer(model, kw) if cost != "fisher" else None
 
     def price(name: str, layer: int, xs, H, quant) -> None:
@@ -477,8 +489,9 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
             price(emb, -1, None, None, rtn)
             save()
         bar.update(1, emb)
-        x = embed(model, calib_windows).float()
-        for layer in range(s.n_layers):
+        start = workdir.state["blocks_done"] if workdir is not None else 0
+        x = workdir.load_x(start) if start else embed(model, calib_windows).float()
+        for layer in range(start, s.n_layers):
             groups = roles.shared_input_groups(layer, s)
             todo = [n for g in groups for n in g if n in want and n not in meas.tensors]
             names = {g[0] for g in groups if any(n in todo for n in g)}
@@ -495,8 +508,12 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
             model.fuse_shared_inputs()
             if stream:
                 model.release_block(layer)
+            if workdir is not None:      # the next block's inputs first: the saved measurement refers to them
+                workdir.save_x(layer + 1, x)
             if todo:
                 save()
+            if workdir is not None:
+                workdir.commit(blocks_done=layer + 1)
             bar.update(layer + 2, f"block {layer}: {len(todo)} tensors")
             if stop_after_layer is not None and layer >= stop_after_layer:
                 return meas

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from twinquant.errors import TwinquantError
+from twinquant.errors import TwinquantError, all_finite
 from twinquant.model import roles
 from twinquant.model.layout import Layout
 from twinquant.model.spec import ModelSpec
@@ -163,7 +163,7 @@ class Model:
         want = roles.expected_shape(self.spec, name)
         if tuple(t.shape) != want:
             raise TwinquantError(f"{name}: shape {tuple(t.shape)} does not match the model's {want}")
-        if not torch.isfinite(t).all():
+        if not all_finite(t):
             raise TwinquantError(f"{name}: tensor contains NaN or Inf values")
         return t.to(device=self.device, dtype=self.dtype).contiguous()
 

@@ -153,7 +153,7 @@ class Session:
         from twinquant.io.load import load_model
         from twinquant.allocation.role_mix import assign as assign_types
 
-        self.source, self.recipe, self.opts = str(source), recipe, opts
+        self.source, self.recipe, self.opts, self.stage = str(source), recipe, opts, stage
         model = load_model(self.source, dtype=opts.dtype, device=opts.device, materialize=False)
         self.n_params = model.n_params()   # of the source: bits per weight are counted against the real weights
         self.prep = Preparation.of(recipe, model.spec.tied_embeddings, model.spec.moe)
@@ -291,10 +291,22 @@ class Session:
                  f"cost; Hessians from {calib.n_tokens} tokens); saved after every block to {p}")
         if opts.cost != "fisher" or not opts.stream:
             model.materialize()    # KL forwards run every block after the measured one to the logits
-        return measure(model, names, calib.windows, kw, header, fixed, self.n_params, recipe.method,
-                       self.quantizer_config(), self.imp, cost=opts.cost, path=p, progress=not opts.quiet,
-                       log=opts.say, keep_blocks=opts.keep_blocks, stream=opts.stream,
-                       candidates=opts.candidates, sample_rows=opts.sample_rows)
+        import twinquant
+        from twinquant.pipeline.workdir import WorkDir
+
+        # next to the measurement: where its blocks' activations wait for a resumed run (the file is the truth)
+        work = WorkDir.open(Path(str(p) + ".work"), {
+            "header": header, "cost": opts.cost, "kld_windows": kw, "sample_rows": opts.sample_rows,
+            "keep_blocks": opts.keep_blocks, "config": self.quantizer_config(), "twinquant": twinquant.__version__,
+            "torch": torch.__version__}, resume=p.is_file())
+        m = measure(model, names, calib.windows, kw, header, fixed, self.n_params, recipe.method,
+                    self.quantizer_config(), self.imp, cost=opts.cost, path=p, progress=not opts.quiet,
+                    log=opts.say, keep_blocks=opts.keep_blocks, stream=opts.stream,
+                    candidates=opts.candidates, sample_rows=opts.sample_rows, workdir=work,
+                    stop_after_layer=opts.stop_after_block if self.stage == "measure" else None)
+        if m.complete and not opts.keep_work:
+            work.remove()
+        return m
 
     def fingerprint_parts(self, types: dict[str, str], calib) -> dict:
         import twinquant
@@ -328,7 +340,7 @@ def quantize(source: str, out: str | Path, recipe: Recipe | str | None = None,
     mpath = (opts.measurement or str(out.with_suffix("")) + ".measurement.json") if target else None
     work = Path(opts.work_dir) if opts.work_dir else out.with_name(out.name + ".work")
     if not opts.dry_run:    # every output location, before any work (not hours later)
-        for p in [out, opts.report, mpath]:
+        for p in [out, opts.report, mpath, mpath and Path(str(mpath) + ".work") / "state.json"]:
             if p:
                 _check_writable(Path(p))
         _check_writable(work / "state.json")
@@ -487,6 +499,7 @@ def measure(source: str, out: str | Path, recipe: Recipe | str | None = None, op
     opts = options or Options()
     recipe = _recipe(recipe)
     _check_writable(Path(out))
+    _check_writable(Path(str(out) + ".work") / "state.json")
     sess = Session(source, recipe, opts, stage="measure")
     sess.importance(list(quantized_types(sess.choices)))
     return sess.measurement(str(out))

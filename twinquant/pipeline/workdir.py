@@ -7,6 +7,10 @@ Layout (`OUT.gguf.work/` by default):
     x.K.pt             the calibration activations entering block K (the output of block K-1)
     tensors/NAME.npy   packed GGML bytes of every finished tensor (memory-mapped back, never held whole)
 
+`measure` keeps one too (`MEASUREMENT.json.work/`: its fingerprint is the measurement's header, its truth the
+measurement file itself, and `fisher.pt` the output-channel weights of the Fisher cost), so a resumed
+measurement starts at its first unfinished block instead of running every block before it again.
+
 Every file is written under a temporary name and renamed. A resumed run reads `state.json`, maps the finished
 tensors and restarts at block K from `x.K.pt`: the remaining arithmetic is the same as an uninterrupted run's, so
 the file is byte-identical (tested).
@@ -113,17 +117,27 @@ class WorkDir:
             raise TwinquantError(f"{f}: missing from the work directory; remove {self.path} to start over")
         return np.load(f, mmap_mode="r")
 
-    def save_x(self, block: int, x: torch.Tensor) -> None:
-        f = self.path / f"x.{block}.pt"
+    def save_pt(self, name: str, obj) -> None:
+        """Tensors (or a dict / list of them) under `name`.pt, atomically."""
+        f = self.path / f"{name}.pt"
         tmp = f.with_name(f.name + ".tmp")
-        torch.save(x, tmp)
+        torch.save(obj, tmp)
         os.replace(tmp, f)
 
-    def load_x(self, block: int) -> torch.Tensor:
-        f = self.path / f"x.{block}.pt"
+    def load_pt(self, name: str, required: bool = True):
+        """What `save_pt` kept (tensors only: nothing is unpickled); None when missing and not `required`."""
+        f = self.path / f"{name}.pt"
         if not f.is_file():
+            if not required:
+                return None
             raise TwinquantError(f"{f}: missing from the work directory; remove {self.path} to start over")
         return torch.load(f, weights_only=True)
+
+    def save_x(self, block: int, x: torch.Tensor) -> None:
+        self.save_pt(f"x.{block}", x)
+
+    def load_x(self, block: int) -> torch.Tensor:
+        return self.load_pt(f"x.{block}")
 
     # --- progress ---------------------------------------------------------------------------------------------
     def _write_state(self) -> None:
