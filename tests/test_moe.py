@@ -33,10 +33,13 @@ def _stock_logits(path, toks: list[int]) -> torch.Tensor:
     return torch.from_numpy(np.array(llm.scores[: len(toks)], dtype=np.float32))
 
 
-def _close_but_routing(theirs: torch.Tensor, ours: torch.Tensor, share: float = 0.9) -> None:
+def _close_but_routing(theirs: torch.Tensor, ours: torch.Tensor, share: float = 0.75) -> None:
     """A quantized file in stock llama.cpp vs our forward: llama.cpp's CPU products round activations to 8 bits
     (close, not equal: 0.06 of the logit range, as for dense files), and where that moves a router's top-k across
-    a near-tie the token goes to another expert: a few positions may differ more, most (`share`) may not."""
+    a near-tie the token goes to another expert: that position differs more, and so may some later ones (they
+    attend to its keys and values; one flip at position 11 of 40 moved 5 more past 0.06 in a DeepSeek file).
+    Most positions (`share`) may not: a file llama.cpp reads as another function (a misplaced expert, a wrong
+    layout) is far off nearly everywhere."""
     rel = (theirs - ours).abs().amax(-1) / ours.abs().max()
     assert (rel <= 0.06).float().mean() >= share, [round(v, 3) for v in rel.tolist()]
 
