@@ -11,7 +11,7 @@ import torch
 
 from twinquant.errors import TwinquantError
 from twinquant.model import roles
-from twinquant.model.forward import linears, attention_mix, block_forward, ffn_mix, linear_input, rms_norm
+from twinquant.model.forward import attention_mix, block_forward, ffn_mix, linear_input, linears, rms_norm
 
 
 # Bytes of one stacked tensor's per-expert Hessians held at once. DeepSeek-V3's 256 experts of 7168 inputs need
