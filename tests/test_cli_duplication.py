@@ -15,6 +15,12 @@ def test_sensitivity_duplicate_and_run(tmp_path):
     q = tmp_path / "q.gguf"
     calib = ["--calib-tokens", 256, "--calib-ctx", 64]
     run("quantize", d, "-o", q, "--recipe", "q2k-rtn", "--rotation", "rh", "-q")
+    import time
+
+    t0 = time.perf_counter()        # an output that cannot be written: one line before any work
+    assert_user_error(run("sensitivity", d, "--quantized", q, "-o", "/etc/hostname/sens", *calib, ok=False),
+                      "cannot write")
+    assert time.perf_counter() - t0 < 15
     p = run("sensitivity", d, "--quantized", q, "-o", tmp_path / "sens", *calib)
     assert "rotated the float model" in p.stderr and "rank" in p.stdout
     sens = json.loads((tmp_path / "sens.json").read_text())

@@ -1,5 +1,7 @@
 """Sensitivity ranks a planted fragile layer first; duplication choices run end to end on a tiny model."""
 
+import copy
+
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ from twinquant.model.topology import Budget
 from twinquant.errors import TwinquantError
 from twinquant.io.hf import load_hf_dir
 from twinquant.model import roles
+from twinquant.model.forward import forward
 from twinquant.model.history import Rotation
 
 
@@ -31,14 +34,38 @@ def pair(tmp_path):
     return f, q, windows
 
 
+def _kld(ref, model, windows) -> float:
+    """The oracle: mean KL(ref ‖ model) over every position, whole float32 forwards."""
+    lp, lq = (torch.log_softmax(forward(m, windows), -1) for m in (ref, model))
+    return float((lp.exp() * (lp - lq)).sum(-1).mean())
+
+
+def _mixed(f, q, quantized_blocks: set[int], quantized_globals: bool):
+    """A model with q's tensors in `quantized_blocks` (and q's embedding, norm and head if `quantized_globals`),
+    f's elsewhere."""
+    m = copy.copy(f)
+    m.tensors, m._fused = {}, {}
+    for n in f.tensor_names():
+        layer = int(n.split(".")[1]) if n.startswith("blk.") else None
+        use_q = layer in quantized_blocks if layer is not None else quantized_globals
+        m.tensors[n] = (q if use_q else f).get(n)
+    return m
+
+
 def test_planted_fragile_layer_ranks_first(pair, tmp_path):
     f, q, windows = pair
-    before = {n: t for n, t in q.tensors.items()}
+    before = {n: t.clone() for n, t in q.tensors.items()}
     sens = layer_sensitivity(f, q, windows, progress=False)
     assert sens.ranking() [0] == 2 and sens.ranking("alone")[0] == 2 and sens.ranking("gain")[0] == 2
-    assert sens.kld_float == pytest.approx(0.0, abs=1e-4)     # the reference log-probs are kept in float16
+    assert sens.kld_float == 0.0
     assert sens.kld_quantized > max(sens.alone)               # every layer quantized costs more than any one
-    assert all(q.tensors[n] is t for n, t in before.items())          # the quantized model is left as it was
+    assert all(torch.equal(q.get(n), t) for n, t in before.items())   # the quantized model is left as it was
+    # the streamed experiments equal whole forwards of the models they stand for
+    assert sens.kld_quantized == pytest.approx(_kld(f, q, windows), rel=1e-4)
+    for i in range(4):
+        assert sens.alone[i] == pytest.approx(_kld(f, _mixed(f, q, {i}, False), windows), rel=1e-4)
+        rest = _mixed(f, q, set(range(4)) - {i}, True)
+        assert sens.restored[i] == pytest.approx(_kld(f, rest, windows), rel=1e-4)
     js, png = sens.write(tmp_path / "s")
     assert png.stat().st_size > 0
     import json
@@ -48,6 +75,33 @@ def test_planted_fragile_layer_ranks_first(pair, tmp_path):
     f.history = [Rotation("R1", "rh", f.spec.hidden, 1)]
     with pytest.raises(TwinquantError, match="different bases"):
         layer_sensitivity(f, q, windows, progress=False)
+
+
+def test_streamed_one_block_of_each_model_at_a_time(tmp_path):
+    """Lazy models stay lazy: every block tensor of the float model is loaded once, never two blocks at a time,
+    and none is left loaded at the end."""
+    d = save_tiny("llama", tmp_path / "hf", num_hidden_layers=3)
+    f = load_hf_dir(d, load_tokenizer=False)
+    q = load_hf_dir(d).materialize()
+    for n in roles.block_tensor_names(q.spec, 1):
+        w = q.get(n)
+        q.set(n, w + 0.1 * w.std() * torch.randn(w.shape, generator=torch.Generator().manual_seed(0)))
+    loads, held = [], []
+    load = f.source.load
+
+    def counting(name):
+        loads.append(name)
+        held.append({int(n.split(".")[1]) for n in f.tensors if n.startswith("blk.")})
+        return load(name)
+
+    f.source.load = counting
+    windows = torch.randint(3, f.spec.vocab, (2, 16), generator=torch.Generator().manual_seed(2))
+    sens = layer_sensitivity(f, q, windows, progress=False)
+    assert sens.ranking("alone")[0] == 1 and sens.alone[0] == sens.alone[2] == 0.0   # q = f outside block 1
+    blocks = [n for n in loads if n.startswith("blk.")]
+    assert sorted(blocks) == sorted(set(blocks)) and len(set(blocks)) == 3 * len(roles.block_tensor_names(f.spec, 0))
+    assert all(len(h) <= 1 for h in held)
+    assert not any(n.startswith("blk.") for n in f.tensors)
 
 
 def test_selection_adaptive_hybrid_and_tuning(pair):

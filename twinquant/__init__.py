@@ -3,7 +3,8 @@
 __version__ = "0.1.0"
 
 _API = {"quantize": "twinquant.pipeline", "measure": "twinquant.pipeline", "Options": "twinquant.pipeline",
-        "QuantizeResult": "twinquant.pipeline", "Recipe": "twinquant.pipeline.recipe"}
+        "QuantizeResult": "twinquant.pipeline", "Recipe": "twinquant.pipeline.recipe",
+        "sensitivity": "twinquant.pipeline.sensitivity", "SensitivityOptions": "twinquant.pipeline.sensitivity"}
 
 
 def __getattr__(name: str):

@@ -396,21 +396,14 @@ def cmd_roofline(args) -> None:
 
 # --- duplication ----------------------------------------------------------------------------------------------
 def cmd_sensitivity(args) -> None:
-    from twinquant.duplication.sensitivity import layer_sensitivity
-    from twinquant.io.load import load_model
+    from twinquant.pipeline.sensitivity import SensitivityOptions, sensitivity
 
-    model = _load(args)
-    quant = load_model(args.quantized, dtype=DTYPES[args.dtype], device=args.device).materialize()
-    from twinquant.pipeline.prepare import same_basis
-
-    model = same_basis(model, quant.quant_record,
-                       log=None if args.quiet else lambda m: print(m, file=sys.stderr)).materialize()
-    calib = calibration_for(args, model)
-    sens = layer_sensitivity(model, quant, calib.windows, progress=not args.quiet)
-    sens.meta.update({"model": args.model, "quantized": args.quantized, "calibration_sha256": calib.text_sha256})
-    print(f"KLD on {calib.n_tokens} calibration tokens: all quantized {sens.kld_quantized:.5f}")
+    o = SensitivityOptions(output=args.output, calib=args.calib, calib_tokens=args.calib_tokens,
+                           calib_ctx=args.calib_ctx, dtype=args.dtype, device=args.device, quiet=args.quiet)
+    sens = sensitivity(args.model, args.quantized, o)
+    print(f"KLD on {sens.meta['calibration_tokens']} calibration tokens: all quantized {sens.kld_quantized:.5f}")
     print(sens.table(args.top))
-    js, png = sens.write(args.output)
+    js, png = Path(args.output).with_suffix(".json"), Path(args.output).with_suffix(".png")
     print(f"wrote {js} and {png}")
 
 

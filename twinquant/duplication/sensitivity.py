@@ -5,8 +5,9 @@ Two measurements per block, both as KL divergence to the float reference on cali
 - `alone`: only this block quantized, every other tensor float → the KLD this block's quantization causes;
 - `restored`: every block quantized except this one → how much KLD restoring it removes (`gain`).
 
-The float and quantized models must share one basis (the same rotation and padding), because blocks are swapped
-between them; weights are swapped by reference, nothing is copied. Cost: 2·n_layers + 2 forwards over the windows.
+The float and quantized models must share one basis (the same rotation and padding), because activations pass
+from one model's blocks to the other's. Streamed: each block of either model is loaded once (see
+`layer_sensitivity`), so a model larger than memory can be measured.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from twinquant.duplication.objective import KLDObjective
+import torch
+
+from twinquant.calibration.blocks import block_pass
 from twinquant.errors import TwinquantError
 from twinquant.model import history, roles
+from twinquant.model.forward import embed, head
 from twinquant.progress import Progress
 
 
@@ -97,12 +101,13 @@ class Sensitivity:
         return "\n".join(lines)
 
 
-def _block_names(model, layer: int) -> list[str]:
-    return roles.block_tensor_names(model.spec, layer)
-
-
 def layer_sensitivity(float_model, quant_model, windows, progress: bool = True) -> Sensitivity:
-    """Measure every block's sensitivity (see module doc). Both models are left as they were."""
+    """Measure every block's sensitivity (see module doc) streamed block by block: each block of either model is
+    loaded once and released (lazy models stay lazy), while the activations of every experiment advance through
+    it together — `alone[i]` enters block i from the float stream and leaves it quantized, `restored[i]` enters
+    it from the quantized stream and leaves it float. Memory: one block of each model plus 2·n_layers + 2
+    activation streams [windows, ctx, hidden] float32; n_layers² + 3·n_layers block passes (every experiment
+    shares the blocks before its own). Both models are left as they were."""
     shape = lambda s: (s.arch, s.n_layers, s.hidden, s.intermediate, s.n_heads, s.n_kv_heads, s.head_dim,  # noqa
                        s.vocab, s.tied_embeddings, s.qkv_bias, s.qk_norm)
     float_model.spec.require_dense("layer sensitivity")
@@ -112,41 +117,46 @@ def layer_sensitivity(float_model, quant_model, windows, progress: bool = True) 
     if history.without_padding(float_model.history) != history.without_padding(quant_model.history):
         raise TwinquantError("sensitivity: the float and quantized models are in different bases (rotation); "
                              "give the float model rotated the same way")
-    t0 = time.perf_counter()
-    float_model.materialize()
-    quant_model.materialize()
-    objective = KLDObjective(float_model, windows)
     n = float_model.spec.n_layers
-    work = quant_model   # swap float blocks into the quantized model, by reference, and back
-    globals_ = [x for x in work.tensor_names() if not x.startswith("blk.")]
-    saved = {name: work.tensors[name] for name in work.tensor_names()}
-
-    def put(layer: int, source) -> None:
-        for name in _block_names(work, layer):
-            work.tensors[name] = source.tensors[name] if source is not None else saved[name]
-
-    alone, restored = [], []
-    try:
-        kq = objective(work)
-        with Progress(2 * n, "sensitivity", enabled=progress) as bar:
-            for layer in range(n):
-                put(layer, float_model)
-                restored.append(objective(work))
-                put(layer, None)
-                bar.update(2 * layer + 1)
-            for name in globals_:               # embedding, norms, head: float while blocks are measured alone
-                work.tensors[name] = float_model.tensors[name]
-            for layer in range(n):              # only `layer` quantized: every other block float
-                for other in range(n):
-                    if other != layer:
-                        put(other, float_model)
-                alone.append(objective(work))
-                for other in range(n):
-                    put(other, None)
-                bar.update(n + layer + 1)
-        kf = objective(float_model)
-    finally:
-        for name, t in saved.items():
-            work.tensors[name] = t
-    return Sensitivity(kf, kq, alone, restored, time.perf_counter() - t0,
+    for m in (float_model, quant_model):
+        if not m.layout.is_sequential or len(m.layout.slots) != n:
+            raise TwinquantError("sensitivity: a model with duplicated layers; measure the file before `duplicate`")
+    t0 = time.perf_counter()
+    with torch.inference_mode(), Progress(n + 1, "sensitivity", enabled=progress) as bar:
+        x_f, x_q = _embedded(float_model, windows), _embedded(quant_model, windows)
+        alone: list[torch.Tensor] = []      # alone[i]: only block i quantized (float embedding and head)
+        restored: list[torch.Tensor] = []   # restored[i]: every block but i quantized (quantized globals)
+        for j in range(n):
+            alone = [block_pass(float_model, j, a) for a in alone] + [block_pass(quant_model, j, x_f)]
+            restored = [block_pass(quant_model, j, r) for r in restored] + [block_pass(float_model, j, x_q)]
+            x_f, x_q = block_pass(float_model, j, x_f), block_pass(quant_model, j, x_q)
+            float_model.release_block(j)
+            quant_model.release_block(j)
+            bar.update(j + 1)
+        kl = _head_klds(float_model, quant_model, x_f, [x_q] + restored, alone)
+        bar.update(n + 1)
+    return Sensitivity(0.0, kl[1][0], kl[0], kl[1][1:], time.perf_counter() - t0,
                        {"windows": int(windows.shape[0]), "ctx": int(windows.shape[1])})
+
+
+def _embedded(model, windows: torch.Tensor) -> torch.Tensor:
+    x = embed(model, windows).float()
+    if not model.spec.tied_embeddings:      # (tied: the head needs it again at the end)
+        model.release(roles.name(roles.T.TOKEN_EMBD))
+    return x
+
+
+def _head_klds(float_model, quant_model, x_ref, quantized_head: list, float_head: list):
+    """Mean KL(reference ‖ stream) over every position, for streams through the float model's norm and head
+    (`float_head`) and the quantized model's (`quantized_head`); the reference is `x_ref` through the float
+    head. One window at a time: the reference log-probs are never all held."""
+    sums = ([0.0] * len(float_head), [0.0] * len(quantized_head))
+    for w in range(x_ref.shape[0]):
+        ref = torch.log_softmax(head(float_model, x_ref[w: w + 1].to(float_model.dtype))[0].float(), -1)
+        p = ref.exp()
+        for model, streams, acc in ((float_model, float_head, sums[0]), (quant_model, quantized_head, sums[1])):
+            for k, x in enumerate(streams):
+                lp = torch.log_softmax(head(model, x[w: w + 1].to(model.dtype))[0].float(), -1)
+                acc[k] += float((p * (ref - lp)).sum())
+    positions = x_ref.shape[0] * x_ref.shape[1]
+    return [v / positions for v in sums[0]], [v / positions for v in sums[1]]

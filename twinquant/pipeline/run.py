@@ -111,7 +111,7 @@ def quantized_types(choices) -> dict[str, str]:
     return {c.name: _type_name(c.type) for c in choices if _type_name(c.type) not in ("F32", "F16", "BF16")}
 
 
-def _check_writable(path: Path) -> None:
+def check_writable(path: Path) -> None:
     """Fail before any work when the output cannot be written (not hours later)."""
     parent = path.parent if str(path.parent) else Path(".")
     probe = parent
@@ -342,8 +342,8 @@ def quantize(source: str, out: str | Path, recipe: Recipe | str | None = None,
     if not opts.dry_run:    # every output location, before any work (not hours later)
         for p in [out, opts.report, mpath, mpath and Path(str(mpath) + ".work") / "state.json"]:
             if p:
-                _check_writable(Path(p))
-        _check_writable(work / "state.json")
+                check_writable(Path(p))
+        check_writable(work / "state.json")
     elif target and not Path(mpath).is_file():
         raise TwinquantError(f"--dry-run with a target needs a measurement ({mpath} does not exist): a dry run "
                              "never measures; run `twinquant measure` first or give --measurement")
@@ -498,8 +498,8 @@ def measure(source: str, out: str | Path, recipe: Recipe | str | None = None, op
     resumable: an existing matching, incomplete measurement at `out` is continued. Returns the `Measurement`."""
     opts = options or Options()
     recipe = _recipe(recipe)
-    _check_writable(Path(out))
-    _check_writable(Path(str(out) + ".work") / "state.json")
+    check_writable(Path(out))
+    check_writable(Path(str(out) + ".work") / "state.json")
     sess = Session(source, recipe, opts, stage="measure")
     sess.importance(list(quantized_types(sess.choices)))
     return sess.measurement(str(out))
