@@ -362,3 +362,43 @@ def test_rtn_iquant_mix_with_imatrix_is_byte_identical_to_llama_quantize(bindir,
     for t in ours:
         assert t.tensor_type == theirs[t.name].tensor_type, t.name
         assert np.array_equal(np.asarray(t.data), np.asarray(theirs[t.name].data)), (t.name, t.tensor_type.name)
+
+
+def test_imatrix_in_the_rotated_basis_and_quantize_checks_it(bindir, llama_runs, work, tmp_path):
+    """`twinquant imatrix --rotation rh` collects the statistics of the model `quantize --rotation rh` quantizes
+    (equal to the imatrix of that model rotated eagerly, in float64) and records the basis; `quantize --imatrix`
+    refuses an imatrix of another basis (llama-imatrix's on a rotated run, ours in rh on an unrotated one) in one
+    line before any work, and takes the matching one. The llama.cpp tools still read the file."""
+    from tests.test_cli import assert_user_error, run
+    from twinquant.io.load import load_model
+    from twinquant.pipeline.prepare import Preparation, apply
+
+    d, model = work
+    _, default = llama_runs
+    rh = tmp_path / "rh.gguf"
+    run("imatrix", d / "m.gguf", "-f", d / "calib.txt", "-c", CTX, "-o", rh, "--chunks", 6, "--rotation", "rh",
+        "--seed", 3, "-q")
+    got = Imatrix.read(rh)
+    assert got.basis == {"rotation": "rh", "seed": 3, "pad": False, "pad_multiple": None}
+    rotated = apply(load_model(d / "m.gguf", materialize=True), Preparation("rh", 3), stream=False)
+    _, windows = _windows(model, d / "calib.txt")
+    oracle = collect_imatrix(rotated, windows[:6], progress=False, stream=False)
+    plain = collect_imatrix(model, windows[:6], progress=False, stream=False)
+    name = "blk.1.ffn_gate.weight"
+    assert np.allclose(got.importance(name), oracle.importance(name), rtol=1e-4, atol=1e-7)
+    assert not np.allclose(got.importance(name), plain.importance(name), rtol=1e-2)     # another basis
+    q = ["quantize", d / "m.gguf", "--mix", "llama.cpp:Q4_K_M", "--method", "rtn", "-q"]
+    p = run(*q, "-o", tmp_path / "a.gguf", "--rotation", "rh", "--seed", 3, "--imatrix", default, ok=False)
+    assert_user_error(p, "as stored", "rotated rh with seed 3", "--rotation rh --seed 3")
+    p = run(*q, "-o", tmp_path / "b.gguf", "--rotation", "none", "--imatrix", rh, ok=False)
+    assert_user_error(p, "rotated rh with seed 3", "--rotation none")
+    p = run(*q, "-o", tmp_path / "c.gguf", "--rotation", "rh", "--seed", 4, "--imatrix", rh, ok=False)
+    assert_user_error(p, "seed 4")
+    assert not list(tmp_path.glob("[abc].gguf*"))
+    run(*q, "-o", tmp_path / "ok.gguf", "--rotation", "rh", "--seed", 3, "--imatrix", rh)
+    _run([bindir / "llama-quantize", "--imatrix", rh, d / "m.gguf", tmp_path / "lq.gguf", "Q4_K_M", 1], tmp_path)
+    with pytest.raises(TwinquantError, match="different bases"):
+        got.merge(Imatrix.read(default))
+    p = run("imatrix", d / "m.gguf", "-f", d / "calib.txt", "-c", CTX, "-o", tmp_path / "x.dat", "--output-format",
+            "dat", "--rotation", "rh", "-q", ok=False)
+    assert_user_error(p, "gguf")

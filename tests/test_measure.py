@@ -264,6 +264,28 @@ def test_infeasible_target_names_the_smallest_size(tiny, tmp_path):
     p = run("quantize", tiny, "-o", tmp_path / "x.gguf", *CAL, "-q", "--damp", "0.01", "--measurement", meas,
             "--target-bpw", "4", ok=False)
     assert_user_error(p, "config")
+    # ... or for another quantizer (RTN's errors are not GPTQ's)
+    p = run("quantize", tiny, "-o", tmp_path / "x.gguf", *CAL, "-q", "--method", "rtn", "--measurement", meas,
+            "--target-bpw", "4", ok=False)
+    assert_user_error(p, "method", "gptq", "rtn")
+    # ... or for other weights that have the same name (another copy of the model, one tensor changed)
+    import shutil
+
+    other = tmp_path / "other" / tiny.name
+    shutil.copytree(tiny, other)
+    st = next(other.glob("*.safetensors"))
+    raw = bytearray(st.read_bytes())
+    raw[-2] ^= 0x40
+    st.write_bytes(bytes(raw))
+    p = run("quantize", other, "-o", tmp_path / "x.gguf", *CAL, "-q", "--measurement", meas, "--target-bpw", "4",
+            ok=False)
+    assert_user_error(p, "other weights", st.name)
+    legacy = Measurement.load(meas)          # one made before the weights were recorded: taken, with a warning
+    legacy.header.pop("source")
+    legacy.save(tmp_path / "legacy.json")
+    p = run("quantize", tiny, "-o", tmp_path / "y.gguf", *CAL, "--measurement", tmp_path / "legacy.json",
+            "--target-bpw", "4", "--dry-run", "-q")
+    assert "does not record which weights" in p.stderr
     (tmp_path / "bad.json").write_text("{not json")
     assert_user_error(run("quantize", tiny, "-o", tmp_path / "x.gguf", *CAL, "-q", "--measurement", tmp_path / "bad.json",
                           "--target-bpw", "4", ok=False), "bad.json")

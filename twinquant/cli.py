@@ -53,9 +53,16 @@ def cmd_imatrix(args) -> None:
     if args.output_format == "gguf" and out.suffix != ".gguf" and log:
         log(f"twinquant: warning: {out}: saving the imatrix as GGUF with a suffix other than .gguf "
             f"(--output-format dat writes the legacy format)")
+    from twinquant.pipeline.prepare import Preparation, apply
+
+    prep = Preparation(args.rotation, args.seed, args.pad, args.pad_multiple)
+    if prep.basis() is not None and args.output_format == "dat":
+        raise TwinquantError("the legacy .dat format cannot record the rotation / padding: use --output-format gguf")
     base = read_inputs(args.in_files, args.ctx, log)       # read before the model loads, to fail fast
-    result = run_imatrix(_load(args, materialize=False), args.text, out, args.ctx, args.chunks, args.output_frequency, base,
-                         args.output_format, args.process_output, progress=not args.quiet, log=log)
+    model = apply(_load(args, materialize=False), prep, log=log)     # lazily: in the basis quantize will use
+    result = run_imatrix(model, args.text, out, args.ctx, args.chunks, args.output_frequency, base,
+                         args.output_format, args.process_output, progress=not args.quiet, log=log,
+                         basis=prep.basis())
     print(f"stored {len(result)} entries after {result.chunk_count} chunks of {args.ctx} tokens in {out}")
     if args.show_statistics:
         print(format_statistics(result))
@@ -634,6 +641,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also collect output.weight (llama-imatrix leaves it out by default)")
     sp.add_argument("--show-statistics", action="store_true",
                     help="print per-tensor statistics of the result (as llama-imatrix --show-statistics)")
+    sp.add_argument("--rotation", choices=["none", "rh"], default="none", help="compute it in the basis a "
+                    "`quantize --rotation rh` run quantizes in (recorded in the file; quantize --imatrix checks it)")
+    sp.add_argument("--seed", type=int, default=0, help="the rotation's seed (as quantize's --seed)")
+    sp.add_argument("--pad", action="store_true", help="in the padded model's basis (as quantize --pad)")
+    sp.add_argument("--pad-multiple", type=int, default=256)
     sp.set_defaults(func=cmd_imatrix)
 
     sp = sub.add_parser("roofline", help="decode speed a GGUF file (or a model shape in a mix) reaches on a device, "

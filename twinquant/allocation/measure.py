@@ -44,6 +44,7 @@ import math
 import os
 import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,10 +144,21 @@ class Measurement:
 
     # --- use -----------------------------------------------------------------------------------------------
     def check_matches(self, header: dict) -> None:
-        """Error unless this measurement was made for the same model preparation, quantizer and calibration."""
-        diff = [k for k in sorted(set(header) | set(self.header)) if header.get(k) != self.header.get(k)]
+        """Error unless this measurement was made for the same weights (`source`: the files' sizes and end
+        hashes), model preparation, quantizer and calibration. A measurement from before `source` was recorded
+        is taken with a warning (nothing in it says which weights it priced)."""
+        first = {"source": 0, "method": 1}      # the weights, then the quantizer: the causes of the other lines
+        diff = sorted((k for k in set(header) | set(self.header) if header.get(k) != self.header.get(k)),
+                      key=lambda k: (first.get(k, 2), k))
+        if "source" in diff and "source" not in self.header:
+            warnings.warn("the measurement does not record which weights it was made for (made before twinquant "
+                          "recorded it); it is taken as this model's")
+            diff.remove("source")
         if diff:
             k = diff[0]
+            if k == "source":
+                raise TwinquantError(f"the measurement was made for other weights ({_files(self.header[k])}; this "
+                                     f"model: {_files(header.get(k))}); measure this model")
             raise TwinquantError(f"the measurement was made with {k} = {self.header.get(k)!r}, this run has "
                                  f"{header.get(k)!r}; measure again or use a matching recipe")
 
@@ -530,3 +542,11 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
     meas.complete = True
     save()
     return meas
+
+
+def _files(identity) -> str:
+    """A source identity (`pipeline.workdir.source_identity`) in a few words: file names, sizes, end hashes."""
+    if not isinstance(identity, dict):
+        return repr(identity)
+    return ", ".join(f"{n} {v.get('size')} bytes, ends {str(v.get('ends_sha256'))[:12]}" if isinstance(v, dict)
+                     else n for n, v in identity.items())

@@ -19,7 +19,9 @@ File formats (both written exactly as llama-imatrix writes them, byte for byte):
 - GGUF (`imatrix.gguf`): keys `general.type = "imatrix"`, `imatrix.datasets` (string array),
   `imatrix.chunk_count` (u32), `imatrix.chunk_size` (u32), no `general.architecture`; per entry, in name order,
   an F32 tensor `<name>.in_sum2` (ggml ne [in, n_mat]: 1-D for a dense weight) and an F32 tensor `<name>.counts`
-  (ne [1, n_mat]) holding the raw sums and token counts.
+  (ne [1, n_mat]) holding the raw sums and token counts. twinquant adds `twinquant.basis` (a JSON string) when it
+  computed the statistics of a rotated or padded model (`twinquant imatrix --rotation rh`), which `quantize
+  --imatrix` checks against its own preparation; llama-quantize ignores the key.
 - legacy `.dat`: int32 n_entries; per entry (name order): int32 len, name bytes, int32 ncall
   (= ceil(max count / chunk_size)), int32 nval, float32[nval] = (sum / count) * ncall; then int32 chunk count,
   int32 len and the dataset name.
@@ -27,6 +29,7 @@ File formats (both written exactly as llama-imatrix writes them, byte for byte):
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import struct
@@ -41,6 +44,7 @@ import torch
 from twinquant.errors import TwinquantError, show
 
 SUM_SUFFIX = ".in_sum2"
+BASIS_KEY = "twinquant.basis"     # (a JSON string) where twinquant computed the imatrix of a prepared model
 COUNT_SUFFIX = ".counts"
 
 
@@ -56,6 +60,9 @@ class Imatrix:
     datasets: list[str] = field(default_factory=list)
     chunk_count: int = 0
     chunk_size: int = 0
+    # the basis the activations were in (`pipeline.prepare.Preparation.basis`: rotation, seed, padding) when
+    # twinquant computed them for a prepared model; None: the model as stored (llama-imatrix's files)
+    basis: dict | None = None
 
     # --- queries -------------------------------------------------------------------------------------------
     def __contains__(self, name: str) -> bool:
@@ -111,8 +118,11 @@ class Imatrix:
                 shape = (len(mine), s.size // len(mine))
             sums[name] = (sums[name].reshape(-1) + s.reshape(-1)).astype(np.float32).reshape(shape)
             counts[name] = mine + c
+        if self.basis != other.basis:
+            raise TwinquantError(f"imatrix merge: the files were computed in different bases ({self.basis} and "
+                                 f"{other.basis}: rotation / padding)")
         chunk_size = self.chunk_size or other.chunk_size
-        out = Imatrix(sums, counts, list(self.datasets) + list(other.datasets), 0, chunk_size)
+        out = Imatrix(sums, counts, list(self.datasets) + list(other.datasets), 0, chunk_size, self.basis)
         out.chunk_count = out.max_count() // chunk_size if chunk_size > 0 else self.chunk_count + other.chunk_count
         return out
 
@@ -133,6 +143,8 @@ class Imatrix:
                             sub_type=gguf.GGUFValueType.STRING)
             w.add_key_value(gguf.Keys.IMatrix.CHUNK_COUNT, int(self.chunk_count), gguf.GGUFValueType.UINT32)
             w.add_key_value(gguf.Keys.IMatrix.CHUNK_SIZE, int(self.chunk_size), gguf.GGUFValueType.UINT32)
+            if self.basis is not None:    # (llama-quantize reads only the imatrix.* keys)
+                w.add_key_value(BASIS_KEY, json.dumps(self.basis, sort_keys=True), gguf.GGUFValueType.STRING)
             for name in self.names:      # byte order of the names, as std::sort on std::string
                 s, c = self.sums[name], self.counts[name]
                 n_mat = c.size
@@ -512,6 +524,14 @@ def _read_gguf(path: Path) -> Imatrix:
     for key, v in (("imatrix.chunk_count", chunk_count), ("imatrix.chunk_size", chunk_size)):
         if not isinstance(v, int) or v < 0:
             raise TwinquantError(f"{path}: {key} is not an unsigned integer")
+    basis = get(BASIS_KEY, None)
+    if basis is not None:
+        try:
+            basis = json.loads(basis) if isinstance(basis, str) else None
+        except ValueError:
+            basis = None
+        if not isinstance(basis, dict) or set(basis) != {"rotation", "seed", "pad", "pad_multiple"}:
+            raise TwinquantError(f"{path}: {BASIS_KEY} is not a basis record (rotation, seed, pad, pad_multiple)")
     pairs: dict[str, list] = {}
     for t in reader.tensors:
         for suffix, slot in ((SUM_SUFFIX, 0), (COUNT_SUFFIX, 1)):
@@ -536,7 +556,7 @@ def _read_gguf(path: Path) -> Imatrix:
         sums[name] = s if c.size == 1 else s.reshape(c.size, -1)
         # std::lround: halves away from zero
         counts[name] = np.floor(c.astype(np.float64) + 0.5).astype(np.int64)
-    return Imatrix(sums, counts, list(datasets), int(chunk_count), int(chunk_size))
+    return Imatrix(sums, counts, list(datasets), int(chunk_count), int(chunk_size), basis)
 
 
 def _read_dat(path: Path, chunk_size: int | None) -> Imatrix:

@@ -41,8 +41,12 @@ def read_inputs(files, ctx: int, log=None) -> Imatrix | None:
     return base
 
 
-def save(imx: Imatrix, path: Path, fmt: str) -> None:
+def save(imx: Imatrix, path: Path, fmt: str, basis: dict | None = None) -> None:
+    imx.basis = basis
     if fmt == "dat":
+        if basis is not None:
+            raise TwinquantError("the legacy .dat format cannot record the rotation / padding the imatrix was "
+                                 "computed in: use --output-format gguf")
         imx.write_dat(path)
     else:
         imx.write_gguf(path)
@@ -50,13 +54,19 @@ def save(imx: Imatrix, path: Path, fmt: str) -> None:
 
 def run_imatrix(model, text: str | Path, out: str | Path, ctx: int = 512, chunks: int | None = None,
                 output_frequency: int | None = 10, base: Imatrix | None = None, fmt: str = "gguf",
-                process_output: bool = False, progress: bool = True, log=None) -> Imatrix:
+                process_output: bool = False, progress: bool = True, log=None, basis: dict | None = None) -> Imatrix:
     """Collect the importance matrix of `model` over `text` (merged with `base`), saving it to `out` every
-    `output_frequency` chunks and at the end; returns it."""
+    `output_frequency` chunks and at the end; returns it. `basis`: the preparation `model` had
+    (`Preparation.basis`), recorded in the file."""
     from twinquant.eval.perplexity import make_windows
 
     text_path = check_options(text, ctx, chunks, output_frequency)
     out = Path(out)
+    if basis is not None and fmt == "dat":
+        raise TwinquantError("the legacy .dat format cannot record the rotation / padding the imatrix is computed "
+                             "in: use --output-format gguf")
+    if base is not None and base.basis != basis:
+        raise TwinquantError(f"--in-file was computed in another basis ({base.basis}) than this run ({basis})")
     if model.tokenizer is None:
         raise TwinquantError("the model has no tokenizer; cannot tokenize the text")
     raw = text_path.read_bytes().decode("utf-8", errors="replace")
@@ -71,15 +81,16 @@ def run_imatrix(model, text: str | Path, out: str | Path, ctx: int = 512, chunks
         log(f"imatrix: {windows.shape[0]} chunks of {ctx} tokens; BOS {'first' if tok.add_bos else 'not used'}")
 
     def combined(imx):
+        imx.basis = basis
         return imx if base is None else base.merge(imx)
 
     def on_chunk(done: int, snapshot) -> None:
         if output_frequency and done % output_frequency == 0 and done < windows.shape[0]:
-            save(combined(snapshot()), out, fmt)
+            save(combined(snapshot()), out, fmt, basis)
 
     # a lazily loaded model is run block by block, `output_frequency` windows at a time (a save after each group)
     result = combined(collect_imatrix(model, windows, progress=progress, datasets=[str(text)],
                                       process_output=process_output, on_chunk=on_chunk,
                                       every=output_frequency or None))
-    save(result, out, fmt)
+    save(result, out, fmt, basis)
     return result

@@ -1,7 +1,8 @@
 """Prepare a model as a recipe says — load, pad, fuse norms and rotate — written once for every stage.
 
 `quantize` and `measure` start here, and `sensitivity` brings a float model into a quantized file's basis here
-(`same_basis`); `imatrix` and `duplicate` do not prepare a model yet. With `stream=True` (the default)
+(`same_basis`); `imatrix` computes its statistics in a recipe's basis (`--rotation`, `--pad`: recorded in the
+file, `Preparation.basis`), so that `quantize --imatrix` can check it; `duplicate` does not prepare a model yet. With `stream=True` (the default)
 nothing is materialized: padding and rotation are lazy views (`export/padding.py`, `rotation/lazy.py`) that compute
 a tensor from the source's when a stage asks for it, so a block-streamed stage holds one block. `stream=False`
 materializes the model and rotates it in place in float64 (the in-memory path, kept as the oracle of the streamed
@@ -39,6 +40,14 @@ class Preparation:
         recipe = rec.get("recipe") or {}
         return cls(rec.get("rotation", "none"), int(recipe.get("seed", 0)), bool(recipe.get("pad", False)),
                    int(recipe.get("pad_multiple", 256)))
+
+    def basis(self) -> dict | None:
+        """The basis this preparation puts the weights in, as imatrix files record it (`twinquant.basis`): None
+        for the model as stored (what llama-imatrix sees)."""
+        if self.rotation == "none" and not self.pad:
+            return None
+        return {"rotation": self.rotation, "seed": self.seed if self.rotation != "none" else None,
+                "pad": self.pad, "pad_multiple": self.pad_multiple if self.pad else None}
 
     def planned_spec(self, spec):
         """The spec the prepared model will have without preparing it: rotating unties a tied head (the
@@ -88,3 +97,26 @@ def same_basis(float_model: Model, quant_record: dict | None, stream: bool = Tru
     if log and prep.rotation == "rh":
         log(f"rotated the float model as the quantized file was (rh, seed {prep.seed})")
     return model
+
+
+def describe_basis(basis: dict | None) -> str:
+    """A basis (`Preparation.basis`) in words, and the `twinquant imatrix` options that compute in it."""
+    if basis is None:
+        return "the model as stored (no rotation, no padding)"
+    words = []
+    if basis.get("rotation", "none") != "none":
+        words.append(f"rotated {basis['rotation']} with seed {basis.get('seed')}")
+    if basis.get("pad"):
+        words.append(f"padded to multiples of {basis.get('pad_multiple')}")
+    return " and ".join(words) or "the model as stored"
+
+
+def basis_options(basis: dict | None) -> str:
+    if basis is None:
+        return "--rotation none"
+    out = f"--rotation {basis.get('rotation', 'none')}"
+    if basis.get("rotation", "none") != "none":
+        out += f" --seed {basis.get('seed')}"
+    if basis.get("pad"):
+        out += " --pad" + (f" --pad-multiple {basis['pad_multiple']}" if basis.get("pad_multiple") != 256 else "")
+    return out

@@ -25,7 +25,7 @@ import torch
 from twinquant.errors import TwinquantError
 from twinquant.model import roles
 from twinquant.pipeline.plan import Plan, make_plan
-from twinquant.pipeline.prepare import Preparation, apply
+from twinquant.pipeline.prepare import Preparation, apply, basis_options, describe_basis
 from twinquant.pipeline.recipe import Recipe, load_recipe
 
 
@@ -209,6 +209,11 @@ class Session:
         from twinquant.calibration.imatrix import Imatrix, coverage
 
         im = Imatrix.read(path)
+        want = self.prep.basis()
+        if im.basis != want:      # importance per input column: another basis weighs the wrong columns
+            raise TwinquantError(f"{path} was computed on {describe_basis(im.basis)}; this run quantizes "
+                                 f"{describe_basis(want)}: compute it in that basis (`twinquant imatrix MODEL -f "
+                                 f"TEXT {basis_options(want)}`)")
         names = [n for n in names if n != roles.name(roles.T.TOKEN_EMBD)]   # a lookup: no tool collects it
         cov = coverage(im, names)
         imp, missing = {}, []
@@ -225,21 +230,15 @@ class Session:
                                          f"x {cols} inputs {shape[0] * cols}: an imatrix of another model?")
                 imp[n] = torch.from_numpy(v.reshape(shape[0], cols))
                 continue
-            if v.size > cols:
+            if v.size != cols:
                 raise TwinquantError(f"{path}: {n} has {v.size} columns of data, the model {cols}: an imatrix "
                                      "of another model?")
-            if v.size < cols:     # padded model: the padded inputs are always 0
-                v = np.concatenate([v, np.zeros(cols - v.size, dtype=np.float32)])
             imp[n] = torch.from_numpy(v)
         self.opts.say(f"imatrix {path}: {len(imp)}/{len(names)} tensors covered, {im.chunk_count} chunks"
                       + (f"; no data for {', '.join(missing[:4])}{' …' if len(missing) > 4 else ''}"
                          if missing else ""))
         for n in missing:
             warnings.warn(f"{n}: no imatrix data; it is quantized with the calibration's own statistics")
-        if self.prep.rotation != "none" and imp:
-            warnings.warn(f"the model is rotated ({self.prep.rotation}) before quantizing: the imatrix must have "
-                          "been computed on the rotated model (twinquant rotate, then twinquant imatrix); one of "
-                          "the original model is in the wrong basis")
         self.imp, self.coverage = imp, cov
         self.imp_sha = hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -248,10 +247,13 @@ class Session:
         """A complete measurement for this model and recipe: loaded from `path` if it matches, else measured (or
         resumed) and saved there (unless `measure_if_missing` is False: a dry run never measures)."""
         from twinquant.allocation.measure import FLOAT_BYTES, Measurement, candidate_types, measure
+        from twinquant.pipeline.workdir import source_identity
+        from twinquant.zoo import resolve
 
         recipe, opts, model = self.recipe, self.opts, self.model
         calib = self.calibration()
-        header = {"model": Path(self.source).name, "arch": model.spec.arch, "n_layers": model.spec.n_layers,
+        header = {"model": Path(self.source).name, "source": source_identity(resolve(self.source)),
+                  "arch": model.spec.arch, "n_layers": model.spec.n_layers,
                   "hidden": model.spec.hidden, "rotation": self.prep.rotation, "seed": recipe.seed,
                   "pad": recipe.pad, "pad_multiple": recipe.pad_multiple if recipe.pad else None,
                   "act_order": recipe.act_order,
@@ -260,13 +262,14 @@ class Session:
         p = Path(path)
         if p.is_file():
             m = Measurement.load(p)
-            full = {**header, **{k: m.header.get(k) for k in ("method", "config", "cost", "fisher_seed",
-                                                               "kld_windows", "kld_scored", "keep_blocks",
-                                                               "sample_rows")}}
-            if recipe.method == m.header.get("method"):     # a measurement made with another damping is stale
-                from twinquant.algorithms.backends import get_quantizer
+            # how it was measured is the measurement's own choice; what it was measured for must be this run's:
+            # the weights, their preparation, the calibration, the quantizer and its settings (another
+            # method's or another damping's costs are not this quantizer's)
+            full = {**header, **{k: m.header.get(k) for k in ("cost", "fisher_seed", "kld_windows", "kld_scored",
+                                                               "keep_blocks", "sample_rows")}}
+            from twinquant.algorithms.backends import get_quantizer
 
-                full["config"] = get_quantizer(recipe.method, self.quantizer_config()).config.to_dict()
+            full["config"] = get_quantizer(recipe.method, self.quantizer_config()).config.to_dict()
             m.check_matches(full)
             if m.complete:
                 opts.say(f"measurement {p}: {len(m.tensors)} tensors (sha256 {m.sha256()[:12]})")
