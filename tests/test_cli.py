@@ -147,6 +147,7 @@ def test_rotate_and_activations_commands(tmp_path):
     assert len(report["layers"]) == 3 and (tmp_path / "act.png").stat().st_size > 1000
     assert_user_error(run("rotate", d, "-o", tmp_path / "hf-out", "--online", "r4", ok=False), "HF directory")
     assert_user_error(run("rotate", d, "-o", tmp_path / "x.gguf", "--online", "r5", ok=False), "r5")
+    assert_user_error(run("rotate", d, "-o", "/etc/hostname/x.gguf", ok=False), "cannot write")
 
 
 def test_quantize_command_with_padding_and_split(tmp_path):

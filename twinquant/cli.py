@@ -214,48 +214,21 @@ def _chat_prompt(tok, user: str) -> str:
 
 # --- convert --------------------------------------------------------------------------------------------------
 def cmd_convert(args) -> None:
+    from twinquant.pipeline.save import save_model
+
     model = _load(args, materialize=False)
-    _save(model, Path(args.output), args.outtype, args.quiet, args.split_max_size)
+    save_model(model, args.output, args.outtype, not args.quiet, args.split_max_size)
     print(f"wrote {args.output}")
-
-
-def _save(model, out: Path, outtype: str, quiet: bool, split_max_size: str | None = None) -> None:
-    """Float GGUF (-o X.gguf, optionally split into llama.cpp shards) or an HF directory."""
-    if out.suffix == ".gguf":
-        from twinquant.io.gguf_write import write_gguf
-        from twinquant.progress import Progress
-
-        names = model.tensor_names()
-        with Progress(len(names), "write", enabled=not quiet) as bar:
-            write_gguf(model, out, outtype.upper(), progress=lambda i, n, name: bar.update(i, name),
-                       split_max_size=split_max_size)
-    else:
-        if model.needs_online:
-            raise TwinquantError("online transforms (R3/R4) cannot be stored in an HF directory; write a .gguf")
-        from twinquant.io.hf import save_hf_dir
-
-        save_hf_dir(model, out)
 
 
 # --- rotate / activations -------------------------------------------------------------------------------------
 def cmd_rotate(args) -> None:
-    from twinquant.rotation.stage import parse_online, rotate_model
+    from twinquant.pipeline.rotate import RotateOptions, rotate
 
-    online = parse_online(args.online)      # check the options before any work
-    if online and Path(args.output).suffix != ".gguf":
-        raise TwinquantError("online transforms (R3/R4) cannot be stored in an HF directory; write a .gguf")
-    model = _load(args, materialize=False)
-    from twinquant.rotation.rotate import check_rotatable
-
-    check_rotatable(model.spec, args.rotation, online)      # MoE / latent attention: R1 (RH) only, before any work
-    model.materialize()
-    if not args.quiet:
-        print(f"rotating: fuse norms, R1 {args.rotation} (seed {args.seed}), R2"
-              + (f", online {', '.join(online)}" if online else ""), file=sys.stderr)
-    calib = calibration_for(args, model).windows if args.rotation == "ro" else None
-    rotate_model(model, args.rotation, args.seed, r2=not args.no_r2, online=online, calib_windows=calib,
-                 ro_iters=args.ro_iters, log=lambda line: print(line, file=sys.stderr))
-    _save(model, Path(args.output), args.outtype, args.quiet)
+    o = RotateOptions(rotation=args.rotation, seed=args.seed, online=args.online, r2=not args.no_r2,
+                      ro_iters=args.ro_iters, outtype=args.outtype, calib=args.calib, calib_tokens=args.calib_tokens,
+                      calib_ctx=args.calib_ctx, dtype=args.dtype, device=args.device, quiet=args.quiet)
+    rotate(args.model, args.output, o, log=lambda line: print(line, file=sys.stderr))
     print(f"wrote {args.output}")
 
 
