@@ -159,8 +159,11 @@ def markdown(results: list[dict], measurements: dict, chunks: int, text: str = "
         ours = [r for r in results if r["model"] == m and r["row"].startswith("target:")]
         theirs = [r for r in results if r["model"] == m and r["row"].startswith("llama.cpp:")]
         for v, facts in measurements.get(m, {}).items():
+            usage = (f"{facts['cpu_seconds']:.0f} s CPU, peak memory {facts['peak_rss_mib']:.0f} MiB"
+                     if facts.get("cpu_seconds") and facts.get("peak_rss_mib") else
+                     "CPU time and peak memory not in this cache (the run that made it has them)")
             lines.append(f"- {m}: measurement `{v}`: {facts['tensors']} tensors, {facts['seconds']:.0f} s wall, "
-                         f"{facts.get('cpu_seconds') or 0:.0f} s CPU, peak memory {facts['peak_rss_mib'] or 0:.0f} MiB")
+                         + usage)
         below = []
         for t in sorted(theirs, key=lambda r: r["bpw"]):
             fit = [o for o in ours if o["tensor_bytes"] <= t["tensor_bytes"]]
