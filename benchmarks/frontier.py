@@ -144,6 +144,19 @@ def type_share(report: Path) -> dict[str, float]:
     return dict(sorted(((k, round(v, 6)) for k, v in share.items()), key=lambda kv: -kv[1]))
 
 
+def role_types(report: Path) -> dict[str, dict[str, int]]:
+    """Per role (attn_q, ffn_down, token_embd …): how many tensors got each type (from a quantize --report)."""
+    if not report.exists():
+        return {}
+    out: dict[str, dict[str, int]] = {}
+    for t in json.loads(report.read_text())["tensors"]:
+        parts = t["name"].split(".")
+        role = parts[2] if parts[0] == "blk" else parts[0]
+        out.setdefault(role, {})
+        out[role][t["type"]] = out[role].get(t["type"], 0) + 1
+    return {r: dict(sorted(c.items(), key=lambda kv: -kv[1])) for r, c in out.items()}
+
+
 def markdown(results: list[dict], measurements: dict, chunks: int, text: str = "wiki.test.raw") -> str:
     lines = [f"{text}, ctx 512, {chunks} chunks, stock llama-perplexity; KLD vs the F16 reference. "
              "bpw = tensor data bits per weight (llama.cpp's count).", "",
@@ -184,6 +197,9 @@ def markdown(results: list[dict], measurements: dict, chunks: int, text: str = "
             if o.get("type_share"):
                 lines.append(f"- {m}: {o['row']}: weights by type " + ", ".join(
                     f"{k} {100 * v:.1f}%" for k, v in o["type_share"].items()))
+            if o.get("role_types"):
+                lines.append(f"- {m}: {o['row']}: tensors per role and type: " + "; ".join(
+                    f"{role} " + " ".join(f"{t}×{n}" for t, n in c.items()) for role, c in o["role_types"].items()))
         pairs = [(o["predicted_kld"], o["calib_kld"], o["kld_mean"]) for o in ours
                  if o.get("predicted_kld") and o.get("calib_kld") and not o.get("sequential")]
         if len(pairs) >= 2:
@@ -281,6 +297,7 @@ def main() -> None:
         if row.startswith("target:"):
             r["calib_kld"] = b.calib_kld(path)
             r["type_share"] = type_share(path.with_suffix(".report.json"))
+            r["role_types"] = role_types(path.with_suffix(".report.json"))
         results.append(r)
         log(f"{b.model}: {row}: {r['bpw']:.3f} bpw, KLD {r['kld_mean']:.4f}"
             + (f" (predicted {r['predicted_kld']:.4f})" if r.get("predicted_kld") else ""))
