@@ -113,3 +113,24 @@ def test_the_check_catches_a_number_that_is_not_there(tmp_path, monkeypatch):
     assert len(problems) == 1 and "987654.321" in problems[0], problems
     readme.write_text("no citation\n\n| a |\n|---|\n| 1.5 |\n", encoding="utf-8")
     assert "cites no benchmarks/results file" in _check(readme)[0]
+
+
+def _readme_tables():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_tables", ROOT / "benchmarks" / "readme_tables.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_generated_tables_are_what_their_results_say():
+    """The tables `benchmarks/readme_tables.py` makes are in both READMEs as it makes them (no hand edits), and a
+    number changed by hand is caught."""
+    rt = _readme_tables()
+    for lang, path in rt.READMES.items():
+        text = path.read_text()
+        assert "<!-- table " in text, path.name
+        assert rt.render(text, lang) == text, f"{path.name}: run python benchmarks/readme_tables.py"
+        edited = text.replace("| 0.3667 |", "| 0.3666 |", 1)
+        assert edited != text and rt.render(edited, lang) != edited
