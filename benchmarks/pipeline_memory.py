@@ -117,6 +117,7 @@ def main() -> None:
     from twinquant.zoo import resolve, sha256_of
 
     src = resolve(args.model)
+    commit = git_commit()     # the code that runs (HEAD may move while it does)
     if args.record:
         cmd, res = record(Path(args.record))
         report, gguf_path = Path(args.report), Path(args.gguf)
@@ -130,7 +131,7 @@ def main() -> None:
     rep = json.loads(report.read_text()) if report.is_file() else {}
     blocks = rep.get("seconds_per_block", [])
     result = {
-        "benchmark": "pipeline_memory", "tag": args.tag, "command": " ".join(cmd), "commit": git_commit(),
+        "benchmark": "pipeline_memory", "tag": args.tag, "command": " ".join(cmd), "commit": commit,
         "versions": versions(), "machine": machine(), "model": args.model,
         "model_sha256": sha256_of([src]) if src.is_file() else None,
         "calibration": rep.get("calibration"), "recipe": rep.get("recipe"), "rotation": rep.get("rotation"),

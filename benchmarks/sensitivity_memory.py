@@ -39,13 +39,14 @@ def main() -> None:
     stem = out_dir / args.tag
     cmd = [sys.executable, "-m", "twinquant", "sensitivity", args.model, "--quantized", args.quantized, "-o",
            str(stem), "--calib-tokens", str(args.calib_tokens)]
+    commit = git_commit()     # the code that runs (HEAD may move while it does)
     res = run(cmd)
     sens = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").is_file() else {}
     spec_model = load_model(args.model, load_tokenizer=False)
     n_params = spec_model.n_params()
     src, q = resolve(args.model), Path(args.quantized)
     result = {
-        "benchmark": "sensitivity_memory", "tag": args.tag, "command": " ".join(cmd), "commit": git_commit(),
+        "benchmark": "sensitivity_memory", "tag": args.tag, "command": " ".join(cmd), "commit": commit,
         "versions": versions(), "machine": machine(), "model": args.model,
         "model_sha256": sha256_of([src]) if src.is_file() else None, "quantized": q.name,
         "quantized_sha256": sha256_of([q]), "n_params": n_params, "n_layers": spec_model.spec.n_layers,
