@@ -188,9 +188,12 @@ def markdown(results: list[dict], measurements: dict, chunks: int, text: str = "
                 continue
             ratio = best["kld_mean"] / t["kld_mean"]
             below.append(ratio < 1)
+            made = best["tensor_bytes"] >= 0.97 * t["tensor_bytes"]     # (else no target of this size was built)
             lines.append(f"- {m}: at <= the size of {t['row']} ({t['bpw']:.3f} bpw, KLD {t['kld_mean']:.4f}): "
                          f"{best['row']} KLD {best['kld_mean']:.4f} = {ratio:.2f}x "
-                         f"({'meets' if ratio <= 0.6 else 'misses'} the 0.6x goal)")
+                         + (f"({'meets' if ratio <= 0.6 else 'misses'} the 0.6x goal)" if made else
+                            f"(no twinquant file of this size in this run: that one is "
+                            f"{best['tensor_bytes'] / t['tensor_bytes']:.2f}x its tensor bytes)"))
         if theirs:
             lines.append(f"- {m}: twinquant below llama.cpp at {sum(below)} of {len(below)} llama.cpp sizes")
         for o in ours:

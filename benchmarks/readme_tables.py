@@ -21,6 +21,11 @@ READMES = {"en": ROOT / "README.md", "zh": ROOT / "README.zh.md"}
 
 # Rows of a KLD table: (English label, Chinese label, results stem, the row's id in that file's "results").
 QWEN15_2BIT = [
+    ("llama.cpp IQ1_M + imatrix", "llama.cpp IQ1_M + imatrix",
+     "frontier_qwen15-iq1m-q3ks", "llama.cpp:IQ1_M+imatrix"),
+    ("twinquant measured allocation at IQ1_M's bytes (same measurement and control)",
+     "twinquant 实测分配，IQ1_M 的字节数（同一测量与对照）",
+     "frontier_qwen15-iq1m-q3ks", "target:2.408821+fisher32-nosrc"),
     ("llama.cpp IQ2_XXS + imatrix", "llama.cpp IQ2_XXS + imatrix",
      "frontier_qwen15-iq2xxs", "llama.cpp:IQ2_XXS+imatrix"),
     ("twinquant measured allocation at IQ2_XXS's bytes (same measurement and control)",
@@ -49,6 +54,9 @@ QWEN15_2BIT = [
     ("twinquant `default` with the RH rotation in front (R1+R2; Hessians and importance in the rotated basis)",
      "twinquant `default` 前面加 RH 旋转（R1+R2；Hessian 与重要性在旋转后的基下计算）",
      "quality_qwen15-roles-rh", "twinquant:recipe=benchmarks/recipes/q2k-roles-rh.yaml"),
+    ("llama.cpp Q3_K_S + imatrix (no twinquant file at this size yet)",
+     "llama.cpp Q3_K_S + imatrix（尚无同样大小的 twinquant 文件）",
+     "frontier_qwen15-iq1m-q3ks", "llama.cpp:Q3_K_S+imatrix"),
 ]
 
 KLD_COLUMNS = {"en": "| file (all from one F16 reference) | MiB | bpw | PPL | mean KLD | 99% KLD | same top | results |",
