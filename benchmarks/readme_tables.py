@@ -54,9 +54,11 @@ QWEN15_2BIT = [
     ("twinquant `default` with the RH rotation in front (R1+R2; Hessians and importance in the rotated basis)",
      "twinquant `default` 前面加 RH 旋转（R1+R2；Hessian 与重要性在旋转后的基下计算）",
      "quality_qwen15-roles-rh", "twinquant:recipe=benchmarks/recipes/q2k-roles-rh.yaml"),
-    ("llama.cpp Q3_K_S + imatrix (no twinquant file at this size yet)",
-     "llama.cpp Q3_K_S + imatrix（尚无同样大小的 twinquant 文件）",
+    ("llama.cpp Q3_K_S + imatrix", "llama.cpp Q3_K_S + imatrix",
      "frontier_qwen15-iq1m-q3ks", "llama.cpp:Q3_K_S+imatrix"),
+    ("twinquant measured allocation at Q3_K_S's bytes (same measurement and control)",
+     "twinquant 实测分配，Q3_K_S 的字节数（同一测量与对照）",
+     "frontier_qwen15-iq1m-q3ks", "target:3.850215+fisher32-nosrc"),
 ]
 
 KLD_COLUMNS = {"en": "| file (all from one F16 reference) | MiB | bpw | PPL | mean KLD | 99% KLD | same top | results |",
