@@ -31,12 +31,10 @@ class RotateOptions:
 def rotate(model: str | Path, out: str | Path, options: RotateOptions = RotateOptions(),
            log: Callable[[str], None] | None = None):
     """Rotate the model at `model` (HF directory, GGUF or a packaged name) into `out`; returns the rotated model."""
-    import torch
-
     from twinquant.calibration.windows import calibration_for
     from twinquant.io.load import load_model
     from twinquant.pipeline.save import save_model
-    from twinquant.pipeline.run import check_writable
+    from twinquant.pipeline.run import check_writable, torch_dtype
     from twinquant.rotation.rotate import check_rotatable
     from twinquant.rotation.stage import parse_online, rotate_model
 
@@ -47,8 +45,7 @@ def rotate(model: str | Path, out: str | Path, options: RotateOptions = RotateOp
     if online and Path(out).suffix != ".gguf":
         raise TwinquantError("online transforms (R3/R4) cannot be stored in an HF directory; write a .gguf")
     check_writable(Path(out) if Path(out).suffix == ".gguf" else Path(out) / "config.json")
-    dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[o.dtype]
-    m = load_model(model, dtype=dtype, device=o.device)
+    m = load_model(model, dtype=torch_dtype(o.dtype), device=o.device)
     check_rotatable(m.spec, o.rotation, online)      # MoE / latent attention: R1 (RH) only, before any work
     m.materialize()
     if log and not o.quiet:

@@ -111,6 +111,16 @@ def quantized_types(choices) -> dict[str, str]:
     return {c.name: _type_name(c.type) for c in choices if _type_name(c.type) not in ("F32", "F16", "BF16")}
 
 
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}   # the command line's names
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """A compute dtype by its command-line name (f32, bf16, f16)."""
+    if name not in DTYPES:
+        raise TwinquantError(f"dtype {name!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
 def check_writable(path: Path) -> None:
     """Fail before any work when the output cannot be written (not hours later)."""
     parent = path.parent if str(path.parent) else Path(".")

@@ -19,9 +19,6 @@ from twinquant.calibration.windows import calibration_for
 from twinquant.duplication.sensitivity import Sensitivity, layer_sensitivity
 from twinquant.errors import TwinquantError
 
-DTYPES = ("f32", "bf16", "f16")
-
-
 @dataclass(frozen=True)
 class SensitivityOptions:
     """What `sensitivity` does; the names are the command line's (`calib*` are what `calibration_for` reads)."""
@@ -39,22 +36,18 @@ def sensitivity(model: str | Path, quantized: str | Path, options: SensitivityOp
                 log: Callable[[str], None] | None = None) -> Sensitivity:
     """Per-block sensitivity of the quantized GGUF `quantized` against its float model `model` (HF directory,
     GGUF or a packaged name) on calibration windows; written to `options.output` (.json, .png) when given."""
-    import torch
-
     from twinquant.io.load import load_model
     from twinquant.pipeline.prepare import same_basis
-    from twinquant.pipeline.run import check_writable
+    from twinquant.pipeline.run import check_writable, torch_dtype
 
     o = options
-    if o.dtype not in DTYPES:
-        raise TwinquantError(f"dtype {o.dtype!r}: use one of {', '.join(DTYPES)}")
+    dtype = torch_dtype(o.dtype)
     if o.calib_tokens is not None and o.calib_tokens < o.calib_ctx:
         raise TwinquantError(f"--calib-tokens {o.calib_tokens} is less than one window of {o.calib_ctx}")
     if o.output:
         for suffix in (".json", ".png"):
             check_writable(Path(o.output).with_suffix(suffix))
     say = None if o.quiet else (log or (lambda m: print(m, file=sys.stderr)))
-    dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[o.dtype]
     quant = load_model(quantized, dtype=dtype, device=o.device)
     ref = same_basis(load_model(model, dtype=dtype, device=o.device), quant.quant_record, log=say)
     calib = calibration_for(o, ref)
