@@ -154,3 +154,57 @@ def test_a_gguf_decodes_from_packed_weights_as_from_dequantized_ones(tmp_path):
                                    rtol=1e-4, atol=1e-4)
     # ffn_gate (Q6_K) shares its input with ffn_up (IQ4_XS, no kernel): it still ran packed, never dequantized
     assert "blk.0.ffn_gate.weight" not in packed.tensors and "blk.0.ffn_up.weight" in packed.tensors
+
+
+def _gptq_inputs(rows, cols, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4 * cols, cols, generator=g)
+    x[:, : cols // 2] += 0.7 * x[:, cols // 2:]              # correlated inputs: errors propagate
+    return torch.randn(rows, cols, generator=g) * 0.02, 2 * x.T @ x / x.shape[0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("ggml_type,rows,cols,block_size,static", [
+    ("Q2_K", 45, 512, 128, False),       # rows not whole warps; a 256-block fitted every other batch
+    ("Q4_0", 33, 256, 128, False),       # 32-blocks: fits inside a batch, the sweep runs between them
+    ("Q3_K", 40, 512, 96, False),        # batches that straddle blocks (the fit takes the next batch's columns)
+    ("Q4_K", 32, 512, 128, True),        # static groups with act-order: one sweep per batch, permuted H
+])
+def test_fused_gptq_sweep_matches_the_torch_column_loop(ggml_type, rows, cols, block_size, static, device,
+                                                         monkeypatch):
+    from twinquant.algorithms import gptq as G
+    from twinquant.formats import codec_for
+
+    W, H = _gptq_inputs(rows, cols, 3)
+    codec = codec_for(ggml_type, cols)
+    kw = dict(block_size=block_size, act_order=static, static_groups=static)
+    calls = []
+    real = G.sweep
+    monkeypatch.setattr(G, "sweep", lambda *a: calls.append(a[-1]) or real(*a))
+    fused = G.gptq(W.to(device), H.to(device), codec, **kw)
+    assert calls and all(calls), "the Triton sweep did not run"
+    monkeypatch.setenv("TWINQUANT_TRITON_CPU", "0")
+    calls.clear()
+    ref = G.gptq(W, H, codec, **kw)                           # the torch loop on the CPU
+    assert calls and not any(calls)
+    same = (fused.codes.cpu() == ref.codes).float().mean().item()
+    assert same >= 0.999, same                                # a code may differ on a rounding boundary (FMA)
+    assert abs(fused.loss - ref.loss) <= 1e-4 * ref.loss
+    assert (fused.dequantized.cpu() - ref.dequantized).abs().max() <= 0.05 * W.abs().max()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_sweep_of_many_matrices_matches_each_alone(device, monkeypatch):
+    from twinquant.algorithms.gptq import gptq, gptq_many
+    from twinquant.formats import codec_for
+
+    ins = [_gptq_inputs(36, 256, s) for s in (4, 5, 6)]
+    W = torch.stack([w for w, _ in ins])
+    H = torch.stack([h for _, h in ins])
+    codec = codec_for("Q2_K", 256)
+    many = gptq_many(W.to(device), H.to(device), codec, block_size=64, fit_together=False)
+    monkeypatch.setenv("TWINQUANT_TRITON_CPU", "0")
+    for e, (w, h) in enumerate(ins):
+        alone = gptq(w, h, codec, block_size=64)
+        assert (many[e].codes.cpu() == alone.codes).float().mean().item() >= 0.999
+        assert abs(many[e].loss - alone.loss) <= 1e-4 * alone.loss

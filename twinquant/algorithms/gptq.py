@@ -39,6 +39,7 @@ from twinquant.errors import TwinquantError, all_finite
 from twinquant.formats.codec import BlockParams
 from twinquant.formats.intgrid import nearest_codes
 from twinquant.algorithms.rtn import DEFAULT_CLIP_GRID, bind, dequantize, fit_block, has_clip_hook
+from twinquant.algorithms.gptq_sweep import fused_sweep, sweep
 
 
 @dataclass
@@ -265,13 +266,14 @@ def gptq(W: torch.Tensor, H: torch.Tensor, codec, block_size: int = 128, damp: f
     Wt = Wt0.clone()                                     # the columns with every update so far
     Qt = torch.zeros(cols, rows, device=dev, dtype=torch.uint8 if codec.qmax <= 255 else torch.float32)
     losses = torch.zeros(cols, device=dev)
+    fused = fused_sweep(Wt, block_size)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         W1 = Wt[i1:i2].clone()                           # this batch, updated column by column
         D1 = torch.zeros(i2 - i1, rows, device=dev)      # Δ of the batch's columns, for the updates beyond them
         R1 = torch.empty(i2 - i1, rows, device=dev)      # rounding residuals of the batch (its loss)
-        M1 = M[i1:i2, i1:i2]
-        for i in range(i2 - i1):
+        i = 0
+        while i < i2 - i1:
             c = i1 + i
             if not static and c % B == 0:
                 # a new codec block: fit it on the weights with every update so far; the part of the block
@@ -285,15 +287,11 @@ def gptq(W: torch.Tensor, H: torch.Tensor, codec, block_size: int = 128, damp: f
                 St[c:e] = params[j].scale.repeat_interleave(sub, 1).T
                 Ot[c:e] = params[j].offset.repeat_interleave(sub, 1).T
                 Sd[c:e] = St[c:e].masked_fill(St[c:e] == 0, float("inf"))
-            w = W1[i]
-            # nearest_codes' expression (RTN's rounding, bit for bit) without its per-column zero test
-            q = (w - Ot[c]).div_(Sd[c]).round_().clamp_(0, codec.qmax)
-            deq = torch.addcmul(Ot[c], St[c], q)
-            Qt[c] = q
-            torch.sub(w, deq, out=R1[i])
-            d = torch.sub(Wt0[c], deq, out=D1[i])
-            # spread Δ over the batch (rank 1); addmm_, not addr_: torch's CPU addr_ is ~60x slower here
-            W1[i + 1:].addmm_(M1[i, i + 1:, None], d[None, :])
+            # the columns up to the next block to fit (or the batch's end) need no new parameters: one sweep
+            end = i2 - i1 if static else min(i2, (c // B + 1) * B) - i1
+            sweep(W1[None], Wt0[None, i1:i2], M[None, i1:i2, i1:i2], St[None, i1:i2], Ot[None, i1:i2],
+                  Sd[None, i1:i2], Qt[None, i1:i2], R1[None], D1[None], i, end, codec.qmax, fused)
+            i = end
         Wt[i2:].addmm_(M[i1:i2, i2:].T, D1)              # the lazy update of everything after the batch
         losses[i1:i2] = R1.square().sum(1) * rdiag[i1:i2].square() / 2
 
@@ -353,13 +351,14 @@ def gptq_many(W: torch.Tensor, H: torch.Tensor, codec, block_size: int = 128, da
     Wt = Wt0.clone()
     Qt = torch.zeros(n, cols, rows, device=dev, dtype=torch.uint8 if codec.qmax <= 255 else torch.float32)
     losses = torch.zeros(n, cols, device=dev)
+    fused = fused_sweep(Wt, block_size)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         W1 = Wt[:, i1:i2].clone()
         D1 = torch.zeros(n, i2 - i1, rows, device=dev)
         R1 = torch.empty(n, i2 - i1, rows, device=dev)
-        M1 = M[:, i1:i2, i1:i2]
-        for i in range(i2 - i1):
+        i = 0
+        while i < i2 - i1:
             c = i1 + i
             if c % B == 0:                               # a new codec block: fitted matrix by matrix, as in gptq
                 e2 = min(c + B, cols)
@@ -381,13 +380,10 @@ def gptq_many(W: torch.Tensor, H: torch.Tensor, codec, block_size: int = 128, da
                         St[e, c:e2] = p.scale.repeat_interleave(sub, 1).T
                         Ot[e, c:e2] = p.offset.repeat_interleave(sub, 1).T
                 Sd[:, c:e2] = St[:, c:e2].masked_fill(St[:, c:e2] == 0, float("inf"))
-            w = W1[:, i]
-            q = (w - Ot[:, c]).div_(Sd[:, c]).round_().clamp_(0, codec.qmax)
-            deq = torch.addcmul(Ot[:, c], St[:, c], q)
-            Qt[:, c] = q
-            torch.sub(w, deq, out=R1[:, i])
-            d = torch.sub(Wt0[:, c], deq, out=D1[:, i])
-            W1[:, i + 1:].baddbmm_(M1[:, i, i + 1:, None], d[:, None, :])
+            end = min(i2, (c // B + 1) * B) - i1
+            sweep(W1, Wt0[:, i1:i2], M[:, i1:i2, i1:i2], St[:, i1:i2], Ot[:, i1:i2], Sd[:, i1:i2], Qt[:, i1:i2],
+                  R1, D1, i, end, codec.qmax, fused)
+            i = end
         Wt[:, i2:].baddbmm_(M[:, i1:i2, i2:].transpose(1, 2), D1)
         losses[:, i1:i2] = R1.square().sum(2) * rdiag[:, i1:i2].square() / 2
     dtype = codec.codes(torch.zeros(rows, B, device=dev), params[0][0]).dtype
