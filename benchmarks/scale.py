@@ -241,6 +241,55 @@ class Sampler:
         self.gpu_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
 
 
+class _TimedCandidates:
+    """Seconds of every candidate quantization `measure` makes (backends.quantize_to_format), by type, synchronised
+    on the GPU; `fixed`: those of the embedding (the first tensor, no Hessian) and of the output head (the last
+    tensor priced), which a deeper model does not repeat."""
+
+    def __init__(self):
+        self.calls: list[tuple[int | None, str, float]] = []     # (id of the Hessian, type, seconds)
+
+    def __enter__(self):
+        from twinquant.algorithms import backends
+
+        self._mod, self._real = backends, backends.quantize_to_format
+
+        def timed(quant, W, codec, **kw):
+            sync = torch.cuda.synchronize if W.is_cuda else (lambda: None)
+            sync()
+            t = time.perf_counter()
+            out = self._real(quant, W, codec, **kw)
+            sync()
+            H = kw.get("H")
+            self.calls.append((None if H is None else id(H), codec.name, time.perf_counter() - t))
+            return out
+
+        backends.quantize_to_format = timed
+        return self
+
+    def __exit__(self, *exc):
+        self._mod.quantize_to_format = self._real
+
+    @property
+    def fixed(self) -> float:
+        if not self.calls:
+            return 0.0
+        first = sum(sec for h, _, sec in self.calls if h is None)
+        last_h = self.calls[-1][0]
+        last = 0.0
+        for h, _, sec in reversed(self.calls):
+            if h != last_h or h is None:
+                break
+            last += sec
+        return first + last
+
+    def by_type(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for _, ty, sec in self.calls:
+            out[ty] = out.get(ty, 0.0) + sec
+        return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
+
+
 def _gib(b: float) -> float:
     return round(b / 2**30, 2)
 
@@ -274,10 +323,12 @@ def run_stage(stage: str, src: Path, work: Path, args) -> dict:
     with Sampler() as mem:
         if stage == "measure":
             mpath.unlink(missing_ok=True)
-            m = twinquant.measure(str(src), mpath, recipe, Options(cost="fisher", sample_rows=args.sample_rows,
-                                                                   **opts))
+            with _TimedCandidates() as cand:
+                m = twinquant.measure(str(src), mpath, recipe, Options(cost="fisher", sample_rows=args.sample_rows,
+                                                                       **opts))
             result = {"tensors": len(m.tensors), "sample_rows": args.sample_rows,
-                      "candidates": sum(len(t["candidates"]) for t in m.tensors.values())}
+                      "candidates": sum(len(t["candidates"]) for t in m.tensors.values()),
+                      "candidate_seconds_by_type": cand.by_type(), "fixed_seconds": round(cand.fixed, 1)}
             label += f" ({args.sample_rows} rows)" if args.sample_rows else ""
         else:
             extra = {"target_bpw": args.target_bpw, "measurement": str(mpath)} if stage == "target" else {}
@@ -308,9 +359,11 @@ def run_stage(stage: str, src: Path, work: Path, args) -> dict:
     wall = time.perf_counter() - t0
     result.update({"stage": label, "wall_seconds": round(wall, 1), "peak_rss_anon_gib": _gib(mem.peak_anon),
                    "peak_rss_file_gib": _gib(mem.peak_file), "peak_gpu_gib": _gib(mem.gpu_peak)})
-    if stage == "measure":   # no per-block report: its wall time is embedding/head + layers x block
+    if stage == "measure":   # no per-block report: the embedding's and head's candidates once, the rest per block
         total = TOTAL_LAYERS[args.shape]
-        result.update(extrapolated_layers=total, extrapolated_min=round(wall * total / args.layers / 60, 1))
+        fixed = result["fixed_seconds"]
+        result.update(extrapolated_layers=total,
+                      extrapolated_min=round((fixed + (wall - fixed) * total / args.layers) / 60, 1))
         if total == 64:
             result["extrapolated_64_layers_min"] = result["extrapolated_min"]
     return result
@@ -435,7 +488,12 @@ def write_results(res: dict, out: Path, tag: str) -> str:
     if res.get("cut_off"):
         lines += ["", f"cut off: {res['cut_off']}"]
     for s in res["stages"]:
-        if s.get("tensors"):
+        if s.get("candidate_seconds_by_type"):
+            lines += ["", f"{s['stage']}: seconds of the candidate quantizations by type (embedding and head: "
+                      f"{s['fixed_seconds']:.1f} s of them, counted once in the whole-model figure)", "",
+                      "| type | seconds |", "|---|---|"]
+            lines += [f"| {k} | {v:.1f} |" for k, v in s["candidate_seconds_by_type"].items()]
+        if isinstance(s.get("tensors"), list):
             lines += ["", f"{s['stage']}: seconds per tensor", "", "| tensor | type | seconds |", "|---|---|---|"]
             lines += [f"| {t['name']} | {t['type']} | {t['seconds']:.1f} |" for t in s["tensors"]]
     table = "\n".join(lines) + "\n"
