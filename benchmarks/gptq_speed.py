@@ -1,6 +1,7 @@
-"""GPTQ of one matrix at Qwen2.5-32B's shapes, side by side in one run: the torch column loop against the Triton
-sweep (`algorithms/triton_gptq.py`), with the time split into the factorisation, the block fits and the rest (the
-sweep and the lazy updates); how many codes the two give alike.
+"""GPTQ of one matrix at Qwen2.5-32B's shapes, side by side in one run: the torch column loop ("torch"), the Triton
+sweep (`algorithms/triton_gptq.py`, "triton") and the Triton sweep with the block fits replayed from CUDA graphs
+(`algorithms/fit_graphs.py`, "triton+graphs"), with the time split into the factorisation, the block fits and the
+rest (the sweep and the lazy updates); how many codes each gives alike with the torch loop.
 
     python benchmarks/gptq_speed.py --device cuda --tag h200
     python benchmarks/gptq_speed.py --device cpu --shapes 2048x1536:Q2_K --tag cpu-small
@@ -26,7 +27,8 @@ import torch  # noqa: E402
 from provenance import record  # noqa: E402
 
 # the 32B model's GPTQ matrices (rows x cols) with the default recipe's types for them
-SHAPES = ["27648x5120:Q2_K", "5120x27648:Q3_K", "5120x5120:Q2_K", "1024x5120:Q4_K"]
+SHAPES = ["27648x5120:Q2_K", "5120x27648:Q3_K", "5120x5120:Q2_K", "1024x5120:Q4_K", "64x27648:Q4_K"]
+VARIANTS = ("torch", "triton", "triton+graphs")
 
 
 def _inputs(rows: int, cols: int, device: str, tokens: int = 4096):
@@ -44,7 +46,7 @@ def run(args) -> dict:
     dev = args.device
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     spent = {"fit": 0.0, "factor": 0.0}
-    real_fit, real_factor = G.fit_block, G.unit_factor
+    real_fit, real_factor = G.fit_params, G.unit_factor
 
     def timed(key, fn):
         def wrapper(*a, **k):
@@ -56,7 +58,7 @@ def run(args) -> dict:
             return r
         return wrapper
 
-    G.fit_block, G.unit_factor = timed("fit", real_fit), timed("factor", real_factor)
+    G.fit_params, G.unit_factor = timed("fit", real_fit), timed("factor", real_factor)
     rows_out = []
     try:
         for spec in args.shapes:
@@ -65,14 +67,15 @@ def run(args) -> dict:
             W, H = _inputs(rows, cols, dev)
             codec = codec_for(type_name, cols)
             codes = {}
-            for sweep in ("torch", "triton"):
+            for sweep in VARIANTS:
                 os.environ["TWINQUANT_NO_TRITON"] = "1" if sweep == "torch" else "0"
+                os.environ["TWINQUANT_NO_FIT_GRAPHS"] = "0" if sweep == "triton+graphs" else "1"
                 best = None
                 for _ in range(args.repeat):
                     spent.update(fit=0.0, factor=0.0)
                     sync()
                     t0 = time.perf_counter()
-                    r = G.gptq(W, H, codec)
+                    r = G.gptq(W, H, codec, importance=torch.diagonal(H))   # as the pipeline without an imatrix
                     sync()
                     tot = time.perf_counter() - t0
                     if best is None or tot < best["seconds"]:
@@ -86,15 +89,17 @@ def run(args) -> dict:
                 rows_out.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
                 del r
-            same = float((codes["torch"] == codes["triton"]).float().mean())
-            rows_out[-1]["codes_same_as_torch"] = same
-            rows_out[-1]["speedup"] = round(rows_out[-2]["seconds"] / rows_out[-1]["seconds"], 2)
+            base = rows_out[-len(VARIANTS)]
+            for r in rows_out[-len(VARIANTS) + 1:]:
+                r["codes_same_as_torch"] = float((codes["torch"] == codes[r["sweep"]]).float().mean())
+                r["speedup"] = round(base["seconds"] / r["seconds"], 2)
             del W, H
             if dev == "cuda":
                 torch.cuda.empty_cache()
     finally:
-        G.fit_block, G.unit_factor = real_fit, real_factor
+        G.fit_params, G.unit_factor = real_fit, real_factor
         os.environ.pop("TWINQUANT_NO_TRITON", None)
+        os.environ.pop("TWINQUANT_NO_FIT_GRAPHS", None)
     return record(benchmark="gptq_speed", tag=args.tag, device=dev, repeat=args.repeat, results=rows_out)
 
 

@@ -223,3 +223,53 @@ def test_codecs_and_gptq_on_device(device):
         # move the loss by a few tenths of a percent (0.16 % seen on an H200 for Q4_K)
         assert r.loss == pytest.approx(ref.loss, rel=1e-3 if device == "cpu" else 1e-2)
         assert np.array_equal(codec.pack(r.codes, r.params), codec.pack(r.codes.cpu(), r.params))
+
+
+@pytest.mark.parametrize("imatrix", [False, True], ids=["ref", "imatrix"])
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_static_shapes_fit_gives_the_same_bits(qtype, imatrix):
+    """A fit under static_shapes() (what a CUDA graph captures: every coordinate-descent pass on every sub-block,
+    the fallback codes kept) gives the plain fit's parameters and codes, on the edge cases too."""
+    from twinquant.formats.ggml._num import static_shapes
+
+    codec = CODECS[qtype]
+    B = codec.block
+    w = torch.from_numpy(np.concatenate([_weights(16, 4 * max(B, 64), seed=3)["outliers"],
+                                         _edge_weights(4 * max(B, 64))]))
+    imp = torch.from_numpy(_edge_importance(w.shape[1])) if imatrix else None
+    for j in range(w.shape[1] // B):
+        sl = slice(j * B, (j + 1) * B)
+        ib = None if imp is None else imp[sl]
+        plain = codec.fit(w[:, sl], ib)
+        with static_shapes():
+            st = codec.fit(w[:, sl], ib)
+        assert torch.equal(st.scale, plain.scale) and torch.equal(st.offset, plain.offset)
+        for f in ("d", "dmin", "scales", "iscale"):
+            a, b = getattr(plain.packed, f), getattr(st.packed, f)
+            assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), f
+        assert torch.equal(codec.codes(w[:, sl], st), codec.codes(w[:, sl], plain))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (runs on the lent H200)")
+def test_gptq_fits_replayed_from_cuda_graphs_equal_eager_fits(monkeypatch):
+    from twinquant.algorithms.fit_graphs import FitGraphs
+
+    g = torch.Generator().manual_seed(11)
+    w = (torch.randn(300, 1024, generator=g) * 0.02).cuda()
+    imp = torch.rand(1024, generator=g).cuda()
+    graphs = FitGraphs()
+    for qtype in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0"):
+        codec = get_codec(qtype)
+        for im in (None, imp):
+            for j in range(3):          # the first captures, the others replay
+                sl = slice(j * codec.block, (j + 1) * codec.block)
+                ib = None if im is None else im[sl]
+                a, b = graphs.fit(codec, w[:, sl], ib), codec.fit(w[:, sl], ib)
+                assert torch.equal(a.scale, b.scale) and torch.equal(a.offset, b.offset), (qtype, j)
+    assert all(v is not False for v in graphs._graphs.values()), "a fit was not captured"
+    # GPTQ with the graphs gives what it gives without them
+    H = (lambda x: 2 * x.T @ x / x.shape[0])(torch.randn(2048, 1024, generator=g).cuda())
+    with_graphs = gptq(w, H, get_codec("Q3_K"), importance=imp)
+    monkeypatch.setenv("TWINQUANT_NO_FIT_GRAPHS", "1")
+    without = gptq(w, H, get_codec("Q3_K"), importance=imp)
+    assert torch.equal(with_graphs.codes, without.codes)

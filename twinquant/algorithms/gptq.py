@@ -39,6 +39,7 @@ from twinquant.errors import TwinquantError, all_finite
 from twinquant.formats.codec import BlockParams
 from twinquant.formats.intgrid import nearest_codes
 from twinquant.algorithms.rtn import DEFAULT_CLIP_GRID, bind, dequantize, fit_block, has_clip_hook
+from twinquant.algorithms.fit_graphs import FitGraphs, graphs_enabled
 from twinquant.algorithms.gptq_sweep import fused_sweep, sweep
 
 
@@ -234,9 +235,11 @@ def gptq(W: torch.Tensor, H: torch.Tensor, codec, block_size: int = 128, damp: f
     H_source = H
     W, H, dead = prepare_inputs(W, H)
 
+    graphs = FitGraphs() if graphs_enabled(dev, codec) else None
+
     def fit(w_block, j):                                 # parameters of block j fitted on w_block [rows, B]
         ib = None if imp is None else imp[j * B:(j + 1) * B]
-        return fit_block(codec, w_block, ib, clip_search, grid)
+        return fit_params(codec, w_block, ib, clip_search, grid, graphs)
 
     params: list[BlockParams | None] = [None] * nb
     # The sweep works on transposed copies ([cols, rows]: a column is a contiguous row). St/Ot hold each column's
@@ -303,6 +306,15 @@ def gptq(W: torch.Tensor, H: torch.Tensor, codec, block_size: int = 128, damp: f
     return GPTQResult(codes, params, dequantize(codes, params, codec), losses.double().sum().item())
 
 
+def fit_params(codec, w: torch.Tensor, importance: torch.Tensor | None, clip_search: bool, grid,
+               graphs: FitGraphs | None = None) -> BlockParams:
+    """A block's parameters as GPTQ fits them: `fit_block`, or on a GPU the codec's fit replayed from a captured
+    graph (`fit_graphs`: the same bits, without thousands of launches a fit)."""
+    if graphs is not None and not (clip_search and has_clip_hook(codec)):
+        return graphs.fit(codec, w, importance)
+    return fit_block(codec, w, importance, clip_search, grid)
+
+
 def _rows(p: BlockParams, sl: slice) -> BlockParams:
     """The parameters of some rows of a block (every stored field is per row)."""
     pk = p.packed
@@ -352,6 +364,7 @@ def gptq_many(W: torch.Tensor, H: torch.Tensor, codec, block_size: int = 128, da
     Qt = torch.zeros(n, cols, rows, device=dev, dtype=torch.uint8 if codec.qmax <= 255 else torch.float32)
     losses = torch.zeros(n, cols, device=dev)
     fused = fused_sweep(Wt, block_size)
+    graphs = FitGraphs() if graphs_enabled(dev, codec) else None
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         W1 = Wt[:, i1:i2].clone()
@@ -368,7 +381,7 @@ def gptq_many(W: torch.Tensor, H: torch.Tensor, codec, block_size: int = 128, da
                 j = c // B
                 if together:    # one fit over every matrix's rows, each row with its own matrix's importance
                     ib = None if imp is None else imp[:, None, j * B:(j + 1) * B].expand(n, rows, B).reshape(-1, B)
-                    p = codec.fit(wb.transpose(1, 2).reshape(n * rows, -1), ib)
+                    p = fit_params(codec, wb.transpose(1, 2).reshape(n * rows, -1), ib, False, grid, graphs)
                     for e in range(n):
                         params[e][j] = _rows(p, slice(e * rows, (e + 1) * rows))
                     St[:, c:e2] = p.scale.view(n, rows, -1).repeat_interleave(sub, 2).transpose(1, 2)
@@ -376,7 +389,7 @@ def gptq_many(W: torch.Tensor, H: torch.Tensor, codec, block_size: int = 128, da
                 else:
                     for e in range(n):
                         ib = None if imp is None else imp[e, j * B:(j + 1) * B]
-                        p = params[e][j] = fit_block(codec, wb[e].T.contiguous(), ib, clip_search, grid)
+                        p = params[e][j] = fit_params(codec, wb[e].T.contiguous(), ib, clip_search, grid, graphs)
                         St[e, c:e2] = p.scale.repeat_interleave(sub, 1).T
                         Ot[e, c:e2] = p.offset.repeat_interleave(sub, 1).T
                 Sd[:, c:e2] = St[:, c:e2].masked_fill(St[:, c:e2] == 0, float("inf"))

@@ -21,7 +21,7 @@ import torch
 
 from twinquant.errors import TwinquantError
 from twinquant.formats.codec import BlockParams, dequantize_codes
-from twinquant.formats.ggml._num import F32, div, seqsum
+from twinquant.formats.ggml._num import F32, div, seqsum, static
 
 
 @dataclass
@@ -238,7 +238,7 @@ class GGMLCodec(GGMLSizes):
 
     def _params(self, hdr: dict, scale: torch.Tensor, offset: torch.Tensor, keep_fallback: bool) -> BlockParams:
         fb = hdr.get("fallback")
-        if fb is not None and (not keep_fallback or not bool((scale == 0).any())):
+        if fb is not None and (not keep_fallback or not (static() or bool((scale == 0).any()))):
             fb = None
         c = {k: (None if v is None else v.contiguous()) for k, v in hdr.items() if not isinstance(v, str)}
         packed = GGMLPacked(d=c["d"], dmin=c.get("dmin"), scales=c.get("scales"), iscale=c.get("iscale"),

@@ -22,6 +22,8 @@ the candidate loops work in place in a few [n, B] buffers (on the CPU, fresh lar
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 
@@ -29,6 +31,26 @@ F32 = torch.float32
 _MAGIC = 12582912.0                 # 1.5 * 2^23
 GROUP_MAX_EPS = 1e-15               # compared with float32 values: C's `x < GROUP_MAX_EPS` is a float comparison
 _CHUNK = {"cpu": 1 << 15, "cuda": 1 << 22}      # sub-blocks per batch: bounds the buffers (CUDA: a few GB)
+
+
+_STATIC = False       # inside static_shapes(): no host synchronisation and no data-dependent shapes
+
+
+@contextmanager
+def static_shapes():
+    """Within this block the fits make no host synchronisation and keep every tensor's shape (`_descend` runs all
+    its passes on every sub-block, fits keep their fallback codes): what a CUDA graph capture needs. The results
+    are the same bits."""
+    global _STATIC
+    outer, _STATIC = _STATIC, True
+    try:
+        yield
+    finally:
+        _STATIC = outer
+
+
+def static() -> bool:
+    return _STATIC
 
 
 def f32(v) -> float:
@@ -153,6 +175,10 @@ def _descend(state: dict, step, passes: int = 5) -> dict:
     `step(state)` runs one pass in place on tensors whose last axis runs over sub-blocks and returns which changed.
     A sub-block whose pass changed nothing is at a fixed point (the next pass sees the same state), so it drops
     out; the others are written back and continue."""
+    if _STATIC:           # a sub-block at its fixed point stays there: more passes give the same bits
+        for _ in range(passes):
+            step(state)
+        return state
     out = state
     idx = None
     for _ in range(passes):
