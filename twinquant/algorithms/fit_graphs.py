@@ -69,7 +69,7 @@ class FitGraphs:
                 codec.fit(w_in, imp_in)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with static_shapes(), torch.cuda.graph(graph):
+            with static_shapes(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 out = codec.fit(w_in, imp_in)
         except Exception as e:      # noqa: BLE001  (any capture failure: the plain fit still works)
             warnings.warn(f"{codec.name}: block fit not captured as a CUDA graph ({type(e).__name__}: "
