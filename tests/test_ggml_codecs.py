@@ -273,3 +273,17 @@ def test_gptq_fits_replayed_from_cuda_graphs_equal_eager_fits(monkeypatch):
     monkeypatch.setenv("TWINQUANT_NO_FIT_GRAPHS", "1")
     without = gptq(w, H, get_codec("Q3_K"), importance=imp)
     assert torch.equal(with_graphs.codes, without.codes)
+
+
+def test_fit_graphs_replay_check_tells_a_different_fit():
+    """The check each CUDA graph passes once (its replay against the eager fit) compares every field's bits."""
+    from twinquant.algorithms.fit_graphs import _equal
+
+    w = torch.from_numpy(_weights(8, 256, seed=12)["normal"])
+    for qtype in ("Q2_K", "Q3_K", "Q4_K", "Q6_K"):
+        codec = get_codec(qtype)
+        a = codec.fit(w)
+        assert _equal(a, codec.fit(w.clone()))
+        w2 = w.clone()
+        w2[0, 0] = 1.0                              # 50 sigma: the first sub-block's scale moves
+        assert not _equal(a, codec.fit(w2)), qtype

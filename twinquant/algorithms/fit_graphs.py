@@ -6,8 +6,9 @@ kernels a fit: on an H200 a fit took 15-35 ms whatever the rows, nearly all of i
 per shape (under `static_shapes()`: no host synchronisation, fixed shapes, the same bits) and replayed for every
 later block: inputs are copied into the graph's buffers, the outputs cloned out.
 
-`FitGraphs` lives for one GPTQ call (its graphs hold their buffers); a fit that cannot be captured is run as usual
-with a warning. TWINQUANT_NO_FIT_GRAPHS=1 turns graphs off.
+`FitGraphs` lives for one GPTQ call (its graphs hold their buffers). Each capture is checked once: its first
+replay must give the bits of the eager fit it was warmed up with; a fit that cannot be captured, or fails that
+check, is run as usual with a warning. TWINQUANT_NO_FIT_GRAPHS=1 turns graphs off.
 """
 
 from __future__ import annotations
@@ -38,6 +39,22 @@ def _clone(p: BlockParams) -> BlockParams:
     return BlockParams(c(p.scale), c(p.offset), pk)
 
 
+def _equal(a: BlockParams, b: BlockParams) -> bool:
+    """The same bits in every field of two fits."""
+    def fields(p):
+        pk = p.packed
+        return [p.scale, p.offset] + ([getattr(pk, f.name) for f in dataclasses.fields(pk)]
+                                      if dataclasses.is_dataclass(pk) else [pk])
+
+    for x, y in zip(fields(a), fields(b)):
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and torch.equal(x, y)):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
 class FitGraphs:
     """codec.fit(w, importance) through one captured graph per (codec, shape, importance or not)."""
 
@@ -66,14 +83,20 @@ class FitGraphs:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side), static_shapes():       # warm-up, as torch asks before a capture
-                codec.fit(w_in, imp_in)
+                ref = codec.fit(w_in, imp_in)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with static_shapes(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 out = codec.fit(w_in, imp_in)
+            graph.replay()
+            same = _equal(ref, out)                              # the replay must give the eager fit's bits
         except Exception as e:      # noqa: BLE001  (any capture failure: the plain fit still works)
             warnings.warn(f"{codec.name}: block fit not captured as a CUDA graph ({type(e).__name__}: "
                           f"{str(e)[:120]}); fitting eagerly", stacklevel=3)
             torch.cuda.synchronize()
+            return False
+        if not same:
+            warnings.warn(f"{codec.name}: a CUDA graph of the block fit gave other parameters than the fit itself; "
+                          f"fitting eagerly", stacklevel=3)
             return False
         return graph, w_in, imp_in, out
