@@ -13,7 +13,6 @@ check, is run as usual with a warning. TWINQUANT_NO_FIT_GRAPHS=1 turns graphs of
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import warnings
 
@@ -29,24 +28,9 @@ def graphs_enabled(device: torch.device, codec) -> bool:
             and hasattr(codec, "ggml_type") and not getattr(codec, "blockwise", False))
 
 
-def _clone(p: BlockParams) -> BlockParams:
-    def c(v):
-        return v.clone() if isinstance(v, torch.Tensor) else v
-
-    pk = p.packed
-    if dataclasses.is_dataclass(pk):
-        pk = dataclasses.replace(pk, **{f.name: c(getattr(pk, f.name)) for f in dataclasses.fields(pk)})
-    return BlockParams(c(p.scale), c(p.offset), pk)
-
-
 def _equal(a: BlockParams, b: BlockParams) -> bool:
     """The same bits in every field of two fits."""
-    def fields(p):
-        pk = p.packed
-        return [p.scale, p.offset] + ([getattr(pk, f.name) for f in dataclasses.fields(pk)]
-                                      if dataclasses.is_dataclass(pk) else [pk])
-
-    for x, y in zip(fields(a), fields(b)):
+    for x, y in zip(a.fields(), b.fields()):
         if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
             if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and torch.equal(x, y)):
                 return False
@@ -73,7 +57,7 @@ class FitGraphs:
         if imp_in is not None:
             imp_in.copy_(importance)
         graph.replay()
-        return _clone(out)
+        return out.map_tensors(torch.clone)     # the graph's buffers are overwritten by the next replay
 
     @staticmethod
     def _capture(codec, w, importance):

@@ -28,7 +28,6 @@ Q8_0/Q4_0/Q5_0, whose RTN rounds with the fp32 inverse scale before the scale is
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -317,11 +316,7 @@ def fit_params(codec, w: torch.Tensor, importance: torch.Tensor | None, clip_sea
 
 def _rows(p: BlockParams, sl: slice) -> BlockParams:
     """The parameters of some rows of a block (every stored field is per row)."""
-    pk = p.packed
-    if dataclasses.is_dataclass(pk):
-        pk = dataclasses.replace(pk, **{f.name: getattr(pk, f.name)[sl] for f in dataclasses.fields(pk)
-                                        if isinstance(getattr(pk, f.name), torch.Tensor)})
-    return BlockParams(p.scale[sl], p.offset[sl], pk)
+    return p.map_tensors(lambda t: t[sl])
 
 
 def gptq_many(W: torch.Tensor, H: torch.Tensor, codec, block_size: int = 128, damp: float = 0.01,

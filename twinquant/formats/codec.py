@@ -23,6 +23,7 @@ matches `quantize` exactly, without it the block's own mean square is used.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -37,6 +38,22 @@ class BlockParams:
     scale: torch.Tensor          # float32 [rows, block // sub]  (the *effective* scale, after any scale quantization)
     offset: torch.Tensor         # float32 [rows, block // sub]
     packed: object = None        # format-specific parameter codes (e.g. quantized sub-block scales, fp16 d/dmin)
+
+    def fields(self) -> list:
+        """scale, offset and each field of `packed` (a dataclass) or `packed` itself, in a fixed order."""
+        pk = self.packed
+        return [self.scale, self.offset] + ([getattr(pk, f.name) for f in dataclasses.fields(pk)]
+                                            if dataclasses.is_dataclass(pk) else [pk])
+
+    def map_tensors(self, fn) -> BlockParams:
+        """The same parameters with fn applied to every tensor (scale, offset and the tensors of `packed`)."""
+        def f(v):
+            return fn(v) if isinstance(v, torch.Tensor) else v
+
+        pk = self.packed
+        if dataclasses.is_dataclass(pk):
+            pk = dataclasses.replace(pk, **{k.name: f(getattr(pk, k.name)) for k in dataclasses.fields(pk)})
+        return BlockParams(f(self.scale), f(self.offset), pk)
 
 
 class Codec(Protocol):
