@@ -14,7 +14,7 @@ Rows
   autoround    autoround:FORMAT (e.g. autoround:q2_k_s), when benchmarks/setup_autoround.sh has made its venv
 
     python benchmarks/quality.py [--models smollm2-135m qwen2.5-coder-0.5b] [--chunks 40]
-        [--llamacpp Q2_K Q2_K+imatrix ...] [--twinquant rtn gptq gptq+rh ...] [--autoround q2_k_s] [--force]
+        [--llamacpp Q2_K Q2_K+imatrix IQ2_XXS+imatrix+attn_v=q4_k+output=q6_k ...] [--twinquant rtn gptq gptq+rh ...] [--autoround q2_k_s] [--force]
 
 Every file and every evaluation is cached under --work (default ~/.cache/twinquant/quality/MODEL), so an
 interrupted run resumes and a new row costs only itself. Writes benchmarks/results/quality[_TAG].{json,md,png}.
@@ -226,11 +226,18 @@ class Bench:
         tmp = out.with_name(out.stem + ".tmp.gguf")
         t0 = time.perf_counter()
         if kind == "llama.cpp":
+            # FTYPE[+imatrix][+PATTERN=TYPE ...]: a hand mix, llama-quantize's --tensor-type PATTERN=TYPE, with
+            # token_embd= and output= as its --token-embedding-type / --output-tensor-type
             ftype, *extra = spec.split("+")
             cmd = [self.tool("llama-quantize")]
             if "imatrix" in extra:
                 self.need_imatrix()
                 cmd += ["--imatrix", self.imatrix]
+            for pattern, _, qtype in (e.partition("=") for e in extra if "=" in e):
+                flag = {"token_embd": ["--token-embedding-type"], "output": ["--output-tensor-type"]}
+                cmd += flag.get(pattern, ["--tensor-type"]) + [qtype if pattern in flag else f"{pattern}={qtype}"]
+            if any(e != "imatrix" and "=" not in e for e in extra):
+                raise SystemExit(f"{row}: llama.cpp options are +imatrix and +PATTERN=TYPE")
             run(TIME + cmd + [self.ref, tmp, ftype, self.threads], out.with_suffix(".log"))
         elif kind == "twinquant" and spec.startswith("recipe="):     # a built-in recipe name or a YAML file
             run(TIME + TWINQUANT + ["quantize", self.ref, "-o", tmp, "--recipe", spec[len("recipe="):], "--calib", CALIB,

@@ -6,7 +6,9 @@ llama-cpp-python ships libggml-base (ggml.c + ggml-quants.c) inside its package 
                                int64_t start, int64_t nrows, int64_t n_per_row, const float * imatrix);
 
 which is exactly what `llama-quantize` runs per tensor (no imatrix: the `quantize_row_*_ref` path; with one: the
-`quantize_row_*_impl` path with `quant_weights`), and `ggml_row_size` for the packed size of a row.
+`quantize_row_*_impl` path with `quant_weights`), and `ggml_row_size` for the packed size of a row; `dequantize`
+calls the type's `to_float` from `ggml_get_type_traits` (what llama.cpp's CPU backend dequantizes with), the oracle
+for types gguf-py cannot dequantize (Q1_0).
 """
 
 from __future__ import annotations
@@ -55,3 +57,25 @@ def assert_same_bytes(codec, w: np.ndarray, imp: np.ndarray | None, what: str) -
     assert not bad.any(), f"{codec.name} {what}: {bad.sum()} of {bad.size} blocks differ, rows " \
                           f"{np.unique(bad.nonzero()[0])[:10]}"
     return ours
+
+
+class _TypeTraits(ctypes.Structure):
+    """struct ggml_type_traits (ggml.h); only to_float is called."""
+    _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64), ("blck_size_interleave", ctypes.c_int64),
+                ("type_size", ctypes.c_size_t), ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p),
+                ("from_float_ref", ctypes.c_void_p)]
+
+
+def dequantize(data: np.ndarray, ggml_type: int, cols: int) -> np.ndarray:
+    """llama.cpp's float32 weights of packed rows data [rows, row_size]: float32 [rows, cols]."""
+    lib = _lib()
+    get = lib.ggml_get_type_traits
+    get.restype, get.argtypes = ctypes.POINTER(_TypeTraits), [ctypes.c_int]
+    traits = get(int(ggml_type)).contents
+    assert traits.blck_size > 0 and cols % traits.blck_size == 0 and traits.to_float
+    to_float = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)(traits.to_float)
+    src = np.ascontiguousarray(data, dtype=np.uint8)
+    out = np.empty((src.shape[0], cols), dtype=np.float32)
+    assert src.shape[1] == cols // traits.blck_size * traits.type_size
+    to_float(src.ctypes.data, out.ctypes.data, out.size)
+    return out

@@ -52,6 +52,18 @@ def _edge_weights(cols: int, seed: int = 2) -> np.ndarray:
     return np.stack(rows).astype(np.float32)
 
 
+def _llama_dequantize(data: np.ndarray, qtype, cols: int) -> np.ndarray:
+    """The oracle's float32 weights of packed rows: libggml's to_float, and gguf-py's where it has the type (it
+    has no Q1_0), which must agree with it."""
+    ggml = ggml_oracle.dequantize(data, qtype, cols)
+    try:
+        py = gguf.quants.dequantize(data, qtype)
+    except NotImplementedError:
+        return ggml
+    np.testing.assert_array_equal(py, ggml)
+    return ggml
+
+
 def _importance(cols: int, seed: int = 1) -> np.ndarray:
     return (np.random.default_rng(seed).uniform(0.05, 3.0, cols) ** 3).astype(np.float32)
 
@@ -84,8 +96,8 @@ def test_bytes_equal_llama_cpp(qtype, imatrix, cases):
         bad = (ours.reshape(-1, codec.type_size) != theirs.reshape(-1, codec.type_size)).any(1)
         assert not bad.any(), f"{qtype.name} {shape} {name}: {bad.sum()} of {bad.size} blocks differ"
 
-        # gguf-py's dequantization of our bytes == ours, exactly (value equality: +0.0 == -0.0)
-        ref = gguf.quants.dequantize(ours, qtype)
+        # llama.cpp's dequantization of our bytes == ours, exactly (value equality: +0.0 == -0.0)
+        ref = _llama_dequantize(ours, qtype, shape[1])
         assert np.array_equal(codec.dequantize(codes, params).numpy(), ref)
         assert np.array_equal(codec.dequantize_bytes(ours, shape[1]).numpy(), ref)
 
@@ -124,7 +136,7 @@ def test_fit_codes_reproduce_rtn(qtype, imatrix):
     codes, params = codec.quantize(w, imp)
     data = codec.pack(codes, params)
     sigma2 = codec.row_sigma2(w)
-    deq = torch.from_numpy(gguf.quants.dequantize(data, qtype))
+    deq = torch.from_numpy(_llama_dequantize(data, qtype, w.shape[1]))
     for j, p in enumerate(params):
         sl = slice(j * B, (j + 1) * B)
         fp = codec.fit(w[:, sl], None if imp is None else imp[sl], sigma2=sigma2)
@@ -146,7 +158,7 @@ def test_fit_codes_reproduce_rtn(qtype, imatrix):
     data3 = codec.pack(foreign, params)
     codes3, params3 = codec.unpack(data3, w.shape[1])
     assert torch.equal(codes3, foreign)
-    assert np.array_equal(gguf.quants.dequantize(data3, qtype), codec.dequantize(foreign, params).numpy())
+    assert np.array_equal(_llama_dequantize(data3, qtype, w.shape[1]), codec.dequantize(foreign, params).numpy())
     assert all(torch.equal(a.scale, b.scale) and torch.equal(a.offset, b.offset) for a, b in zip(params, params3))
 
 
@@ -171,7 +183,7 @@ def test_bad_row_length_and_names():
 
 
 def test_sizes():
-    bpw = {"Q8_0": 8.5, "Q4_0": 4.5, "Q5_0": 5.5, "Q4_1": 5.0, "Q5_1": 6.0, "Q2_K": 2.625, "Q3_K": 3.4375,
+    bpw = {"Q8_0": 8.5, "Q1_0": 1.125, "Q4_0": 4.5, "Q5_0": 5.5, "Q4_1": 5.0, "Q5_1": 6.0, "Q2_K": 2.625, "Q3_K": 3.4375,
            "Q4_K": 4.5, "Q5_K": 5.5, "Q6_K": 6.5625}
     for qtype, codec in CODECS.items():
         assert codec.bits_per_weight == bpw[qtype.name]
@@ -287,3 +299,22 @@ def test_fit_graphs_replay_check_tells_a_different_fit():
         w2 = w.clone()
         w2[0, 0] = 1.0                              # 50 sigma: the first sub-block's scale moves
         assert not _equal(a, codec.fit(w2)), qtype
+
+
+def test_threaded_dequantization_of_blocks_equals_one_call(monkeypatch):
+    """Large dequantize_blocks calls split over threads (block LDLQ on a GPU): the same values, in order."""
+    import twinquant.formats.ggml._blockwise as bw
+
+    monkeypatch.setattr(bw, "_DEQUANT_BLOCKS_PER_THREAD", 16)
+    for qtype, codec in ALL_CODECS.items():
+        if not getattr(codec, "blockwise", False):
+            continue
+        r = np.random.default_rng(int(qtype))
+        w = torch.from_numpy((r.standard_normal((50, 2 * codec.block)) * 0.02).astype(np.float32))
+        data = codec.quantize_bytes(w, torch.from_numpy(_importance(w.shape[1])))
+        monkeypatch.setattr(bw, "DEQUANT_THREADS", 1)
+        one = codec.dequantize_blocks(data)
+        monkeypatch.setattr(bw, "DEQUANT_THREADS", 3)
+        assert bw._dequant_threads(100) == 3
+        assert torch.equal(codec.dequantize_blocks(data), one), qtype.name
+        assert torch.equal(one.reshape(50, -1), torch.from_numpy(gguf.quants.dequantize(data, qtype))), qtype.name

@@ -31,12 +31,15 @@ def tiny(tmp_path_factory):
                      num_attention_heads=4, num_key_value_heads=2)
 
 
-def _measure(model_dir, path=None, stop=None, cost="anchor", candidates="k"):
+def _measure(model_dir, path=None, stop=None, cost="anchor", candidates="k", kld_from=None):
+    """kld_from: None (the first calibration windows price the candidates), "held" (the 4 windows after them) or
+    "first" (the first 4 calibration windows, passed as held-out windows)."""
     model = load_model(str(model_dir)).materialize()
-    cal = load_calibration(model, None, 1024, 64)
+    cal = load_calibration(model, None, 1024, 64, heldout=4)
     names = [n for n in roles.all_tensor_names(model.spec) if len(roles.expected_shape(model.spec, n)) == 2]
+    kw = {None: None, "held": cal.heldout, "first": cal.windows[:4]}[kld_from]
     return measure(model, names, cal.windows, 4, {"model": "tiny"}, 0, model.n_params(), cost=cost, path=path,
-                   progress=False, stop_after_layer=stop, candidates=candidates)
+                   progress=False, stop_after_layer=stop, candidates=candidates, kld_from=kw)
 
 
 def _strip(d: dict) -> dict:
@@ -51,6 +54,7 @@ def test_candidates_and_bytes():
     assert candidate_types(256) == ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "IQ1_S", "IQ1_M", "IQ2_XXS",
                                     "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_XS"]
     assert candidate_types(576) == ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL"]
+    assert candidate_types(896) == ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "Q1_0"]   # 7 x 128
     assert candidate_types(100) == []
     with pytest.raises(TwinquantError, match="candidates"):
         candidate_types(256, "iq")
@@ -70,6 +74,51 @@ def test_round_trip_and_resume_equals_uninterrupted(tiny, tmp_path):
     resumed = _measure(tiny, tmp_path / "part.json", cost="fisher")
     assert _strip(resumed.to_dict()) == _strip(full.to_dict())
     assert resumed.sha256() == full.sha256()
+
+
+def test_heldout_windows_follow_the_calibration_windows():
+    class Tok:     # a tokenizer that numbers the words: windows are readable token positions
+        add_bos, bos_id = False, None
+
+        @staticmethod
+        def encode(text):
+            return list(range(len(text.split())))
+
+    model = type("M", (), {"tokenizer": Tok()})()
+    n_words = len(CALIB.read_text(errors="replace").split())
+    cal = load_calibration(model, None, 1024, 64, heldout=3)
+    assert cal.windows.shape == (16, 64) and cal.heldout.shape == (3, 64)
+    assert torch.equal(torch.cat([cal.windows, cal.heldout]).reshape(-1), torch.arange(19 * 64))
+    assert load_calibration(model, None, 1024, 64).heldout is None
+    # the calibration windows come first: a text that ends early shortens the held-out ones, never them
+    end = load_calibration(model, None, n_words // 64 * 64 - 64, 64, heldout=3)
+    assert end.heldout.shape == (1, 64) and end.windows.shape[0] == n_words // 64 - 1
+    assert load_calibration(model, None, 10**9, 64, heldout=3).heldout is None
+
+
+def test_kl_prices_on_heldout_windows(tiny):
+    """Held-out windows change what prices the candidates and nothing else: the same Hessians (the same GPTQ,
+    the same output errors) as the legacy measurement, other KL; and the held-out stream itself is exact: given
+    the calibration's own first windows it reproduces the legacy prices."""
+    legacy, held, first = _measure(tiny), _measure(tiny, kld_from="held"), _measure(tiny, kld_from="first")
+    assert legacy.header["kld_source"] == "calibration" and held.header["kld_source"] == "held out"
+    moved = 0
+    for n, t in legacy.tensors.items():
+        for ty, c in t["candidates"].items():
+            h, f = held.tensors[n]["candidates"][ty], first.tensors[n]["candidates"][ty]
+            assert h["out_error"] == c["out_error"], (n, ty)
+            assert f["cost"] == pytest.approx(c["cost"], rel=1e-4, abs=1e-9), (n, ty)
+            moved += h["cost"] != pytest.approx(c["cost"], rel=1e-3)
+    assert moved > len(legacy.tensors)    # other text, other prices
+
+
+def test_measure_refuses_a_text_with_no_windows_left_to_hold_out(tiny, tmp_path):
+    text = tmp_path / "short.txt"
+    text.write_text(CALIB.read_text()[:6000])      # a few windows of 64, fewer than asked: all go to the Hessians
+    p = run("measure", tiny, "-o", tmp_path / "m.json", *CAL, "--calib", text, "--calib-tokens", "100000",
+            "--cost", "fisher", "-q", ok=False)
+    assert_user_error(p, "short.txt", "holds out", "--kld-windows")
+    assert not (tmp_path / "m.json").exists()
 
 
 def test_costs_fall_with_bits_and_proxy_tracks_exact(tiny, tmp_path):

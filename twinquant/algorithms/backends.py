@@ -114,10 +114,10 @@ def quantize_to_format(quantizer: Quantizer, W: torch.Tensor, codec, H: torch.Te
     if quantizer.name == "rtn" and ggml_type is not None and libggml.usable(W) and not has_clip_hook(codec):
         # RTN into a GGML type is llama.cpp's own search: on a CPU, libggml computes the same bytes much faster
         # (the 151936x1536 embedding of a 1.5B model in Q2_K: minutes in the torch codec)
-        import gguf
+        from twinquant.formats.ggml import dequantize_bytes
 
         data = libggml.quantize_rows(ggml_type, W, importance)
-        hat = torch.from_numpy(gguf.quants.dequantize(data, ggml_type)).reshape(W.shape)
+        hat = torch.from_numpy(dequantize_bytes(data, ggml_type)).reshape(W.shape)
         return data, hat
     codes, params, hat = quantizer.quantize_weight(W, codec, H=H, importance=importance)
     data = codec.pack(codes, params) if ggml_type is not None else None

@@ -1,7 +1,8 @@
 """Measure what every candidate type costs each tensor, once, so any target size can be solved from it.
 
 For every quantizable tensor and every candidate type (`candidate_types`: K-quants Q2_K…Q6_K, Q8_0 and the i-quants
-IQ1_S…IQ4_XS where rows are whole 256-blocks, the 32-block types Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/IQ4_NL elsewhere) the tensor is quantized with the
+IQ1_S…IQ4_XS where rows are whole 256-blocks, the 32-block types Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/IQ4_NL and
+Q1_0 (128-blocks) elsewhere) the tensor is quantized with the
 quantizer the file will really use (GPTQ with the layer's input Hessian and the importance data; RTN for the
 embedding, as the quantize executor does) and its cost is recorded as the KL divergence it adds to the model's output:
 
@@ -63,7 +64,9 @@ K_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
 BLOCK32_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 # llama.cpp's i-quants (256-blocks but IQ4_NL): lattice codebooks, the only types below Q2_K's 2.625 bpw
 I_TYPES = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_XS")
-I_BLOCK32_TYPES = ("IQ4_NL",)
+# rows that are no multiple of 256 (576, 896, 4864 wide): IQ4_NL, and Q1_0's signs where the row is 128-blocks (the
+# only type below 4 bits those rows can take)
+I_BLOCK32_TYPES = ("IQ4_NL", "Q1_0")
 CANDIDATE_SETS = ("all", "k")       # "k": the K-quant / legacy types only (faster to measure, >= 2.625 bpw)
 FLOAT_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
 T = roles.T
@@ -345,13 +348,18 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
             importance: dict[str, torch.Tensor] | None = None, cost: str = "anchor",
             path: str | os.PathLike | None = None, progress: bool = True, log=None,
             stop_after_layer: int | None = None, keep_blocks: bool = False, stream: bool = False,
-            candidates: str = "all", sample_rows: int | None = None, workdir=None) -> Measurement:
+            candidates: str = "all", sample_rows: int | None = None, workdir=None,
+            kld_from: torch.Tensor | None = None) -> Measurement:
     """Measure `names` (quantizable 2-D tensors of `model`, float) on the calibration windows; see module doc.
 
     `cost`: "fisher" (no forward: the Fisher-weighted output error of allocation/fisher.py), "anchor" (one KL
     forward per tensor, the other types scaled by output error) or "exact" (a KL forward per candidate). Every
     candidate also records its Fisher estimate (`fisher`), so any measurement checks the estimate.
-    `kld_windows`: how many of the calibration windows price the candidates by KL (the Hessians use all of them).
+    `kld_windows`: how many windows price the candidates by KL (and weigh the Fisher cost): the first of
+    `kld_from` (windows held out of the Hessians, e.g. `Calibration.heldout`: a price measured on the text the GPTQ
+    fit minimized its error on would flatter it), or, with `kld_from` None, the first of the calibration windows
+    themselves (the Hessians use all of them; what measurements made before held-out windows did). The header
+    records which (`kld_source`).
     `stream`: release each block once priced (a lazily loaded model then holds one block; "fisher" only: the other
     costs run every later block to the logits).
     `path`: save after every block, and resume from it when it holds a matching, incomplete measurement.
@@ -391,7 +399,8 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
     store = blocks_dir(path) if keep_blocks else None
     header = {**header, "method": method, "config": quantizer.config.to_dict(), "cost": cost, "fisher_seed": 0,
               "keep_blocks": keep_blocks, "candidates": candidates, "sample_rows": sample_rows,
-              "kld_windows": int(min(kld_windows, calib_windows.shape[0])), "kld_scored": "second half"}
+              "kld_windows": int(min(kld_windows, (calib_windows if kld_from is None else kld_from).shape[0])),
+              "kld_scored": "second half", "kld_source": "calibration" if kld_from is None else "held out"}
     meas = Measurement(header, n_params, fixed_bytes)
     if path is not None and Path(path).is_file():
         old = Measurement.load(path)
@@ -403,7 +412,9 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
             log(f"resuming {path}: {len(old.tensors)} of {len(names)} tensors already measured")
     t_start = time.perf_counter() - meas.seconds
     want = set(names)
-    kw = calib_windows[: header["kld_windows"]]
+    kw = (calib_windows if kld_from is None else kld_from)[: header["kld_windows"]]
+    if header["kld_windows"] < 1:
+        raise TwinquantError("measure: no window to price the candidates on")
     if log:
         log(f"fisher: output-channel weights from {kw.shape[0]} windows (one streamed backward pass)")
     # (stacked tensors have no output taps: their candidates carry no Fisher estimate)
@@ -503,12 +514,20 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
         bar.update(1, emb)
         start = workdir.state["blocks_done"] if workdir is not None else 0
         x = workdir.load_x(start) if start else embed(model, calib_windows).float()
+        # held-out windows run beside the calibration stream (float weights, no Hessian hook) when KL forwards
+        # start from them (a resumed run passes them through the finished blocks again: a few windows); the
+        # Fisher cost takes them whole in its own pass
+        xh = None
+        if kld_from is not None and scorer is not None:
+            xh = embed(model, kw).float()
+            for layer in range(start):
+                xh = block_pass(model, layer, xh)
         for layer in range(start, s.n_layers):
             groups = roles.shared_input_groups(layer, s)
             todo = [n for g in groups for n in g if n in want and n not in meas.tensors]
             names = {g[0] for g in groups if any(n in todo for n in g)}
             hooks = HessianHook(names, chunked_stacks(model, layer) & names)
-            x_kld = [x[i: i + 1] for i in range(kw.shape[0])]
+            x_kld = [(x if xh is None else xh)[i: i + 1] for i in range(kw.shape[0])]
             x = block_pass(model, layer, x, hook=hooks)
             for g in groups:
                 for n in g:
@@ -518,6 +537,8 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
                             model, layer, hooks))[0] if roles.is_stack(n) else hooks.hessian(g[0])
                         price(n, layer, x_kld, H, quantizer)
             model.fuse_shared_inputs()
+            if xh is not None:
+                xh = block_pass(model, layer, xh)
             if stream:
                 model.release_block(layer)
             if workdir is not None:      # the next block's inputs first: the saved measurement refers to them
@@ -534,7 +555,7 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
 
             h = rms_norm(x.to(model.dtype), model.get(roles.name(T.OUTPUT_NORM)), s.rms_eps).float()
             H, _ = accumulate_hessian(None, 0, h.reshape(-1, s.hidden))
-            price(out, s.n_layers, [x[i: i + 1] for i in range(kw.shape[0])], H, quantizer)
+            price(out, s.n_layers, [(x if xh is None else xh)[i: i + 1] for i in range(kw.shape[0])], H, quantizer)
         bar.update(s.n_layers + 2, out)
     missing = want - set(meas.tensors)
     if missing:

@@ -273,6 +273,8 @@ MIXES: dict[str, Mix] = {m.ftype: m for m in (
          attn_output=(("", Q.Q4_K),)),
     _mix("IQ4_NL", Q.IQ4_NL, attn_v=(("gqa>=4", Q.Q5_K),), ffn_down=(("no imatrix, first 1/8", Q.Q5_K),)),
     _mix("IQ4_XS", Q.IQ4_XS, attn_v=(("gqa>=4", Q.Q5_K),), ffn_down=(("no imatrix, first 1/8", Q.Q5_K),)),
+    # 1-bit signs (128-blocks; llama.cpp defines no fallback for them: rows must be multiples of 128)
+    _mix("Q1_0", Q.Q1_0),
     # ternary
     _mix("TQ1_0", Q.TQ1_0, token_embd=(("", Q.Q4_K),)),
     _mix("TQ2_0", Q.TQ2_0, token_embd=(("", Q.Q4_K),)),

@@ -23,14 +23,19 @@ class Calibration:
     windows: torch.Tensor     # int64 [n, ctx]
     text_sha256: str
     path: str
+    # int64 [h, ctx]: the windows right after `windows` in the same text, never in a Hessian (measure prices
+    # candidates by KL on them); fewer than asked, or None, where the text ends first
+    heldout: torch.Tensor | None = None
 
     @property
     def n_tokens(self) -> int:
         return self.windows.numel()
 
 
-def load_calibration(model, path: str | Path | None = None, n_tokens: int = 8192, ctx: int = 512) -> Calibration:
-    """`n_tokens` worth of windows of `ctx` tokens from the calibration text (fewer if the text is short)."""
+def load_calibration(model, path: str | Path | None = None, n_tokens: int = 8192, ctx: int = 512,
+                     heldout: int = 0) -> Calibration:
+    """`n_tokens` worth of windows of `ctx` tokens from the calibration text (fewer if the text is short), and up to
+    `heldout` more windows after them (`Calibration.heldout`)."""
     p = Path(path) if path else DEFAULT_CALIB
     if not p.is_file():
         raise TwinquantError(f"{p}: calibration text not found")
@@ -41,11 +46,12 @@ def load_calibration(model, path: str | Path | None = None, n_tokens: int = 8192
     n = min(max(n_tokens // ctx, 1), len(ids) // ctx)
     if n < 1:
         raise TwinquantError(f"{p}: {len(ids)} tokens, fewer than one window of {ctx}")
-    windows = torch.tensor(ids[: n * ctx], dtype=torch.long).view(n, ctx).clone()
+    h = min(max(heldout, 0), len(ids) // ctx - n)
+    both = torch.tensor(ids[: (n + h) * ctx], dtype=torch.long).view(n + h, ctx).clone()
     tok = model.tokenizer
     if tok.add_bos and tok.bos_id is not None:
-        windows[:, 0] = tok.bos_id
-    return Calibration(windows, hashlib.sha256(raw).hexdigest(), str(p))
+        both[:, 0] = tok.bos_id
+    return Calibration(both[:n], hashlib.sha256(raw).hexdigest(), str(p), both[n:] if h else None)
 
 
 def auto_tokens(spec, ctx: int = 512, per_input: int = 2, floor: int = 8192) -> int:
@@ -66,10 +72,10 @@ def auto_tokens(spec, ctx: int = 512, per_input: int = 2, floor: int = 8192) -> 
     return -(-n // ctx) * ctx
 
 
-def calibration_for(cfg, model) -> Calibration:
+def calibration_for(cfg, model, heldout: int = 0) -> Calibration:
     """The calibration a recipe (or any object with `calib`, `calib_tokens`, `calib_ctx`) names; `calib_tokens`
-    None grows with the model's widest input (`auto_tokens`)."""
-    return load_calibration(model, cfg.calib, tokens_for(cfg, model.spec), cfg.calib_ctx)
+    None grows with the model's widest input (`auto_tokens`). `heldout`: see `load_calibration`."""
+    return load_calibration(model, cfg.calib, tokens_for(cfg, model.spec), cfg.calib_ctx, heldout)
 
 
 def tokens_for(cfg, spec) -> int:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from twinquant.errors import TwinquantError, one_line, show
+from twinquant.formats.ggml import dequantize_bytes
 from twinquant.io.split import SHARD_NAME, shard_name, shard_paths
 from twinquant.io.metadata import apply_metadata, read_metadata
 from twinquant.model import roles
@@ -310,11 +311,10 @@ class GGUFSource:
         rows = data.reshape(flat.shape[0], -1) if data.ndim >= 2 else data.reshape(1, -1)
         try:    # row chunks: gguf-py's numpy dequantizers hold several temporaries of the output's size
             for r in range(0, flat.shape[0], DEQUANT_ROWS):
-                flat[r: r + DEQUANT_ROWS] = np.asarray(
-                    gguf.quants.dequantize(rows[r: r + DEQUANT_ROWS], t.tensor_type), dtype=np.float32
-                ).reshape(-1, shape[-1])
-        except NotImplementedError:
-            raise TwinquantError(f"{name}: tensor type {t.tensor_type.name} cannot be dequantized") from None
+                flat[r: r + DEQUANT_ROWS] = dequantize_bytes(rows[r: r + DEQUANT_ROWS], t.tensor_type
+                                                             ).reshape(-1, shape[-1])
+        except TwinquantError as e:
+            raise TwinquantError(f"{name}: {e}") from None
         w = torch.from_numpy(out)
         heads = self._rope_heads(name)
         return unpermute_rope_rows(w, heads) if heads else w

@@ -199,8 +199,21 @@ class Session:
         if self._calib is None:
             from twinquant.calibration.windows import calibration_for
 
-            self._calib = calibration_for(self.recipe, model or self.model)
+            # plus the windows measure holds out for its KL prices (nothing else reads them)
+            self._calib = calibration_for(self.recipe, model or self.model, heldout=self.opts.kld_windows)
         return self._calib
+
+    def heldout_windows(self, n: int) -> torch.Tensor:
+        """`n` calibration windows after the ones the Hessians use (measure's KL prices): one line and exit if the
+        calibration text ends first."""
+        r, calib = self.recipe, self.calibration()
+        held = calib.heldout
+        if held is None or held.shape[0] < n:
+            have = 0 if held is None else held.shape[0]
+            raise TwinquantError(f"{calib.path}: {calib.n_tokens} calibration tokens leave {have} of the {n} "
+                                 f"windows of {r.calib_ctx} that measure holds out for its KL prices; pass fewer "
+                                 f"--calib-tokens or --kld-windows, or a longer --calib text")
+        return held
 
     def quantizer_config(self) -> dict | None:
         cfg = {"damp": self.recipe.damp} if self.recipe.method == "gptq" else {}
@@ -276,7 +289,7 @@ class Session:
             # the weights, their preparation, the calibration, the quantizer and its settings (another
             # method's or another damping's costs are not this quantizer's)
             full = {**header, **{k: m.header.get(k) for k in ("cost", "fisher_seed", "kld_windows", "kld_scored",
-                                                               "keep_blocks", "sample_rows")}}
+                                                               "kld_source", "keep_blocks", "sample_rows")}}
             from twinquant.algorithms.backends import get_quantizer
 
             full["config"] = get_quantizer(recipe.method, self.quantizer_config()).config.to_dict()
@@ -295,13 +308,14 @@ class Session:
             if n not in names:
                 fixed += math.prod(shape) * (4 if len(shape) == 1 else FLOAT_BYTES[opts.outtype.upper()])
         kw = opts.kld_windows
+        held = self.heldout_windows(kw)
         n_c = sum(len(candidate_types(roles.expected_shape(model.spec, n)[1], opts.candidates)) for n in names)
         forwards = {"fisher": "one backward pass", "anchor": f"{len(names)} forwards",
                     "exact": f"{n_c} forwards"}[opts.cost]
         rows = f" of {opts.sample_rows} rows each" if opts.sample_rows else ""
         opts.say(f"measuring {len(names)} tensors x their candidate types: {n_c} {recipe.method} quantizations{rows} "
-                 f"and {forwards} of {min(kw, calib.windows.shape[0])} x {recipe.calib_ctx} tokens ({opts.cost} "
-                 f"cost; Hessians from {calib.n_tokens} tokens); saved after every block to {p}")
+                 f"and {forwards} of {min(kw, held.shape[0])} held-out x {recipe.calib_ctx} tokens ({opts.cost} "
+                 f"cost; Hessians from the {calib.n_tokens} tokens before them); saved after every block to {p}")
         if opts.cost != "fisher" or not opts.stream:
             model.materialize()    # KL forwards run every block after the measured one to the logits
         import twinquant
@@ -316,7 +330,7 @@ class Session:
                     self.quantizer_config(), self.imp, cost=opts.cost, path=p, progress=not opts.quiet,
                     log=opts.say, keep_blocks=opts.keep_blocks, stream=opts.stream,
                     candidates=opts.candidates, sample_rows=opts.sample_rows, workdir=work,
-                    stop_after_layer=opts.stop_after_block if self.stage == "measure" else None)
+                    stop_after_layer=opts.stop_after_block if self.stage == "measure" else None, kld_from=held)
         if m.complete and not opts.keep_work:
             work.remove()
         return m

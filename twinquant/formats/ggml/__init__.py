@@ -16,6 +16,7 @@ in and out (`quantize_bytes`, `quantize_blocks`, `dequantize_bytes`), the same b
 from __future__ import annotations
 
 import gguf
+import numpy as np
 
 from twinquant.errors import TwinquantError
 from twinquant.formats.ggml._base import GGMLCodec, GGMLPacked
@@ -25,7 +26,7 @@ from twinquant.formats.ggml.iq2 import IQ2_S, IQ2_XS, IQ2_XXS
 from twinquant.formats.ggml.iq3 import IQ3_S, IQ3_XXS
 from twinquant.formats.ggml.iq4 import IQ4_NL, IQ4_XS
 from twinquant.formats.ggml.kquants import Q2_K, Q3_K, Q4_K, Q5_K, Q6_K
-from twinquant.formats.ggml.legacy import Q4_0, Q4_1, Q5_0, Q5_1, Q8_0
+from twinquant.formats.ggml.legacy import Q1_0, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0
 
 T = gguf.GGMLQuantizationType
 
@@ -35,6 +36,7 @@ CODECS: dict[gguf.GGMLQuantizationType, GGMLCodec | BlockwiseCodec] = {
     T.Q5_0: Q5_0(),
     T.Q4_1: Q4_1(),
     T.Q5_1: Q5_1(),
+    T.Q1_0: Q1_0(),
     T.Q2_K: Q2_K(),
     T.Q3_K: Q3_K(),
     T.Q4_K: Q4_K(),
@@ -68,7 +70,23 @@ def get_codec(name_or_type) -> GGMLCodec | BlockwiseCodec:
     return CODECS[key]
 
 
-__all__ = ["CODECS", "get_codec", "GGMLCodec", "GGMLPacked", "BlockwiseCodec", "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S",
+def dequantize_bytes(data, ggml_type) -> np.ndarray:
+    """float32 weights of packed rows data [rows, row bytes] (or flat) of a GGML type: gguf-py's dequantizer, or
+    where gguf-py has none (Q1_0 in gguf 0.19) this package's codec, which is byte-identical to libggml's."""
+    try:
+        return np.asarray(gguf.quants.dequantize(data, ggml_type), dtype=np.float32)
+    except NotImplementedError:
+        if ggml_type not in CODECS:
+            raise TwinquantError(f"tensor type {T(ggml_type).name} cannot be dequantized") from None
+    codec = CODECS[ggml_type]
+    rows = np.ascontiguousarray(data, dtype=np.uint8)
+    rows = rows.reshape(-1, rows.shape[-1]) if rows.ndim >= 2 else rows.reshape(1, -1)
+    cols = rows.shape[1] // codec.type_size * codec.block
+    out = codec.dequantize_bytes(rows, cols).numpy()
+    return out.reshape(*np.shape(data)[:-1], -1) if np.ndim(data) >= 2 else out.reshape(-1)
+
+
+__all__ = ["CODECS", "get_codec", "dequantize_bytes", "GGMLCodec", "GGMLPacked", "BlockwiseCodec", "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S",
            "IQ3_XXS", "IQ3_S",
-           "IQ4_NL", "IQ4_XS", "Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1", "Q2_K",
+           "IQ4_NL", "IQ4_XS", "Q8_0", "Q1_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1", "Q2_K",
            "Q3_K", "Q4_K", "Q5_K", "Q6_K"]

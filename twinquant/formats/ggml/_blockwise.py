@@ -19,6 +19,8 @@ the same bytes, 5-10x faster than these hooks there); TWINQUANT_LIBGGML=0 keeps 
 
 from __future__ import annotations
 
+import os
+
 import gguf
 import numpy as np
 import torch
@@ -29,6 +31,18 @@ from twinquant.formats.ggml import libggml
 from twinquant.formats.ggml._num import F32
 
 _ROWS_PER_CALL = 4096          # blocks per hook call: bounds the search buffers
+# gguf-py's numpy dequantizers run on one core; block LDLQ on a GPU dequantizes every group it quantizes (27648
+# blocks at a time for a 32B model's ffn_gate) on the host, about half its time there. Large calls are split over
+# threads (numpy releases the GIL in its array work); each part is what one call would compute, so the values
+# are the same. None: one thread per core, at most 16 (TWINQUANT_DEQUANT_THREADS=N sets it).
+DEQUANT_THREADS: int | None = int(os.environ.get("TWINQUANT_DEQUANT_THREADS", "0")) or None
+_DEQUANT_BLOCKS_PER_THREAD = 2048
+
+
+def _dequant_threads(n_blocks: int) -> int:
+    cores = DEQUANT_THREADS or min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else
+                                   os.cpu_count() or 1)
+    return max(1, min(cores, n_blocks // _DEQUANT_BLOCKS_PER_THREAD))
 
 
 def _same_rows(qw: torch.Tensor) -> bool:
@@ -73,8 +87,15 @@ class BlockwiseCodec(GGMLSizes):
         return out
 
     def dequantize_blocks(self, blocks) -> torch.Tensor:
-        """float32 [B, block] of B blocks' bytes [B, type_size]."""
-        return self._dequantize_blocks(np.ascontiguousarray(_np(blocks)).reshape(-1, self.type_size))
+        """float32 [B, block] of B blocks' bytes [B, type_size] (large calls split over threads)."""
+        b = np.ascontiguousarray(_np(blocks)).reshape(-1, self.type_size)
+        k = _dequant_threads(b.shape[0])
+        if k == 1:
+            return self._dequantize_blocks(b)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(k) as pool:
+            return torch.cat(list(pool.map(self._dequantize_blocks, np.array_split(b, k))))
 
     def quantize_bytes(self, w, importance=None) -> np.ndarray:
         """RTN of w [rows, cols] exactly as ggml_quantize_chunk (imatrix = importance [cols] or None):

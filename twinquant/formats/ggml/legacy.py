@@ -11,6 +11,10 @@ and `codes` reproduces its rounding rule:
   "qx"  (imatrix, quantize_row_q4_0/q5_0_impl -> make_qx_quants): nearest_int(iscale*x) clamped, + zero; Q8_0
         ignores the imatrix like llama.cpp.
 
+Q1_0: blocks of 128 weights, one fp16 scale d = mean |x| (sequential float32 sum / 128) and one sign bit a weight
+(bit j of byte j/8, little-endian bit order; weight +d if set, else -d; quantize_row_q1_0_ref sets it for x >= 0). The
+codes are that bit, with scale 2d and offset -d. llama.cpp ignores the imatrix, and so does this codec.
+
 Q4_1 / Q5_1 keep the stored m in `dmin` (added: offset = +m) and round from a float32 origin that is not stored,
 so `iscale` is float32 [B, 2]: (multiplier, origin); codes are
   "ref"  (no imatrix, quantize_row_q4_1/q5_1_ref): min(qmax, trunc((x - min)*id + 0.5)), origin = min (the block's
@@ -134,6 +138,29 @@ class Q5_0(_Legacy):
 
     def _unpack(self, b):
         return _unpack5(b[:, 2:6], b[:, 6:]), self._hdr_from_d(b[:, :2])
+
+
+class Q1_0(_Legacy):
+    name, ggml_type, qmax, zero_code = "Q1_0", gguf.GGMLQuantizationType.Q1_0, 1, 0
+    sub = 128
+    uses_imatrix = False
+
+    def _ref(self, x):
+        return div(seqsum(x.abs()), float(x.shape[1]))
+
+    def _effective(self, hdr):
+        d = hdr["d"].float().reshape(-1, 1)
+        return d + d, -d                         # +d for code 1, -d for code 0 (2d - d == d exactly)
+
+    def _codes(self, x, hdr, scale, offset):
+        # the sign is the nearest of {-d, +d} whatever d is; llama.cpp's rule puts x = 0 (and -0.0) on +d
+        return (x >= 0).to(torch.uint8)
+
+    def _pack(self, codes, hdr):
+        return np.concatenate([self._d_bytes(hdr), np.packbits(codes, axis=1, bitorder="little")], axis=1)
+
+    def _unpack(self, b):
+        return np.unpackbits(b[:, 2:], axis=1, bitorder="little"), self._hdr_from_d(b[:, :2])
 
 
 # ---- Q4_1 / Q5_1 ----------------------------------------------------------------------------------------------------
