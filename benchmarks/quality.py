@@ -229,15 +229,15 @@ class Bench:
             # FTYPE[+imatrix][+PATTERN=TYPE ...]: a hand mix, llama-quantize's --tensor-type PATTERN=TYPE, with
             # token_embd= and output= as its --token-embedding-type / --output-tensor-type
             ftype, *extra = spec.split("+")
+            if any(e != "imatrix" and "=" not in e for e in extra):
+                raise SystemExit(f"{row}: llama.cpp options are +imatrix and +PATTERN=TYPE")
             cmd = [self.tool("llama-quantize")]
             if "imatrix" in extra:
                 self.need_imatrix()
                 cmd += ["--imatrix", self.imatrix]
+            whole = {"token_embd": "--token-embedding-type", "output": "--output-tensor-type"}
             for pattern, _, qtype in (e.partition("=") for e in extra if "=" in e):
-                flag = {"token_embd": ["--token-embedding-type"], "output": ["--output-tensor-type"]}
-                cmd += flag.get(pattern, ["--tensor-type"]) + [qtype if pattern in flag else f"{pattern}={qtype}"]
-            if any(e != "imatrix" and "=" not in e for e in extra):
-                raise SystemExit(f"{row}: llama.cpp options are +imatrix and +PATTERN=TYPE")
+                cmd += [whole[pattern], qtype] if pattern in whole else ["--tensor-type", f"{pattern}={qtype}"]
             run(TIME + cmd + [self.ref, tmp, ftype, self.threads], out.with_suffix(".log"))
         elif kind == "twinquant" and spec.startswith("recipe="):     # a built-in recipe name or a YAML file
             run(TIME + TWINQUANT + ["quantize", self.ref, "-o", tmp, "--recipe", spec[len("recipe="):], "--calib", CALIB,
