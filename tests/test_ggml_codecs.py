@@ -301,20 +301,29 @@ def test_fit_graphs_replay_check_tells_a_different_fit():
         assert not _equal(a, codec.fit(w2)), qtype
 
 
-def test_threaded_dequantization_of_blocks_equals_one_call(monkeypatch):
-    """Large dequantize_blocks calls split over threads (block LDLQ on a GPU): the same values, in order."""
-    import twinquant.formats.ggml._blockwise as bw
+@pytest.mark.parametrize("device", ["cpu", _cuda()])
+def test_iquant_dequantization_in_torch_equals_gguf_py_bit_for_bit(device):
+    """The i-quants dequantized in torch on the bytes' device (what block LDLQ does on a GPU) give gguf-py's
+    float32 values bit for bit: on bytes the codecs wrote, and on random bytes that reach every field value (every
+    grid index, sign pattern, scale nibble; NaN and inf scales included, compared by their bits)."""
+    from twinquant.formats.ggml import iq_dequant
 
-    monkeypatch.setattr(bw, "_DEQUANT_BLOCKS_PER_THREAD", 16)
+    seen = 0
     for qtype, codec in ALL_CODECS.items():
         if not getattr(codec, "blockwise", False):
             continue
+        seen += 1
+        assert iq_dequant.supports(qtype), qtype.name
         r = np.random.default_rng(int(qtype))
         w = torch.from_numpy((r.standard_normal((50, 2 * codec.block)) * 0.02).astype(np.float32))
-        data = codec.quantize_bytes(w, torch.from_numpy(_importance(w.shape[1])))
-        monkeypatch.setattr(bw, "DEQUANT_THREADS", 1)
-        one = codec.dequantize_blocks(data)
-        monkeypatch.setattr(bw, "DEQUANT_THREADS", 3)
-        assert bw._dequant_threads(100) == 3
-        assert torch.equal(codec.dequantize_blocks(data), one), qtype.name
-        assert torch.equal(one.reshape(50, -1), torch.from_numpy(gguf.quants.dequantize(data, qtype))), qtype.name
+        written = codec.quantize_bytes(w, torch.from_numpy(_importance(w.shape[1]))).reshape(-1, codec.type_size)
+        noise = r.integers(0, 256, (4096, codec.type_size), dtype=np.uint8)
+        for data in (written, noise):
+            with np.errstate(invalid="ignore", over="ignore"):
+                ref = gguf.quants.dequantize(data.reshape(-1), qtype).astype(np.float32).reshape(-1, codec.block)
+            got = codec.dequantize_blocks(torch.from_numpy(data).to(device))
+            assert got.device.type == device and got.dtype == torch.float32
+            assert np.array_equal(got.cpu().numpy().view(np.uint32), ref.view(np.uint32)), qtype.name
+        rows = gguf.quants.dequantize(written.reshape(50, -1), qtype)          # whole rows, as a file is read
+        assert torch.equal(codec.dequantize_bytes(written.reshape(50, -1), 2 * codec.block), torch.from_numpy(rows))
+    assert seen == 9

@@ -70,7 +70,8 @@ def gptq_blocks(W: torch.Tensor, H: torch.Tensor, codec, damp: float = 0.01,
         target = (W0t[a:b] + X).T.contiguous()           # [rows, G]
         blk = codec.quantize_blocks(target, qw[a:b][None].expand(rows, G))
         data[:, j] = blk
-        Qt[a:b] = codec.dequantize_blocks(blk).to(dev).T
+        # dequantized where the sweep runs (iq_dequant): on a GPU the bytes go up, not the values down
+        Qt[a:b] = codec.dequantize_blocks(torch.from_numpy(blk).to(dev)).T
         torch.sub(W0t[a:b], Qt[a:b], out=Dt[a:b])
         if b < cols:
             Ut[b:].addmm_(M[a:b, b:].T, Dt[a:b])

@@ -7,7 +7,7 @@
 
 A type implements two hooks on tensors whose leading axis runs over B independent blocks of `self.block` values:
   _quantize_blocks(x float32 [B, block], qw float32 [B, block] | None) -> numpy uint8 [B, type_size]
-  _dequantize_blocks(blocks numpy uint8 [B, type_size]) -> torch float32 [B, block]
+  _dequantize_blocks(blocks uint8 tensor [B, type_size]) -> float32 [B, block] on the same device (default: iq_dequant)
 `_quantize_blocks` reproduces llama.cpp's quantize_row_*_impl for each block (its numerics in torch on x's
 device, following the bit-exactness rules of `_num.py`); blocks are independent, so the error-feedback quantizer
 (`twinquant.algorithms.gptq_blocks`) can call it on any set of blocks. `qw` is llama.cpp's `quant_weights`
@@ -19,32 +19,16 @@ the same bytes, 5-10x faster than these hooks there); TWINQUANT_LIBGGML=0 keeps 
 
 from __future__ import annotations
 
-import os
-
 import gguf
 import numpy as np
 import torch
 
 from twinquant.errors import TwinquantError
 from twinquant.formats.ggml._base import GGMLSizes, _np, _torch, as_f32
-from twinquant.formats.ggml import libggml
+from twinquant.formats.ggml import iq_dequant, libggml
 from twinquant.formats.ggml._num import F32
 
 _ROWS_PER_CALL = 4096          # blocks per hook call: bounds the search buffers
-# gguf-py's numpy dequantizers run on one core; block LDLQ on a GPU dequantizes every group it quantizes (27648
-# blocks at a time for a 32B model's ffn_gate) on the host, about half its time there. Large calls are split over
-# threads (numpy releases the GIL in its array work); each part is what one call would compute, so the values
-# are the same. None: one thread per core, at most 16 (TWINQUANT_DEQUANT_THREADS=N sets it).
-DEQUANT_THREADS: int | None = int(os.environ.get("TWINQUANT_DEQUANT_THREADS", "0")) or None
-_DEQUANT_BLOCKS_PER_THREAD = 2048
-
-
-def _dequant_threads(n_blocks: int) -> int:
-    cores = DEQUANT_THREADS or min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else
-                                   os.cpu_count() or 1)
-    return max(1, min(cores, n_blocks // _DEQUANT_BLOCKS_PER_THREAD))
-
-
 def _same_rows(qw: torch.Tensor) -> bool:
     """Every block has the same quant_weights (one imatrix slice broadcast, as block LDLQ passes it)."""
     return qw.shape[0] <= 1 or qw.stride(0) == 0 or bool(torch.equal(qw, qw[:1].expand_as(qw)))
@@ -63,10 +47,13 @@ class BlockwiseCodec(GGMLSizes):
     def _quantize_blocks(self, x: torch.Tensor, qw: torch.Tensor | None) -> np.ndarray:
         raise NotImplementedError
 
-    def _dequantize_blocks(self, blocks: np.ndarray) -> torch.Tensor:
-        """Default: gguf-py's dequantization (numpy), the reference the files are read with."""
-        out = gguf.quants.dequantize(np.ascontiguousarray(blocks).reshape(-1), self.ggml_type)
-        return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).reshape(-1, self.block)
+    def _dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        """torch on the bytes' device (`iq_dequant`: gguf-py's values, bit for bit); gguf-py's numpy for a type
+        it does not have."""
+        if iq_dequant.supports(self.ggml_type):
+            return iq_dequant.dequantize(self.ggml_type, blocks)
+        out = gguf.quants.dequantize(blocks.cpu().numpy().reshape(-1), self.ggml_type)
+        return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).reshape(-1, self.block).to(blocks.device)
 
     # ---- whole matrices ------------------------------------------------------------------------------------------
     def quantize_blocks(self, x, qw=None) -> np.ndarray:
@@ -87,15 +74,10 @@ class BlockwiseCodec(GGMLSizes):
         return out
 
     def dequantize_blocks(self, blocks) -> torch.Tensor:
-        """float32 [B, block] of B blocks' bytes [B, type_size] (large calls split over threads)."""
-        b = np.ascontiguousarray(_np(blocks)).reshape(-1, self.type_size)
-        k = _dequant_threads(b.shape[0])
-        if k == 1:
-            return self._dequantize_blocks(b)
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(k) as pool:
-            return torch.cat(list(pool.map(self._dequantize_blocks, np.array_split(b, k))))
+        """float32 [B, block] of B blocks' bytes [B, type_size] (uint8 array or tensor), on the bytes' device: block
+        LDLQ on a GPU hands its bytes over there and gets the values back without a trip through the host."""
+        b = blocks if isinstance(blocks, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(blocks))
+        return self._dequantize_blocks(b.reshape(-1, self.type_size))
 
     def quantize_bytes(self, w, importance=None) -> np.ndarray:
         """RTN of w [rows, cols] exactly as ggml_quantize_chunk (imatrix = importance [cols] or None):

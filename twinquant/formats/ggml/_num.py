@@ -33,6 +33,17 @@ GROUP_MAX_EPS = 1e-15               # compared with float32 values: C's `x < GRO
 _CHUNK = {"cpu": 1 << 15, "cuda": 1 << 22}      # sub-blocks per batch: bounds the buffers (CUDA: a few GB)
 
 
+# values (candidate scales x sub-blocks x weights) that one pass of a scale search evaluates together: candidates
+# are independent (only accepting them is sequential), and a pass costs a fixed number of ops and host syncs
+# whatever its size, so small calls (block LDLQ's 64-row groups in `measure` on a GPU) take all in one pass
+CANDIDATE_BUDGET = {"cpu": 1 << 20, "cuda": 1 << 24}
+
+
+def candidates_per_pass(n_candidates: int, values_each: int, device: torch.device) -> int:
+    budget = CANDIDATE_BUDGET.get(device.type, CANDIDATE_BUDGET["cuda"])
+    return max(1, min(n_candidates, budget // max(1, values_each)))
+
+
 _STATIC = False       # inside static_shapes(): no host synchronisation and no data-dependent shapes
 
 
@@ -403,12 +414,17 @@ def _make_qp_quants(x, qw, nmax):                       # x, qw: [n, B]
     iscale = div(f32(nmax), mx)
     L0 = nearest_int(iscale[None, :] * x) & 0xFF
     best = _qp_mse(x, qw, div(1.0, iscale), L0.float())
-    for s in _QP_STEPS:
-        isc = div(f32(np.float32(0.1) * np.float32(s) + np.float32(nmax)), mx)
-        mse = _qp_mse(x, qw, div(1.0, isc), nearest_int(isc[None, :] * x).clamp_(max=nmax).float())
-        upd = mse < best
-        best = torch.where(upd, mse, best)
-        iscale = torch.where(upd, isc, iscale)
+    k = candidates_per_pass(len(_QP_STEPS), x.numel(), x.device)
+    for c in range(0, len(_QP_STEPS), k):           # k candidate scales at once, accepted in C's order
+        isc = torch.stack([div(f32(np.float32(0.1) * np.float32(s) + np.float32(nmax)), mx)
+                           for s in _QP_STEPS[c:c + k]])                                 # [k, B]
+        l = nearest_int(isc[:, None, :] * x).clamp_(max=nmax).float()                    # [k, n, B]
+        diff = x - div(1.0, isc)[:, None, :] * l
+        mse = seqsum((qw * diff) * diff, axis=1)
+        for i in range(isc.shape[0]):
+            upd = mse[i] < best
+            best = torch.where(upd, mse[i], best)
+            iscale = torch.where(upd, isc[i], iscale)
     l = nearest_int(iscale[None, :] * x).clamp_(max=nmax)
     wx = qw * x
     sumlx, suml2 = _sums(qw, wx, l.float(), torch.empty_like(x))

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from twinquant.formats.ggml._blockwise import BlockwiseCodec
-from twinquant.formats.ggml._num import div, f32, fp16, make_qp_quants, nearest_int, seqsum, sqrt
+from twinquant.formats.ggml._num import candidates_per_pass, div, f32, fp16, make_qp_quants, nearest_int, seqsum, sqrt
 
 QK_K = 256
 _NPTS = 3 ** 8                         # lattice points {0, 1, 2}^8, indexed by sum(l_i * 3^i)
@@ -184,16 +184,26 @@ class _IQ2(BlockwiseCodec):
         scale = scale0
         best_g = tab["map3"][0].expand(S, ng).clone()       # llama.cpp's L = 0 where no candidate is accepted
         best_on = torch.ones(S, ng, dtype=torch.bool, device=xv.device)
-        for s in self.steps:
-            iscale = div(f32(np.float32(5) + np.float32(s) * np.float32(0.1)), denom)
-            g, on = self._project(tab, xv, wa, iscale, div(1.0, iscale))
-            sumqx, sumq2 = self._sums(tab, g, w, wx)
-            upd = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
-            new = div(sumqx, sumq2)
-            scale = torch.where(upd, new, scale)
-            best = torch.where(upd, new * sumqx, best)
-            best_g = torch.where(upd[:, None], g, best_g)
-            best_on = torch.where(upd[:, None], on, best_on)
+        # the candidates do not depend on each other: k of them are projected in one pass (a few hundred ops and
+        # host syncs per pass instead of per candidate, which bounds small calls such as block LDLQ's on a GPU);
+        # only the acceptance below is sequential, in C's order
+        steps = list(self.steps)
+        k = candidates_per_pass(len(steps), S * n, xv.device)
+        for c in range(0, len(steps), k):
+            part = steps[c:c + k]
+            K = len(part)
+            iscale = torch.cat([div(f32(np.float32(5) + np.float32(st) * np.float32(0.1)), denom) for st in part])
+            rep = (lambda t: t.repeat(K, *([1] * (t.dim() - 1))))
+            g, on = self._project(tab, rep(xv), rep(wa), iscale, div(1.0, iscale))
+            sumqx, sumq2 = self._sums(tab, g, rep(w), rep(wx))
+            g, on, sumqx, sumq2 = g.view(K, S, ng), on.view(K, S, ng), sumqx.view(K, S), sumq2.view(K, S)
+            for i in range(K):
+                upd = (sumq2[i] > 0) & (sumqx[i] * sumqx[i] > best * sumq2[i])
+                new = div(sumqx[i], sumq2[i])
+                scale = torch.where(upd, new, scale)
+                best = torch.where(upd, new * sumqx[i], best)
+                best_g = torch.where(upd[:, None], g[i], best_g)
+                best_on = torch.where(upd[:, None], on[i], best_on)
         # XXS redoes every group at the winning scale, XS/S only the off-grid ones (if any)
         redo = scale > 0 if self.xxs else (scale > 0) & ~best_on.all(1)
         r = redo.nonzero().squeeze(1)

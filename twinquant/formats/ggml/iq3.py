@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from twinquant.formats.ggml._blockwise import BlockwiseCodec
-from twinquant.formats.ggml._num import F32, div, f32, fp16, nearest_int_, seqsum, sqrt
+from twinquant.formats.ggml._num import candidates_per_pass, F32, div, f32, fp16, nearest_int_, seqsum, sqrt
 
 QK_K = 256
 _SHIFTS = (0, 3, 6, 9)                      # lattice point u = l0 | l1<<3 | l2<<6 | l3<<9
@@ -193,17 +193,27 @@ def _quantize(x: torch.Tensor, qw: torch.Tensor | None, xxs: bool):
     best = torch.zeros_like(mx)
     gbest = torch.zeros((S, 8), dtype=torch.int64, device=x.device)        # L = 0: lattice point 0, grid index 0
     onbest = torch.full((S, 8), xxs, device=x.device)
-    for is_ in range(-15, 16) if xxs else range(-9, 10):
-        id_ = div(f32(np.float32(15) + np.float32(is_) * np.float32(0.2)), mx)
-        this_scale = div(1.0, id_)
-        gi, on = _snap(lat, id_.repeat_interleave(8), xg, wg, this_scale.repeat_interleave(8), ws)
-        sumqx, sumq2 = _fit(weight, wx, lat.q.index_select(0, gi).view(S, 32))
-        upd = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
-        s_new = div(sumqx, sumq2)
-        scale = torch.where(upd, s_new, scale)
-        best = torch.where(upd, s_new * sumqx, best)
-        gbest = torch.where(upd[:, None], gi.view(S, 8), gbest)
-        onbest = torch.where(upd[:, None], on.view(S, 8), onbest)
+    # the candidates do not depend on each other: k of them are snapped in one pass (a few hundred ops and host
+    # syncs per pass instead of per candidate: small calls, as block LDLQ makes on a GPU, were bound by them);
+    # only the acceptance is sequential, in C's order
+    steps = list(range(-15, 16) if xxs else range(-9, 10))
+    k = candidates_per_pass(len(steps), S * 32, x.device)
+    for c in range(0, len(steps), k):
+        part = steps[c:c + k]
+        K = len(part)
+        id_ = torch.stack([div(f32(np.float32(15) + np.float32(is_) * np.float32(0.2)), mx) for is_ in part])
+        this_scale = div(1.0, id_)                                                      # [K, S]
+        gi, on = _snap(lat, id_.repeat_interleave(8, 1).view(-1), xg.repeat(K, 1), wg.repeat(K, 1),
+                       this_scale.repeat_interleave(8, 1).view(-1), ws)
+        sumqx, sumq2 = _fit(weight.repeat(K, 1), wx.repeat(K, 1), lat.q.index_select(0, gi).view(K * S, 32))
+        gi, on, sumqx, sumq2 = gi.view(K, S, 8), on.view(K, S, 8), sumqx.view(K, S), sumq2.view(K, S)
+        for i in range(K):
+            upd = (sumq2[i] > 0) & (sumqx[i] * sumqx[i] > best * sumq2[i])
+            s_new = div(sumqx[i], sumq2[i])
+            scale = torch.where(upd, s_new, scale)
+            best = torch.where(upd, s_new * sumqx[i], best)
+            gbest = torch.where(upd[:, None], gi[i], gbest)
+            onbest = torch.where(upd[:, None], on[i], onbest)
 
     # re-round at the fitted scale: XXS the groups off the grid, S every group (of sub-blocks with one off the grid)
     need = (~onbest).any(1) & (scale > 0)
