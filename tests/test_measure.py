@@ -215,6 +215,47 @@ def test_sampled_rows_estimate_the_full_fisher_measurement(tiny):
         assert f["IQ1_S"]["cost"] > f["IQ2_XS"]["cost"] > f["Q4_K"]["cost"] > f["Q8_0"]["cost"], n
 
 
+def test_sampled_rows_of_tensors_with_one_input_priced_together_as_alone(tiny, monkeypatch):
+    # q, k, v (and gate, up) read one input: their sampled rows go through one GPTQ / block LDLQ sweep per candidate,
+    # which rounds every row as the tensor's own sweep does, so every price is the one measured tensor by tensor
+    import twinquant.allocation.measure as m
+
+    cal = load_calibration(load_model(str(tiny)), None, 1024, 64)
+    names = ["blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.0.attn_v.weight", "blk.1.ffn_gate.weight",
+             "blk.1.ffn_up.weight", "blk.1.ffn_down.weight"]
+    import twinquant.algorithms.backends as backends
+
+    real, rows_seen = backends.quantize_to_format, []
+
+    def counted(quant, W, *a, **k):
+        rows_seen.append(W.shape[0])
+        return real(quant, W, *a, **k)
+
+    monkeypatch.setattr(backends, "quantize_to_format", counted)
+
+    def run(together):
+        monkeypatch.setattr(m, "STACK_SHARED_INPUTS", together)
+        rows_seen.clear()
+        model = load_model(str(tiny)).materialize()
+        return measure(model, names, cal.windows, 4, {"model": "tiny"}, 0, model.n_params(), cost="fisher",
+                       progress=False, candidates="all", sample_rows=16)
+
+    alone = run(False)
+    assert set(rows_seen) == {16}
+    together = run(True)
+    assert set(rows_seen) == {48, 32, 16}                      # (q, k, v), (gate, up) stacked; down alone
+    assert set(together.tensors) == set(names) and together.tensors.keys() == alone.tensors.keys()
+    for n in names:
+        a, t = alone.tensors[n], together.tensors[n]
+        assert t["shape"] == a["shape"] and t["anchor"] == a["anchor"]
+        assert t["candidates"].keys() == a["candidates"].keys()
+        for ty, c in a["candidates"].items():
+            d = t["candidates"][ty]
+            assert d["bytes"] == c["bytes"] and d["rows"] == c["rows"] == 16, (n, ty)
+            assert d["cost"] == d["fisher"] and d["cost"] == pytest.approx(c["cost"], rel=1e-4), (n, ty)
+            assert d["out_error"] == pytest.approx(c["out_error"], rel=1e-4), (n, ty)
+
+
 def test_sample_row_indices():
     from twinquant.allocation.measure import sample_row_indices
 

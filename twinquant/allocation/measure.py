@@ -29,7 +29,8 @@ Fisher-weighted share of error, `Σ_S G_j r_j / Σ_S G_j s_j` (r = the row's err
 `(W A Wᵀ)_jj`), times the whole tensor's `Σ_all G_j s_j`, computed exactly. A type's relative error varies little
 from row to row, so a few dozen rows (half those with the largest G, half evenly spaced) price a 8960-row
 tensor; the embedding is priced on exactly the rows of the tokens the Fisher windows hold (the others cost
-nothing there), so it stays exact. The Hessian of a tensor is factorised once for all its candidates.
+nothing there), so it stays exact. The Hessian of a tensor is factorised once for all its candidates, and tensors
+that read one input (q, k, v; gate, up) have their sampled rows quantized as one matrix (one sweep per candidate).
 
 With `keep_blocks` every candidate's packed GGML bytes are also kept (`<measurement>.blocks/`, one .npy per tensor and
 type; about four times the size of a 5-bit file): `quantize --from-measurement` then assembles a file for any target
@@ -334,10 +335,34 @@ def sample_row_indices(G: torch.Tensor | None, rows: int, k: int) -> torch.Tenso
     return torch.sort(idx).values
 
 
+def _sampled_cost(dW: torch.Tensor, rows: torch.Tensor, signal: torch.Tensor, G: torch.Tensor, H: torch.Tensor,
+                  n_bytes: int, scored: int) -> dict:
+    """A candidate's entry from the error dW of the sampled `rows` (the ratio estimator of the module doc; signal
+    and G: every row's (W H Wᵀ)_jj and Fisher weight)."""
+    r = _row_quadratic(dW, H)                                                  # r_j of the sampled rows
+    s_s, G_s = signal[rows.to(signal.device)], G[rows.to(G.device)]
+    return {"bytes": n_bytes, "rows": int(rows.numel()),
+            "fisher": _ratio(G_s * r, G_s * s_s, (G * signal).sum()) / 2 / (2 * scored),
+            "out_error": _ratio(r, s_s, signal.sum())}
+
+
 def _ratio(num: torch.Tensor, den: torch.Tensor, total: torch.Tensor) -> float:
     """num.sum() / den.sum() · total (the ratio estimator), 0 where the sample has no signal."""
     d = float(den.sum())
     return float(num.sum()) / d * float(total) if d > 0 else 0.0
+
+
+STACK_SHARED_INPUTS = True     # sampled rows of tensors with one input priced as one matrix (tests turn it off)
+
+
+def _same_importance(importance: dict | None, names: list[str]) -> bool:
+    """The tensors' importance vectors are one (or there are none): they can be quantized as one matrix."""
+    if not importance:
+        return True
+    vs = [importance.get(n) for n in names]
+    if all(v is None for v in vs):
+        return True
+    return all(v is not None and torch.equal(v, vs[0]) for v in vs)
 
 
 COSTS = ("fisher", "anchor", "exact")
@@ -431,6 +456,35 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
                                            "scored": torch.tensor(fisher.scored)})
     scorer = _Scorer(model, kw) if cost != "fisher" else None
 
+    def price_sampled_group(group: list[str], H, quant) -> None:
+        """Tensors that read one input (q, k, v; gate, up), priced on sampled rows: their rows stacked into one
+        matrix per candidate, one GPTQ / block LDLQ sweep instead of one per tensor (every row is rounded on its
+        own under the shared H, so each tensor's rows come out as they would alone; on a GPU the sweeps of small
+        sampled matrices are bound by their launches, not their rows)."""
+        mats, parts = [], []
+        for name in group:
+            W = model.get(name).float()
+            rows = sample_row_indices(fisher.weights.get(name), W.shape[0], sample_rows).to(W.device)
+            signal = _row_quadratic(W, H)
+            mats.append(W[rows])
+            parts.append((name, W.shape, rows, signal, fisher.weights[name].to(signal.device)))
+        Ws = torch.cat(mats)
+        imp = importance.get(group[0]) if importance else None
+        if imp is None:
+            imp = torch.diagonal(H).clone()
+        cands = {name: {} for name in group}
+        with reuse_factors():
+            for ty in candidate_types(Ws.shape[-1], candidates):
+                _, W_hat = quantize_to_format(quant, Ws, codec_for(ty, Ws.shape[-1]), H=H, importance=imp)
+                for (name, shape, rows, signal, G), W_s, hat in zip(parts, mats, W_hat.split([len(m) for m in mats])):
+                    cands[name][ty] = _sampled_cost(hat.float() - W_s, rows, signal, G, H, tensor_bytes(ty, shape),
+                                                    fisher.scored)
+        for name, shape, *_ in parts:
+            c = cands[name]
+            for v in c.values():
+                v["cost"] = v["fisher"]
+            meas.tensors[name] = {"shape": list(shape), "anchor": next(iter(c)), "candidates": c}
+
     def price(name: str, layer: int, xs, H, quant) -> None:
         """Quantize `name` into each candidate; KL of the anchor (or of all), output errors of all. H: the input
         Hessian, or a stacked tensor's per-expert ones (`ExpertHessians`)."""
@@ -476,11 +530,8 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
                     c = {"bytes": tensor_bytes(ty, W.shape), "fisher": fisher.cost(name, Ws, W_hat, H, sampled=True),
                          "out_error": None, "rows": int(rows.numel())}
                 else:
-                    r = _row_quadratic(W_hat.float() - Ws, H)                      # r_j of the sampled rows
-                    s_s, G_s = signal[rows.to(signal.device)], G[rows.to(G.device)]
-                    c = {"bytes": tensor_bytes(ty, W.shape), "rows": int(rows.numel()),
-                         "fisher": _ratio(G_s * r, G_s * s_s, (G * signal).sum()) / 2 / (2 * fisher.scored),
-                         "out_error": _ratio(r, s_s, signal.sum())}
+                    c = _sampled_cost(W_hat.float() - Ws, rows, signal, G, H, tensor_bytes(ty, W.shape),
+                                      fisher.scored)
                 if store is not None:
                     _save_block(store / f"{name}.{ty}.npy", data)
                 if scorer is not None and (direct or ty == types[0]):
@@ -530,8 +581,12 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
             x_kld = [(x if xh is None else xh)[i: i + 1] for i in range(kw.shape[0])]
             x = block_pass(model, layer, x, hook=hooks)
             for g in groups:
+                together = [n for n in g if n in todo and n != emb and not roles.is_stack(n)]
+                if STACK_SHARED_INPUTS and sample_rows is not None and len(together) > 1 and \
+                        _same_importance(importance, together):
+                    price_sampled_group(together, hooks.hessian(g[0]), quantizer)
                 for n in g:
-                    if n in todo:
+                    if n in todo and n not in meas.tensors:
                         shape = roles.expected_shape(s, n)
                         H = hooks.expert_hessians(g[0], shape[0], shape[-1], recollect=recollector(
                             model, layer, hooks))[0] if roles.is_stack(n) else hooks.hessian(g[0])
