@@ -53,6 +53,15 @@ QWEN15_2BIT = [
     ("twinquant measured allocation at Q2_K_S's bytes (same measurement and control)",
      "twinquant 实测分配，Q2_K_S 的字节数（同一测量与对照）",
      "frontier_qwen15-q2ks-iq3xxs", "target:3.199661+fisher32-nosrc"),
+    ("llama.cpp hand mix: IQ2_XS + imatrix, attn_q/attn_output Q4_K, attn_k/attn_v Q5_K, ffn_down IQ3_S "
+     "(`--tensor-type`)",
+     "llama.cpp 手工组合：IQ2_XS + imatrix，attn_q/attn_output Q4_K，attn_k/attn_v Q5_K，ffn_down IQ3_S"
+     "（`--tensor-type`）",
+     "frontier_qwen15-handmix",
+     "llama.cpp:IQ2_XS+imatrix+attn_q=Q4_K+attn_k=Q5_K+attn_v=Q5_K+attn_output=Q4_K+ffn_down=IQ3_S"),
+    ("twinquant measured allocation at the hand mix's bytes (same measurement and control)",
+     "twinquant 实测分配，手工组合的字节数（同一测量与对照）",
+     "frontier_qwen15-handmix", "target:3.220633+fisher32-nosrc"),
     ("llama.cpp Q2_K + imatrix", "llama.cpp Q2_K + imatrix", "quality_qwen15", "llama.cpp:Q2_K+imatrix"),
     ("twinquant measured allocation at Q2_K's bytes (same measurement and control)",
      "twinquant 在 Q2_K 字节数下的实测分配（同一测量与对照）",
