@@ -48,10 +48,14 @@ LLAMACPP = ["Q2_K+imatrix", "Q3_K_S+imatrix", "Q3_K_M+imatrix", "Q4_K_M+imatrix"
 # Q4_K_M file), the control that cannot profit from re-creating the source's grid.
 KEEP = ["--keep-blocks"]
 FISHER32 = ["--cost", "fisher", "--sample-rows", "32"]
+# fisher32-heldout: fisher32-nosrc measured again with this tree, whose Fisher weights come from windows held out of
+# the Hessians (the cached fisher32 measurement predates them: its header has no kld_source)
 VARIANTS = {"default": ([], KEEP), "pad": (["--pad"], KEEP), "fisher32": (["--rotation", "none"], FISHER32),
-            "fisher32-nosrc": (["--rotation", "none"], FISHER32)}
+            "fisher32-nosrc": (["--rotation", "none"], FISHER32),
+            "fisher32-heldout": (["--rotation", "none"], FISHER32)}
 MEASURED_AS = {"fisher32-nosrc": "fisher32"}
-ALLOCATION = {"fisher32-nosrc": ["--exclude-type", "Q4_K", "--exclude-type", "Q6_K"]}
+NO_SOURCE_TYPES = ["--exclude-type", "Q4_K", "--exclude-type", "Q6_K"]    # the control: not the source's grid
+ALLOCATION = {"fisher32-nosrc": NO_SOURCE_TYPES, "fisher32-heldout": NO_SOURCE_TYPES}
 
 
 def recipe_args(variant: str) -> list[str]:
