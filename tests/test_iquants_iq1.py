@@ -99,3 +99,40 @@ def test_same_bytes_on_device(device):
             ref = codec.quantize_bytes(w, imp)
             assert np.array_equal(codec.quantize_bytes(w.to(device), imp.to(device)), ref), codec.name
     assert np.array_equal(IQ1_M().quantize_bytes(w.to(device)), IQ1_M().quantize_bytes(w))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_candidate_scan_in_passes_equals_the_row_loop(seed, monkeypatch):
+    """The split searches accept candidates in C's order: the scan in passes (each sub-block jumps to its next
+    accepted row) and the row-by-row scan agree on every sub-block's best and winner, with rows that sumq2 <= 0
+    rules out (NaN), exact ties and a running best carried in from an earlier call."""
+    from twinquant.formats.ggml import iq1
+
+    monkeypatch.setattr(iq1, "_SCAN_IN_PASSES", {})               # passes on this CPU too (a GPU's default)
+    g = torch.Generator().manual_seed(seed)
+    n, S = 70, 300
+    sqx = torch.randn(n, S, generator=g)
+    sq2 = torch.rand(n, S, generator=g) + 0.05
+    sq2[torch.rand(n, S, generator=g) < 0.1] = 0.0                       # ruled out
+    sqx[10:20] = sqx[:10]                                                  # exact ties with earlier rows
+    sq2[10:20] = sq2[:10]
+    x2, q2, s = iq1._record_prep(sqx, sq2)
+    start = torch.where(torch.rand(S, generator=g) < 0.5, torch.rand(S, generator=g), -iq1.FLT_MAX)
+    b1, i1 = start.clone(), torch.full((S,), -1, dtype=torch.long)
+    b2, i2 = start.clone(), torch.full((S,), -1, dtype=torch.long)
+    iq1._scan(b1, i1, x2, q2, s, 5)
+    iq1._scan_rows(b2, i2, x2, q2, s, 5)
+    assert torch.equal(i1, i2) and torch.equal(b1, b2)
+    assert (i1 >= 5).sum() > S // 2                                        # most sub-blocks accepted something
+
+
+def test_iq1_searches_in_passes_give_llama_cpp_bytes(monkeypatch):
+    """IQ1_S / IQ1_M quantized with the scan in passes (what a GPU runs) give libggml's bytes on this CPU."""
+    from twinquant.formats.ggml import iq1
+
+    monkeypatch.setattr(iq1, "_SCAN_IN_PASSES", {})
+    imp = _importance(COLS, seed=12)
+    for codec in (IQ1_S(), IQ1_M()):
+        for name, w in _cases():
+            got = codec.quantize_bytes(torch.from_numpy(w), torch.from_numpy(imp))
+            assert np.array_equal(got, ggml_oracle.quantize(w, codec.ggml_type, imp)), (codec.name, name)

@@ -48,6 +48,7 @@ _XP = (-0.875, 0.125, 1.125)                # -1 + DELTA, DELTA, 1 + DELTA  (all
 _XM = (-1.125, -0.125, 0.875)
 _CHUNK = {"cpu": 1 << 15, "cuda": 1 << 18}  # sub-blocks per search batch
 _NB_CHUNK = 1 << 14                         # off-grid groups per neighbour-search batch
+_SCAN_IN_PASSES = {"cpu": False}            # `_scan` in passes (GPUs) or row by row (CPUs)
 
 
 # ---- codebook tables (iq2xs_init_impl for IQ1_S / IQ1_M), built once from gguf-py's grid ---------------------------
@@ -117,7 +118,35 @@ def _codes_from_split(perm, i1, i2):
 def _scan(best, bi, x2, q2, s, base: int) -> None:
     """C's `if (sumq2 > 0 && sumqx*sumqx > best*sumq2) {best = scale*sumqx; ...}` over candidate rows in order
     (x2 = sumqx^2, NaN where sumq2 <= 0; s = (sumqx/sumq2)*sumqx; all [n, S]); updates best [S] and bi [S] (the
-    accepted row ids + base) in place."""
+    accepted row ids + base) in place.
+
+    Not row by row: with best fixed, every later row's test is evaluated at once and each sub-block jumps to its
+    first accepted row, the next acceptance of the sequential scan (no row between passes the test with the best it
+    saw); repeated until no sub-block accepts again. As many passes as the most acceptances of one sub-block, a
+    handful of ops each, where the row loop made three per row (the searches' small calls were bound by them).
+    A CPU keeps the row loop: there the passes' arithmetic costs more than the ops they save (64-row block LDLQ
+    into IQ1_S / IQ1_M 1.5-2.6x slower, `benchmarks/results/iquant_ldlq_speed_cpu-torch-search-iq1.json`); the
+    passes are for GPUs, where the row loop's launches bound the small calls (not yet timed there)."""
+    if not _SCAN_IN_PASSES.get(x2.device.type, True):
+        return _scan_rows(best, bi, x2, q2, s, base)
+    n = x2.shape[0]
+    rows = torch.arange(n, device=x2.device)[:, None]
+    done = torch.full_like(bi, -1)                  # the last accepted row of this call, per sub-block
+    b = best.clone()
+    for _ in range(n):                              # each pass moves every accepting sub-block past a row
+        acc = (x2 > b * q2) & (rows > done)
+        hit = acc.any(0)
+        if not bool(hit.any()):
+            break
+        first = acc.to(torch.uint8).argmax(0)       # the first accepted row (argmax returns the first maximum)
+        b = torch.where(hit, s.gather(0, first[None])[0], b)
+        done = torch.where(hit, first, done)
+        bi.copy_(torch.where(hit, base + first, bi))
+    best.copy_(b)
+
+
+def _scan_rows(best, bi, x2, q2, s, base: int) -> None:
+    """_scan row by row, as C runs it."""
     b = best.clone()
     for r in range(x2.shape[0]):
         acc = x2[r] > b * q2[r]
