@@ -44,6 +44,20 @@ def candidates_per_pass(n_candidates: int, values_each: int, device: torch.devic
     return max(1, min(n_candidates, budget // max(1, values_each)))
 
 
+def accept_in_order(best, scale, sumqx, sumq2, picks):
+    """C's `if (sumq2 > 0 && sumqx*sumqx > best*sumq2) {scale = sumqx/sumq2; best = scale*sumqx; keep its codes}`
+    over K candidates evaluated together (sumqx, sumq2 [K, S]), in order. `picks`: (kept [S, m], candidates'
+    [K, S, m]) pairs that follow the accepted candidate. -> (best, scale, the kept tensors)."""
+    kept = [k for k, _ in picks]
+    for i in range(sumqx.shape[0]):
+        upd = (sumq2[i] > 0) & (sumqx[i] * sumqx[i] > best * sumq2[i])
+        new = div(sumqx[i], sumq2[i])
+        scale = torch.where(upd, new, scale)
+        best = torch.where(upd, new * sumqx[i], best)
+        kept = [torch.where(upd[:, None], c[i], k) for k, (_, c) in zip(kept, picks)]
+    return best, scale, kept
+
+
 _STATIC = False       # inside static_shapes(): no host synchronisation and no data-dependent shapes
 
 

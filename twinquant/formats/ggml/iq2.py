@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from twinquant.formats.ggml._blockwise import BlockwiseCodec
-from twinquant.formats.ggml._num import candidates_per_pass, div, f32, fp16, make_qp_quants, nearest_int, seqsum, sqrt
+from twinquant.formats.ggml._num import (accept_in_order, candidates_per_pass, div, f32, fp16,
+                                           make_qp_quants, nearest_int, seqsum, sqrt)
 
 QK_K = 256
 _NPTS = 3 ** 8                         # lattice points {0, 1, 2}^8, indexed by sum(l_i * 3^i)
@@ -197,13 +198,7 @@ class _IQ2(BlockwiseCodec):
             g, on = self._project(tab, rep(xv), rep(wa), iscale, div(1.0, iscale))
             sumqx, sumq2 = self._sums(tab, g, rep(w), rep(wx))
             g, on, sumqx, sumq2 = g.view(K, S, ng), on.view(K, S, ng), sumqx.view(K, S), sumq2.view(K, S)
-            for i in range(K):
-                upd = (sumq2[i] > 0) & (sumqx[i] * sumqx[i] > best * sumq2[i])
-                new = div(sumqx[i], sumq2[i])
-                scale = torch.where(upd, new, scale)
-                best = torch.where(upd, new * sumqx[i], best)
-                best_g = torch.where(upd[:, None], g[i], best_g)
-                best_on = torch.where(upd[:, None], on[i], best_on)
+            best, scale, (best_g, best_on) = accept_in_order(best, scale, sumqx, sumq2, [(best_g, g), (best_on, on)])
         # XXS redoes every group at the winning scale, XS/S only the off-grid ones (if any)
         redo = scale > 0 if self.xxs else (scale > 0) & ~best_on.all(1)
         r = redo.nonzero().squeeze(1)

@@ -42,7 +42,8 @@ import numpy as np
 import torch
 
 from twinquant.formats.ggml._blockwise import BlockwiseCodec
-from twinquant.formats.ggml._num import candidates_per_pass, F32, div, f32, fp16, nearest_int_, seqsum, sqrt
+from twinquant.formats.ggml._num import (accept_in_order, candidates_per_pass, F32, div, f32,
+                                           fp16, nearest_int_, seqsum, sqrt)
 
 QK_K = 256
 _SHIFTS = (0, 3, 6, 9)                      # lattice point u = l0 | l1<<3 | l2<<6 | l3<<9
@@ -207,13 +208,7 @@ def _quantize(x: torch.Tensor, qw: torch.Tensor | None, xxs: bool):
                        this_scale.repeat_interleave(8, 1).view(-1), ws)
         sumqx, sumq2 = _fit(weight.repeat(K, 1), wx.repeat(K, 1), lat.q.index_select(0, gi).view(K * S, 32))
         gi, on, sumqx, sumq2 = gi.view(K, S, 8), on.view(K, S, 8), sumqx.view(K, S), sumq2.view(K, S)
-        for i in range(K):
-            upd = (sumq2[i] > 0) & (sumqx[i] * sumqx[i] > best * sumq2[i])
-            s_new = div(sumqx[i], sumq2[i])
-            scale = torch.where(upd, s_new, scale)
-            best = torch.where(upd, s_new * sumqx[i], best)
-            gbest = torch.where(upd[:, None], gi[i], gbest)
-            onbest = torch.where(upd[:, None], on[i], onbest)
+        best, scale, (gbest, onbest) = accept_in_order(best, scale, sumqx, sumq2, [(gbest, gi), (onbest, on)])
 
     # re-round at the fitted scale: XXS the groups off the grid, S every group (of sub-blocks with one off the grid)
     need = (~onbest).any(1) & (scale > 0)
