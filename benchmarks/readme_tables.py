@@ -53,6 +53,9 @@ QWEN15_2BIT = [
     ("twinquant measured allocation at Q2_K_S's bytes (same measurement and control)",
      "twinquant 实测分配，Q2_K_S 的字节数（同一测量与对照）",
      "frontier_qwen15-q2ks-iq3xxs", "target:3.199661+fisher32-nosrc"),
+    ("the same, its Fisher weights from windows held out of the Hessians (measured again)",
+     "同上，Fisher 权重取自 Hessian 之外的留出窗口（重新测量）",
+     "frontier_qwen15-heldout", "target:3.199661+fisher32-heldout"),
     ("llama.cpp hand mix: IQ2_XS + imatrix, attn_q/attn_output Q4_K, attn_k/attn_v Q5_K, ffn_down IQ3_S "
      "(`--tensor-type`)",
      "llama.cpp 手工组合：IQ2_XS + imatrix，attn_q/attn_output Q4_K，attn_k/attn_v Q5_K，ffn_down IQ3_S"
