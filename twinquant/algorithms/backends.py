@@ -108,7 +108,8 @@ def quantize_to_format(quantizer: Quantizer, W: torch.Tensor, codec, H: torch.Te
             return r.data, r.dequantized
         if quantizer.name == "rtn":
             data = codec.quantize_bytes(W, importance)
-            return data, codec.dequantize_bytes(data, W.shape[1]).to(W.device)
+            # dequantized where W lives (iq_dequant): the bytes go to the device, not the values to the host
+            return data, codec.dequantize_bytes(torch.from_numpy(data).to(W.device), W.shape[1])
         raise TwinquantError(f"{quantizer.name} cannot quantize into {codec.name} (use gptq or rtn)")
     ggml_type = getattr(codec, "ggml_type", None)
     if quantizer.name == "rtn" and ggml_type is not None and libggml.usable(W) and not has_clip_hook(codec):

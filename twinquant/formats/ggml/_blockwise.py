@@ -99,10 +99,14 @@ class BlockwiseCodec(GGMLSizes):
         return self.quantize_blocks(x.reshape(R * nb, self.block), qw).reshape(R, nb * self.type_size)
 
     def dequantize_bytes(self, data, cols: int) -> torch.Tensor:
-        """float32 [rows, cols] from bytes holding whole rows (what llama.cpp computes from them)."""
+        """float32 [rows, cols] from bytes holding whole rows (what llama.cpp computes from them), on the bytes'
+        device when they are a uint8 tensor."""
         bpr = self.bytes_per_row(cols)
-        b = np.ascontiguousarray(_np(data)).view(np.uint8).reshape(-1)
-        if b.size % bpr:
-            raise TwinquantError(f"{self.name}: {b.size} bytes do not hold whole rows of {cols} values "
+        if isinstance(data, torch.Tensor) and data.dtype == torch.uint8:
+            b = data.reshape(-1)
+        else:
+            b = torch.from_numpy(np.ascontiguousarray(_np(data)).view(np.uint8).reshape(-1))
+        if b.numel() % bpr:
+            raise TwinquantError(f"{self.name}: {b.numel()} bytes do not hold whole rows of {cols} values "
                                  f"({bpr} bytes per row)")
         return self.dequantize_blocks(b).reshape(-1, cols)
