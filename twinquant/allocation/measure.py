@@ -355,6 +355,14 @@ def _ratio(num: torch.Tensor, den: torch.Tensor, total: torch.Tensor) -> float:
 STACK_SHARED_INPUTS = True     # sampled rows of tensors with one input priced as one matrix (tests turn it off)
 
 
+def _stacked(names: list[str], importance: dict | None) -> list[list[str]]:
+    """Tensors of one input priced as one matrix where they can be (STACK_SHARED_INPUTS, one importance vector),
+    else one by one."""
+    if STACK_SHARED_INPUTS and len(names) > 1 and _same_importance(importance, names):
+        return [names]
+    return [[n] for n in names]
+
+
 def _same_importance(importance: dict | None, names: list[str]) -> bool:
     """The tensors' importance vectors are one (or there are none): they can be quantized as one matrix."""
     if not importance:
@@ -374,7 +382,7 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
             path: str | os.PathLike | None = None, progress: bool = True, log=None,
             stop_after_layer: int | None = None, keep_blocks: bool = False, stream: bool = False,
             candidates: str = "all", sample_rows: int | None = None, workdir=None,
-            kld_from: torch.Tensor | None = None) -> Measurement:
+            kld_from: torch.Tensor | None = None, workers: int | None = None) -> Measurement:
     """Measure `names` (quantizable 2-D tensors of `model`, float) on the calibration windows; see module doc.
 
     `cost`: "fisher" (no forward: the Fisher-weighted output error of allocation/fisher.py), "anchor" (one KL
@@ -395,9 +403,12 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
     `workdir` (a `pipeline.workdir.WorkDir`, with `path`): the activations entering the next block and the Fisher
     weights are kept there after every block, so a resumed measurement starts at its first unfinished block (it
     ran every block before it again otherwise).
+    `workers`: how many sampled candidates are quantized at once (host threads, each with its own CUDA stream:
+    algorithms/workers.py); default 1 on a CPU, 4 on a GPU. The measurement is the same whatever the number.
     """
     from twinquant.algorithms.backends import get_quantizer, quantize_experts_to_format, quantize_to_format
     from twinquant.algorithms.gptq import reuse_factors
+    from twinquant.algorithms.workers import check_workers, default_workers, run_jobs
     from twinquant.allocation.fisher import Fisher, output_fisher
     from twinquant.calibration.blocks import HessianHook, block_pass, chunked_stacks, recollector
     from twinquant.formats import codec_for
@@ -415,6 +426,8 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
 
     quantizer = get_quantizer(method, config)
     rtn = get_quantizer("rtn")
+    device = model.device
+    n_workers = default_workers(device) if workers is None else check_workers(workers)
     s = model.spec
     if (s.moe or s.mla) and (cost == "fisher" or keep_blocks):
         raise TwinquantError(f"measure: a {s.arch} model (stacked experts / per-head tensors) is priced by KL "
@@ -456,11 +469,11 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
                                            "scored": torch.tensor(fisher.scored)})
     scorer = _Scorer(model, kw) if cost != "fisher" else None
 
-    def price_sampled_group(group: list[str], H, quant) -> None:
-        """Tensors that read one input (q, k, v; gate, up), priced on sampled rows: their rows stacked into one
-        matrix per candidate, one GPTQ / block LDLQ sweep instead of one per tensor (every row is rounded on its
-        own under the shared H, so each tensor's rows come out as they would alone; on a GPU the sweeps of small
-        sampled matrices are bound by their launches, not their rows)."""
+    def sampled(group: list[str], H) -> dict:
+        """Tensors that read one input (q, k, v; gate, up) or one tensor, to be priced on sampled rows: their rows
+        stacked into one matrix, so each candidate is one GPTQ / block LDLQ sweep instead of one per tensor (every
+        row is rounded on its own under the shared H, so each tensor's rows come out as they would alone; on a GPU
+        the sweeps of small sampled matrices are bound by their launches, not their rows)."""
         mats, parts = [], []
         for name in group:
             W = model.get(name).float()
@@ -468,22 +481,37 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
             signal = _row_quadratic(W, H)
             mats.append(W[rows])
             parts.append((name, W.shape, rows, signal, fisher.weights[name].to(signal.device)))
-        Ws = torch.cat(mats)
         imp = importance.get(group[0]) if importance else None
-        if imp is None:
-            imp = torch.diagonal(H).clone()
-        cands = {name: {} for name in group}
-        with reuse_factors():
-            for ty in candidate_types(Ws.shape[-1], candidates):
-                _, W_hat = quantize_to_format(quant, Ws, codec_for(ty, Ws.shape[-1]), H=H, importance=imp)
-                for (name, shape, rows, signal, G), W_s, hat in zip(parts, mats, W_hat.split([len(m) for m in mats])):
-                    cands[name][ty] = _sampled_cost(hat.float() - W_s, rows, signal, G, H, tensor_bytes(ty, shape),
-                                                    fisher.scored)
-        for name, shape, *_ in parts:
-            c = cands[name]
-            for v in c.values():
-                v["cost"] = v["fisher"]
-            meas.tensors[name] = {"shape": list(shape), "anchor": next(iter(c)), "candidates": c}
+        Ws = torch.cat(mats)
+        if not candidate_types(Ws.shape[-1], candidates):
+            raise TwinquantError(f"{group[0]}: rows of {Ws.shape[-1]} fit no quantized type (not a multiple of 32)")
+        return {"H": H, "W": Ws, "mats": mats, "parts": parts, "types": candidate_types(Ws.shape[-1], candidates),
+                "importance": torch.diagonal(H).clone() if imp is None else imp}
+
+    def price_sampled(groups: list[dict], quant) -> None:
+        """Every candidate of every group: independent jobs (run_jobs: several at a time on a GPU)."""
+        groups = sorted(groups, key=lambda g: -g["W"].shape[-1])     # the longest sweeps start first
+        jobs = [(g, ty) for g in groups for ty in g["types"]]
+
+        def job(item) -> list[dict]:
+            g, ty = item
+            _, W_hat = quantize_to_format(quant, g["W"], codec_for(ty, g["W"].shape[-1]), H=g["H"],
+                                          importance=g["importance"])
+            return [_sampled_cost(hat.float() - W_s, rows, signal, G, g["H"], tensor_bytes(ty, shape), fisher.scored)
+                    for (name, shape, rows, signal, G), W_s, hat in
+                    zip(g["parts"], g["mats"], W_hat.split([len(m) for m in g["mats"]]))]
+
+        # a sequential run holds one Hessian's factor at a time (groups are contiguous in `jobs`)
+        with reuse_factors(keep=len(groups) if n_workers > 1 else 1):
+            results = run_jobs(job, jobs, n_workers, device)
+        cands: dict[str, dict] = {}
+        for (g, ty), costs in zip(jobs, results):
+            for (name, *_), c in zip(g["parts"], costs):
+                c["cost"] = c["fisher"]
+                cands.setdefault(name, {})[ty] = c
+        for g in groups:
+            for name, shape, *_ in g["parts"]:
+                meas.tensors[name] = {"shape": list(shape), "anchor": g["types"][0], "candidates": cands[name]}
 
     def price(name: str, layer: int, xs, H, quant) -> None:
         """Quantize `name` into each candidate; KL of the anchor (or of all), output errors of all. H: the input
@@ -497,13 +525,9 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
             raise TwinquantError(f"{name}: rows of {W.shape[-1]} fit no quantized type (not a multiple of 32)")
         direct = cost != "fisher" and (exact or H is None or layer < 0 or layer >= s.n_layers)
         rows = None
-        if sample_rows is not None:
-            if name == emb:       # exactly the rows the Fisher windows look up
-                rows = fisher.emb_tokens.to(W.device)
-            else:
-                rows = sample_row_indices(fisher.weights.get(name), W.shape[0], sample_rows).to(W.device)
-                signal = _row_quadratic(W, H)                                   # s_j of every row
-                G = fisher.weights[name].to(signal.device)
+        if sample_rows is not None:   # (the other tensors are priced by price_sampled)
+            assert name == emb
+            rows = fisher.emb_tokens.to(W.device)       # exactly the rows the Fisher windows look up
         Ws = W if rows is None else W[rows]
         cands = {}
         with reuse_factors():                    # one factorisation of H for all the candidates
@@ -526,12 +550,9 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
                     c = {"bytes": tensor_bytes(ty, W.shape),
                          "fisher": fisher.cost(name, W, W_hat, H) if fisher is not None else None,
                          "out_error": _out_error(W, W_hat, H) if H is not None else None}
-                elif name == emb:
+                else:
                     c = {"bytes": tensor_bytes(ty, W.shape), "fisher": fisher.cost(name, Ws, W_hat, H, sampled=True),
                          "out_error": None, "rows": int(rows.numel())}
-                else:
-                    c = _sampled_cost(W_hat.float() - Ws, rows, signal, G, H, tensor_bytes(ty, W.shape),
-                                      fisher.scored)
                 if store is not None:
                     _save_block(store / f"{name}.{ty}.npy", data)
                 if scorer is not None and (direct or ty == types[0]):
@@ -580,11 +601,10 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
             hooks = HessianHook(names, chunked_stacks(model, layer) & names)
             x_kld = [(x if xh is None else xh)[i: i + 1] for i in range(kw.shape[0])]
             x = block_pass(model, layer, x, hook=hooks)
+            if sample_rows is not None:      # (no stacks: a sampled measurement refuses MoE / MLA models)
+                price_sampled([sampled(part, hooks.hessian(g[0])) for g in groups
+                               for part in _stacked([n for n in g if n in todo], importance)], quantizer)
             for g in groups:
-                together = [n for n in g if n in todo and n != emb and not roles.is_stack(n)]
-                if STACK_SHARED_INPUTS and sample_rows is not None and len(together) > 1 and \
-                        _same_importance(importance, together):
-                    price_sampled_group(together, hooks.hessian(g[0]), quantizer)
                 for n in g:
                     if n in todo and n not in meas.tensors:
                         shape = roles.expected_shape(s, n)
@@ -610,7 +630,11 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
 
             h = rms_norm(x.to(model.dtype), model.get(roles.name(T.OUTPUT_NORM)), s.rms_eps).float()
             H, _ = accumulate_hessian(None, 0, h.reshape(-1, s.hidden))
-            price(out, s.n_layers, [(x if xh is None else xh)[i: i + 1] for i in range(kw.shape[0])], H, quantizer)
+            if sample_rows is not None:
+                price_sampled([sampled([out], H)], quantizer)
+            else:
+                price(out, s.n_layers, [(x if xh is None else xh)[i: i + 1] for i in range(kw.shape[0])], H,
+                      quantizer)
         bar.update(s.n_layers + 2, out)
     missing = want - set(meas.tensors)
     if missing:

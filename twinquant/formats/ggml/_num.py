@@ -22,6 +22,7 @@ the candidate loops work in place in a few [n, B] buffers (on the CPU, fresh lar
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 
 import numpy as np
@@ -58,7 +59,7 @@ def accept_in_order(best, scale, sumqx, sumq2, picks):
     return best, scale, kept
 
 
-_STATIC = False       # inside static_shapes(): no host synchronisation and no data-dependent shapes
+_STATIC = threading.local()   # .on inside static_shapes(): per thread (a capture must not change another thread's fits)
 
 
 @contextmanager
@@ -66,16 +67,16 @@ def static_shapes():
     """Within this block the fits make no host synchronisation and keep every tensor's shape (`_descend` runs all
     its passes on every sub-block, fits keep their fallback codes): what a CUDA graph capture needs. The results
     are the same bits."""
-    global _STATIC
-    outer, _STATIC = _STATIC, True
+    outer = static()
+    _STATIC.on = True
     try:
         yield
     finally:
-        _STATIC = outer
+        _STATIC.on = outer
 
 
 def static() -> bool:
-    return _STATIC
+    return getattr(_STATIC, "on", False)
 
 
 def f32(v) -> float:
