@@ -242,13 +242,12 @@ class Sampler:
 
 
 class _TimedCandidates:
-    """Seconds of every candidate quantization `measure` makes (backends.quantize_to_format), by type, each call
-    synchronised on its own stream (measure --workers runs several at once: the seconds by type are then busy
-    seconds that overlap); `fixed`: the wall time of the embedding's candidates (the first tensor, no Hessian) and
-    of the output head's (the last tensor priced), which a deeper model does not repeat."""
+    """Seconds of every candidate quantization `measure` makes (backends.quantize_to_format), by type, synchronised
+    on the GPU; `fixed`: those of the embedding (the first tensor, no Hessian) and of the output head (the last
+    tensor priced), which a deeper model does not repeat."""
 
     def __init__(self):
-        self.calls: list[tuple[int | None, str, float, float]] = []     # (id of the Hessian, type, start, end)
+        self.calls: list[tuple[int | None, str, float]] = []     # (id of the Hessian, type, seconds)
 
     def __enter__(self):
         from twinquant.algorithms import backends
@@ -256,13 +255,13 @@ class _TimedCandidates:
         self._mod, self._real = backends, backends.quantize_to_format
 
         def timed(quant, W, codec, **kw):
-            sync = torch.cuda.current_stream(W.device).synchronize if W.is_cuda else (lambda: None)
+            sync = torch.cuda.synchronize if W.is_cuda else (lambda: None)
             sync()
             t = time.perf_counter()
             out = self._real(quant, W, codec, **kw)
             sync()
             H = kw.get("H")
-            self.calls.append((None if H is None else id(H), codec.name, t, time.perf_counter()))
+            self.calls.append((None if H is None else id(H), codec.name, time.perf_counter() - t))
             return out
 
         backends.quantize_to_format = timed
@@ -271,27 +270,23 @@ class _TimedCandidates:
     def __exit__(self, *exc):
         self._mod.quantize_to_format = self._real
 
-    @staticmethod
-    def _span(calls) -> float:
-        return max(c[3] for c in calls) - min(c[2] for c in calls) if calls else 0.0
-
     @property
     def fixed(self) -> float:
         if not self.calls:
             return 0.0
-        first = [c for c in self.calls if c[0] is None]
+        first = sum(sec for h, _, sec in self.calls if h is None)
         last_h = self.calls[-1][0]
-        last = []
-        for c in reversed(self.calls):
-            if c[0] != last_h or c[0] is None:
+        last = 0.0
+        for h, _, sec in reversed(self.calls):
+            if h != last_h or h is None:
                 break
-            last.append(c)
-        return self._span(first) + self._span(last)
+            last += sec
+        return first + last
 
     def by_type(self) -> dict[str, float]:
         out: dict[str, float] = {}
-        for _, ty, start, end in self.calls:
-            out[ty] = out.get(ty, 0.0) + end - start
+        for _, ty, sec in self.calls:
+            out[ty] = out.get(ty, 0.0) + sec
         return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
 
 
@@ -328,12 +323,10 @@ def run_stage(stage: str, src: Path, work: Path, args) -> dict:
     with Sampler() as mem:
         if stage == "measure":
             mpath.unlink(missing_ok=True)
-            from twinquant.algorithms.workers import default_workers
-
             with _TimedCandidates() as cand:
                 m = twinquant.measure(str(src), mpath, recipe, Options(cost="fisher", sample_rows=args.sample_rows,
-                                                                       workers=args.workers, **opts))
-            result = {"tensors": len(m.tensors), "sample_rows": args.sample_rows, "workers": args.workers or default_workers(args.device),
+                                                                       **opts))
+            result = {"tensors": len(m.tensors), "sample_rows": args.sample_rows,
                       "candidates": sum(len(t["candidates"]) for t in m.tensors.values()),
                       "candidate_seconds_by_type": cand.by_type(), "fixed_seconds": round(cand.fixed, 1)}
             label += f" ({args.sample_rows} rows)" if args.sample_rows else ""
@@ -389,8 +382,6 @@ def main(argv=None) -> int:
                     help="comma-separated; quantize@N: the default recipe on N calibration tokens (e.g. "
                          "quantize@8192,quantize compares a fixed count with the recipe's own)")
     ap.add_argument("--target-bpw", type=float, default=2.5)
-    ap.add_argument("--workers", type=int, help="the measure stage quantizes this many candidates at once "
-                    "(measure --workers; default: measure's own)")
     ap.add_argument("--sample-rows", type=int, help="the measure stage prices candidates on this many rows a tensor "
                     "(measure --sample-rows)")
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "twinquant" / "scale"))
@@ -498,10 +489,8 @@ def write_results(res: dict, out: Path, tag: str) -> str:
         lines += ["", f"cut off: {res['cut_off']}"]
     for s in res["stages"]:
         if s.get("candidate_seconds_by_type"):
-            busy = (f"; {s['workers']} workers: busy seconds, which overlap" if (s.get("workers") or 1) > 1
-                    else "")
             lines += ["", f"{s['stage']}: seconds of the candidate quantizations by type (embedding and head: "
-                      f"{s['fixed_seconds']:.1f} s wall, counted once in the whole-model figure{busy})", "",
+                      f"{s['fixed_seconds']:.1f} s of them, counted once in the whole-model figure)", "",
                       "| type | seconds |", "|---|---|"]
             lines += [f"| {k} | {v:.1f} |" for k, v in s["candidate_seconds_by_type"].items()]
         if isinstance(s.get("tensors"), list):

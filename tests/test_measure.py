@@ -256,41 +256,6 @@ def test_sampled_rows_of_tensors_with_one_input_priced_together_as_alone(tiny, m
             assert d["out_error"] == pytest.approx(c["out_error"], rel=1e-4), (n, ty)
 
 
-def test_sampled_candidates_quantized_by_several_workers_give_the_same_measurement(tiny, monkeypatch):
-    # measure --workers N quantizes candidates from N threads (on a GPU each with its own stream): the jobs are
-    # independent, so the measurement is the one a single worker makes, value for value
-    import threading
-
-    import twinquant.algorithms.backends as backends
-
-    cal = load_calibration(load_model(str(tiny)), None, 1024, 64)
-    names = ["token_embd.weight", "blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.0.attn_v.weight",
-             "blk.0.attn_output.weight", "blk.1.ffn_gate.weight", "blk.1.ffn_up.weight", "blk.1.ffn_down.weight",
-             "output.weight"]
-    real, threads = backends.quantize_to_format, set()
-
-    def seen(*a, **k):
-        threads.add(threading.current_thread().name)
-        return real(*a, **k)
-
-    monkeypatch.setattr(backends, "quantize_to_format", seen)
-
-    def run(workers):
-        threads.clear()
-        model = load_model(str(tiny)).materialize()
-        m = measure(model, names, cal.windows, 4, {"model": "tiny"}, 0, model.n_params(), cost="fisher",
-                    progress=False, candidates="all", sample_rows=16, workers=workers)
-        return _strip(m.to_dict()), set(threads)
-
-    one, t1 = run(1)
-    three, t3 = run(3)
-    assert t1 == {threading.current_thread().name}
-    assert len(t3 - t1) == 3                                   # the layers' candidates ran in three threads
-    assert json.dumps(three) == json.dumps(one)                # the same values, in the same order
-    with pytest.raises(TwinquantError, match="--workers"):
-        run(0)
-
-
 def test_sample_row_indices():
     from twinquant.allocation.measure import sample_row_indices
 

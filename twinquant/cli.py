@@ -269,8 +269,7 @@ def _options(args, **extra):
     from twinquant.pipeline import Options
 
     names = ("outtype", "split_max_size", "imatrix", "target_size", "target_bpw", "measurement", "kld_windows",
-             "cost", "candidates", "sample_rows", "workers", "keep_blocks", "from_measurement", "dry_run", "report",
-             "resume", "work_dir", "keep_work")
+             "cost", "candidates", "sample_rows", "keep_blocks", "from_measurement", "dry_run", "report", "resume", "work_dir", "keep_work")
     kw = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     if getattr(args, "exact", False):
         kw["cost"] = "exact"
@@ -519,8 +518,6 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: with llama.cpp's i-quants IQ1_S..IQ4_XS) or k (K-quants and legacy types only)")
     sp.add_argument("--sample-rows", type=int, metavar="N", help="a measurement made by this run prices each "
                     "candidate on N rows of each tensor (as measure --sample-rows)")
-    sp.add_argument("--workers", type=int, metavar="N", help="candidates a measurement made by this run "
-                    "quantizes at once (as measure --workers)")
     sp.add_argument("--from-measurement", action="store_true", help="with --target-*: take each tensor's bytes "
                     "from the measurement's kept blocks (seconds; needs `measure --keep-blocks`) instead of "
                     "quantizing again (sequential GPTQ)")
@@ -561,9 +558,6 @@ def build_parser() -> argparse.ArgumentParser:
                     "rows of each tensor (half the largest Fisher weight, half evenly spaced) and scale the sample's "
                     "relative error to the whole tensor; the embedding on exactly the rows its windows use. About "
                     "rows/N times faster: how a 1.5B model is measured on a CPU (default: every row)")
-    sp.add_argument("--workers", type=int, metavar="N", help="with --sample-rows: quantize N candidates at once "
-                    "(host threads, each with its own CUDA stream; the same measurement; default 4 on a GPU, 1 on "
-                    "a CPU)")
     sp.add_argument("--keep-blocks", action="store_true", help="keep every candidate's packed bytes beside the "
                     "JSON (OUTPUT.blocks/, ~4x a 5-bit file) for quantize --from-measurement")
     sp.add_argument("--outtype", choices=["f32", "f16", "bf16"], default="f16")

@@ -28,7 +28,6 @@ Q8_0/Q4_0/Q5_0, whose RTN rounds with the fp32 inverse scale before the scale is
 
 from __future__ import annotations
 
-import threading
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -166,68 +165,37 @@ def _cholesky_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
     raise TwinquantError("gptq: the Hessian is not positive definite even with heavy damping")
 
 
-class _Factors:
-    """The factors reuse_factors() holds: up to `keep` Hessians', the oldest dropped first. Threads that quantize
-    with one H at once (algorithms/workers.py) wait for the one of them that factorises it."""
-
-    def __init__(self, keep: int):
-        self.keep = keep
-        self.entries: dict = {}          # (id(H), damp, device, act_order) -> (H, (M, rdiag)), oldest first
-        self.locks: dict = {}
-        self.lock = threading.Lock()
-
-    def get(self, H_source, H, damp: float, act_order: bool):
-        key = (id(H_source), float(damp), str(H.device), act_order)
-        with self.lock:
-            lock = self.locks.setdefault(key, threading.Lock())
-        with lock:
-            hit = self.entries.get(key)
-            if hit is not None and hit[0] is H_source:   # the very tensor (held here, so its id is not reused)
-                return hit[1]
-            out = _unit_factor(H, damp)
-            if H.is_cuda:                                # other threads read it on their own streams
-                torch.cuda.current_stream(H.device).synchronize()
-            with self.lock:
-                self.entries[key] = (H_source, out)
-                while len(self.entries) > self.keep:
-                    old = next(iter(self.entries))
-                    del self.entries[old]
-                    self.locks.pop(old, None)
-            return out
-
-
-_FACTORS: _Factors | None = None     # on inside reuse_factors()
+_FACTORS: dict | None = None     # (damp, device, act_order) -> (H, (M, rdiag)); on inside reuse_factors()
 
 
 @contextmanager
-def reuse_factors(keep: int = 1):
+def reuse_factors():
     """Within this block a Hessian (the same, unmodified tensor) is factorised once for every quantization that
     uses it: measure quantizes one tensor into a dozen candidate types with one H, and the factorisation of a
     8960-wide H costs seconds each time on a CPU. H must not change inside the block (inference tensors have no
-    version counter to tell). `keep`: how many Hessians' factors are held at once (measure pricing a layer's
-    tensors concurrently keeps all of them; one at a time bounds the memory of a sequential run). The factors are
-    dropped when the block ends."""
+    version counter to tell). The factors are dropped when the block ends."""
     global _FACTORS
-    outer, _FACTORS = _FACTORS, _Factors(keep)
+    outer, _FACTORS = _FACTORS, {}
     try:
         yield
     finally:
         _FACTORS = outer
 
 
-def _unit_factor(H: torch.Tensor, damp: float):
-    R = _cholesky_factor(H, damp)
-    rdiag = torch.diagonal(R).clone()
-    return R.div_(rdiag), rdiag                          # M[k, c] = R[k, c] / R[c, c]
-
-
 def unit_factor(H_source: torch.Tensor, H: torch.Tensor, damp: float, act_order: bool = False):
     """(M, rdiag) with H + λI = R·Rᵀ, rdiag = diag(R), M = R·diag(R)⁻¹ (unit upper), for H prepared from
     `H_source` (dead columns, act-order permutation); reused inside `reuse_factors()`. M is shared: read only."""
-    factors = _FACTORS
-    if factors is None:
-        return _unit_factor(H, damp)
-    return factors.get(H_source, H, damp, act_order)
+    key = (float(damp), str(H.device), act_order)
+    hit = _FACTORS.get(key) if _FACTORS is not None else None
+    if hit is not None and hit[0] is H_source:          # the very tensor (held here, so its id is not reused)
+        return hit[1]
+    R = _cholesky_factor(H, damp)
+    rdiag = torch.diagonal(R).clone()
+    out = (R.div_(rdiag), rdiag)                         # M[k, c] = R[k, c] / R[c, c]
+    if _FACTORS is not None:
+        _FACTORS.clear()                                 # one H at a time: measure prices tensor by tensor
+        _FACTORS[key] = (H_source, out)
+    return out
 
 
 def prepare_inputs(W: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -382,7 +382,7 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
             path: str | os.PathLike | None = None, progress: bool = True, log=None,
             stop_after_layer: int | None = None, keep_blocks: bool = False, stream: bool = False,
             candidates: str = "all", sample_rows: int | None = None, workdir=None,
-            kld_from: torch.Tensor | None = None, workers: int | None = None) -> Measurement:
+            kld_from: torch.Tensor | None = None) -> Measurement:
     """Measure `names` (quantizable 2-D tensors of `model`, float) on the calibration windows; see module doc.
 
     `cost`: "fisher" (no forward: the Fisher-weighted output error of allocation/fisher.py), "anchor" (one KL
@@ -403,12 +403,9 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
     `workdir` (a `pipeline.workdir.WorkDir`, with `path`): the activations entering the next block and the Fisher
     weights are kept there after every block, so a resumed measurement starts at its first unfinished block (it
     ran every block before it again otherwise).
-    `workers`: how many sampled candidates are quantized at once (host threads, each with its own CUDA stream:
-    algorithms/workers.py); default 1 on a CPU, 4 on a GPU. The measurement is the same whatever the number.
     """
     from twinquant.algorithms.backends import get_quantizer, quantize_experts_to_format, quantize_to_format
     from twinquant.algorithms.gptq import reuse_factors
-    from twinquant.algorithms.workers import check_workers, default_workers, run_jobs
     from twinquant.allocation.fisher import Fisher, output_fisher
     from twinquant.calibration.blocks import HessianHook, block_pass, chunked_stacks, recollector
     from twinquant.formats import codec_for
@@ -426,8 +423,6 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
 
     quantizer = get_quantizer(method, config)
     rtn = get_quantizer("rtn")
-    device = model.device
-    n_workers = default_workers(device) if workers is None else check_workers(workers)
     s = model.spec
     if (s.moe or s.mla) and (cost == "fisher" or keep_blocks):
         raise TwinquantError(f"measure: a {s.arch} model (stacked experts / per-head tensors) is priced by KL "
@@ -488,30 +483,20 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
         return {"H": H, "W": Ws, "mats": mats, "parts": parts, "types": candidate_types(Ws.shape[-1], candidates),
                 "importance": torch.diagonal(H).clone() if imp is None else imp}
 
-    def price_sampled(groups: list[dict], quant) -> None:
-        """Every candidate of every group: independent jobs (run_jobs: several at a time on a GPU)."""
-        groups = sorted(groups, key=lambda g: -g["W"].shape[-1])     # the longest sweeps start first
-        jobs = [(g, ty) for g in groups for ty in g["types"]]
-
-        def job(item) -> list[dict]:
-            g, ty = item
-            _, W_hat = quantize_to_format(quant, g["W"], codec_for(ty, g["W"].shape[-1]), H=g["H"],
-                                          importance=g["importance"])
-            return [_sampled_cost(hat.float() - W_s, rows, signal, G, g["H"], tensor_bytes(ty, shape), fisher.scored)
-                    for (name, shape, rows, signal, G), W_s, hat in
-                    zip(g["parts"], g["mats"], W_hat.split([len(m) for m in g["mats"]]))]
-
-        # a sequential run holds one Hessian's factor at a time (groups are contiguous in `jobs`)
-        with reuse_factors(keep=len(groups) if n_workers > 1 else 1):
-            results = run_jobs(job, jobs, n_workers, device)
-        cands: dict[str, dict] = {}
-        for (g, ty), costs in zip(jobs, results):
-            for (name, *_), c in zip(g["parts"], costs):
-                c["cost"] = c["fisher"]
-                cands.setdefault(name, {})[ty] = c
-        for g in groups:
-            for name, shape, *_ in g["parts"]:
-                meas.tensors[name] = {"shape": list(shape), "anchor": g["types"][0], "candidates": cands[name]}
+    def price_sampled(group: dict, quant) -> None:
+        """Every candidate of a group from `sampled`: its tensors' sampled rows quantized as one matrix."""
+        W, H = group["W"], group["H"]
+        cands: dict[str, dict] = {name: {} for name, *_ in group["parts"]}
+        with reuse_factors():                    # one factorisation of H for all the candidates
+            for ty in group["types"]:
+                codec = codec_for(ty, W.shape[-1])
+                _, W_hat = quantize_to_format(quant, W, codec, H=H, importance=group["importance"])
+                for (name, shape, rows, signal, G), W_s, hat in zip(group["parts"], group["mats"],
+                                                                    W_hat.split([len(m) for m in group["mats"]])):
+                    c = _sampled_cost(hat.float() - W_s, rows, signal, G, H, tensor_bytes(ty, shape), fisher.scored)
+                    cands[name][ty] = {**c, "cost": c["fisher"]}
+        for name, shape, *_ in group["parts"]:
+            meas.tensors[name] = {"shape": list(shape), "anchor": group["types"][0], "candidates": cands[name]}
 
     def price(name: str, layer: int, xs, H, quant) -> None:
         """Quantize `name` into each candidate; KL of the anchor (or of all), output errors of all. H: the input
@@ -602,8 +587,9 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
             x_kld = [(x if xh is None else xh)[i: i + 1] for i in range(kw.shape[0])]
             x = block_pass(model, layer, x, hook=hooks)
             if sample_rows is not None:      # (no stacks: a sampled measurement refuses MoE / MLA models)
-                price_sampled([sampled(part, hooks.hessian(g[0])) for g in groups
-                               for part in _stacked([n for n in g if n in todo], importance)], quantizer)
+                for g in groups:
+                    for part in _stacked([n for n in g if n in todo], importance):
+                        price_sampled(sampled(part, hooks.hessian(g[0])), quantizer)
             for g in groups:
                 for n in g:
                     if n in todo and n not in meas.tensors:
@@ -631,7 +617,7 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
             h = rms_norm(x.to(model.dtype), model.get(roles.name(T.OUTPUT_NORM)), s.rms_eps).float()
             H, _ = accumulate_hessian(None, 0, h.reshape(-1, s.hidden))
             if sample_rows is not None:
-                price_sampled([sampled([out], H)], quantizer)
+                price_sampled(sampled([out], H), quantizer)
             else:
                 price(out, s.n_layers, [(x if xh is None else xh)[i: i + 1] for i in range(kw.shape[0])], H,
                       quantizer)

@@ -46,7 +46,6 @@ class Options:
     keep_blocks: bool = False
     candidates: str = "all"              # measure's candidate types: "all" (with the i-quants) or "k"
     sample_rows: int | None = None       # measure prices candidates on this many rows a tensor (Fisher cost)
-    workers: int | None = None           # measure's sampled candidates quantized at once (default: 4 on a GPU, 1 CPU)
     from_measurement: bool = False
     dry_run: bool = False
     report: str | None = None            # JSON (+ PNG beside it)
@@ -67,10 +66,6 @@ class Options:
         bad = [t for t in self.exclude_type if t not in gguf.GGMLQuantizationType.__members__]
         if bad:
             raise TwinquantError(f"--exclude-type {bad[0]}: not a GGML type (e.g. Q4_K, IQ2_XS)")
-        if self.workers is not None:
-            from twinquant.algorithms.workers import check_workers
-
-            check_workers(self.workers)
         n = self.sample_rows
         if n is not None:           # an impossible measurement fails before any model is loaded
             if isinstance(n, bool) or not isinstance(n, int) or n < 2:
@@ -334,7 +329,7 @@ class Session:
         m = measure(model, names, calib.windows, kw, header, fixed, self.n_params, recipe.method,
                     self.quantizer_config(), self.imp, cost=opts.cost, path=p, progress=not opts.quiet,
                     log=opts.say, keep_blocks=opts.keep_blocks, stream=opts.stream,
-                    candidates=opts.candidates, sample_rows=opts.sample_rows, workdir=work, workers=opts.workers,
+                    candidates=opts.candidates, sample_rows=opts.sample_rows, workdir=work,
                     stop_after_layer=opts.stop_after_block if self.stage == "measure" else None, kld_from=held)
         if m.complete and not opts.keep_work:
             work.remove()

@@ -22,11 +22,12 @@ the candidate loops work in place in a few [n, B] buffers (on the CPU, fresh lar
 
 from __future__ import annotations
 
-import threading
 from contextlib import contextmanager
 
 import numpy as np
 import torch
+
+from twinquant.triton_env import runs_triton
 
 F32 = torch.float32
 _MAGIC = 12582912.0                 # 1.5 * 2^23
@@ -59,7 +60,7 @@ def accept_in_order(best, scale, sumqx, sumq2, picks):
     return best, scale, kept
 
 
-_STATIC = threading.local()   # .on inside static_shapes(): per thread (a capture must not change another thread's fits)
+_STATIC = False       # inside static_shapes(): no host synchronisation and no data-dependent shapes
 
 
 @contextmanager
@@ -67,16 +68,16 @@ def static_shapes():
     """Within this block the fits make no host synchronisation and keep every tensor's shape (`_descend` runs all
     its passes on every sub-block, fits keep their fallback codes): what a CUDA graph capture needs. The results
     are the same bits."""
-    outer = static()
-    _STATIC.on = True
+    global _STATIC
+    outer, _STATIC = _STATIC, True
     try:
         yield
     finally:
-        _STATIC.on = outer
+        _STATIC = outer
 
 
 def static() -> bool:
-    return getattr(_STATIC, "on", False)
+    return _STATIC
 
 
 def f32(v) -> float:
@@ -151,6 +152,10 @@ def seqsum(a: torch.Tensor, axis: int = -1, zero_start: bool = True) -> torch.Te
     """Left-to-right float32 sum along `axis`; `zero_start` adds to 0.0f first (`float s = 0; s += a[0]`),
     otherwise the sum starts as a[0] (`float s = a[0]`), which only differs for a[0] = -0.0."""
     a = _lead(a, axis)
+    if a.dtype == F32 and a.shape[0] > 1 and runs_triton(a):     # one launch instead of one add per element
+        from twinquant.formats.ggml.triton_num import seqsum_lead
+
+        return seqsum_lead(a.contiguous(), zero_start)
     s = a[0] + 0.0 if zero_start else a[0].clone()
     for i in range(1, a.shape[0]):
         s += a[i]
@@ -444,7 +449,12 @@ def _make_qp_quants(x, qw, nmax):                       # x, qw: [n, B]
     wx = qw * x
     sumlx, suml2 = _sums(qw, wx, l.float(), torch.empty_like(x))
     state = {"x": x, "w": qw, "wx": wx, "L": l & 0xFF, "sumlx": sumlx, "suml2": suml2}
-    state = _descend(state, lambda s: _qp_pass(s, nmax))
+    if runs_triton(x):          # the whole descent in one launch (same bits)
+        from twinquant.formats.ggml.triton_num import qp_descend
+
+        state = qp_descend(state, nmax, passes=5)
+    else:
+        state = _descend(state, lambda s: _qp_pass(s, nmax))
     suml2 = state["suml2"]
     scale = torch.where(suml2 > 0, div(state["sumlx"], suml2), 0.0)
     L, scale = _where_zero(zero, state["L"], scale)
