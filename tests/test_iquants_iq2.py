@@ -153,3 +153,20 @@ def test_same_bytes_on_device(device):
             got = codec.quantize_bytes(torch.from_numpy(w).to(device),
                                        None if imp is None else torch.from_numpy(imp).to(device))
             assert np.array_equal(got, ref), codec.name
+
+
+def test_the_gpus_coarse_list_widths_give_llama_cpps_bytes(monkeypatch):
+    # a GPU pads the neighbour lists to 4 widths (fewer ops a search), a CPU to 30 (fewer padded terms): padding never
+    # wins, so the bytes are llama.cpp's either way — checked here by giving the CPU the GPU's widths
+    monkeypatch.setitem(iq2._WIDTHS, "cpu", iq2._WIDTHS["cuda"])
+    iq2._tables.cache_clear()
+    try:
+        assert iq2._tables(T.IQ2_XS, 2, torch.device("cpu"))["widths"] == iq2._WIDTHS["cuda"]
+        w, imp = _rare_branches()
+        w = np.concatenate([_weights(8, 512, seed=7)["outliers"], _edge_weights(512), w])
+        for qtype, codec in CODECS.items():
+            for kind in IMATRIX[qtype]:
+                _assert_same(codec, w, _imp(kind, 512) if kind != "edge" else _edge_importance(512), f"{kind}")
+            _assert_same(codec, w, imp, "rare branches")
+    finally:
+        iq2._tables.cache_clear()

@@ -89,14 +89,54 @@ def test_make_qp_quants_descent_in_one_launch_gives_the_torch_bits(monkeypatch, 
     assert (L.cpu() != start.cpu()).any()
 
 
-@pytest.mark.parametrize("ty", ["IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ4_XS", "Q2_K", "Q4_K"])
+def test_iq1_scan_in_one_launch_accepts_the_rows_the_row_loop_accepts(monkeypatch):
+    from twinquant.formats.ggml import iq1
+
+    g = torch.Generator().manual_seed(3)
+    n, S = 40, 333
+    sqx = torch.randn(n, S, generator=g)
+    sq2 = torch.rand(n, S, generator=g) - 0.1                      # some sumq2 <= 0: never accepted
+    sq2[5] = 0.0
+    x2, q2, s = iq1._record_prep(sqx, sq2)
+    best0 = torch.rand(S, generator=g) * 0.01
+    bi0 = torch.full((S,), -1, dtype=torch.long)
+    best, bi = best0.clone().to(DEVICE), bi0.clone().to(DEVICE)
+    iq1._scan(best, bi, x2.to(DEVICE), q2.to(DEVICE), s.to(DEVICE), 7)
+    want_best, want_bi = best0.clone(), bi0.clone()
+    iq1._scan_rows(want_best, want_bi, x2, q2, s, 7)
+    assert (want_bi >= 7 + 1).sum() > S // 2                        # most sub-blocks accept more than once
+    assert np.array_equal(_bits(best), _bits(want_best)) and torch.equal(bi.cpu(), want_bi)
+
+
+def test_candidates_accepted_in_order_in_one_launch(monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    K, S = 9, 211
+    sumqx, sumq2 = torch.randn(K, S, generator=g), torch.rand(K, S, generator=g) - 0.2
+    best, scale = torch.rand(S, generator=g) * 0.3, torch.zeros(S)
+    picks = [(torch.zeros(S, 4, dtype=torch.long), torch.randint(0, 99, (K, S, 4), generator=g)),
+             (torch.zeros(S, 2), torch.randn(K, S, 2, generator=g))]
+    got = _num.accept_in_order(best.to(DEVICE), scale.to(DEVICE), sumqx.to(DEVICE), sumq2.to(DEVICE),
+                               [(k.to(DEVICE), c.to(DEVICE)) for k, c in picks])
+    want = _torch_loops(monkeypatch, lambda *a: _num.accept_in_order(*a[:4], picks), best, scale, sumqx, sumq2)
+    assert np.array_equal(_bits(got[0]), _bits(want[0])) and np.array_equal(_bits(got[1]), _bits(want[1]))
+    for a, b in zip(got[2], want[2]):
+        assert a.shape == b.shape and np.array_equal(_bits(a), _bits(b))
+    assert (want[1] != 0).sum() > S // 2                            # most sub-blocks accepted some candidate
+
+
+@pytest.mark.parametrize("ty", ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_XS", "IQ1_S", "IQ1_M", "Q2_K",
+                                "Q4_K"])
 def test_codecs_with_the_kernels_write_the_same_bytes(monkeypatch, ty):
     from twinquant.formats import codec_for
 
     codec = codec_for(ty, 256)
     g = torch.Generator().manual_seed(len(ty))
     x = torch.randn(6, 512, generator=g)
+    x[1] *= torch.exp2(torch.randint(-20, 20, (512,), generator=g).float())   # magnitudes far apart
+    x[2, :64] = -0.0                                                            # signed zeros in a sub-block
+    x[3, 256:] = 0.0                                                            # an all-zero super-block
     imp = torch.rand(512, generator=g) + 0.05
+    imp[::7] = 0.0                                                              # inputs without importance
     if getattr(codec, "blockwise", False):
         got = codec.quantize_bytes(x.to(DEVICE), imp.to(DEVICE))
         want = _torch_loops(monkeypatch, codec.quantize_bytes, x, imp)

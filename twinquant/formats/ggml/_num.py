@@ -50,6 +50,17 @@ def accept_in_order(best, scale, sumqx, sumq2, picks):
     """C's `if (sumq2 > 0 && sumqx*sumqx > best*sumq2) {scale = sumqx/sumq2; best = scale*sumqx; keep its codes}`
     over K candidates evaluated together (sumqx, sumq2 [K, S]), in order. `picks`: (kept [S, m], candidates'
     [K, S, m]) pairs that follow the accepted candidate. -> (best, scale, the kept tensors)."""
+    if sumqx.shape[0] > 1 and runs_triton(sumqx):     # the sequence in one launch: which candidate was accepted last
+        from twinquant.formats.ggml.triton_num import scan
+
+        b = best.to(F32).contiguous().clone()
+        last = torch.full(b.shape, -1, dtype=torch.long, device=b.device)
+        scan(b, last, torch.where(sumq2 > 0, sumqx * sumqx, float("nan")), sumq2, div(sumqx, sumq2) * sumqx, 0)
+        hit = last >= 0
+        at = last.clamp(min=0)[None]
+        scale = torch.where(hit, div(sumqx.gather(0, at)[0], sumq2.gather(0, at)[0]), scale)
+        cols = torch.arange(b.shape[0], device=b.device)
+        return b, scale, [torch.where(hit[:, None], c[at[0], cols], k) for k, c in picks]
     kept = [k for k, _ in picks]
     for i in range(sumqx.shape[0]):
         upd = (sumq2[i] > 0) & (sumqx[i] * sumqx[i] > best * sumq2[i])

@@ -41,6 +41,7 @@ import torch
 
 from twinquant.formats.ggml._blockwise import BlockwiseCodec
 from twinquant.formats.ggml._num import F32, div, f32, fp16, nearest_int, seqsum, sqrt
+from twinquant.triton_env import runs_triton
 
 QK_K = 256
 FLT_MAX = float(np.finfo(np.float32).max)
@@ -126,7 +127,11 @@ def _scan(best, bi, x2, q2, s, base: int) -> None:
     handful of ops each, where the row loop made three per row (the searches' small calls were bound by them).
     A CPU keeps the row loop: there the passes' arithmetic costs more than the ops they save (64-row block LDLQ
     into IQ1_S / IQ1_M 1.5-2.6x slower, `benchmarks/results/iquant_ldlq_speed_cpu-torch-search-iq1.json`); the
-    passes are for GPUs, where the row loop's launches bound the small calls (not yet timed there)."""
+    passes are for GPUs without Triton; with it (triton_num.scan) the row loop runs in one launch."""
+    if runs_triton(x2) and best.is_contiguous() and bi.is_contiguous():     # the row loop in one launch
+        from twinquant.formats.ggml.triton_num import scan
+
+        return scan(best, bi, x2, q2, s, base)
     if not _SCAN_IN_PASSES.get(x2.device.type, True):
         return _scan_rows(best, bi, x2, q2, s, base)
     n = x2.shape[0]
@@ -231,6 +236,10 @@ def _iq1s_terms(s1, s2, sn, t1, t2, tn, v):
 
 def _prefix(*cols):
     """Sequential prefix sums [n+1, S] of element-major lists [n, S], starting at 0."""
+    if cols and runs_triton(cols[0]):
+        from twinquant.formats.ggml.triton_num import prefix
+
+        return [prefix(c) for c in cols]
     out = []
     for c in cols:
         p = c.new_zeros((c.shape[0] + 1, c.shape[1]))
@@ -248,12 +257,18 @@ def _iq1s_sub(tab, x, w):
     sx, sw = _prefix(wx, ws)
     best = torch.full((S,), -FLT_MAX, device=x.device)
     bi = torch.full((S,), -1, dtype=torch.long, device=x.device)
-    cands = []
-    for i1 in range(n + 1):                     # one i1's candidates in C's order: (i2, x_p), (i2, x_m), i2 = i1..n
-        sqx, sq2 = (torch.stack(t, 1).reshape(-1, S) for t in
-                    zip(*[_iq1s_terms(sx[i1], sx[i1:], sx[n], sw[i1], sw[i1:], sw[n], v) for v in (_XP, _XM)]))
-        _scan(best, bi, *_record_prep(sqx, sq2), len(cands))
-        cands += [(i1, i2, m) for i2 in range(i1, n + 1) for m in (0, 1)]
+    cands = [(i1, i2, m) for i1 in range(n + 1) for i2 in range(i1, n + 1) for m in (0, 1)]   # C's order
+    if runs_triton(x):                          # the whole loop in one launch (triton_num.iq1s_search)
+        from twinquant.formats.ggml.triton_num import iq1s_search
+
+        iq1s_search(sx, sw, best, bi)
+    else:
+        base = 0
+        for i1 in range(n + 1):                 # one i1's candidates: (i2, x_p), (i2, x_m), i2 = i1..n
+            sqx, sq2 = (torch.stack(t, 1).reshape(-1, S) for t in
+                        zip(*[_iq1s_terms(sx[i1], sx[i1:], sx[n], sw[i1], sw[i1:], sw[n], v) for v in (_XP, _XM)]))
+            _scan(best, bi, *_record_prep(sqx, sq2), base)
+            base += sqx.shape[0]
     found = (bi >= 0) & (x.abs().amax(1) >= f32(1e-12))
     i1, i2, sel = torch.tensor(cands, device=x.device)[bi.clamp(min=0)].T
     # the winner's scale, recomputed with the same float operations
@@ -299,23 +314,34 @@ def _iq1m_sub(tab, x, w):
     perm, wx, ws = _sorted_prefix(x, w)
     # prefix sums per half of the sub-block, in sorted order: the other half's sum is carried over (not + 0)
     upper = (perm >= n // 2).T
-    px, pw = [x.new_zeros(n + 1, S) for _ in range(2)], [x.new_zeros(n + 1, S) for _ in range(2)]
-    for j in range(n):
-        for h in range(2):
-            mine = upper[j] if h else ~upper[j]
-            px[h][j + 1] = torch.where(mine, px[h][j] + wx[j], px[h][j])
-            pw[h][j + 1] = torch.where(mine, pw[h][j] + ws[j], pw[h][j])
-    tx, tw = [p[n] for p in px], [p[n] for p in pw]
     best = torch.full((S,), -FLT_MAX, device=x.device)
     bi = torch.full((S,), -1, dtype=torch.long, device=x.device)
-    cands = []
-    for i1 in range(n + 1):                     # candidates of one i1 in C's order: (i2, k) for i2 = i1..n, k = 0..3
-        t = [[_half_terms((px[h][i1], px[h][i1:]), (pw[h][i1], pw[h][i1:]), tx[h], tw[h], m)
-              for m in (0, 1)] for h in range(2)]
-        sqx = torch.stack([t[0][a][0] + t[1][b][0] for a, b in _K_SEL], 1).reshape(-1, S)
-        sq2 = torch.stack([t[0][a][1] + t[1][b][1] for a, b in _K_SEL], 1).reshape(-1, S)
-        _scan(best, bi, *_record_prep(sqx, sq2), len(cands))
-        cands += [(i1, i2, k) for i2 in range(i1, n + 1) for k in range(4)]
+    cands = [(i1, i2, k) for i1 in range(n + 1) for i2 in range(i1, n + 1) for k in range(4)]   # C's order
+    if runs_triton(x):                          # prefix sums and the whole loop in a few launches (same bits)
+        from twinquant.formats.ggml.triton_num import iq1m_search
+
+        # a half's sum starts at +0.0 and so never is -0.0: adding the other half's +0.0 leaves it as it is
+        halves = [torch.where(u, c, 0.0) for u in (~upper, upper) for c in (wx, ws)]
+        px0, pw0, px1, pw1 = _prefix(*halves)
+        px, pw = [px0, px1], [pw0, pw1]
+        iq1m_search(px, pw, best, bi, _V2, _C1, _C2)
+    else:
+        px, pw = [x.new_zeros(n + 1, S) for _ in range(2)], [x.new_zeros(n + 1, S) for _ in range(2)]
+        for j in range(n):
+            for h in range(2):
+                mine = upper[j] if h else ~upper[j]
+                px[h][j + 1] = torch.where(mine, px[h][j] + wx[j], px[h][j])
+                pw[h][j + 1] = torch.where(mine, pw[h][j] + ws[j], pw[h][j])
+        tx, tw = [p[n] for p in px], [p[n] for p in pw]
+        base = 0
+        for i1 in range(n + 1):                 # candidates of one i1: (i2, k) for i2 = i1..n, k = 0..3
+            t = [[_half_terms((px[h][i1], px[h][i1:]), (pw[h][i1], pw[h][i1:]), tx[h], tw[h], m)
+                  for m in (0, 1)] for h in range(2)]
+            sqx = torch.stack([t[0][a][0] + t[1][b][0] for a, b in _K_SEL], 1).reshape(-1, S)
+            sq2 = torch.stack([t[0][a][1] + t[1][b][1] for a, b in _K_SEL], 1).reshape(-1, S)
+            _scan(best, bi, *_record_prep(sqx, sq2), base)
+            base += sqx.shape[0]
+    tx, tw = [p[n] for p in px], [p[n] for p in pw]
     found = (bi >= 0) & (x.abs().amax(1) >= f32(1e-7))
     i1, i2, k = torch.tensor(cands, device=x.device)[bi.clamp(min=0)].T
     ksel = torch.tensor(_K_SEL, device=x.device)

@@ -58,13 +58,20 @@ def _grid_levels(qtype) -> np.ndarray:
     return lev.reshape(cls.grid_shape).astype(np.int64)
 
 
-# list widths the search pads to: lattice points are bucketed by the length of their list (at most ~20% padding)
-_WIDTHS = [1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224,
-           256, 320, 384]
+# list widths the search pads to: lattice points are bucketed by the length of their list (at most ~20% padding on
+# a CPU, where padded terms cost time; a GPU's small calls are bound by the ops a bucket takes, so it pads to 4
+# widths). Padding never wins (its terms are +inf), so every width list gives the same choice.
+_WIDTHS = {"cpu": (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192,
+                   224, 256, 320, 384),
+           "cuda": (8, 32, 128, 384)}
+
+
+def _widths(device: torch.device) -> tuple[int, ...]:
+    return _WIDTHS.get(device.type, _WIDTHS["cuda"])
 
 
 @functools.cache
-def _np_tables(qtype, nwant: int) -> dict:
+def _np_tables(qtype, nwant: int, widths: tuple[int, ...]) -> dict:
     """levels [n, 8]; map3 [6561] (grid index of a lattice point, -1 off the grid); bucket / row [6561] (where an
     off-grid point's list lives); per bucket b: lev_b uint8 [points, 8, width] (level of element i of neighbour j,
     _PAD in padding) and grid_b [points, width] (the neighbours' grid indices)."""
@@ -79,15 +86,16 @@ def _np_tables(qtype, nwant: int) -> dict:
     ds = np.take_along_axis(d2, order, axis=1)
     rank = np.cumsum(np.concatenate([np.ones((_NPTS, 1), bool), ds[:, 1:] != ds[:, :-1]], axis=1), axis=1)
     count = (rank <= nwant).sum(1)                                      # list lengths
-    assert count.max() <= _WIDTHS[-1]
-    bucket = np.where(map3 < 0, np.searchsorted(_WIDTHS, count), -1)
+    assert count.max() <= widths[-1]
+    bucket = np.where(map3 < 0, np.searchsorted(widths, count), -1)
     row = np.zeros(_NPTS, dtype=np.int64)
     out = {"levels": lev, "map3": map3, "pow3": pow3, "bucket": bucket, "row": row}
     for b in np.unique(bucket[bucket >= 0]):
-        width = _WIDTHS[b]
+        width = widths[b]
         p = np.flatnonzero(bucket == b)
         row[p] = np.arange(len(p))
         nb = order[p, :width]
+        nb = np.pad(nb, ((0, 0), (0, width - nb.shape[1])))          # a width past the grid's size: padding only
         pad = np.arange(width) >= count[p, None]
         out[f"lev{b}"] = np.where(pad[:, None, :], _PAD, np.moveaxis(lev[nb], 2, 1)).astype(np.uint8)
         out[f"grid{b}"] = nb
@@ -96,7 +104,9 @@ def _np_tables(qtype, nwant: int) -> dict:
 
 @functools.cache
 def _tables(qtype, nwant: int, device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(v).to(device) for k, v in _np_tables(qtype, nwant).items()}
+    widths = _widths(device)
+    return {"widths": widths, **{k: torch.from_numpy(v).to(device)
+                                 for k, v in _np_tables(qtype, nwant, widths).items()}}
 
 
 def _best_neighbour(tab, x8, w8, scale, t) -> torch.Tensor:
@@ -107,7 +117,8 @@ def _best_neighbour(tab, x8, w8, scale, t) -> torch.Tensor:
     (the uint8 level tables are widened to int64 per chunk)."""
     bucket = tab["bucket"][t]
     order = torch.argsort(bucket)
-    sizes = torch.bincount(bucket, minlength=len(_WIDTHS)).tolist()
+    widths = tab["widths"]
+    sizes = torch.bincount(bucket, minlength=len(widths)).tolist()
     x8, w8, scale, t = x8[order], w8[order], scale[order], t[order]
     K = t.shape[0]
     q = torch.tensor([1.0, 3.0, 5.0], dtype=x8.dtype, device=x8.device)
@@ -123,16 +134,14 @@ def _best_neighbour(tab, x8, w8, scale, t) -> torch.Tensor:
     for b, size in enumerate(sizes):
         if not size:
             continue
-        width = _WIDTHS[b]
+        width = widths[b]
         step = max(1, budget // (8 * width))
         for a in range(start, start + size, step):
             e = min(start + size, a + step)
             rows = tab["row"][t[a:e]]
             idx = tab[f"lev{b}"].index_select(0, rows).long()
             v = torch.gather(terms[a:e], 2, idx)                        # [k, 8, width]
-            d2 = v[:, 0].clone()
-            for i in range(1, 8):
-                d2 += v[:, i]
+            d2 = seqsum(v, axis=1, zero_start=False)                    # v[:, 0] + v[:, 1] + … in order
             out[a:e] = tab[f"grid{b}"][rows, d2.argmin(1)]
         start += size
     return torch.empty_like(out).scatter_(0, order, out)

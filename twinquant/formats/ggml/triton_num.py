@@ -96,3 +96,155 @@ def qp_descend(state: dict, nmax: int, passes: int) -> dict:
         _qp_descend_kernel[(triton.cdiv(B, _BLOCK),)](x, state["w"], state["wx"], L, state["sumlx"], state["suml2"],
                                                       n, B, nmax, passes, BLOCK=_BLOCK, enable_fp_fusion=False)
     return state
+
+
+@triton.jit
+def _scan_kernel(best, bi, x2, q2, s, n, S, base, BLOCK: tl.constexpr):
+    """IQ1's acceptance scan (`iq1._scan_rows`) down the rows of [n, S], one lane per sub-block."""
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = cols < S
+    b = tl.load(best + cols, mask=m, other=0.0)
+    i = tl.load(bi + cols, mask=m, other=-1)
+    off = cols.to(tl.int64)
+    for r in range(n):
+        acc = tl.load(x2 + off, mask=m, other=0.0) > b * tl.load(q2 + off, mask=m, other=0.0)
+        b = tl.where(acc, tl.load(s + off, mask=m, other=0.0), b)
+        i = tl.where(acc, base + r, i)
+        off += S
+    tl.store(best + cols, b, mask=m)
+    tl.store(bi + cols, i, mask=m)
+
+
+def scan(best: torch.Tensor, bi: torch.Tensor, x2: torch.Tensor, q2: torch.Tensor, s: torch.Tensor, base: int):
+    """iq1._scan in one launch: best float32 [S] and bi int64 [S] updated in place from x2, q2, s [n, S]."""
+    n, S = x2.shape
+    if S and n:
+        x2, q2, s = x2.contiguous(), q2.contiguous(), s.contiguous()
+        _scan_kernel[(triton.cdiv(S, _BLOCK),)](best, bi, x2, q2, s, n, S, base, BLOCK=_BLOCK,
+                                                enable_fp_fusion=False)
+
+
+# ---- IQ1_S / IQ1_M: the split searches (iq1._iq1s_sub, iq1._iq1m_sub) ------------------------------------------
+
+@triton.jit
+def _prefix_kernel(c, p, n, S, BLOCK: tl.constexpr):
+    """p [n+1, S] = sequential prefix sums of c [n, S] (p[0] = 0, p[j+1] = p[j] + c[j])."""
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = cols < S
+    acc = tl.zeros([BLOCK], tl.float32)
+    tl.store(p + cols, acc, mask=m)
+    off = cols.to(tl.int64)
+    for _ in range(n):
+        acc = acc + tl.load(c + off, mask=m, other=0.0)
+        off += S
+        tl.store(p + off, acc, mask=m)
+
+
+def prefix(c: torch.Tensor) -> torch.Tensor:
+    """iq1._prefix of one element-major list c [n, S] (float32) in one launch."""
+    c = c.contiguous()
+    n, S = c.shape
+    p = torch.empty(n + 1, S, dtype=torch.float32, device=c.device)
+    if S:
+        _prefix_kernel[(triton.cdiv(S, _BLOCK),)](c, p, n, S, BLOCK=_BLOCK, enable_fp_fusion=False)
+    return p
+
+
+@triton.jit
+def _accept(b, i, sqx, sq2, c):
+    """One candidate of iq1._scan: C's `if (sumq2 > 0 && sumqx*sumqx > best*sumq2) {best = scale*sumqx; …}`."""
+    acc = (sq2 > 0) & (sqx * sqx > b * sq2)
+    return tl.where(acc, tl.math.div_rn(sqx, sq2) * sqx, b), tl.where(acc, c, i)
+
+
+@triton.jit
+def _iq1s_terms(s1, s2, sn, t1, t2, tn, v0, v1, v2):
+    """iq1._iq1s_terms: sumqx, sumq2 of the split (i1, i2) with shift values v."""
+    sqx = (s1 * v0 + (s2 - s1) * v1) + (sn - s2) * v2
+    sq2 = ((t1 * v0) * v0 + ((t2 - t1) * v1) * v1) + ((tn - t2) * v2) * v2
+    return sqx, sq2
+
+
+@triton.jit
+def _iq1s_search_kernel(sx, sw, best, bi, n, S, BLOCK: tl.constexpr):
+    """Every split (i1 <= i2) and shift of IQ1_S's sub-blocks in C's order, accepted as iq1._scan does; bi counts
+    the candidates as iq1._iq1s_sub lists them."""
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = cols < S
+    b = tl.load(best + cols, mask=m, other=0.0)
+    i = tl.load(bi + cols, mask=m, other=-1)
+    sn = tl.load(sx + n * S + cols, mask=m, other=0.0)
+    tn = tl.load(sw + n * S + cols, mask=m, other=0.0)
+    c = 0
+    for i1 in range(n + 1):
+        s1 = tl.load(sx + i1 * S + cols, mask=m, other=0.0)
+        t1 = tl.load(sw + i1 * S + cols, mask=m, other=0.0)
+        for i2 in range(i1, n + 1):
+            s2 = tl.load(sx + i2 * S + cols, mask=m, other=0.0)
+            t2 = tl.load(sw + i2 * S + cols, mask=m, other=0.0)
+            sqx, sq2 = _iq1s_terms(s1, s2, sn, t1, t2, tn, -0.875, 0.125, 1.125)
+            b, i = _accept(b, i, sqx, sq2, c)
+            sqx, sq2 = _iq1s_terms(s1, s2, sn, t1, t2, tn, -1.125, -0.125, 0.875)
+            b, i = _accept(b, i, sqx, sq2, c + 1)
+            c += 2
+    tl.store(best + cols, b, mask=m)
+    tl.store(bi + cols, i, mask=m)
+
+
+def iq1s_search(sx: torch.Tensor, sw: torch.Tensor, best: torch.Tensor, bi: torch.Tensor) -> None:
+    """IQ1_S's candidate loop over prefix sums sx, sw [n+1, S]: best [S] and bi [S] (int64) updated in place."""
+    n, S = sx.shape[0] - 1, sx.shape[1]
+    if S:
+        _iq1s_search_kernel[(triton.cdiv(S, _BLOCK),)](sx.contiguous(), sw.contiguous(), best, bi, n, S,
+                                                       BLOCK=_BLOCK, enable_fp_fusion=False)
+
+
+@triton.jit
+def _half_terms(px1, px2, pw1, pw2, tx, tw, v2, c1, c2):
+    """iq1._half_terms: one half's (qx, q2) at the split (i1, i2)."""
+    return tx * v2 - (px1 + px2), ((tw * v2) * v2 + pw1 * c1) + pw2 * c2
+
+
+@triton.jit
+def _iq1m_search_kernel(px0, px1, pw0, pw1, best, bi, n, S, va, vb, c1a, c1b, c2a, c2b, BLOCK: tl.constexpr):
+    """Every split (i1 <= i2) and shift combination k of IQ1_M's sub-blocks in C's order (k: group 0 takes x_m for
+    k >= 2, group 1 for odd k; va/vb, c1*, c2*: iq1._V2, _C1, _C2 of x_p and x_m), accepted as iq1._scan does."""
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = cols < S
+    b = tl.load(best + cols, mask=m, other=0.0)
+    i = tl.load(bi + cols, mask=m, other=-1)
+    tx0 = tl.load(px0 + n * S + cols, mask=m, other=0.0)
+    tx1 = tl.load(px1 + n * S + cols, mask=m, other=0.0)
+    tw0 = tl.load(pw0 + n * S + cols, mask=m, other=0.0)
+    tw1 = tl.load(pw1 + n * S + cols, mask=m, other=0.0)
+    c = 0
+    for i1 in range(n + 1):
+        a0 = tl.load(px0 + i1 * S + cols, mask=m, other=0.0)
+        a1 = tl.load(px1 + i1 * S + cols, mask=m, other=0.0)
+        e0 = tl.load(pw0 + i1 * S + cols, mask=m, other=0.0)
+        e1 = tl.load(pw1 + i1 * S + cols, mask=m, other=0.0)
+        for i2 in range(i1, n + 1):
+            b0 = tl.load(px0 + i2 * S + cols, mask=m, other=0.0)
+            b1 = tl.load(px1 + i2 * S + cols, mask=m, other=0.0)
+            f0 = tl.load(pw0 + i2 * S + cols, mask=m, other=0.0)
+            f1 = tl.load(pw1 + i2 * S + cols, mask=m, other=0.0)
+            qx0p, q20p = _half_terms(a0, b0, e0, f0, tx0, tw0, va, c1a, c2a)
+            qx0m, q20m = _half_terms(a0, b0, e0, f0, tx0, tw0, vb, c1b, c2b)
+            qx1p, q21p = _half_terms(a1, b1, e1, f1, tx1, tw1, va, c1a, c2a)
+            qx1m, q21m = _half_terms(a1, b1, e1, f1, tx1, tw1, vb, c1b, c2b)
+            b, i = _accept(b, i, qx0p + qx1p, q20p + q21p, c)
+            b, i = _accept(b, i, qx0p + qx1m, q20p + q21m, c + 1)
+            b, i = _accept(b, i, qx0m + qx1p, q20m + q21p, c + 2)
+            b, i = _accept(b, i, qx0m + qx1m, q20m + q21m, c + 3)
+            c += 4
+    tl.store(best + cols, b, mask=m)
+    tl.store(bi + cols, i, mask=m)
+
+
+def iq1m_search(px, pw, best, bi, v2, c1, c2) -> None:
+    """IQ1_M's candidate loop over the halves' prefix sums px, pw (two [n+1, S] each): best, bi updated in place."""
+    n, S = px[0].shape[0] - 1, px[0].shape[1]
+    if S:
+        _iq1m_search_kernel[(triton.cdiv(S, _BLOCK),)](
+            *(t.contiguous() for t in (*px, *pw)), best, bi, n, S, *v2, *c1, *c2, BLOCK=_BLOCK,
+            enable_fp_fusion=False)
