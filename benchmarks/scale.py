@@ -13,7 +13,10 @@ one safetensors shard per layer) and runs, through the library, with one block i
 
 For each stage: seconds per block (GPTQ vs the rest: calibration forwards, Hessians, rotation, I/O), the embedding
 and head, peak resident memory (anonymous and file-backed, sampled every 0.2 s) and peak GPU memory, and the
-extrapolation to 64 layers (embedding + head + 64 x the mean block). Writes benchmarks/results/scale_TAG.{json,md,png}.
+extrapolation to 64 layers (quantize: embedding + head + 64 x the mean block; measure, whose one-off costs — loading,
+the Fisher pass, kernel compilation — sit outside or in the first block: the run's wall time + the blocks not run x
+the mean block after the first, from the times `measure` saves its file). Writes
+benchmarks/results/scale_TAG.{json,md,png}.
 
     python benchmarks/scale.py --layers 2 --device cuda --tag h200
     python benchmarks/scale.py --layers 1 --tag cpu --stages quantize
@@ -290,6 +293,32 @@ class _TimedCandidates:
         return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
 
 
+class _TimedSaves:
+    """When `measure` saves its file: after the embedding, after every block, at the end (block seconds are the
+    gaps between the saves after the embedding and after each block)."""
+
+    def __enter__(self):
+        from twinquant.allocation.measure import Measurement
+
+        self.times: list[float] = []
+        self._cls, self._real = Measurement, Measurement.save
+
+        def save(meas, path):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter())
+            return self._real(meas, path)
+
+        Measurement.save = save
+        return self
+
+    def __exit__(self, *exc):
+        self._cls.save = self._real
+
+    def blocks(self, layers: int) -> list[float]:
+        return [round(b - a, 2) for a, b in zip(self.times[:layers], self.times[1:layers + 1])]
+
+
 def _gib(b: float) -> float:
     return round(b / 2**30, 2)
 
@@ -323,12 +352,13 @@ def run_stage(stage: str, src: Path, work: Path, args) -> dict:
     with Sampler() as mem:
         if stage == "measure":
             mpath.unlink(missing_ok=True)
-            with _TimedCandidates() as cand:
+            with _TimedCandidates() as cand, _TimedSaves() as saves:
                 m = twinquant.measure(str(src), mpath, recipe, Options(cost="fisher", sample_rows=args.sample_rows,
                                                                        **opts))
             result = {"tensors": len(m.tensors), "sample_rows": args.sample_rows,
                       "candidates": sum(len(t["candidates"]) for t in m.tensors.values()),
-                      "candidate_seconds_by_type": cand.by_type(), "fixed_seconds": round(cand.fixed, 1)}
+                      "candidate_seconds_by_type": cand.by_type(), "fixed_seconds": round(cand.fixed, 1),
+                      "block_seconds": saves.blocks(args.layers)}
             label += f" ({args.sample_rows} rows)" if args.sample_rows else ""
         else:
             extra = {"target_bpw": args.target_bpw, "measurement": str(mpath)} if stage == "target" else {}
@@ -359,11 +389,14 @@ def run_stage(stage: str, src: Path, work: Path, args) -> dict:
     wall = time.perf_counter() - t0
     result.update({"stage": label, "wall_seconds": round(wall, 1), "peak_rss_anon_gib": _gib(mem.peak_anon),
                    "peak_rss_file_gib": _gib(mem.peak_file), "peak_gpu_gib": _gib(mem.gpu_peak)})
-    if stage == "measure":   # no per-block report: the embedding's and head's candidates once, the rest per block
+    if stage == "measure":
+        # the whole run as measured (loading, the Fisher pass, embedding, head, every block run) plus the blocks not
+        # run at the rate of those after the first (the first also pays one-off costs: kernel compilation, warm-up)
         total = TOTAL_LAYERS[args.shape]
-        fixed = result["fixed_seconds"]
-        result.update(extrapolated_layers=total,
-                      extrapolated_min=round((fixed + (wall - fixed) * total / args.layers) / 60, 1))
+        b = result["block_seconds"]
+        steady = sum(b[1:]) / len(b[1:]) if len(b) > 1 else b[0]
+        result.update(extrapolated_layers=total, mean_block_seconds=round(steady, 2),
+                      extrapolated_min=round((wall + (total - args.layers) * steady) / 60, 1))
         if total == 64:
             result["extrapolated_64_layers_min"] = result["extrapolated_min"]
     return result
@@ -489,8 +522,11 @@ def write_results(res: dict, out: Path, tag: str) -> str:
         lines += ["", f"cut off: {res['cut_off']}"]
     for s in res["stages"]:
         if s.get("candidate_seconds_by_type"):
+            per = (f"; seconds per block {s['block_seconds']}: the whole model is the run's wall time plus the "
+                   f"blocks not run at the mean of those after the first" if s.get("block_seconds") else
+                   ", counted once in the whole-model figure")
             lines += ["", f"{s['stage']}: seconds of the candidate quantizations by type (embedding and head: "
-                      f"{s['fixed_seconds']:.1f} s of them, counted once in the whole-model figure)", "",
+                      f"{s['fixed_seconds']:.1f} s of them{per})", "",
                       "| type | seconds |", "|---|---|"]
             lines += [f"| {k} | {v:.1f} |" for k, v in s["candidate_seconds_by_type"].items()]
         if isinstance(s.get("tensors"), list):
