@@ -121,6 +121,31 @@ def test_measure_refuses_a_text_with_no_windows_left_to_hold_out(tiny, tmp_path)
     assert not (tmp_path / "m.json").exists()
 
 
+def test_kld_skip_measures_again_on_the_next_held_out_windows(tiny, tmp_path):
+    # --kld-skip 4 prices on the 4 held-out windows after the first 4: the same Hessians (same output errors), other
+    # Fisher weights; the header says so, a reuse by quantize takes it, and an impossible skip is one line
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    run("measure", tiny, "-o", a, *CAL, "-q", "--candidates", "k", "--cost", "fisher")
+    run("measure", tiny, "-o", b, *CAL, "-q", "--candidates", "k", "--cost", "fisher", "--kld-skip", "4")
+    ma, mb = Measurement.load(a), Measurement.load(b)
+    assert "kld_skip" not in ma.header and mb.header["kld_skip"] == 4
+    moved = 0
+    for n, t in ma.tensors.items():
+        for ty, c in t["candidates"].items():
+            d = mb.tensors[n]["candidates"][ty]
+            assert (d["out_error"] is c["out_error"] is None                # (the embedding has no Hessian)
+                    or d["out_error"] == pytest.approx(c["out_error"], rel=1e-5)), (n, ty)
+            moved += d["cost"] != pytest.approx(c["cost"], rel=1e-3)
+    assert moved > len(ma.tensors)                              # other text, other prices
+    run("quantize", tiny, "-o", tmp_path / "dry.gguf", *CAL, "--measurement", b, "--target-bpw", "5.5",
+        "--candidates", "k", "--dry-run", "-q")
+    p = run("measure", tiny, "-o", tmp_path / "c.json", *CAL, "-q", "--cost", "fisher", "--kld-skip", "100000",
+            ok=False)
+    assert_user_error(p, "holds out", "--kld-skip")
+    assert_user_error(run("measure", tiny, "-o", tmp_path / "c.json", *CAL, "--kld-skip", "-1", ok=False),
+                      "--kld-skip", ">= 0")
+
+
 def test_costs_fall_with_bits_and_proxy_tracks_exact(tiny, tmp_path):
     proxy = _measure(tiny)
     exact = _measure(tiny, cost="exact")

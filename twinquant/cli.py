@@ -269,7 +269,8 @@ def _options(args, **extra):
     from twinquant.pipeline import Options
 
     names = ("outtype", "split_max_size", "imatrix", "target_size", "target_bpw", "measurement", "kld_windows",
-             "cost", "candidates", "sample_rows", "keep_blocks", "from_measurement", "dry_run", "report", "resume", "work_dir", "keep_work")
+             "kld_skip", "cost", "candidates", "sample_rows", "keep_blocks", "from_measurement", "dry_run", "report",
+             "resume", "work_dir", "keep_work")
     kw = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     if getattr(args, "exact", False):
         kw["cost"] = "exact"
@@ -545,6 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--imatrix", help="importance matrix (as quantize --imatrix)")
     sp.add_argument("--kld-windows", type=int, default=4, help="calibration windows that price candidates by KL "
                     "(default 4; the Hessians use all --calib-tokens)")
+    sp.add_argument("--kld-skip", type=int, metavar="N", help="skip N held-out windows before the --kld-windows "
+                    "that price: the same measurement on other text, to see how much repeated measurements agree "
+                    "(benchmarks/measure_spread.py; default 0)")
     sp.add_argument("--cost", choices=["fisher", "anchor", "exact"], help="how candidates are priced: anchor "
                     "(default: a KL forward per tensor, other types scaled by output error), exact (a KL forward per "
                     "candidate) or fisher (Fisher-weighted output error from one streamed backward pass, no forward "

@@ -42,6 +42,7 @@ class Options:
     min_type: tuple[str, ...] = ()
     exclude_type: tuple[str, ...] = ()   # types the allocation never picks (a control: the source's own types)
     kld_windows: int = 4
+    kld_skip: int = 0                    # held-out windows skipped before those that price (a repeat on other text)
     cost: str = "anchor"                 # how measure prices candidates (allocation/measure.py COSTS)
     keep_blocks: bool = False
     candidates: str = "all"              # measure's candidate types: "all" (with the i-quants) or "k"
@@ -66,6 +67,9 @@ class Options:
         bad = [t for t in self.exclude_type if t not in gguf.GGMLQuantizationType.__members__]
         if bad:
             raise TwinquantError(f"--exclude-type {bad[0]}: not a GGML type (e.g. Q4_K, IQ2_XS)")
+        k = self.kld_skip
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise TwinquantError(f"--kld-skip must be an integer >= 0, not {k!r}")
         n = self.sample_rows
         if n is not None:           # an impossible measurement fails before any model is loaded
             if isinstance(n, bool) or not isinstance(n, int) or n < 2:
@@ -200,20 +204,21 @@ class Session:
             from twinquant.calibration.windows import calibration_for
 
             # plus the windows measure holds out for its KL prices (nothing else reads them)
-            self._calib = calibration_for(self.recipe, model or self.model, heldout=self.opts.kld_windows)
+            self._calib = calibration_for(self.recipe, model or self.model,
+                                          heldout=self.opts.kld_windows + self.opts.kld_skip)
         return self._calib
 
     def heldout_windows(self, n: int) -> torch.Tensor:
-        """`n` calibration windows after the ones the Hessians use (measure's KL prices): one line and exit if the
-        calibration text ends first."""
-        r, calib = self.recipe, self.calibration()
+        """`n` calibration windows after the ones the Hessians use (measure's KL prices), after `--kld-skip` more:
+        one line and exit if the calibration text ends first."""
+        r, calib, skip = self.recipe, self.calibration(), self.opts.kld_skip
         held = calib.heldout
-        if held is None or held.shape[0] < n:
+        if held is None or held.shape[0] < skip + n:
             have = 0 if held is None else held.shape[0]
-            raise TwinquantError(f"{calib.path}: {calib.n_tokens} calibration tokens leave {have} of the {n} "
+            raise TwinquantError(f"{calib.path}: {calib.n_tokens} calibration tokens leave {have} of the {skip + n} "
                                  f"windows of {r.calib_ctx} that measure holds out for its KL prices; pass fewer "
-                                 f"--calib-tokens or --kld-windows, or a longer --calib text")
-        return held
+                                 f"--calib-tokens, --kld-windows or --kld-skip, or a longer --calib text")
+        return held[skip: skip + n]
 
     def quantizer_config(self) -> dict | None:
         cfg = {"damp": self.recipe.damp} if self.recipe.method == "gptq" else {}
@@ -282,6 +287,8 @@ class Session:
                   "act_order": recipe.act_order,
                   "calibration": {"sha256": calib.text_sha256, "tokens": calib.n_tokens, "ctx": recipe.calib_ctx},
                   "imatrix": self.imp_sha, "method": recipe.method, "candidates": opts.candidates}
+        if opts.kld_skip:               # (absent otherwise: measurements made before the option still match)
+            header["kld_skip"] = opts.kld_skip
         p = Path(path)
         if p.is_file():
             m = Measurement.load(p)
@@ -289,7 +296,8 @@ class Session:
             # the weights, their preparation, the calibration, the quantizer and its settings (another
             # method's or another damping's costs are not this quantizer's)
             full = {**header, **{k: m.header.get(k) for k in ("cost", "fisher_seed", "kld_windows", "kld_scored",
-                                                               "kld_source", "keep_blocks", "sample_rows")}}
+                                                               "kld_source", "kld_skip", "keep_blocks",
+                                                               "sample_rows")}}
             from twinquant.algorithms.backends import get_quantizer
 
             full["config"] = get_quantizer(recipe.method, self.quantizer_config()).config.to_dict()

@@ -151,6 +151,12 @@ def prefix(c: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def _row(p, r, S, cols, m):
+    """Row r of an element-major [n, S] float32 list at the lanes' columns."""
+    return tl.load(p + r * S + cols, mask=m, other=0.0)
+
+
+@triton.jit
 def _accept(b, i, sqx, sq2, c):
     """One candidate of iq1._scan: C's `if (sumq2 > 0 && sumqx*sumqx > best*sumq2) {best = scale*sumqx; …}`."""
     acc = (sq2 > 0) & (sqx * sqx > b * sq2)
@@ -173,15 +179,15 @@ def _iq1s_search_kernel(sx, sw, best, bi, n, S, BLOCK: tl.constexpr):
     m = cols < S
     b = tl.load(best + cols, mask=m, other=0.0)
     i = tl.load(bi + cols, mask=m, other=-1)
-    sn = tl.load(sx + n * S + cols, mask=m, other=0.0)
-    tn = tl.load(sw + n * S + cols, mask=m, other=0.0)
+    sn = _row(sx, n, S, cols, m)
+    tn = _row(sw, n, S, cols, m)
     c = 0
     for i1 in range(n + 1):
-        s1 = tl.load(sx + i1 * S + cols, mask=m, other=0.0)
-        t1 = tl.load(sw + i1 * S + cols, mask=m, other=0.0)
+        s1 = _row(sx, i1, S, cols, m)
+        t1 = _row(sw, i1, S, cols, m)
         for i2 in range(i1, n + 1):
-            s2 = tl.load(sx + i2 * S + cols, mask=m, other=0.0)
-            t2 = tl.load(sw + i2 * S + cols, mask=m, other=0.0)
+            s2 = _row(sx, i2, S, cols, m)
+            t2 = _row(sw, i2, S, cols, m)
             sqx, sq2 = _iq1s_terms(s1, s2, sn, t1, t2, tn, -0.875, 0.125, 1.125)
             b, i = _accept(b, i, sqx, sq2, c)
             sqx, sq2 = _iq1s_terms(s1, s2, sn, t1, t2, tn, -1.125, -0.125, 0.875)
@@ -213,21 +219,21 @@ def _iq1m_search_kernel(px0, px1, pw0, pw1, best, bi, n, S, va, vb, c1a, c1b, c2
     m = cols < S
     b = tl.load(best + cols, mask=m, other=0.0)
     i = tl.load(bi + cols, mask=m, other=-1)
-    tx0 = tl.load(px0 + n * S + cols, mask=m, other=0.0)
-    tx1 = tl.load(px1 + n * S + cols, mask=m, other=0.0)
-    tw0 = tl.load(pw0 + n * S + cols, mask=m, other=0.0)
-    tw1 = tl.load(pw1 + n * S + cols, mask=m, other=0.0)
+    tx0 = _row(px0, n, S, cols, m)
+    tx1 = _row(px1, n, S, cols, m)
+    tw0 = _row(pw0, n, S, cols, m)
+    tw1 = _row(pw1, n, S, cols, m)
     c = 0
     for i1 in range(n + 1):
-        a0 = tl.load(px0 + i1 * S + cols, mask=m, other=0.0)
-        a1 = tl.load(px1 + i1 * S + cols, mask=m, other=0.0)
-        e0 = tl.load(pw0 + i1 * S + cols, mask=m, other=0.0)
-        e1 = tl.load(pw1 + i1 * S + cols, mask=m, other=0.0)
+        a0 = _row(px0, i1, S, cols, m)
+        a1 = _row(px1, i1, S, cols, m)
+        e0 = _row(pw0, i1, S, cols, m)
+        e1 = _row(pw1, i1, S, cols, m)
         for i2 in range(i1, n + 1):
-            b0 = tl.load(px0 + i2 * S + cols, mask=m, other=0.0)
-            b1 = tl.load(px1 + i2 * S + cols, mask=m, other=0.0)
-            f0 = tl.load(pw0 + i2 * S + cols, mask=m, other=0.0)
-            f1 = tl.load(pw1 + i2 * S + cols, mask=m, other=0.0)
+            b0 = _row(px0, i2, S, cols, m)
+            b1 = _row(px1, i2, S, cols, m)
+            f0 = _row(pw0, i2, S, cols, m)
+            f1 = _row(pw1, i2, S, cols, m)
             qx0p, q20p = _half_terms(a0, b0, e0, f0, tx0, tw0, va, c1a, c2a)
             qx0m, q20m = _half_terms(a0, b0, e0, f0, tx0, tw0, vb, c1b, c2b)
             qx1p, q21p = _half_terms(a1, b1, e1, f1, tx1, tw1, va, c1a, c2a)
