@@ -166,3 +166,35 @@ def test_expert_batches_grow_with_free_gpu_memory(monkeypatch):
     for free, want in ((8 << 30, 4 << 30), (64 << 30, 16 << 30), (512 << 30, 32 << 30)):
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, f=free: (f, 2 * f))
         assert backends.expert_batch_bytes("cuda") == want
+
+
+@pytest.mark.parametrize("n,rows", [(7, 2), (8, 3), (9, 512), (300, 64)])
+def test_half_turn_in_place_is_flip_of_both_axes(n, rows):
+    from twinquant.algorithms.gptq import _rotate_half_turn_
+
+    X = torch.randn(n, n, generator=_gen(n))
+    want = X.flip(0, 1)
+    ptr = X.data_ptr()
+    assert torch.equal(_rotate_half_turn_(X, rows=rows), want) and X.data_ptr() == ptr
+
+
+def test_factor_in_place_equals_the_flipped_factor_and_h_is_copied_only_to_change_it():
+    # the memory-lean factorisation (no prepared copy of H without dead columns; the factor written over the damped
+    # copy and turned in place) gives the bits of the textbook flip / factor / flip, and never writes the caller's H
+    from twinquant.algorithms.gptq import _cholesky_factor, prepare_inputs
+
+    H = _hessian(384, 11)
+    mean = torch.diagonal(H).double().mean().item()
+    A = H.flip(0, 1).clone()
+    A.diagonal().add_(0.01 * mean)
+    want = torch.linalg.cholesky_ex(A)[0].flip(0, 1)
+    assert torch.equal(_cholesky_factor(H, 0.01), want)
+    W = torch.randn(4, 384, generator=_gen(12))
+    _, Hp, dead = prepare_inputs(W, H)
+    assert not dead.any() and Hp.data_ptr() == H.data_ptr()           # nothing to change: no 3 GB copy at 27648
+    H2 = H.clone()
+    H2[5, :] = H2[:, 5] = 0.0
+    before = H2.clone()
+    Wp, Hp, dead = prepare_inputs(W, H2)
+    assert dead.tolist() == [i == 5 for i in range(384)] and Hp[5, 5] == 1.0 and (Wp[:, 5] == 0).all()
+    assert torch.equal(H2, before)                                      # the caller's H is left as it was

@@ -17,8 +17,8 @@ TwinquantError when the format has more than one block per row (formats with con
 GPTQ's permuted groups); with one block per row (per-channel grids) the two are the same and it is allowed.
 
 Devices: everything runs where W is (H is moved there), the factorisation too; an n×n float32 matrix is 4·n²
-bytes (3.1 GB for n = 27648) and `_cholesky_factor` holds about three at once (H, the damped and flipped copy,
-the factor).
+bytes (3.1 GB for n = 27648) and `_cholesky_factor` holds two at once on a CPU (H and the damped, flipped copy
+that the factor is written over, then turned in place), three on a GPU (the factor apart).
 
 Each column is rounded to the nearest code of the stored grid (`nearest_codes`). With a diagonal Hessian nothing
 propagates and the result is the codec's RTN with the same parameters; the one exception is llama.cpp's legacy
@@ -135,6 +135,20 @@ class HessianSum:
         return self._H
 
 
+def _rotate_half_turn_(X: torch.Tensor, rows: int = 512) -> torch.Tensor:
+    """X[i, j] <- X[n-1-i, n-1-j] in place (X.flip(0, 1) without a second n×n matrix: a block of rows at a time)."""
+    n = X.shape[0]
+    h = n // 2
+    for a in range(0, h, rows):
+        b = min(a + rows, h)
+        top = X[a:b].clone()
+        X[a:b] = X[n - b:n - a].flip(0, 1)
+        X[n - b:n - a] = top.flip(0, 1)
+    if n % 2:
+        X[h] = X[h].flip(0)
+    return X
+
+
 def _cholesky_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper R with R·Rᵀ = H + λI, λ = damp·mean(diag H), as float32 on H's device.
 
@@ -155,10 +169,13 @@ def _cholesky_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
             # diagonal the reversal keeps a diagonal: one copy of H, flipped, is all it takes)
             A = H.flip(0, 1).to("cpu" if dev.type == "mps" and dtype == torch.float64 else dev, dtype)
             A.diagonal().add_(lam * mean)
-            L, info = torch.linalg.cholesky_ex(A)
+            if A.device.type == "cpu":      # the factor written over A: one n×n buffer fewer where memory is short
+                L, info = torch.linalg.cholesky_ex(A, out=(A, torch.empty((), dtype=torch.int32)))
+            else:
+                L, info = torch.linalg.cholesky_ex(A)
             del A
             if info.item() == 0 and all_finite(L):
-                return L.flip(0, 1).to(dev, torch.float32)
+                return _rotate_half_turn_(L).to(dev, torch.float32)
         more = lam * 10 if lam > 0 else 1e-6
         warnings.warn(f"gptq: Hessian not positive definite with damping {lam:g}; retrying with {more:g}", stacklevel=3)
         lam = more
@@ -199,12 +216,16 @@ def unit_factor(H_source: torch.Tensor, H: torch.Tensor, damp: float, act_order:
 
 
 def prepare_inputs(W: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """float32 copies of W and H on W's device with dead columns (H_ii == 0: an input that is always 0) given
-    H_ii = 1 and weight 0, and the mask of those columns."""
+    """A float32 copy of W and H (read only) on W's device with dead columns (H_ii == 0: an input that is always 0)
+    given H_ii = 1 and weight 0, and the mask of those columns. H is copied only where it must change (dead
+    columns, another device or dtype): at n = 27648 a copy is 3.1 GB."""
     W = W.float().clone()
-    H = H.to(W.device, torch.float32, copy=True)
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
+    dead = (torch.diagonal(H) == 0).to(W.device)
+    if bool(dead.any()):
+        H = H.to(W.device, torch.float32, copy=True)
+        H[dead, dead] = 1.0
+    else:
+        H = H.to(W.device, torch.float32)
     W[:, dead] = 0.0
     return W, H, dead
 

@@ -1,0 +1,88 @@
+"""Peak memory of GPTQ's factorisation (prepare_inputs + the Cholesky factor of H) on the CPU, this tree against
+another checkout, side by side: each in its own process, the peak resident memory above the inputs, in units of one
+n×n float32 matrix (3.1 GB at n = 27648, ffn_down of a 32B model).
+
+    python benchmarks/gptq_memory.py --n 16384 --before OLD_CHECKOUT --tag cpu
+
+Writes benchmarks/results/gptq_memory_TAG.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from provenance import git_commit, machine, versions  # noqa: E402
+
+CHILD = r"""
+import json, resource, sys, time
+# the tree's own package, also where an editable install's import hook would hand out this checkout's
+sys.path.insert(0, sys.argv[3])
+sys.meta_path = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
+import torch
+import twinquant
+from twinquant.algorithms.gptq import prepare_inputs, unit_factor
+n, rows = int(sys.argv[1]), int(sys.argv[2])
+g = torch.Generator().manual_seed(0)
+A = torch.randn(n, 64, generator=g) / 8
+H = torch.empty(n, n)
+torch.mm(A, A.T, out=H)
+H.diagonal().add_(1.0)
+del A
+W = torch.randn(rows, n, generator=g)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+t = time.perf_counter()
+W0, Hp, dead = prepare_inputs(W, H)
+M, rdiag = unit_factor(H, Hp, 0.01)
+secs = time.perf_counter() - t
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"package": twinquant.__file__, "base_bytes": base, "peak_bytes": peak, "seconds": secs,
+                  "checksum": float(M.double().abs().sum())}))
+"""
+
+
+def run(tree: Path, n: int, rows: int) -> dict:
+    p = subprocess.run([sys.executable, "-c", CHILD, str(n), str(rows), str(tree)], capture_output=True, text=True,
+                       check=True)
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    r["above_inputs_in_matrices"] = round((r["peak_bytes"] - r["base_bytes"]) / (4 * n * n), 2)
+    return r
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=16384)
+    ap.add_argument("--rows", type=int, default=256)
+    ap.add_argument("--before", help="another checkout (its twinquant package) to run beside this one")
+    ap.add_argument("--tag", required=True)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = ap.parse_args(argv)
+    trees = {"now": ROOT} | ({"before": Path(args.before).resolve()} if args.before else {})
+    res = {"benchmark": "gptq_memory", "tag": args.tag, "command": "python " + " ".join(sys.argv),
+           "commit": git_commit(), "versions": versions(), "machine": machine(), "n": args.n, "rows": args.rows,
+           "matrix_bytes": 4 * args.n * args.n, "runs": {k: run(t, args.n, args.rows) for k, t in trees.items()}}
+    if "before" in res["runs"]:
+        res["same_factor"] = res["runs"]["now"]["checksum"] == res["runs"]["before"]["checksum"]
+    lines = [f"# GPTQ factorisation memory on the CPU, n = {args.n}", "", f"command: `{res['command']}`  ",
+             f"commit: {res['commit']}  ", f"machine: {res['machine']}", "",
+             "| tree | peak above the inputs (n×n float32 matrices) | GB | seconds |", "|---|---|---|---|"]
+    for k, r in res["runs"].items():
+        lines.append(f"| {k} | {r['above_inputs_in_matrices']} | {(r['peak_bytes'] - r['base_bytes']) / 1e9:.2f} "
+                     f"| {r['seconds']:.1f} |")
+    if "same_factor" in res:
+        lines += ["", f"same factor (checksum): {res['same_factor']}"]
+    out = Path(args.out)
+    (out / f"gptq_memory_{args.tag}.json").write_text(json.dumps(res, indent=1) + "\n")
+    (out / f"gptq_memory_{args.tag}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
