@@ -17,8 +17,9 @@ TwinquantError when the format has more than one block per row (formats with con
 GPTQ's permuted groups); with one block per row (per-channel grids) the two are the same and it is allowed.
 
 Devices: everything runs where W is (H is moved there), the factorisation too; an n×n float32 matrix is 4·n²
-bytes (3.1 GB for n = 27648) and `_cholesky_factor` holds two at once on a CPU (H and the damped, flipped copy
-that the factor is written over, then turned in place), three on a GPU (the factor apart).
+bytes (3.1 GB for n = 27648). On a CPU the factorisation holds two more than H (the damped, flipped copy the
+factor is written over and turned in place, and the LAPACK call's own column-major copy): 2.03 n×n matrices above
+the inputs against 3.03 before (`benchmarks/results/gptq_memory_cpu-n16384.md`).
 
 Each column is rounded to the nearest code of the stored grid (`nearest_codes`). With a diagonal Hessian nothing
 propagates and the result is the codec's RTN with the same parameters; the one exception is llama.cpp's legacy
