@@ -478,9 +478,10 @@ def measure(model, names: list[str], calib_windows: torch.Tensor, kld_windows: i
             parts.append((name, W.shape, rows, signal, fisher.weights[name].to(signal.device)))
         imp = importance.get(group[0]) if importance else None
         Ws = torch.cat(mats)
-        if not candidate_types(Ws.shape[-1], candidates):
+        types = candidate_types(Ws.shape[-1], candidates)
+        if not types:
             raise TwinquantError(f"{group[0]}: rows of {Ws.shape[-1]} fit no quantized type (not a multiple of 32)")
-        return {"H": H, "W": Ws, "mats": mats, "parts": parts, "types": candidate_types(Ws.shape[-1], candidates),
+        return {"H": H, "W": Ws, "mats": mats, "parts": parts, "types": types,
                 "importance": torch.diagonal(H).clone() if imp is None else imp}
 
     def price_sampled(group: dict, quant) -> None:

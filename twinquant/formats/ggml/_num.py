@@ -46,6 +46,13 @@ def candidates_per_pass(n_candidates: int, values_each: int, device: torch.devic
     return max(1, min(n_candidates, budget // max(1, values_each)))
 
 
+def scan_inputs(sqx, sq2):
+    """(x2, q2, s) of an acceptance scan (iq1._scan, triton_num.scan) from candidates' sumqx, sumq2: C's test
+    `sumq2 > 0 && sumqx*sumqx > best*sumq2` as `x2 > best*q2` with x2 NaN where sumq2 <= 0, and the new best
+    s = (sumqx/sumq2)*sumqx."""
+    return torch.where(sq2 > 0, sqx * sqx, float("nan")), sq2, div(sqx, sq2) * sqx
+
+
 def accept_in_order(best, scale, sumqx, sumq2, picks):
     """C's `if (sumq2 > 0 && sumqx*sumqx > best*sumq2) {scale = sumqx/sumq2; best = scale*sumqx; keep its codes}`
     over K candidates evaluated together (sumqx, sumq2 [K, S]), in order. `picks`: (kept [S, m], candidates'
@@ -55,7 +62,7 @@ def accept_in_order(best, scale, sumqx, sumq2, picks):
 
         b = best.to(F32).contiguous().clone()
         last = torch.full(b.shape, -1, dtype=torch.long, device=b.device)
-        scan(b, last, torch.where(sumq2 > 0, sumqx * sumqx, float("nan")), sumq2, div(sumqx, sumq2) * sumqx, 0)
+        scan(b, last, *scan_inputs(sumqx, sumq2), 0)
         hit = last >= 0
         at = last.clamp(min=0)[None]
         scale = torch.where(hit, div(sumqx.gather(0, at)[0], sumq2.gather(0, at)[0]), scale)

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from twinquant.formats.ggml._blockwise import BlockwiseCodec
-from twinquant.formats.ggml._num import F32, div, f32, fp16, nearest_int, seqsum, sqrt
+from twinquant.formats.ggml._num import F32, div, f32, fp16, nearest_int, scan_inputs, seqsum, sqrt
 from twinquant.triton_env import runs_triton
 
 QK_K = 256
@@ -160,9 +160,7 @@ def _scan_rows(best, bi, x2, q2, s, base: int) -> None:
     best.copy_(b)
 
 
-def _record_prep(sqx, sq2):
-    """(x2, q2, s) of _scan from the candidates' sumqx, sumq2 [n, S]."""
-    return torch.where(sq2 > 0, sqx * sqx, float("nan")), sq2, div(sqx, sq2) * sqx
+_record_prep = scan_inputs       # (x2, q2, s) of _scan from the candidates' sumqx, sumq2 [n, S]
 
 
 def _snap(tab, L, x, w, scale, sel):
@@ -317,14 +315,11 @@ def _iq1m_sub(tab, x, w):
     best = torch.full((S,), -FLT_MAX, device=x.device)
     bi = torch.full((S,), -1, dtype=torch.long, device=x.device)
     cands = [(i1, i2, k) for i1 in range(n + 1) for i2 in range(i1, n + 1) for k in range(4)]   # C's order
-    if runs_triton(x):                          # prefix sums and the whole loop in a few launches (same bits)
-        from twinquant.formats.ggml.triton_num import iq1m_search
-
+    triton = runs_triton(x)                     # prefix sums and the whole loop in a few launches (same bits)
+    if triton:
         # a half's sum starts at +0.0 and so never is -0.0: adding the other half's +0.0 leaves it as it is
-        halves = [torch.where(u, c, 0.0) for u in (~upper, upper) for c in (wx, ws)]
-        px0, pw0, px1, pw1 = _prefix(*halves)
+        px0, pw0, px1, pw1 = _prefix(*[torch.where(u, c, 0.0) for u in (~upper, upper) for c in (wx, ws)])
         px, pw = [px0, px1], [pw0, pw1]
-        iq1m_search(px, pw, best, bi, _V2, _C1, _C2)
     else:
         px, pw = [x.new_zeros(n + 1, S) for _ in range(2)], [x.new_zeros(n + 1, S) for _ in range(2)]
         for j in range(n):
@@ -332,7 +327,12 @@ def _iq1m_sub(tab, x, w):
                 mine = upper[j] if h else ~upper[j]
                 px[h][j + 1] = torch.where(mine, px[h][j] + wx[j], px[h][j])
                 pw[h][j + 1] = torch.where(mine, pw[h][j] + ws[j], pw[h][j])
-        tx, tw = [p[n] for p in px], [p[n] for p in pw]
+    tx, tw = [p[n] for p in px], [p[n] for p in pw]
+    if triton:
+        from twinquant.formats.ggml.triton_num import iq1m_search
+
+        iq1m_search(px, pw, best, bi, _V2, _C1, _C2)
+    else:
         base = 0
         for i1 in range(n + 1):                 # candidates of one i1: (i2, k) for i2 = i1..n, k = 0..3
             t = [[_half_terms((px[h][i1], px[h][i1:]), (pw[h][i1], pw[h][i1:]), tx[h], tw[h], m)
@@ -341,7 +341,6 @@ def _iq1m_sub(tab, x, w):
             sq2 = torch.stack([t[0][a][1] + t[1][b][1] for a, b in _K_SEL], 1).reshape(-1, S)
             _scan(best, bi, *_record_prep(sqx, sq2), base)
             base += sqx.shape[0]
-    tx, tw = [p[n] for p in px], [p[n] for p in pw]
     found = (bi >= 0) & (x.abs().amax(1) >= f32(1e-7))
     i1, i2, k = torch.tensor(cands, device=x.device)[bi.clamp(min=0)].T
     ksel = torch.tensor(_K_SEL, device=x.device)
