@@ -217,7 +217,8 @@ def stages(model, layer: int) -> bool:
     return not model.spec.mla and not model.spec.moe_layer(layer)
 
 
-def staged_block(model, layer: int, x: torch.Tensor, wanted: set[str], quantize_group) -> torch.Tensor:
+def staged_block(model, layer: int, x: torch.Tensor, wanted: set[str], quantize_group,
+                 spill_dir=None) -> torch.Tensor:
     """Block `layer` over every window of x [n, ctx, hidden] one shared-input group at a time (GPTQ's "true
     sequential" order), quantizing as it goes; returns the block's outputs (float32), the next block's inputs.
 
@@ -226,8 +227,10 @@ def staged_block(model, layer: int, x: torch.Tensor, wanted: set[str], quantize_
     computed once, with the quantized weights. So every linear of the block runs once: `block_hessians` +
     `block_pass` ran the block twice (once with the float weights for the Hessians, once with the quantized ones
     for the outputs), the larger part of a block's time on a CPU. The block's intermediate inputs are held for all
-    windows at once (the FFN's: windows · ctx · intermediate floats, 0.6 GB for Qwen2.5-1.5B and 17920 tokens)."""
+    windows at once (the FFN's: windows · ctx · intermediate floats, 0.6 GB for Qwen2.5-1.5B and 17920 tokens);
+    on the CPU, past `spill.SPILL_ABOVE`, in a temporary file in `spill_dir` (6.1 GB at 32B shapes)."""
     from twinquant.algorithms.gptq import HessianSum
+    from twinquant.calibration.spill import StagedInputs
 
     s, T = model.spec, roles.T
     qkv, o, gate_up, down = roles.shared_input_groups(layer, s)
@@ -258,10 +261,17 @@ def staged_block(model, layer: int, x: torch.Tensor, wanted: set[str], quantize_
         return rms_norm(res[i], model.get(roles.name(T.FFN_NORM, layer)), s.rms_eps)
 
     quantize_group(gate_up, hessian(gate_up, lambda i: linear_input(ffn_in(i), model, gate_up[0])))
-    act = [linear_input(ffn_mix(model, layer, ffn_in(i), None), model, down[0]) for i in range(n)]
+    act = None
+    for i in range(n):
+        a = linear_input(ffn_mix(model, layer, ffn_in(i), None), model, down[0])
+        if act is None:
+            act = StagedInputs(n, a.shape, a.dtype, a.device, spill_dir)
+        act.append(a)
+        del a
     quantize_group(down, hessian(down, lambda i: act[i]))
     out = torch.empty_like(x)
     for i in range(n):
         out[i] = (res[i] + linears(act[i], model, down, None, prepared=True)[0])[0].float()
-        act[i] = res[i] = None
+        res[i] = None
+    act.close()
     return out

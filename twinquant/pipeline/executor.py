@@ -30,6 +30,7 @@ from twinquant.model import roles
 from twinquant.model.forward import embed, rms_norm
 from twinquant.model.model import Model, QuantizedWeight
 from twinquant.calibration.blocks import block_hessians, block_pass, recollector, staged_block, stages
+from twinquant.calibration.spill import spill_directory
 from twinquant.algorithms.backends import quantize_experts_to_format, quantize_to_format
 from twinquant.formats import codec_for
 from twinquant.progress import Progress
@@ -211,7 +212,7 @@ def quantize_blocks(model: Model, types: dict[str, str], method: str = "gptq", w
                         done(quantize_tensor(model, n, types[n], quantizer, H, imps.get(n)))
 
             if x is not None and stages(model, layer):    # group by group, every linear run once
-                x = staged_block(model, layer, x, wanted, quantize_group)
+                x = staged_block(model, layer, x, wanted, quantize_group, spill_directory(workdir))
             else:
                 hooks = block_hessians(model, layer, x, wanted) if x is not None else None
                 for g in groups:
