@@ -50,12 +50,15 @@ KEEP = ["--keep-blocks"]
 FISHER32 = ["--cost", "fisher", "--sample-rows", "32"]
 # fisher32-heldout: fisher32-nosrc measured again with this tree, whose Fisher weights come from windows held out of
 # the Hessians (the cached fisher32 measurement predates them: its header has no kld_source)
+# fisher32-rh: the rotated control, fisher32-heldout with the randomized Hadamard rotation (its Hessians, importance
+# and prices all taken in the rotated basis)
 VARIANTS = {"default": ([], KEEP), "pad": (["--pad"], KEEP), "fisher32": (["--rotation", "none"], FISHER32),
             "fisher32-nosrc": (["--rotation", "none"], FISHER32),
-            "fisher32-heldout": (["--rotation", "none"], FISHER32)}
+            "fisher32-heldout": (["--rotation", "none"], FISHER32),
+            "fisher32-rh": (["--rotation", "rh"], FISHER32)}
 MEASURED_AS = {"fisher32-nosrc": "fisher32"}
 NO_SOURCE_TYPES = ["--exclude-type", "Q4_K", "--exclude-type", "Q6_K"]    # the control: not the source's grid
-ALLOCATION = {"fisher32-nosrc": NO_SOURCE_TYPES, "fisher32-heldout": NO_SOURCE_TYPES}
+ALLOCATION = {"fisher32-nosrc": NO_SOURCE_TYPES, "fisher32-heldout": NO_SOURCE_TYPES, "fisher32-rh": NO_SOURCE_TYPES}
 
 
 def recipe_args(variant: str) -> list[str]:
@@ -82,14 +85,20 @@ class Frontier(Bench):
         m = json.loads(path.read_text())
         return path, {"seconds": m["seconds"], **time_facts(logf), "tensors": len(m["tensors"])}
 
-    def calib_kld(self, path: Path) -> float:
-        """KLD on the calibration windows the measurement priced candidates on (4 x 512 tokens, second halves):
-        predicted vs this is the additivity check on the same text."""
-        out = path.with_suffix(".calib-kld.json")
+    def calib_kld(self, path: Path, variant: str) -> tuple[float, str]:
+        """KLD on the windows the variant's measurement priced candidates on (kld_windows x 512 tokens of the
+        calibration text, second halves: the held-out windows after the Hessians' where its header says so, else
+        the first ones), and which: predicted vs this is the additivity check on the text the prices came from."""
+        h = json.loads(self.measurement(variant)[0].read_text())["header"]
+        chunks = h.get("kld_windows", 4)
+        skip = 0
+        if h.get("kld_source") == "held out":
+            skip = h["calibration"]["tokens"] // h["calibration"]["ctx"] + h.get("kld_skip", 0)
+        out = path.with_suffix(f".calib-kld{f'-skip{skip}' if skip else ''}.json")
         if not out.exists() or out.stat().st_mtime < path.stat().st_mtime:
-            run(TWINQUANT + ["perplexity", path, "-f", CALIB, "--ref", self.ref, "-c", 512, "--chunks", 4, "-q",
-                             "--json", out], path.with_suffix(".calib-kld.log"))
-        return json.loads(out.read_text())["kld_mean"]
+            run(TWINQUANT + ["perplexity", path, "-f", CALIB, "--ref", self.ref, "-c", 512, "--chunks", chunks,
+                             "--skip-chunks", skip, "-q", "--json", out], out.with_suffix(".log"))
+        return json.loads(out.read_text())["kld_mean"], f"calibration windows {skip}..{skip + chunks - 1}"
 
     def predicted(self, variant: str, bpw: float) -> float | None:
         """Predicted KLD of the allocation at `bpw` (dry run); None when the target is below what it can reach."""
@@ -172,6 +181,10 @@ def markdown(results: list[dict], measurements: dict, chunks: int, text: str = "
         lines.append(f"| {r['model']} | {r['row']} | {r['file_bytes'] / 2**20:.1f} | {r['bpw']:.3f} | {r['ppl']:.3f} "
                      f"| {r['kld_mean']:.4f} | {r['kld_p99']:.3f} | {100 * r['same_top']:.1f}% | {pred} | {cal} |")
     lines.append("")
+    for r in results:       # (rows from before calib_kld_windows were on the first 4 calibration windows)
+        if r.get("calib_kld_windows"):
+            lines.append(f"- {r['model']}: {r['row']}: calib KLD on {r['calib_kld_windows']} (the windows its "
+                         "measurement priced on)")
     for m in dict.fromkeys(r["model"] for r in results):
         ours = [r for r in results if r["model"] == m and r["row"].startswith("target:")]
         theirs = [r for r in results if r["model"] == m and r["row"].startswith("llama.cpp:")]
@@ -302,7 +315,7 @@ def main() -> None:
         path, facts = b.make(row)          # cached by evaluate: the file and how it was made
         r = {**r, **{k: facts[k] for k in ("predicted_kld", "variant", "sequential", "make_seconds") if k in facts}}
         if row.startswith("target:"):
-            r["calib_kld"] = b.calib_kld(path)
+            r["calib_kld"], r["calib_kld_windows"] = b.calib_kld(path, r["variant"])
             r["type_share"] = type_share(path.with_suffix(".report.json"))
             r["role_types"] = role_types(path.with_suffix(".report.json"))
         results.append(r)

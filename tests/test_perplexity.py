@@ -25,6 +25,34 @@ def test_llama_cpp_protocol_windows():
     assert w2.tokens.shape == (3, 128) and w2.tokens[1, 0].item() == 228
 
 
+def test_skip_chunks_starts_later_in_the_same_cut():
+    ids = list(range(100, 100 + 1000))
+    whole = make_windows(ids, 128, None, "llama.cpp", bos_id=1, add_bos=True)
+    later = make_windows(ids, 128, 2, "llama.cpp", bos_id=1, add_bos=True, skip=3)
+    assert torch.equal(later.tokens, whole.tokens[3:5])
+    assert later.tokens[0, 1].item() == 100 + 3 * 128 + 1
+    assert make_windows(ids, 128, None, "sliding", skip=6).tokens.shape == (1, 128)
+    with pytest.raises(TwinquantError, match="none is left after skipping 7"):
+        make_windows(ids, 128, None, "llama.cpp", skip=7)
+    with pytest.raises(TwinquantError, match="--skip-chunks"):
+        make_windows(ids, 128, None, "llama.cpp", skip=-1)
+
+
+def test_skip_chunks_scores_a_measurements_held_out_windows(tmp_path):
+    """`perplexity --skip-chunks N` with N = the calibration windows scores the windows `measure` holds out."""
+    from tests.paths import CALIB
+    from twinquant.calibration.windows import load_calibration
+    from twinquant.eval.perplexity import windows_for_text
+
+    model = load_hf_dir(save_tiny("llama", tmp_path / "m", tokenizer=True, hidden_size=64,
+                                  intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                                  num_hidden_layers=1))
+    cal = load_calibration(model, CALIB, n_tokens=640, ctx=64, heldout=4)
+    assert cal.windows.shape[0] == 10 and cal.heldout.shape[0] == 4
+    w = windows_for_text(model, CALIB.read_text(encoding="utf-8", errors="replace"), 64, 4, "llama.cpp", skip=10)
+    assert torch.equal(w.tokens, cal.heldout)
+
+
 def test_sliding_protocol_scores_every_token():
     ids = list(range(300))
     w = make_windows(ids, 100, None, "sliding")

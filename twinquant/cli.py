@@ -138,7 +138,7 @@ def cmd_perplexity(args) -> None:
         raise TwinquantError("give either --ref or --kl-divergence-base, not both")
     model = _load(args, materialize=False)     # evaluated block by block (one block in memory)
     text = text_path.read_text(encoding="utf-8", errors="replace")
-    windows = windows_for_text(model, text, args.ctx, args.chunks, args.protocol)
+    windows = windows_for_text(model, text, args.ctx, args.chunks, args.protocol, args.skip_chunks)
     print(f"{windows.describe()}; BOS {'first' if model.tokenizer.add_bos else 'not used'}", file=sys.stderr)
 
     ref, save = None, None
@@ -427,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--ref", help="reference: a model, or a log-prob file saved with --kl-divergence-base")
     sp.add_argument("-c", "--ctx", "--ctx-size", dest="ctx", type=int, default=512, help="window (default 512)")
     sp.add_argument("--chunks", type=int, default=None, help="evaluate at most N windows")
+    sp.add_argument("--skip-chunks", type=int, default=0, metavar="N",
+                    help="start after the first N windows (a measurement's held-out windows: N = its calibration "
+                         "windows)")
     sp.add_argument("--protocol", choices=["llama.cpp", "sliding"], default="llama.cpp")
     sp.add_argument("--kl-divergence-base", help="save this model's log-probs here (or read them, with "
                                                  "--kl-divergence)")

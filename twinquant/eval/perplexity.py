@@ -53,21 +53,28 @@ class Windows:
 
 
 def make_windows(ids: list[int], ctx: int, chunks: int | None, protocol: str,
-                 bos_id: int | None = None, add_bos: bool = False) -> Windows:
-    """Cut a tokenized text (already carrying BOS first if the model adds one) into evaluation windows."""
+                 bos_id: int | None = None, add_bos: bool = False, skip: int = 0) -> Windows:
+    """Cut a tokenized text (already carrying BOS first if the model adds one) into evaluation windows, after the
+    first `skip` windows (the same cut as `calibration.windows.load_calibration`: window k is tokens
+    k·ctx..(k+1)·ctx, so `skip` = a measurement's calibration windows scores its held-out ones)."""
     if protocol not in PROTOCOLS:
         raise TwinquantError(f"unknown protocol {protocol!r}; choose {' or '.join(PROTOCOLS)}")
     if ctx < 8:
         raise TwinquantError(f"context {ctx} is too small (at least 8)")
     if chunks is not None and chunks < 1:
         raise TwinquantError(f"--chunks must be positive, got {chunks}")
+    if skip < 0:
+        raise TwinquantError(f"--skip-chunks must not be negative, got {skip}")
     need = 2 * ctx if protocol == "llama.cpp" else ctx  # llama-perplexity asks for two windows' worth
     if len(ids) < need:
         raise TwinquantError(f"the text has {len(ids)} tokens; protocol {protocol} with ctx {ctx} needs at "
                              f"least {need}")
-    n = len(ids) // ctx
+    n = len(ids) // ctx - skip
+    if n < 1:
+        raise TwinquantError(f"the text has {len(ids) // ctx} windows of {ctx} tokens; none is left after "
+                             f"skipping {skip}")
     n = min(n, chunks) if chunks else n
-    tokens = torch.tensor(ids[: n * ctx], dtype=torch.long).view(n, ctx).clone()
+    tokens = torch.tensor(ids[skip * ctx: (skip + n) * ctx], dtype=torch.long).view(n, ctx).clone()
     if protocol == "llama.cpp":
         if add_bos and bos_id is not None:
             tokens[:, 0] = bos_id
@@ -75,12 +82,13 @@ def make_windows(ids: list[int], ctx: int, chunks: int | None, protocol: str,
     return Windows(tokens, 0, protocol)
 
 
-def windows_for_text(model: "Model", text: str, ctx: int, chunks: int | None, protocol: str) -> Windows:
+def windows_for_text(model: "Model", text: str, ctx: int, chunks: int | None, protocol: str,
+                     skip: int = 0) -> Windows:
     tok = model.tokenizer
     if tok is None:
         raise TwinquantError("the model has no tokenizer; cannot tokenize the text")
     ids = tok.encode(text)  # BOS first where the model's tokenizer adds it
-    return make_windows(ids, ctx, chunks, protocol, tok.bos_id, tok.add_bos)
+    return make_windows(ids, ctx, chunks, protocol, tok.bos_id, tok.add_bos, skip)
 
 
 def window_logprobs(model: "Model", windows: Windows, i: int) -> torch.Tensor:
