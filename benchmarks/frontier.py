@@ -18,7 +18,7 @@ Writes benchmarks/results/frontier[_TAG].{json,md,png}: the table, KLD ratio to 
 (the additivity check of the allocation's cost model).
 
     python benchmarks/frontier.py [--models smollm2-135m] [--llamacpp Q2_K+imatrix ...] [--bpw 3.75 4.0 4.5]
-        [--variants default pad] [--imatrix-chunks N] [--tag T]
+        [--variants default pad] [--each-variant] [--imatrix-chunks N] [--tag T]
 """
 
 from __future__ import annotations
@@ -246,8 +246,14 @@ def plot(results: list[dict], path: Path) -> None:
         ours = [r for r in rows if r["row"].startswith("target:") and not r.get("sequential")]
         seq = [r for r in rows if r.get("sequential")]
         theirs = [r for r in rows if r["row"].startswith("llama.cpp:")]
-        ax.plot([r["bpw"] for r in ours], [r["kld_mean"] for r in ours], "o-", color="tab:red",
-                label="twinquant --target-bpw")
+        peer = [r for r in rows if r["row"].startswith("autoround:")]
+        for i, v in enumerate(dict.fromkeys(r.get("variant") for r in ours)):     # a line per variant
+            mine = [r for r in ours if r.get("variant") == v]
+            ax.plot([r["bpw"] for r in mine], [r["kld_mean"] for r in mine], "o-s^v"[i % 5] + "-",
+                    color=("tab:red", "tab:orange", "tab:purple", "tab:brown")[i % 4],
+                    label=f"twinquant --target-bpw ({v})")
+        if peer:
+            ax.scatter([r["bpw"] for r in peer], [r["kld_mean"] for r in peer], color="tab:green", label="AutoRound")
         if seq:
             ax.scatter([r["bpw"] for r in seq], [r["kld_mean"] for r in seq], marker="x", color="tab:red",
                        label="twinquant, sequential GPTQ")
@@ -271,6 +277,14 @@ def plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def autoround_version() -> str:
+    """The AutoRound (and torch) versions of the venv benchmarks/setup_autoround.sh makes."""
+    py = subprocess.run(["bash", str(ROOT / "benchmarks" / "setup_autoround.sh")], check=True,
+                        stdout=subprocess.PIPE, text=True).stdout.strip().splitlines()[-1]
+    return subprocess.run([py, "-c", "import auto_round, torch; print(f'auto-round {auto_round.__version__}, "
+                           "torch {torch.__version__}')"], capture_output=True, text=True, check=True).stdout.strip()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["smollm2-135m", "qwen2.5-coder-0.5b"])
@@ -279,8 +293,13 @@ def main() -> None:
                     f"source at {CODE_COMMIT}) or a file")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--llamacpp", nargs="*", default=LLAMACPP, help="llama-quantize types, +imatrix")
+    ap.add_argument("--autoround", nargs="*", default=[], help="AutoRound GGUF formats (e.g. q2_k_s; its venv: "
+                    "benchmarks/setup_autoround.sh): rows, and twinquant targets at their sizes, as --llamacpp")
+    ap.add_argument("--autoround-args", default="", help="extra autoround_gguf.py options, e.g. '--iters 0'")
     ap.add_argument("--bpw", nargs="*", type=float, default=[], help="extra twinquant targets (bits per weight)")
     ap.add_argument("--variants", nargs="+", default=["default", "pad"], choices=list(VARIANTS))
+    ap.add_argument("--each-variant", action="store_true", help="build every variant at each target, not only "
+                    "the one of lowest predicted KLD (controls side by side: rotated and not)")
     ap.add_argument("--no-match", action="store_true", help="no twinquant target at each llama.cpp file's size")
     ap.add_argument("--sequential", nargs="*", type=float, default=[], help="targets (bpw) also built by a normal "
                     "quantize run (sequential GPTQ) beside the measured-block assembly")
@@ -299,7 +318,9 @@ def main() -> None:
     prov = provenance(llama_cpp=llamacpp_version(bin_dir), chunks=args.chunks, ctx=512, text=text.name,
                       calibration=CALIB.name, imatrix_chunks=args.imatrix_chunks,
                       variants={v: {"recipe": VARIANTS[v][0], "measure": VARIANTS[v][1],
-                                    "allocation": ALLOCATION.get(v, [])} for v in args.variants})
+                                    "allocation": ALLOCATION.get(v, [])} for v in args.variants},
+                      **({"autoround": autoround_version(), "autoround_args": args.autoround_args}
+                         if args.autoround else {}))
 
     def write() -> None:     # after every row: an interrupted run keeps what it measured
         (out / f"{stem}.json").write_text(json.dumps({"provenance": prov, "inputs": inputs, "results": results,
@@ -328,6 +349,7 @@ def main() -> None:
         work = Path(args.work) / m if args.work else Path.home() / ".cache" / "twinquant" / "quality" / m
         b = Frontier(m, work, bin_dir, args.chunks, args.threads, args.force, text)
         b.imatrix_chunks = args.imatrix_chunks
+        b.autoround_args = args.autoround_args.split()
         b.variants = args.variants
         b.prepare()
         measurements[m] = {}
@@ -335,7 +357,7 @@ def main() -> None:
             mpath, measurements[m][v] = b.measurement(v)
             shutil.copyfile(mpath, out / f"measure_{args.tag or 'frontier'}-{MEASURED_AS.get(v, v)}.json")
         targets = list(args.bpw)
-        for row in (f"llama.cpp:{t}" for t in args.llamacpp):
+        for row in [f"llama.cpp:{t}" for t in args.llamacpp] + [f"autoround:{f}" for f in args.autoround]:
             r = record(b, row)
             if r is not None and not args.no_match:
                 targets.append(8 * tensor_stats(b.make(row)[0])[0] / b.n_params)
@@ -346,7 +368,8 @@ def main() -> None:
             if v is None:
                 failures.append((m, f"target {bpw:.4f}", "below the smallest size every variant can reach"))
                 continue
-            record(b, f"target:{bpw:.6f}+{v}")
+            for each in ([u for u in args.variants if preds.get(u) is not None] if args.each_variant else [v]):
+                record(b, f"target:{bpw:.6f}+{each}")
         for bpw in args.sequential:
             v, _ = b.best_variant(bpw)
             if v is not None:
