@@ -81,3 +81,38 @@ def test_staged_block_gives_the_same_block_with_its_ffn_inputs_on_disk(tmp_path,
     assert all(torch.equal(a, b) for a, b in zip(h1, h2))
     assert q1 == q2
     assert [p for p in os.listdir(tmp_path) if p.startswith("staged-")] == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_staged_block_in_place_writes_the_same_block_over_its_input(tmp_path, dtype):
+    """`in_place=True` (the executor's) keeps the residual and the outputs in x's storage: the same Hessians,
+    bytes and outputs as a separate output, in float32 and in bfloat16 models."""
+    from twinquant.algorithms.backends import get_quantizer
+    from twinquant.calibration.blocks import staged_block
+    from twinquant.model import roles
+    from twinquant.pipeline.executor import quantize_tensor
+
+    path = save_tiny("qwen2", tmp_path / "hf", hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                     num_key_value_heads=2, num_hidden_layers=2)
+    torch.manual_seed(0)
+    x0 = torch.randn(3, 16, 256)
+    results = []
+    for in_place in (False, True):
+        model = load_hf_dir(path).materialize().to(dtype=dtype)
+        hs = []
+
+        def quantize_group(g, H):
+            hs.append(H.clone())
+            for n in g:
+                quantize_tensor(model, n, "Q4_K", get_quantizer("gptq"), H)
+
+        x = x0.clone()
+        groups = roles.shared_input_groups(1, model.spec)
+        out = staged_block(model, 1, x, {n for g in groups for n in g}, quantize_group, in_place=in_place)
+        assert (out is x) == in_place and out.dtype == torch.float32
+        assert in_place or torch.equal(x, x0)          # (not in place: the input untouched)
+        results.append((out, hs, {n: model.quantized[n].data.tobytes() for g in groups for n in g}))
+    (o1, h1, q1), (o2, h2, q2) = results
+    assert torch.equal(o1, o2)
+    assert all(torch.equal(a, b) for a, b in zip(h1, h2))
+    assert q1 == q2

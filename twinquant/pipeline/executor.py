@@ -212,7 +212,7 @@ def quantize_blocks(model: Model, types: dict[str, str], method: str = "gptq", w
                         done(quantize_tensor(model, n, types[n], quantizer, H, imps.get(n)))
 
             if x is not None and stages(model, layer):    # group by group, every linear run once
-                x = staged_block(model, layer, x, wanted, quantize_group, spill_directory(workdir))
+                x = staged_block(model, layer, x, wanted, quantize_group, spill_directory(workdir), in_place=True)
             else:
                 hooks = block_hessians(model, layer, x, wanted) if x is not None else None
                 for g in groups:
