@@ -12,6 +12,7 @@ bandwidth, each result checked against float64.
   with --llamacpp, llama.cpp's CUDA MUL_MAT of the same type and shape (test-backend-ops perf, built by
   benchmarks/gpu_peers/ from the llama-cpp-python sdist with these shapes added to its perf list).
 - sweep: the GEMV's rows per program, warps and column split on the 32B shapes (the defaults come from it).
+- Q2_K at batch 1 also through `gemv_q8`: x quantized to int8 per 32 (llama.cpp's q8_1 rounding), dp4a products.
 
 Timings: triton.testing.do_bench (median; the L2 is flushed before every run: cold cache). Bytes: what the
 kernel must read and write (packed weights + activations for GEMV). Writes benchmarks/results/kernel_speed_TAG
@@ -33,8 +34,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import record  # noqa: E402
 
-from twinquant.formats.ggml.packed import (QK_K, PackedWeight, _gemv_config, dequantize, qlinear,  # noqa: E402
-                                           random_blocks)
+from twinquant.formats.ggml.packed import (QK_K, PackedWeight, _gemv_config, dequantize, gemv_q8,  # noqa: E402
+                                           qlinear, random_blocks)
 from twinquant.transforms.hadamard import _kernel_runs, fwht, hadamard_plan  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -166,6 +167,10 @@ def _gemv_type(t, rows, cols, xf, x16, w16, copy_gbs, quick) -> list[dict]:
                "gb_s": nbytes / tq / 1e9, "pct_copy": 100 * nbytes / tq / 1e9 / copy_gbs, "rel_err": err,
                "f16_cublas_us": t16 * 1e6, "speedup_vs_f16": t16 / tq,
                "config": _gemv_config(rows, cols // QK_K, 32 if t == "Q2_K" else 8)}
+        if t == "Q2_K" and b == 1:      # llama.cpp's arithmetic: x to int8 per 32 (its own kernel), dp4a products
+            t8 = bench(lambda: gemv_q8(x, w))
+            row.update({"q8_us": t8 * 1e6, "q8_pct_copy": 100 * nbytes / t8 / 1e9 / copy_gbs,
+                        "q8_rel_err": rel_err(gemv_q8(x, w), x.double() @ wd.T)})
         out.append(row)
         print(f"gemv {t} {rows}x{cols} batch {b:5d}: {row['us']:8.1f} us {row['gb_s']:7.1f} GB/s "
               f"({row['pct_copy']:4.1f}% of copy), f16 cuBLAS {row['f16_cublas_us']:8.1f} us, err {err:.1e}",
@@ -296,6 +301,15 @@ def table(res: dict) -> str:
         lines.append(f"| {r['type']} | {r['rows']}x{r['cols']} | {r['batch']} | {r['us']:.1f} | {r['pct_copy']:.1f}% | "
                      f"{lus} | {ratio} | "
                      f"{r['f16_cublas_us']:.1f} | {r['rel_err']:.1e} |")
+    q8 = [r for r in res["gemv"] if "q8_us" in r]
+    if q8:
+        lines += ["", "## Q2_K GEMV at batch 1 with int8 activations (llama.cpp's arithmetic: x to int8 per 32 by one "
+                  "kernel, dp4a products; `packed.gemv_q8`) beside the float kernel", "",
+                  "| rows x cols | float x: µs | % copy | int8 x (both kernels): µs | % copy | int8 / float speed | "
+                  "rel. error vs float64 |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in q8:
+            lines.append(f"| {r['rows']}x{r['cols']} | {r['us']:.1f} | {r['pct_copy']:.1f}% | {r['q8_us']:.1f} | "
+                         f"{r['q8_pct_copy']:.1f}% | {r['us'] / r['q8_us']:.2f}x | {r['q8_rel_err']:.1e} |")
     sw = [r for r in res.get("sweep", []) if "us" in r]
     if sw:
         lines += ["", "## Q2_K dequant-GEMV at batch 1: best of the sweep per shape (kernel, rows per program, warps, "

@@ -65,6 +65,50 @@ def test_qlinear_on_real_codes_with_bias_and_leading_axes(device):
     torch.testing.assert_close(got, torch.nn.functional.linear(x, wq, bias), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_int8_activation_gemv_computes_llama_cpp_arithmetic_exactly(device):
+    """gemv_q8 (dp4a on CUDA, the same integer sums byte by byte in the interpreter) against its own arithmetic in
+    float64: the codes times int8 x per 32 with its scale, minus the mins times the float sums of x per 16."""
+    from twinquant.formats.ggml.packed import gemv_q8, quantize_q8
+
+    rows, cols = 70, 2048                      # rows not a multiple of the rows per program; 8 super-blocks
+    data = random_blocks("Q2_K", rows, cols, seed=3)
+    w = PackedWeight.from_bytes("Q2_K", data, cols, device)
+    x = torch.randn(2, cols, generator=torch.Generator().manual_seed(4)) * 3
+    x[0, :32] = 0                              # a block of zeros: scale 0, codes 0
+    got = gemv_q8(x.to(device), w).cpu().double()
+    xq, xd, xs = (t.cpu() for t in quantize_q8(x.to(device)))
+    xint = xq.view(torch.int8).double().reshape(2, -1, 32)
+    assert xint.abs().max() <= 127 and torch.all(xint[0, 0] == 0)
+    blk = data.reshape(rows, -1, 84)
+    d = torch.from_numpy(blk[:, :, 80:82].copy().view(np.float16).astype(np.float64)[..., 0])
+    dmin = torch.from_numpy(blk[:, :, 82:84].copy().view(np.float16).astype(np.float64)[..., 0])
+    sc = torch.from_numpy(blk[:, :, :16].astype(np.int64))
+    mins = (dmin[..., None] * (sc >> 4)).reshape(rows, -1)                      # [rows, sub-blocks]
+    codes = reference("Q2_K", data).double() + mins.repeat_interleave(16, 1)   # d·sc·q: the weight plus its min
+    want = (xint * xd.double()[..., None]).reshape(2, -1) @ codes.T - xs.double() @ mins.T
+    assert (got - want).abs().max() <= 1e-6 * want.abs().max()
+    exact = x.double() @ reference("Q2_K", data).double().T                       # and close to the float product
+    assert (got - exact).abs().max() <= 2e-2 * exact.abs().max()
+    with pytest.raises(TwinquantError, match="only Q2_K"):
+        gemv_q8(x.to(device), PackedWeight.from_bytes("Q4_K", random_blocks("Q4_K", 8, 256), 256, device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_activation_quantization_kernel_matches_torch(device, monkeypatch):
+    from twinquant.formats.ggml.packed import quantize_q8
+
+    x = torch.randn(3, 1024, generator=torch.Generator().manual_seed(5))
+    x[1, 64:96] = 0
+    x[2, 5] = 1e30                              # one huge value: the rest of its block rounds to 0
+    kq, kd, ks = (t.cpu() for t in quantize_q8(x.to(device)))
+    monkeypatch.setenv("TWINQUANT_TRITON_CPU", "0")
+    tq, td, ts = quantize_q8(x)                 # the torch path (on the CPU, with Triton off)
+    assert torch.equal(kq, tq) and torch.equal(kd, td)
+    torch.testing.assert_close(ks, ts, rtol=1e-6, atol=1e-4)
+    assert kq.view(torch.int8)[2, 5] == 127 and torch.all(kq.view(torch.int8)[1, 64:96] == 0)
+
+
 def test_packed_weight_rejects_what_it_cannot_hold():
     with pytest.raises(TwinquantError, match="no packed-weight kernel for IQ3_XXS"):
         PackedWeight.from_bytes("IQ3_XXS", np.zeros((2, 98), np.uint8), 256, "cpu")

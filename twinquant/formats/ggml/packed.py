@@ -7,6 +7,7 @@ dequant-GEMV per activation row up to GEMV_MAX_ROWS rows (decode reads 84 bytes 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import gguf
@@ -55,12 +56,13 @@ def kernel_for(ggml_type: str, device) -> bool:
     return ggml_type in KERNEL_TYPES and runs_triton(torch.empty(0, device=device))
 
 
-def _gemv_config(rows: int, nb: int, br: int = 8) -> tuple[int, int]:
+def _gemv_config(rows: int, nb: int, br: int = 8, max_split: int = 4) -> tuple[int, int]:
     """(rows per program, super-block split): split the columns of short matrices so that the programs fill a
-    large GPU (132 SMs on an H200) several times over, at most 4 ways (the H200 sweep's best on the 32B shapes)."""
+    large GPU (132 SMs on an H200) several times over, at most `max_split` ways (4: the H200 sweep's best for the
+    float kernels on the 32B shapes; the int8 kernel's sweep on an H100 chose 8 for 5120 and 4096 rows)."""
     programs = -(-rows // br)
     split = 1
-    while programs * split < 4 * 132 and split < 4 and nb >= 4 * split:
+    while programs * split < 4 * 132 and split < max_split and nb >= 4 * split:
         split *= 2
     return br, split
 
@@ -96,6 +98,53 @@ def gemv(x2: torch.Tensor, w: PackedWeight, byte_order: bool = True) -> torch.Te
             gemv_q2k_kernel[grid](*args, BR=br, SPLIT=split, num_warps=4)
         else:
             gemv_kernel[grid](*args, TYPE=tid, BS=bs, BR=br, SPLIT=split, num_warps=4)
+    return y
+
+
+def quantize_q8(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Activations [M, cols] as llama.cpp's CUDA GEMV takes them (q8_1's rounding): int8 per 32 values with scale
+    d = max|x| / 127, q = round half away from zero of x / d (0 where the block is 0); returned as (q viewed as int32
+    words [M, cols / 4], d [M, cols / 32], float sums of x per 16 [M, cols / 16] for the Q2_K min term). One Triton
+    kernel where Triton runs (`quantize_q8_kernel`; torch's dozen small ops took 90-230 µs on an H100), else torch."""
+    if runs_triton(x2) and x2.shape[0]:
+        from twinquant.formats.ggml.triton_kquants import quantize_q8_kernel
+
+        x2 = x2.contiguous()
+        m, cols = x2.shape
+        q = torch.empty(m, cols, dtype=torch.int8, device=x2.device)
+        d = torch.empty(m, cols // 32, dtype=torch.float32, device=x2.device)
+        sums = torch.empty(m, cols // 16, dtype=torch.float32, device=x2.device)
+        bb = 16
+        quantize_q8_kernel[(-(-(cols // 32) // bb), m)](x2, q, d, sums, cols // 32, x2.stride(0), q.stride(0),
+                                                        d.stride(0), sums.stride(0), BB=bb, num_warps=4)
+        return q.view(torch.int32), d, sums
+    xb = x2.float().reshape(x2.shape[0], -1, 32)
+    d = xb.abs().amax(-1, keepdim=True) / 127
+    v = torch.where(d > 0, xb / d, torch.zeros_like(xb))
+    q = (v.sign() * (v.abs() + 0.5).floor()).clamp(-127, 127).to(torch.int8)
+    return (q.reshape(x2.shape[0], -1).contiguous().view(torch.int32), d.squeeze(-1).contiguous(),
+            x2.float().reshape(x2.shape[0], -1, 16).sum(-1).contiguous())
+
+
+def gemv_q8(x2: torch.Tensor, w: PackedWeight, br: int = 64, split: int | None = None,
+            num_warps: int = 2) -> torch.Tensor:
+    """float32 [M, rows] ≈ x2 @ Wᵀ for a Q2_K weight with x2 quantized to int8 per 32 values (`quantize_q8`):
+    llama.cpp's arithmetic (its CUDA GEMV quantizes activations to q8_1 the same way), dp4a products on CUDA. Not
+    the runtime's exact path: x's int8 rounding costs ~0.4% relative error per dot product."""
+    from twinquant.formats.ggml.triton_kquants import gemv_q2k_q8_kernel
+
+    if w.ggml_type != "Q2_K":
+        raise TwinquantError(f"gemv_q8: only Q2_K has an int8 kernel (got {w.ggml_type})")
+    xq, xd, xs = quantize_q8(x2)
+    nb = w.cols // QK_K
+    if split is None:
+        br, split = _gemv_config(w.rows, nb, br, max_split=8)
+    y = torch.zeros(x2.shape[0], w.rows, dtype=torch.float32, device=x2.device)
+    if x2.shape[0]:
+        asm = w.data.device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+        gemv_q2k_q8_kernel[(-(-w.rows // br), x2.shape[0], split)](
+            w.data.view(torch.int32), xq, xd, xs, y, w.rows, nb, w.data.shape[1] // 4, xq.stride(0), xd.stride(0),
+            xs.stride(0), y.stride(0), BR=br, SPLIT=split, ASM=asm, num_warps=num_warps)
     return y
 
 

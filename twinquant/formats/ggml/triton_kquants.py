@@ -167,3 +167,76 @@ def gemv_q2k_kernel(w_ptr, x_ptr, y_ptr, R, NB, row_bytes, stride_xm, stride_ym,
             sc = _u8(blk + (quarter // 2)[None, :] * 8 + 2 * j + (quarter % 2)[None, :], rmask)   # [BR, 4]
             acc += d * (sc & 0xF).to(tl.float32) * qx - dmin * (sc >> 4).to(tl.float32) * xs[None, :]
     _store_rows(y_ptr + m * stride_ym, rows, tl.sum(acc, axis=1), R, SPLIT)
+
+
+@triton.jit
+def _dot4(a, b, acc, ASM: tl.constexpr):
+    """acc + Σ_t byte_t(a) · sbyte_t(b): a's 4 unsigned bytes times b's 4 signed bytes (int32 lanes). On CUDA one
+    dp4a instruction; elsewhere (Triton's interpreter) the same integer sum byte by byte."""
+    if ASM:
+        return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, acc],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        for t in tl.static_range(4):
+            acc += ((a >> (8 * t)) & 0xFF) * ((b << (24 - 8 * t)) >> 24)
+        return acc
+
+
+@triton.jit
+def gemv_q2k_q8_kernel(w_ptr, xq_ptr, xd_ptr, xs_ptr, y_ptr, R, NB, row_words, stride_xq, stride_xd, stride_xs,
+                       stride_ym, BR: tl.constexpr, SPLIT: tl.constexpr, ASM: tl.constexpr):
+    """Q2_K GEMV against int8 activations, as llama.cpp's CUDA kernel computes it: x quantized per 32 values
+    (`xq` int8 as int32 words, scales `xd`; `quantize_q8`), four 2-bit codes of a word times four int8 values per
+    dp4a. Word k of a super-block's codes shifted by 2j holds, one per byte, the codes of weights
+    128·(k // 8) + 32·j + 4·(k % 8) + 0..3: consecutive, so one int32 of xq; words 4g..4g+3 make sub-block
+    8·(g // 2) + 2·j + g % 2. The min term uses the float sums of x per sub-block (`xs`), not the int8 ones.
+    Rows, loads and integer sums per lane: no reductions across lanes inside the loop."""
+    pid = tl.program_id(0)
+    m = tl.program_id(1)
+    part = tl.program_id(2)
+    rows = pid * BR + tl.arange(0, BR)
+    rmask = (rows < R)[:, None]
+    g = tl.arange(0, 4)[None, :]                            # [1, 4]: (half h = g // 2, quarter q = g % 2)
+    row_base = w_ptr + rows.to(tl.int64)[:, None] * row_words
+    xq_row = xq_ptr + m * stride_xq
+    acc = tl.zeros((BR, 1), dtype=tl.float32)
+    for b in range(part, NB, SPLIT):
+        blk = row_base + b * 21
+        dd = tl.load(blk + 20, mask=rmask, other=0)
+        d = (dd & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        dmin = ((dd >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        sq = tl.zeros((BR, 1), dtype=tl.float32)
+        sm = tl.zeros((BR, 1), dtype=tl.float32)
+        for j in tl.static_range(4):
+            isum = tl.zeros((BR, 4), dtype=tl.int32)
+            for r in tl.static_range(4):                    # word k = 4g + r (one [BR, 16] load summed across
+                c = (tl.load(blk + 4 + 4 * g + r, mask=rmask, other=0) >> (2 * j)) & 0x03030303    # lanes: slower)
+                xw = tl.broadcast_to(tl.load(xq_row + b * 64 + 32 * (g // 2) + 8 * j + 4 * (g % 2) + r), (BR, 4))
+                isum = _dot4(c, xw, isum, ASM)
+            s = 8 * (g // 2) + 2 * j + g % 2                 # the 4 sub-blocks of this j
+            sc = (tl.load(blk + s // 4, mask=rmask, other=0) >> (8 * (s % 4))) & 0xFF
+            xd = tl.load(xd_ptr + m * stride_xd + b * 8 + 4 * (g // 2) + j)                    # [1, 4]
+            xs = tl.load(xs_ptr + m * stride_xs + b * 16 + s)                                   # [1, 4]
+            sq += tl.sum(((sc & 0xF) * isum).to(tl.float32) * xd, axis=1, keep_dims=True)
+            sm += tl.sum((sc >> 4).to(tl.float32) * xs, axis=1, keep_dims=True)
+        acc += d * sq - dmin * sm
+    _store_rows(y_ptr + m * stride_ym, rows, tl.sum(acc, axis=1), R, SPLIT)
+
+
+@triton.jit
+def quantize_q8_kernel(x_ptr, q_ptr, d_ptr, s_ptr, n_blocks, stride_x, stride_q, stride_d, stride_s,
+                       BB: tl.constexpr):
+    """`packed.quantize_q8` for BB blocks of 32 values of one activation row per program (row = program_id(1))."""
+    m = tl.program_id(1)
+    blocks = tl.program_id(0) * BB + tl.arange(0, BB)
+    ok = (blocks < n_blocks)[:, None]
+    e = tl.arange(0, 32)[None, :]
+    x = tl.load(x_ptr + m * stride_x + blocks[:, None] * 32 + e, mask=ok, other=0.0).to(tl.float32)
+    d = tl.max(tl.abs(x), axis=1) / 127
+    v = tl.where(d[:, None] > 0, x / d[:, None], 0.0)
+    q = tl.where(v < 0, -tl.floor(-v + 0.5), tl.floor(v + 0.5))
+    q = tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8)
+    tl.store(q_ptr + m * stride_q + blocks[:, None] * 32 + e, q, mask=ok)
+    tl.store(d_ptr + m * stride_d + blocks, d, mask=blocks < n_blocks)
+    halves = tl.sum(tl.reshape(x, (BB, 2, 16)), axis=2)
+    tl.store(s_ptr + m * stride_s + blocks[:, None] * 2 + tl.arange(0, 2)[None, :], halves, mask=ok)
