@@ -232,8 +232,8 @@ def quantize_q8_kernel(x_ptr, q_ptr, d_ptr, s_ptr, n_blocks, stride_x, stride_q,
     ok = (blocks < n_blocks)[:, None]
     e = tl.arange(0, 32)[None, :]
     x = tl.load(x_ptr + m * stride_x + blocks[:, None] * 32 + e, mask=ok, other=0.0).to(tl.float32)
-    d = tl.max(tl.abs(x), axis=1) / 127
-    v = tl.where(d[:, None] > 0, x / d[:, None], 0.0)
+    d = tl.math.div_rn(tl.max(tl.abs(x), axis=1), 127.0)       # (Triton's `/` is not correctly rounded on CUDA)
+    v = tl.where(d[:, None] > 0, tl.math.div_rn(x, d[:, None]), 0.0)
     q = tl.where(v < 0, -tl.floor(-v + 0.5), tl.floor(v + 0.5))
     q = tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8)
     tl.store(q_ptr + m * stride_q + blocks[:, None] * 32 + e, q, mask=ok)
