@@ -1,0 +1,230 @@
+"""Why the Q2_K batch-1 GEMV is slow: kernel variants timed against the byte-order kernel on one GPU (an experiment
+kept for the next attempt; none of these variants is in the package).
+
+    python benchmarks/gemv_q2k_variants.py --set A     # bytes, 1 + c/4 mantissa codes, tensor-core sums (f16, bf16)
+    python benchmarks/gemv_q2k_variants.py --set B     # bytes, U super-blocks per iteration, int32 word loads
+
+Each variant's best rows per program / warps / split on the Qwen2.5-32B shapes, with its error against float64.
+What one H100 showed (benchmarks/results/gemv_q2k_variants_s12.md): no variant beats the byte-order kernel by more
+than 6%: neither the int->float conversion (mantissa trick), nor the per-sub-block sums (tensor cores), nor memory
+latency (unrolling) is its limit; int32 word loads with the bytes split in registers are ~1.6x slower. ncu on
+27648x5120: 0.61 instructions issued per scheduler-cycle, 72 registers (0.94 waves), DRAM 23% busy; a kernel that
+only loads the blocks byte-wise reads at most ~1.6 TB/s. The int8-activation kernel (`packed.gemv_q8`, dp4a, about
+1 instruction per 4 weights) is the way that cut instructions; the rest of the gap is the loads.
+Under TRITON_INTERPRET=1 on the CPU it checks each variant's result on one small shape.
+"""
+import argparse
+import os
+import sys
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, os.getcwd())
+from twinquant.formats.ggml.packed import PackedWeight, dequantize, random_blocks  # noqa: E402
+from twinquant.formats.ggml.triton_kquants import _f16, _u8, _store_rows, gemv_q2k_kernel  # noqa: E402
+
+
+@triton.jit
+def v2_mantissa(w_ptr, x_ptr, y_ptr, R, NB, row_bytes, stride_xm, stride_ym, BR: tl.constexpr, SPLIT: tl.constexpr):
+    pid = tl.program_id(0)
+    m = tl.program_id(1)
+    part = tl.program_id(2)
+    rows = pid * BR + tl.arange(0, BR)
+    rmask = (rows < R)[:, None]
+    l = tl.arange(0, 64)
+    quarter = tl.arange(0, 4)
+    row_base = w_ptr + rows.to(tl.int64)[:, None] * row_bytes
+    acc = tl.zeros((BR, 4), dtype=tl.float32)
+    for b in range(part, NB, SPLIT):
+        blk = row_base + b * 84
+        q = tl.load(blk + 16 + l[None, :], mask=rmask, other=0).to(tl.int32)
+        d = _f16(blk + 80, rmask)
+        dmin = _f16(blk + 82, rmask)
+        xb = x_ptr + m * stride_xm + b * 256 + (l // 32) * 128 + l % 32
+        for j in tl.static_range(4):
+            xj = tl.load(xb + 32 * j).to(tl.float32)
+            f = (((q << (21 - 2 * j)) & (3 << 21)) | 0x3F800000).to(tl.float32, bitcast=True)    # 1 + c/4
+            xs = tl.sum(tl.reshape(xj, (4, 16)), axis=1)
+            fx = tl.sum(tl.reshape(f * xj[None, :], (BR, 4, 16)), axis=2)
+            qx = 4.0 * (fx - xs[None, :])
+            sc = _u8(blk + (quarter // 2)[None, :] * 8 + 2 * j + (quarter % 2)[None, :], rmask)
+            acc += d * (sc & 0xF).to(tl.float32) * qx - dmin * (sc >> 4).to(tl.float32) * xs[None, :]
+    _store_rows(y_ptr + m * stride_ym, rows, tl.sum(acc, axis=1), R, SPLIT)
+
+
+@triton.jit
+def v3_dot(w_ptr, x_ptr, y_ptr, R, NB, row_bytes, stride_xm, stride_ym, BR: tl.constexpr, SPLIT: tl.constexpr,
+           BF16: tl.constexpr):
+    """Per-sub-block sums on tensor cores: codes (1024 + c as fp16 bits, or 128 + c as bf16) times a block-diagonal
+    x [64, 16] per shift j; the bias removed with the sums of the same rounded x."""
+    pid = tl.program_id(0)
+    m = tl.program_id(1)
+    part = tl.program_id(2)
+    rows = pid * BR + tl.arange(0, BR)
+    rmask = (rows < R)[:, None]
+    l = tl.arange(0, 64)
+    n16 = tl.arange(0, 16)
+    row_base = w_ptr + rows.to(tl.int64)[:, None] * row_bytes
+    acc = tl.zeros((BR,), dtype=tl.float32)
+    for b in range(part, NB, SPLIT):
+        blk = row_base + b * 84
+        q = tl.load(blk + 16 + l[None, :], mask=rmask, other=0).to(tl.int32)
+        s_acc = tl.zeros((BR, 16), dtype=tl.float32)
+        xs = tl.zeros((16,), dtype=tl.float32)
+        xb = x_ptr + m * stride_xm + b * 256 + (l // 32) * 128 + l % 32
+        for j in tl.static_range(4):
+            xj = tl.load(xb + 32 * j)
+            sidx = 8 * (l // 32) + 2 * j + (l % 32) // 16
+            if BF16:
+                a = (((q >> (2 * j)) & 3) | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+                bj = tl.where(sidx[:, None] == n16[None, :], xj[:, None], 0.0).to(tl.bfloat16)
+            else:
+                a = (((q >> (2 * j)) & 3) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+                bj = tl.where(sidx[:, None] == n16[None, :], xj[:, None], 0.0).to(tl.float16)
+            s_acc = tl.dot(a, bj, s_acc)
+            xs += tl.sum(bj.to(tl.float32), axis=0)
+        bias = 128.0 if BF16 else 1024.0
+        qx = s_acc - bias * xs[None, :]
+        sc = _u8(blk + n16[None, :], rmask)
+        d = _f16(blk + 80, rmask)
+        dmin = _f16(blk + 82, rmask)
+        part_y = d * tl.sum((sc & 0xF).to(tl.float32) * qx, axis=1)[:, None] \
+            - dmin * tl.sum((sc >> 4).to(tl.float32) * xs[None, :], axis=1)[:, None]
+        acc += tl.sum(part_y, axis=1)
+    _store_rows(y_ptr + m * stride_ym, rows, acc, R, SPLIT)
+
+
+@triton.jit
+def v4_unrolled(w_ptr, x_ptr, y_ptr, R, NB, row_bytes, stride_xm, stride_ym, BR: tl.constexpr, SPLIT: tl.constexpr,
+                U: tl.constexpr):
+    """The byte-order kernel with U super-blocks per iteration (their loads issued together: more bytes in flight)."""
+    pid = tl.program_id(0)
+    m = tl.program_id(1)
+    part = tl.program_id(2)
+    rows = pid * BR + tl.arange(0, BR)
+    rmask = (rows < R)[:, None]
+    l = tl.arange(0, 64)
+    quarter = tl.arange(0, 4)
+    row_base = w_ptr + rows.to(tl.int64)[:, None] * row_bytes
+    acc = tl.zeros((BR, 4), dtype=tl.float32)
+    for b0 in range(part * U, NB, SPLIT * U):
+        for u in tl.static_range(U):
+            b = b0 + u
+            ok = rmask & (b < NB)
+            blk = row_base + b * 84
+            q = tl.load(blk + 16 + l[None, :], mask=ok, other=0).to(tl.int32)
+            d = _f16(blk + 80, ok)
+            dmin = _f16(blk + 82, ok)
+            xb = x_ptr + m * stride_xm + b * 256 + (l // 32) * 128 + l % 32
+            for j in tl.static_range(4):
+                xj = tl.load(xb + 32 * j, mask=b < NB, other=0.0).to(tl.float32)
+                c = ((q >> (2 * j)) & 3).to(tl.float32)
+                qx = tl.sum(tl.reshape(c * xj[None, :], (BR, 4, 16)), axis=2)
+                xs = tl.sum(tl.reshape(xj, (4, 16)), axis=1)
+                sc = _u8(blk + (quarter // 2)[None, :] * 8 + 2 * j + (quarter % 2)[None, :], ok)
+                acc += d * (sc & 0xF).to(tl.float32) * qx - dmin * (sc >> 4).to(tl.float32) * xs[None, :]
+    _store_rows(y_ptr + m * stride_ym, rows, tl.sum(acc, axis=1), R, SPLIT)
+
+
+@triton.jit
+def v5_words_loads(w_ptr, x_ptr, y_ptr, R, NB, row_bytes, stride_xm, stride_ym, BR: tl.constexpr,
+                   SPLIT: tl.constexpr, U: tl.constexpr):
+    """v4 with the 64 code bytes loaded as 16 int32 words (w_ptr viewed as int32) and split into bytes in
+    registers: a quarter of the load instructions."""
+    pid = tl.program_id(0)
+    m = tl.program_id(1)
+    part = tl.program_id(2)
+    rows = pid * BR + tl.arange(0, BR)
+    rmask = (rows < R)[:, None]
+    l = tl.arange(0, 64)
+    quarter = tl.arange(0, 4)
+    row_words = row_bytes // 4
+    wrow = w_ptr.to(tl.pointer_type(tl.int32)) + rows.to(tl.int64)[:, None] * row_words
+    brow = w_ptr + rows.to(tl.int64)[:, None] * row_bytes
+    acc = tl.zeros((BR, 4), dtype=tl.float32)
+    for b0 in range(part * U, NB, SPLIT * U):
+        for u in tl.static_range(U):
+            b = b0 + u
+            ok = rmask & (b < NB)
+            wq = tl.load(wrow + b * 21 + 4 + l[None, :] // 4, mask=ok, other=0)       # each word read by 4 lanes
+            q = (wq >> (8 * (l[None, :] % 4))) & 0xFF
+            blk = brow + b * 84
+            d = _f16(blk + 80, ok)
+            dmin = _f16(blk + 82, ok)
+            xb = x_ptr + m * stride_xm + b * 256 + (l // 32) * 128 + l % 32
+            for j in tl.static_range(4):
+                xj = tl.load(xb + 32 * j, mask=b < NB, other=0.0).to(tl.float32)
+                c = ((q >> (2 * j)) & 3).to(tl.float32)
+                qx = tl.sum(tl.reshape(c * xj[None, :], (BR, 4, 16)), axis=2)
+                xs = tl.sum(tl.reshape(xj, (4, 16)), axis=1)
+                sc = _u8(blk + (quarter // 2)[None, :] * 8 + 2 * j + (quarter % 2)[None, :], ok)
+                acc += d * (sc & 0xF).to(tl.float32) * qx - dmin * (sc >> 4).to(tl.float32) * xs[None, :]
+    _store_rows(y_ptr + m * stride_ym, rows, tl.sum(acc, axis=1), R, SPLIT)
+
+
+def bench(fn):
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median") / 1e3
+
+
+def run(kernel, w, x, y, br, warps, split, **kw):
+    rows = w.rows
+    nb = w.cols // 256
+    grid = (triton.cdiv(rows, br), x.shape[0], split)
+    if split > 1:
+        y.zero_()
+    kernel[grid](w.data, x, y, rows, nb, w.data.shape[1], x.stride(0), y.stride(0), BR=br, SPLIT=split,
+                 num_warps=warps, **kw)
+    return y
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--set", choices=["A", "B"], default="A")
+    which = ap.parse_args().set
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    shapes = [(27648, 5120), (5120, 27648), (5120, 5120), (4096, 14336)] if dev == "cuda" else [(40, 512)]
+    if dev == "cuda":
+        x0 = torch.empty(2**30, dtype=torch.bfloat16, device=dev).normal_()
+        x1 = torch.empty_like(x0)
+        copy = 2 * x0.numel() * 2 / bench(lambda: x1.copy_(x0)) / 1e9
+        del x0, x1
+        print(f"copy {copy:.0f} GB/s")
+    if which == "A":
+        variants = [("bytes", gemv_q2k_kernel, {}), ("mantissa", v2_mantissa, {}),
+                    ("dot-f16", v3_dot, {"BF16": False}), ("dot-bf16", v3_dot, {"BF16": True})]
+    else:
+        variants = [("bytes", gemv_q2k_kernel, {})] + [(f"unroll{u}", v4_unrolled, {"U": u}) for u in (2, 4)] \
+            + [(f"wordld{u}", v5_words_loads, {"U": u}) for u in (1, 2, 4)]
+    for rows, cols in shapes:
+        w = PackedWeight.from_bytes("Q2_K", random_blocks("Q2_K", rows, cols), cols, dev)
+        wd = dequantize(w).double()
+        x = torch.randn(1, cols, device=dev)
+        want = x.double() @ wd.T
+        nbytes = w.data.numel() + cols * 4 + rows * 4
+        for name, k, kw in variants:
+            best = None
+            for br in ((16, 32, 64) if dev == "cuda" else (16,)):
+                for warps in ((2, 4, 8) if dev == "cuda" else (4,)):
+                    for split in ((1, 2, 4) if dev == "cuda" else (2,)):
+                        y = torch.zeros(1, rows, device=dev)
+                        try:
+                            got = run(k, w, x, y, br, warps, split, **kw).double()
+                            err = ((got - want).abs().max() / want.abs().max()).item()
+                            t = bench(lambda: run(k, w, x, y, br, warps, split, **kw)) if dev == "cuda" else 0.0
+                        except Exception as e:
+                            print(f"{name} {rows}x{cols} br{br} w{warps} s{split}: FAILED {str(e).splitlines()[0][:200]}")
+                            continue
+                        if best is None or t < best[0]:
+                            best = (t, br, warps, split, err)
+            if best:
+                t, br, warps, split, err = best
+                pct = 100 * nbytes / t / 1e9 / copy if dev == "cuda" else 0
+                print(f"{name:9s} {rows}x{cols}: {t * 1e6:7.1f} us  {pct:5.1f}% of copy  br{br} w{warps} s{split} "
+                      f"err {err:.1e}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
