@@ -56,6 +56,9 @@ QWEN15_2BIT = [
     ("the same, its Fisher weights from windows held out of the Hessians (measured again)",
      "同上，Fisher 权重取自 Hessian 之外的留出窗口（重新测量）",
      "frontier_qwen15-heldout", "target:3.199661+fisher32-heldout"),
+    ("the same with the RH rotation in front (measured and quantized in the rotated basis; the tied head untied)",
+     "同上，前面加 RH 旋转（在旋转后的基下测量与量化；绑定的输出头被解绑）",
+     "frontier_qwen15-rh", "target:3.199661+fisher32-rh"),
     ("llama.cpp hand mix: IQ2_XS + imatrix, attn_q/attn_output Q4_K, attn_k/attn_v Q5_K, ffn_down IQ3_S "
      "(`--tensor-type`)",
      "llama.cpp 手工组合：IQ2_XS + imatrix，attn_q/attn_output Q4_K，attn_k/attn_v Q5_K，ffn_down IQ3_S"
