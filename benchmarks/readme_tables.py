@@ -59,6 +59,9 @@ QWEN15_2BIT = [
     ("the same with the RH rotation in front (measured and quantized in the rotated basis; the tied head untied)",
      "同上，前面加 RH 旋转（在旋转后的基下测量与量化；绑定的输出头被解绑）",
      "frontier_qwen15-rh", "target:3.199661+fisher32-rh"),
+    ("AutoRound 0.16.1 `gguf:q2_k_s`, its optimized RTN (`--iters 0`; 32 x 512 tokens of groups_merged.txt)",
+     "AutoRound 0.16.1 `gguf:q2_k_s`，其优化 RTN（`--iters 0`；groups_merged.txt 的 32 x 512 个 token）",
+     "frontier_qwen15-autoround", "autoround:q2_k_s"),
     ("llama.cpp hand mix: IQ2_XS + imatrix, attn_q/attn_output Q4_K, attn_k/attn_v Q5_K, ffn_down IQ3_S "
      "(`--tensor-type`)",
      "llama.cpp 手工组合：IQ2_XS + imatrix，attn_q/attn_output Q4_K，attn_k/attn_v Q5_K，ffn_down IQ3_S"
