@@ -24,8 +24,13 @@ def _on(var: str) -> bool:
     return os.environ.get(var, "0") not in ("", "0")
 
 
+def interpreted() -> bool:
+    """True when Triton runs kernels through its interpreter (no inline PTX there)."""
+    return _on("TRITON_INTERPRET")
+
+
 def runs_triton(t: torch.Tensor) -> bool:
     """True when a Triton kernel takes work on tensor t here."""
     if _on("TWINQUANT_NO_TRITON") or not triton_available():
         return False
-    return t.is_cuda or (_on("TRITON_INTERPRET") and _on("TWINQUANT_TRITON_CPU"))
+    return t.is_cuda or (interpreted() and _on("TWINQUANT_TRITON_CPU"))

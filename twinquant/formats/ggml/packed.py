@@ -7,7 +7,6 @@ dequant-GEMV per activation row up to GEMV_MAX_ROWS rows (decode reads 84 bytes 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import gguf
@@ -16,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from twinquant.errors import TwinquantError
-from twinquant.triton_env import runs_triton
+from twinquant.triton_env import interpreted, runs_triton
 
 GEMV_MAX_ROWS = 8
 QK_K = 256
@@ -141,7 +140,7 @@ def gemv_q8(x2: torch.Tensor, w: PackedWeight, br: int = 64, split: int | None =
         br, split = _gemv_config(w.rows, nb, br, max_split=8)
     y = torch.zeros(x2.shape[0], w.rows, dtype=torch.float32, device=x2.device)
     if x2.shape[0]:
-        asm = w.data.device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+        asm = w.data.is_cuda and not interpreted()
         gemv_q2k_q8_kernel[(-(-w.rows // br), x2.shape[0], split)](
             w.data.view(torch.int32), xq, xd, xs, y, w.rows, nb, w.data.shape[1] // 4, xq.stride(0), xd.stride(0),
             xs.stride(0), y.stride(0), BR=br, SPLIT=split, ASM=asm, num_warps=num_warps)
