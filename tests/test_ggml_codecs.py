@@ -183,7 +183,7 @@ def test_bad_row_length_and_names():
 
 
 def test_sizes():
-    bpw = {"Q8_0": 8.5, "Q1_0": 1.125, "Q4_0": 4.5, "Q5_0": 5.5, "Q4_1": 5.0, "Q5_1": 6.0, "Q2_K": 2.625, "Q3_K": 3.4375,
+    bpw = {"Q8_0": 8.5, "Q1_0": 1.125, "Q2_0": 2.25, "Q4_0": 4.5, "Q5_0": 5.5, "Q4_1": 5.0, "Q5_1": 6.0, "Q2_K": 2.625, "Q3_K": 3.4375,
            "Q4_K": 4.5, "Q5_K": 5.5, "Q6_K": 6.5625}
     for qtype, codec in CODECS.items():
         assert codec.bits_per_weight == bpw[qtype.name]

@@ -52,9 +52,10 @@ def test_candidates_and_bytes():
     assert candidate_types(256, "k") == ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"]
     assert candidate_types(576, "k") == ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
     assert candidate_types(256) == ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "IQ1_S", "IQ1_M", "IQ2_XXS",
-                                    "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_XS"]
-    assert candidate_types(576) == ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL"]
-    assert candidate_types(896) == ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "Q1_0"]   # 7 x 128
+                                    "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_XS", "Q2_0"]
+    assert candidate_types(576) == ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "Q2_0"]    # 9 x 64
+    assert candidate_types(896) == ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "Q1_0", "Q2_0"]   # 7 x 128
+    assert candidate_types(96) == ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL"]     # no 64-block: no Q2_0
     assert candidate_types(100) == []
     with pytest.raises(TwinquantError, match="candidates"):
         candidate_types(256, "iq")

@@ -204,7 +204,8 @@ def assert_same(ours: dict, theirs: dict):
 CASES = ([(m, f, False) for m in MODELS for f in CORE_FTYPES]
          + [(m, f, False) for m in MORE_MODELS for f in MORE_FTYPES]
          + [(m, f, True) for m in IMATRIX_MODELS for f in IMATRIX_FTYPES]
-         + IQ_CASES + [("llama-256", "Q1_0", False), ("qwen2-tied-256-gqa4", "Q1_0", True)])
+         + IQ_CASES + [("llama-256", "Q1_0", False), ("qwen2-tied-256-gqa4", "Q1_0", True)]
+         + [("llama-256", "Q2_0", False), ("qwen2-192", "Q2_0", True), ("qwen3-tied-256", "Q2_0", False)])
 
 
 @pytest.mark.parametrize("model,ftype,imatrix", CASES, ids=[f"{m}-{f}{'-imatrix' if i else ''}" for m, f, i in CASES])

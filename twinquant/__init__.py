@@ -2,6 +2,10 @@
 
 __version__ = "0.1.0"
 
+from twinquant import gguf_types as _gguf_types  # noqa: E402
+
+_gguf_types.register()        # llama.cpp types gguf-py lacks (Q2_0), before any module reads gguf-py's tables
+
 _API = {"quantize": "twinquant.pipeline", "measure": "twinquant.pipeline", "Options": "twinquant.pipeline",
         "QuantizeResult": "twinquant.pipeline", "Recipe": "twinquant.pipeline.recipe",
         "sensitivity": "twinquant.pipeline.sensitivity", "SensitivityOptions": "twinquant.pipeline.sensitivity"}

@@ -2,7 +2,7 @@
 
 For every quantizable tensor and every candidate type (`candidate_types`: K-quants Q2_K…Q6_K, Q8_0 and the i-quants
 IQ1_S…IQ4_XS where rows are whole 256-blocks, the 32-block types Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/IQ4_NL and
-Q1_0 (128-blocks) elsewhere) the tensor is quantized with the
+Q1_0 (128-blocks) elsewhere, and Q2_0 (64-blocks) on both) the tensor is quantized with the
 quantizer the file will really use (GPTQ with the layer's input Hessian and the importance data; RTN for the
 embedding, as the quantize executor does) and its cost is recorded as the KL divergence it adds to the model's output:
 
@@ -68,6 +68,8 @@ I_TYPES = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "
 # rows that are no multiple of 256 (576, 896, 4864 wide): IQ4_NL, and Q1_0's signs where the row is 128-blocks (the
 # only type below 4 bits those rows can take)
 I_BLOCK32_TYPES = ("IQ4_NL", "Q1_0")
+# llama.cpp's 2-bit 64-blocks ({-1, 0, 1, 2}·d, 2.25 bpw): a candidate on every row it fits, 256-aligned or not
+ANY_ROW_TYPES = ("Q2_0",)
 CANDIDATE_SETS = ("all", "k")       # "k": the K-quant / legacy types only (faster to measure, >= 2.625 bpw)
 FLOAT_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
 T = roles.T
@@ -80,7 +82,7 @@ def candidate_types(cols: int, candidates: str = "all") -> list[str]:
         raise TwinquantError(f"candidates must be one of {', '.join(CANDIDATE_SETS)}, not {candidates!r}")
     kinds = K_TYPES if cols % 256 == 0 else BLOCK32_TYPES
     if candidates == "all":
-        kinds = kinds + (I_TYPES if cols % 256 == 0 else I_BLOCK32_TYPES)
+        kinds = kinds + (I_TYPES if cols % 256 == 0 else I_BLOCK32_TYPES) + ANY_ROW_TYPES
     return [t for t in kinds if cols % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t]][0] == 0]
 
 

@@ -17,11 +17,11 @@ How llama.cpp decides (src/llama-quant.cpp), restated as the tables below:
   already seen, in llama.cpp's tensor order: by layer number, then by name) against a total `n` (the number of
   attn_v tensors for attn_v; the layer count for ffn_down / ffn_gate / ffn_up), the GQA ratio
   `n_heads // n_kv_heads`, and whether an importance matrix is given. An untied token_embd has rules of its own
-  (Q2_K / IQ3_S for the 1- to 3-bit i-quants, Q4_K for TQ1_0 / TQ2_0);
+  (Q2_K / IQ3_S for the 1- to 3-bit i-quants, Q4_K for TQ1_0 / TQ2_0 / Q2_0);
 * 70B models (llama with 80 layers and GQA; qwen2 with 80 layers) bump attn_v from Q3_K/Q4_K to Q5_K — except
   in the IQ1_* / IQ2_* mixes (`Mix.bump_70b`), whose rules llama.cpp keeps in a branch of their own;
 * finally, a type whose block does not divide the row length (the input features, GGML's `ne[0]`) *falls back*
-  (`FALLBACK`): Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, IQ* -> IQ4_NL; a 32-block type, or
+  (`FALLBACK`): Q2_0/Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, IQ* -> IQ4_NL; a 32-block type, or
   a fallback whose 32-block does not divide the row either, becomes F16.
 
 Options, as llama-quantize applies them: `--token-embedding-type` / `--output-tensor-type` set those tensors
@@ -144,7 +144,7 @@ def block_size(t: Q) -> int:
 # the type a tensor falls back to when its row length is not a multiple of its type's block (256 -> 32 blocks)
 FALLBACK: dict[Q, Q] = {
     **dict.fromkeys((Q.IQ1_S, Q.IQ1_M, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S, Q.IQ4_XS), Q.IQ4_NL),
-    **dict.fromkeys((Q.Q2_K, Q.Q3_K, Q.TQ1_0, Q.TQ2_0), Q.Q4_0),
+    **dict.fromkeys((Q.Q2_0, Q.Q2_K, Q.Q3_K, Q.TQ1_0, Q.TQ2_0), Q.Q4_0),
     Q.Q4_K: Q.Q5_0,
     Q.Q5_K: Q.Q5_1,
     Q.Q6_K: Q.Q8_0,
@@ -275,6 +275,8 @@ MIXES: dict[str, Mix] = {m.ftype: m for m in (
     _mix("IQ4_XS", Q.IQ4_XS, attn_v=(("gqa>=4", Q.Q5_K),), ffn_down=(("no imatrix, first 1/8", Q.Q5_K),)),
     # 1-bit signs (128-blocks; llama.cpp defines no fallback for them: rows must be multiples of 128)
     _mix("Q1_0", Q.Q1_0),
+    # 2-bit {-1, 0, 1, 2}·d in 64-blocks (rows of 576, 896, 4864 fit); token_embd Q4_K as for the ternary types
+    _mix("Q2_0", Q.Q2_0, token_embd=(("", Q.Q4_K),)),
     # ternary
     _mix("TQ1_0", Q.TQ1_0, token_embd=(("", Q.Q4_K),)),
     _mix("TQ2_0", Q.TQ2_0, token_embd=(("", Q.Q4_K),)),

@@ -26,7 +26,7 @@ from twinquant.formats.ggml.iq2 import IQ2_S, IQ2_XS, IQ2_XXS
 from twinquant.formats.ggml.iq3 import IQ3_S, IQ3_XXS
 from twinquant.formats.ggml.iq4 import IQ4_NL, IQ4_XS
 from twinquant.formats.ggml.kquants import Q2_K, Q3_K, Q4_K, Q5_K, Q6_K
-from twinquant.formats.ggml.legacy import Q1_0, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0
+from twinquant.formats.ggml.legacy import Q1_0, Q2_0, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0
 
 T = gguf.GGMLQuantizationType
 
@@ -37,6 +37,7 @@ CODECS: dict[gguf.GGMLQuantizationType, GGMLCodec | BlockwiseCodec] = {
     T.Q4_1: Q4_1(),
     T.Q5_1: Q5_1(),
     T.Q1_0: Q1_0(),
+    T.Q2_0: Q2_0(),
     T.Q2_K: Q2_K(),
     T.Q3_K: Q3_K(),
     T.Q4_K: Q4_K(),
@@ -72,7 +73,7 @@ def get_codec(name_or_type) -> GGMLCodec | BlockwiseCodec:
 
 def dequantize_bytes(data, ggml_type) -> np.ndarray:
     """float32 weights of packed rows data [rows, row bytes] (or flat) of a GGML type: gguf-py's dequantizer, or
-    where gguf-py has none (Q1_0 in gguf 0.19) this package's codec, which is byte-identical to libggml's."""
+    where gguf-py has none (Q1_0, Q2_0 in gguf 0.19) this package's codec, which is byte-identical to libggml's."""
     try:
         return np.asarray(gguf.quants.dequantize(data, ggml_type), dtype=np.float32)
     except NotImplementedError:
@@ -88,5 +89,5 @@ def dequantize_bytes(data, ggml_type) -> np.ndarray:
 
 __all__ = ["CODECS", "get_codec", "dequantize_bytes", "GGMLCodec", "GGMLPacked", "BlockwiseCodec", "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S",
            "IQ3_XXS", "IQ3_S",
-           "IQ4_NL", "IQ4_XS", "Q8_0", "Q1_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1", "Q2_K",
+           "IQ4_NL", "IQ4_XS", "Q8_0", "Q1_0", "Q2_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1", "Q2_K",
            "Q3_K", "Q4_K", "Q5_K", "Q6_K"]

@@ -15,6 +15,10 @@ Q1_0: blocks of 128 weights, one fp16 scale d = mean |x| (sequential float32 sum
 (bit j of byte j/8, little-endian bit order; weight +d if set, else -d; quantize_row_q1_0_ref sets it for x >= 0). The
 codes are that bit, with scale 2d and offset -d. llama.cpp ignores the imatrix, and so does this codec.
 
+Q2_0: blocks of 64 weights, one fp16 scale d = max |x| and 2-bit codes q = (int)roundf(x/d) + 1 clamped to [0, 3],
+weight (q - 1)*d: the grid is {-d, 0, d, 2d} (quantize_row_q2_0_ref; code 3 is reached only by values beyond max |x|,
+e.g. GPTQ's updated weights). Four codes a byte, code j in bits 2(j%4) of byte j/4. llama.cpp ignores the imatrix.
+
 Q4_1 / Q5_1 keep the stored m in `dmin` (added: offset = +m) and round from a float32 origin that is not stored,
 so `iscale` is float32 [B, 2]: (multiplier, origin); codes are
   "ref"  (no imatrix, quantize_row_q4_1/q5_1_ref): min(qmax, trunc((x - min)*id + 0.5)), origin = min (the block's
@@ -161,6 +165,31 @@ class Q1_0(_Legacy):
 
     def _unpack(self, b):
         return np.unpackbits(b[:, 2:], axis=1, bitorder="little"), self._hdr_from_d(b[:, :2])
+
+
+class Q2_0(_Legacy):
+    name, ggml_type, qmax, zero_code = "Q2_0", gguf.GGMLQuantizationType.Q2_0, 3, 1
+    sub = 64
+    uses_imatrix = False
+
+    def _ref(self, x):
+        return x.abs().amax(-1)
+
+    def _codes(self, x, hdr, scale, offset):
+        if hdr.get("rule") != "ref":
+            return super()._codes(x, hdr, scale, offset)
+        v = roundf(x * hdr["iscale"].reshape(-1, 1))      # (int)roundf(w*id): out of int's range (and NaN) -> INT_MIN
+        q = torch.where(v.abs() < 2147483648.0, v, -2147483648.0).to(torch.int64) + 1
+        return q.clamp_(0, self.qmax).to(torch.uint8)
+
+    def _pack(self, codes, hdr):
+        qs = codes[:, 0::4] | (codes[:, 1::4] << 2) | (codes[:, 2::4] << 4) | (codes[:, 3::4] << 6)
+        return np.concatenate([self._d_bytes(hdr), qs], axis=1)
+
+    def _unpack(self, b):
+        qs = b[:, 2:]
+        codes = np.stack([qs & 3, (qs >> 2) & 3, (qs >> 4) & 3, qs >> 6], axis=2).reshape(len(b), -1)
+        return codes, self._hdr_from_d(b[:, :2])
 
 
 # ---- Q4_1 / Q5_1 ----------------------------------------------------------------------------------------------------
