@@ -31,7 +31,15 @@ def test_sensitivity_duplicate_and_run(tmp_path):
             "--budget-layers", 1, "--kind", "serial", "--search", "bayes", "--trials", 4, "--report",
             tmp_path / "dup.json", *calib)
     rep = json.loads((tmp_path / "dup.json").read_text())
-    assert len(rep["topology"]) == 1 and rep["cost"]["extra_layers"] == 1 and len(rep["search"]["trials"]) == 4
+    assert len(rep["search"]["trials"]) == 4
+    # a copy the search cannot make useful is not written (the tiny model's usually is not)
+    assert len(rep["topology"]) == rep["cost"]["extra_layers"] <= 1
+    assert rep["topology"] or ("dropped layer_" in p.stderr or "none are kept" in p.stderr)
+    topo = tmp_path / "t.yaml"
+    topo.write_text(yaml.safe_dump({"layer_1": {"type": "serial", "copies": 2}}))
+    p = run("duplicate", q, "-o", out, "--ref", d, "--topology", topo, "--report", tmp_path / "dup.json", *calib)
+    rep = json.loads((tmp_path / "dup.json").read_text())
+    assert rep["topology"] == {"layer_1": {"type": "serial", "copies": 2}} and rep["cost"]["extra_layers"] == 1
     r = gguf.GGUFReader(out)
     assert "twinquant.dup.topology" in r.fields
     types_in = {t.name: t.tensor_type for t in gguf.GGUFReader(q).tensors}
@@ -40,8 +48,6 @@ def test_sensitivity_duplicate_and_run(tmp_path):
     assert p.stdout.startswith("hello")
     run("perplexity", out, "-f", tmp_path / "sens.json", "-c", 64, "--chunks", 2)
 
-    topo = tmp_path / "t.yaml"
-    topo.write_text(yaml.safe_dump({"layer_1": {"type": "serial", "copies": 2}}))
     flat = tmp_path / "flat.gguf"
     run("duplicate", q, "-o", flat, "--topology", topo, "--ref", d, "--expand-duplicates", *calib)
     assert gguf.GGUFReader(flat).fields["llama.block_count"].contents() == 4

@@ -199,8 +199,61 @@ def test_duplicate_library_checks_options_before_loading_then_writes(tmp_path, m
     lines = []
     res = duplicate(q, tmp_path / "o.gguf", DuplicateOptions(topology=str(topo), ref=str(d), calib_tokens=128,
                                                             calib_ctx=32), log=lines.append)
-    assert lines == ["reference log-probs on 128 calibration tokens"]
+    # the F16 file is the reference up to rounding: an untuned copy can only add KLD; the user's copy is kept
+    assert lines[0] == "reference log-probs on 128 calibration tokens" and len(lines) == 2
+    assert "do not lower the calibration KLD" in lines[1] and "kept as given" in lines[1]
     assert res.topology == {"layer_1": {"type": "serial", "copies": 2}} and res.cost["extra_layers"] == 1
     assert res.calibration_kld > 0 and res.search is None and res.to_dict()["search"] is None
     written = load_gguf(res.path)
     assert len(written.layout.executions()) == 4 and res.params == written.dup_params.to_dict()
+
+
+def test_idle_layers_are_the_entries_that_compute_the_block_alone():
+    from twinquant.duplication.tune import idle_layers
+
+    store = ParamStore()
+    store.set("copy", {"alpha": 0.0}, block=1, copy=1)
+    store.set("copy", {"alpha": 0.0}, block=2, copy=1)
+    store.set("copy", {"alpha": 0.5}, block=2, copy=2)
+    topo = {"layer_0": {"type": "parallel", "copies": 2, "weights": [1.0, 0.0]},
+            "layer_1": {"type": "serial", "copies": 2},
+            "layer_2": {"type": "serial", "copies": 3},                       # one copy of two still scales
+            "layer_3": {"type": "parallel", "copies": 2, "weights": [0.75, 0.25]},
+            "layer_4": {"type": "serial", "copies": 2, "alpha": 0.0},          # α in the entry itself
+            "layer_5": {"type": "serial", "copies": 2},                        # α 1 (the default)
+            "layer_6": {"type": "parallel", "copies": 2}}                      # weights 1/2 each
+    assert idle_layers(topo, store, 8) == ["layer_0", "layer_1", "layer_4"]
+
+
+def test_idle_and_useless_duplicates_are_dropped_from_what_is_written(tmp_path):
+    """The search switching a copy off (α 0) means the block alone: the entry is dropped, and the file has no
+    duplicates. With --auto, copies that do not lower the calibration KLD are all dropped; the outputs of the file
+    are those of the model without copies."""
+    from twinquant.duplication.sensitivity import Sensitivity
+
+    d = save_tiny("llama", tmp_path / "hf", tokenizer=True, num_hidden_layers=3)
+    q = tmp_path / "m.gguf"
+    write_gguf(load_hf_dir(d), q, "F16")           # the reference up to rounding: no copy can help
+    calib = dict(calib_tokens=128, calib_ctx=32)
+    topo = tmp_path / "t.json"
+    topo.write_text(json.dumps({"layer_1": {"type": "serial", "copies": 2}}))
+    lines = []
+    res = duplicate(q, tmp_path / "s.gguf", DuplicateOptions(topology=str(topo), ref=str(d), search="grid",
+                                                            trials=3, **calib), log=lines.append)
+    assert res.search is not None and res.search.kept_off
+    assert res.topology == {} and res.cost["extra_layers"] == 0
+    assert any(line.startswith("dropped layer_1") for line in lines)
+    written = load_gguf(res.path)
+    assert written.layout.is_sequential
+
+    sens = Sensitivity(0.0, 1.0, [0.1, 0.9, 0.2], [0.5, 0.1, 0.4])   # layer 1 ranks first
+    (tmp_path / "sens.json").write_text(json.dumps(sens.to_dict()))
+    lines = []
+    res = duplicate(q, tmp_path / "a.gguf", DuplicateOptions(auto=True, sensitivity=str(tmp_path / "sens.json"),
+                                                            kind="serial", budget_layers=1, ref=str(d), **calib),
+                    log=lines.append)
+    assert res.topology == {} and res.cost["extra_layers"] == 0
+    assert any("none are kept" in line for line in lines)
+    plain = load_gguf(q).materialize()
+    ids = tokens(plain)
+    assert torch.equal(forward(load_gguf(res.path).materialize(), ids), forward(plain, ids))

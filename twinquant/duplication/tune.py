@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass
 
 from twinquant.model.copies import ParamStore
-from twinquant.model.topology import Budget, parse_topology
+from twinquant.model.topology import Budget, layer_of, parse_topology
 from twinquant.errors import TwinquantError
 
 
@@ -133,6 +133,42 @@ def configure(topology: dict, base_params: ParamStore | None, values: dict) -> t
         else:
             raise TwinquantError(f"unknown search parameter {name!r}")
     return topo, store
+
+
+def idle_layers(topology: dict, store: ParamStore | None, n_layers: int) -> list[str]:
+    """The entries whose copies change nothing: serial copies that all have α = 0 (each is the identity), or a
+    parallel group whose merge weight is all on copy 0 (1·block + 0·copies). Without its entry the block runs once
+    with copy 0's parameters, which is exactly what such an entry computes, so dropping it changes no output."""
+    out = []
+    for key, e in topology.items():
+        b, n = layer_of(key, n_layers), e.get("copies", 2)
+        if e.get("type", "serial") == "parallel":
+            w = list(e.get("weights") or [1.0 / n] * n)
+            idle = w[0] == 1.0 and all(x == 0.0 for x in w[1:])
+        else:
+            # α as parse_topology reads it (the entry's own values win over the store's), copy 0 first
+            alpha = [store.resolve(b, c).alpha if store is not None else 1.0 for c in range(n)]
+            if e.get("alpha") is not None:
+                a = e["alpha"]
+                a = [a] * (n - 1) if isinstance(a, (int, float)) else list(a)
+                alpha = [alpha[0]] + a if len(a) == n - 1 else a
+            idle = alpha[0] == 1.0 and all(x == 0.0 for x in alpha[1:])
+        if idle or n == 1:
+            out.append(key)
+    return out
+
+
+def without_layers(model, topology: dict, keys: list[str]) -> dict:
+    """Drop `keys` from the model's topology: its layout loses their copies and its parameter store their copies'
+    entries (copy 0's stay: the block itself runs with them). Returns the topology left."""
+    n_layers = model.spec.n_layers
+    gone = {layer_of(k, n_layers) for k in keys}
+    left = {k: e for k, e in topology.items() if k not in keys}
+    store = ParamStore.from_dict(model.dup_params.to_dict()) if model.dup_params is not None else ParamStore()
+    store.copies = {(b, c): d for (b, c), d in store.copies.items() if b not in gone or c == 0}
+    store._cache.clear()
+    model.layout, model.dup_params = parse_topology(left, n_layers, store)
+    return left
 
 
 def tune(model, topology: dict, objective, strategy: str, trials: int, params: ParamStore | None = None,

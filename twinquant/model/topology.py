@@ -27,7 +27,7 @@ from twinquant.model.layout import Layout, Slot
 KEYS = {"type", "copies", "shared_weight", "alpha", "weights", "merge", "merge_strategy", "chosen_from"}
 
 
-def _layer_of(key: str, n_layers: int) -> int:
+def layer_of(key: str, n_layers: int) -> int:
     m = re.fullmatch(r"(?:layer_|blk\.)?(\d+)", str(key))
     if not m:
         raise TwinquantError(f"topology: key {key!r} is not layer_N")
@@ -44,7 +44,7 @@ def parse_topology(topology: dict, n_layers: int, params: ParamStore | None = No
     params = params if params is not None else ParamStore()
     entries: dict[int, dict] = {}
     for key, e in topology.items():
-        b = _layer_of(key, n_layers)
+        b = layer_of(key, n_layers)
         if not isinstance(e, dict):
             raise TwinquantError(f"topology: {key} must be a mapping")
         unknown = sorted(set(e) - KEYS)

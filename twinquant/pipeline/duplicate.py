@@ -99,6 +99,7 @@ def duplicate(model_path: str | Path, out: str | Path, options: DuplicateOptions
         if result.kept_off:
             say(f"search: no trial beat the copies switched off (KLD {result.off_value:.5f}); they stay off "
                 "(alpha 0 / weight 0)")
+    topo = _drop_useless(model, topo, o, objective, say)
     final = objective(model)
     cost = budget.cost(model, model.layout)
     if o.expand_duplicates:
@@ -107,6 +108,36 @@ def duplicate(model_path: str | Path, out: str | Path, options: DuplicateOptions
         model = expand_duplicates(model)
     write_gguf(model, out, "F16")
     return DuplicateResult(out, topo, model.dup_params.to_dict() if model.dup_params else {}, cost, final, result)
+
+
+def _drop_useless(model, topo: dict, o: DuplicateOptions, objective, say) -> dict:
+    """What is written keeps no copy that does nothing: entries whose copies the search switched off (α 0, merge
+    weight 0: exactly the block alone) are dropped; and copies chosen by --auto that do not lower the calibration
+    KLD below the model's without duplicates are all dropped (they would cost compute and KV cache for nothing).
+    A --topology file's copies are the user's choice: kept, with a line saying so."""
+    if not topo:
+        return topo
+    idle = T.idle_layers(topo, model.dup_params, model.spec.n_layers)
+    if idle:
+        topo = T.without_layers(model, topo, idle)
+        say(f"dropped {', '.join(idle)}: the search switched their copies off (alpha 0 / merge weight 0), "
+            "which is the block alone")
+    if not topo:
+        return topo
+    with_copies = objective(model)
+    layout, params = model.layout, model.dup_params
+    T.apply(model, {}, params)
+    without = objective(model)
+    model.layout, model.dup_params = layout, params
+    if with_copies < without:
+        return topo
+    if o.auto:
+        say(f"the duplicates do not lower the calibration KLD ({with_copies:.5f}, {without:.5f} without them): "
+            "none are kept")
+        return T.without_layers(model, topo, list(topo))
+    say(f"note: the topology's duplicates do not lower the calibration KLD ({with_copies:.5f}, {without:.5f} "
+        "without them); kept as given")
+    return topo
 
 
 def _budget(model_path: str | Path, out: Path, o: DuplicateOptions) -> Budget:
