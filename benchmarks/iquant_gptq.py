@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 from provenance import record  # noqa: E402
 
-TYPES = ["IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K", "IQ3_XXS", "IQ3_S", "Q3_K", "IQ4_XS", "Q4_K"]
+TYPES = ["IQ1_S", "IQ1_M", "IQ2_XXS", "Q2_0", "IQ2_XS", "IQ2_S", "Q2_K", "IQ3_XXS", "IQ3_S", "Q3_K", "IQ4_XS", "Q4_K"]
 
 
 def rel_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
@@ -107,7 +107,9 @@ def main(argv=None) -> int:
                     codec = codec_for(ty, W.shape[1])
                     base = {"layer": layer, "tensor": name, "shape": list(W.shape), "type": ty,
                             "bpw": round(codec.bits_per_weight, 4)}
-                    ref = _judge(W, rtn, codec, None, imatrix, H, H_out, dev)
+                    # llama-quantize's bytes: Q2_0's quantizer ignores the imatrix (twinquant's codec searches with it)
+                    ref = _judge(W, rtn, codec, None, imatrix if getattr(codec, "libggml_imatrix", True) else None,
+                                 H, H_out, dev)
                     for damp in args.damp:      # llama.cpp's row is the same for every damping: computed once
                         row = {**base, "damp": damp, **{f"llama.cpp{k}": v for k, v in ref.items()}}
                         got = _judge(W, gptqs[damp], codec, H, imatrix, H, H_out, dev)

@@ -1,6 +1,6 @@
 """The quantize pipeline end to end, with stock llama.cpp as the oracle.
 
-- RTN into llama.cpp's Q2_K mix reproduces `llama_model_quantize` (llama-quantize) byte for byte;
+- RTN into llama.cpp's Q2_K and Q2_0 mixes reproduces `llama_model_quantize` (llama-quantize) byte for byte;
 - GPTQ files load in llama.cpp, whose logits match our forward of the same quantized weights;
 - GPTQ has a lower output error than RTN on the calibration data.
 """
@@ -42,14 +42,16 @@ def llama_quantize(src, dst, ftype: int):
     return dst
 
 
-def test_rtn_q2k_mix_is_byte_identical_to_llama_quantize(f32_gguf, tmp_path):
-    import llama_cpp
-
-    theirs = gguf.GGUFReader(llama_quantize(f32_gguf, tmp_path / "theirs.gguf", llama_cpp.LLAMA_FTYPE_MOSTLY_Q2_K))
+@pytest.mark.parametrize("ftype", ["Q2_K", "Q2_0"])
+def test_rtn_2bit_mix_is_byte_identical_to_llama_quantize(f32_gguf, tmp_path, ftype):
+    theirs = gguf.GGUFReader(llama_quantize(f32_gguf, tmp_path / "theirs.gguf", gguf.LlamaFileType[f"MOSTLY_{ftype}"]))
     model = load_gguf(f32_gguf).materialize()
-    types = {n: t.name for n, t in llama_cpp_mix(model.spec, "Q2_K", model.tensor_names()).items()
+    types = {n: t.name for n, t in llama_cpp_mix(model.spec, ftype, model.tensor_names()).items()
              if t.name != "F32"}
-    assert "Q3_K" in types.values() and ("Q2_K" in types.values()) == (model.spec.hidden % 256 == 0)
+    if ftype == "Q2_K":
+        assert "Q3_K" in types.values() and ("Q2_K" in types.values()) == (model.spec.hidden % 256 == 0)
+    else:                   # 64-blocks: 256 and 192 wide rows both take Q2_0
+        assert "Q2_0" in types.values() and "Q4_0" not in types.values()
     quantize_model(model, types, "rtn", progress=False)
     ours = gguf.GGUFReader(write_gguf(model, tmp_path / "ours.gguf", "F16"))
     th = {t.name: t for t in theirs.tensors}
@@ -58,7 +60,10 @@ def test_rtn_q2k_mix_is_byte_identical_to_llama_quantize(f32_gguf, tmp_path):
         assert np.array_equal(np.asarray(t.data), np.asarray(th[t.name].data)), t.name
 
 
-def test_gptq_file_runs_in_llama_cpp_and_beats_rtn(f32_gguf, tmp_path):
+@pytest.mark.parametrize("default", ["Q4_K", "Q2_0"])
+def test_gptq_file_runs_in_llama_cpp_and_beats_rtn(f32_gguf, tmp_path, default):
+    """Q2_0: GPTQ's fits search a signed scale (the heavier side gets the extra level), which llama.cpp's own
+    quantizer never writes; its kernels must run such blocks as they are."""
     import llama_cpp
 
     torch.manual_seed(0)
@@ -69,10 +74,15 @@ def test_gptq_file_runs_in_llama_cpp_and_beats_rtn(f32_gguf, tmp_path):
     for method in ("rtn", "gptq"):
         model = load_gguf(f32_gguf).materialize()
         types = {c.name: c.type.name for c in assign_types(model.spec, model.tensor_names(), mix=None,
-                                                            default="Q4_K") if c.name.startswith("blk.")
+                                                            default=default) if c.name.startswith("blk.")
                  and c.type.name != "F32"}                   # Q4_K, or its fallback Q5_0 for 192-wide rows
         reports[method] = quantize_model(model, types, method, windows, progress=False)
         if method == "gptq":
+            if default == "Q2_0":
+                d = np.concatenate([np.asarray(t.data).reshape(-1, 18)[:, :2].copy().view(np.float16).ravel()
+                                    for t in gguf.GGUFReader(write_gguf(model, tmp_path / "g.gguf", "F32")).tensors
+                                    if t.tensor_type.name == "Q2_0"])
+                assert (d < 0).any() and (d > 0).any()       # both signs of d reach llama.cpp
             path = write_gguf(model, tmp_path / "gptq.gguf", "F32")
             back = load_gguf(path)
             ours = forward(back, toks[None])[0]

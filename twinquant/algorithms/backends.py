@@ -112,7 +112,8 @@ def quantize_to_format(quantizer: Quantizer, W: torch.Tensor, codec, H: torch.Te
             return data, codec.dequantize_bytes(torch.from_numpy(data).to(W.device), W.shape[1])
         raise TwinquantError(f"{quantizer.name} cannot quantize into {codec.name} (use gptq or rtn)")
     ggml_type = getattr(codec, "ggml_type", None)
-    if quantizer.name == "rtn" and ggml_type is not None and libggml.usable(W) and not has_clip_hook(codec):
+    if (quantizer.name == "rtn" and ggml_type is not None and libggml.usable(W) and not has_clip_hook(codec)
+            and (importance is None or getattr(codec, "libggml_imatrix", True))):
         # RTN into a GGML type is llama.cpp's own search: on a CPU, libggml computes the same bytes much faster
         # (the 151936x1536 embedding of a 1.5B model in Q2_K: minutes in the torch codec)
         from twinquant.formats.ggml import dequantize_bytes
