@@ -12,6 +12,12 @@ duplicates or activation quantization): PPL, mean KLD vs the F16 reference, same
 
     python benchmarks/duplication.py [--models smollm2-135m] [--settings w2 w2a4] [--budgets 10 25]
         [--strategies grid bayes evolution] [--trials 20] [--chunks 40] [--calib-tokens 2048]
+        [--quantized FILE --ref F16 [--control FILE ...]]
+
+`--quantized` takes a given twinquant file (e.g. a `--target-bpw 2.3` allocation) instead of the GPTQ Q2_K mix, with
+`--ref` its float reference; each `--control` file is evaluated the same way, as another way of spending what the
+duplicates cost (e.g. the same file allocated at +10% bytes, the bytes a decode step re-reads for +10% compute).
+Every row records the file's bits per weight (tensor bytes x 8 / parameters, copies sharing weights counted once).
 
 Writes benchmarks/results/duplication[_TAG].{json,md,png}.
 """
@@ -28,6 +34,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from provenance import record as provenance  # noqa: E402
 from twinquant.calibration.windows import load_calibration  # noqa: E402
 from twinquant.duplication import tune as T  # noqa: E402
 from twinquant.duplication.objective import KLDObjective  # noqa: E402
@@ -64,6 +72,9 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=40)
     ap.add_argument("--calib-tokens", type=int, default=2048)
     ap.add_argument("--ranking", help="layers by sensitivity, most sensitive first (skips the measurement)")
+    ap.add_argument("--quantized", help="the quantized file to duplicate (one model; default: the GPTQ Q2_K mix)")
+    ap.add_argument("--ref", help="the float reference of --quantized (F16 GGUF)")
+    ap.add_argument("--control", nargs="*", default=[], help="other files of the same model, evaluated alike")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
@@ -71,9 +82,15 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
+    if args.quantized and (len(args.models) != 1 or not args.ref):
+        ap.error("--quantized takes one --models name and its --ref")
+    inputs = {}
     for name in args.models:
         work = Path.home() / ".cache" / "twinquant" / "quality" / name
-        ref_path, q_path = two_bit_file(name, work)
+        ref_path, q_path = (Path(args.ref), Path(args.quantized)) if args.quantized else two_bit_file(name, work)
+        inputs[name] = {"reference": {"file": ref_path.name, "sha256": sha256(ref_path)},
+                        "quantized": {"file": q_path.name, "sha256": sha256(q_path), "bpw": file_bpw(q_path)},
+                        "controls": []}
         ref = load_gguf(ref_path).materialize()
         quant = load_gguf(q_path).materialize()
         calib = load_calibration(ref, CALIB, args.calib_tokens, 512)
@@ -104,7 +121,8 @@ def main() -> None:
                 calib_kld = objective(quant)
                 t1 = time.perf_counter()
                 r = evaluate(quant, windows, ref=eval_ref, progress=False)
-                row = {"model": name, "setting": setting, "config": label, "budget_pct": budget_pct,
+                row = {"model": name, "setting": setting, "config": label, "file": q_path.name,
+                       "bpw": inputs[name]["quantized"]["bpw"], "budget_pct": budget_pct,
                        "extra_layers": quant.layout.extra_executions(),
                        "extra_flops_pct": Budget().cost(quant, quant.layout)["extra_flops_pct"],
                        "topology": topo, "params": quant.dup_params.to_dict() if quant.dup_params else {},
@@ -132,22 +150,62 @@ def main() -> None:
                     res = T.tune(quant, topo, objective, strategy, args.trials, params, seed=0, progress=False)
                     evaluate_row(f"+{pct:g}% {strategy}", pct, res.topology, search=res)
             T.apply(quant, {}, None)
-    write_outputs(results, out, stem, args)
+            for c in args.control:              # the same budget spent another way: another file, no copies
+                wait_for(Path(c))
+                inputs[name]["controls"].append({"file": Path(c).name, "sha256": sha256(Path(c)),
+                                                 "bpw": file_bpw(Path(c))})
+                other = load_gguf(c).materialize()
+                T.apply(other, {}, params)
+                t1 = time.perf_counter()
+                r = evaluate(other, windows, ref=eval_ref, progress=False)
+                row = {"model": name, "setting": setting, "config": f"control: {Path(c).name}", "file": Path(c).name,
+                       "bpw": file_bpw(Path(c)), "budget_pct": 0.0, "extra_layers": 0, "extra_flops_pct": 0.0,
+                       "topology": {}, "params": {}, "calib_kld": objective(other),
+                       "eval_seconds": time.perf_counter() - t1,
+                       **{k: r[k] for k in ("ppl", "kld_mean", "kld_p99", "same_top")}}
+                results.append(row)
+                log(f"{name} {setting} control {Path(c).name} ({row['bpw']:.3f} bpw): calib KLD "
+                    f"{row['calib_kld']:.4f}, eval PPL {r['ppl']:.3f}, KLD {r['kld_mean']:.4f}")
+                del other
+    write_outputs(results, out, stem, args, provenance(inputs=inputs, ranking=ranking, chunks=args.chunks,
+                                                       calib_tokens=args.calib_tokens, trials=args.trials))
 
 
-def write_outputs(results, out: Path, stem: str, args) -> None:
+def wait_for(path: Path, poll: float = 30.0) -> None:
+    """A control file another run is still making (e.g. benchmarks/frontier.py, which renames it into place when
+    complete): wait for it rather than fail after the duplication rows."""
+    if not path.exists():
+        log(f"waiting for {path} (made by another run)")
+    while not path.exists():
+        time.sleep(poll)
+
+
+def file_bpw(path: Path) -> float:
+    """Bits per weight of a GGUF's tensors (bytes x 8 / elements; copies share their block's tensors)."""
+    import gguf
+
+    r = gguf.GGUFReader(path)
+    return 8 * sum(int(t.n_bytes) for t in r.tensors) / sum(int(t.n_elements) for t in r.tensors)
+
+
+def sha256(path: Path) -> str:
+    from quality import sha256 as cached
+
+    return cached(path)
+
+
+def write_outputs(results, out: Path, stem: str, args, prov: dict | None = None) -> None:
     lines = [f"wiki.test.raw, ctx 512, {args.chunks} chunks, twinquant runtime; KLD vs the F16 reference; "
              f"choices on {args.calib_tokens} calibration tokens, {args.trials} trials per search", "",
-             "| model | setting | configuration | extra layers | extra compute | calib KLD | PPL | mean KLD | "
-             "99% KLD | same top | trials | search s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | setting | configuration | bpw | extra layers | extra compute | calib KLD | PPL | mean KLD | "
+             "99% KLD | same top | trials | search s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['model']} | {r['setting']} | {r['config']} | {r['extra_layers']} | "
-                     f"{r['extra_flops_pct']:.1f}% | {r['calib_kld']:.4f} | {r['ppl']:.3f} | {r['kld_mean']:.4f} | "
-                     f"{r['kld_p99']:.3f} | {100 * r['same_top']:.1f}% | {r.get('trials', '')} | "
-                     f"{r['search_seconds']:.0f} |" if "search_seconds" in r else
-                     f"| {r['model']} | {r['setting']} | {r['config']} | {r['extra_layers']} | "
-                     f"{r['extra_flops_pct']:.1f}% | {r['calib_kld']:.4f} | {r['ppl']:.3f} | {r['kld_mean']:.4f} | "
-                     f"{r['kld_p99']:.3f} | {100 * r['same_top']:.1f}% | | |")
+        search = (f"{r['trials']} | {r['search_seconds']:.0f}" if "search_seconds" in r else " | ")
+        lines.append(f"| {r['model']} | {r['setting']} | {r['config']} | {r.get('bpw', float('nan')):.3f} | "
+                     f"{r['extra_layers']} | {r['extra_flops_pct']:.1f}% | {r['calib_kld']:.4f} | {r['ppl']:.3f} | "
+                     f"{r['kld_mean']:.4f} | {r['kld_p99']:.3f} | {100 * r['same_top']:.1f}% | {search} |")
+    if prov is not None:
+        (out / f"{stem}.json").write_text(json.dumps({**prov, "rows": results}, indent=1))
     md = "\n".join(lines) + "\n"
     (out / f"{stem}.md").write_text(md)
     print(md)
