@@ -264,7 +264,7 @@ def test_codecs_and_gptq_on_device(device):
     H, _ = accumulate_hessian(None, 0, x)
     Hd, _ = accumulate_hessian(None, 0, x.to(device))
     assert Hd.device.type == device
-    for name in ("Q4_K", "Q6_K", "Q4_0"):
+    for name in ("Q4_K", "Q6_K", "Q4_0", "Q2_0"):
         codec = get_codec(name)
         ref = gptq(W, H, codec, importance=imp)
         r = gptq(W.to(device), Hd, codec, importance=imp.to(device))
