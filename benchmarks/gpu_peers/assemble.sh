@@ -4,11 +4,11 @@
 # `make install-test` downloads (ggml, libllama, common, llama-bench; test-backend-ops with twinquant's linear shapes
 # added to its MUL_MAT perf list) and Dao-AILab's fast-hadamard-transform (git mirror: its sdists hold no CUDA
 # sources; built for sm_90 only). About 23 MB; carry it with the device tool: carry [".llcpp"].
-#   bash benchmarks/gpu_peers/assemble.sh SDIST_DIR FHT_REPO_DIR
+#   bash benchmarks/gpu_peers/assemble.sh SDIST_DIR FHT_REPO_DIR      (FHT_REPO_DIR "-": llama.cpp only)
 set -e
 root=$(cd "$(dirname "$0")/../.." && pwd)
 S=${1:-$HOME/.cache/twinquant/llama.cpp-0.3.36-noamx/src}/vendor/llama.cpp
-F=${2:?the fast-hadamard-transform repository (a git checkout or mirror)}
+F=${2:?the fast-hadamard-transform repository (a git checkout or mirror), or - for llama.cpp only}
 out=$root/.llcpp
 grep -qx "/.llcpp/" "$root/.git/info/exclude" || echo "/.llcpp/" >> "$root/.git/info/exclude"
 rm -rf "$out" && mkdir -p "$out/llama/tools" "$out/fht"
@@ -34,6 +34,7 @@ add = """    // twinquant benchmarks/kernel_speed.py: the Qwen2.5 1.5B/7B/32B li
 assert s.count(anchor) == 1
 open(p, "w").write(s.replace(anchor, add + anchor))
 PY
+if [ "$F" != "-" ]; then
 git -C "$F" archive HEAD | tar x -C "$out/fht"
 python3 - "$out/fht/setup.py" <<'PY'
 import sys
@@ -43,5 +44,6 @@ anchor = "    # HACK: The compiler flag -D_GLIBCXX_USE_CXX11_ABI"
 assert s.count(anchor) == 1
 open(p, "w").write(s.replace(anchor, '    cc_flag = ["-gencode", "arch=compute_90,code=sm_90"]   # the H200 only\n' + anchor))
 PY
+fi
 cp "$root/benchmarks/gpu_peers/build.sh" "$root/benchmarks/gpu_peers/gpu_setup.sh" "$out/"
 du -sh "$out"
