@@ -130,7 +130,9 @@ def main() -> None:
                        **{k: r[k] for k in ("ppl", "kld_mean", "kld_p99", "same_top")}}
                 if search is not None:
                     row.update(trials=len(search.trials), search_seconds=search.seconds,
-                               best_calib_kld=search.best_value, kept_off=getattr(search, "kept_off", False))
+                               best_calib_kld=search.best_value, kept_off=getattr(search, "kept_off", False),
+                               off_calib_kld=getattr(search, "off_value", None),
+                               trial_calib_klds=[t.get("value") for t in search.trials])
                 results.append(row)
                 log(f"{name} {setting} {label}: calib KLD {calib_kld:.4f}, eval PPL {r['ppl']:.3f}, "
                     f"KLD {r['kld_mean']:.4f}, same top {100 * r['same_top']:.1f}%")
