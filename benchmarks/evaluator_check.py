@@ -48,22 +48,28 @@ def main() -> int:
         ours = json.loads(out.read_text())
         stock_file = work / f"{stem}.eval-{a.chunks}.json"
         stock = json.loads(stock_file.read_text()) if stock_file.exists() else {}
-        rows.append({"file": path.name, "sha256": sha256(path), "twinquant": {k: ours.get(k) for k in KEYS},
+        import gguf
+
+        ts = gguf.GGUFReader(path).tensors
+        tbytes = sum(int(t.n_bytes) for t in ts)
+        rows.append({"file": path.name, "sha256": sha256(path), "tensor_bytes": tbytes, "mib": tbytes / 2**20,
+                     "bpw": 8 * tbytes / sum(int(t.n_elements) for t in ts),
+                     "twinquant": {k: ours.get(k) for k in KEYS},
                      "stock_llama_perplexity": {k: stock.get(k) for k in KEYS} if stock else None})
     res = {**record(model=a.model, chunks=a.chunks, ctx=512, text=WIKI.name,
                     reference={"file": ref.name, "sha256": sha256(ref)}), "rows": rows}
     dest = Path(a.out)
     (dest / f"evaluator_check_{a.tag}.json").write_text(json.dumps(res, indent=1))
     lines = [f"# twinquant's evaluator beside stock llama-perplexity ({a.model}, wiki.test.raw, ctx 512, {a.chunks} "
-             "chunks)", "", "| file | twinquant PPL | stock PPL | twinquant mean KLD | stock mean KLD | twinquant same top | "
-             "stock same top |", "|---|---|---|---|---|---|---|"]
+             "chunks)", "", "| file | MiB | bpw | twinquant PPL | stock PPL | twinquant mean KLD | stock mean KLD | twinquant same top | "
+             "stock same top |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t, s = r["twinquant"], r["stock_llama_perplexity"] or {}
 
         def f(v, fmt):
             return "-" if v is None else format(v, fmt)
 
-        lines.append(f"| {r['file']} | {f(t['ppl'], '.3f')} | {f(s.get('ppl'), '.3f')} | {f(t['kld_mean'], '.4f')} | "
+        lines.append(f"| {r['file']} | {r['mib']:.1f} | {r['bpw']:.3f} | {f(t['ppl'], '.3f')} | {f(s.get('ppl'), '.3f')} | {f(t['kld_mean'], '.4f')} | "
                      f"{f(s.get('kld_mean'), '.4f')} | {f(t['same_top'], '.3f')} | {f(s.get('same_top'), '.3f')} |")
     (dest / f"evaluator_check_{a.tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
