@@ -21,7 +21,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+import twinquant  # noqa: E402,F401  (registers llama.cpp's types gguf-py lacks: Q2_0 files are read below)
 from provenance import record  # noqa: E402
 from quality import sha256  # noqa: E402
 
@@ -43,8 +45,10 @@ def main() -> int:
     for stem in a.files:
         path = work / f"{stem}.gguf"
         out = work / f"{stem}.twinquant-eval-{a.chunks}.json"
-        subprocess.run([sys.executable, "-m", "twinquant", "perplexity", str(path), "-f", str(WIKI), "--ref", str(ref),
-                        "-c", "512", "--chunks", str(a.chunks), "-q", "--json", str(out)], check=True, cwd=ROOT)
+        if not out.exists() or out.stat().st_mtime < path.stat().st_mtime:     # evaluated once per file
+            subprocess.run([sys.executable, "-m", "twinquant", "perplexity", str(path), "-f", str(WIKI), "--ref",
+                            str(ref), "-c", "512", "--chunks", str(a.chunks), "-q", "--json", str(out)], check=True,
+                           cwd=ROOT)
         ours = json.loads(out.read_text())
         stock_file = work / f"{stem}.eval-{a.chunks}.json"
         stock = json.loads(stock_file.read_text()) if stock_file.exists() else {}
