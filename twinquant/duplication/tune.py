@@ -164,9 +164,9 @@ def without_layers(model, topology: dict, keys: list[str]) -> dict:
     n_layers = model.spec.n_layers
     gone = {layer_of(k, n_layers) for k in keys}
     left = {k: e for k, e in topology.items() if k not in keys}
-    store = ParamStore.from_dict(model.dup_params.to_dict()) if model.dup_params is not None else ParamStore()
-    store.copies = {(b, c): d for (b, c), d in store.copies.items() if b not in gone or c == 0}
-    store._cache.clear()
+    old = model.dup_params if model.dup_params is not None else ParamStore()
+    store = ParamStore(base=dict(old.base), layers={b: dict(d) for b, d in old.layers.items()},
+                       copies={(b, c): dict(d) for (b, c), d in old.copies.items() if b not in gone or c == 0})
     model.layout, model.dup_params = parse_topology(left, n_layers, store)
     return left
 

@@ -120,8 +120,7 @@ def _drop_useless(model, topo: dict, o: DuplicateOptions, objective, say) -> dic
     idle = T.idle_layers(topo, model.dup_params, model.spec.n_layers)
     if idle:
         topo = T.without_layers(model, topo, idle)
-        say(f"dropped {', '.join(idle)}: the search switched their copies off (alpha 0 / merge weight 0), "
-            "which is the block alone")
+        say(f"dropped {', '.join(idle)}: their copies do nothing (alpha 0 / merge weight 0: the block alone)")
     if not topo:
         return topo
     with_copies = objective(model)
