@@ -99,8 +99,8 @@ def duplicate(model_path: str | Path, out: str | Path, options: DuplicateOptions
         if result.kept_off:
             say(f"search: no trial beat the copies switched off (KLD {result.off_value:.5f}); they stay off "
                 "(alpha 0 / weight 0)")
-    topo = _drop_useless(model, topo, o, objective, say)
-    final = objective(model)
+    topo, final = _drop_useless(model, topo, o, objective, say)
+    final = objective(model) if final is None else final
     cost = budget.cost(model, model.layout)
     if o.expand_duplicates:
         from twinquant.duplication.expand import expand_duplicates
@@ -110,33 +110,34 @@ def duplicate(model_path: str | Path, out: str | Path, options: DuplicateOptions
     return DuplicateResult(out, topo, model.dup_params.to_dict() if model.dup_params else {}, cost, final, result)
 
 
-def _drop_useless(model, topo: dict, o: DuplicateOptions, objective, say) -> dict:
+def _drop_useless(model, topo: dict, o: DuplicateOptions, objective, say) -> tuple[dict, float | None]:
     """What is written keeps no copy that does nothing: entries whose copies the search switched off (α 0, merge
     weight 0: exactly the block alone) are dropped; and copies chosen by --auto that do not lower the calibration
     KLD below the model's without duplicates are all dropped (they would cost compute and KV cache for nothing).
-    A --topology file's copies are the user's choice: kept, with a line saying so."""
+    A --topology file's copies are the user's choice: kept, with a line saying so. Returns the topology left and
+    the calibration KLD of the model as left, where it was computed (None otherwise)."""
     if not topo:
-        return topo
+        return topo, None
     idle = T.idle_layers(topo, model.dup_params, model.spec.n_layers)
     if idle:
         topo = T.without_layers(model, topo, idle)
         say(f"dropped {', '.join(idle)}: their copies do nothing (alpha 0 / merge weight 0: the block alone)")
     if not topo:
-        return topo
+        return topo, None
     with_copies = objective(model)
     layout, params = model.layout, model.dup_params
     T.apply(model, {}, params)
     without = objective(model)
     model.layout, model.dup_params = layout, params
     if with_copies < without:
-        return topo
+        return topo, with_copies
     if o.auto:
         say(f"the duplicates do not lower the calibration KLD ({with_copies:.5f}, {without:.5f} without them): "
             "none are kept")
-        return T.without_layers(model, topo, list(topo))
+        return T.without_layers(model, topo, list(topo)), without
     say(f"note: the topology's duplicates do not lower the calibration KLD ({with_copies:.5f}, {without:.5f} "
         "without them); kept as given")
-    return topo
+    return topo, with_copies
 
 
 def _budget(model_path: str | Path, out: Path, o: DuplicateOptions) -> Budget:
