@@ -18,7 +18,8 @@ codes are that bit, with scale 2d and offset -d. llama.cpp ignores the imatrix, 
 Q2_0: blocks of 64 weights, one fp16 scale d = max |x| and 2-bit codes q = (int)roundf(x/d) + 1 clamped to [0, 3],
 weight (q - 1)*d: the grid is {-d, 0, d, 2d} (quantize_row_q2_0_ref; code 3 is reached only by values beyond max |x|,
 e.g. GPTQ's updated weights). Four codes a byte, code j in bits 2(j%4) of byte j/4. llama.cpp ignores the imatrix;
-with one, this codec searches the scale (`Q2_0._fit`) and its bytes are no longer libggml's (without one they are).
+with one, this codec searches the scale (`_Legacy._fit` with `Q2_0.qx_nmax` / `qx_sign`) and its bytes are no longer
+libggml's (without one they are).
 
 Q4_1 / Q5_1 keep the stored m in `dmin` (added: offset = +m) and round from a float32 origin that is not stored,
 so `iscale` is float32 [B, 2]: (multiplier, origin); codes are
@@ -56,6 +57,8 @@ def _unpack5(qh, qs):
 class _Legacy(GGMLCodec):
     sub = 32
     uses_imatrix = True
+    qx_nmax: int | None = None      # make_qx_quants' grid [-nmax, nmax - 1] with an imatrix (None: zero_code)
+    qx_sign = 1                     # -1: that grid negated (Q2_0's [-1, 2] is [-2, 1] mirrored)
 
     def _ref(self, x) -> torch.Tensor:          # float32 d before fp16 rounding
         raise NotImplementedError
@@ -68,7 +71,9 @@ class _Legacy(GGMLCodec):
         if sigma2 is None:
             sigma2 = div(seqsum(x * x), float(x.shape[1]))
         w = qw * sqrt(sigma2[:, None] + x * x)
-        scale, _, iscale = make_qx_quants(x, self.zero_code, w)
+        scale, _, iscale = make_qx_quants(x, self.qx_nmax or self.zero_code, w)
+        if self.qx_sign < 0:                     # the search's grid mirrored onto the type's (exact negation)
+            scale, iscale = -scale, -iscale
         return {"d": fp16(scale), "iscale": iscale, "rule": "qx", "fallback": None}
 
     def _effective(self, hdr):
@@ -172,25 +177,17 @@ class Q2_0(_Legacy):
     name, ggml_type, qmax, zero_code = "Q2_0", gguf.GGMLQuantizationType.Q2_0, 3, 1
     sub = 64
     _needs_row_sigma2 = True
-    libggml_imatrix = False          # libggml ignores the imatrix; this codec searches with it (below)
+    # Without an imatrix: llama.cpp's d = max |x| (its bytes). That leaves code 3 (2d) unused: a ternary grid at ±max,
+    # 3.6x the squared error of the best scale on Gaussian blocks. llama.cpp ignores the imatrix; with one (GPTQ
+    # passes its Hessian's diagonal) this codec runs the weighted search llama.cpp runs for Q4_0 (make_qx_quants,
+    # weights qw·sqrt(sigma2 + x²)) on {-2, -1, 0, 1}·s, which is Q2_0's {-1, 0, 1, 2}·d with d = -s: a signed d puts
+    # the extra level on the heavier side. On every block of the codec tests its weighted error is at most that of
+    # llama.cpp's bytes (tests/test_ggml_codecs.py).
+    qx_nmax, qx_sign = 2, -1
+    libggml_imatrix = False          # so libggml's bytes with an imatrix are not this codec's
 
     def _ref(self, x):
         return x.abs().amax(-1)
-
-    def _fit(self, x, qw, sigma2):
-        """Without an imatrix: llama.cpp's d = max |x| (its bytes). That leaves code 3 (2d) unused: a ternary grid
-        at ±max, 3.6x the squared error of the best scale on Gaussian blocks. With one (GPTQ passes its Hessian's
-        diagonal), the weighted search llama.cpp runs for Q4_0 (make_qx_quants, weights qw·sqrt(sigma2 + x²)) on
-        the grid {-2, -1, 0, 1}·s, which is Q2_0's {-1, 0, 1, 2}·d with d = -s: a signed d puts the extra level on
-        the heavier side. On every block of the codec tests its weighted error is at most that of llama.cpp's
-        bytes (tests/test_ggml_codecs.py)."""
-        if qw is None:
-            return super()._fit(x, None, sigma2)
-        if sigma2 is None:
-            sigma2 = div(seqsum(x * x), float(x.shape[1]))
-        w = qw * sqrt(sigma2[:, None] + x * x)
-        scale, _, iscale = make_qx_quants(x, 2, w)
-        return {"d": fp16(-scale), "iscale": -iscale, "rule": "qx", "fallback": None}
 
     def _codes(self, x, hdr, scale, offset):
         if hdr.get("rule") != "ref":
