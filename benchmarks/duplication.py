@@ -184,10 +184,10 @@ def wait_for(path: Path, poll: float = 30.0) -> None:
 
 def file_bpw(path: Path) -> float:
     """Bits per weight of a GGUF's tensors (bytes x 8 / elements; copies share their block's tensors)."""
-    import gguf
+    from quality import tensor_stats
 
-    r = gguf.GGUFReader(path)
-    return 8 * sum(int(t.n_bytes) for t in r.tensors) / sum(int(t.n_elements) for t in r.tensors)
+    nbytes, n = tensor_stats(path)
+    return 8 * nbytes / n
 
 
 def sha256(path: Path) -> str:

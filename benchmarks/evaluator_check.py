@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import twinquant  # noqa: E402,F401  (registers llama.cpp's types gguf-py lacks: Q2_0 files are read below)
 from provenance import record  # noqa: E402
-from quality import sha256  # noqa: E402
+from quality import sha256, tensor_stats  # noqa: E402
 
 WIKI = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 KEYS = ("ppl", "kld_mean", "same_top")
@@ -52,12 +52,9 @@ def main() -> int:
         ours = json.loads(out.read_text())
         stock_file = work / f"{stem}.eval-{a.chunks}.json"
         stock = json.loads(stock_file.read_text()) if stock_file.exists() else {}
-        import gguf
-
-        ts = gguf.GGUFReader(path).tensors
-        tbytes = sum(int(t.n_bytes) for t in ts)
+        tbytes, n = tensor_stats(path)
         rows.append({"file": path.name, "sha256": sha256(path), "tensor_bytes": tbytes, "mib": tbytes / 2**20,
-                     "bpw": 8 * tbytes / sum(int(t.n_elements) for t in ts),
+                     "bpw": 8 * tbytes / n,
                      "twinquant": {k: ours.get(k) for k in KEYS},
                      "stock_llama_perplexity": {k: stock.get(k) for k in KEYS} if stock else None})
     res = {**record(model=a.model, chunks=a.chunks, ctx=512, text=WIKI.name,
