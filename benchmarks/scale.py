@@ -132,9 +132,9 @@ def write_moe_model(path: Path, layers: int, hidden: int, ffn: int, heads: int, 
 
 def write_deepseek_model(path: Path, layers: int, hidden: int, ffn: int, heads: int, vocab: int, q_lora: int,
                          kv_lora: int, nope: int, rope: int, v: int, experts: int, experts_used: int,
-                         expert_ffn: int, shared: int, v3: bool, seed: int = 0) -> Path:
-    """A random DeepSeek-V3 (or V2) model as an HF directory: block 0 dense, the others MoE (bf16, one shard per
-    layer, one tensor per expert as checkpoints ship) with a small BPE tokenizer."""
+                         expert_ffn: int, shared: int, v3: bool, seed: int = 0, dense: int = 1) -> Path:
+    """A random DeepSeek-V3 (or V2) model as an HF directory: the first `dense` blocks dense, the others MoE (bf16,
+    one shard per layer, one tensor per expert as checkpoints ship) with a small BPE tokenizer."""
     if (path / "done").is_file():
         return path
     cfg = {"architectures": ["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"],
@@ -145,7 +145,7 @@ def write_deepseek_model(path: Path, layers: int, hidden: int, ffn: int, heads: 
            "q_lora_rank": q_lora or None, "kv_lora_rank": kv_lora, "qk_nope_head_dim": nope,
            "qk_rope_head_dim": rope, "v_head_dim": v, "n_routed_experts": experts,
            "num_experts_per_tok": experts_used, "moe_intermediate_size": expert_ffn, "n_shared_experts": shared,
-           "first_k_dense_replace": 1, "norm_topk_prob": v3, "routed_scaling_factor": 2.5 if v3 else 1.0,
+           "first_k_dense_replace": dense, "norm_topk_prob": v3, "routed_scaling_factor": 2.5 if v3 else 1.0,
            "scoring_func": "sigmoid" if v3 else "softmax", "topk_method": "noaux_tc" if v3 else "greedy",
            "n_group": 8 if v3 else 1, "topk_group": 4 if v3 else 1, "bos_token_id": None, "eos_token_id": 2}
     w = _ModelWriter(path, cfg, seed)
@@ -163,7 +163,7 @@ def write_deepseek_model(path: Path, layers: int, hidden: int, ffn: int, heads: 
                       a + "q_b_proj.weight": rnd(heads * (nope + rope), q_lora)})
         else:
             t[a + "q_proj.weight"] = rnd(heads * (nope + rope), hidden)
-        if i == 0:
+        if i < dense:
             t.update({p + "mlp.gate_proj.weight": rnd(ffn, hidden), p + "mlp.up_proj.weight": rnd(ffn, hidden),
                       p + "mlp.down_proj.weight": rnd(hidden, ffn, std=down_std(ffn))})
         else:
@@ -319,6 +319,29 @@ class _TimedSaves:
         return [round(b - a, 2) for a, b in zip(self.times[:layers], self.times[1:layers + 1])]
 
 
+class _TimedExperts:
+    """Seconds spent reading single experts from the source (`Model.expert`), by block."""
+
+    def __enter__(self):
+        from twinquant.model.model import Model
+
+        self.seconds: dict[int, float] = {}
+        self._cls, self._real = Model, Model.expert
+
+        def expert(model, name, e):
+            t = time.perf_counter()
+            out = self._real(model, name, e)
+            b = int(name.split(".")[1])
+            self.seconds[b] = self.seconds.get(b, 0.0) + time.perf_counter() - t
+            return out
+
+        Model.expert = expert
+        return self
+
+    def __exit__(self, *exc):
+        self._cls.expert = self._real
+
+
 def _gib(b: float) -> float:
     return round(b / 2**30, 2)
 
@@ -363,13 +386,25 @@ def run_stage(stage: str, src: Path, work: Path, args) -> dict:
         else:
             extra = {"target_bpw": args.target_bpw, "measurement": str(mpath)} if stage == "target" else {}
             rep = work / f"{stage}.report.json"
-            res = twinquant.quantize(str(src), out, recipe, Options(report=str(rep), **opts, **extra))
+            with _TimedExperts() as reads:
+                res = twinquant.quantize(str(src), out, recipe, Options(report=str(rep), **opts, **extra))
             report = json.loads(rep.read_text())
             blocks = _per_block(report, args.layers)
+            real = MOE_SHAPES.get(args.shape, {}).get("experts")
+            for b in blocks:
+                stacks = sum(t["seconds"] for t in report["tensors"]
+                             if t["name"].startswith(f"blk.{b['block']}.") and "_exps." in t["name"])
+                b["expert_seconds"] = round(stacks + reads.seconds.get(b["block"], 0.0), 2)
+                b["expert_read_seconds"] = round(reads.seconds.get(b["block"], 0.0), 2)
+                if args.experts and real and args.experts != real:
+                    # what grows with the number of experts: their GPTQ and reading their weights (the forwards'
+                    # and Hessians' work is per routed token, the same for any count)
+                    b["measured_seconds"] = b["seconds"]
+                    b["seconds"] = round(b["seconds"] + b["expert_seconds"] * (real / args.experts - 1), 2)
             mean = sum(b["seconds"] for b in blocks) / len(blocks)
             fixed = _tensor_seconds(report, "token_embd.weight") + _tensor_seconds(report, "output.weight")
             total = TOTAL_LAYERS[args.shape]
-            lead = DENSE_LEAD.get(args.shape, 0)
+            lead = DENSE_LEAD.get(args.shape, 0) if args.dense else 0
             if lead and len(blocks) > 1:    # block 0 dense, the rest MoE: each kind at its real count
                 moe = blocks[1:]
                 mean = (lead * blocks[0]["seconds"]
@@ -414,6 +449,10 @@ def main(argv=None) -> int:
     ap.add_argument("--stages", default="quantize,measure,target",
                     help="comma-separated; quantize@N: the default recipe on N calibration tokens (e.g. "
                          "quantize@8192,quantize compares a fixed count with the recipe's own)")
+    ap.add_argument("--experts", type=int, help="MoE shapes: this many routed experts instead of the model's (the "
+                    "experts' GPTQ and reads are scaled to the real count in the extrapolation)")
+    ap.add_argument("--dense", type=int, default=1, help="DeepSeek shapes: dense leading blocks in the benchmark's "
+                    "model (0: every block MoE; the whole model is then extrapolated at the MoE block's time)")
     ap.add_argument("--target-bpw", type=float, default=2.5)
     ap.add_argument("--sample-rows", type=int, help="the measure stage prices candidates on this many rows a tensor "
                     "(measure --sample-rows)")
@@ -442,6 +481,12 @@ def main(argv=None) -> int:
         ap.error(f"--shape {args.shape} runs the quantize stage only (measure has no MoE path yet)")
     t0 = time.perf_counter()
     writer = write_deepseek_model if args.shape.startswith("deepseek") else write_moe_model if moe else write_model
+    if args.experts:
+        if not moe or args.experts % 8 or args.experts < 2 * shape["experts_used"]:
+            ap.error("--experts: a MoE shape, a multiple of 8, at least twice the experts used per token")
+        shape["experts"] = args.experts
+    if args.shape.startswith("deepseek"):
+        shape["dense"] = args.dense
     src = writer(work / "model", args.layers, **shape)
     t_model = time.perf_counter() - t0
     print(f"model: {args.layers} layers of {shape} in {t_model:.0f} s", file=sys.stderr)

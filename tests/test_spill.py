@@ -116,3 +116,25 @@ def test_staged_block_in_place_writes_the_same_block_over_its_input(tmp_path, dt
     assert torch.equal(o1, o2)
     assert all(torch.equal(a, b) for a, b in zip(h1, h2))
     assert q1 == q2
+
+
+@pytest.mark.parametrize("spill_above", [0, None])
+def test_staged_rows_come_back_as_put(tmp_path, spill_above):
+    """A MoE block's expert activations (each expert its own row count) at row offsets, on disk or in memory."""
+    from twinquant.calibration.spill import StagedRows
+
+    torch.manual_seed(0)
+    parts = [torch.randn(n, 12).to(torch.bfloat16) for n in (5, 0, 3, 9)]
+    st = StagedRows(17, 12, torch.bfloat16, "cpu", tmp_path, spill_above=spill_above)
+    assert st.on_disk == (spill_above == 0)
+    at = 0
+    offsets = []
+    for p in parts:
+        offsets.append(at)
+        st.put(at, p)
+        at += p.shape[0]
+    for i in (3, 0, 2, 1, 3):
+        assert torch.equal(st.get(offsets[i], parts[i].shape[0]), parts[i])
+    with pytest.raises(ValueError):
+        st.put(0, torch.zeros(2, 11, dtype=torch.bfloat16))
+    st.close()

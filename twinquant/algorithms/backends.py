@@ -143,6 +143,12 @@ def expert_batch_bytes(device) -> int:
     return max(EXPERT_BATCH_BYTES, min(GPU_EXPERT_BATCH_MAX, free // 4))
 
 
+def experts_per_batch(rows: int, cols: int, device) -> int:
+    """Experts of [rows, cols] one gptq_many batch takes on `device` (its temporaries: about 2·cols² + 6·rows·cols
+    floats an expert, measured on the CPU)."""
+    return max(1, expert_batch_bytes(device) // (4 * (2 * cols * cols + 6 * rows * cols)))
+
+
 def quantize_experts_to_format(quantizer: Quantizer, W: torch.Tensor, codec, hessians, importance=None):
     """Yields (bytes or None, dequantized float32) of each expert of a stacked W [experts, rows, cols] in order,
     each with its own Hessian (`hessians[e]`: a list, or `calibration.blocks.ExpertHessians`, which may build them
@@ -168,7 +174,7 @@ def quantize_experts_to_format(quantizer: Quantizer, W: torch.Tensor, codec, hes
             yield quantize_to_format(quantizer, W[e], codec, H=Hs[e], importance=imp(e))
         return
     ggml_type = getattr(codec, "ggml_type", None)
-    step = max(1, expert_batch_bytes(W.device) // (4 * (2 * cols * cols + 6 * rows * cols)))
+    step = experts_per_batch(rows, cols, W.device)
     bound = getattr(Hs, "chunk", 0) or n       # a batch stays within one chunk of lazily built Hessians
     e0 = 0
     while e0 < n:

@@ -74,6 +74,50 @@ class StagedInputs:
             self._file.close()
 
 
+class StagedRows:
+    """Row blocks of one width and dtype (a MoE block's expert activations: each expert's own number of tokens),
+    written once at row offsets (`put`) and read back (`get`); `rows` in all, known up front. In memory unless on
+    the CPU past `spill_above` bytes; then in an unnamed temporary file in `directory`, the same values back."""
+
+    def __init__(self, rows: int, width: int, dtype: torch.dtype, device, directory=None,
+                 spill_above: int | None = None):
+        self.width, self.dtype, self.device = width, dtype, torch.device(device)
+        self.row_bytes = width * torch.empty((), dtype=dtype).element_size()
+        limit = SPILL_ABOVE if spill_above is None else spill_above
+        self.on_disk = self.device.type == "cpu" and rows * self.row_bytes > limit
+        self._held = None if self.on_disk else torch.empty(rows, width, dtype=dtype, device=self.device)
+        self._file = tempfile.TemporaryFile(dir=directory, prefix="staged-") if self.on_disk else None
+
+    def put(self, row: int, t: torch.Tensor) -> None:
+        if t.dtype != self.dtype or t.shape[-1] != self.width:
+            raise ValueError(f"staged rows: {tuple(t.shape)} {t.dtype}, expected width {self.width} {self.dtype}")
+        if self._file is None:
+            self._held[row: row + t.shape[0]] = t
+            return
+        self._file.seek(row * self.row_bytes)
+        t.detach().contiguous().view(-1).view(torch.uint8).numpy().tofile(self._file)
+
+    def get(self, row: int, count: int) -> torch.Tensor:
+        if self._file is None:
+            return self._held[row: row + count]
+        self._file.flush()
+        self._file.seek(row * self.row_bytes)
+        a = np.fromfile(self._file, dtype=np.uint8, count=count * self.row_bytes)
+        if a.size != count * self.row_bytes:
+            raise OSError(f"staged rows: rows {row}..{row + count} read back short")
+        return torch.from_numpy(a).view(self.dtype).view(count, self.width)
+
+    def close(self) -> None:
+        self._held = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __del__(self):
+        if getattr(self, "_file", None) is not None:
+            self._file.close()
+
+
 def spill_directory(workdir) -> str | None:
     """Where staged inputs spill: the work directory of a resumable run (on the output's disk), else the system's
     temporary directory (None)."""

@@ -319,6 +319,17 @@ class GGUFSource:
         heads = self._rope_heads(name)
         return unpermute_rope_rows(w, heads) if heads else w
 
+    def load_expert(self, name: str, expert: int) -> torch.Tensor:
+        """One expert's [out, in] of a stacked tensor [experts, out, in]: only its rows are read and dequantized."""
+        t = self._tensors[name]
+        shape = roles.expected_shape(self.spec, name)
+        rows = t.data.reshape(shape[0], shape[1], -1)[expert]
+        try:
+            return torch.from_numpy(np.ascontiguousarray(dequantize_bytes(rows, t.tensor_type).reshape(shape[1:]),
+                                                         dtype=np.float32))
+        except TwinquantError as e:
+            raise TwinquantError(f"{name}: {e}") from None
+
     def release(self) -> None:
         """Drop the file pages this process has touched from its resident set (they stay in the page cache):
         streaming a 1 GB file block by block must not show up as 1 GB resident at the end."""

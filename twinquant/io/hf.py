@@ -364,6 +364,21 @@ class SafetensorsSource:
         except Exception as e:
             raise TwinquantError(f"{shard}: cannot read tensor {hf!r} ({one_line(e)})") from None
 
+    def load_expert(self, name: str, expert: int) -> torch.Tensor:
+        """One expert's [out, in] of a stacked tensor, without reading the others (a DeepSeek-V3 stack is 15 GB in
+        float32): its own tensor, or its slice of a fused one."""
+        st = self._lookup(name)
+        if st.stacked:
+            return self._tensor(*st.parts[expert])
+        shard, hf = st.parts[0]
+        try:
+            t = self._open(shard).get_slice(hf)[expert].float()
+        except TwinquantError:
+            raise
+        except Exception as e:
+            raise TwinquantError(f"{shard}: cannot read expert {expert} of {hf!r} ({one_line(e)})") from None
+        return t if st.half is None else t.chunk(2, dim=0)[st.half].contiguous()
+
     def load(self, name: str) -> torch.Tensor:
         st = self._lookup(name)
         if st.stacked:

@@ -133,6 +133,30 @@ class Model:
             raise KeyError(name)
         return self.source.load(name)
 
+    def expert(self, name: str, e: int) -> torch.Tensor:
+        """Expert e's [out, in] weight of a stacked expert tensor, without materialising the stack unless it is held
+        (a DeepSeek-V3 block's stacks are 45 GB in float32): from the held stack, its packed bytes, or the source."""
+        t = self.tensors.get(name)
+        if t is not None:
+            return t[e]
+        shape = roles.expected_shape(self.spec, name)
+        q = self.quantized.get(name)
+        if q is not None:
+            from twinquant.formats.ggml import get_codec
+
+            w = get_codec(q.ggml_type.name).dequantize_bytes(q.data.reshape(shape[0], shape[1], -1)[e], shape[-1])
+        elif self.source is None:
+            raise KeyError(name)
+        else:
+            load = getattr(self.source, "load_expert", None)
+            w = load(name, e) if load is not None else self.source.load(name)[e]
+        w = w.reshape(shape[1:]) if w.numel() == shape[1] * shape[2] else w
+        if tuple(w.shape) != tuple(shape[1:]):
+            raise TwinquantError(f"{name}: expert {e} has shape {tuple(w.shape)}, the model's is {tuple(shape[1:])}")
+        if not all_finite(w):
+            raise TwinquantError(f"{name}: expert {e} contains NaN or Inf values")
+        return w.to(device=self.device, dtype=self.dtype).contiguous()
+
     def _group_of(self, name: str) -> tuple[str, ...] | None:
         parts = name.split(".")
         if parts[0] != "blk" or parts[-1] != "weight":

@@ -6,8 +6,10 @@ really sees — the earlier blocks and the block's earlier groups are already qu
 forward (GPTQ's "true sequential" mode); then quantize the group's linears (GPTQ with that Hessian, or RTN), each
 into its assigned type, with the Hessian's diagonal as the importance (what llama.cpp's imatrix holds); then
 compute their outputs with the quantized weights (`calibration.blocks.staged_block`: every linear runs once). The
-block's outputs are the next block's inputs. Blocks the staged pass does not know (mixture of experts, latent
-attention) collect every group's Hessian in one pass with the float weights, then quantize, then run again. The embedding is quantized first, by RTN (it has no Hessian); the output head last, by GPTQ on
+block's outputs are the next block's inputs. A mixture-of-experts block goes expert-major with one batch of
+experts' weights in memory (`calibration.moe_blocks.staged_moe_block`: DeepSeek-V3's stacks are 45 GB in float32);
+the dense blocks of latent attention collect every group's Hessian in one pass with the float weights, then
+quantize, then run again. The embedding is quantized first, by RTN (it has no Hessian); the output head last, by GPTQ on
 the final-norm activations. Tensors of more than `CHUNK_ABOVE` rows (a large vocabulary's embedding and head) are
 quantized row chunk by row chunk: rows are independent in every codec and in GPTQ.
 
@@ -29,9 +31,10 @@ from twinquant.errors import TwinquantError
 from twinquant.model import roles
 from twinquant.model.forward import embed, rms_norm
 from twinquant.model.model import Model, QuantizedWeight
-from twinquant.calibration.blocks import block_hessians, block_pass, recollector, staged_block, stages
+from twinquant.calibration.blocks import block_hessians, block_pass, staged_block, stages
+from twinquant.calibration.moe_blocks import staged_moe_block
 from twinquant.calibration.spill import spill_directory
-from twinquant.algorithms.backends import quantize_experts_to_format, quantize_to_format
+from twinquant.algorithms.backends import experts_per_batch, quantize_experts_to_format, quantize_to_format
 from twinquant.formats import codec_for
 from twinquant.progress import Progress
 
@@ -96,6 +99,85 @@ def _parts(quantizer, W: torch.Tensor, codec, H, imp, expert_hessians):
         yield Wc, H, quantize_to_format(quantizer, Wc, codec, H=H, importance=imp)
 
 
+class _Tally:
+    """A tensor's error sums as its parts (row chunks, experts) arrive: ‖ΔW‖², ‖W‖², and tr(ΔW H ΔWᵀ), tr(W H Wᵀ)
+    over evenly spread rows (the whole costs rows·cols², as much as GPTQ's own sweep)."""
+
+    def __init__(self):
+        self.dd = self.ww = self.dhd = self.whw = 0.0
+
+    def add(self, W: torch.Tensor, hat: torch.Tensor, H: torch.Tensor | None) -> None:
+        d = W - hat.float()
+        self.dd += float(d.square().sum())      # (float32 sums are pairwise: as exact as float64 here, 4x faster)
+        self.ww += float(W.square().sum())
+        if H is not None:
+            Hf, step = H.float(), max(1, W.shape[0] // OUT_ERROR_ROWS)
+            self.dhd += float(torch.einsum("ij,jk,ik->", d[::step], Hf, d[::step]))
+            self.whw += float(torch.einsum("ij,jk,ik->", W[::step], Hf, W[::step]))
+
+    def report(self, name, shape, type_name, bpw, seconds, expert_tokens=None) -> TensorReport:
+        out_err = self.dhd / max(self.whw, 1e-30) if self.whw > 0 else None
+        return TensorReport(name, tuple(shape), type_name, bpw, (self.dd / max(self.ww, 1e-60)) ** 0.5, out_err,
+                            seconds, expert_tokens)
+
+
+class StackQuantizer:
+    """One stacked expert tensor [experts, rows, cols] quantized a batch of experts at a time
+    (`calibration.moe_blocks.staged_moe_block`): each batch's packed bytes go into one [experts, rows, bytes] array
+    (llama.cpp's expert-major layout), and the float stack is never held; `finish` ends the tensor in the model
+    and returns its report. (A grid with no GGML type has no bytes: its dequantized stack is kept instead.)"""
+
+    def __init__(self, model: Model, name: str, type_name: str, quantizer, importance=None, then=None):
+        self.model, self.name, self.type_name, self.quantizer, self.then = model, name, type_name, quantizer, then
+        self.shape = roles.expected_shape(model.spec, name)
+        self.codec = codec_for(type_name, self.shape[-1])
+        self.ggml = getattr(self.codec, "ggml_type", None) is not None
+        self.importance, self.data, self.floats = importance, None, None
+        self.tally, self.seconds = _Tally(), 0.0     # the seconds of its own batches (gate's and up's interleave)
+
+    def batch(self, first: int, W: torch.Tensor, hessians) -> list[torch.Tensor]:
+        t0 = time.perf_counter()
+        imp = self.importance[first: first + W.shape[0]] if self.importance is not None else None
+        hats = []
+        for j, (data, hat) in enumerate(quantize_experts_to_format(self.quantizer, W, self.codec, hessians, imp)):
+            if self.ggml:
+                data = np.asarray(data).reshape(self.shape[1], -1)
+                if self.data is None:
+                    self.data = np.empty((self.shape[0], *data.shape), dtype=np.uint8)
+                self.data[first + j] = data
+            else:
+                if self.floats is None:
+                    self.floats = torch.empty(self.shape, dtype=torch.float32)
+                self.floats[first + j] = hat.cpu()
+            self.tally.add(W[j], hat, hessians[j] if hessians is not None else None)
+            hats.append(hat)
+        self.seconds += time.perf_counter() - t0
+        return hats
+
+    def finish(self, expert_tokens: list[int] | None = None) -> TensorReport:
+        m = self.model
+        if self.ggml:
+            m.tensors.pop(self.name, None)      # the forward reads it back from its bytes
+            m.quantized[self.name] = QuantizedWeight(self.codec.ggml_type, self.data)
+            bpw = 8.0 * self.data.size / int(np.prod(self.shape))
+        else:
+            m.set(self.name, self.floats)
+            bpw = float(getattr(self.codec, "bits_per_weight", 0.0))
+        rep = self.tally.report(self.name, self.shape, self.type_name, bpw, self.seconds, expert_tokens)
+        if self.then is not None:
+            self.then(rep)
+        return rep
+
+    def alone(self) -> TensorReport:
+        """The whole stack without calibration (RTN, or an imatrix's importance), a batch of experts at a time."""
+        n, rows, cols = self.shape
+        step = experts_per_batch(rows, cols, self.model.device)
+        for e0 in range(0, n, step):
+            self.batch(e0, torch.stack([self.model.expert(self.name, e).float() for e in range(e0, min(n, e0 + step))]),
+                       None)
+        return self.finish()
+
+
 def quantize_tensor(model: Model, name: str, type_name: str, quantizer, H: torch.Tensor | None,
                     importance: torch.Tensor | None = None, expert_hessians: list[torch.Tensor] | None = None,
                     expert_tokens: list[int] | None = None) -> TensorReport:
@@ -113,7 +195,7 @@ def quantize_tensor(model: Model, name: str, type_name: str, quantizer, H: torch
     ggml = getattr(codec, "ggml_type", None) is not None
     packed = []
     W_hat = None
-    dd = ww = dhd = whw = 0.0
+    tally = _Tally()
     done_rows = 0
     for Wc, Hc, (data, hat) in _parts(quantizer, W, codec, H, imp, expert_hessians):
         if ggml:
@@ -123,13 +205,7 @@ def quantize_tensor(model: Model, name: str, type_name: str, quantizer, H: torch
         if W_hat is not hat:
             W_hat.view(-1, W.shape[-1])[done_rows: done_rows + Wc.shape[0]] = hat
         done_rows += Wc.shape[0]
-        d = Wc - hat.float()
-        dd += float(d.square().sum())       # (float32 sums are pairwise: as exact as float64 here, 4x faster)
-        ww += float(Wc.square().sum())
-        if Hc is not None:      # on evenly spread rows: the whole costs rows·cols², as much as GPTQ's own sweep
-            Hf, step = Hc.float(), max(1, Wc.shape[0] // OUT_ERROR_ROWS)
-            dhd += float(torch.einsum("ij,jk,ik->", d[::step], Hf, d[::step]))
-            whw += float(torch.einsum("ij,jk,ik->", Wc[::step], Hf, Wc[::step]))
+        tally.add(Wc, hat, Hc)
     if ggml:
         data = packed[0] if len(packed) == 1 else np.concatenate(packed)
         data = data.reshape(*W.shape[:-1], -1)        # a stacked tensor's bytes as GGUF holds them
@@ -138,9 +214,7 @@ def quantize_tensor(model: Model, name: str, type_name: str, quantizer, H: torch
     else:
         model.set(name, W_hat)     # integer grids: fake-quant (no GGUF type), float storage
         bpw = float(getattr(codec, "bits_per_weight", 0.0))
-    out_err = dhd / max(whw, 1e-30) if whw > 0 else None
-    return TensorReport(name, tuple(W.shape), type_name, bpw, (dd / max(ww, 1e-60)) ** 0.5, out_err,
-                        time.perf_counter() - t0, expert_tokens)
+    return tally.report(name, W.shape, type_name, bpw, time.perf_counter() - t0, expert_tokens)
 
 
 def quantize_blocks(model: Model, types: dict[str, str], method: str = "gptq", windows: torch.Tensor | None = None,
@@ -213,16 +287,28 @@ def quantize_blocks(model: Model, types: dict[str, str], method: str = "gptq", w
 
             if x is not None and stages(model, layer):    # group by group, every linear run once
                 x = staged_block(model, layer, x, wanted, quantize_group, spill_directory(workdir), in_place=True)
-            else:
+            elif x is not None and s.moe_layer(layer):     # a batch of experts' weights in memory at a time
+                def quantize_stack(n, Hs) -> None:
+                    if n in types:
+                        done(quantize_tensor(model, n, types[n], quantizer, None, imps.get(n), Hs))
+
+                def stack_quantizer(n) -> StackQuantizer | None:
+                    return StackQuantizer(model, n, types[n], quantizer, imps.get(n), then=done) if n in types else None
+
+                x = staged_moe_block(model, layer, x, wanted, quantize_group, quantize_stack, stack_quantizer,
+                                     spill_directory(workdir))
+            else:   # latent attention's dense blocks (two passes); or no calibration at all
                 hooks = block_hessians(model, layer, x, wanted) if x is not None else None
                 for g in groups:
-                    if hooks is not None and roles.is_stack(g[0]):     # experts, or MLA's per-head k_b / v_b
+                    if roles.is_expert_stack(g[0]):     # no calibration: a batch of experts at a time
+                        for n in (m for m in g if m in types):
+                            StackQuantizer(model, n, types[n], quantizer, imps.get(n), then=done).alone()
+                        continue
+                    if hooks is not None and roles.is_stack(g[0]):     # MLA's per-head k_b / v_b
                         for n in (m for m in g if m in types):
                             shape = roles.expected_shape(s, n)
-                            Hs, tokens = hooks.expert_hessians(g[0], shape[0], shape[-1],
-                                                               recollect=recollector(model, layer, hooks))
-                            done(quantize_tensor(model, n, types[n], quantizer, None, imps.get(n), Hs,
-                                                 tokens if roles.is_expert_stack(n) else None))
+                            Hs, _ = hooks.expert_hessians(g[0], shape[0], shape[-1])
+                            done(quantize_tensor(model, n, types[n], quantizer, None, imps.get(n), Hs))
                         continue
                     quantize_group(g, hooks.hessian(g[0]) if hooks is not None else None)
                 if x is not None:   # the next block sees this block's quantized outputs
