@@ -174,3 +174,32 @@ def test_a_rotated_expert_is_its_slice_of_the_rotated_stack(family, tmp_path):
         assert not torch.equal(whole, m.source.load(n))
         for e in (0, 5):
             assert torch.allclose(r.expert(n, e), whole[e], rtol=0, atol=1e-6), (n, e)
+
+
+def test_an_expert_no_calibration_token_reaches_takes_the_pool_and_spilled_activations_change_nothing(
+        tmp_path, monkeypatch):
+    """DeepSeek-V3 with expert 5's selection bias at -100: no token reaches it. It is quantized with the pooled
+    Hessians (the report says 0 tokens; its error is that of a quantized expert, not a dropped one), and the run
+    whose expert activations go to a temporary file (as past 2 GiB on a CPU) writes the same bytes."""
+    from safetensors.torch import load_file, save_file
+
+    from twinquant.calibration import spill
+
+    src = save_tiny("deepseek_v3", tmp_path / "hf", tokenizer=True)
+    sd = load_file(str(src / "model.safetensors"))
+    for i in (1, 2):
+        sd[f"model.layers.{i}.mlp.gate.e_score_correction_bias"][5] = -100.0
+    save_file(sd, str(src / "model.safetensors"), metadata={"format": "pt"})
+    held = _quantize(src, tmp_path / "held.gguf")
+    monkeypatch.setattr(spill, "SPILL_ABOVE", 0)
+    spilled = _quantize(src, tmp_path / "spilled.gguf")
+    assert spilled.path.read_bytes() == held.path.read_bytes()
+    rep = {t.name: t for t in held.report.tensors}
+    for n in ("blk.1.ffn_gate_exps.weight", "blk.2.ffn_down_exps.weight"):
+        assert rep[n].expert_tokens[5] == 0 and sum(rep[n].expert_tokens) == 512 * 2
+        assert 0 < rep[n].rel_error < 0.3
+    q = load_gguf(held.path)
+    f = load_hf_dir(src)
+    for n in ("blk.1.ffn_up_exps.weight", "blk.2.ffn_down_exps.weight"):
+        err = (q.expert(n, 5) - f.expert(n, 5)).norm() / f.expert(n, 5).norm()
+        assert 0 < err < 0.3, (n, err)

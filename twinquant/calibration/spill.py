@@ -98,6 +98,8 @@ class StagedRows:
         t.detach().contiguous().view(-1).view(torch.uint8).numpy().tofile(self._file)
 
     def get(self, row: int, count: int) -> torch.Tensor:
+        if count == 0:      # an expert no token reached
+            return torch.empty(0, self.width, dtype=self.dtype, device=self.device)
         if self._file is None:
             return self._held[row: row + count]
         self._file.flush()
