@@ -326,7 +326,9 @@ class _TimedExperts:
         from twinquant.model.model import Model
 
         self.seconds: dict[int, float] = {}
-        self._cls, self._real = Model, Model.expert
+        self._cls, self._real = Model, getattr(Model, "expert", None)
+        if self._real is None:      # a tree from before per-expert reads (a side-by-side run of an older commit)
+            return self
 
         def expert(model, name, e):
             t = time.perf_counter()
@@ -339,7 +341,8 @@ class _TimedExperts:
         return self
 
     def __exit__(self, *exc):
-        self._cls.expert = self._real
+        if self._real is not None:
+            self._cls.expert = self._real
 
 
 def _gib(b: float) -> float:
