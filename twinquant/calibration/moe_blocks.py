@@ -139,6 +139,9 @@ def staged_moe_block(model, layer: int, x: torch.Tensor, wanted: set[str], quant
             if down_pool is not None:
                 down_pool.add(a)
         del xs, Hs, got
+    for m in (gate_n, up_n):        # their bytes go (to the work directory) before down's sweep
+        if sinks[m] is not None:
+            sinks[m].finish(tokens)
     down_H = down_pool.H if down_pool is not None and down_pool.n else None
     for e0 in range(0, s.n_experts, steps[1]):      # down, and the routed outputs
         ex = range(e0, min(s.n_experts, e0 + steps[1]))
@@ -151,9 +154,8 @@ def staged_moe_block(model, layer: int, x: torch.Tensor, wanted: set[str], quant
                 out.index_add_(0, tok, F.linear(xs[j].to(flat.device), W[j]) * weights[tok, k, None])
         del xs, Hs, W
     acts.close()
-    for m, sink in sinks.items():
-        if sink is not None:
-            sink.finish(tokens)
+    if sinks[down_n] is not None:
+        sinks[down_n].finish(tokens)
     if shared is not None:
         out = out + shared
     x.view(-1, s.hidden)[:] = (x.reshape(-1, s.hidden).to(dt) + out).float()

@@ -160,6 +160,7 @@ class StackQuantizer:
             m.tensors.pop(self.name, None)      # the forward reads it back from its bytes
             m.quantized[self.name] = QuantizedWeight(self.codec.ggml_type, self.data)
             bpw = 8.0 * self.data.size / int(np.prod(self.shape))
+            self.data = None        # the model's (or the work directory's mapped copy) from here
         else:
             m.set(self.name, self.floats)
             bpw = float(getattr(self.codec, "bits_per_weight", 0.0))
