@@ -545,6 +545,17 @@ def partial_from_log(log: Path, args) -> dict:
     return res
 
 
+def _experts_note(res: dict) -> list[str]:
+    """The line a run of fewer routed experts than the model has (`--experts`) gets."""
+    real = MOE_SHAPES.get(res.get("model"), {}).get("experts")
+    run = (res.get("shape") or {}).get("experts")
+    if not real or not run or run == real:
+        return []
+    return [f"{run} of the model's {real} routed experts were run; each MoE block's seconds are its measured ones "
+            f"plus its experts' GPTQ and reads x {real / run - 1:g} (`measured_seconds`, `expert_seconds` in the "
+            "JSON): the whole model at all {real} experts.".replace("{real}", str(real)), ""]
+
+
 def write_results(res: dict, out: Path, tag: str) -> str:
     """scale_TAG.json, .md and .png from a results record; returns the markdown table."""
     out.mkdir(parents=True, exist_ok=True)
@@ -553,6 +564,7 @@ def write_results(res: dict, out: Path, tag: str) -> str:
              f"{res['device']}", "",
              f"command: `{res['command']}`  ", f"commit: {res['commit']}  ",
              *([f"({res['commit_note']})  "] if res.get("commit_note") else []), f"machine: {res['machine']}", "",
+             *_experts_note(res),
              "| stage | calibration tokens | wall s | mean block s | GPTQ s/block | other s/block | embedding s | head s "
              "| peak RSS anon GiB | peak GPU GiB | whole model (min) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in res["stages"]:
