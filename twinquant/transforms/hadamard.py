@@ -354,6 +354,13 @@ def _kernel_factors(plan: HadamardPlan, transpose: bool, dtype: torch.dtype, dev
     return (A, C, D), tuple(t.to(dtype=dtype, device=device).contiguous() for t in mats)
 
 
+def kernel_warps(A: int, C: int, D: int) -> int:
+    """Warps per row program: 4, but 8 for tiles of 16384 weights (bf16, 16384 rows on an H100: 4 was fastest at
+    n = 4096, 5120, 8192 and 27648 — 8 and 16 lost 8-14 points of copy bandwidth — and 8 at 14336, 78% against 70%;
+    `benchmarks/hadamard_warps.py`)."""
+    return 8 if A * C * D == 16384 else 4
+
+
 def _fwht_triton(x: torch.Tensor, plan: HadamardPlan, signs: torch.Tensor | None, transpose: bool,
                  normalize: bool) -> torch.Tensor:
     """x @ H·diag(s) (transpose: (x·s) @ Hᵀ), over √n when normalize, in one Triton pass over the rows."""
@@ -372,7 +379,7 @@ def _fwht_triton(x: torch.Tensor, plan: HadamardPlan, signs: torch.Tensor | None
             x2, y, L, SA, SC, s, x2.stride(0), y.stride(0), 1 / math.sqrt(n) if normalize else 1.0,
             M=plan.m if plan.m > 1 else D, A=A, C=C, D=D, SIGN_IN=signs is not None and transpose,
             SIGN_OUT=signs is not None and not transpose, PREC="tf32x3" if x.dtype == torch.float32 else "tf32",
-            num_warps=4 if A * C * D <= 4096 else 8 if A * C * D <= 16384 else 16)
+            num_warps=kernel_warps(A, C, D))
     return y.reshape(*lead, n)
 
 
