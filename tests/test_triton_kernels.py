@@ -95,6 +95,30 @@ def test_int8_activation_gemv_computes_llama_cpp_arithmetic_exactly(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m", [1, 21])
+def test_int2_int8_tensor_core_gemm_computes_its_integer_arithmetic_exactly(device, m):
+    """gemm_i8 (Q2_K codes times per-token int8 activations, int8 tensor-core products) against its own arithmetic
+    in float64 — the dequantized weights times x's int8 values and scale — and close to the float product; rows and
+    tokens not multiples of the tiles, a zero token."""
+    from twinquant.formats.ggml.packed import gemm_i8, quantize_tokens_i8
+
+    rows, cols = 70, 1024
+    data = random_blocks("Q2_K", rows, cols, seed=6)
+    w = PackedWeight.from_bytes("Q2_K", data, cols, device)
+    x = torch.randn(m, cols, generator=torch.Generator().manual_seed(7)) * 2
+    x[-1] = 0 if m > 1 else x[-1]
+    got = gemm_i8(x.to(device), w, bm=16, bn=32).cpu().double()
+    q, s = (t.cpu() for t in quantize_tokens_i8(x.to(device)))
+    assert q.abs().max() == 127 and (m == 1 or (torch.all(q[-1] == 0) and s[-1] == 0))
+    want = (q.double() * s.double()[:, None]) @ reference("Q2_K", data).double().T
+    assert (got - want).abs().max() <= 1e-6 * want.abs().max()
+    exact = x.double() @ reference("Q2_K", data).double().T
+    assert (got - exact).norm() <= 2e-2 * exact.norm()
+    with pytest.raises(TwinquantError, match="only Q2_K"):
+        gemm_i8(x.to(device), PackedWeight.from_bytes("Q4_K", random_blocks("Q4_K", 8, 256), 256, device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_activation_quantization_kernel_matches_torch(device, monkeypatch):
     from twinquant.formats.ggml.packed import quantize_q8
 

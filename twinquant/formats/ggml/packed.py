@@ -147,6 +147,38 @@ def gemv_q8(x2: torch.Tensor, w: PackedWeight, br: int = 64, split: int | None =
     return y
 
 
+def quantize_tokens_i8(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token symmetric int8 activations: (q int8 [M, cols], scale float32 [M]) with scale = max|x| / 127 and
+    q = round half away from zero of x / scale (0 for an all-zero row): what `gemm_i8` multiplies."""
+    x = x2.float()
+    s = x.abs().amax(-1) / 127
+    v = torch.where(s[:, None] > 0, x / s.clamp_min(torch.finfo(torch.float32).tiny)[:, None], torch.zeros_like(x))
+    q = (v.sign() * (v.abs() + 0.5).floor()).clamp(-127, 127).to(torch.int8)
+    return q.contiguous(), s.contiguous()
+
+
+def gemm_i8(x2: torch.Tensor, w: PackedWeight, bm: int = 64, bn: int = 64, num_warps: int = 4) -> torch.Tensor:
+    """float32 [M, rows] ≈ x2 @ Wᵀ for a Q2_K weight, the INT2×INT8 path: x2 quantized per token to int8
+    (`quantize_tokens_i8`), each super-block two int8 tensor-core products with int32 sums (`gemm_q2k_i8_kernel`).
+    For prefill-sized batches of files with per-token activation quantization; not the runtime's exact path (x's
+    int8 rounding: about 1% relative error on Gaussian rows)."""
+    from twinquant.formats.ggml.triton_kquants import gemm_q2k_i8_kernel
+
+    if w.ggml_type != "Q2_K":
+        raise TwinquantError(f"gemm_i8: only Q2_K has an int8 tensor-core kernel (got {w.ggml_type})")
+    if x2.shape[-1] != w.cols:
+        raise TwinquantError(f"gemm_i8: input width {x2.shape[-1]} does not match the weight's {w.cols}")
+    xq, sx = quantize_tokens_i8(x2)
+    m = x2.shape[0]
+    y = torch.empty(m, w.rows, dtype=torch.float32, device=x2.device)
+    if m:
+        bm = max(16, min(bm, 1 << (m - 1).bit_length()))      # int8 products need 16 rows at least
+        gemm_q2k_i8_kernel[(-(-m // bm), -(-w.rows // bn))](
+            w.data, xq, sx, y, m, w.rows, w.cols // QK_K, w.data.shape[1], xq.stride(0), y.stride(0),
+            BM=bm, BN=bn, num_warps=num_warps)
+    return y
+
+
 def qlinear(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, W, bias) with W read from its packed bytes; float32 accumulation, x's dtype out."""
     if x.shape[-1] != w.cols:
