@@ -249,30 +249,28 @@ def gemm_q2k_i8_kernel(w_ptr, xq_ptr, sx_ptr, y_ptr, M, R, NB, row_bytes, stride
     sx[m] · Σ_b (d·Σ_k xq·(code·sc) − dmin·Σ_k xq·mn) over super-blocks b. A sub-block's 4-bit scale times its
     2-bit codes (0..45) and its 4-bit min (0..15) are int8, so each super-block is two int8 products [BM, 256] x
     [256, BN] with exact int32 sums; d and dmin (fp16, per row and super-block) weigh them in float32. Weight k
-    (0..255) of a super-block is bits 2·((k % 128) // 32) of code byte 32·(k // 128) + k % 32, in sub-block k // 16.
-    The weights are decoded as [BN, 256] (each row's bytes along the fast axis) and transposed into the product."""
+    (0..255) of a super-block is bits 2·((k % 128) // 32) of code byte 32·(k // 128) + k % 32, in sub-block k // 16."""
     pm = tl.program_id(0)
     pn = tl.program_id(1)
     ms = pm * BM + tl.arange(0, BM)
     rows = pn * BN + tl.arange(0, BN)
     mmask = (ms < M)[:, None]
-    rmask = (rows < R)[:, None]
+    rmask = (rows < R)[None, :]
     k = tl.arange(0, QK_K)
-    byte = (16 + (k // 128) * 32 + k % 32)[None, :]                # [1, 256]
-    shift = (2 * ((k % 128) // 32))[None, :]
-    row_base = w_ptr + rows.to(tl.int64)[:, None] * row_bytes      # [BN, 1]
+    byte = (16 + (k // 128) * 32 + k % 32)[:, None]                # [256, 1]
+    shift = (2 * ((k % 128) // 32))[:, None]
+    row_base = w_ptr + rows.to(tl.int64)[None, :] * row_bytes      # [1, BN]
     x_base = xq_ptr + ms.to(tl.int64)[:, None] * stride_xq + k[None, :]
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for b in range(NB):
         blk = row_base + b * 84
-        code = (_u8(blk + byte, rmask) >> shift) & 3                 # [BN, 256]
-        sc = _u8(blk + (k // 16)[None, :], rmask)
+        code = (_u8(blk + byte, rmask) >> shift) & 3                 # [256, BN]
+        sc = _u8(blk + (k // 16)[:, None], rmask)
         x = tl.load(x_base + b * QK_K, mask=mmask, other=0)           # [BM, 256] int8
-        qs = tl.dot(x, tl.trans((code * (sc & 0xF)).to(tl.int8)), out_dtype=tl.int32)
-        mn = tl.dot(x, tl.trans((sc >> 4).to(tl.int8)), out_dtype=tl.int32)
-        d = tl.reshape(_f16(blk + 80, rmask), (1, BN))
-        dmin = tl.reshape(_f16(blk + 82, rmask), (1, BN))
+        qs = tl.dot(x, (code * (sc & 0xF)).to(tl.int8), out_dtype=tl.int32)
+        mn = tl.dot(x, (sc >> 4).to(tl.int8), out_dtype=tl.int32)
+        d = _f16(blk + 80, rmask)                                     # [1, BN]
+        dmin = _f16(blk + 82, rmask)
         acc += d * qs.to(tl.float32) - dmin * mn.to(tl.float32)
     sx = tl.load(sx_ptr + ms, mask=ms < M, other=0.0)
-    tl.store(y_ptr + ms.to(tl.int64)[:, None] * stride_ym + rows[None, :], acc * sx[:, None],
-             mask=mmask & (rows < R)[None, :])
+    tl.store(y_ptr + ms.to(tl.int64)[:, None] * stride_ym + rows[None, :], acc * sx[:, None], mask=mmask & rmask)
