@@ -204,21 +204,11 @@ def test_stages_without_an_moe_path_refuse_in_one_line(tmp_path, argv, capsys):
 def test_transformers5_fused_expert_checkpoint_loads(tmp_path):
     """transformers 5 holds experts as fused tensors (`experts.gate_up_proj` [experts, 2 * ffn, hidden], gate rows
     first; `experts.down_proj`): a checkpoint in that layout loads to the same stacked tensors."""
-    from safetensors.torch import load_file, save_file
+    from tests.tiny_models import save_fused_experts
 
     src = save_tiny("qwen2moe", tmp_path / "a")
     m = load_hf_dir(src)
-    sd = load_file(str(src / "model.safetensors"))
-    for i in range(m.spec.n_layers):
-        p = f"model.layers.{i}.mlp.experts"
-        per = {k: torch.stack([sd.pop(f"{p}.{e}.{k}.weight") for e in range(m.spec.n_experts)])
-               for k in ("gate_proj", "up_proj", "down_proj")}
-        sd[f"{p}.gate_up_proj"] = torch.cat([per["gate_proj"], per["up_proj"]], dim=1)
-        sd[f"{p}.down_proj"] = per["down_proj"]
-    (tmp_path / "b").mkdir()
-    save_file(sd, str(tmp_path / "b" / "model.safetensors"))
-    (tmp_path / "b" / "config.json").write_text((src / "config.json").read_text())
-    fused = load_hf_dir(tmp_path / "b")
+    fused = load_hf_dir(save_fused_experts(src, tmp_path / "b"))
     for n in m.tensor_names():
         assert torch.equal(fused.get(n), m.get(n)), n
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.tiny_models import save_tiny
+from tests.tiny_models import save_fused_experts, save_tiny
 from twinquant.io.gguf_read import load_gguf
 from twinquant.io.gguf_write import write_gguf
 from twinquant.io.hf import load_hf_dir
@@ -26,29 +26,11 @@ def _quantize(src, out, method="gptq", fmt="Q4_0", **opts):
     return quantize(str(src), out, recipe, Options(quiet=True, stream=True, **opts))
 
 
-def _fused_checkpoint(src, dst):
-    """transformers 5's layout: experts.gate_up_proj [experts, 2 * ffn, hidden], experts.down_proj."""
-    from safetensors.torch import load_file, save_file
-
-    m = load_hf_dir(src)
-    sd = load_file(str(src / "model.safetensors"))
-    for i in range(m.spec.n_layers):
-        p = f"model.layers.{i}.mlp.experts"
-        per = {k: torch.stack([sd.pop(f"{p}.{e}.{k}.weight") for e in range(m.spec.n_experts)])
-               for k in ("gate_proj", "up_proj", "down_proj")}
-        sd[f"{p}.gate_up_proj"] = torch.cat([per["gate_proj"], per["up_proj"]], dim=1)
-        sd[f"{p}.down_proj"] = per["down_proj"]
-    dst.mkdir()
-    save_file(sd, str(dst / "model.safetensors"))
-    (dst / "config.json").write_text((src / "config.json").read_text())
-    return dst
-
-
 @pytest.mark.parametrize("kind", ["hf", "hf-fused", "gguf-f16", "gguf-q4_0"])
 def test_one_expert_is_read_alone_as_the_stack_holds_it(kind, tmp_path):
     src = save_tiny("qwen2moe", tmp_path / "hf", tokenizer=True)
     if kind == "hf-fused":
-        src = _fused_checkpoint(src, tmp_path / "fused")
+        src = save_fused_experts(src, tmp_path / "fused")
     if kind == "gguf-f16":
         src = write_gguf(load_hf_dir(src), tmp_path / "m.gguf", "F16")
     if kind == "gguf-q4_0":

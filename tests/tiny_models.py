@@ -97,3 +97,28 @@ def save_tiny_tokenizer(path: Path, vocab: int = 320) -> Path:
     (path / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "add_bos_token": False}))
     return path
+
+
+def save_fused_experts(src: Path, dst: Path) -> Path:
+    """The MoE checkpoint at `src` rewritten in transformers 5's layout (experts.gate_up_proj [experts, 2 * ffn,
+    hidden], gate rows first; experts.down_proj) at `dst`."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    cfg = json.loads((src / "config.json").read_text())
+    experts = cfg.get("num_experts") or cfg["n_routed_experts"]
+    sd = load_file(str(src / "model.safetensors"))
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}.mlp.experts"
+        if f"{p}.0.gate_proj.weight" not in sd:
+            continue
+        per = {k: torch.stack([sd.pop(f"{p}.{e}.{k}.weight") for e in range(experts)])
+               for k in ("gate_proj", "up_proj", "down_proj")}
+        sd[f"{p}.gate_up_proj"] = torch.cat([per["gate_proj"], per["up_proj"]], dim=1)
+        sd[f"{p}.down_proj"] = per["down_proj"]
+    dst.mkdir(parents=True)
+    save_file(sd, str(dst / "model.safetensors"))
+    (dst / "config.json").write_text((src / "config.json").read_text())
+    return dst

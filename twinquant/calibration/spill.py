@@ -20,7 +20,25 @@ import torch
 SPILL_ABOVE = 2 << 30       # bytes of staged float32 inputs held in memory on the CPU at most
 
 
-class StagedInputs:
+class _Spillable:
+    """What the staged stores share: values held in memory (`_held`) or in a temporary file (`_file`)."""
+
+    _held = None
+    _file = None
+
+    def close(self) -> None:
+        """Drop everything staged (the file goes with it)."""
+        self._held = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __del__(self):
+        if getattr(self, "_file", None) is not None:
+            self._file.close()
+
+
+class StagedInputs(_Spillable):
     """`n` tensors of one shape and dtype, appended in order (`append`), read back by index (`[i]`).
 
     Held in memory unless they are on the CPU and `n` of them exceed `spill_above` bytes; then each goes to a
@@ -62,19 +80,8 @@ class StagedInputs:
             raise OSError(f"staged inputs: window {i} read back short ({a.size} of {self.nbytes} bytes)")
         return torch.from_numpy(a).view(self.dtype).view(self.shape)
 
-    def close(self) -> None:
-        """Drop every window (the file goes with it)."""
-        self._held = []
-        if self._file is not None:
-            self._file.close()
-            self._file = None
 
-    def __del__(self):
-        if getattr(self, "_file", None) is not None:
-            self._file.close()
-
-
-class StagedRows:
+class StagedRows(_Spillable):
     """Row blocks of one width and dtype (a MoE block's expert activations: each expert's own number of tokens),
     written once at row offsets (`put`) and read back (`get`); `rows` in all, known up front. In memory unless on
     the CPU past `spill_above` bytes; then in an unnamed temporary file in `directory`, the same values back."""
@@ -108,16 +115,6 @@ class StagedRows:
         if a.size != count * self.row_bytes:
             raise OSError(f"staged rows: rows {row}..{row + count} read back short")
         return torch.from_numpy(a).view(self.dtype).view(count, self.width)
-
-    def close(self) -> None:
-        self._held = None
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-    def __del__(self):
-        if getattr(self, "_file", None) is not None:
-            self._file.close()
 
 
 def spill_directory(workdir) -> str | None:
