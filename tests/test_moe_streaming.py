@@ -185,3 +185,17 @@ def test_an_expert_no_calibration_token_reaches_takes_the_pool_and_spilled_activ
     for n in ("blk.1.ffn_up_exps.weight", "blk.2.ffn_down_exps.weight"):
         err = (q.expert(n, 5) - f.expert(n, 5)).norm() / f.expert(n, 5).norm()
         assert 0 < err < 0.3, (n, err)
+
+
+def test_a_block_left_float_runs_as_the_forward_does_in_bfloat16(tmp_path):
+    """Nothing wanted (stacks stay float), a bfloat16 model: the staged block's outputs are the forward's."""
+    from twinquant.calibration.blocks import block_pass
+    from twinquant.calibration.moe_blocks import staged_moe_block
+
+    model = load_hf_dir(save_tiny("qwen2moe", tmp_path / "hf")).materialize().to(dtype=torch.bfloat16)
+    x0 = torch.randn(2, 16, model.spec.hidden, generator=torch.Generator().manual_seed(0))
+    calls = []
+    out = staged_moe_block(model, 1, x0.clone(), set(), lambda g, H: calls.append(H), None, lambda n: None)
+    assert calls and all(H is None for H in calls)
+    want = block_pass(model, 1, x0)
+    assert (out - want).abs().max() <= 2e-2 * want.abs().max()

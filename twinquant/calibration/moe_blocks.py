@@ -126,7 +126,7 @@ def staged_moe_block(model, layer: int, x: torch.Tensor, wanted: set[str], quant
 
     def quantized(name, first, W, Hs):
         sink = sinks[name]
-        return [w.to(dt) for w in sink.batch(first, W, Hs)] if sink is not None else list(W)
+        return [w.to(dt) for w in (sink.batch(first, W, Hs) if sink is not None else W)]
 
     for e0 in range(0, s.n_experts, steps[0]):      # gate and up, a batch of experts at a time
         ex = range(e0, min(s.n_experts, e0 + steps[0]))
