@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 from provenance import record  # noqa: E402
 
-WIDTHS = (4096, 8192, 5120, 14336, 27648)
+WIDTHS = (4096, 8192, 5120, 14336, 27648, 1536, 8960)
 WARPS = (1, 2, 4, 8, 16, 32)
 
 
