@@ -251,12 +251,12 @@ def test_quantize_refuses_group_limited_v2_before_any_work(tmp_path, capsys):
 
 def test_large_expert_hessians_are_built_a_chunk_at_a_time(tmp_path, monkeypatch):
     """Per-expert Hessians past EXPERT_HESSIAN_BYTES (DeepSeek-V3's need 53 GB) are rebuilt a chunk of experts at a
-    time from the routed inputs the block pass kept: the same Hessians as the ones collected at once (up to
-    summation order), the same file up to the few codes that rounding moves, each chunk built once per tensor."""
+    time from the routed inputs the block pass kept (`measure`'s path; `quantize` goes expert-major instead,
+    tests/test_moe_streaming.py): the same Hessians as the ones collected at once (up to summation order), each
+    chunk built once per tensor."""
     from twinquant.calibration import blocks
 
     src = save_tiny("deepseek_v3", tmp_path / "hf", tokenizer=True)
-    a = _moe_quantize(src, tmp_path / "held.gguf")
     m = load_hf_dir(src)
     x = torch.randn(3, 32, 64)
     held = blocks.block_hessians(m, 1, x, {"blk.1.ffn_gate_exps.weight", "blk.1.ffn_down_exps.weight"})
@@ -272,12 +272,6 @@ def test_large_expert_hessians_are_built_a_chunk_at_a_time(tmp_path, monkeypatch
         assert torch.allclose(got.diagonal(e), torch.diagonal(want[e]), rtol=1e-4, atol=1e-6), e
         assert torch.allclose(got[e], want[e], rtol=1e-4, atol=1e-6), e
     assert got.chunks_built == 3                                     # experts 0-2, 3-5, 6-7: each once
-
-    b = _moe_quantize(src, tmp_path / "chunked.gguf")
-    ra = {t.name: t for t in gguf.GGUFReader(a.path).tensors}
-    for t in gguf.GGUFReader(b.path).tensors:
-        same = np.mean(np.asarray(t.data) == np.asarray(ra[t.name].data))
-        assert same > 0.97, (t.name, same)
 
 
 YARN = dict(rope_scaling={"type": "yarn", "rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 64,

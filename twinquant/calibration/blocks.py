@@ -14,9 +14,10 @@ from twinquant.model import roles
 from twinquant.model.forward import attention_mix, block_forward, ffn_mix, linear_input, linears, rms_norm
 
 
-# Bytes of one stacked tensor's per-expert Hessians held at once. DeepSeek-V3's 256 experts of 7168 inputs need
-# 53 GB; past this they are collected a chunk of experts at a time (`ExpertHessians`), from the routed inputs the
-# block pass kept (one [tokens, hidden] copy, 1 GB there), as GPTQ reaches each chunk.
+# Bytes of one stacked tensor's per-expert Hessians held at once by `block_hessians` (measure's pass; quantize goes
+# expert-major, calibration/moe_blocks.py). DeepSeek-V3's 256 experts of 7168 inputs need 53 GB; past this they are
+# collected a chunk of experts at a time (`ExpertHessians`), from the routed inputs the block pass kept (one
+# [tokens, hidden] copy, 1 GB there), as the candidates reach each chunk.
 EXPERT_HESSIAN_BYTES = 8 << 30
 
 
