@@ -145,12 +145,12 @@ class Model:
             from twinquant.formats.ggml import get_codec
 
             w = get_codec(q.ggml_type.name).dequantize_bytes(q.data.reshape(shape[0], shape[1], -1)[e], shape[-1])
+            w = w.reshape(shape[1:])
         elif self.source is None:
             raise KeyError(name)
         else:
             load = getattr(self.source, "load_expert", None)
             w = load(name, e) if load is not None else self.source.load(name)[e]
-        w = w.reshape(shape[1:]) if w.numel() == shape[1] * shape[2] else w
         if tuple(w.shape) != tuple(shape[1:]):
             raise TwinquantError(f"{name}: expert {e} has shape {tuple(w.shape)}, the model's is {tuple(shape[1:])}")
         if not all_finite(w):

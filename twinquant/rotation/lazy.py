@@ -62,18 +62,11 @@ class RotatedSource:
             return self.original.source.load(name).to(self.original.dtype)
         return t.detach().cpu()
 
-    def _orig_expert(self, name: str, e: int) -> torch.Tensor:
-        t = self.original.tensors.get(name)
-        if t is not None:
-            return t[e].detach().cpu()
-        load = getattr(self.original.source, "load_expert", None)
-        w = load(name, e) if load is not None else self.original.source.load(name)[e]
-        return w.to(self.original.dtype)
-
     def load_expert(self, name: str, e: int) -> torch.Tensor:
         """Expert e of a stacked tensor, rotated alone (the stack's operations act on each expert's slice)."""
         return rotated_tensor(self.original.spec, self.plan, name,
-                              lambda n: self._orig_expert(n, e) if n == name else self._orig(n), self.untie, self.dtype)
+                              lambda n: self.original.expert(n, e).detach().cpu() if n == name else self._orig(n),
+                              self.untie, self.dtype)
 
     def release(self) -> None:
         self.original._release_source()

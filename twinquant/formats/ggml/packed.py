@@ -100,6 +100,11 @@ def gemv(x2: torch.Tensor, w: PackedWeight, byte_order: bool = True) -> torch.Te
     return y
 
 
+def _int8_away(v: torch.Tensor) -> torch.Tensor:
+    """v (already divided by its scale) to int8, rounding half away from zero as llama.cpp's roundf does."""
+    return (v.sign() * (v.abs() + 0.5).floor()).clamp(-127, 127).to(torch.int8)
+
+
 def quantize_q8(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Activations [M, cols] as llama.cpp's CUDA GEMV takes them (q8_1's rounding): int8 per 32 values with scale
     d = max|x| / 127, q = round half away from zero of x / d (0 where the block is 0); returned as (q viewed as int32
@@ -119,8 +124,7 @@ def quantize_q8(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
         return q.view(torch.int32), d, sums
     xb = x2.float().reshape(x2.shape[0], -1, 32)
     d = xb.abs().amax(-1, keepdim=True) / 127
-    v = torch.where(d > 0, xb / d, torch.zeros_like(xb))
-    q = (v.sign() * (v.abs() + 0.5).floor()).clamp(-127, 127).to(torch.int8)
+    q = _int8_away(torch.where(d > 0, xb / d, torch.zeros_like(xb)))
     return (q.reshape(x2.shape[0], -1).contiguous().view(torch.int32), d.squeeze(-1).contiguous(),
             x2.float().reshape(x2.shape[0], -1, 16).sum(-1).contiguous())
 
@@ -152,8 +156,8 @@ def quantize_tokens_i8(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = round half away from zero of x / scale (0 for an all-zero row): what `gemm_i8` multiplies."""
     x = x2.float()
     s = x.abs().amax(-1) / 127
-    v = torch.where(s[:, None] > 0, x / s.clamp_min(torch.finfo(torch.float32).tiny)[:, None], torch.zeros_like(x))
-    q = (v.sign() * (v.abs() + 0.5).floor()).clamp(-127, 127).to(torch.int8)
+    q = _int8_away(torch.where(s[:, None] > 0, x / s.clamp_min(torch.finfo(torch.float32).tiny)[:, None],
+                               torch.zeros_like(x)))
     return q.contiguous(), s.contiguous()
 
 
