@@ -16,7 +16,8 @@ from twinquant.errors import TwinquantError
 from twinquant.formats.ggml import get_codec
 from twinquant.formats.ggml.packed import (GEMV_MAX_ROWS, KERNEL_TYPES, PackedWeight, dequantize, gemv, qlinear,
                                           random_blocks)
-from twinquant.transforms.hadamard import RandomizedHadamard, _kernel_runs, fwht, hadamard_plan
+from twinquant.transforms.hadamard import (KernelConfig, RandomizedHadamard, _kernel_factors, _kernel_runs, fwht,
+                                          hadamard_plan, launch_fwht)
 
 CUDA = torch.cuda.is_available()
 DEVICES = ["cuda"] if CUDA else ["cpu"]     # the CPU runs them through the interpreter, set only without a GPU
@@ -162,6 +163,25 @@ def test_hadamard_kernel_matches_float64_for_real_widths(n, device):
             got = fwht(x.to(device, dt), transpose=transpose, plan=plan).cpu().double()
             tol = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dt]
             assert (got - want).abs().max() <= tol * want.abs().max(), (dt, transpose, (got - want).abs().max())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n,cfg", [(1536, KernelConfig(rows=4, warps=4, stages=2, per_sm=1)),
+                                   (5120, KernelConfig(rows=1, warps=4, stages=3, per_sm=1)),
+                                   (4096, KernelConfig(rows=2, warps=8, stages=1, per_sm=0))])
+def test_hadamard_kernel_launches_loop_over_tiles(n, cfg, device):
+    """Every launch the benchmarks sweep computes the same transform: several rows per tile (the last one partial),
+    fewer programs than tiles (each loops), pipelining stages; signs on both sides."""
+    plan = hadamard_plan(n)
+    rh = RandomizedHadamard(n, seed=3)
+    x = torch.randn(4 * 5 + 3, n, generator=torch.Generator().manual_seed(1)).to(device)
+    for transpose in (False, True):
+        factors = _kernel_factors(plan, transpose, x.dtype, str(x.device))
+        y = torch.full_like(x, float("nan"))
+        launch_fwht(x, y, plan, factors, rh._s(x), transpose, 1 / n ** 0.5, cfg)
+        Q = rh.matrix(torch.float64)
+        want = x.cpu().double() @ (Q.T if transpose else Q)
+        torch.testing.assert_close(y.cpu().double(), want, rtol=0, atol=2e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -354,32 +354,57 @@ def _kernel_factors(plan: HadamardPlan, transpose: bool, dtype: torch.dtype, dev
     return (A, C, D), tuple(t.to(dtype=dtype, device=device).contiguous() for t in mats)
 
 
-def kernel_warps(A: int, C: int, D: int) -> int:
-    """Warps per row program: 4, but 8 for tiles of 16384 weights (bf16, 16384 rows on an H100: 4 was fastest at
-    n = 4096, 5120, 8192 and 27648 — 8 and 16 lost 8-14 points of copy bandwidth — and 8 at 14336, 78% against 70%;
-    `benchmarks/hadamard_warps.py`)."""
-    return 8 if A * C * D == 16384 else 4
+@dataclass(frozen=True)
+class KernelConfig:
+    """How `_fwht_triton` launches the kernel: rows per tile, warps per program, software-pipelining stages, and
+    programs per SM (0: one program per tile)."""
+    rows: int = 1
+    warps: int = 4
+    stages: int = 1
+    per_sm: int = 0
+
+
+def kernel_config(A: int, C: int, D: int) -> KernelConfig:
+    """The launch for tiling (A, C, D): 4 warps, 8 for tiles of 16384 weights (bf16, 16384 rows on an H100, sweep
+    `benchmarks/hadamard_warps.py`); tiles of fewer than 4096 weights take several rows (A = 1 only)."""
+    size = A * C * D
+    rows = 1 if A > 1 else max(1, 4096 // size)
+    return KernelConfig(rows=rows, warps=8 if size == 16384 else 4)
+
+
+def _sm_count(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def launch_fwht(x2: torch.Tensor, y: torch.Tensor, plan: HadamardPlan, factors, signs: torch.Tensor | None,
+                transpose: bool, scale: float, cfg: KernelConfig) -> None:
+    """One launch of the Triton transform over the rows of x2 [rows, n] (unit column stride) into y."""
+    from twinquant.transforms.triton_hadamard import fwht_kernel
+
+    (A, C, D), (L, SA, SC) = factors
+    rows = x2.shape[0]
+    tiles = -(-rows // cfg.rows)
+    grid = tiles if cfg.per_sm == 0 else min(tiles, cfg.per_sm * _sm_count(x2.device))
+    fwht_kernel[(grid,)](
+        x2, y, L, SA, SC, L if signs is None else signs, rows, x2.stride(0), y.stride(0), scale,
+        M=plan.m if plan.m > 1 else D, A=A, C=C, D=D, ROWS=cfg.rows, SIGN_IN=signs is not None and transpose,
+        SIGN_OUT=signs is not None and not transpose, PREC="tf32x3" if x2.dtype == torch.float32 else "tf32",
+        STAGES=cfg.stages, num_warps=cfg.warps)
 
 
 def _fwht_triton(x: torch.Tensor, plan: HadamardPlan, signs: torch.Tensor | None, transpose: bool,
                  normalize: bool) -> torch.Tensor:
     """x @ H·diag(s) (transpose: (x·s) @ Hᵀ), over √n when normalize, in one Triton pass over the rows."""
-    from twinquant.transforms.triton_hadamard import fwht_kernel
-
     n = plan.n
-    (A, C, D), (L, SA, SC) = _kernel_factors(plan, transpose, x.dtype, str(x.device))
+    factors = _kernel_factors(plan, transpose, x.dtype, str(x.device))
     lead = x.shape[:-1]
     x2 = x.reshape(-1, n)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-    if x2.shape[0]:
-        s = L if signs is None else signs       # float32 on x's device (RandomizedHadamard._s)
-        fwht_kernel[(x2.shape[0],)](
-            x2, y, L, SA, SC, s, x2.stride(0), y.stride(0), 1 / math.sqrt(n) if normalize else 1.0,
-            M=plan.m if plan.m > 1 else D, A=A, C=C, D=D, SIGN_IN=signs is not None and transpose,
-            SIGN_OUT=signs is not None and not transpose, PREC="tf32x3" if x.dtype == torch.float32 else "tf32",
-            num_warps=kernel_warps(A, C, D))
+    if x2.shape[0]:             # signs: float32 on x's device (RandomizedHadamard._s)
+        launch_fwht(x2, y, plan, factors, signs, transpose, 1 / math.sqrt(n) if normalize else 1.0,
+                    kernel_config(*factors[0]))
     return y.reshape(*lead, n)
 
 

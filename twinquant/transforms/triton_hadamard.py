@@ -53,44 +53,68 @@ def layout(p: int, m: int) -> tuple[int, int, int] | None:
 
 
 @triton.jit
-def fwht_kernel(x_ptr, y_ptr, l_ptr, sa_ptr, sc_ptr, sign_ptr, stride_x, stride_y, scale,
-                M: tl.constexpr, A: tl.constexpr, C: tl.constexpr, D: tl.constexpr,
-                SIGN_IN: tl.constexpr, SIGN_OUT: tl.constexpr, PREC: tl.constexpr):
-    """y[r] = (x[r] (·s)) @ (S_{A·C} ⊗ L) (·s) · scale for row r = program 0; L is [D, D] (B padded, or S_D)."""
-    r = tl.program_id(0).to(tl.int64)
-    a = tl.arange(0, A)[:, None, None]
+def fwht_kernel(x_ptr, y_ptr, l_ptr, sa_ptr, sc_ptr, sign_ptr, n_rows, stride_x, stride_y, scale,
+                M: tl.constexpr, A: tl.constexpr, C: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr,
+                SIGN_IN: tl.constexpr, SIGN_OUT: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
+    """y[r] = (x[r] (·s)) @ (S_{A·C} ⊗ L) (·s) · scale for every row r; L is [D, D] (B padded, or S_D).
+
+    A program takes tiles of ROWS rows (ROWS > 1 only when A = 1: the rows then fill the first axis, which gets no
+    product) and loops over tiles program_id, program_id + programs, …: a grid smaller than the tiles keeps each
+    program's next load in flight while it computes (STAGES, Triton's software pipelining)."""
+    RA: tl.constexpr = A * ROWS                            # the tile's first axis: rows, or S_A's axis
+    a = tl.arange(0, RA)[:, None, None]
     c = tl.arange(0, C)[None, :, None]
     j = tl.arange(0, D)[None, None, :]
-    idx = (a * C + c) * M + j                              # [A, C, D]; columns j >= M are padding
-    mask = j < M
-    x = tl.load(x_ptr + r * stride_x + idx, mask=mask, other=0.0)
-    if SIGN_IN:
-        x = x * tl.load(sign_ptr + idx, mask=mask, other=0.0).to(x.dtype)
-    dt = x.dtype
+    if ROWS > 1:
+        col = c * M + j                                    # [1, C, D]
+    else:
+        col = (a * C + c) * M + j                          # [A, C, D]
     dd = tl.arange(0, D)
     L = tl.load(l_ptr + dd[:, None] * D + dd[None, :])
-    t = tl.dot(tl.reshape(x, (A * C, D)), L, input_precision=PREC)              # last axis
     cc = tl.arange(0, C)
     SC = tl.load(sc_ptr + cc[:, None] * C + cc[None, :])
-    t = tl.permute(tl.reshape(t.to(dt), (A, C, D)), (0, 2, 1))                  # [A, D, C]
-    t = tl.dot(tl.reshape(t, (A * D, C)), SC, input_precision=PREC)             # middle axis (S symmetric)
     if A > 1:
         aa = tl.arange(0, A)
         SA = tl.load(sa_ptr + aa[:, None] * A + aa[None, :])
-        t = tl.permute(tl.reshape(t.to(dt), (A, D, C)), (1, 2, 0))              # [D, C, A]
-        t = tl.dot(tl.reshape(t, (D * C, A)), SA, input_precision=PREC)         # first axis
-        t = tl.reshape(t, (D, C, A))
         oa = tl.arange(0, A)[None, None, :]
         oc = tl.arange(0, C)[None, :, None]
         oj = tl.arange(0, D)[:, None, None]
+        ocol = (oa * C + oc) * M + oj                      # [D, C, A]
+        orow = tl.zeros((1, 1, 1), dtype=tl.int64)
     else:
-        t = tl.reshape(t, (1, D, C))
-        oa = tl.arange(0, 1)[:, None, None]
+        orr = tl.arange(0, ROWS)[:, None, None]
         oc = tl.arange(0, C)[None, None, :]
         oj = tl.arange(0, D)[None, :, None]
-    oidx = (oa * C + oc) * M + oj
-    omask = oj < M
-    t = t * scale
+        ocol = oc * M + oj                                 # [1, D, C]
+        orow = orr.to(tl.int64)                            # [ROWS, 1, 1]
+    if SIGN_IN:
+        s_in = tl.load(sign_ptr + col, mask=j < M, other=0.0)
     if SIGN_OUT:
-        t = t * tl.load(sign_ptr + oidx, mask=omask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + r * stride_y + oidx, t.to(y_ptr.dtype.element_ty), mask=omask)
+        s_out = tl.load(sign_ptr + ocol, mask=oj < M, other=0.0).to(tl.float32)
+    n_tiles = tl.cdiv(n_rows, ROWS)
+    for tile in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), num_stages=STAGES):
+        r0 = (tl.full((), 0, tl.int64) + tile) * ROWS      # 64-bit offsets (tile: a Python int when interpreted)
+        if ROWS > 1:
+            rr = r0 + a                                    # [ROWS, 1, 1]
+            mask = (j < M) & (rr < n_rows)
+            x = tl.load(x_ptr + rr * stride_x + col, mask=mask, other=0.0)
+        else:
+            x = tl.load(x_ptr + r0 * stride_x + col, mask=j < M, other=0.0)
+        if SIGN_IN:
+            x = x * s_in.to(x.dtype)
+        dt = x.dtype
+        t = tl.dot(tl.reshape(x, (RA * C, D)), L, input_precision=PREC)            # last axis
+        t = tl.permute(tl.reshape(t.to(dt), (RA, C, D)), (0, 2, 1))                # [RA, D, C]
+        t = tl.dot(tl.reshape(t, (RA * D, C)), SC, input_precision=PREC)           # middle axis (S symmetric)
+        if A > 1:
+            t = tl.permute(tl.reshape(t.to(dt), (A, D, C)), (1, 2, 0))             # [D, C, A]
+            t = tl.dot(tl.reshape(t, (D * C, A)), SA, input_precision=PREC)        # first axis
+            t = tl.reshape(t, (D, C, A))
+            omask = oj < M
+        else:
+            t = tl.reshape(t, (ROWS, D, C))
+            omask = (oj < M) & (r0 + orow < n_rows)
+        t = t * scale
+        if SIGN_OUT:
+            t = t * s_out
+        tl.store(y_ptr + (r0 + orow) * stride_y + ocol, t.to(y_ptr.dtype.element_ty), mask=omask)
