@@ -1,22 +1,27 @@
 """Decode speed on a GPU: twinquant's runtime with packed K-quant weights (Triton GEMV) against the same runtime on
-dequantized bfloat16 weights and against llama.cpp's CUDA backend, on the same file; and `twinquant roofline
---device h200` against both.
+dequantized bfloat16 weights and against llama.cpp's CUDA backend, on the same file; with `--roofline`, how well
+`twinquant roofline` predicts llama.cpp CUDA decode on this GPU.
 
-No model file travels to the GPU machine: a random-weight model with a real model's shapes (default
-Qwen2.5-1.5B: hidden 1536, ffn 8960, 12/2 heads, vocab 151936, 28 layers; `--shape qwen2.5-1.5b qwen2.5-7b` for both) is written as an
-HF directory (benchmarks/scale.write_model) and quantized by RTN into llama.cpp's Q2_K mix on the GPU (every
-linear a K-quant the kernels read: Q2_K, Q3_K, Q4_K, Q6_K head).
+No model file travels to the GPU machine: `synthetic_file` writes a GGUF with a real model's shapes (default
+Qwen2.5-1.5B: hidden 1536, ffn 8960, 12/2 heads, vocab 151936, 28 layers) in a llama-quantize mix (every matrix
+8 random rows quantized by twinquant's codecs, repeated; decode speed does not depend on the values).
 
 Timed: tokens/s of generating --tokens tokens after an 8-token prompt (the first 4 not counted), greedy, batch 1,
 KV cache on; llama.cpp: `llama-bench -p 0 -n TOKENS -ngl 99` (mean of 3). Writes
 benchmarks/results/decode_gpu_TAG.{json,md}.
 
+`--roofline` (llama.cpp only): the fixed costs per token and per block from 256-wide models of 4 and 28 blocks, each
+K-quant's efficiency from a Qwen2.5-7B-shaped file of 8 blocks in that type alone, then whole 1.5B / 7B / 32B
+files in llama-quantize's mixes predicted with those figures and measured.
+
     python benchmarks/decode_gpu.py --tag h200 --llama-bench BUILD/bin/llama-bench
+    python benchmarks/decode_gpu.py --tag h100-roofline --roofline --llama-bench BUILD/bin/llama-bench
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -27,30 +32,96 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import gguf  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from provenance import record  # noqa: E402
 
 SHAPES = {"qwen2.5-1.5b": dict(layers=28, hidden=1536, ffn=8960, heads=12, kv_heads=2, vocab=151936),
           "qwen2.5-7b": dict(layers=28, hidden=3584, ffn=18944, heads=28, kv_heads=4, vocab=152064),
+          "qwen2.5-32b": dict(layers=64, hidden=5120, ffn=27648, heads=40, kv_heads=8, vocab=152064),
           "tiny": dict(layers=2, hidden=256, ffn=512, heads=4, kv_heads=2, vocab=1024)}     # a smoke run
+# GPU bandwidths the roofline divides by: the vendors' figures (H100 SXM5 80 GB HBM3, H200 141 GB HBM3e)
+VENDOR_GBS = {"H100": 3350.0, "H200": 4800.0}
+# `--roofline`: fixed costs from 256-wide models of 4 and 28 blocks (their bytes are negligible); each K-quant's
+# efficiency from a Qwen2.5-7B-shaped file of 8 blocks in that type alone; then whole files in llama-quantize's
+# mixes, predicted with those figures and measured
+FIXED = [("tiny", 4, "pure:Q4_K"), ("tiny", 28, "pure:Q4_K")]
+PURE = [("qwen2.5-7b", 8, f"pure:{t}") for t in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")]
+WHOLE = ([("qwen2.5-1.5b", None, f"llama.cpp:{m}") for m in ("Q2_K", "Q3_K_M", "Q4_K_M")]
+         + [("qwen2.5-7b", None, f"llama.cpp:{m}") for m in ("Q2_K", "Q3_K_M", "Q4_K_M")]
+         + [("qwen2.5-32b", None, "llama.cpp:Q2_K")])
 WARM = 4
 
 
-def quantized_file(work: Path, shape: str, device: str) -> Path:
-    import twinquant
-    from scale import write_model
-    from twinquant.pipeline import Options
-    from twinquant.pipeline.recipe import BUILTIN
+def hf_config(shape: str, layers: int | None = None) -> dict:
+    d = SHAPES[shape]
+    return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": d["hidden"],
+            "intermediate_size": d["ffn"], "num_attention_heads": d["heads"], "num_key_value_heads": d["kv_heads"],
+            "num_hidden_layers": layers or d["layers"], "vocab_size": d["vocab"], "rms_norm_eps": 1e-6,
+            "rope_theta": 1e6, "max_position_embeddings": 32768, "tie_word_embeddings": False, "hidden_act": "silu"}
 
-    out = work / f"{shape}-Q2_K-rtn.gguf"
+
+def file_types(spec, mix: str) -> dict[str, str]:
+    """name -> GGML type: llama-quantize's mix ("llama.cpp:Q4_K_M", without an imatrix) or one type for every
+    matrix ("pure:Q4_K", llama-quantize --pure)."""
+    from twinquant.allocation.mixes import type_name
+    from twinquant.allocation.role_mix import assign
+    from twinquant.model import roles
+    from twinquant.runtime.roofline import mix_types
+
+    if not mix.startswith("pure:"):
+        return mix_types(spec, mix, imatrix=False)
+    names = roles.all_tensor_names(spec)
+    return {c.name: type_name(c.type) for c in assign(spec, names, mix=None, default=mix[5:], pure=True)}
+
+
+@functools.cache
+def _packed_rows(ggml_type: str, cols: int) -> "np.ndarray":
+    """8 random rows (std 0.02) quantized by the codec (llama.cpp's bytes): the pattern a synthetic tensor repeats."""
+    from twinquant.formats.ggml import get_codec
+
+    codec = get_codec(ggml_type)
+    w = torch.randn(8, cols, generator=torch.Generator().manual_seed(cols)) * 0.02
+    if hasattr(codec, "quantize_bytes"):
+        return np.asarray(codec.quantize_bytes(w))
+    return np.asarray(codec.pack(*codec.quantize(w)))
+
+
+def synthetic_file(work: Path, shape: str, mix: str, layers: int | None = None) -> Path:
+    """A GGUF of a real model's shapes in a mix, its matrices filled with 8 quantized random rows repeated (decode
+    speed does not depend on the values; no float model is written or quantized), through twinquant's writer (a
+    small BPE tokenizer padded to the vocabulary)."""
+    from twinquant.io.gguf_write import write_gguf
+    from twinquant.io.hf import spec_from_hf_config
+    from twinquant.io.tokenizer import Tokenizer
+    from twinquant.model import roles
+    from twinquant.model.model import Model, QuantizedWeight
+
+    out = work / f"{shape}-{layers or SHAPES[shape]['layers']}-{mix.replace(':', '_')}.gguf"
     if out.is_file():
         return out
-    src = write_model(work / f"{shape}-hf", **SHAPES[shape])
-    recipe = BUILTIN["default"].replace(method="rtn", mix="llama.cpp:Q2_K", rotation="none")
-    twinquant.quantize(str(src), out, recipe, Options(dtype=torch.float32, device=device, quiet=True,
-                                                      work_dir=str(work / "q.work")))
-    return out
+    tok_dir = work / f"tokenizer-{SHAPES[shape]['vocab']}"       # padded to the vocabulary by config.json
+    if not (tok_dir / "tokenizer.json").is_file():
+        from tests.tiny_models import save_tiny_tokenizer
+
+        tok_dir.mkdir(parents=True, exist_ok=True)
+        save_tiny_tokenizer(tok_dir, 512)
+        (tok_dir / "config.json").write_text(json.dumps({"vocab_size": SHAPES[shape]["vocab"]}))
+    spec = spec_from_hf_config(hf_config(shape, layers))
+    types = file_types(spec, mix)
+    model = Model(spec, tokenizer=Tokenizer.from_hf_dir(tok_dir))
+    for name in roles.all_tensor_names(spec):
+        shp = roles.expected_shape(spec, name)
+        if len(shp) == 1 or types[name] in ("F32", "F16", "BF16"):
+            model.tensors[name] = (torch.ones(shp) if name.endswith("norm.weight") else
+                                   torch.randn(shp, generator=torch.Generator().manual_seed(len(name))) * 0.02)
+            continue
+        rows = _packed_rows(types[name], shp[-1])
+        data = np.tile(rows, (-(-shp[0] // 8), 1))[: shp[0]]
+        model.quantized[name] = QuantizedWeight(gguf.GGMLQuantizationType[types[name]], data)
+    return write_gguf(model, out)
 
 
 def _sync(device: str) -> None:
@@ -96,8 +167,78 @@ def llama_bench(binary: str, path: Path, tokens: int) -> dict:
             "build_commit": r.get("build_commit"), "gpu": r.get("gpu_info")}
 
 
+def roofline_fit(a, work: Path) -> dict:
+    """Fixed costs and per-type efficiencies of llama.cpp CUDA decode on this GPU, then predicted against measured
+    decode of whole files (`--roofline`)."""
+    from twinquant.io.load import load_model
+    from twinquant.runtime import roofline as rf
+
+    gpu = torch.cuda.get_device_name(0)
+    bw = next((v for k, v in VENDOR_GBS.items() if k in gpu), None)
+    if bw is None:
+        raise SystemExit(f"decode_gpu: no vendor bandwidth for {gpu}")
+    rows = []
+
+    def measure(shape, layers, mix, kind):
+        path = synthetic_file(work, shape, mix, layers)
+        m = load_model(path, load_tokenizer=False)
+        tb = rf.file_token_bytes(m, rf.ANCHOR_CTX)           # tg128 from an empty context: mean context 64
+        ll = llama_bench(a.llama_bench, path, a.tokens)
+        row = {"kind": kind, "shape": shape, "blocks": tb.blocks, "mix": mix, "file_bytes": path.stat().st_size,
+               "bytes_per_token": tb.total, "weights_by_type": tb.weights, "kv_bytes": tb.kv, "llamacpp": ll,
+               "measured_s": 1 / ll["tokens_per_s"] if "tokens_per_s" in ll else None}
+        rows.append(row)
+        print(kind, shape, tb.blocks, mix, f"{tb.total / 1e6:.0f} MB", ll.get("tokens_per_s", ll), flush=True)
+        if shape != "tiny":
+            path.unlink()                                     # the disk holds one large file at a time
+        return row
+
+    fixed_rows = [measure(*f, "fixed") for f in FIXED]
+    (s0, n0), (s1, n1) = ((r["measured_s"], r["blocks"]) for r in fixed_rows)
+    per_block = (s1 - s0) / (n1 - n0)
+    per_token = s0 - n0 * per_block
+    eff = {}
+    for f in PURE:
+        r = measure(*f, "efficiency")
+        t = f[2][5:]
+        left = r["measured_s"] - per_token - r["blocks"] * per_block
+        eff[t] = r["weights_by_type"][t] / (bw * rf.GB * left)
+    eff["*"] = sorted(eff.values())[len(eff) // 2]
+    device = rf.Device(f"{gpu} (this run)", gpu, bw, eff, eff.get("F16", eff["*"]), "this run", per_token, per_block)
+    for f in WHOLE:
+        r = measure(*f, "validation")
+        tb = rf.TokenBytes(weights=r["weights_by_type"], kv=r["kv_bytes"], blocks=r["blocks"], ctx=rf.ANCHOR_CTX)
+        pred = rf.predict(tb, device)
+        r["predicted_s"] = 1 / pred.expected_tps
+        r["measured_over_predicted"] = r["measured_s"] / r["predicted_s"] if r["measured_s"] else None
+    return {"gpu": gpu, "bandwidth_gbs": bw, "per_token_s": per_token, "per_block_s": per_block,
+            "efficiency": eff, "rows": rows}
+
+
+def roofline_markdown(res: dict) -> str:
+    f = res["fit"]
+    lines = [f"# decode_gpu {res['tag']}: `twinquant roofline` on {f['gpu']}", "",
+             f"command: `{res['command']}`  ", f"commit: {res['commit']}  ", f"machine: {res['machine']}  ",
+             f"llama.cpp CUDA (llama-bench, tg{res['tokens']}, mean of 3), synthetic files of real shapes; "
+             f"bandwidth {f['bandwidth_gbs']:.0f} GB/s (vendor figure)", "",
+             f"Fixed costs (256-wide models of 4 and 28 blocks): {1e3 * f['per_token_s']:.3f} ms per token + "
+             f"{1e6 * f['per_block_s']:.1f} µs per block", "",
+             "| type | efficiency (fraction of the bandwidth) |", "|---|---|"]
+    lines += [f"| {t} | {e:.4f} |" for t, e in f["efficiency"].items()]
+    lines += ["", "| file | blocks | MB read / token | measured ms / token | predicted ms / token | measured ÷ predicted |",
+              "|---|---|---|---|---|---|"]
+    for r in f["rows"]:
+        if r["kind"] != "validation":
+            continue
+        ms = f"{1e3 * r['measured_s']:.3f}" if r["measured_s"] else "failed"
+        ratio = f"{r['measured_over_predicted']:.3f}" if r.get("measured_over_predicted") else "-"
+        lines.append(f"| {r['shape']} {r['mix']} | {r['blocks']} | {r['bytes_per_token'] / 1e6:.1f} | {ms} | "
+                     f"{1e3 * r['predicted_s']:.3f} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(res: dict) -> str:
-    lines = [f"# decode_gpu {res['tag']}", "", f"Random weights, llama.cpp Q2_K mix by RTN; {res['tokens']} tokens, batch 1; "
+    lines = [f"# decode_gpu {res['tag']}", "", f"Synthetic weights, llama.cpp Q2_K mix; {res['tokens']} tokens, batch 1; "
              "roofline: `twinquant roofline FILE --device h200`", "",
              "| shape | file MB | bpw | runtime | tokens/s | vs llama.cpp CUDA | measured / roofline expected |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -120,7 +261,7 @@ def one_shape(a, shape: str, work: Path) -> dict:
     from twinquant.runtime import roofline as rf
 
     t0 = time.perf_counter()
-    path = quantized_file(work, shape, a.device)
+    path = synthetic_file(work, shape, "llama.cpp:Q2_K")
     run = {"shape": shape, "file_bytes": path.stat().st_size, "prepare_seconds": round(time.perf_counter() - t0, 1)}
     m = load_model(path, load_tokenizer=False)
     run["file_bpw"] = 8 * sum(m.source.info(n).nbytes for n in m.tensor_names()) / rf.n_weights(m.spec)
@@ -142,6 +283,8 @@ def main() -> None:
     ap.add_argument("--shape", nargs="+", choices=sorted(SHAPES), default=["qwen2.5-1.5b"])
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--llama-bench")
+    ap.add_argument("--roofline", action="store_true", help="fit and check `twinquant roofline` for this GPU "
+                    "(llama.cpp only; needs --llama-bench)")
     ap.add_argument("--device", default="cuda", help="cuda; cpu only for a smoke run (TRITON_INTERPRET=1 "
                     "TWINQUANT_TRITON_CPU=1)")
     ap.add_argument("--work", default="/tmp/decode_gpu")
@@ -151,8 +294,16 @@ def main() -> None:
         raise SystemExit("decode_gpu: needs a CUDA GPU")
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    res = record(tag=a.tag, tokens=a.tokens, runs=[])
     stem = Path(a.out) / f"decode_gpu_{a.tag}"
+    if a.roofline:
+        if not a.llama_bench:
+            raise SystemExit("decode_gpu: --roofline needs --llama-bench")
+        res = record(tag=a.tag, tokens=a.tokens, fit=roofline_fit(a, work))
+        stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
+        stem.with_suffix(".md").write_text(roofline_markdown(res))
+        print(roofline_markdown(res))
+        return
+    res = record(tag=a.tag, tokens=a.tokens, runs=[])
     for shape in a.shape:
         res["runs"].append(one_shape(a, shape, work))
         stem.with_suffix(".json").write_text(json.dumps(res, indent=1))

@@ -26,7 +26,7 @@ from provenance import record  # noqa: E402
 
 WIDTHS = (4096, 8192, 5120, 14336, 27648, 1536, 8960)
 WARPS = (4, 8)
-GRIDS = ((0, 1), (2, 1), (2, 2), (4, 1), (4, 2))      # (programs per SM, 0: one per tile; pipelining stages)
+GRIDS = ((0, 1), (2, 2), (4, 2), (8, 2))      # (programs per SM, 0: one per tile; pipelining stages)
 MAX_TILE = 16384                                       # weights per tile (bf16: 32 KB)
 
 
@@ -45,12 +45,12 @@ def main(argv=None) -> int:
     ap.add_argument("--tag", required=True)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
-    from kernel_speed import bench, copy_bandwidth
+    from kernel_speed import bench, copy_bandwidth, fht_peer
 
     from twinquant.transforms.hadamard import _kernel_factors, fwht, hadamard_plan, kernel_config, launch_fwht
 
     copy = copy_bandwidth()
-    rows = []
+    rows, peer_rows = [], {}
     for n in args.widths:
         plan = hadamard_plan(n)
         factors = _kernel_factors(plan, False, torch.bfloat16, "cuda:0")
@@ -70,8 +70,16 @@ def main(argv=None) -> int:
                          "gbs": round(gbs), "pct_copy": round(100 * gbs / copy, 1), "rel_err": err,
                          "runtime_choice": cfg == default})
             print(json.dumps(rows[-1]), file=sys.stderr)
+        peer, version = fht_peer()               # built in the background by the device script: import it late
+        f = peer(n) if peer else None
+        if f is not None:
+            t = bench(lambda: f(x))
+            peer_rows[n] = {"version": version, "us": round(t * 1e6, 1),
+                            "pct_copy": round(100 * 2 * x.numel() * x.element_size() / t / 1e9 / copy, 1)}
+            print(json.dumps({"n": n, "fast_hadamard_transform": peer_rows[n]}), file=sys.stderr)
+        del x, y
     res = record(benchmark="hadamard_warps", tag=args.tag, rows_per_call=args.rows, dtype="bfloat16",
-                 copy_gbs=round(copy), results=rows)
+                 copy_gbs=round(copy), results=rows, fast_hadamard_transform=peer_rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"hadamard_warps_{args.tag}.json").write_text(json.dumps(res, indent=1) + "\n")
@@ -81,7 +89,8 @@ def main(argv=None) -> int:
              "flushed; relative error against the float32 transform of the same bf16 rows. A launch: rows per tile, "
              "warps, programs per SM (0: one per tile), software-pipelining stages", "",
              "| n | tile (A, C, D) | best launch | best % copy | runtime's launch | its % copy | worst % copy | "
-             "max rel. error |", "|---|---|---|---|---|---|---|---|"]
+             "max rel. error | fast-hadamard-transform % copy | runtime's launch / fht speed |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for n in args.widths:
         rs = [r for r in rows if r["n"] == n]
         best = max(rs, key=lambda r: r["pct_copy"])
@@ -91,7 +100,9 @@ def main(argv=None) -> int:
             return f"{r['rows']} r, {r['warps']} w, {r['per_sm']}/SM, {r['stages']} st"
         lines.append(f"| {n} | {tuple(rs[0]['tile'])} | {name(best)} | {best['pct_copy']}% | "
                      f"{name(mine) if mine else 'not swept'} | {mine['pct_copy'] if mine else '-'}% | "
-                     f"{min(r['pct_copy'] for r in rs)}% | {max(r['rel_err'] for r in rs):.1e} |")
+                     f"{min(r['pct_copy'] for r in rs)}% | {max(r['rel_err'] for r in rs):.1e} | "
+                     + (f"{peer_rows[n]['pct_copy']}% | {peer_rows[n]['us'] / mine['us']:.2f}x |"
+                        if n in peer_rows and mine else "- | - |"))
     (out / f"hadamard_warps_{args.tag}.md").write_text("\n".join(lines) + "\n")
     import matplotlib
 

@@ -38,6 +38,8 @@ class Device:
     efficiency: dict[str, float]     # GGML type -> fraction of bandwidth reached in decode; "*" for the others
     kv_efficiency: float
     source: str
+    per_token: float = 0.0           # seconds a token costs besides its bytes (launches, synchronisation) …
+    per_block: float = 0.0           # … and per executed block (its kernels' fixed latencies); GPUs only
 
     def eff(self, ggml_type: str) -> float:
         return self.efficiency.get(ggml_type, self.efficiency["*"])
@@ -107,6 +109,7 @@ class TokenBytes:
     stored: int = 0                                           # weight bytes in the file (each tensor once)
     repeated: int = 0                                         # of `weights`: the extra passes of duplicated blocks
     ctx: int = 0
+    blocks: int = 0                                           # block executions per token
 
     @property
     def total(self) -> int:
@@ -147,6 +150,7 @@ def token_bytes(spec, layout, info, ctx: int) -> TokenBytes:
                 share = spec.n_experts_used / spec.n_experts if roles.is_expert_stack(name) else 1.0
                 add(name, share, repeat)
             tb.kv += kv_per_position * ctx
+            tb.blocks += 1
     return tb
 
 
@@ -214,11 +218,13 @@ class Prediction:
         out.sort(key=lambda r: -r[1])
         if self.tb.kv:
             out.append(("KV cache (F16)", self.tb.kv / 1e6, self.device.kv_efficiency, 1e3 * self.seconds["KV"]))
+        if "fixed" in self.seconds:
+            out.append((f"fixed costs ({self.tb.blocks} blocks)", 0.0, math.nan, 1e3 * self.seconds["fixed"]))
         return out
 
     def to_dict(self) -> dict:
         return {"device": self.device.name, "description": self.device.description, "source": self.device.source,
-                "bandwidth_gbs": self.bandwidth, "ctx": self.tb.ctx, "bytes_per_token": self.tb.total,
+                "bandwidth_gbs": self.bandwidth, "ctx": self.tb.ctx, "blocks": self.tb.blocks, "bytes_per_token": self.tb.total,
                 "weights_by_type": self.tb.weights, "kv_bytes": self.tb.kv, "stored_weight_bytes": self.tb.stored,
                 "repeated_bytes": self.tb.repeated, "bound_tps": self.bound_tps, "expected_tps": self.expected_tps,
                 "ms_by_type": {k: 1e3 * v for k, v in self.seconds.items()}}
@@ -237,6 +243,8 @@ def predict(tb: TokenBytes, device: str | Device, bandwidth: float | None = None
     sec = {t: b / (bw * GB * device.eff(t)) for t, b in tb.weights.items()}
     if tb.kv:
         sec["KV"] = tb.kv / (bw * GB * device.kv_efficiency)
+    if device.per_token or device.per_block:
+        sec["fixed"] = device.per_token + tb.blocks * device.per_block
     return Prediction(device, bw, tb, sec)
 
 
@@ -290,7 +298,7 @@ def format_report(what: str, tb: TokenBytes, n_params: int, predictions: list[Pr
              + (f" (of which {tb.repeated / 1e9:.3f} GB re-read by duplicated blocks)" if tb.repeated else ""), "",
              f"| read per token | MB | efficiency on {first.device.name} | ms on {first.device.name} |",
              "|---|---|---|---|"]
-    lines += [f"| {t} | {mb:.1f} | {e:.2f} | {ms:.2f} |" for t, mb, e, ms in first.rows()]
+    lines += [f"| {t} | {mb:.1f} | {'-' if math.isnan(e) else f'{e:.2f}'} | {ms:.2f} |" for t, mb, e, ms in first.rows()]
     lines += ["", "| device | bandwidth GB/s | bandwidth-bound tokens/s | expected tokens/s | figures from |",
               "|---|---|---|---|---|"]
     lines += [f"| {p.device.description} | {p.bandwidth:.1f} | {p.bound_tps:.1f} | {p.expected_tps:.1f} | "
