@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import math
 import sys
@@ -70,7 +71,8 @@ def main(argv=None) -> int:
                          "gbs": round(gbs), "pct_copy": round(100 * gbs / copy, 1), "rel_err": err,
                          "runtime_choice": cfg == default})
             print(json.dumps(rows[-1]), file=sys.stderr)
-        peer, version = fht_peer()               # built in the background by the device script: import it late
+        importlib.invalidate_caches()            # the peer may be built in the background meanwhile: look again
+        peer, version = fht_peer()
         f = peer(n) if peer else None
         if f is not None:
             t = bench(lambda: f(x))
