@@ -109,6 +109,7 @@ def test_duplicates_and_experts():
     assert twice.repeated == per_block and twice.stored == plain.stored
     assert sum(twice.weights.values()) - sum(plain.weights.values()) == per_block
     assert twice.kv == plain.kv * (spec.n_layers + 1) // spec.n_layers
+    assert (plain.blocks, twice.blocks) == (spec.n_layers, spec.n_layers + 1)
     moe = dataclasses.replace(spec, n_experts=8, n_experts_used=2, expert_ffn=64)
     tb = rf.token_bytes(moe, Layout.sequential(moe.n_layers), lambda n: ("Q2_K", 800), ctx=0)
     stacks = [n for n in roles.block_tensor_names(moe, 0) if roles.is_expert_stack(n)]
@@ -126,6 +127,12 @@ def test_predict_and_errors():
     half = rf.predict(tb, dataclasses.replace(dev, efficiency={"*": 1.0, "IQ2_XS": 0.5}))
     assert 1 / half.expected_tps == pytest.approx(5.1e9 / 100e9 + 1e9 / 100e9)
     assert rf.predict(tb, dev, bandwidth=200.0).bound_tps == pytest.approx(2 * p.bound_tps)
+    # a GPU's fixed costs: per token, and per executed block (a duplicated block pays twice)
+    gpu = dataclasses.replace(dev, per_token=1e-3, per_block=2e-5)
+    fixed = rf.predict(dataclasses.replace(tb, blocks=30), gpu)
+    assert 1 / fixed.expected_tps == pytest.approx(1 / p.expected_tps + 1e-3 + 30 * 2e-5)
+    assert fixed.bound_tps == pytest.approx(p.bound_tps)            # the bound stays the bytes' alone
+    assert fixed.rows()[-1][0] == "fixed costs (30 blocks)"
     with pytest.raises(TwinquantError, match="unknown device"):
         rf.predict(tb, "m9-ultra")
     with pytest.raises(TwinquantError, match="context"):
