@@ -3,6 +3,7 @@ kept for the next attempt; none of these variants is in the package).
 
     python benchmarks/gemv_q2k_variants.py --set A     # bytes, 1 + c/4 mantissa codes, tensor-core sums (f16, bf16)
     python benchmarks/gemv_q2k_variants.py --set B     # bytes, U super-blocks per iteration, int32 word loads
+    python benchmarks/gemv_q2k_variants.py --set C     # int32 word-load ceiling; int8 x with one lane per sub-block
 
 Each variant's best rows per program / warps / split on the Qwen2.5-32B shapes, with its error against float64.
 What one H100 showed (benchmarks/results/gemv_q2k_variants_s12.md): no variant beats the byte-order kernel by more
@@ -23,7 +24,9 @@ import triton.language as tl
 
 sys.path.insert(0, os.getcwd())
 from twinquant.formats.ggml.packed import PackedWeight, dequantize, random_blocks  # noqa: E402
-from twinquant.formats.ggml.triton_kquants import _f16, _u8, _store_rows, gemv_q2k_kernel  # noqa: E402
+from twinquant.formats.ggml.packed import gemv_q8, quantize_q8  # noqa: E402
+from twinquant.formats.ggml.triton_kquants import _dot4, _f16, _u8, _store_rows, gemv_q2k_kernel  # noqa: E402
+from twinquant.triton_env import interpreted  # noqa: E402
 
 
 @triton.jit
@@ -164,6 +167,61 @@ def v5_words_loads(w_ptr, x_ptr, y_ptr, R, NB, row_bytes, stride_xm, stride_ym, 
     _store_rows(y_ptr + m * stride_ym, rows, tl.sum(acc, axis=1), R, SPLIT)
 
 
+@triton.jit
+def c0_load_words(w_ptr, y_ptr, R, NB, row_words, BR: tl.constexpr, SPLIT: tl.constexpr, STAGES: tl.constexpr):
+    """The ceiling of the layout: every int32 word of BR rows' super-blocks loaded (21 of 32 lanes) and xor-ed."""
+    pid = tl.program_id(0)
+    part = tl.program_id(2)
+    rows = pid * BR + tl.arange(0, BR)
+    k = tl.arange(0, 32)[None, :]
+    ok = (rows < R)[:, None] & (k < 21)
+    base = w_ptr + rows.to(tl.int64)[:, None] * row_words + k
+    acc = tl.zeros((BR, 32), dtype=tl.int32)
+    for b in tl.range(part, NB, SPLIT, num_stages=STAGES):
+        acc ^= tl.load(base + b * 21, mask=ok, other=0)
+    tl.atomic_xor(y_ptr + rows, tl.reduce(acc, 1, _xor), mask=rows < R)
+
+
+@triton.jit
+def _xor(a, b):
+    return a ^ b
+
+
+@triton.jit
+def c1_q8_subblocks(w_ptr, wb_ptr, xq_ptr, xd_ptr, xs_ptr, y_ptr, R, NB, row_words, BR: tl.constexpr,
+                    SPLIT: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr):
+    """Q2_K × int8 x with one lane per sub-block: sub-block s (16 weights) of a super-block is code words
+    k = 8·(s // 8) + 4·(s % 2) + r (r = 0..3) shifted by 2·j, j = (s % 8) // 2; its x words 32·(s // 8) + 8·j +
+    4·(s % 2) + r, its x scale 4·(s // 8) + j. Four chained dp4a per lane and super-block, the scale and min applied
+    per lane in float, one reduction per program at the end."""
+    from_pid = tl.program_id(0)
+    part = tl.program_id(2)
+    rows = from_pid * BR + tl.arange(0, BR)
+    ok = (rows < R)[:, None]
+    s = tl.arange(0, 16)[None, :]
+    j = (s % 8) // 2
+    kw = 8 * (s // 8) + 4 * (s % 2)
+    xw0 = 32 * (s // 8) + 8 * j + 4 * (s % 2)
+    xdi = 4 * (s // 8) + j
+    rw = w_ptr + rows.to(tl.int64)[:, None] * row_words
+    rb = wb_ptr + rows.to(tl.int64)[:, None] * (row_words * 4)
+    acc = tl.zeros((BR, 16), dtype=tl.float32)
+    for b in tl.range(part, NB, SPLIT, num_stages=STAGES):
+        blk = rw + b * 21
+        isum = tl.zeros((BR, 16), dtype=tl.int32)
+        for r in tl.static_range(4):
+            c = (tl.load(blk + 4 + kw + r, mask=ok, other=0) >> (2 * j)) & 0x03030303
+            isum = _dot4(c, tl.load(xq_ptr + b * 64 + xw0 + r), isum, ASM)
+        sc = tl.load(rb + b * 84 + s, mask=ok, other=0).to(tl.int32)
+        dd = tl.load(blk + 20, mask=ok, other=0)
+        d = (dd & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        dmin = ((dd >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        xd = tl.load(xd_ptr + b * 8 + xdi)
+        xs = tl.load(xs_ptr + b * 16 + s)
+        acc += d * ((sc & 0xF) * isum).to(tl.float32) * xd - dmin * (sc >> 4).to(tl.float32) * xs
+    _store_rows(y_ptr, rows, tl.sum(acc, axis=1), R, SPLIT)
+
+
 def bench(fn):
     import triton.testing
     return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median") / 1e3
@@ -182,8 +240,10 @@ def run(kernel, w, x, y, br, warps, split, **kw):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--set", choices=["A", "B"], default="A")
+    ap.add_argument("--set", choices=["A", "B", "C"], default="A")
     which = ap.parse_args().set
+    if which == "C":
+        return set_c()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     shapes = [(27648, 5120), (5120, 27648), (5120, 5120), (4096, 14336)] if dev == "cuda" else [(40, 512)]
     if dev == "cuda":
@@ -224,6 +284,67 @@ def main():
                 pct = 100 * nbytes / t / 1e9 / copy if dev == "cuda" else 0
                 print(f"{name:9s} {rows}x{cols}: {t * 1e6:7.1f} us  {pct:5.1f}% of copy  br{br} w{warps} s{split} "
                       f"err {err:.1e}", flush=True)
+
+
+def set_c():
+    """Set C: the word-load ceiling of the GGUF layout, the shipped int8 kernel (`packed.gemv_q8`) and a
+    one-lane-per-sub-block int8 kernel, each at its best rows / warps / split / stages; times include x's
+    quantization for the int8 kernels (`quantize_q8`, one launch)."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    shapes = [(27648, 5120), (5120, 27648), (5120, 5120), (4096, 14336)] if dev == "cuda" else [(40, 512)]
+    copy = 1.0
+    if dev == "cuda":
+        x0 = torch.empty(2**30, dtype=torch.bfloat16, device=dev).normal_()
+        x1 = torch.empty_like(x0)
+        copy = 2 * x0.numel() * 2 / bench(lambda: x1.copy_(x0)) / 1e9
+        del x0, x1
+        print(f"copy {copy:.0f} GB/s")
+    asm = dev == "cuda" and not interpreted()
+    grid_c = [(br, wp, sp, st) for br in (16, 32, 64) for wp in (2, 4) for sp in (1, 2, 4)
+              for st in (1, 3)] if dev == "cuda" else [(8, 4, 2, 1)]
+    for rows, cols in shapes:
+        w = PackedWeight.from_bytes("Q2_K", random_blocks("Q2_K", rows, cols), cols, dev)
+        want = torch.randn(1, cols, device=dev)
+        x = want
+        ref = x.double() @ dequantize(w).double().T
+        nb = cols // 256
+        words = w.data.view(torch.int32)
+        nbytes = w.data.numel() + cols * 4 + rows * 4
+        y = torch.zeros(1, rows, device=dev)
+        yi = torch.zeros(rows, dtype=torch.int32, device=dev)
+
+        def c0(br, wp, sp, st):
+            c0_load_words[(triton.cdiv(rows, br), 1, sp)](words, yi, rows, nb, words.shape[1], BR=br, SPLIT=sp,
+                                                          STAGES=st, num_warps=wp)
+            return None
+
+        def c1(br, wp, sp, st):
+            xq, xd, xs = quantize_q8(x)
+            y.zero_()
+            c1_q8_subblocks[(triton.cdiv(rows, br), 1, sp)](words, w.data, xq, xd, xs, y, rows, nb, words.shape[1],
+                                                           BR=br, SPLIT=sp, STAGES=st, ASM=asm, num_warps=wp)
+            return y
+
+        res = {"shipped gemv_q8": (bench(lambda: gemv_q8(x, w)) if dev == "cuda" else 0.0, "defaults",
+                                   ((gemv_q8(x, w).double() - ref).abs().max() / ref.abs().max()).item())}
+        for name, fn in (("load words", c0), ("q8 sub-blocks", c1)):
+            best = None
+            for cfg in grid_c:
+                try:
+                    got = fn(*cfg)
+                    err = ((got.double() - ref).abs().max() / ref.abs().max()).item() if got is not None else 0.0
+                    t = bench(lambda: fn(*cfg)) if dev == "cuda" else 0.0
+                except Exception as e:
+                    print(f"{name} {rows}x{cols} {cfg}: FAILED {str(e).splitlines()[0][:200]}")
+                    continue
+                if best is None or t < best[0]:
+                    best = (t, cfg, err)
+            if best:
+                res[name] = best
+        for name, (t, cfg, err) in res.items():
+            pct = 100 * nbytes / t / 1e9 / copy if t else 0.0
+            print(f"{name:15s} {rows}x{cols}: {t * 1e6:7.1f} us  {pct:5.1f}% of copy  (br, warps, split, stages) "
+                  f"{cfg}  err {err:.1e}", flush=True)
 
 
 if __name__ == "__main__":
