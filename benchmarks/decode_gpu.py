@@ -21,6 +21,7 @@ files in llama-quantize's mixes predicted with those figures and measured.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import subprocess
@@ -44,11 +45,13 @@ SHAPES = {"qwen2.5-1.5b": dict(layers=28, hidden=1536, ffn=8960, heads=12, kv_he
           "tiny": dict(layers=2, hidden=256, ffn=512, heads=4, kv_heads=2, vocab=1024)}     # a smoke run
 # GPU bandwidths the roofline divides by: the vendors' figures (H100 SXM5 80 GB HBM3, H200 141 GB HBM3e)
 VENDOR_GBS = {"H100": 3350.0, "H200": 4800.0}
-# `--roofline`: fixed costs from 256-wide models of 4 and 28 blocks (their bytes are negligible); each K-quant's
-# efficiency from a Qwen2.5-7B-shaped file of 8 blocks in that type alone; then whole files in llama-quantize's
-# mixes, predicted with those figures and measured
+# `--roofline`: fixed costs from 256-wide models of 4 and 28 blocks (their bytes are negligible); each type's
+# efficiency from files of that type alone with the 1.5B, 7B and 32B widths (8, 8 and 4 blocks); then whole files
+# in llama-quantize's mixes, predicted with those figures and measured
 FIXED = [("tiny", 4, "pure:Q4_K"), ("tiny", 28, "pure:Q4_K")]
-PURE = [("qwen2.5-7b", 8, f"pure:{t}") for t in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")]
+PURE_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
+PURE = [(shape, n, f"pure:{t}") for shape, n in (("qwen2.5-1.5b", 8), ("qwen2.5-7b", 8), ("qwen2.5-32b", 4))
+        for t in PURE_TYPES]
 WHOLE = ([("qwen2.5-1.5b", None, f"llama.cpp:{m}") for m in ("Q2_K", "Q3_K_M", "Q4_K_M")]
          + [("qwen2.5-7b", None, f"llama.cpp:{m}") for m in ("Q2_K", "Q3_K_M", "Q4_K_M")]
          + [("qwen2.5-32b", None, "llama.cpp:Q2_K")])
@@ -167,9 +170,9 @@ def llama_bench(binary: str, path: Path, tokens: int) -> dict:
             "build_commit": r.get("build_commit"), "gpu": r.get("gpu_info")}
 
 
-def roofline_fit(a, work: Path) -> dict:
-    """Fixed costs and per-type efficiencies of llama.cpp CUDA decode on this GPU, then predicted against measured
-    decode of whole files (`--roofline`)."""
+def roofline_measure(a, work: Path) -> dict:
+    """llama.cpp CUDA decode of the FIXED, PURE and WHOLE files on this GPU: bytes each reads per token by type,
+    its blocks and width, the measured seconds per token (`--roofline`; `roofline_fit` turns them into figures)."""
     from twinquant.io.load import load_model
     from twinquant.runtime import roofline as rf
 
@@ -178,62 +181,85 @@ def roofline_fit(a, work: Path) -> dict:
     if bw is None:
         raise SystemExit(f"decode_gpu: no vendor bandwidth for {gpu}")
     rows = []
+    for group, files in (("fixed", FIXED), ("efficiency", PURE), ("validation", WHOLE)):
+        for shape, layers, mix in files:
+            path = synthetic_file(work, shape, mix, layers)
+            m = load_model(path, load_tokenizer=False)
+            tb = rf.file_token_bytes(m, rf.ANCHOR_CTX)           # tg128 from an empty context: mean context 64
+            ll = llama_bench(a.llama_bench, path, a.tokens)
+            rows.append({"kind": group, "shape": shape, "blocks": tb.blocks, "hidden": tb.hidden, "mix": mix,
+                         "file_bytes": path.stat().st_size, "bytes_per_token": tb.total,
+                         "weights_by_type": tb.weights, "kv_bytes": tb.kv, "llamacpp": ll,
+                         "measured_s": 1 / ll["tokens_per_s"] if "tokens_per_s" in ll else None})
+            print(group, shape, tb.blocks, mix, f"{tb.total / 1e6:.0f} MB", ll.get("tokens_per_s", ll), flush=True)
+            if shape != "tiny":
+                path.unlink()                                     # the disk holds one large file at a time
+    return {"gpu": gpu, "bandwidth_gbs": bw, "rows": rows}
 
-    def measure(shape, layers, mix, kind):
-        path = synthetic_file(work, shape, mix, layers)
-        m = load_model(path, load_tokenizer=False)
-        tb = rf.file_token_bytes(m, rf.ANCHOR_CTX)           # tg128 from an empty context: mean context 64
-        ll = llama_bench(a.llama_bench, path, a.tokens)
-        row = {"kind": kind, "shape": shape, "blocks": tb.blocks, "mix": mix, "file_bytes": path.stat().st_size,
-               "bytes_per_token": tb.total, "weights_by_type": tb.weights, "kv_bytes": tb.kv, "llamacpp": ll,
-               "measured_s": 1 / ll["tokens_per_s"] if "tokens_per_s" in ll else None}
-        rows.append(row)
-        print(kind, shape, tb.blocks, mix, f"{tb.total / 1e6:.0f} MB", ll.get("tokens_per_s", ll), flush=True)
-        if shape != "tiny":
-            path.unlink()                                     # the disk holds one large file at a time
-        return row
 
-    fixed_rows = [measure(*f, "fixed") for f in FIXED]
-    (s0, n0), (s1, n1) = ((r["measured_s"], r["blocks"]) for r in fixed_rows)
+def roofline_fit(meas: dict) -> dict:
+    """Fixed costs (the two tiny files: per token + per block), each type's efficiency per width (its pure files:
+    bytes / (bandwidth × (time − fixed costs))), then every validation file predicted two ways: with the 7B width's
+    efficiencies for every model (`flat`) and interpolated by the model's width (`by_hidden`)."""
+    from twinquant.runtime import roofline as rf
+
+    bw, rows = meas["bandwidth_gbs"], meas["rows"]
+    (s0, n0), (s1, n1) = ((r["measured_s"], r["blocks"]) for r in rows if r["kind"] == "fixed")
     per_block = (s1 - s0) / (n1 - n0)
     per_token = s0 - n0 * per_block
-    eff = {}
-    for f in PURE:
-        r = measure(*f, "efficiency")
-        t = f[2][5:]
-        left = r["measured_s"] - per_token - r["blocks"] * per_block
-        eff[t] = r["weights_by_type"][t] / (bw * rf.GB * left)
-    eff["*"] = sorted(eff.values())[len(eff) // 2]
-    device = rf.Device(f"{gpu} (this run)", gpu, bw, eff, eff.get("F16", eff["*"]), "this run", per_token, per_block)
-    for f in WHOLE:
-        r = measure(*f, "validation")
-        tb = rf.TokenBytes(weights=r["weights_by_type"], kv=r["kv_bytes"], blocks=r["blocks"], ctx=rf.ANCHOR_CTX)
-        pred = rf.predict(tb, device)
-        r["predicted_s"] = 1 / pred.expected_tps
-        r["measured_over_predicted"] = r["measured_s"] / r["predicted_s"] if r["measured_s"] else None
-    return {"gpu": gpu, "bandwidth_gbs": bw, "per_token_s": per_token, "per_block_s": per_block,
-            "efficiency": eff, "rows": rows}
+    by_hidden: dict[str, list] = {}
+    for r in rows:
+        if r["kind"] == "efficiency" and r["measured_s"]:
+            t = r["mix"][5:]
+            left = r["measured_s"] - per_token - r["blocks"] * per_block
+            by_hidden.setdefault(t, []).append((r["hidden"], r["weights_by_type"][t] / (bw * rf.GB * left)))
+    by_hidden = {t: tuple(sorted(v)) for t, v in by_hidden.items()}
+    flat = {t: dict(v)[3584] for t, v in by_hidden.items() if 3584 in dict(v)}
+    flat["*"] = sorted(flat.values())[len(flat) // 2]
+    dev = rf.Device("this-gpu", meas["gpu"], bw, flat, flat["*"], "this run", per_token, per_block)
+    devs = {"flat": dev, "by_hidden": dataclasses.replace(dev, by_hidden=by_hidden)}
+    checks = []
+    for r in rows:
+        if r["kind"] != "validation":
+            continue
+        tb = rf.TokenBytes(weights=r["weights_by_type"], kv=r["kv_bytes"], blocks=r["blocks"], ctx=rf.ANCHOR_CTX,
+                           hidden=r["hidden"])
+        c = {"shape": r["shape"], "mix": r["mix"], "blocks": r["blocks"], "bytes_per_token": r["bytes_per_token"],
+             "measured_s": r["measured_s"]}
+        for k, d in devs.items():
+            c[f"predicted_s_{k}"] = 1 / rf.predict(tb, d).expected_tps
+            c[f"measured_over_predicted_{k}"] = r["measured_s"] / c[f"predicted_s_{k}"] if r["measured_s"] else None
+        checks.append(c)
+    return {"per_token_s": per_token, "per_block_s": per_block, "efficiency": flat,
+            "efficiency_by_hidden": {t: [list(p) for p in v] for t, v in by_hidden.items()}, "checks": checks}
 
 
 def roofline_markdown(res: dict) -> str:
-    f = res["fit"]
-    lines = [f"# decode_gpu {res['tag']}: `twinquant roofline` on {f['gpu']}", "",
+    meas, f = res["measurements"], res["fit"]
+    widths = sorted({h for v in f["efficiency_by_hidden"].values() for h, _ in v})
+    lines = [f"# decode_gpu {res['tag']}: `twinquant roofline` on {meas['gpu']}", "",
              f"command: `{res['command']}`  ", f"commit: {res['commit']}  ", f"machine: {res['machine']}  ",
              f"llama.cpp CUDA (llama-bench, tg{res['tokens']}, mean of 3), synthetic files of real shapes; "
-             f"bandwidth {f['bandwidth_gbs']:.0f} GB/s (vendor figure)", "",
+             f"bandwidth {meas['bandwidth_gbs']:.0f} GB/s (vendor figure)", "",
              f"Fixed costs (256-wide models of 4 and 28 blocks): {1e3 * f['per_token_s']:.3f} ms per token + "
              f"{1e6 * f['per_block_s']:.1f} µs per block", "",
-             "| type | efficiency (fraction of the bandwidth) |", "|---|---|"]
-    lines += [f"| {t} | {e:.4f} |" for t, e in f["efficiency"].items()]
-    lines += ["", "| file | blocks | MB read / token | measured ms / token | predicted ms / token | measured ÷ predicted |",
-              "|---|---|---|---|---|---|"]
-    for r in f["rows"]:
-        if r["kind"] != "validation":
-            continue
-        ms = f"{1e3 * r['measured_s']:.3f}" if r["measured_s"] else "failed"
-        ratio = f"{r['measured_over_predicted']:.3f}" if r.get("measured_over_predicted") else "-"
-        lines.append(f"| {r['shape']} {r['mix']} | {r['blocks']} | {r['bytes_per_token'] / 1e6:.1f} | {ms} | "
-                     f"{1e3 * r['predicted_s']:.3f} | {ratio} |")
+             "Efficiency (fraction of the bandwidth) of each type, from files of that type alone, by model width:", "",
+             "| type | " + " | ".join(f"hidden {h}" for h in widths) + " |", "|---|" + "---|" * len(widths)]
+    for t, v in f["efficiency_by_hidden"].items():
+        e = dict(v)
+        lines.append(f"| {t} | " + " | ".join(f"{e[h]:.4f}" if h in e else "-" for h in widths) + " |")
+    lines += ["", "Whole files: predicted with the 7B width's efficiencies for every model (flat) and interpolated by "
+              "the model's width (by width)", "",
+              "| file | blocks | MB read / token | measured ms / token | predicted, flat | measured ÷ predicted, flat "
+              "| predicted, by width | measured ÷ predicted, by width |", "|---|---|---|---|---|---|---|---|"]
+    for c in f["checks"]:
+        ms = f"{1e3 * c['measured_s']:.3f}" if c["measured_s"] else "failed"
+        cells = []
+        for k in ("flat", "by_hidden"):
+            ratio = c[f"measured_over_predicted_{k}"]
+            cells += [f"{1e3 * c[f'predicted_s_{k}']:.3f}", f"{ratio:.3f}" if ratio else "-"]
+        lines.append(f"| {c['shape']} {c['mix']} | {c['blocks']} | {c['bytes_per_token'] / 1e6:.1f} | {ms} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -285,20 +311,30 @@ def main() -> None:
     ap.add_argument("--llama-bench")
     ap.add_argument("--roofline", action="store_true", help="fit and check `twinquant roofline` for this GPU "
                     "(llama.cpp only; needs --llama-bench)")
+    ap.add_argument("--refit", metavar="JSON", help="recompute the fit of a --roofline run's results file in place")
     ap.add_argument("--device", default="cuda", help="cuda; cpu only for a smoke run (TRITON_INTERPRET=1 "
                     "TWINQUANT_TRITON_CPU=1)")
     ap.add_argument("--work", default="/tmp/decode_gpu")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     a = ap.parse_args()
-    if a.device.startswith("cuda") and not torch.cuda.is_available():
+    if a.device.startswith("cuda") and not torch.cuda.is_available() and not a.refit:
         raise SystemExit("decode_gpu: needs a CUDA GPU")
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     stem = Path(a.out) / f"decode_gpu_{a.tag}"
+    if a.refit:                   # the fit again from a run's measurements (no GPU needed)
+        res = json.loads(Path(a.refit).read_text())
+        res["fit"] = roofline_fit(res["measurements"])
+        stem = Path(a.refit).with_suffix("")
+        stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
+        stem.with_suffix(".md").write_text(roofline_markdown(res))
+        print(roofline_markdown(res))
+        return
     if a.roofline:
         if not a.llama_bench:
             raise SystemExit("decode_gpu: --roofline needs --llama-bench")
-        res = record(tag=a.tag, tokens=a.tokens, fit=roofline_fit(a, work))
+        meas = roofline_measure(a, work)
+        res = record(tag=a.tag, tokens=a.tokens, measurements=meas, fit=roofline_fit(meas))
         stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
         stem.with_suffix(".md").write_text(roofline_markdown(res))
         print(roofline_markdown(res))

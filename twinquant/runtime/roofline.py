@@ -40,8 +40,20 @@ class Device:
     source: str
     per_token: float = 0.0           # seconds a token costs besides its bytes (launches, synchronisation) …
     per_block: float = 0.0           # … and per executed block (its kernels' fixed latencies); GPUs only
+    # GGML type -> ((hidden size, efficiency), …) ascending: measured at several model widths (a GPU's GEMV
+    # reaches less of the bandwidth on narrow matrices); interpolated in log(hidden), held at the ends
+    by_hidden: dict = field(default_factory=dict)
 
-    def eff(self, ggml_type: str) -> float:
+    def eff(self, ggml_type: str, hidden: int = 0) -> float:
+        pts = self.by_hidden.get(ggml_type)
+        if pts and hidden:
+            if hidden <= pts[0][0]:
+                return pts[0][1]
+            for (h0, e0), (h1, e1) in zip(pts, pts[1:]):
+                if hidden <= h1:
+                    f = math.log(hidden / h0) / math.log(h1 / h0)
+                    return e0 + f * (e1 - e0)
+            return pts[-1][1]
         return self.efficiency.get(ggml_type, self.efficiency["*"])
 
 
@@ -110,6 +122,7 @@ class TokenBytes:
     repeated: int = 0                                         # of `weights`: the extra passes of duplicated blocks
     ctx: int = 0
     blocks: int = 0                                           # block executions per token
+    hidden: int = 0                                           # the model's width (for Device.by_hidden)
 
     @property
     def total(self) -> int:
@@ -121,7 +134,7 @@ def token_bytes(spec, layout, info, ctx: int) -> TokenBytes:
     name, bytes of that tensor in the file)."""
     if ctx < 0:
         raise TwinquantError(f"roofline: the context must be 0 or more, got {ctx}")
-    tb = TokenBytes(ctx=ctx)
+    tb = TokenBytes(ctx=ctx, hidden=spec.hidden)
 
     def add(name: str, fraction: float = 1.0, repeat: bool = False) -> None:
         t, n = info(name)
@@ -214,7 +227,8 @@ class Prediction:
 
     def rows(self) -> list[tuple[str, float, float, float]]:
         """(type, MB read per token, efficiency, ms per token), largest first."""
-        out = [(t, b / 1e6, self.device.eff(t), 1e3 * self.seconds[t]) for t, b in self.tb.weights.items()]
+        out = [(t, b / 1e6, self.device.eff(t, self.tb.hidden), 1e3 * self.seconds[t])
+               for t, b in self.tb.weights.items()]
         out.sort(key=lambda r: -r[1])
         if self.tb.kv:
             out.append(("KV cache (F16)", self.tb.kv / 1e6, self.device.kv_efficiency, 1e3 * self.seconds["KV"]))
@@ -240,7 +254,7 @@ def predict(tb: TokenBytes, device: str | Device, bandwidth: float | None = None
     bw = bandwidth or device.bandwidth or copy_bandwidth()
     if not bw > 0:
         raise TwinquantError(f"roofline: the bandwidth must be positive, got {bw}")
-    sec = {t: b / (bw * GB * device.eff(t)) for t, b in tb.weights.items()}
+    sec = {t: b / (bw * GB * device.eff(t, tb.hidden)) for t, b in tb.weights.items()}
     if tb.kv:
         sec["KV"] = tb.kv / (bw * GB * device.kv_efficiency)
     if device.per_token or device.per_block:

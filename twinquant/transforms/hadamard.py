@@ -365,11 +365,15 @@ class KernelConfig:
 
 
 def kernel_config(A: int, C: int, D: int) -> KernelConfig:
-    """The launch for tiling (A, C, D): 4 warps, 8 for tiles of 16384 weights (bf16, 16384 rows on an H100, sweep
-    `benchmarks/hadamard_warps.py`); tiles of fewer than 4096 weights take several rows (A = 1 only)."""
+    """The launch for tiling (A, C, D), from a sweep on an H100 (bf16, 16384 rows; `benchmarks/hadamard_warps.py`,
+    benchmarks/results/hadamard_warps_s15-h100.json): 4 warps (8 lost 5-27 points everywhere); two rows per tile
+    when a row's tile has at most 8192 weights and no S_A axis (1536, 4096, 8192: +1 to +13 points); a grid of 4
+    programs per SM looping over the tiles with 2 pipelining stages, except for tiles of 16384+ weights with an S_A
+    axis (14336, 27648), which lost 12-23 points that way (one program per tile there)."""
     size = A * C * D
-    rows = 1 if A > 1 else max(1, 4096 // size)
-    return KernelConfig(rows=rows, warps=8 if size == 16384 else 4)
+    rows = 2 if A == 1 and size <= 8192 else 1
+    loop = size < 16384 or A == 1
+    return KernelConfig(rows=rows, warps=4, stages=2 if loop else 1, per_sm=4 if loop else 0)
 
 
 def _sm_count(device) -> int:
