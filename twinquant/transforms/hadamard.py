@@ -376,7 +376,8 @@ def kernel_config(A: int, C: int, D: int) -> KernelConfig:
     return KernelConfig(rows=rows, warps=4, stages=2 if loop else 1, per_sm=4 if loop else 0)
 
 
-def _sm_count(device) -> int:
+@lru_cache(maxsize=8)
+def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
