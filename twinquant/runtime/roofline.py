@@ -8,8 +8,10 @@ of attention at the current context (F16, llama.cpp's default; DeepSeek's latent
 `kv_lora_rank + rope` values per position and layer). The arithmetic per byte is small, so the time is
 
     t = Σ_type bytes_type / (bandwidth × efficiency_type) + KV bytes / (bandwidth × efficiency_kv)
+        [+ per_token + blocks × per_block on a GPU]
 
-and tokens/s = 1 / t. `bandwidth` is the device's memory bandwidth (the vendor's figure, or a copy measured
+and tokens/s = 1 / t. On a GPU a token also pays fixed costs (kernel latencies: per token, and per executed block)
+and a type's efficiency depends on the model's width (narrow GEMVs reach less): both measured on an H100. `bandwidth` is the device's memory bandwidth (the vendor's figure, or a copy measured
 now for `this-cpu`); `efficiency_type` is the fraction of it a decoder reaches on weights of that type: measured
 with stock llama.cpp where we could (this CPU), cited with its source otherwise (Metal, CUDA). With efficiency 1
 the same sum is the bandwidth bound. `DEVICES` holds the figures and where each comes from.
@@ -101,15 +103,41 @@ def _metal(name: str) -> Device:
                   f"Q8_0 / Q4_0 {f16} / {q8} / {q4} t/s) and each type's Metal PR (docs/ROOFLINE.md)")
 
 
+# llama.cpp CUDA decode on one H100 80GB HBM3 (llama-cpp-python 0.3.36's llama.cpp, llama-bench tg128, FlashAttention
+# kernels not built): `benchmarks/decode_gpu.py --roofline` (benchmarks/results/decode_gpu_s15-h100-roofline-b.json;
+# tests/test_roofline.py checks these against it). Fixed costs from 256-wide models of 4 and 28 blocks; each type's
+# fraction of the 3.35 TB/s from synthetic files of that type alone at the 1.5B / 7B / 32B widths: a GPU's GEMV
+# reaches less on narrow matrices. Types not measured (F16, the i-quants) take Q4_K's fraction at the 7B width.
+H100_FIXED = (9.3790e-05, 3.1408e-05)           # seconds per token, seconds per executed block
+H100_BY_HIDDEN = {
+    "Q2_K": ((1536, 0.1621), (3584, 0.2486), (5120, 0.2756)),
+    "Q3_K": ((1536, 0.1326), (3584, 0.1959), (5120, 0.2263)),
+    "Q4_K": ((1536, 0.3112), (3584, 0.4242), (5120, 0.4847)),
+    "Q5_K": ((1536, 0.3262), (3584, 0.4586), (5120, 0.4978)),
+    "Q6_K": ((1536, 0.2926), (3584, 0.3928), (5120, 0.4752)),
+    "Q8_0": ((1536, 0.3453), (3584, 0.5866), (5120, 0.6590)),
+}
+
+
+def _cuda(name: str, description: str, bandwidth: float, source: str) -> Device:
+    flat = {t: dict(v)[3584] for t, v in H100_BY_HIDDEN.items()}
+    flat["*"] = flat["Q4_K"]
+    return Device(name, description, bandwidth, flat, flat["*"], source, *H100_FIXED, by_hidden=H100_BY_HIDDEN)
+
+
 DEVICES: dict[str, Device] = {
     "this-cpu": Device(
         "this-cpu", "this machine's CPU, llama.cpp CPU backend (copy bandwidth measured now)",
         None, CPU_EFFICIENCY, 1.0,
         "measured on the project's 2-core x86 machine: benchmarks/results/decode_speed_cpu.json"),
-    # no llama.cpp decode figure for an H200 was found; an H100's (discussion #15013: LLaMA-2-7B Q4_0 tg128
-    # 280.74 t/s with flash attention, 3.75 GB read per token) is 0.31 of an H100 SXM's 3.35 TB/s. Not validated.
-    "h200": Device("h200", "NVIDIA H200 (4.8 TB/s HBM3e), llama.cpp CUDA", 4800.0, {"*": 0.31}, 0.31,
-                   "cited: an H100's LLaMA-2-7B Q4_0 decode in llama.cpp discussion #15013 (not measured on an H200)"),
+    "h100": _cuda("h100", "NVIDIA H100 SXM (3.35 TB/s HBM3), llama.cpp CUDA", 3350.0,
+                  "measured on one H100 80GB HBM3: benchmarks/results/decode_gpu_s15-h100-roofline-b.json"),
+    # not measured on an H200 with this method: the H100's fixed costs and fractions at the H200's bandwidth (same
+    # Hopper kernels); the one H200 decode on record (decode_gpu_h200.json, 1.5B-shaped Q2_K file, 477.7 t/s) is
+    # 0.85 of what this entry predicts
+    "h200": _cuda("h200", "NVIDIA H200 (4.8 TB/s HBM3e), llama.cpp CUDA", 4800.0,
+                  "the H100's measured figures at the H200's bandwidth (decode_gpu_s15-h100-roofline-b.json); "
+                  "one H200 decode on record: 0.85 of the prediction"),
 }
 
 
