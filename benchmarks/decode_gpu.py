@@ -265,7 +265,7 @@ def roofline_markdown(res: dict) -> str:
 
 def markdown(res: dict) -> str:
     lines = [f"# decode_gpu {res['tag']}", "", f"Synthetic weights, llama.cpp Q2_K mix; {res['tokens']} tokens, batch 1; "
-             "roofline: `twinquant roofline FILE --device h200`", "",
+             f"roofline: `twinquant roofline FILE --device {res['runs'][0]['roofline']['device'] if res['runs'] else 'h100'}`", "",
              "| shape | file MB | bpw | runtime | tokens/s | vs llama.cpp CUDA | measured / roofline expected |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for run in res["runs"]:
@@ -291,7 +291,8 @@ def one_shape(a, shape: str, work: Path) -> dict:
     run = {"shape": shape, "file_bytes": path.stat().st_size, "prepare_seconds": round(time.perf_counter() - t0, 1)}
     m = load_model(path, load_tokenizer=False)
     run["file_bpw"] = 8 * sum(m.source.info(n).nbytes for n in m.tensor_names()) / rf.n_weights(m.spec)
-    run["roofline"] = rf.predict(rf.file_token_bytes(m, a.tokens), "h200").to_dict()
+    gpu = "h200" if "H200" in torch.cuda.get_device_name(0) else "h100"
+    run["roofline"] = rf.predict(rf.file_token_bytes(m, a.tokens), gpu).to_dict()
     for k, packed in (("twinquant_packed", True), ("twinquant_bf16", False)):
         try:
             run[k] = twinquant_decode(path, a.tokens, packed, a.device)
