@@ -227,6 +227,17 @@ def bench(fn):
     return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median") / 1e3
 
 
+def setup():
+    """(device, shapes, copy GB/s): the 32B shapes and a measured copy on CUDA; one small shape on the CPU."""
+    if not torch.cuda.is_available():
+        return "cpu", [(40, 512)], 1.0
+    x0 = torch.empty(2**30, dtype=torch.bfloat16, device="cuda").normal_()
+    x1 = torch.empty_like(x0)
+    copy = 2 * x0.numel() * 2 / bench(lambda: x1.copy_(x0)) / 1e9
+    print(f"copy {copy:.0f} GB/s")
+    return "cuda", [(27648, 5120), (5120, 27648), (5120, 5120), (4096, 14336)], copy
+
+
 def run(kernel, w, x, y, br, warps, split, **kw):
     rows = w.rows
     nb = w.cols // 256
@@ -244,14 +255,7 @@ def main():
     which = ap.parse_args().set
     if which == "C":
         return set_c()
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    shapes = [(27648, 5120), (5120, 27648), (5120, 5120), (4096, 14336)] if dev == "cuda" else [(40, 512)]
-    if dev == "cuda":
-        x0 = torch.empty(2**30, dtype=torch.bfloat16, device=dev).normal_()
-        x1 = torch.empty_like(x0)
-        copy = 2 * x0.numel() * 2 / bench(lambda: x1.copy_(x0)) / 1e9
-        del x0, x1
-        print(f"copy {copy:.0f} GB/s")
+    dev, shapes, copy = setup()
     if which == "A":
         variants = [("bytes", gemv_q2k_kernel, {}), ("mantissa", v2_mantissa, {}),
                     ("dot-f16", v3_dot, {"BF16": False}), ("dot-bf16", v3_dot, {"BF16": True})]
@@ -290,15 +294,7 @@ def set_c():
     """Set C: the word-load ceiling of the GGUF layout, the shipped int8 kernel (`packed.gemv_q8`) and a
     one-lane-per-sub-block int8 kernel, each at its best rows / warps / split / stages; times include x's
     quantization for the int8 kernels (`quantize_q8`, one launch)."""
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    shapes = [(27648, 5120), (5120, 27648), (5120, 5120), (4096, 14336)] if dev == "cuda" else [(40, 512)]
-    copy = 1.0
-    if dev == "cuda":
-        x0 = torch.empty(2**30, dtype=torch.bfloat16, device=dev).normal_()
-        x1 = torch.empty_like(x0)
-        copy = 2 * x0.numel() * 2 / bench(lambda: x1.copy_(x0)) / 1e9
-        del x0, x1
-        print(f"copy {copy:.0f} GB/s")
+    dev, shapes, copy = setup()
     asm = dev == "cuda" and not interpreted()
     grid_c = [(br, wp, sp, st) for br in (16, 32, 64) for wp in (2, 4) for sp in (1, 2, 4)
               for st in (1, 3)] if dev == "cuda" else [(8, 4, 2, 1)]
