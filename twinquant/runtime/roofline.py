@@ -10,10 +10,11 @@ of attention at the current context (F16, llama.cpp's default; DeepSeek's latent
     t = Σ_type bytes_type / (bandwidth × efficiency_type) + KV bytes / (bandwidth × efficiency_kv)
         [+ per_token + blocks × per_block on a GPU]
 
-and tokens/s = 1 / t. On a GPU a token also pays fixed costs (kernel latencies: per token, and per executed block)
-and a type's efficiency depends on the model's width (narrow GEMVs reach less): both measured on an H100. `bandwidth` is the device's memory bandwidth (the vendor's figure, or a copy measured
-now for `this-cpu`); `efficiency_type` is the fraction of it a decoder reaches on weights of that type: measured
-with stock llama.cpp where we could (this CPU), cited with its source otherwise (Metal, CUDA). With efficiency 1
+and tokens/s = 1 / t. `bandwidth` is the device's memory bandwidth (the vendor's figure, or a copy measured now
+for `this-cpu`); `efficiency_type` is the fraction of it a decoder reaches on weights of that type: measured with
+stock llama.cpp where we could (this CPU, an H100), cited with its source otherwise (Metal). On a GPU a token also
+pays fixed costs (kernel latencies: per token, and per executed block), and a type's efficiency depends on the
+model's width (narrow GEMVs reach less of the bandwidth). With efficiency 1
 the same sum is the bandwidth bound. `DEVICES` holds the figures and where each comes from.
 """
 
@@ -266,7 +267,8 @@ class Prediction:
 
     def to_dict(self) -> dict:
         return {"device": self.device.name, "description": self.device.description, "source": self.device.source,
-                "bandwidth_gbs": self.bandwidth, "ctx": self.tb.ctx, "blocks": self.tb.blocks, "bytes_per_token": self.tb.total,
+                "bandwidth_gbs": self.bandwidth, "ctx": self.tb.ctx, "blocks": self.tb.blocks,
+                "bytes_per_token": self.tb.total,
                 "weights_by_type": self.tb.weights, "kv_bytes": self.tb.kv, "stored_weight_bytes": self.tb.stored,
                 "repeated_bytes": self.tb.repeated, "bound_tps": self.bound_tps, "expected_tps": self.expected_tps,
                 "ms_by_type": {k: 1e3 * v for k, v in self.seconds.items()}}
@@ -340,7 +342,8 @@ def format_report(what: str, tb: TokenBytes, n_params: int, predictions: list[Pr
              + (f" (of which {tb.repeated / 1e9:.3f} GB re-read by duplicated blocks)" if tb.repeated else ""), "",
              f"| read per token | MB | efficiency on {first.device.name} | ms on {first.device.name} |",
              "|---|---|---|---|"]
-    lines += [f"| {t} | {mb:.1f} | {'-' if math.isnan(e) else f'{e:.2f}'} | {ms:.2f} |" for t, mb, e, ms in first.rows()]
+    lines += [f"| {t} | {mb:.1f} | {'-' if math.isnan(e) else f'{e:.2f}'} | {ms:.2f} |"
+              for t, mb, e, ms in first.rows()]
     lines += ["", "| device | bandwidth GB/s | bandwidth-bound tokens/s | expected tokens/s | figures from |",
               "|---|---|---|---|---|"]
     lines += [f"| {p.device.description} | {p.bandwidth:.1f} | {p.bound_tps:.1f} | {p.expected_tps:.1f} | "

@@ -1,9 +1,9 @@
 """A fast Hadamard transform in Triton for every width twinquant builds a Hadamard matrix for (n = 2^k · m).
 
 `twinquant.transforms.hadamard` defines H = S_p ⊗ B (S_p Sylvester, B a Paley matrix of order m, or m = 1), so a
-row x viewed as X [p, m] maps to S_p · X · B. One program owns one row and does it in one pass over memory: the
-row is held as a tile [A, C, D] with p = A·C·(D if m = 1), and each axis gets one small matrix product on the
-tensor cores —
+row x viewed as X [p, m] maps to S_p · X · B. Each row is done in one pass over memory: it is held as a tile
+[A, C, D] with p = A·C·(D if m = 1) (small tiles without S_A take several rows on their first axis), and each axis
+gets one small matrix product on the tensor cores —
 
   last axis:   D = m rounded up to a power of two (≥ 16), times B zero-padded to D×D; or, when m = 1, a Sylvester
                factor S_D,
@@ -13,7 +13,8 @@ tensor cores —
 with A, C ≤ 128. Random signs (a randomized Hadamard Q = H·diag(s)/√n) multiply the output, or the input for the
 transpose; the normalization is folded into the store. Half and bfloat16 rows are multiplied in their own type
 with float32 accumulation (each of the three products rounds once); float32 rows use 3-pass TF32 on the GPU
-(PREC; the interpreter computes in float32).
+(PREC; the interpreter computes in float32). A program loops over tiles (a grid smaller than the tiles lets
+Triton's pipelining load the next tile during the products); `hadamard.kernel_config` picks the launch.
 """
 
 from __future__ import annotations
