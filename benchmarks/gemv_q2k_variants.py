@@ -4,6 +4,7 @@ kept for the next attempt; none of these variants is in the package).
     python benchmarks/gemv_q2k_variants.py --set A     # bytes, 1 + c/4 mantissa codes, tensor-core sums (f16, bf16)
     python benchmarks/gemv_q2k_variants.py --set B     # bytes, U super-blocks per iteration, int32 word loads
     python benchmarks/gemv_q2k_variants.py --set C     # int32 word-load ceiling; int8 x with one lane per sub-block
+    python benchmarks/gemv_q2k_variants.py --set D     # the same on a repacked layout (codes 16-byte aligned)
 
 Each variant's best rows per program / warps / split on the Qwen2.5-32B shapes, with its error against float64.
 What one H100 showed (benchmarks/results/gemv_q2k_variants_s12.md): no variant beats the byte-order kernel by more
@@ -251,10 +252,10 @@ def run(kernel, w, x, y, br, warps, split, **kw):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--set", choices=["A", "B", "C"], default="A")
+    ap.add_argument("--set", choices=["A", "B", "C", "D"], default="A")
     which = ap.parse_args().set
-    if which == "C":
-        return set_c()
+    if which in ("C", "D"):
+        return sweep_int(which)
     dev, shapes, copy = setup()
     if which == "A":
         variants = [("bytes", gemv_q2k_kernel, {}), ("mantissa", v2_mantissa, {}),
@@ -290,42 +291,108 @@ def main():
                       f"err {err:.1e}", flush=True)
 
 
-def set_c():
-    """Set C: the word-load ceiling of the GGUF layout, the shipped int8 kernel (`packed.gemv_q8`) and a
-    one-lane-per-sub-block int8 kernel, each at its best rows / warps / split / stages; times include x's
-    quantization for the int8 kernels (`quantize_q8`, one launch)."""
+def planes(data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q2_K rows [R, NB·84] repacked (the same bytes, moved): codes [R, NB·16] int32 (16-byte aligned: 64 bytes a
+    super-block), scale bytes [R, NB·16] uint8, d|dmin [R, NB] int32."""
+    blocks = data.reshape(data.shape[0], -1, 84)
+    codes = blocks[:, :, 16:80].contiguous().view(torch.int32).reshape(data.shape[0], -1)
+    scales = blocks[:, :, :16].contiguous().reshape(data.shape[0], -1)
+    dd = blocks[:, :, 80:84].contiguous().view(torch.int32).reshape(data.shape[0], -1)
+    return codes, scales, dd
+
+
+@triton.jit
+def d0_load_planes(c_ptr, s_ptr, dd_ptr, y_ptr, R, NB, BR: tl.constexpr, SPLIT: tl.constexpr,
+                   STAGES: tl.constexpr):
+    """The ceiling of the repacked layout: every code word, scale byte and d|dmin of BR rows loaded and xor-ed."""
+    pid = tl.program_id(0)
+    part = tl.program_id(2)
+    rows = pid * BR + tl.arange(0, BR)
+    ok = (rows < R)[:, None]
+    k = tl.arange(0, 16)[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    acc = tl.zeros((BR, 16), dtype=tl.int32)
+    for b in tl.range(part, NB, SPLIT, num_stages=STAGES):
+        acc ^= tl.load(c_ptr + r64 * NB * 16 + b * 16 + k, mask=ok, other=0)
+        acc ^= tl.load(s_ptr + r64 * NB * 16 + b * 16 + k, mask=ok, other=0).to(tl.int32)
+        acc ^= tl.load(dd_ptr + r64 * NB + b, mask=ok, other=0)
+    tl.atomic_xor(y_ptr + rows, tl.reduce(acc, 1, _xor), mask=rows < R)
+
+
+@triton.jit
+def d1_q8_planes(c_ptr, s_ptr, dd_ptr, xq_ptr, xd_ptr, xs_ptr, y_ptr, R, NB, BR: tl.constexpr,
+                 SPLIT: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr):
+    """Q2_K × int8 x on the repacked layout: a super-block's 16 code words are one aligned [BR, 16] load; word k
+    shifted by 2j holds weights 128·(k // 8) + 32·j + 4·(k % 8) + 0..3 (x word 32·(k // 8) + 8·j + k % 8, sub-block
+    8·(k // 8) + 2·j + (k % 8) // 4, x scale 4·(k // 8) + j); scale and min per lane in float."""
+    pid = tl.program_id(0)
+    part = tl.program_id(2)
+    rows = pid * BR + tl.arange(0, BR)
+    ok = (rows < R)[:, None]
+    k = tl.arange(0, 16)[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    acc = tl.zeros((BR, 16), dtype=tl.float32)
+    for b in tl.range(part, NB, SPLIT, num_stages=STAGES):
+        w = tl.load(c_ptr + r64 * NB * 16 + b * 16 + k, mask=ok, other=0)
+        srow = s_ptr + r64 * NB * 16 + b * 16
+        dd = tl.load(dd_ptr + r64 * NB + b, mask=ok, other=0)
+        d = (dd & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        dmin = ((dd >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        for j in tl.static_range(4):
+            c = (w >> (2 * j)) & 0x03030303
+            p = _dot4(c, tl.load(xq_ptr + b * 64 + 32 * (k // 8) + 8 * j + k % 8), tl.zeros_like(c), ASM)
+            sc = tl.load(srow + 8 * (k // 8) + 2 * j + (k % 8) // 4, mask=ok, other=0).to(tl.int32) & 0xF
+            acc += d * (sc * p).to(tl.float32) * tl.load(xd_ptr + b * 8 + 4 * (k // 8) + j)
+        mn = (tl.load(srow + k, mask=ok, other=0).to(tl.int32) >> 4).to(tl.float32)
+        acc -= dmin * mn * tl.load(xs_ptr + b * 16 + k)
+    _store_rows(y_ptr, rows, tl.sum(acc, axis=1), R, SPLIT)
+
+
+def sweep_int(which: str):
+    """Sets C and D: load-only ceilings and int8-activation kernels, each at its best rows / warps / split /
+    stages, beside the shipped int8 kernel (`packed.gemv_q8`); the int8 kernels' times include quantizing x
+    (`quantize_q8`, one launch). C reads the GGUF layout (84-byte blocks, 4-byte aligned); D a repacked one
+    (`planes`: the same bytes, codes 16-byte aligned, scales and d|dmin apart)."""
     dev, shapes, copy = setup()
     asm = dev == "cuda" and not interpreted()
-    grid_c = [(br, wp, sp, st) for br in (16, 32, 64) for wp in (2, 4) for sp in (1, 2, 4)
-              for st in (1, 3)] if dev == "cuda" else [(8, 4, 2, 1)]
+    grid = [(br, wp, sp, st) for br in (16, 32, 64) for wp in (2, 4) for sp in (1, 2, 4)
+            for st in (1, 3)] if dev == "cuda" else [(8, 4, 2, 1)]
     for rows, cols in shapes:
         w = PackedWeight.from_bytes("Q2_K", random_blocks("Q2_K", rows, cols), cols, dev)
-        want = torch.randn(1, cols, device=dev)
-        x = want
+        x = torch.randn(1, cols, device=dev)
         ref = x.double() @ dequantize(w).double().T
         nb = cols // 256
         words = w.data.view(torch.int32)
+        cp, sp_, ddp = planes(w.data)
         nbytes = w.data.numel() + cols * 4 + rows * 4
         y = torch.zeros(1, rows, device=dev)
         yi = torch.zeros(rows, dtype=torch.int32, device=dev)
 
-        def c0(br, wp, sp, st):
-            c0_load_words[(triton.cdiv(rows, br), 1, sp)](words, yi, rows, nb, words.shape[1], BR=br, SPLIT=sp,
-                                                          STAGES=st, num_warps=wp)
-            return None
+        def int8(kernel, *weights):
+            def fn(br, wp, sp, st):
+                xq, xd, xs = quantize_q8(x)
+                y.zero_()
+                kernel[(triton.cdiv(rows, br), 1, sp)](*weights, xq, xd, xs, y, rows, nb, *(
+                    (words.shape[1],) if kernel is c1_q8_subblocks else ()), BR=br, SPLIT=sp, STAGES=st, ASM=asm,
+                    num_warps=wp)
+                return y
+            return fn
 
-        def c1(br, wp, sp, st):
-            xq, xd, xs = quantize_q8(x)
-            y.zero_()
-            c1_q8_subblocks[(triton.cdiv(rows, br), 1, sp)](words, w.data, xq, xd, xs, y, rows, nb, words.shape[1],
-                                                           BR=br, SPLIT=sp, STAGES=st, ASM=asm, num_warps=wp)
-            return y
+        def loads(kernel, *args):
+            def fn(br, wp, sp, st):
+                kernel[(triton.cdiv(rows, br), 1, sp)](*args, BR=br, SPLIT=sp, STAGES=st, num_warps=wp)
+                return None
+            return fn
 
+        kernels = ({"load words": loads(c0_load_words, words, yi, rows, nb, words.shape[1]),
+                    "q8 sub-blocks": int8(c1_q8_subblocks, words, w.data)} if which == "C" else
+                   {"load planes": loads(d0_load_planes, cp, sp_, ddp, yi, rows, nb),
+                    "q8 planes": int8(d1_q8_planes, cp, sp_, ddp)})
         res = {"shipped gemv_q8": (bench(lambda: gemv_q8(x, w)) if dev == "cuda" else 0.0, "defaults",
                                    ((gemv_q8(x, w).double() - ref).abs().max() / ref.abs().max()).item())}
-        for name, fn in (("load words", c0), ("q8 sub-blocks", c1)):
+        for name, fn in kernels.items():
             best = None
-            for cfg in grid_c:
+            for cfg in grid:
                 try:
                     got = fn(*cfg)
                     err = ((got.double() - ref).abs().max() / ref.abs().max()).item() if got is not None else 0.0
