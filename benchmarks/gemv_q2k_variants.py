@@ -302,15 +302,18 @@ def planes(data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 
 
 @triton.jit
+def _plane_rows(R, BR: tl.constexpr):
+    """This program's rows, their mask, the 16 lanes of a super-block and the rows as 64-bit offsets."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    return rows, (rows < R)[:, None], tl.arange(0, 16)[None, :], rows.to(tl.int64)[:, None]
+
+
+@triton.jit
 def d0_load_planes(c_ptr, s_ptr, dd_ptr, y_ptr, R, NB, BR: tl.constexpr, SPLIT: tl.constexpr,
                    STAGES: tl.constexpr):
     """The ceiling of the repacked layout: every code word, scale byte and d|dmin of BR rows loaded and xor-ed."""
-    pid = tl.program_id(0)
     part = tl.program_id(2)
-    rows = pid * BR + tl.arange(0, BR)
-    ok = (rows < R)[:, None]
-    k = tl.arange(0, 16)[None, :]
-    r64 = rows.to(tl.int64)[:, None]
+    rows, ok, k, r64 = _plane_rows(R, BR)
     acc = tl.zeros((BR, 16), dtype=tl.int32)
     for b in tl.range(part, NB, SPLIT, num_stages=STAGES):
         acc ^= tl.load(c_ptr + r64 * NB * 16 + b * 16 + k, mask=ok, other=0)
@@ -325,12 +328,8 @@ def d1_q8_planes(c_ptr, s_ptr, dd_ptr, xq_ptr, xd_ptr, xs_ptr, y_ptr, R, NB, BR:
     """Q2_K × int8 x on the repacked layout: a super-block's 16 code words are one aligned [BR, 16] load; word k
     shifted by 2j holds weights 128·(k // 8) + 32·j + 4·(k % 8) + 0..3 (x word 32·(k // 8) + 8·j + k % 8, sub-block
     8·(k // 8) + 2·j + (k % 8) // 4, x scale 4·(k // 8) + j); scale and min per lane in float."""
-    pid = tl.program_id(0)
     part = tl.program_id(2)
-    rows = pid * BR + tl.arange(0, BR)
-    ok = (rows < R)[:, None]
-    k = tl.arange(0, 16)[None, :]
-    r64 = rows.to(tl.int64)[:, None]
+    rows, ok, k, r64 = _plane_rows(R, BR)
     acc = tl.zeros((BR, 16), dtype=tl.float32)
     for b in tl.range(part, NB, SPLIT, num_stages=STAGES):
         w = tl.load(c_ptr + r64 * NB * 16 + b * 16 + k, mask=ok, other=0)
