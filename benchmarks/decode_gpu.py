@@ -11,8 +11,8 @@ KV cache on; llama.cpp: `llama-bench -p 0 -n TOKENS -ngl 99` (mean of 3). Writes
 benchmarks/results/decode_gpu_TAG.{json,md}.
 
 `--roofline` (llama.cpp only): the fixed costs per token and per block from 256-wide models of 4 and 28 blocks, each
-K-quant's efficiency from a Qwen2.5-7B-shaped file of 8 blocks in that type alone, then whole 1.5B / 7B / 32B
-files in llama-quantize's mixes predicted with those figures and measured.
+type's efficiency from files of that type alone at the 1.5B / 7B / 32B widths, then whole 1.5B / 7B / 32B files in
+llama-quantize's mixes predicted with those figures and measured (`--refit` redoes the fit from a results file).
 
     python benchmarks/decode_gpu.py --tag h200 --llama-bench BUILD/bin/llama-bench
     python benchmarks/decode_gpu.py --tag h100-roofline --roofline --llama-bench BUILD/bin/llama-bench
@@ -43,8 +43,6 @@ SHAPES = {"qwen2.5-1.5b": dict(layers=28, hidden=1536, ffn=8960, heads=12, kv_he
           "qwen2.5-7b": dict(layers=28, hidden=3584, ffn=18944, heads=28, kv_heads=4, vocab=152064),
           "qwen2.5-32b": dict(layers=64, hidden=5120, ffn=27648, heads=40, kv_heads=8, vocab=152064),
           "tiny": dict(layers=2, hidden=256, ffn=512, heads=4, kv_heads=2, vocab=1024)}     # a smoke run
-# GPU bandwidths the roofline divides by: the vendors' figures (H100 SXM5 80 GB HBM3, H200 141 GB HBM3e)
-VENDOR_GBS = {"H100": 3350.0, "H200": 4800.0}
 # `--roofline`: fixed costs from 256-wide models of 4 and 28 blocks (their bytes are negligible); each type's
 # efficiency from files of that type alone with the 1.5B, 7B and 32B widths (8, 8 and 4 blocks); then whole files
 # in llama-quantize's mixes, predicted with those figures and measured
@@ -177,9 +175,10 @@ def roofline_measure(a, work: Path) -> dict:
     from twinquant.runtime import roofline as rf
 
     gpu = torch.cuda.get_device_name(0)
-    bw = next((v for k, v in VENDOR_GBS.items() if k in gpu), None)
-    if bw is None:
-        raise SystemExit(f"decode_gpu: no vendor bandwidth for {gpu}")
+    name = next((k for k in ("h100", "h200") if k.upper() in gpu), None)
+    if name is None:
+        raise SystemExit(f"decode_gpu: no roofline entry (vendor bandwidth) for {gpu}")
+    bw = rf.DEVICES[name].bandwidth
     rows = []
     for group, files in (("fixed", FIXED), ("efficiency", PURE), ("validation", WHOLE)):
         for shape, layers, mix in files:
@@ -214,10 +213,8 @@ def roofline_fit(meas: dict) -> dict:
             left = r["measured_s"] - per_token - r["blocks"] * per_block
             by_hidden.setdefault(t, []).append((r["hidden"], r["weights_by_type"][t] / (bw * rf.GB * left)))
     by_hidden = {t: tuple(sorted(v)) for t, v in by_hidden.items()}
-    flat = {t: dict(v)[3584] for t, v in by_hidden.items() if 3584 in dict(v)}
-    flat["*"] = sorted(flat.values())[len(flat) // 2]
-    dev = rf.Device("this-gpu", meas["gpu"], bw, flat, flat["*"], "this run", per_token, per_block)
-    devs = {"flat": dev, "by_hidden": dataclasses.replace(dev, by_hidden=by_hidden)}
+    dev = rf.cuda_device("this-gpu", meas["gpu"], bw, "this run", (per_token, per_block), by_hidden)
+    devs = {"flat": dataclasses.replace(dev, by_hidden={}), "by_hidden": dev}
     checks = []
     for r in rows:
         if r["kind"] != "validation":
@@ -230,7 +227,7 @@ def roofline_fit(meas: dict) -> dict:
             c[f"predicted_s_{k}"] = 1 / rf.predict(tb, d).expected_tps
             c[f"measured_over_predicted_{k}"] = r["measured_s"] / c[f"predicted_s_{k}"] if r["measured_s"] else None
         checks.append(c)
-    return {"per_token_s": per_token, "per_block_s": per_block, "efficiency": flat,
+    return {"per_token_s": per_token, "per_block_s": per_block, "efficiency": dev.efficiency,
             "efficiency_by_hidden": {t: [list(p) for p in v] for t, v in by_hidden.items()}, "checks": checks}
 
 

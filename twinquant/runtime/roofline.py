@@ -120,10 +120,13 @@ H100_BY_HIDDEN = {
 }
 
 
-def _cuda(name: str, description: str, bandwidth: float, source: str) -> Device:
-    flat = {t: dict(v)[3584] for t, v in H100_BY_HIDDEN.items()}
+def cuda_device(name: str, description: str, bandwidth: float, source: str, fixed=H100_FIXED,
+                by_hidden=H100_BY_HIDDEN) -> Device:
+    """A GPU entry from fixed costs (per token, per block) and efficiencies by width; its flat table (used when no
+    width is known, and for the types not measured: "*" = Q4_K) is the 7B width's (hidden 3584)."""
+    flat = {t: dict(v)[3584] for t, v in by_hidden.items() if 3584 in dict(v)}
     flat["*"] = flat["Q4_K"]
-    return Device(name, description, bandwidth, flat, flat["*"], source, *H100_FIXED, by_hidden=H100_BY_HIDDEN)
+    return Device(name, description, bandwidth, flat, flat["*"], source, *fixed, by_hidden=by_hidden)
 
 
 DEVICES: dict[str, Device] = {
@@ -131,12 +134,12 @@ DEVICES: dict[str, Device] = {
         "this-cpu", "this machine's CPU, llama.cpp CPU backend (copy bandwidth measured now)",
         None, CPU_EFFICIENCY, 1.0,
         "measured on the project's 2-core x86 machine: benchmarks/results/decode_speed_cpu.json"),
-    "h100": _cuda("h100", "NVIDIA H100 SXM (3.35 TB/s HBM3), llama.cpp CUDA", 3350.0,
+    "h100": cuda_device("h100", "NVIDIA H100 SXM (3.35 TB/s HBM3), llama.cpp CUDA", 3350.0,
                   "measured on one H100 80GB HBM3: benchmarks/results/decode_gpu_s15-h100-roofline-b.json"),
     # not measured on an H200 with this method: the H100's fixed costs and fractions at the H200's bandwidth (same
     # Hopper kernels); the one H200 decode on record (decode_gpu_h200.json, 1.5B-shaped Q2_K file, 477.7 t/s) is
     # 0.85 of what this entry predicts
-    "h200": _cuda("h200", "NVIDIA H200 (4.8 TB/s HBM3e), llama.cpp CUDA", 4800.0,
+    "h200": cuda_device("h200", "NVIDIA H200 (4.8 TB/s HBM3e), llama.cpp CUDA", 4800.0,
                   "the H100's measured figures at the H200's bandwidth (decode_gpu_s15-h100-roofline-b.json); "
                   "one H200 decode on record: 0.85 of the prediction"),
 }
