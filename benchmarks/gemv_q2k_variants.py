@@ -291,60 +291,85 @@ def main():
                       f"err {err:.1e}", flush=True)
 
 
-def planes(data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Q2_K rows [R, NB·84] repacked (the same bytes, moved): codes [R, NB·16] int32 (16-byte aligned: 64 bytes a
-    super-block), scale bytes [R, NB·16] uint8, d|dmin [R, NB] int32."""
-    blocks = data.reshape(data.shape[0], -1, 84)
-    codes = blocks[:, :, 16:80].contiguous().view(torch.int32).reshape(data.shape[0], -1)
-    scales = blocks[:, :, :16].contiguous().reshape(data.shape[0], -1)
-    dd = blocks[:, :, 80:84].contiguous().view(torch.int32).reshape(data.shape[0], -1)
-    return codes, scales, dd
+def planes(data: torch.Tensor, T: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q2_K rows [R, NB·84] repacked (the same bytes, moved) into three flat planes, each tiled by T rows (the T rows'
+    entries of one super-block side by side, so a program of T rows reads one contiguous run per super-block):
+    codes (16 int32 words a super-block, 16-byte aligned), scale words (4 int32 a super-block: word 2·h + q holds
+    the scale bytes 8·h + 2·j + q, j = 0..3, the ones code word k = 8·h + 4·q + (0..3) needs) and d|dmin (1 int32)."""
+    R = data.shape[0]
+    blocks = data.reshape(R, -1, 84)
+    nb = blocks.shape[1]
+    g = torch.arange(4)
+    order = (8 * (g // 2) + g % 2)[:, None] + 2 * torch.arange(4)[None, :]       # [word g, byte j] -> scale byte
+
+    def tiled(t: torch.Tensor) -> torch.Tensor:                 # [R, NB, W] -> [R / T, NB, T, W], flat
+        return t.reshape(R // T, T, nb, -1).transpose(1, 2).contiguous().reshape(-1)
+
+    codes = blocks[:, :, 16:80].contiguous().view(torch.int32)
+    scales = blocks[:, :, order.reshape(-1).to(data.device)].contiguous().view(torch.int32)
+    dd = blocks[:, :, 80:84].contiguous().view(torch.int32)
+    return tiled(codes), tiled(scales), tiled(dd)
 
 
 @triton.jit
-def _plane_rows(R, BR: tl.constexpr):
-    """This program's rows, their mask, the 16 lanes of a super-block and the rows as 64-bit offsets."""
+def _plane_setup(R, NB, BR: tl.constexpr, U: tl.constexpr, T: tl.constexpr):
+    """This program's rows and mask [BR, 1, 1], the lanes k [1, 1, 16] and super-blocks u [1, U, 1] of an iteration,
+    and where its rows start in a plane of W = 1 entry a super-block (times W for wider planes)."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    return rows, (rows < R)[:, None], tl.arange(0, 16)[None, :], rows.to(tl.int64)[:, None]
+    r = rows.to(tl.int64)[:, None, None]
+    start = (r // T) * NB * T + r % T
+    return rows, r < R, tl.arange(0, 16)[None, None, :], tl.arange(0, U)[None, :, None], start
 
 
 @triton.jit
 def d0_load_planes(c_ptr, s_ptr, dd_ptr, y_ptr, R, NB, BR: tl.constexpr, SPLIT: tl.constexpr,
-                   STAGES: tl.constexpr):
-    """The ceiling of the repacked layout: every code word, scale byte and d|dmin of BR rows loaded and xor-ed."""
-    part = tl.program_id(2)
-    rows, ok, k, r64 = _plane_rows(R, BR)
-    acc = tl.zeros((BR, 16), dtype=tl.int32)
-    for b in tl.range(part, NB, SPLIT, num_stages=STAGES):
-        acc ^= tl.load(c_ptr + r64 * NB * 16 + b * 16 + k, mask=ok, other=0)
-        acc ^= tl.load(s_ptr + r64 * NB * 16 + b * 16 + k, mask=ok, other=0).to(tl.int32)
-        acc ^= tl.load(dd_ptr + r64 * NB + b, mask=ok, other=0)
-    tl.atomic_xor(y_ptr + rows, tl.reduce(acc, 1, _xor), mask=rows < R)
+                   STAGES: tl.constexpr, U: tl.constexpr, T: tl.constexpr):
+    """The ceiling of the repacked layout: every code word, scale word and d|dmin of BR rows loaded (U super-blocks
+    an iteration) and xor-ed."""
+    rows, ok, k, u, start = _plane_setup(R, NB, BR, U, T)
+    acc = tl.zeros((BR, U, 16), dtype=tl.int32)
+    for b0 in tl.range(tl.program_id(2) * U, NB, SPLIT * U, num_stages=STAGES):
+        b = b0 + u
+        m = ok & (b < NB)
+        acc ^= tl.load(c_ptr + (start + b * T) * 16 + k, mask=m, other=0)
+        acc ^= tl.load(s_ptr + (start + b * T) * 4 + k // 4, mask=m, other=0)
+        acc ^= tl.load(dd_ptr + start + b * T, mask=m, other=0)
+    tl.atomic_xor(y_ptr + rows, tl.reduce(tl.reduce(acc, 2, _xor), 1, _xor), mask=rows < R)
 
 
 @triton.jit
 def d1_q8_planes(c_ptr, s_ptr, dd_ptr, xq_ptr, xd_ptr, xs_ptr, y_ptr, R, NB, BR: tl.constexpr,
-                 SPLIT: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr):
-    """Q2_K × int8 x on the repacked layout: a super-block's 16 code words are one aligned [BR, 16] load; word k
-    shifted by 2j holds weights 128·(k // 8) + 32·j + 4·(k % 8) + 0..3 (x word 32·(k // 8) + 8·j + k % 8, sub-block
-    8·(k // 8) + 2·j + (k % 8) // 4, x scale 4·(k // 8) + j); scale and min per lane in float."""
-    part = tl.program_id(2)
-    rows, ok, k, r64 = _plane_rows(R, BR)
-    acc = tl.zeros((BR, 16), dtype=tl.float32)
-    for b in tl.range(part, NB, SPLIT, num_stages=STAGES):
-        w = tl.load(c_ptr + r64 * NB * 16 + b * 16 + k, mask=ok, other=0)
-        srow = s_ptr + r64 * NB * 16 + b * 16
-        dd = tl.load(dd_ptr + r64 * NB + b, mask=ok, other=0)
+                 SPLIT: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr, U: tl.constexpr, T: tl.constexpr):
+    """Q2_K × int8 x on the repacked layout, U super-blocks an iteration: code word k masked (not shifted) to shift
+    2j holds 4^j × the weights 128·h + 32·j + 4·(k % 8) + 0..3 (h = k // 8; x word 32·h + 8·j + k % 8, x scale
+    4·h + j, 4^-j folded into it); its 4 scales are byte j of scale word k // 4; lane k also takes the min of
+    sub-block 8·h + 2·(k % 4) + (k % 8) // 4 (byte k % 4 of that word, high nibble)."""
+    rows, ok, k, u, start = _plane_setup(R, NB, BR, U, T)
+    h = k // 8
+    acc = tl.zeros((BR, U, 16), dtype=tl.float32)
+    for b0 in tl.range(tl.program_id(2) * U, NB, SPLIT * U, num_stages=STAGES):
+        b = b0 + u
+        m = ok & (b < NB)
+        w = tl.load(c_ptr + (start + b * T) * 16 + k, mask=m, other=0)
+        sw = tl.load(s_ptr + (start + b * T) * 4 + k // 4, mask=m, other=0)
+        dd = tl.load(dd_ptr + start + b * T, mask=m, other=0)
         d = (dd & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
         dmin = ((dd >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        bx = b < NB
+        f = tl.zeros((BR, U, 16), dtype=tl.float32)
         for j in tl.static_range(4):
-            c = (w >> (2 * j)) & 0x03030303
-            p = _dot4(c, tl.load(xq_ptr + b * 64 + 32 * (k // 8) + 8 * j + k % 8), tl.zeros_like(c), ASM)
-            sc = tl.load(srow + 8 * (k // 8) + 2 * j + (k % 8) // 4, mask=ok, other=0).to(tl.int32) & 0xF
-            acc += d * (sc * p).to(tl.float32) * tl.load(xd_ptr + b * 8 + 4 * (k // 8) + j)
-        mn = (tl.load(srow + k, mask=ok, other=0).to(tl.int32) >> 4).to(tl.float32)
-        acc -= dmin * mn * tl.load(xs_ptr + b * 16 + k)
-    _store_rows(y_ptr, rows, tl.sum(acc, axis=1), R, SPLIT)
+            if j == 3:
+                c = w & -0x3F3F3F40                   # 0xC0C0C0C0 as int32
+            else:
+                c = w & (0x03030303 << (2 * j))
+            p = _dot4(c, tl.load(xq_ptr + b * 64 + 32 * h + 8 * j + k % 8, mask=bx,
+                                                              other=0), tl.zeros_like(w), ASM)
+            xd = tl.load(xd_ptr + b * 8 + 4 * h + j, mask=bx, other=0.0) * (0.25 ** j)
+            f += (((sw >> (8 * j)) & 0xF) * p).to(tl.float32) * xd
+        mn = ((sw >> (8 * (k % 4) + 4)) & 0xF).to(tl.float32)
+        xs = tl.load(xs_ptr + b * 16 + 8 * h + 2 * (k % 4) + (k % 8) // 4, mask=bx, other=0.0)
+        acc += d * f - dmin * mn * xs
+    _store_rows(y_ptr, rows, tl.sum(tl.sum(acc, axis=2), axis=1), R, SPLIT)
 
 
 def sweep_int(which: str):
@@ -354,39 +379,54 @@ def sweep_int(which: str):
     (`planes`: the same bytes, codes 16-byte aligned, scales and d|dmin apart)."""
     dev, shapes, copy = setup()
     asm = dev == "cuda" and not interpreted()
-    grid = [(br, wp, sp, st) for br in (16, 32, 64) for wp in (2, 4) for sp in (1, 2, 4)
-            for st in (1, 3)] if dev == "cuda" else [(8, 4, 2, 1)]
+    if which == "C":
+        grid = [(br, wp, sp, st) for br in (16, 32, 64) for wp in (2, 4) for sp in (1, 2, 4)
+                for st in (1, 3)] if dev == "cuda" else [(8, 4, 2, 1)]
+    else:           # + super-blocks an iteration U, rows tiled T (1: row-major planes, BR: a program's rows)
+        grid = [(br, wp, sp, st, u, t) for br in (16, 32, 64) for wp in (4, 8) for sp in (1, 4) for st in (1, 3)
+                for u in (1, 4) for t in (1, br)] if dev == "cuda" else [(8, 4, 2, 1, 4, 8), (8, 2, 1, 1, 1, 1)]
     for rows, cols in shapes:
         w = PackedWeight.from_bytes("Q2_K", random_blocks("Q2_K", rows, cols), cols, dev)
         x = torch.randn(1, cols, device=dev)
         ref = x.double() @ dequantize(w).double().T
         nb = cols // 256
         words = w.data.view(torch.int32)
-        cp, sp_, ddp = planes(w.data)
         nbytes = w.data.numel() + cols * 4 + rows * 4
         y = torch.zeros(1, rows, device=dev)
         yi = torch.zeros(rows, dtype=torch.int32, device=dev)
+        packs = {}
 
-        def int8(kernel, *weights):
-            def fn(br, wp, sp, st):
+        def plane_args(cfg):                     # the planes for cfg's row tiling (made once per tiling)
+            t = cfg[5]
+            if t not in packs:
+                packs[t] = planes(w.data, t)
+            return packs[t]
+
+        def extra(cfg):
+            return {"U": cfg[4], "T": cfg[5]} if len(cfg) > 4 else {}
+
+        def int8(kernel, weights):
+            def fn(br, wp, sp, st, *rest):
                 xq, xd, xs = quantize_q8(x)
                 y.zero_()
-                kernel[(triton.cdiv(rows, br), 1, sp)](*weights, xq, xd, xs, y, rows, nb, *(
+                kernel[(triton.cdiv(rows, br), 1, sp)](*weights((br, wp, sp, st, *rest)), xq, xd, xs, y, rows, nb, *(
                     (words.shape[1],) if kernel is c1_q8_subblocks else ()), BR=br, SPLIT=sp, STAGES=st, ASM=asm,
-                    num_warps=wp)
+                    num_warps=wp, **extra((br, wp, sp, st, *rest)))
                 return y
             return fn
 
-        def loads(kernel, *args):
-            def fn(br, wp, sp, st):
-                kernel[(triton.cdiv(rows, br), 1, sp)](*args, BR=br, SPLIT=sp, STAGES=st, num_warps=wp)
+        def loads(kernel, args):
+            def fn(br, wp, sp, st, *rest):
+                cfg = (br, wp, sp, st, *rest)
+                kernel[(triton.cdiv(rows, br), 1, sp)](*args(cfg), BR=br, SPLIT=sp, STAGES=st, num_warps=wp,
+                                                       **extra(cfg))
                 return None
             return fn
 
-        kernels = ({"load words": loads(c0_load_words, words, yi, rows, nb, words.shape[1]),
-                    "q8 sub-blocks": int8(c1_q8_subblocks, words, w.data)} if which == "C" else
-                   {"load planes": loads(d0_load_planes, cp, sp_, ddp, yi, rows, nb),
-                    "q8 planes": int8(d1_q8_planes, cp, sp_, ddp)})
+        kernels = ({"load words": loads(c0_load_words, lambda cfg: (words, yi, rows, nb, words.shape[1])),
+                    "q8 sub-blocks": int8(c1_q8_subblocks, lambda cfg: (words, w.data))} if which == "C" else
+                   {"load planes": loads(d0_load_planes, lambda cfg: (*plane_args(cfg), yi, rows, nb)),
+                    "q8 planes": int8(d1_q8_planes, plane_args)})
         res = {"shipped gemv_q8": (bench(lambda: gemv_q8(x, w)) if dev == "cuda" else 0.0, "defaults",
                                    ((gemv_q8(x, w).double() - ref).abs().max() / ref.abs().max()).item())}
         for name, fn in kernels.items():
@@ -405,8 +445,8 @@ def sweep_int(which: str):
                 res[name] = best
         for name, (t, cfg, err) in res.items():
             pct = 100 * nbytes / t / 1e9 / copy if t else 0.0
-            print(f"{name:15s} {rows}x{cols}: {t * 1e6:7.1f} us  {pct:5.1f}% of copy  (br, warps, split, stages) "
-                  f"{cfg}  err {err:.1e}", flush=True)
+            print(f"{name:15s} {rows}x{cols}: {t * 1e6:7.1f} us  {pct:5.1f}% of copy  (br, warps, split, stages"
+                  f"{', U, T' if isinstance(cfg, tuple) and len(cfg) > 4 else ''}) {cfg}  err {err:.1e}", flush=True)
 
 
 if __name__ == "__main__":

@@ -356,12 +356,13 @@ def _kernel_factors(plan: HadamardPlan, transpose: bool, dtype: torch.dtype, dev
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """How `_fwht_triton` launches the kernel: rows per tile, warps per program, software-pipelining stages, and
-    programs per SM (0: one program per tile)."""
+    """How `_fwht_triton` launches the kernel: rows per tile, warps per program, software-pipelining stages,
+    programs per SM (0: one program per tile), and slices of the output's last axis made one after another."""
     rows: int = 1
     warps: int = 4
     stages: int = 1
     per_sm: int = 0
+    chunks: int = 1
 
 
 def kernel_config(A: int, C: int, D: int) -> KernelConfig:
@@ -394,7 +395,7 @@ def launch_fwht(x2: torch.Tensor, y: torch.Tensor, plan: HadamardPlan, factors, 
         x2, y, L, SA, SC, L if signs is None else signs, rows, x2.stride(0), y.stride(0), scale,
         M=plan.m if plan.m > 1 else D, A=A, C=C, D=D, ROWS=cfg.rows, SIGN_IN=signs is not None and transpose,
         SIGN_OUT=signs is not None and not transpose, PREC="tf32x3" if x2.dtype == torch.float32 else "tf32",
-        STAGES=cfg.stages, num_warps=cfg.warps)
+        STAGES=cfg.stages, CHUNKS=cfg.chunks, num_warps=cfg.warps)
 
 
 def _fwht_triton(x: torch.Tensor, plan: HadamardPlan, signs: torch.Tensor | None, transpose: bool,
