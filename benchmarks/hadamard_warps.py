@@ -22,13 +22,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
+import triton  # noqa: E402
 
 from provenance import record  # noqa: E402
 
 WIDTHS = (4096, 8192, 5120, 14336, 27648, 1536, 8960)
 WARPS = (4, 8)
 GRIDS = ((0, 1), (2, 2), (4, 2), (8, 2))      # (programs per SM, 0: one per tile; pipelining stages)
-CHUNKS = (1, 2, 4)                                     # slices of the output's last axis
 MAX_TILE = 16384                                       # weights per tile (bf16: 32 KB)
 
 
@@ -37,9 +37,7 @@ def configs(A: int, C: int, D: int):
 
     size = A * C * D
     rows = [1] if A > 1 else [r for r in (1, 2, 4, 8) if r * size <= MAX_TILE]
-    chunks = [q for q in CHUNKS if D // q >= 16]
-    return [KernelConfig(rows=r, warps=w, stages=st, per_sm=ps, chunks=q) for r in rows for w in WARPS
-            for ps, st in GRIDS for q in chunks]
+    return [KernelConfig(rows=r, warps=w, stages=st, per_sm=ps) for r in rows for w in WARPS for ps, st in GRIDS]
 
 
 def main(argv=None) -> int:
@@ -67,7 +65,11 @@ def main(argv=None) -> int:
             def run():
                 launch_fwht(x, y, plan, factors, None, False, 1 / math.sqrt(n), cfg)
             y.zero_()
-            t = bench(run)                    # kernel_speed.py's timing: median, L2 flushed before each run
+            try:
+                t = bench(run)                # kernel_speed.py's timing: median, L2 flushed before each run
+            except triton.runtime.errors.OutOfResources as e:       # a launch this GPU cannot hold: not a result
+                print(json.dumps({"n": n, "launch": dataclasses.asdict(cfg), "skipped": str(e)}), file=sys.stderr)
+                continue
             gbs = 2 * x.numel() * x.element_size() / t / 1e9
             err = float((y[:64].float() - ref).abs().max() / ref.abs().max())
             rows.append({"n": n, "m": plan.m, "tile": [A, C, D], **dataclasses.asdict(cfg), "us": round(t * 1e6, 1),
@@ -92,7 +94,7 @@ def main(argv=None) -> int:
              f"command: `{res['command']}`  ", f"commit: {res['commit']}  ", f"machine: {res['machine']}  ",
              f"bf16, {args.rows} rows; copy bandwidth {round(copy)} GB/s (read + write); do_bench medians, L2 "
              "flushed; relative error against the float32 transform of the same bf16 rows. A launch: rows per tile, "
-             "warps, programs per SM (0: one per tile), software-pipelining stages, slices of the output's last axis", "",
+             "warps, programs per SM (0: one per tile), software-pipelining stages", "",
              "| n | tile (A, C, D) | best launch | best % copy | runtime's launch | its % copy | worst % copy | "
              "max rel. error | fast-hadamard-transform % copy | runtime's launch / fht speed |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -102,7 +104,7 @@ def main(argv=None) -> int:
         mine = next(r for r in rs if r["runtime_choice"]) if any(r["runtime_choice"] for r in rs) else None
 
         def name(r):
-            return f"{r['rows']} r, {r['warps']} w, {r['per_sm']}/SM, {r['stages']} st, {r.get('chunks', 1)} sl"
+            return f"{r['rows']} r, {r['warps']} w, {r['per_sm']}/SM, {r['stages']} st"
         lines.append(f"| {n} | {tuple(rs[0]['tile'])} | {name(best)} | {best['pct_copy']}% | "
                      f"{name(mine) if mine else 'not swept'} | {mine['pct_copy'] if mine else '-'}% | "
                      f"{min(r['pct_copy'] for r in rs)}% | {max(r['rel_err'] for r in rs):.1e} | "

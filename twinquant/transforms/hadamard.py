@@ -356,25 +356,26 @@ def _kernel_factors(plan: HadamardPlan, transpose: bool, dtype: torch.dtype, dev
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """How `_fwht_triton` launches the kernel: rows per tile, warps per program, software-pipelining stages,
-    programs per SM (0: one program per tile), and slices of the output's last axis made one after another."""
+    """How `_fwht_triton` launches the kernel: rows per tile, warps per program, software-pipelining stages, and
+    programs per SM (0: one program per tile)."""
     rows: int = 1
     warps: int = 4
     stages: int = 1
     per_sm: int = 0
-    chunks: int = 1
 
 
 def kernel_config(A: int, C: int, D: int) -> KernelConfig:
     """The launch for tiling (A, C, D), from a sweep on an H100 (bf16, 16384 rows; `benchmarks/hadamard_warps.py`,
     benchmarks/results/hadamard_warps_s15-h100.json): 4 warps (8 lost 5-27 points everywhere); two rows per tile
     when a row's tile has at most 8192 weights and no S_A axis (1536, 4096, 8192: +1 to +13 points); a grid of 4
-    programs per SM looping over the tiles with 2 pipelining stages, except for tiles of 16384+ weights with an S_A
-    axis (14336, 27648), which lost 12-23 points that way (one program per tile there)."""
+    programs per SM looping over the tiles with 2 pipelining stages (8 per SM for smaller tiles with an S_A axis:
+    5120 gained 0.7-0.9 points in two sweeps, hadamard_warps_s15-h100 and hadamard_chunks_s16-h100), except for
+    tiles of 16384+ weights with an S_A axis (14336, 27648), which lost 12-23 points that way (one program per tile
+    there)."""
     size = A * C * D
     rows = 2 if A == 1 and size <= 8192 else 1
     loop = size < 16384 or A == 1
-    return KernelConfig(rows=rows, warps=4, stages=2 if loop else 1, per_sm=4 if loop else 0)
+    return KernelConfig(rows=rows, warps=4, stages=2 if loop else 1, per_sm=(4 if A == 1 else 8) if loop else 0)
 
 
 @lru_cache(maxsize=8)
@@ -395,7 +396,7 @@ def launch_fwht(x2: torch.Tensor, y: torch.Tensor, plan: HadamardPlan, factors, 
         x2, y, L, SA, SC, L if signs is None else signs, rows, x2.stride(0), y.stride(0), scale,
         M=plan.m if plan.m > 1 else D, A=A, C=C, D=D, ROWS=cfg.rows, SIGN_IN=signs is not None and transpose,
         SIGN_OUT=signs is not None and not transpose, PREC="tf32x3" if x2.dtype == torch.float32 else "tf32",
-        STAGES=cfg.stages, CHUNKS=cfg.chunks, num_warps=cfg.warps)
+        STAGES=cfg.stages, num_warps=cfg.warps)
 
 
 def _fwht_triton(x: torch.Tensor, plan: HadamardPlan, signs: torch.Tensor | None, transpose: bool,

@@ -56,17 +56,13 @@ def layout(p: int, m: int) -> tuple[int, int, int] | None:
 @triton.jit
 def fwht_kernel(x_ptr, y_ptr, l_ptr, sa_ptr, sc_ptr, sign_ptr, n_rows, stride_x, stride_y, scale,
                 M: tl.constexpr, A: tl.constexpr, C: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr,
-                SIGN_IN: tl.constexpr, SIGN_OUT: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr,
-                CHUNKS: tl.constexpr):
+                SIGN_IN: tl.constexpr, SIGN_OUT: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
     """y[r] = (x[r] (·s)) @ (S_{A·C} ⊗ L) (·s) · scale for every row r; L is [D, D] (B padded, or S_D).
 
     A program takes tiles of ROWS rows (ROWS > 1 only when A = 1: the rows then fill the first axis, which gets no
     product) and loops over tiles program_id, program_id + programs, …: a grid smaller than the tiles keeps each
-    program's next load in flight while it computes (STAGES, Triton's software pipelining). The output is made in
-    CHUNKS slices of the last axis (S_A and S_C act on each slice alone): a large tile then never holds more than
-    1/CHUNKS of it in float32 accumulators."""
+    program's next load in flight while it computes (STAGES, Triton's software pipelining)."""
     RA: tl.constexpr = A * ROWS                            # the tile's first axis: rows, or S_A's axis
-    DJ: tl.constexpr = D // CHUNKS                         # output columns of L per slice
     a = tl.arange(0, RA)[:, None, None]
     c = tl.arange(0, C)[None, :, None]
     j = tl.arange(0, D)[None, None, :]
@@ -75,7 +71,7 @@ def fwht_kernel(x_ptr, y_ptr, l_ptr, sa_ptr, sc_ptr, sign_ptr, n_rows, stride_x,
     else:
         col = (a * C + c) * M + j                          # [A, C, D]
     dd = tl.arange(0, D)
-    dj = tl.arange(0, DJ)
+    L = tl.load(l_ptr + dd[:, None] * D + dd[None, :])
     cc = tl.arange(0, C)
     SC = tl.load(sc_ptr + cc[:, None] * C + cc[None, :])
     if A > 1:
@@ -83,21 +79,19 @@ def fwht_kernel(x_ptr, y_ptr, l_ptr, sa_ptr, sc_ptr, sign_ptr, n_rows, stride_x,
         SA = tl.load(sa_ptr + aa[:, None] * A + aa[None, :])
         oa = tl.arange(0, A)[None, None, :]
         oc = tl.arange(0, C)[None, :, None]
-        oj = tl.arange(0, DJ)[:, None, None]
-        ocol = (oa * C + oc) * M + oj                      # [DJ, C, A]
+        oj = tl.arange(0, D)[:, None, None]
+        ocol = (oa * C + oc) * M + oj                      # [D, C, A]
         orow = tl.zeros((1, 1, 1), dtype=tl.int64)
     else:
         orr = tl.arange(0, ROWS)[:, None, None]
         oc = tl.arange(0, C)[None, None, :]
-        oj = tl.arange(0, DJ)[None, :, None]
-        ocol = oc * M + oj                                 # [1, DJ, C]
+        oj = tl.arange(0, D)[None, :, None]
+        ocol = oc * M + oj                                 # [1, D, C]
         orow = orr.to(tl.int64)                            # [ROWS, 1, 1]
     if SIGN_IN:
         s_in = tl.load(sign_ptr + col, mask=j < M, other=0.0)
-    if CHUNKS == 1:                                        # one slice: L and the output signs loaded once
-        L1 = tl.load(l_ptr + dd[:, None] * D + dd[None, :])
-        if SIGN_OUT:
-            s_out = tl.load(sign_ptr + ocol, mask=oj < M, other=0.0).to(tl.float32)
+    if SIGN_OUT:
+        s_out = tl.load(sign_ptr + ocol, mask=oj < M, other=0.0).to(tl.float32)
     n_tiles = tl.cdiv(n_rows, ROWS)
     for tile in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), num_stages=STAGES):
         r0 = (tl.full((), 0, tl.int64) + tile) * ROWS      # 64-bit offsets (tile: a Python int when interpreted)
@@ -110,27 +104,18 @@ def fwht_kernel(x_ptr, y_ptr, l_ptr, sa_ptr, sc_ptr, sign_ptr, n_rows, stride_x,
         if SIGN_IN:
             x = x * s_in.to(x.dtype)
         dt = x.dtype
-        x = tl.reshape(x, (RA * C, D))
-        for q in tl.static_range(CHUNKS):
-            if CHUNKS == 1:
-                L = L1
-            else:
-                L = tl.load(l_ptr + dd[:, None] * D + q * DJ + dj[None, :])
-            t = tl.dot(x, L, input_precision=PREC)                                     # last axis
-            t = tl.permute(tl.reshape(t.to(dt), (RA, C, DJ)), (0, 2, 1))               # [RA, DJ, C]
-            t = tl.dot(tl.reshape(t, (RA * DJ, C)), SC, input_precision=PREC)          # middle axis (S symmetric)
-            if A > 1:
-                t = tl.permute(tl.reshape(t.to(dt), (A, DJ, C)), (1, 2, 0))            # [DJ, C, A]
-                t = tl.dot(tl.reshape(t, (DJ * C, A)), SA, input_precision=PREC)       # first axis
-                t = tl.reshape(t, (DJ, C, A))
-                omask = oj + q * DJ < M
-            else:
-                t = tl.reshape(t, (ROWS, DJ, C))
-                omask = (oj + q * DJ < M) & (r0 + orow < n_rows)
-            t = t * scale
-            if SIGN_OUT:
-                if CHUNKS == 1:
-                    t = t * s_out
-                else:
-                    t = t * tl.load(sign_ptr + ocol + q * DJ, mask=oj + q * DJ < M, other=0.0).to(tl.float32)
-            tl.store(y_ptr + (r0 + orow) * stride_y + ocol + q * DJ, t.to(y_ptr.dtype.element_ty), mask=omask)
+        t = tl.dot(tl.reshape(x, (RA * C, D)), L, input_precision=PREC)            # last axis
+        t = tl.permute(tl.reshape(t.to(dt), (RA, C, D)), (0, 2, 1))                # [RA, D, C]
+        t = tl.dot(tl.reshape(t, (RA * D, C)), SC, input_precision=PREC)           # middle axis (S symmetric)
+        if A > 1:
+            t = tl.permute(tl.reshape(t.to(dt), (A, D, C)), (1, 2, 0))             # [D, C, A]
+            t = tl.dot(tl.reshape(t, (D * C, A)), SA, input_precision=PREC)        # first axis
+            t = tl.reshape(t, (D, C, A))
+            omask = oj < M
+        else:
+            t = tl.reshape(t, (ROWS, D, C))
+            omask = (oj < M) & (r0 + orow < n_rows)
+        t = t * scale
+        if SIGN_OUT:
+            t = t * s_out
+        tl.store(y_ptr + (r0 + orow) * stride_y + ocol, t.to(y_ptr.dtype.element_ty), mask=omask)
