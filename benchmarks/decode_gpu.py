@@ -168,9 +168,10 @@ def llama_bench(binary: str, path: Path, tokens: int) -> dict:
             "build_commit": r.get("build_commit"), "gpu": r.get("gpu_info")}
 
 
-def roofline_measure(a, work: Path) -> dict:
+def roofline_measure(a, work: Path, groups=("fixed", "efficiency", "validation")) -> dict:
     """llama.cpp CUDA decode of the FIXED, PURE and WHOLE files on this GPU: bytes each reads per token by type,
-    its blocks and width, the measured seconds per token (`--roofline`; `roofline_fit` turns them into figures)."""
+    its blocks and width, the measured seconds per token (`--roofline`; `roofline_fit` turns them into figures;
+    `--validate` measures the WHOLE files alone and checks the shipped table with `roofline_check`)."""
     from twinquant.io.load import load_model
     from twinquant.runtime import roofline as rf
 
@@ -181,6 +182,8 @@ def roofline_measure(a, work: Path) -> dict:
     bw = rf.DEVICES[name].bandwidth
     rows = []
     for group, files in (("fixed", FIXED), ("efficiency", PURE), ("validation", WHOLE)):
+        if group not in groups:
+            continue
         for shape, layers, mix in files:
             path = synthetic_file(work, shape, mix, layers)
             m = load_model(path, load_tokenizer=False)
@@ -193,7 +196,47 @@ def roofline_measure(a, work: Path) -> dict:
             print(group, shape, tb.blocks, mix, f"{tb.total / 1e6:.0f} MB", ll.get("tokens_per_s", ll), flush=True)
             if shape != "tiny":
                 path.unlink()                                     # the disk holds one large file at a time
-    return {"gpu": gpu, "bandwidth_gbs": bw, "rows": rows}
+    return {"gpu": gpu, "device": name, "bandwidth_gbs": bw, "rows": rows}
+
+
+def _token_bytes(r: dict):
+    from twinquant.runtime import roofline as rf
+
+    return rf.TokenBytes(weights=r["weights_by_type"], kv=r["kv_bytes"], blocks=r["blocks"], ctx=rf.ANCHOR_CTX,
+                         hidden=r["hidden"])
+
+
+def roofline_check(meas: dict) -> list[dict]:
+    """The validation files predicted by the runtime's own table entry for this GPU (`twinquant roofline --device
+    h100|h200`), beside what llama.cpp measured: the shipped figures checked, nothing refitted."""
+    from twinquant.runtime import roofline as rf
+
+    dev = rf.DEVICES[meas["device"]]
+    out = []
+    for r in meas["rows"]:
+        if r["kind"] == "validation":
+            pred = 1 / rf.predict(_token_bytes(r), dev).expected_tps
+            out.append({"shape": r["shape"], "mix": r["mix"], "blocks": r["blocks"],
+                        "bytes_per_token": r["bytes_per_token"], "measured_s": r["measured_s"], "predicted_s": pred,
+                        "measured_over_predicted": r["measured_s"] / pred if r["measured_s"] else None})
+    return out
+
+
+def check_markdown(res: dict) -> str:
+    meas = res["measurements"]
+    lines = [f"# decode_gpu {res['tag']}: the shipped `twinquant roofline --device {meas['device']}` checked on "
+             f"{meas['gpu']}", "", f"command: `{res['command']}`  ", f"commit: {res['commit']}  ",
+             f"machine: {res['machine']}  ",
+             f"llama.cpp CUDA (llama-bench, tg{res['tokens']}, mean of 3), synthetic files of real shapes; predicted "
+             f"with the runtime's table entry `{meas['device']}` ({meas['bandwidth_gbs']:.0f} GB/s), not refitted", "",
+             "| file | blocks | MB read / token | measured ms / token | predicted ms / token | measured ÷ predicted |",
+             "|---|---|---|---|---|---|"]
+    for c in res["checks"]:
+        ms = f"{1e3 * c['measured_s']:.3f}" if c["measured_s"] else "failed"
+        ratio = f"{c['measured_over_predicted']:.3f}" if c["measured_over_predicted"] else "-"
+        lines.append(f"| {c['shape']} {c['mix']} | {c['blocks']} | {c['bytes_per_token'] / 1e6:.1f} | {ms} | "
+                     f"{1e3 * c['predicted_s']:.3f} | {ratio} |")
+    return "\n".join(lines) + "\n"
 
 
 def roofline_fit(meas: dict) -> dict:
@@ -219,8 +262,7 @@ def roofline_fit(meas: dict) -> dict:
     for r in rows:
         if r["kind"] != "validation":
             continue
-        tb = rf.TokenBytes(weights=r["weights_by_type"], kv=r["kv_bytes"], blocks=r["blocks"], ctx=rf.ANCHOR_CTX,
-                           hidden=r["hidden"])
+        tb = _token_bytes(r)
         c = {"shape": r["shape"], "mix": r["mix"], "blocks": r["blocks"], "bytes_per_token": r["bytes_per_token"],
              "measured_s": r["measured_s"]}
         for k, d in devs.items():
@@ -309,6 +351,8 @@ def main() -> None:
     ap.add_argument("--llama-bench")
     ap.add_argument("--roofline", action="store_true", help="fit and check `twinquant roofline` for this GPU "
                     "(llama.cpp only; needs --llama-bench)")
+    ap.add_argument("--validate", action="store_true", help="measure the whole files only and check the runtime's "
+                    "shipped table entry for this GPU (needs --llama-bench)")
     ap.add_argument("--refit", metavar="JSON", help="recompute the fit of a --roofline run's results file in place")
     ap.add_argument("--device", default="cuda", help="cuda; cpu only for a smoke run (TRITON_INTERPRET=1 "
                     "TWINQUANT_TRITON_CPU=1)")
@@ -327,6 +371,15 @@ def main() -> None:
         stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
         stem.with_suffix(".md").write_text(roofline_markdown(res))
         print(roofline_markdown(res))
+        return
+    if a.validate:
+        if not a.llama_bench:
+            raise SystemExit("decode_gpu: --validate needs --llama-bench")
+        meas = roofline_measure(a, work, groups=("validation",))
+        res = record(tag=a.tag, tokens=a.tokens, measurements=meas, checks=roofline_check(meas))
+        stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
+        stem.with_suffix(".md").write_text(check_markdown(res))
+        print(check_markdown(res))
         return
     if a.roofline:
         if not a.llama_bench:
