@@ -54,6 +54,13 @@ WHOLE = ([("qwen2.5-1.5b", None, f"llama.cpp:{m}") for m in ("Q2_K", "Q3_K_M", "
          + [("qwen2.5-7b", None, f"llama.cpp:{m}") for m in ("Q2_K", "Q3_K_M", "Q4_K_M")]
          + [("qwen2.5-32b", None, "llama.cpp:Q2_K")])
 WARM = 4
+# twinquant's decode runs: (key, packed K-quant weights, one CUDA graph per step)
+VARIANTS = (("twinquant_packed_graph", True, True), ("twinquant_packed", True, False),
+            ("twinquant_bf16_graph", False, True), ("twinquant_bf16", False, False))
+LABELS = {"twinquant_packed_graph": "twinquant, packed K-quants (Triton), CUDA graph",
+          "twinquant_packed": "twinquant, packed K-quants (Triton), no graph",
+          "twinquant_bf16_graph": "twinquant, bfloat16 weights, CUDA graph",
+          "twinquant_bf16": "twinquant, bfloat16 weights, no graph"}
 
 
 def hf_config(shape: str, layers: int | None = None) -> dict:
@@ -130,11 +137,12 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def twinquant_decode(path: Path, tokens: int, packed: bool, device: str) -> dict:
+def twinquant_decode(path: Path, tokens: int, packed: bool, device: str, graphs: bool = False) -> dict:
     from twinquant.model.forward import KVCache, forward
+    from twinquant.runtime.graph_decode import GraphStep
     from twinquant.runtime.packed_weights import load_for_decode
 
-    # what `twinquant run --device cuda` does (packed), or with --dtype bf16 --no-kernels
+    # what `twinquant run --device cuda` does (packed, graphs), or with --no-graphs, or --dtype bf16 --no-kernels
     model, counts = load_for_decode(path, torch.float32 if packed else torch.bfloat16, device, kernels=packed)
     _sync(device)
     mem = torch.cuda.memory_allocated() / 2**30 if device.startswith("cuda") else None
@@ -142,12 +150,16 @@ def twinquant_decode(path: Path, tokens: int, packed: bool, device: str) -> dict
     tok = torch.arange(8)[None] + 100
     with torch.inference_mode():
         logits = forward(model, tok, cache=cache, logits_for=slice(-1, None))
+        step = GraphStep(model, cache) if graphs else None
         times = []
         for i in range(tokens):
             nxt = logits[0, -1].argmax().view(1, 1)
             _sync(device)
             t0 = time.perf_counter()
-            logits = forward(model, nxt, cache=cache, logits_for=slice(-1, None))
+            if step is not None:
+                logits = step(int(nxt))[None, None]
+            else:
+                logits = forward(model, nxt, cache=cache, logits_for=slice(-1, None))
             _sync(device)
             if i >= WARM:
                 times.append(time.perf_counter() - t0)
@@ -155,7 +167,8 @@ def twinquant_decode(path: Path, tokens: int, packed: bool, device: str) -> dict
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return {"tokens_per_s": len(times) / sum(times), "gpu_memory_gib": mem and round(mem, 2),
-            "packed": dict(counts), "weights": "packed K-quant bytes (Triton GEMV)" if packed else "bfloat16 (cuBLAS)"}
+            "packed": dict(counts), "graphs": graphs,
+            "weights": "packed K-quant bytes (Triton GEMV)" if packed else "bfloat16 (cuBLAS)"}
 
 
 def llama_bench(binary: str, path: Path, tokens: int) -> dict:
@@ -168,7 +181,7 @@ def llama_bench(binary: str, path: Path, tokens: int) -> dict:
             "build_commit": r.get("build_commit"), "gpu": r.get("gpu_info")}
 
 
-def roofline_measure(a, work: Path, groups=("fixed", "efficiency", "validation")) -> dict:
+def roofline_measure(a, work: Path, groups=("fixed", "efficiency", "validation"), partial: Path | None = None) -> dict:
     """llama.cpp CUDA decode of the FIXED, PURE and WHOLE files on this GPU: bytes each reads per token by type,
     its blocks and width, the measured seconds per token (`--roofline`; `roofline_fit` turns them into figures;
     `--validate` measures the WHOLE files alone and checks the shipped table with `roofline_check`)."""
@@ -194,6 +207,8 @@ def roofline_measure(a, work: Path, groups=("fixed", "efficiency", "validation")
                          "weights_by_type": tb.weights, "kv_bytes": tb.kv, "llamacpp": ll,
                          "measured_s": 1 / ll["tokens_per_s"] if "tokens_per_s" in ll else None})
             print(group, shape, tb.blocks, mix, f"{tb.total / 1e6:.0f} MB", ll.get("tokens_per_s", ll), flush=True)
+            if partial is not None:                               # what a run cut short still leaves
+                partial.write_text(json.dumps({"gpu": gpu, "device": name, "bandwidth_gbs": bw, "rows": rows}))
             if shape != "tiny":
                 path.unlink()                                     # the disk holds one large file at a time
     return {"gpu": gpu, "device": name, "bandwidth_gbs": bw, "rows": rows}
@@ -310,8 +325,9 @@ def markdown(res: dict) -> str:
     for run in res["runs"]:
         ll = run["llamacpp"].get("tokens_per_s")
         exp = run["roofline"]["expected_tps"]
-        for k, label in (("twinquant_packed", "twinquant, packed K-quants (Triton)"),
-                         ("twinquant_bf16", "twinquant, bfloat16 weights"), ("llamacpp", "llama.cpp CUDA")):
+        for k, label in [*LABELS.items(), ("llamacpp", "llama.cpp CUDA")]:
+            if k not in run:
+                continue
             tps = run[k].get("tokens_per_s")
             head = f"| {run['shape']} | {run['file_bytes'] / 1e6:.0f} | {run['file_bpw']:.3f} | {label} |"
             if tps is None:
@@ -330,11 +346,13 @@ def one_shape(a, shape: str, work: Path) -> dict:
     run = {"shape": shape, "file_bytes": path.stat().st_size, "prepare_seconds": round(time.perf_counter() - t0, 1)}
     m = load_model(path, load_tokenizer=False)
     run["file_bpw"] = 8 * sum(m.source.info(n).nbytes for n in m.tensor_names()) / rf.n_weights(m.spec)
-    gpu = "h200" if "H200" in torch.cuda.get_device_name(0) else "h100"
+    gpu = "h200" if torch.cuda.is_available() and "H200" in torch.cuda.get_device_name(0) else "h100"
     run["roofline"] = rf.predict(rf.file_token_bytes(m, a.tokens), gpu).to_dict()
-    for k, packed in (("twinquant_packed", True), ("twinquant_bf16", False)):
+    for k, packed, graphs in VARIANTS:
+        if graphs and not a.device.startswith("cuda"):
+            continue
         try:
-            run[k] = twinquant_decode(path, a.tokens, packed, a.device)
+            run[k] = twinquant_decode(path, a.tokens, packed, a.device, graphs)
         except Exception as e:
             run[k] = {"error": str(e).splitlines()[0][:300]}
         print(shape, k, run[k], flush=True)
@@ -363,6 +381,7 @@ def main() -> None:
         raise SystemExit("decode_gpu: needs a CUDA GPU")
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
+    Path(a.out).mkdir(parents=True, exist_ok=True)
     stem = Path(a.out) / f"decode_gpu_{a.tag}"
     if a.refit:                   # the fit again from a run's measurements (no GPU needed)
         res = json.loads(Path(a.refit).read_text())
@@ -375,7 +394,7 @@ def main() -> None:
     if a.validate:
         if not a.llama_bench:
             raise SystemExit("decode_gpu: --validate needs --llama-bench")
-        meas = roofline_measure(a, work, groups=("validation",))
+        meas = roofline_measure(a, work, groups=("validation",), partial=stem.with_suffix(".partial.json"))
         res = record(tag=a.tag, tokens=a.tokens, measurements=meas, checks=roofline_check(meas))
         stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
         stem.with_suffix(".md").write_text(check_markdown(res))

@@ -193,7 +193,7 @@ def cmd_generate(args) -> None:
     if not args.chat:
         sys.stdout.write(args.prompt)
     new = generate(model, ids, args.n_predict, sampling, use_cache=not args.no_cache,
-                   stop=tok.eog_ids if not args.ignore_eos else frozenset())
+                   stop=tok.eog_ids if not args.ignore_eos else frozenset(), graphs=not args.no_graphs)
     for piece in stream_text(tok, (i for i in new if i not in tok.eog_ids)):
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -346,6 +346,8 @@ def _generate_options(sp) -> None:
     sp.add_argument("--ignore-eos", action="store_true")
     sp.add_argument("--no-kernels", action="store_true", help="on CUDA: dequantize every weight to --dtype instead "
                     "of multiplying K-quant weights from their packed bytes (Triton)")
+    sp.add_argument("--no-graphs", action="store_true", help="on CUDA: launch every decode step's kernels from "
+                    "Python instead of replaying one CUDA graph")
 
 
 # --- roofline -------------------------------------------------------------------------------------------------

@@ -35,6 +35,10 @@ class KVCache:
     k: list[torch.Tensor]
     v: list[torch.Tensor]
     pos: int = 0
+    # the position as a device tensor (int64, 0-dim); when set, attention writes there and attends over the whole
+    # cache under a mask, so a decode step has the same shapes at every position (a CUDA graph replays it:
+    # runtime/graph_decode.py); `pos` still counts on the host
+    at: torch.Tensor | None = None
 
     @classmethod
     def empty(cls, model: Model, batch: int, max_len: int) -> "KVCache":
@@ -195,6 +199,34 @@ def linears(x: torch.Tensor, model: Model, names: tuple[str, ...], hook: LinearH
     return [tap(n, y) for n, y in zip(names, ys)] if tap is not None else ys
 
 
+def _rope_at(spec: ModelSpec, start: int | torch.Tensor, L: int, cache: KVCache | None, device, dtype):
+    """cos/sin for positions start..start+L-1; a device-tensor start (`KVCache.at`) indexes the cache's whole
+    table on the device."""
+    if isinstance(start, torch.Tensor):
+        cos, sin = _rope_tables(spec, 0, cache.max_len, device, dtype)
+        idx = start + torch.arange(L, device=device)
+        return cos.index_select(0, idx), sin.index_select(0, idx)
+    return _rope_tables(spec, start, L, device, dtype)
+
+
+def _remember(cache: KVCache, slot: int, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor | None):
+    """Write L new keys (and values) at start; (keys, values, attn_mask, is_causal) to attend with: the cached
+    prefix, or with a device-tensor start the whole cache with the positions past the queries masked off."""
+    L = k.shape[2]
+    if isinstance(start, torch.Tensor):
+        idx = start + torch.arange(L, device=k.device)
+        cache.k[slot].index_copy_(2, idx, k)
+        if v is not None:
+            cache.v[slot].index_copy_(2, idx, v)
+        mask = torch.arange(cache.max_len, device=k.device)[None, :] <= idx[:, None]
+        return cache.k[slot], cache.v[slot] if v is not None else None, mask, False
+    cache.k[slot][:, :, start:start + L] = k
+    if v is not None:
+        cache.v[slot][:, :, start:start + L] = v
+    keys = cache.k[slot][:, :, :start + L]
+    return keys, cache.v[slot][:, :, :start + L] if v is not None else None, *_causal(start, L, k.device)
+
+
 def _causal(start: int, L: int, device) -> tuple[torch.Tensor | None, bool]:
     """(attn_mask, is_causal) for L queries at positions start.. over the keys 0..start+L-1: SDPA's own causal mask
     from position 0; after cached positions each query sees the keys up to its own (one query: all of them)."""
@@ -225,16 +257,15 @@ def attention_mix(model: Model, layer: int, x: torch.Tensor, start: int, cache: 
     if s.qk_norm:
         q = rms_norm(q, model.get(roles.name(T.ATTN_Q_NORM, layer)), s.rms_eps)
         k = rms_norm(k, model.get(roles.name(T.ATTN_K_NORM, layer)), s.rms_eps)
-    cos, sin = _rope_tables(s, start, L, x.device, x.dtype)
+    cos, sin = _rope_at(s, start, L, cache, x.device, x.dtype)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if model.qk_transform is not None:   # R3: q·kᵀ is unchanged, the cached keys are rotated
         q, k = model.qk_transform.apply(q), model.qk_transform.apply(k)
 
     if cache is not None:
-        cache.k[slot][:, :, start:start + L] = k
-        cache.v[slot][:, :, start:start + L] = v
-        k, v = cache.k[slot][:, :, :start + L], cache.v[slot][:, :, :start + L]
-    mask, causal = _causal(start, L, x.device)
+        k, v, mask, causal = _remember(cache, slot, start, k, v)
+    else:
+        mask, causal = _causal(start, L, x.device)
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                        enable_gqa=s.n_heads != s.n_kv_heads)
     return o.transpose(1, 2).reshape(B, L, s.q_dim)
@@ -268,14 +299,14 @@ def latent_attention(model: Model, layer: int, x: torch.Tensor, start: int, cach
     q_nope, q_pe = q.split([s.nope_dim, rope], dim=-1)
     latent, k_pe = kv.split([r, rope], dim=-1)
     latent = rms_norm(latent, model.get(n(T.ATTN_KV_A_NORM)), s.rms_eps)[:, None]      # [B, 1, L, r]
-    cos, sin = _rope_tables(s, start, L, x.device, x.dtype)
+    cos, sin = _rope_at(s, start, L, cache, x.device, x.dtype)
     q_pe, k_pe = apply_rope_pairs(q_pe, cos, sin), apply_rope_pairs(k_pe[:, None], cos, sin)
     q = torch.cat((_per_head(q_nope, model.get(n(T.ATTN_K_B)), n(T.ATTN_K_B), hook), q_pe), dim=-1)
     k = torch.cat((latent, k_pe), dim=-1)                               # [B, 1, L, r + rope]
     if cache is not None:
-        cache.k[slot][:, :, start:start + L] = k
-        k = cache.k[slot][:, :, :start + L]
-    mask, causal = _causal(start, L, x.device)
+        k, _, mask, causal = _remember(cache, slot, start, k, None)
+    else:
+        mask, causal = _causal(start, L, x.device)
     scale = s.head_dim ** -0.5
     if s.yarn_factor and s.yarn_mscale_all_dim:     # DeepSeek's YaRN also sharpens the softmax
         scale *= yarn_mscale(s.yarn_factor, s.yarn_mscale_all_dim) ** 2
@@ -429,6 +460,8 @@ def forward(model: Model, tokens: torch.Tensor, cache: KVCache | None = None,
     start = cache.pos if cache is not None else 0
     if cache is not None and start + tokens.shape[1] > cache.max_len:
         raise ValueError(f"KV cache holds {cache.max_len} positions, asked for {start + tokens.shape[1]}")
+    if cache is not None and cache.at is not None:
+        start = cache.at                    # the position read on the device (a replayed decode step)
     x = run_slots(model, embed(model, tokens), start, cache, hook, residual_hook)
     if cache is not None:
         cache.pos += tokens.shape[1]

@@ -36,14 +36,23 @@ def pick(logits: torch.Tensor, s: Sampling, gen: torch.Generator) -> int:
 
 
 def generate(model: Model, prompt: list[int], max_new: int, sampling: Sampling = Sampling(),
-             use_cache: bool = True, stop: frozenset[int] = frozenset()) -> Iterator[int]:
-    """Yield new token ids one at a time; stops after `max_new` or at a token in `stop`."""
+             use_cache: bool = True, stop: frozenset[int] = frozenset(), graphs: bool = True) -> Iterator[int]:
+    """Yield new token ids one at a time; stops after `max_new` or at a token in `stop`. With the cache on a CUDA
+    device (`graphs`), the steps after the prompt replay one CUDA graph (`graph_decode.GraphStep`)."""
+    from twinquant.runtime.graph_decode import GraphStep, graph_ready
+
     gen = torch.Generator().manual_seed(sampling.seed)
     ids = list(prompt)
     cache = KVCache.empty(model, 1, len(ids) + max_new) if use_cache else None
     feed = ids
-    for _ in range(max_new):
-        logits = forward(model, torch.tensor([feed]), cache=cache, logits_for=slice(-1, None))[0, -1]
+    step = None
+    for i in range(max_new):
+        if step is not None:
+            logits = step(feed[0])
+        else:
+            logits = forward(model, torch.tensor([feed]), cache=cache, logits_for=slice(-1, None))[0, -1]
+        if i == 0 and use_cache and graphs and max_new > 2 and graph_ready(model) is None:
+            step = GraphStep(model, cache)
         nxt = pick(logits, sampling, gen)
         yield nxt
         if nxt in stop:
