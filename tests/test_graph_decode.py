@@ -1,14 +1,19 @@
 """Decode steps that read their position from the device (`KVCache.at`, what a CUDA graph replays) against the
 ordinary cached forward; the graph itself against eager decoding where CUDA runs."""
 
+import warnings
+
 import pytest
 import torch
 
 from tests.tiny_models import save_tiny
 from twinquant.io.hf import load_hf_dir
 from twinquant.model.forward import KVCache, forward
+from twinquant.runtime import generate as gen_mod
+from twinquant.runtime import graph_decode
 from twinquant.runtime.generate import generate
 from twinquant.runtime.graph_decode import GraphStep, graph_ready
+from twinquant.transforms.hadamard import RandomizedHadamard
 
 CUDA = torch.cuda.is_available()
 
@@ -48,6 +53,36 @@ def test_graph_ready_says_why_not(tmp_path):
         moe = moe.to(device="cuda")
     assert graph_ready(moe) == ("routed experts choose their tokens on the host" if CUDA else
                                 "CUDA graphs need a CUDA device")
+
+
+def test_a_step_that_cannot_be_captured_decodes_eagerly_and_says_so(tmp_path, monkeypatch):
+    m = load_hf_dir(save_tiny("qwen2", tmp_path))
+    prompt = [5, 9, 2, 7]
+    eager = list(generate(m, prompt, 6, graphs=False))
+
+    def refuse(model, cache):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(graph_decode, "graph_ready", lambda model: None)
+    monkeypatch.setattr(graph_decode, "GraphStep", refuse)
+    with pytest.warns(UserWarning, match="without a CUDA graph.*RuntimeError: operation not permitted"):
+        assert list(gen_mod.generate(m, prompt, 6)) == eager
+
+
+def _rotated(m):
+    """Online transforms as a rotated file carries them (R3 on q/k, R4 before ffn_down): captured too."""
+    m.qk_transform = RandomizedHadamard(m.spec.head_dim, seed=1)
+    for i in range(m.spec.n_layers):
+        m.input_transforms[f"blk.{i}.ffn_down.weight"] = RandomizedHadamard(m.spec.intermediate, seed=2 + i)
+    return m
+
+
+@pytest.mark.skipif(not CUDA, reason="a CUDA graph needs a GPU (run on the lent device)")
+def test_graph_decode_with_online_transforms(tmp_path):
+    m = _rotated(load_hf_dir(save_tiny("qwen2", tmp_path)).to(device="cuda"))
+    prompt = [3, 8, 1, 4, 4]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)         # a fallback to eager decoding would warn
+        assert list(generate(m, prompt, 12, graphs=True)) == list(generate(m, prompt, 12, graphs=False))
 
 
 @pytest.mark.skipif(not CUDA, reason="a CUDA graph needs a GPU (run on the lent device)")

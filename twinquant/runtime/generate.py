@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -52,7 +53,11 @@ def generate(model: Model, prompt: list[int], max_new: int, sampling: Sampling =
         else:
             logits = forward(model, torch.tensor([feed]), cache=cache, logits_for=slice(-1, None))[0, -1]
         if i == 0 and use_cache and graphs and max_new > 2 and graph_ready(model) is None:
-            step = GraphStep(model, cache)
+            try:
+                step = GraphStep(model, cache)
+            except Exception as e:      # a step that cannot be captured still decodes, eagerly, and says so
+                warnings.warn(f"decoding without a CUDA graph: the step could not be captured "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})")
         nxt = pick(logits, sampling, gen)
         yield nxt
         if nxt in stop:
