@@ -1,5 +1,5 @@
-"""The runtime's Triton kernels against their references: K-quant dequant-GEMV / dequantize against gguf-py's
-dequantization of the same bytes, the fast Hadamard transform against float64.
+"""The runtime's Triton kernels against their references: K-quant and i-quant dequant-GEMV / dequantize against
+gguf-py's dequantization of the same bytes, the fast Hadamard transform against float64.
 
 Without a GPU they run through Triton's interpreter (TRITON_INTERPRET=1 from conftest, TWINQUANT_TRITON_CPU=1
 here); with one, the same tests run the compiled kernels on CUDA too (and bfloat16, which the interpreter's dot
@@ -215,8 +215,8 @@ def test_a_gguf_decodes_from_packed_weights_as_from_dequantized_ones(tmp_path):
     model = load_hf_dir(save_tiny("qwen2", tmp_path / "hf", tokenizer=True, hidden_size=256, intermediate_size=512,
                                   num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2))
     model.materialize()
-    kinds = {"attn_q": "Q2_K", "attn_k": "Q3_K", "attn_v": "Q4_K", "attn_output": "Q5_K", "ffn_gate": "Q6_K",
-             "ffn_up": "IQ4_XS", "ffn_down": "Q2_K"}          # IQ4_XS has no kernel: it stays a float tensor
+    kinds = {"attn_q": "Q2_K", "attn_k": "Q3_K", "attn_v": "Q4_K", "attn_output": "IQ2_XS", "ffn_gate": "Q6_K",
+             "ffn_up": "Q8_0", "ffn_down": "IQ4_XS"}          # Q8_0 has no kernel: it stays a float tensor
     types = {n: kinds[n.split(".")[2]] for n in model.tensor_names() if n.startswith("blk.") and n.endswith(
         "weight") and n.split(".")[2] in kinds}
     types["output.weight"] = "Q6_K"
@@ -228,7 +228,7 @@ def test_a_gguf_decodes_from_packed_weights_as_from_dequantized_ones(tmp_path):
     packed = load_model(path, device=device, keep_quantized=True)
     counts = pack_linears(packed)
     packed.materialize()
-    assert dict(counts) == {"Q2_K": 4, "Q3_K": 2, "Q4_K": 2, "Q5_K": 2, "Q6_K": 3}
+    assert dict(counts) == {"Q2_K": 2, "Q3_K": 2, "Q4_K": 2, "IQ2_XS": 2, "Q6_K": 3, "IQ4_XS": 2}
     assert "blk.0.ffn_up.weight" not in packed.packed and "blk.0.attn_q.weight" not in packed.tensors
 
     tokens = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(0)).to(device)
@@ -240,7 +240,7 @@ def test_a_gguf_decodes_from_packed_weights_as_from_dequantized_ones(tmp_path):
         t = tokens[:, step:step + 1]
         torch.testing.assert_close(forward(packed, t, cache=caches[1]), forward(plain, t, cache=caches[0]),
                                    rtol=1e-4, atol=1e-4)
-    # ffn_gate (Q6_K) shares its input with ffn_up (IQ4_XS, no kernel): it still ran packed, never dequantized
+    # ffn_gate (Q6_K) shares its input with ffn_up (Q8_0, no kernel): it still ran packed, never dequantized
     assert "blk.0.ffn_gate.weight" not in packed.tensors and "blk.0.ffn_up.weight" in packed.tensors
 
 

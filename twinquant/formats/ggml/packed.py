@@ -1,6 +1,8 @@
-"""Linear layers whose weights stay in their packed GGML K-quant bytes on the GPU (the runtime's decode path).
+"""Linear layers whose weights stay in their packed GGML bytes on the GPU (the runtime's decode path): K-quants and
+the i-quants (`IQ_TYPES`).
 
-`qlinear(x, w)` is F.linear(x, W) with W read from the bytes GGUF stores (formats/ggml/triton_kquants.py): one
+`qlinear(x, w)` is F.linear(x, W) with W read from the bytes GGUF stores (formats/ggml/triton_kquants.py,
+triton_iquants.py): one
 dequant-GEMV per activation row up to GEMV_MAX_ROWS rows (decode reads 84 bytes per 256 Q2_K weights instead of
 1 KB of float32), above that one dequantization into x's dtype and a dense matmul (prefill: the matmul dominates).
 """
@@ -19,11 +21,16 @@ from twinquant.triton_env import interpreted, runs_triton
 
 GEMV_MAX_ROWS = 8
 QK_K = 256
+# the i-quants with a kernel (triton_iquants.py; their codebooks are looked up in GPU memory)
+IQ_TYPES = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M", "IQ4_XS")
 # type -> (the kernels' TYPE id, bytes per super-block)
-KERNEL_TYPES = {t: (int(t[1]), gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t]][1])
-                for t in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")}
-# byte offsets of each super-block's fp16 fields (d, dmin), ggml-common.h's block_q*_K
-F16_FIELDS = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+KERNEL_TYPES = {t: (int(t[1]) if t[0] == "Q" else 10 + IQ_TYPES.index(t),
+                    gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t]][1])
+                for t in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", *IQ_TYPES)}
+# byte offsets of each super-block's fp16 fields (d, dmin), ggml-common.h's block_q*_K / block_iq*; IQ1_M keeps
+# its d in the top nibbles of its four scale words (bytes 49, 51, 53, 55)
+F16_FIELDS = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
+              **{t: (0,) for t in IQ_TYPES if t != "IQ1_M"}, "IQ1_M": ()}
 
 
 @dataclass(frozen=True)
@@ -66,21 +73,38 @@ def _gemv_config(rows: int, nb: int, br: int = 8, max_split: int = 4) -> tuple[i
     return br, split
 
 
+def _iq_tables(w: PackedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """An i-quant's lookup tables on the weight's device: its codebook (float32 [points, width]) and the ±1 sign
+    patterns (IQ4_XS: its 16 kvalues instead)."""
+    from twinquant.formats.ggml.iq_dequant import _grid, _ksign_bits, _kvalues
+
+    dev = w.data.device
+    if w.ggml_type == "IQ4_XS":
+        return _kvalues(dev), _kvalues(dev)
+    return _grid(gguf.GGMLQuantizationType[w.ggml_type], dev), _ksign_bits(dev)
+
+
 def dequantize(w: PackedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The float weight [rows, cols] of a packed one, computed on its device."""
+    from twinquant.formats.ggml.triton_iquants import dequant_iq_kernel
     from twinquant.formats.ggml.triton_kquants import dequant_kernel
 
     tid, bs = KERNEL_TYPES[w.ggml_type]
     out = torch.empty(w.rows, w.cols, dtype=dtype, device=w.data.device)
     br = 8
-    dequant_kernel[(-(-w.rows // br), w.cols // QK_K)](w.data, out, w.rows, w.data.shape[1], w.cols,
-                                                       TYPE=tid, BS=bs, BR=br, num_warps=4)
+    grid = (-(-w.rows // br), w.cols // QK_K)
+    if w.ggml_type in IQ_TYPES:
+        dequant_iq_kernel[grid](w.data, out, *_iq_tables(w), w.rows, w.data.shape[1], w.cols,
+                                TYPE=tid, BS=bs, BR=br, num_warps=4)
+    else:
+        dequant_kernel[grid](w.data, out, w.rows, w.data.shape[1], w.cols, TYPE=tid, BS=bs, BR=br, num_warps=4)
     return out
 
 
 def gemv(x2: torch.Tensor, w: PackedWeight, byte_order: bool = True) -> torch.Tensor:
     """float32 [M, rows] = x2 [M, cols] @ Wᵀ, one pass over the packed rows per activation row. Q2_K takes
     `gemv_q2k_kernel` (weights in the order their bytes lie) unless byte_order=False (the generic kernel)."""
+    from twinquant.formats.ggml.triton_iquants import gemv_iq_kernel
     from twinquant.formats.ggml.triton_kquants import gemv_kernel, gemv_q2k_kernel
 
     tid, bs = KERNEL_TYPES[w.ggml_type]
@@ -95,6 +119,9 @@ def gemv(x2: torch.Tensor, w: PackedWeight, byte_order: bool = True) -> torch.Te
         args = (w.data, x2, y, w.rows, nb, w.data.shape[1], x2.stride(0), y.stride(0))
         if q2k:
             gemv_q2k_kernel[grid](*args, BR=br, SPLIT=split, num_warps=4)
+        elif w.ggml_type in IQ_TYPES:
+            gemv_iq_kernel[grid](w.data, x2, y, *_iq_tables(w), *args[3:], TYPE=tid, BS=bs, BR=br, SPLIT=split,
+                                 num_warps=4)
         else:
             gemv_kernel[grid](*args, TYPE=tid, BS=bs, BR=br, SPLIT=split, num_warps=4)
     return y
@@ -207,4 +234,8 @@ def random_blocks(ggml_type: str, rows: int, cols: int, seed: int = 0) -> np.nda
     data = rng.integers(0, 256, (rows, cols // QK_K, KERNEL_TYPES[ggml_type][1]), dtype=np.uint8)
     for off in F16_FIELDS[ggml_type]:
         data[:, :, off:off + 2] = rng.normal(0, 0.01, (rows, cols // QK_K)).astype(np.float16)[..., None].view(np.uint8)
+    if ggml_type == "IQ1_M":         # d's four nibbles are the high nibbles of bytes 49, 51, 53, 55
+        d16 = rng.normal(0, 0.01, (rows, cols // QK_K)).astype(np.float16).view(np.uint16)
+        for k in range(4):
+            data[:, :, 49 + 2 * k] = (data[:, :, 49 + 2 * k] & 0x0F) | (((d16 >> (4 * k)) & 0xF) << 4).astype(np.uint8)
     return data.reshape(rows, -1)

@@ -1,0 +1,143 @@
+"""Triton kernels that read GGML i-quant blocks as GGUF stores them: dequant-GEMV (decode) and dequantize (prefill).
+
+The same shape as the K-quant kernels (`triton_kquants.py`): each of a super-block's 256 weights is computed in
+registers from its own bytes, so a decode step reads 66 bytes per 256 weights for IQ2_XXS. The i-quants add
+lookups: a codebook entry (gguf-py's decoded grid, float32 [points, width] in GPU memory: 8-32 KB, served from
+L1 and L2) and, for the 2- and 3-bit ones, a sign pattern (IQ2_XXS.ksigns as ±1 float32 [128, 8]). Each weight is
+formed in the order `iq_dequant.py` uses (d times the sub-block multiplier, times the grid value, times the sign),
+so the values equal gguf-py's. Layouts (byte offsets in one super-block; d is fp16 at 0 unless said):
+
+  IQ2_XXS  66 B: 8 × (4 grid bytes, u32: 4 × 7-bit sign index | 4-bit scale << 28) @2
+  IQ2_XS   74 B: u16[32] @2 (9-bit grid index | 7-bit sign index << 9), 16 scale nibbles @66
+  IQ2_S    82 B: grid bytes[32] @2, sign bytes[32] @34, high bits (2 a group) @66, 16 scale nibbles @74
+  IQ3_XXS  98 B: grid bytes[64] @2 (width-4 grid), 8 × u32 (sign indices | scale << 28) @66
+  IQ3_S   110 B: grid bytes[64] @2, high bits (1 a group) @66, sign bytes[32] @74, 8 scale nibbles @106
+  IQ1_S    50 B: grid bytes[32] @2, 8 × u16 @34 (4 × 3 high bits | 3-bit scale << 12 | delta sign << 15)
+  IQ1_M    56 B: grid bytes[32] @0, 16 bytes @32 (a nibble a group: 3 high bits | delta sign), 4 × u16 @48
+                 (4 × 3-bit scales; their top nibbles together are d)
+  IQ4_XS  136 B: high scale bits u16 @2, low scale nibbles[4] @4, 4-bit codes[128] @8 (kvalues table)
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from twinquant.formats.ggml.triton_kquants import QK_K, _f16, _store_rows, _u8
+
+# the kernels' TYPE ids (packed.KERNEL_TYPES)
+IQ_TYPE_IDS = {"IQ2_XXS": 10, "IQ2_XS": 11, "IQ2_S": 12, "IQ3_XXS": 13, "IQ3_S": 14, "IQ1_S": 15, "IQ1_M": 16,
+               "IQ4_XS": 17}
+
+
+@triton.jit
+def _u16(p, mask):
+    return _u8(p, mask) | (_u8(p + 1, mask) << 8)
+
+
+@triton.jit
+def _u32(p, mask):
+    """A little-endian uint32 at byte pointer p, as int64 (its top bit set stays positive)."""
+    return (_u16(p, mask).to(tl.int64)) | (_u16(p + 2, mask).to(tl.int64) << 16)
+
+
+@triton.jit
+def _half(bits):
+    """fp16 bits (int32, 0..0xFFFF) as float32."""
+    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _iq_superblock(blk, e, mask, grid_ptr, sign_ptr, TYPE: tl.constexpr):
+    """Weights e (int32 [1, 256]) of the i-quant super-blocks at byte pointers blk ([R, 1]) as float32 [R, 256];
+    grid_ptr: the type's codebook (float32, row-major), sign_ptr: ksigns as ±1 (or IQ4's kvalues)."""
+    if TYPE == 10:      # IQ2_XXS
+        ib = e // 32
+        aux = _u32(blk + 2 + 8 * ib + 4, mask)
+        db = _f16(blk, mask) * (0.5 + (aux >> 28).to(tl.float32)) * 0.25
+        idx = _u8(blk + 2 + 8 * ib + (e % 32) // 8, mask)
+        sidx = ((aux >> (7 * ((e % 32) // 8))) & 127).to(tl.int32)
+        w = db * tl.load(grid_ptr + idx * 8 + e % 8) * tl.load(sign_ptr + sidx * 8 + e % 8)
+    elif TYPE == 11:    # IQ2_XS
+        q = _u16(blk + 2 + 2 * (e // 8), mask)
+        sc = (_u8(blk + 66 + e // 32, mask) >> (4 * ((e // 16) % 2))) & 0xF
+        db = _f16(blk, mask) * (0.5 + sc.to(tl.float32)) * 0.25
+        w = db * tl.load(grid_ptr + (q & 511) * 8 + e % 8) * tl.load(sign_ptr + (q >> 9) * 8 + e % 8)
+    elif TYPE == 12:    # IQ2_S
+        g = e // 8
+        idx = _u8(blk + 2 + g, mask) | (((_u8(blk + 66 + g // 4, mask) >> (2 * (g % 4))) & 3) << 8)
+        sc = (_u8(blk + 74 + e // 32, mask) >> (4 * ((e // 16) % 2))) & 0xF
+        db = _f16(blk, mask) * (0.5 + sc.to(tl.float32)) * 0.25
+        neg = (_u8(blk + 34 + g, mask) >> (e % 8)) & 1
+        w = db * tl.load(grid_ptr + idx * 8 + e % 8) * tl.where(neg == 1, -1.0, 1.0)
+    elif TYPE == 13:    # IQ3_XXS
+        aux = _u32(blk + 66 + 4 * (e // 32), mask)
+        db = _f16(blk, mask) * (0.5 + (aux >> 28).to(tl.float32)) * 0.5
+        idx = _u8(blk + 2 + e // 4, mask)
+        sidx = ((aux >> (7 * ((e % 32) // 8))) & 127).to(tl.int32)
+        w = db * tl.load(grid_ptr + idx * 4 + e % 4) * tl.load(sign_ptr + sidx * 8 + e % 8)
+    elif TYPE == 14:    # IQ3_S
+        g = e // 4
+        idx = _u8(blk + 2 + g, mask) | (((_u8(blk + 66 + g // 8, mask) >> (g % 8)) & 1) << 8)
+        sc = (_u8(blk + 106 + e // 64, mask) >> (4 * ((e // 32) % 2))) & 0xF
+        db = _f16(blk, mask) * (1 + 2 * sc).to(tl.float32)
+        neg = (_u8(blk + 74 + e // 8, mask) >> (e % 8)) & 1
+        w = db * tl.load(grid_ptr + idx * 4 + e % 4) * tl.where(neg == 1, -1.0, 1.0)
+    elif TYPE == 15:    # IQ1_S
+        qh = _u16(blk + 34 + 2 * (e // 32), mask)
+        dl = _f16(blk, mask) * (2 * ((qh >> 12) & 7) + 1).to(tl.float32)
+        delta = tl.where((qh & 0x8000) == 0, 0.125, -0.125)
+        idx = _u8(blk + 2 + e // 8, mask) | (((qh >> (3 * ((e % 32) // 8))) & 7) << 8)
+        w = dl * (tl.load(grid_ptr + idx * 8 + e % 8) + delta)
+    elif TYPE == 16:    # IQ1_M
+        d16 = (((_u16(blk + 48, mask) >> 12) & 0xF) | (((_u16(blk + 50, mask) >> 12) & 0xF) << 4)
+               | (((_u16(blk + 52, mask) >> 12) & 0xF) << 8) | (((_u16(blk + 54, mask) >> 12) & 0xF) << 12))
+        s = e // 16
+        sc = (_u16(blk + 48 + 2 * (s // 4), mask) >> (3 * (s % 4))) & 7
+        dl = _half(d16) * (2 * sc + 1).to(tl.float32)
+        g = e // 8
+        nib = (_u8(blk + 32 + g // 2, mask) >> (4 * (g % 2))) & 0xF
+        delta = tl.where((nib & 8) == 0, 0.125, -0.125)
+        idx = _u8(blk + g, mask) | ((nib & 7) << 8)
+        w = dl * (tl.load(grid_ptr + idx * 8 + e % 8) + delta)
+    else:               # IQ4_XS
+        ib = e // 32
+        low = (_u8(blk + 4 + ib // 2, mask) >> (4 * (ib % 2))) & 0xF
+        high = (_u16(blk + 2, mask) >> (2 * ib)) & 3
+        dl = _f16(blk, mask) * ((low | (high << 4)) - 32).to(tl.float32)
+        q = (_u8(blk + 8 + 16 * ib + e % 16, mask) >> (4 * ((e % 32) // 16))) & 0xF
+        w = dl * tl.load(sign_ptr + q)
+    return w
+
+
+@triton.jit
+def gemv_iq_kernel(w_ptr, x_ptr, y_ptr, grid_ptr, sign_ptr, R, NB, row_bytes, stride_xm, stride_ym,
+                   TYPE: tl.constexpr, BS: tl.constexpr, BR: tl.constexpr, SPLIT: tl.constexpr):
+    """y[m, r] (+)= sum_c W[r, c] x[m, c] for BR rows and one activation row m (`triton_kquants.gemv_kernel` for
+    the i-quants)."""
+    pid = tl.program_id(0)
+    m = tl.program_id(1)
+    part = tl.program_id(2)
+    rows = pid * BR + tl.arange(0, BR)
+    rmask = (rows < R)[:, None]
+    e = tl.arange(0, QK_K)[None, :]
+    row_base = w_ptr + rows.to(tl.int64)[:, None] * row_bytes
+    acc = tl.zeros((BR, QK_K), dtype=tl.float32)
+    for b in range(part, NB, SPLIT):
+        w = _iq_superblock(row_base + b * BS, e, rmask, grid_ptr, sign_ptr, TYPE)
+        acc += w * tl.load(x_ptr + m * stride_xm + b * QK_K + e).to(tl.float32)
+    _store_rows(y_ptr + m * stride_ym, rows, tl.sum(acc, axis=1), R, SPLIT)
+
+
+@triton.jit
+def dequant_iq_kernel(w_ptr, out_ptr, grid_ptr, sign_ptr, R, row_bytes, cols,
+                      TYPE: tl.constexpr, BS: tl.constexpr, BR: tl.constexpr):
+    """out[r, b*256:(b+1)*256] = the weights of super-block b of rows r (BR rows per program)."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    rows = pid * BR + tl.arange(0, BR)
+    rmask = (rows < R)[:, None]
+    e = tl.arange(0, QK_K)[None, :]
+    w = _iq_superblock(w_ptr + rows.to(tl.int64)[:, None] * row_bytes + b * BS, e, rmask, grid_ptr, sign_ptr, TYPE)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * cols + b * QK_K + e, w.to(out_ptr.dtype.element_ty),
+             mask=rmask)
