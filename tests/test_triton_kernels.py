@@ -226,7 +226,8 @@ def test_a_gguf_decodes_from_packed_weights_as_from_dequantized_ones(tmp_path):
     device = DEVICES[0]
     plain = load_model(path, device=device).materialize()
     packed = load_model(path, device=device, keep_quantized=True)
-    counts = pack_linears(packed)
+    assert "IQ2_XS" not in pack_linears(load_model(path, device=device, keep_quantized=True))   # opt-in
+    counts = pack_linears(packed, iquants=True)
     packed.materialize()
     assert dict(counts) == {"Q2_K": 2, "Q3_K": 2, "Q4_K": 2, "IQ2_XS": 2, "Q6_K": 3, "IQ4_XS": 2}
     assert "blk.0.ffn_up.weight" not in packed.packed and "blk.0.attn_q.weight" not in packed.tensors

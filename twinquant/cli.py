@@ -177,7 +177,8 @@ def cmd_generate(args) -> None:
 
     from twinquant.runtime.packed_weights import load_for_decode
 
-    model, counts = load_for_decode(args.model, DTYPES[args.dtype], args.device, kernels=not args.no_kernels)
+    model, counts = load_for_decode(args.model, DTYPES[args.dtype], args.device, kernels=not args.no_kernels,
+                                    iquants=args.iq_kernels)
     if counts and not args.quiet:       # K-quant linears decode from their GGML bytes on the GPU (Triton kernels)
         print("packed on the GPU: " + ", ".join(f"{n} {t}" for t, n in sorted(counts.items())), file=sys.stderr)
     tok = model.tokenizer
@@ -346,6 +347,8 @@ def _generate_options(sp) -> None:
     sp.add_argument("--ignore-eos", action="store_true")
     sp.add_argument("--no-kernels", action="store_true", help="on CUDA: dequantize every weight to --dtype instead "
                     "of multiplying K-quant weights from their packed bytes (Triton)")
+    sp.add_argument("--iq-kernels", action="store_true", help="on CUDA: multiply i-quant linears from their packed "
+                    "bytes too (Triton; checked in the interpreter, not yet on a GPU)")
     sp.add_argument("--no-graphs", action="store_true", help="on CUDA: launch every decode step's kernels from "
                     "Python instead of replaying one CUDA graph")
 
