@@ -135,8 +135,8 @@ def test_activation_quantization_kernel_matches_torch(device, monkeypatch):
 
 
 def test_packed_weight_rejects_what_it_cannot_hold():
-    with pytest.raises(TwinquantError, match="no packed-weight kernel for IQ3_XXS"):
-        PackedWeight.from_bytes("IQ3_XXS", np.zeros((2, 98), np.uint8), 256, "cpu")
+    with pytest.raises(TwinquantError, match="no packed-weight kernel for IQ4_NL"):
+        PackedWeight.from_bytes("IQ4_NL", np.zeros((2, 144), np.uint8), 256, "cpu")
     with pytest.raises(TwinquantError, match="do not hold"):
         PackedWeight.from_bytes("Q2_K", np.zeros((2, 80), np.uint8), 256, "cpu")
     w = PackedWeight.from_bytes("Q2_K", np.zeros((2, 84), np.uint8), 256, "cpu")
