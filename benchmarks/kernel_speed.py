@@ -203,7 +203,8 @@ def sweep(copy_gbs: float) -> list[dict]:
                 if kernel == "bytes":
                     gemv_q2k_kernel[grid](*args, BR=br, SPLIT=split, num_warps=warps)
                 else:
-                    gemv_kernel[grid](*args, TYPE=2, BS=84, BR=br, SPLIT=split, num_warps=warps)
+                    gemv_kernel[grid](*args[:3], w.data, w.data, *args[3:], TYPE=2, BS=84, BR=br, SPLIT=split,
+                                      num_warps=warps)
             try:
                 t = bench(run)
             except Exception as e:

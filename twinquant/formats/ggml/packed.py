@@ -73,12 +73,14 @@ def _gemv_config(rows: int, nb: int, br: int = 8, max_split: int = 4) -> tuple[i
     return br, split
 
 
-def _iq_tables(w: PackedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+def _tables(w: PackedWeight) -> tuple[torch.Tensor, torch.Tensor]:
     """An i-quant's lookup tables on the weight's device: its codebook (float32 [points, width]) and the ±1 sign
-    patterns (IQ4_XS: its 16 kvalues instead)."""
+    patterns (IQ4_XS: its 16 kvalues instead); a K-quant has none (its bytes stand in, never read)."""
     from twinquant.formats.ggml.iq_dequant import _grid, _ksign_bits, _kvalues
 
     dev = w.data.device
+    if w.ggml_type not in IQ_TYPES:
+        return w.data, w.data
     if w.ggml_type == "IQ4_XS":
         return _kvalues(dev), _kvalues(dev)
     return _grid(gguf.GGMLQuantizationType[w.ggml_type], dev), _ksign_bits(dev)
@@ -86,25 +88,19 @@ def _iq_tables(w: PackedWeight) -> tuple[torch.Tensor, torch.Tensor]:
 
 def dequantize(w: PackedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The float weight [rows, cols] of a packed one, computed on its device."""
-    from twinquant.formats.ggml.triton_iquants import dequant_iq_kernel
     from twinquant.formats.ggml.triton_kquants import dequant_kernel
 
     tid, bs = KERNEL_TYPES[w.ggml_type]
     out = torch.empty(w.rows, w.cols, dtype=dtype, device=w.data.device)
     br = 8
-    grid = (-(-w.rows // br), w.cols // QK_K)
-    if w.ggml_type in IQ_TYPES:
-        dequant_iq_kernel[grid](w.data, out, *_iq_tables(w), w.rows, w.data.shape[1], w.cols,
-                                TYPE=tid, BS=bs, BR=br, num_warps=4)
-    else:
-        dequant_kernel[grid](w.data, out, w.rows, w.data.shape[1], w.cols, TYPE=tid, BS=bs, BR=br, num_warps=4)
+    dequant_kernel[(-(-w.rows // br), w.cols // QK_K)](w.data, out, *_tables(w), w.rows, w.data.shape[1], w.cols,
+                                                       TYPE=tid, BS=bs, BR=br, num_warps=4)
     return out
 
 
 def gemv(x2: torch.Tensor, w: PackedWeight, byte_order: bool = True) -> torch.Tensor:
     """float32 [M, rows] = x2 [M, cols] @ Wᵀ, one pass over the packed rows per activation row. Q2_K takes
     `gemv_q2k_kernel` (weights in the order their bytes lie) unless byte_order=False (the generic kernel)."""
-    from twinquant.formats.ggml.triton_iquants import gemv_iq_kernel
     from twinquant.formats.ggml.triton_kquants import gemv_kernel, gemv_q2k_kernel
 
     tid, bs = KERNEL_TYPES[w.ggml_type]
@@ -119,11 +115,8 @@ def gemv(x2: torch.Tensor, w: PackedWeight, byte_order: bool = True) -> torch.Te
         args = (w.data, x2, y, w.rows, nb, w.data.shape[1], x2.stride(0), y.stride(0))
         if q2k:
             gemv_q2k_kernel[grid](*args, BR=br, SPLIT=split, num_warps=4)
-        elif w.ggml_type in IQ_TYPES:
-            gemv_iq_kernel[grid](w.data, x2, y, *_iq_tables(w), *args[3:], TYPE=tid, BS=bs, BR=br, SPLIT=split,
-                                 num_warps=4)
         else:
-            gemv_kernel[grid](*args, TYPE=tid, BS=bs, BR=br, SPLIT=split, num_warps=4)
+            gemv_kernel[grid](*args[:3], *_tables(w), *args[3:], TYPE=tid, BS=bs, BR=br, SPLIT=split, num_warps=4)
     return y
 
 

@@ -1,7 +1,7 @@
-"""Triton kernels that read GGML i-quant blocks as GGUF stores them: dequant-GEMV (decode) and dequantize (prefill).
+"""The weights of GGML i-quant blocks as GGUF stores them, for the dequant-GEMV and dequantize kernels of
+`triton_kquants.py` (TYPE ids 10-17: packed.KERNEL_TYPES).
 
-The same shape as the K-quant kernels (`triton_kquants.py`): each of a super-block's 256 weights is computed in
-registers from its own bytes, so a decode step reads 66 bytes per 256 weights for IQ2_XXS. The i-quants add
+As for the K-quants, each of a super-block's 256 weights is computed in registers from its own bytes, so a decode step reads 66 bytes per 256 weights for IQ2_XXS. The i-quants add
 lookups: a codebook entry (gguf-py's decoded grid, float32 [points, width] in GPU memory: 8-32 KB, served from
 L1 and L2) and, for the 2- and 3-bit ones, a sign pattern (IQ2_XXS.ksigns as ±1 float32 [128, 8]). Each weight is
 formed in the order `iq_dequant.py` uses (d times the sub-block multiplier, times the grid value, times the sign),
@@ -23,28 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from twinquant.formats.ggml.triton_kquants import QK_K, _f16, _store_rows, _u8
-
-# the kernels' TYPE ids (packed.KERNEL_TYPES)
-IQ_TYPE_IDS = {"IQ2_XXS": 10, "IQ2_XS": 11, "IQ2_S": 12, "IQ3_XXS": 13, "IQ3_S": 14, "IQ1_S": 15, "IQ1_M": 16,
-               "IQ4_XS": 17}
-
-
-@triton.jit
-def _u16(p, mask):
-    return _u8(p, mask) | (_u8(p + 1, mask) << 8)
-
-
-@triton.jit
-def _u32(p, mask):
-    """A little-endian uint32 at byte pointer p, as int64 (its top bit set stays positive)."""
-    return (_u16(p, mask).to(tl.int64)) | (_u16(p + 2, mask).to(tl.int64) << 16)
-
-
-@triton.jit
-def _half(bits):
-    """fp16 bits (int32, 0..0xFFFF) as float32."""
-    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+from twinquant.formats.ggml.triton_bytes import _f16, _half, _u8, _u16, _u32
 
 
 @triton.jit
@@ -108,36 +87,3 @@ def _iq_superblock(blk, e, mask, grid_ptr, sign_ptr, TYPE: tl.constexpr):
         q = (_u8(blk + 8 + 16 * ib + e % 16, mask) >> (4 * ((e % 32) // 16))) & 0xF
         w = dl * tl.load(sign_ptr + q)
     return w
-
-
-@triton.jit
-def gemv_iq_kernel(w_ptr, x_ptr, y_ptr, grid_ptr, sign_ptr, R, NB, row_bytes, stride_xm, stride_ym,
-                   TYPE: tl.constexpr, BS: tl.constexpr, BR: tl.constexpr, SPLIT: tl.constexpr):
-    """y[m, r] (+)= sum_c W[r, c] x[m, c] for BR rows and one activation row m (`triton_kquants.gemv_kernel` for
-    the i-quants)."""
-    pid = tl.program_id(0)
-    m = tl.program_id(1)
-    part = tl.program_id(2)
-    rows = pid * BR + tl.arange(0, BR)
-    rmask = (rows < R)[:, None]
-    e = tl.arange(0, QK_K)[None, :]
-    row_base = w_ptr + rows.to(tl.int64)[:, None] * row_bytes
-    acc = tl.zeros((BR, QK_K), dtype=tl.float32)
-    for b in range(part, NB, SPLIT):
-        w = _iq_superblock(row_base + b * BS, e, rmask, grid_ptr, sign_ptr, TYPE)
-        acc += w * tl.load(x_ptr + m * stride_xm + b * QK_K + e).to(tl.float32)
-    _store_rows(y_ptr + m * stride_ym, rows, tl.sum(acc, axis=1), R, SPLIT)
-
-
-@triton.jit
-def dequant_iq_kernel(w_ptr, out_ptr, grid_ptr, sign_ptr, R, row_bytes, cols,
-                      TYPE: tl.constexpr, BS: tl.constexpr, BR: tl.constexpr):
-    """out[r, b*256:(b+1)*256] = the weights of super-block b of rows r (BR rows per program)."""
-    pid = tl.program_id(0)
-    b = tl.program_id(1)
-    rows = pid * BR + tl.arange(0, BR)
-    rmask = (rows < R)[:, None]
-    e = tl.arange(0, QK_K)[None, :]
-    w = _iq_superblock(w_ptr + rows.to(tl.int64)[:, None] * row_bytes + b * BS, e, rmask, grid_ptr, sign_ptr, TYPE)
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * cols + b * QK_K + e, w.to(out_ptr.dtype.element_ty),
-             mask=rmask)

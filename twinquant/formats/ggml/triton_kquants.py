@@ -1,4 +1,5 @@
-"""Triton kernels that read GGML K-quant blocks as GGUF stores them: dequant-GEMV (decode) and dequantize (prefill).
+"""Triton kernels that read GGML K-quant blocks as GGUF stores them: dequant-GEMV (decode) and dequantize (prefill);
+the same two kernels take the i-quants (their weights: `triton_iquants.py`).
 
 A K-quant row is a run of super-blocks of 256 weights (llama.cpp's `block_q{2..6}_K`, ggml-common.h). The kernels
 take the packed bytes as they are in the file ([rows, bytes per row] uint8, on the GPU) and compute each weight in
@@ -21,20 +22,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-QK_K = tl.constexpr(256)     # the kernel ids and block sizes of each type: packed.KERNEL_TYPES
-
-
-@triton.jit
-def _u8(p, mask):
-    return tl.load(p, mask=mask, other=0).to(tl.int32)
-
-
-@triton.jit
-def _f16(p, mask):
-    """An fp16 stored little-endian at byte pointer p, as float32."""
-    lo = tl.load(p, mask=mask, other=0).to(tl.uint16)
-    hi = tl.load(p + 1, mask=mask, other=0).to(tl.uint16)
-    return (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+from twinquant.formats.ggml.triton_bytes import QK_K, _f16, _store_rows, _u8  # noqa: F401 (re-exported)
+from twinquant.formats.ggml.triton_iquants import _iq_superblock
 
 
 @triton.jit
@@ -94,19 +83,11 @@ def _superblock(blk, e, mask, TYPE: tl.constexpr):
 
 
 @triton.jit
-def _store_rows(y_row, rows, y, R, SPLIT: tl.constexpr):
-    """A GEMV's outputs: stored, or (columns split across SPLIT programs) added atomically into a zeroed y."""
-    if SPLIT == 1:
-        tl.store(y_row + rows, y, mask=rows < R)
-    else:
-        tl.atomic_add(y_row + rows, y, mask=rows < R)
-
-
-@triton.jit
-def gemv_kernel(w_ptr, x_ptr, y_ptr, R, NB, row_bytes, stride_xm, stride_ym,
+def gemv_kernel(w_ptr, x_ptr, y_ptr, tab_ptr, sign_ptr, R, NB, row_bytes, stride_xm, stride_ym,
                 TYPE: tl.constexpr, BS: tl.constexpr, BR: tl.constexpr, SPLIT: tl.constexpr):
     """y[m, r] (+)= sum_c W[r, c] x[m, c] for BR rows and one activation row m; super-blocks b ≡ part (mod SPLIT)
-    (SPLIT > 1: partial sums added atomically into a zeroed y, for matrices with few rows)."""
+    (SPLIT > 1: partial sums added atomically into a zeroed y, for matrices with few rows). TYPE ≥ 10: an i-quant,
+    whose codebook and sign tables are tab_ptr / sign_ptr (`triton_iquants.py`; unused for the K-quants)."""
     pid = tl.program_id(0)
     m = tl.program_id(1)
     part = tl.program_id(2)
@@ -116,14 +97,23 @@ def gemv_kernel(w_ptr, x_ptr, y_ptr, R, NB, row_bytes, stride_xm, stride_ym,
     row_base = w_ptr + rows.to(tl.int64)[:, None] * row_bytes
     acc = tl.zeros((BR, QK_K), dtype=tl.float32)
     for b in range(part, NB, SPLIT):
-        w = _superblock(row_base + b * BS, e, rmask, TYPE)
+        w = _weights(row_base + b * BS, e, rmask, tab_ptr, sign_ptr, TYPE)
         xv = tl.load(x_ptr + m * stride_xm + b * QK_K + e).to(tl.float32)
         acc += w * xv
     _store_rows(y_ptr + m * stride_ym, rows, tl.sum(acc, axis=1), R, SPLIT)
 
 
 @triton.jit
-def dequant_kernel(w_ptr, out_ptr, R, row_bytes, cols,
+def _weights(blk, e, mask, tab_ptr, sign_ptr, TYPE: tl.constexpr):
+    if TYPE >= 10:
+        w = _iq_superblock(blk, e, mask, tab_ptr, sign_ptr, TYPE)
+    else:
+        w = _superblock(blk, e, mask, TYPE)
+    return w
+
+
+@triton.jit
+def dequant_kernel(w_ptr, out_ptr, tab_ptr, sign_ptr, R, row_bytes, cols,
                    TYPE: tl.constexpr, BS: tl.constexpr, BR: tl.constexpr):
     """out[r, b*256:(b+1)*256] = the weights of super-block b of rows r (BR rows per program)."""
     pid = tl.program_id(0)
@@ -131,7 +121,7 @@ def dequant_kernel(w_ptr, out_ptr, R, row_bytes, cols,
     rows = pid * BR + tl.arange(0, BR)
     rmask = (rows < R)[:, None]
     e = tl.arange(0, QK_K)[None, :]
-    w = _superblock(w_ptr + rows.to(tl.int64)[:, None] * row_bytes + b * BS, e, rmask, TYPE)
+    w = _weights(w_ptr + rows.to(tl.int64)[:, None] * row_bytes + b * BS, e, rmask, tab_ptr, sign_ptr, TYPE)
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * cols + b * QK_K + e, w.to(out_ptr.dtype.element_ty),
              mask=rmask)
 

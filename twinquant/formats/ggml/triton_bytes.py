@@ -1,0 +1,48 @@
+"""Byte-level helpers shared by the Triton kernels that read GGML blocks (`triton_kquants.py`, `triton_iquants.py`):
+loads of little-endian fields at byte pointers, and a GEMV's store."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+QK_K = tl.constexpr(256)     # weights per super-block; the kernels' type ids and block sizes: packed.KERNEL_TYPES
+
+
+@triton.jit
+def _u8(p, mask):
+    return tl.load(p, mask=mask, other=0).to(tl.int32)
+
+
+@triton.jit
+def _f16(p, mask):
+    """An fp16 stored little-endian at byte pointer p, as float32."""
+    lo = tl.load(p, mask=mask, other=0).to(tl.uint16)
+    hi = tl.load(p + 1, mask=mask, other=0).to(tl.uint16)
+    return (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _u16(p, mask):
+    return _u8(p, mask) | (_u8(p + 1, mask) << 8)
+
+
+@triton.jit
+def _u32(p, mask):
+    """A little-endian uint32 at byte pointer p, as int64 (its top bit set stays positive)."""
+    return (_u16(p, mask).to(tl.int64)) | (_u16(p + 2, mask).to(tl.int64) << 16)
+
+
+@triton.jit
+def _half(bits):
+    """fp16 bits (int32, 0..0xFFFF) as float32."""
+    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _store_rows(y_row, rows, y, R, SPLIT: tl.constexpr):
+    """A GEMV's outputs: stored, or (columns split across SPLIT programs) added atomically into a zeroed y."""
+    if SPLIT == 1:
+        tl.store(y_row + rows, y, mask=rows < R)
+    else:
+        tl.atomic_add(y_row + rows, y, mask=rows < R)
