@@ -57,8 +57,8 @@ WARM = 4
 # twinquant's decode runs: (key, packed K-quant weights, one CUDA graph per step)
 VARIANTS = (("twinquant_packed_graph", True, True), ("twinquant_packed", True, False),
             ("twinquant_bf16_graph", False, True), ("twinquant_bf16", False, False))
-LABELS = {"twinquant_packed_graph": "twinquant, packed K-quants (Triton), CUDA graph",
-          "twinquant_packed": "twinquant, packed K-quants (Triton), no graph",
+LABELS = {"twinquant_packed_graph": "twinquant, packed GGML bytes (Triton), CUDA graph",
+          "twinquant_packed": "twinquant, packed GGML bytes (Triton), no graph",
           "twinquant_bf16_graph": "twinquant, bfloat16 weights, CUDA graph",
           "twinquant_bf16": "twinquant, bfloat16 weights, no graph"}
 
@@ -92,8 +92,8 @@ def _packed_rows(ggml_type: str, cols: int) -> "np.ndarray":
 
     codec = get_codec(ggml_type)
     w = torch.randn(8, cols, generator=torch.Generator().manual_seed(cols)) * 0.02
-    if hasattr(codec, "quantize_bytes"):
-        return np.asarray(codec.quantize_bytes(w))
+    if hasattr(codec, "quantize_bytes"):       # a flat importance: the i-quants need one, values do not matter
+        return np.asarray(codec.quantize_bytes(w, torch.ones(cols) if ggml_type.startswith("IQ") else None))
     return np.asarray(codec.pack(*codec.quantize(w)))
 
 
@@ -142,8 +142,10 @@ def twinquant_decode(path: Path, tokens: int, packed: bool, device: str, graphs:
     from twinquant.runtime.graph_decode import GraphStep
     from twinquant.runtime.packed_weights import load_for_decode
 
-    # what `twinquant run --device cuda` does (packed, graphs), or with --no-graphs, or --dtype bf16 --no-kernels
-    model, counts = load_for_decode(path, torch.float32 if packed else torch.bfloat16, device, kernels=packed)
+    # what `twinquant run --device cuda --iq-kernels` does (packed, graphs), or with --no-graphs, or --dtype bf16
+    # --no-kernels
+    model, counts = load_for_decode(path, torch.float32 if packed else torch.bfloat16, device, kernels=packed,
+                                    iquants=packed)
     _sync(device)
     mem = torch.cuda.memory_allocated() / 2**30 if device.startswith("cuda") else None
     cache = KVCache.empty(model, 1, 8 + tokens + 1)
@@ -318,7 +320,7 @@ def roofline_markdown(res: dict) -> str:
 
 
 def markdown(res: dict) -> str:
-    lines = [f"# decode_gpu {res['tag']}", "", f"Synthetic weights, llama.cpp Q2_K mix; {res['tokens']} tokens, batch 1; "
+    lines = [f"# decode_gpu {res['tag']}", "", f"Synthetic weights, {res.get('mix', 'llama.cpp:Q2_K')}; {res['tokens']} tokens, batch 1; "
              f"roofline: `twinquant roofline FILE --device {res['runs'][0]['roofline']['device'] if res['runs'] else 'h100'}`", "",
              "| shape | file MB | bpw | runtime | tokens/s | vs llama.cpp CUDA | measured / roofline expected |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -342,7 +344,7 @@ def one_shape(a, shape: str, work: Path) -> dict:
     from twinquant.runtime import roofline as rf
 
     t0 = time.perf_counter()
-    path = synthetic_file(work, shape, "llama.cpp:Q2_K")
+    path = synthetic_file(work, shape, a.mix)
     run = {"shape": shape, "file_bytes": path.stat().st_size, "prepare_seconds": round(time.perf_counter() - t0, 1)}
     m = load_model(path, load_tokenizer=False)
     run["file_bpw"] = 8 * sum(m.source.info(n).nbytes for n in m.tensor_names()) / rf.n_weights(m.spec)
@@ -366,6 +368,7 @@ def main() -> None:
     ap.add_argument("--tag", required=True)
     ap.add_argument("--shape", nargs="+", choices=sorted(SHAPES), default=["qwen2.5-1.5b"])
     ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--mix", default="llama.cpp:Q2_K", help="the decode files' mix: llama.cpp:MIX or pure:TYPE")
     ap.add_argument("--llama-bench")
     ap.add_argument("--roofline", action="store_true", help="fit and check `twinquant roofline` for this GPU "
                     "(llama.cpp only; needs --llama-bench)")
@@ -409,7 +412,7 @@ def main() -> None:
         stem.with_suffix(".md").write_text(roofline_markdown(res))
         print(roofline_markdown(res))
         return
-    res = record(tag=a.tag, tokens=a.tokens, runs=[])
+    res = record(tag=a.tag, tokens=a.tokens, mix=a.mix, runs=[])
     for shape in a.shape:
         res["runs"].append(one_shape(a, shape, work))
         stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
