@@ -175,6 +175,21 @@ def test_gpu_figures_are_the_committed_measurement():
     assert h200.bandwidth == 4800.0 and h200.by_hidden == dev.by_hidden and h200.per_block == dev.per_block
 
 
+def test_shipped_gpu_entry_predicts_a_second_machine_within_the_bar():
+    """benchmarks/decode_gpu.py --validate on another H100 machine: the shipped h100 entry (not refitted) predicted
+    every whole file within ±25%; the predictions recorded there are what the entry gives today."""
+    res = json.loads((ROOT / "benchmarks" / "results" / "decode_gpu_s16-h100-validate.json").read_text())
+    assert res["measurements"]["device"] == "h100"
+    rows = [r for r in res["measurements"]["rows"] if r["kind"] == "validation"]
+    assert len(rows) == len(res["checks"]) >= 7
+    for c, r in zip(res["checks"], rows):
+        tb = rf.TokenBytes(weights=r["weights_by_type"], kv=r["kv_bytes"], blocks=r["blocks"], ctx=rf.ANCHOR_CTX,
+                           hidden=r["hidden"])
+        pred = 1 / rf.predict(tb, rf.DEVICES["h100"]).expected_tps
+        assert pred == pytest.approx(c["predicted_s"], rel=1e-6)
+        assert 0.75 <= r["measured_s"] / pred <= 1.25, (c["shape"], c["mix"])
+
+
 def test_efficiency_by_width_interpolates_in_log_width():
     dev = rf.Device("u", "u", 1.0, {"*": 0.5}, 0.5, "t", by_hidden={"Q2_K": ((1000, 0.2), (4000, 0.4))})
     assert dev.eff("Q2_K", 500) == 0.2 and dev.eff("Q2_K", 8000) == 0.4           # held at the ends
