@@ -8,7 +8,9 @@ import torch
 
 from tests.tiny_models import save_tiny
 from twinquant.io.hf import load_hf_dir
+from twinquant.model.copies import ParamStore
 from twinquant.model.forward import KVCache, forward
+from twinquant.model.topology import parse_topology
 from twinquant.runtime import generate as gen_mod
 from twinquant.runtime import graph_decode
 from twinquant.runtime.generate import generate
@@ -18,11 +20,24 @@ from twinquant.transforms.hadamard import RandomizedHadamard
 CUDA = torch.cuda.is_available()
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3", "deepseek_v3"])
+def _duplicated(m):
+    """A twinquant file's full semantics: a serial copy (its own KV-cache entry), a parallel pair, 4-bit
+    activation quantization in every copy, online R3/R4 transforms."""
+    m.layout, m.dup_params = parse_topology({"layer_0": {"type": "serial", "copies": 2, "alpha": [0.5]},
+                                             "layer_1": {"type": "parallel", "copies": 2}}, m.spec.n_layers,
+                                            ParamStore(base={"act_bits": 4}))
+    return _rotated(m)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "deepseek_v3", "llama-duplicated"])
 def test_device_position_steps_match_the_cached_forward(family, tmp_path):
     """Whole-cache attention under a mask, RoPE and cache writes indexed on the device: the same logits as the
-    cached prefix (MLA included: deepseek_v3 caches one latent head)."""
-    m = load_hf_dir(save_tiny(family, tmp_path))
+    cached prefix (MLA included: deepseek_v3 caches one latent head; duplicated layers with their own cache
+    entries, activation quantization and online transforms)."""
+    m = load_hf_dir(save_tiny(family.split("-")[0], tmp_path))
+    if family.endswith("duplicated"):
+        m = _duplicated(m.materialize())
+        assert len(m.layout.executions()) == m.spec.n_layers + 2
     x = torch.randint(0, m.spec.vocab, (1, 14), generator=torch.Generator().manual_seed(0))
     plain, static = KVCache.empty(m, 1, 20), KVCache.empty(m, 1, 20)
     forward(m, x[:, :6], cache=plain)
@@ -77,8 +92,9 @@ def _rotated(m):
 
 
 @pytest.mark.skipif(not CUDA, reason="a CUDA graph needs a GPU (run on the lent device)")
-def test_graph_decode_with_online_transforms(tmp_path):
-    m = _rotated(load_hf_dir(save_tiny("qwen2", tmp_path)).to(device="cuda"))
+@pytest.mark.parametrize("semantics", [_rotated, _duplicated])
+def test_graph_decode_with_twinquant_semantics(semantics, tmp_path):
+    m = semantics(load_hf_dir(save_tiny("qwen2", tmp_path)).materialize().to(device="cuda"))
     prompt = [3, 8, 1, 4, 4]
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)         # a fallback to eager decoding would warn
