@@ -386,32 +386,25 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     Path(a.out).mkdir(parents=True, exist_ok=True)
     stem = Path(a.out) / f"decode_gpu_{a.tag}"
+    def save(stem: Path, res: dict, md: str) -> None:
+        stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
+        stem.with_suffix(".md").write_text(md)
+        print(md)
+
     if a.refit:                   # the fit again from a run's measurements (no GPU needed)
         res = json.loads(Path(a.refit).read_text())
         res["fit"] = roofline_fit(res["measurements"])
-        stem = Path(a.refit).with_suffix("")
-        stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
-        stem.with_suffix(".md").write_text(roofline_markdown(res))
-        print(roofline_markdown(res))
-        return
-    if a.validate:
-        if not a.llama_bench:
-            raise SystemExit("decode_gpu: --validate needs --llama-bench")
+        return save(Path(a.refit).with_suffix(""), res, roofline_markdown(res))
+    if (a.validate or a.roofline) and not a.llama_bench:
+        raise SystemExit(f"decode_gpu: --{'validate' if a.validate else 'roofline'} needs --llama-bench")
+    if a.validate:                # the shipped table entry checked on this GPU
         meas = roofline_measure(a, work, groups=("validation",), partial=stem.with_suffix(".partial.json"))
         res = record(tag=a.tag, tokens=a.tokens, measurements=meas, checks=roofline_check(meas))
-        stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
-        stem.with_suffix(".md").write_text(check_markdown(res))
-        print(check_markdown(res))
-        return
+        return save(stem, res, check_markdown(res))
     if a.roofline:
-        if not a.llama_bench:
-            raise SystemExit("decode_gpu: --roofline needs --llama-bench")
         meas = roofline_measure(a, work)
         res = record(tag=a.tag, tokens=a.tokens, measurements=meas, fit=roofline_fit(meas))
-        stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
-        stem.with_suffix(".md").write_text(roofline_markdown(res))
-        print(roofline_markdown(res))
-        return
+        return save(stem, res, roofline_markdown(res))
     res = record(tag=a.tag, tokens=a.tokens, mix=a.mix, runs=[])
     for shape in a.shape:
         res["runs"].append(one_shape(a, shape, work))
