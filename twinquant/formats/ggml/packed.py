@@ -1,10 +1,10 @@
 """Linear layers whose weights stay in their packed GGML bytes on the GPU (the runtime's decode path): K-quants and
 the i-quants (`IQ_TYPES`).
 
-`qlinear(x, w)` is F.linear(x, W) with W read from the bytes GGUF stores (formats/ggml/triton_kquants.py,
-triton_iquants.py): one
-dequant-GEMV per activation row up to GEMV_MAX_ROWS rows (decode reads 84 bytes per 256 Q2_K weights instead of
-1 KB of float32), above that one dequantization into x's dtype and a dense matmul (prefill: the matmul dominates).
+`qlinear(x, w)` is F.linear(x, W) with W read from the bytes GGUF stores (formats/ggml/triton_kquants.py; the
+i-quants' weights from triton_iquants.py): one dequant-GEMV per activation row up to GEMV_MAX_ROWS rows (decode
+reads 84 bytes per 256 Q2_K weights instead of 1 KB of float32), above that one dequantization into x's dtype and a
+dense matmul (prefill: the matmul dominates).
 """
 
 from __future__ import annotations
