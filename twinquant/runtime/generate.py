@@ -10,6 +10,7 @@ import torch
 
 from twinquant.model.forward import KVCache, forward
 from twinquant.model.model import Model
+from twinquant.runtime import graph_decode
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,6 @@ def generate(model: Model, prompt: list[int], max_new: int, sampling: Sampling =
              use_cache: bool = True, stop: frozenset[int] = frozenset(), graphs: bool = True) -> Iterator[int]:
     """Yield new token ids one at a time; stops after `max_new` or at a token in `stop`. With the cache on a CUDA
     device (`graphs`), the steps after the prompt replay one CUDA graph (`graph_decode.GraphStep`)."""
-    from twinquant.runtime.graph_decode import GraphStep, graph_ready
-
     gen = torch.Generator().manual_seed(sampling.seed)
     ids = list(prompt)
     cache = KVCache.empty(model, 1, len(ids) + max_new) if use_cache else None
@@ -52,9 +51,9 @@ def generate(model: Model, prompt: list[int], max_new: int, sampling: Sampling =
             logits = step(feed[0])
         else:
             logits = forward(model, torch.tensor([feed]), cache=cache, logits_for=slice(-1, None))[0, -1]
-        if i == 0 and use_cache and graphs and max_new > 2 and graph_ready(model) is None:
+        if i == 0 and use_cache and graphs and max_new > 2 and graph_decode.graph_ready(model) is None:
             try:
-                step = GraphStep(model, cache)
+                step = graph_decode.GraphStep(model, cache)
             except Exception as e:      # a step that cannot be captured still decodes, eagerly, and says so
                 warnings.warn(f"decoding without a CUDA graph: the step could not be captured "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})")
