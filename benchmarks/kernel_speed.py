@@ -11,7 +11,6 @@ bandwidth, each result checked against float64.
   linear shapes at batch 1, and batch 16/4096 through qlinear; against cuBLAS on float16 weights (torch) and,
   with --llamacpp, llama.cpp's CUDA MUL_MAT of the same type and shape (test-backend-ops perf, built by
   benchmarks/gpu_peers/ from the llama-cpp-python sdist with these shapes added to its perf list).
-- sweep: the GEMV's rows per program, warps and column split on the 32B shapes (the defaults come from it).
 - Q2_K at batch 1 also through `gemv_q8`: x quantized to int8 per 32 (llama.cpp's q8_1 rounding), dp4a products.
 
 Timings: triton.testing.do_bench (median; the L2 is flushed before every run: cold cache). Bytes: what the
@@ -34,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import record  # noqa: E402
 
-from twinquant.formats.ggml.packed import (QK_K, PackedWeight, _gemv_config, dequantize, gemv_q8,  # noqa: E402
+from twinquant.formats.ggml.packed import (QK_K, PackedWeight, gemv_config, dequantize, gemv_q8,  # noqa: E402
                                            qlinear, random_blocks)
 from twinquant.transforms.hadamard import _kernel_runs, fwht, hadamard_plan  # noqa: E402
 
@@ -166,7 +165,7 @@ def _gemv_type(t, rows, cols, xf, x16, w16, copy_gbs, quick) -> list[dict]:
         row = {"type": t, "rows": rows, "cols": cols, "batch": b, "bytes": nbytes, "us": tq * 1e6,
                "gb_s": nbytes / tq / 1e9, "pct_copy": 100 * nbytes / tq / 1e9 / copy_gbs, "rel_err": err,
                "f16_cublas_us": t16 * 1e6, "speedup_vs_f16": t16 / tq,
-               "config": _gemv_config(rows, cols // QK_K, 32 if t == "Q2_K" else 8)}
+               "config": gemv_config(t, rows, cols // QK_K)._asdict()}
         if t == "Q2_K" and b == 1:      # llama.cpp's arithmetic: x to int8 per 32 (its own kernel), dp4a products
             t8 = bench(lambda: gemv_q8(x, w))
             row.update({"q8_us": t8 * 1e6, "q8_pct_copy": 100 * nbytes / t8 / 1e9 / copy_gbs,
@@ -175,53 +174,6 @@ def _gemv_type(t, rows, cols, xf, x16, w16, copy_gbs, quick) -> list[dict]:
         print(f"gemv {t} {rows}x{cols} batch {b:5d}: {row['us']:8.1f} us {row['gb_s']:7.1f} GB/s "
               f"({row['pct_copy']:4.1f}% of copy), f16 cuBLAS {row['f16_cublas_us']:8.1f} us, err {err:.1e}",
               flush=True)
-    return out
-
-
-def sweep(copy_gbs: float) -> list[dict]:
-    """Batch-1 Q2_K GEMV over kernel (byte order / generic), rows per program, warps and split, 32B shapes."""
-    import triton
-
-    from twinquant.formats.ggml.triton_kquants import gemv_kernel, gemv_q2k_kernel
-    out = []
-    for rows, cols in SHAPES[:4]:
-        w = PackedWeight.from_bytes("Q2_K", random_blocks("Q2_K", rows, cols), cols, "cuda")
-        x = torch.randn(1, cols, device="cuda")
-        nb = cols // QK_K
-        nbytes = w.data.numel() + cols * 4 + rows * 4
-        best = None
-        configs = [("bytes", br, warps, split) for br in (8, 16, 32) for warps in (2, 4, 8) for split in (1, 2, 4)]
-        configs.append(("generic",) + _gemv_config(rows, nb)[:1] + (4,) + _gemv_config(rows, nb)[1:])
-        for kernel, br, warps, split in configs:
-            y = torch.zeros(1, rows, device="cuda")
-            grid = (triton.cdiv(rows, br), 1, split)
-            args = (w.data, x, y, rows, nb, w.data.shape[1], x.stride(0), y.stride(0))
-
-            def run():
-                if split > 1:
-                    y.zero_()
-                if kernel == "bytes":
-                    gemv_q2k_kernel[grid](*args, BR=br, SPLIT=split, num_warps=warps)
-                else:
-                    gemv_kernel[grid](*args[:3], w.data, w.data, *args[3:], TYPE=2, BS=84, BR=br, SPLIT=split,
-                                      num_warps=warps)
-            try:
-                t = bench(run)
-            except Exception as e:
-                out.append({"rows": rows, "cols": cols, "kernel": kernel, "br": br, "warps": warps,
-                            "split": split, "error": str(e).splitlines()[0][:200]})
-                continue
-            r = {"rows": rows, "cols": cols, "kernel": kernel, "br": br, "warps": warps, "split": split,
-                 "us": t * 1e6, "pct_copy": 100 * nbytes / t / 1e9 / copy_gbs}
-            out.append(r)
-            if best is None or r["us"] < best["us"]:
-                best = r
-        if best is None:
-            print(f"sweep Q2_K {rows}x{cols}: every configuration failed", flush=True)
-            continue
-        print(f"sweep Q2_K {rows}x{cols}: best {best['kernel']} br={best['br']} warps={best['warps']} "
-              f"split={best['split']} {best['us']:.1f} us ({best['pct_copy']:.1f}% of copy); "
-              f"default {_gemv_config(rows, nb, 32)}", flush=True)
     return out
 
 
@@ -328,7 +280,7 @@ def main() -> None:
     ap.add_argument("--tag", required=True)
     ap.add_argument("--llamacpp", help="test-backend-ops built with CUDA (benchmarks/gpu_peers/build.sh)")
     ap.add_argument("--quick", action="store_true", help="fewer rows and batches")
-    ap.add_argument("--sections", default="gemv,hadamard,llamacpp,sweep", help="comma-separated parts to run")
+    ap.add_argument("--sections", default="gemv,hadamard,llamacpp", help="comma-separated parts to run")
     ap.add_argument("--types", nargs="+", default=GEMV_TYPES, help="K-quant types of the gemv section")
     ap.add_argument("--resume", action="store_true", help="add the sections to an existing results file")
     ap.add_argument("--out", default=str(RESULTS))
@@ -377,8 +329,6 @@ def main() -> None:
     if "llamacpp" in sections and a.llamacpp:
         res["llamacpp"], res["llamacpp_log"] = llamacpp_rows(a.llamacpp)
         save()
-    if "sweep" in sections:
-        res["sweep"] = sweep(copy_of("sweep"))
         save()
     render(res, stem)
     print(table(res))

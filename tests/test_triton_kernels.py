@@ -14,8 +14,8 @@ import torch
 
 from twinquant.errors import TwinquantError
 from twinquant.formats.ggml import get_codec
-from twinquant.formats.ggml.packed import (GEMV_MAX_ROWS, KERNEL_TYPES, PackedWeight, dequantize, gemv, qlinear,
-                                          random_blocks)
+from twinquant.formats.ggml.packed import (GEMV_MAX_ROWS, KERNEL_TYPES, GemvConfig, PackedWeight, dequantize, gemv,
+                                           qlinear, random_blocks)
 from twinquant.transforms.hadamard import (KernelConfig, RandomizedHadamard, _kernel_factors, _kernel_runs, fwht,
                                           hadamard_plan, launch_fwht)
 
@@ -52,6 +52,29 @@ def test_dequantize_and_gemv_read_every_bit_of_the_blocks_as_gguf_py_does(ggml_t
         got = gemv(x[:3].to(device), w, byte_order=False).cpu().double()
         want = x[:3].double() @ ref.double().T
         assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("ggml_type,byte_order", [("Q2_K", True), ("Q2_K", False), ("Q6_K", True),
+                                                  ("IQ2_XS", True)])
+def test_every_gemv_launch_shape_gives_the_same_product(ggml_type, byte_order, device):
+    """Rows per program, super-blocks per step, column split and warps change only the launch: 7 super-blocks
+    (no multiple of U·SPLIT), 13 rows (no multiple of BR), the bias added once however the columns are split,
+    the output in x's dtype."""
+    rows, cols = 13, 7 * 256
+    data = random_blocks(ggml_type, rows, cols, seed=3)
+    ref = reference(ggml_type, data).double()
+    w = PackedWeight.from_bytes(ggml_type, data, cols, device)
+    g = torch.Generator().manual_seed(4)
+    x, bias = torch.randn(2, cols, generator=g), torch.randn(rows, generator=g)
+    want = x.double() @ ref.T + bias.double()
+    for cfg in (GemvConfig(4, 1, 1, 4), GemvConfig(4, 4, 1, 4), GemvConfig(2, 2, 4, 2), GemvConfig(16, 4, 2, 8),
+                GemvConfig(8, 2, 8, 4)):
+        for dtype in (torch.float32, torch.float16):
+            got = gemv(x.to(device, dtype), w, bias.to(device, dtype), dtype, byte_order, cfg)
+            assert got.dtype == dtype
+            tol = (1e-5 if dtype == torch.float32 else 2e-3) * want.abs().max()
+            assert (got.cpu().double() - want).abs().max() <= tol, (cfg, dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -210,15 +233,17 @@ def test_a_gguf_decodes_from_packed_weights_as_from_dequantized_ones(tmp_path):
     from twinquant.io.load import load_model
     from twinquant.model.forward import KVCache, forward
     from twinquant.pipeline.executor import quantize_model
-    from twinquant.runtime.packed_weights import pack_linears
+    from twinquant.runtime.packed_weights import join_shared_inputs, pack_linears
 
     model = load_hf_dir(save_tiny("qwen2", tmp_path / "hf", tokenizer=True, hidden_size=256, intermediate_size=512,
                                   num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2))
     model.materialize()
-    kinds = {"attn_q": "Q2_K", "attn_k": "Q3_K", "attn_v": "Q4_K", "attn_output": "IQ2_XS", "ffn_gate": "Q6_K",
-             "ffn_up": "Q8_0", "ffn_down": "IQ4_XS"}          # Q8_0 has no kernel: it stays a float tensor
-    types = {n: kinds[n.split(".")[2]] for n in model.tensor_names() if n.startswith("blk.") and n.endswith(
-        "weight") and n.split(".")[2] in kinds}
+    kinds = [{"attn_q": "Q2_K", "attn_k": "Q3_K", "attn_v": "Q4_K", "attn_output": "IQ2_XS", "ffn_gate": "Q6_K",
+              "ffn_up": "Q8_0", "ffn_down": "IQ4_XS"},        # Q8_0 has no kernel: it stays a float tensor
+             {"attn_q": "Q2_K", "attn_k": "Q2_K", "attn_v": "Q3_K", "attn_output": "IQ2_XS", "ffn_gate": "Q4_K",
+              "ffn_up": "Q4_K", "ffn_down": "IQ4_XS"}]        # block 1: q+k and gate+up run as one GEMV each
+    types = {n: kinds[int(n.split(".")[1])][n.split(".")[2]] for n in model.tensor_names()
+             if n.startswith("blk.") and n.endswith("weight") and n.split(".")[2] in kinds[0]}
     types["output.weight"] = "Q6_K"
     quantize_model(model, types, "rtn", progress=False)
     path = write_gguf(model, tmp_path / "q.gguf", "F32")
@@ -229,8 +254,13 @@ def test_a_gguf_decodes_from_packed_weights_as_from_dequantized_ones(tmp_path):
     assert "IQ2_XS" not in pack_linears(load_model(path, device=device, keep_quantized=True))   # opt-in
     counts = pack_linears(packed, iquants=True)
     packed.materialize()
-    assert dict(counts) == {"Q2_K": 2, "Q3_K": 2, "Q4_K": 2, "IQ2_XS": 2, "Q6_K": 3, "IQ4_XS": 2}
+    assert dict(counts) == {"Q2_K": 3, "Q3_K": 2, "Q4_K": 3, "IQ2_XS": 2, "Q6_K": 2, "IQ4_XS": 2}
     assert "blk.0.ffn_up.weight" not in packed.packed and "blk.0.attn_q.weight" not in packed.tensors
+    assert join_shared_inputs(packed) == 2
+    qk = packed.packed_groups["blk.1.attn_q.weight"]
+    assert qk.members == ("blk.1.attn_q.weight", "blk.1.attn_k.weight") and qk.whole.rows == 256 + 128
+    assert packed.tensors["blk.1.attn_k.bias"] is qk.bias_views[1]
+    assert packed.packed_groups["blk.1.ffn_gate.weight"].bias is None
 
     tokens = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(0)).to(device)
     caches = [KVCache.empty(m, 1, 16) for m in (plain, packed)]

@@ -168,6 +168,31 @@ def linear_input(x: torch.Tensor, model: Model, name: str, params=None) -> torch
     return x
 
 
+def _packed_linears(x: torch.Tensor, model: Model, names: tuple[str, ...], bs) -> list[torch.Tensor]:
+    """The linears of a group with packed members: one GEMV per run of members joined into one weight
+    (`runtime.packed_weights.join_shared_inputs`), one product per other member (a group may mix packed and float
+    members: a type without a kernel)."""
+    from twinquant.formats.ggml.packed import qlinear
+
+    bs = bs or [None] * len(names)
+    ys: list[torch.Tensor] = []
+    i = 0
+    while i < len(names):
+        run = model.packed_groups.get(names[i])
+        k = len(run.members) if run is not None else 0
+        if (run is not None and names[i:i + k] == run.members
+                and all(model.packed.get(n) is v for n, v in zip(run.members, run.views))
+                and (all(b is None for b in bs[i:i + k])
+                     or all(b is v for b, v in zip(bs[i:i + k], run.bias_views)) and len(run.bias_views) == k)):
+            ys.extend(run.product(x, bs[i] is not None))
+            i += k
+            continue
+        n, b = names[i], bs[i]
+        ys.append(qlinear(x, model.packed[n], b) if n in model.packed else F.linear(x, model.get(n), b))
+        i += 1
+    return ys
+
+
 def linears(x: torch.Tensor, model: Model, names: tuple[str, ...], hook: LinearHook | None,
              bias: bool = False, params=None, prepared: bool = False) -> list[torch.Tensor]:
     """Linears that read the same input x; one matmul when the model holds them fused.
@@ -181,11 +206,7 @@ def linears(x: torch.Tensor, model: Model, names: tuple[str, ...], hook: LinearH
             hook(n, x)
     bs = [model.get(n.replace(".weight", ".bias")) for n in names] if bias else None
     if model.packed and any(n in model.packed for n in names):     # weights kept as GGML bytes on the GPU
-        from twinquant.formats.ggml.packed import qlinear
-
-        # one product per linear: a group may mix packed and float members (i-quants have no kernel)
-        ys = [qlinear(x, model.packed[n], b) if n in model.packed else F.linear(x, model.get(n), b)
-              for n, b in zip(names, bs or [None] * len(names))]
+        ys = _packed_linears(x, model, names, bs)
         tap = getattr(hook, "tap_output", None)
         return [tap(n, y) for n, y in zip(names, ys)] if tap is not None else ys
     ws = [model.get(n) for n in names]

@@ -90,6 +90,9 @@ class Model:
     # Linears the forward runs from their packed GGML bytes on the device (formats/ggml/packed.PackedWeight,
     # set by runtime/packed_weights.py): never dequantized into `tensors`.
     packed: dict[str, object] = field(default_factory=dict)
+    # Runs of packed members of one shared-input group with one type, held as one concatenated PackedWeight
+    # (formats/ggml/packed.PackedRun, keyed by the first member): one GEMV launch for q+k or gate+up.
+    packed_groups: dict[str, object] = field(default_factory=dict)
     # Linears that read one input (q/k/v, gate/up) live in one concatenated tensor and `tensors` holds row
     # views of it, so the forward can run one larger matmul (faster on CPU) at no extra memory.
     _fused: dict[tuple[str, ...], tuple[torch.Tensor, tuple[torch.Tensor, ...]]] = field(default_factory=dict)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from twinquant.formats.ggml.packed import IQ_TYPES, PackedWeight, kernel_for
+from twinquant.formats.ggml.packed import IQ_TYPES, PackedRun, PackedWeight, kernel_for
 from twinquant.io.load import load_model
 from twinquant.model import roles
 from twinquant.model.model import Model
@@ -32,6 +32,34 @@ def pack_linears(model: Model, iquants: bool = False) -> Counter:
     return counts
 
 
+def join_shared_inputs(model: Model) -> int:
+    """Concatenate the packed members of each shared-input group (q/k/v, gate/up) that follow one another with
+    one type, and their biases, so the forward runs one GEMV per run (a decode step's small matrices are bound by
+    launch and memory latency, not bytes). Call after `materialize` (the biases must be loaded). Returns the
+    number of runs."""
+    model.packed_groups.clear()
+    for i in range(model.spec.n_layers):
+        for group in model._fusable(i):
+            runs: list[list[str]] = []
+            for n in group:
+                w = model.packed.get(n)
+                if w is not None and runs and runs[-1][-1] in model.packed and \
+                        model.packed[runs[-1][-1]].ggml_type == w.ggml_type:
+                    runs[-1].append(n)
+                else:
+                    runs.append([n])
+            for run in (tuple(r) for r in runs if len(r) > 1 and r[0] in model.packed):
+                bnames = [n.replace(".weight", ".bias") for n in run]
+                biases = [model.tensors[b] for b in bnames] if all(b in model.tensors for b in bnames) else None
+                pr = PackedRun.join(run, [model.packed[n] for n in run], biases)
+                model.packed.update(zip(run, pr.views))
+                if biases is not None:
+                    for b, v in zip(bnames, pr.bias_views):
+                        model.tensors[b] = v
+                model.packed_groups[run[0]] = pr
+    return len(model.packed_groups)
+
+
 def load_for_decode(path, dtype, device, kernels: bool = True, iquants: bool = False) -> tuple[Model, Counter]:
     """The model `generate` / `run` decode with: on CUDA (unless kernels=False) its K-quant linears packed (and its
     i-quant ones with `iquants`), every other tensor materialized in `dtype`; with the {type: count} of packed
@@ -39,4 +67,7 @@ def load_for_decode(path, dtype, device, kernels: bool = True, iquants: bool = F
     packed = kernels and str(device).startswith("cuda")
     model = load_model(path, dtype=dtype, device=device, keep_quantized=packed)
     counts = pack_linears(model, iquants) if packed else Counter()
-    return model.materialize(), counts
+    model.materialize()
+    if packed:
+        join_shared_inputs(model)
+    return model, counts

@@ -9,7 +9,13 @@ dense matmul (prefill: the matmul dominates).
 
 from __future__ import annotations
 
+import functools
+import json
+import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
 
 import gguf
 import numpy as np
@@ -57,6 +63,35 @@ class PackedWeight:
         return cls(ggml_type, torch.from_numpy(arr).to(device), cols)
 
 
+@dataclass(frozen=True)
+class PackedRun:
+    """Linears that read one input and share a type (q and k, gate and up) as one weight: `whole` holds their rows
+    one after another, `views` are the members' weights (row views of it, so no extra memory), `bias` the
+    concatenated biases (None without) and `bias_views` the members' bias tensors as views of it."""
+
+    members: tuple[str, ...]
+    whole: PackedWeight
+    views: tuple[PackedWeight, ...]
+    bias: torch.Tensor | None = None
+    bias_views: tuple[torch.Tensor, ...] = ()
+
+    @classmethod
+    def join(cls, members: tuple[str, ...], weights: list[PackedWeight],
+             biases: list[torch.Tensor] | None = None) -> "PackedRun":
+        whole = PackedWeight(weights[0].ggml_type, torch.cat([w.data for w in weights]), weights[0].cols)
+        views = tuple(PackedWeight(whole.ggml_type, d, whole.cols) for d in
+                      whole.data.split([w.rows for w in weights]))
+        if biases is None:
+            return cls(members, whole, views)
+        bias = torch.cat(biases)
+        return cls(members, whole, views, bias, tuple(bias.split([w.rows for w in weights])))
+
+    def product(self, x: torch.Tensor, with_bias: bool) -> list[torch.Tensor]:
+        """Each member's F.linear(x, W, b), from one GEMV over the whole run."""
+        y = qlinear(x, self.whole, self.bias if with_bias else None)
+        return list(y.split([v.rows for v in self.views], dim=-1))
+
+
 def kernel_for(ggml_type: str, device) -> bool:
     """True when qlinear has a kernel for this type on this device."""
     return ggml_type in KERNEL_TYPES and runs_triton(torch.empty(0, device=device))
@@ -98,26 +133,71 @@ def dequantize(w: PackedWeight, dtype: torch.dtype = torch.float32) -> torch.Ten
     return out
 
 
-def gemv(x2: torch.Tensor, w: PackedWeight, byte_order: bool = True) -> torch.Tensor:
-    """float32 [M, rows] = x2 [M, cols] @ Wᵀ, one pass over the packed rows per activation row. Q2_K takes
-    `gemv_q2k_kernel` (weights in the order their bytes lie) unless byte_order=False (the generic kernel)."""
+class GemvConfig(NamedTuple):
+    """A GEMV launch: rows per program, super-blocks per step (in flight at once), column split, warps."""
+
+    br: int
+    u: int
+    split: int
+    warps: int
+
+
+# The launches a sweep measured best (benchmarks/gemv_configs.py --emit-table): {type: [[rows, nb, br, u, split,
+# warps], ...]}; TWINQUANT_GEMV_TABLE names another such file (a sweep on this GPU)
+LAUNCH_TABLE = Path(__file__).with_name("gemv_launches.json")
+
+
+@functools.cache
+def _launch_table(path: str) -> dict[str, list[list[int]]]:
+    p = Path(path)
+    return json.loads(p.read_text())["launches"] if p.is_file() else {}
+
+
+def gemv_config(ggml_type: str, rows: int, nb: int) -> GemvConfig:
+    """The launch `gemv` uses for a [rows, nb·256] weight ("generic": a type through the generic kernel): the
+    swept launch of the nearest measured shape of that type (log rows, log columns), else enough programs to fill
+    the GPU (a decode GEMV waits on memory: what counts is how many loads are in flight), short rows split."""
+    table = _launch_table(os.environ.get("TWINQUANT_GEMV_TABLE") or str(LAUNCH_TABLE)).get(ggml_type)
+    if table:
+        near = min(table, key=lambda e: math.log(e[0] / rows) ** 2 + math.log(e[1] / nb) ** 2)
+        cfg = GemvConfig(*near[2:])
+        if cfg.u * cfg.split <= nb:
+            return cfg
+    br = 16 if ggml_type == "Q2_K" else 4
+    u = 1
+    while u < 4 and nb >= 4 * u:
+        u *= 2
+    split = 1
+    while -(-rows // br) * split < 4 * 132 and split < 8 and nb >= 2 * u * split:
+        split *= 2
+    return GemvConfig(br, u, split, 4)
+
+
+def gemv(x2: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32,
+         byte_order: bool = True, config: GemvConfig | None = None) -> torch.Tensor:
+    """[M, rows] = x2 [M, cols] @ Wᵀ (+ bias) in out_dtype, float32 accumulation, one pass over the packed rows per
+    activation row. Q2_K takes `gemv_q2k_kernel` (weights in the order their bytes lie) unless byte_order=False
+    (the generic kernel); `config` overrides `gemv_config`."""
     from twinquant.formats.ggml.triton_kquants import gemv_kernel, gemv_q2k_kernel
 
     tid, bs = KERNEL_TYPES[w.ggml_type]
     x2 = x2.contiguous()
     nb = w.cols // QK_K
     q2k = w.ggml_type == "Q2_K" and byte_order
-    # rows per program: 32 for the Q2_K kernel (best on every 32B shape of the H200 sweep), 8 for the generic one
-    br, split = _gemv_config(w.rows, nb, 32 if q2k else 8)
-    y = torch.zeros(x2.shape[0], w.rows, dtype=torch.float32, device=x2.device)
+    cfg = config or gemv_config(w.ggml_type if q2k or w.ggml_type != "Q2_K" else "generic", w.rows, nb)
+    # a split adds partial sums atomically: into zeroed float32; otherwise each output is stored once
+    y = (torch.zeros(x2.shape[0], w.rows, dtype=torch.float32, device=x2.device) if cfg.split > 1 else
+         torch.empty(x2.shape[0], w.rows, dtype=out_dtype, device=x2.device))
     if x2.shape[0]:
-        grid = (-(-w.rows // br), x2.shape[0], split)
-        args = (w.data, x2, y, w.rows, nb, w.data.shape[1], x2.stride(0), y.stride(0))
+        grid = (-(-w.rows // cfg.br), x2.shape[0], cfg.split)
+        b = bias if bias is not None else y
+        args = (w.data, x2, y, b, w.rows, nb, w.data.shape[1], x2.stride(0), y.stride(0))
+        kw = dict(BR=cfg.br, U=cfg.u, SPLIT=cfg.split, HAS_BIAS=bias is not None, num_warps=cfg.warps)
         if q2k:
-            gemv_q2k_kernel[grid](*args, BR=br, SPLIT=split, num_warps=4)
+            gemv_q2k_kernel[grid](*args, **kw)
         else:
-            gemv_kernel[grid](*args[:3], *_tables(w), *args[3:], TYPE=tid, BS=bs, BR=br, SPLIT=split, num_warps=4)
-    return y
+            gemv_kernel[grid](*args[:4], *_tables(w), *args[4:], TYPE=tid, BS=bs, **kw)
+    return y.to(out_dtype)
 
 
 def _int8_away(v: torch.Tensor) -> torch.Tensor:
@@ -212,11 +292,9 @@ def qlinear(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None) 
     lead = x.shape[:-1]
     x2 = x.reshape(-1, w.cols)
     if x2.shape[0] > GEMV_MAX_ROWS:
-        y = F.linear(x2, dequantize(w, x.dtype))
+        y = F.linear(x2, dequantize(w, x.dtype), bias)
     else:
-        y = gemv(x2, w).to(x.dtype)
-    if bias is not None:
-        y = y + bias
+        y = gemv(x2, w, bias, x.dtype)
     return y.reshape(*lead, w.rows)
 
 

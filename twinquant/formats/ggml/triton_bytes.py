@@ -40,9 +40,12 @@ def _half(bits):
 
 
 @triton.jit
-def _store_rows(y_row, rows, y, R, SPLIT: tl.constexpr):
-    """A GEMV's outputs: stored, or (columns split across SPLIT programs) added atomically into a zeroed y."""
+def _store_rows(y_row, rows, y, R, SPLIT: tl.constexpr, b_ptr, part, HAS_BIAS: tl.constexpr):
+    """A GEMV's outputs (plus the bias, added once: by the programs of part 0): stored in y's dtype, or (columns
+    split across SPLIT programs) added atomically into a zeroed float32 y."""
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows, mask=(rows < R) & (part == 0), other=0.0).to(tl.float32)
     if SPLIT == 1:
-        tl.store(y_row + rows, y, mask=rows < R)
+        tl.store(y_row + rows, y.to(y_row.dtype.element_ty), mask=rows < R)
     else:
         tl.atomic_add(y_row + rows, y, mask=rows < R)

@@ -83,24 +83,30 @@ def _superblock(blk, e, mask, TYPE: tl.constexpr):
 
 
 @triton.jit
-def gemv_kernel(w_ptr, x_ptr, y_ptr, tab_ptr, sign_ptr, R, NB, row_bytes, stride_xm, stride_ym,
-                TYPE: tl.constexpr, BS: tl.constexpr, BR: tl.constexpr, SPLIT: tl.constexpr):
-    """y[m, r] (+)= sum_c W[r, c] x[m, c] for BR rows and one activation row m; super-blocks b ≡ part (mod SPLIT)
-    (SPLIT > 1: partial sums added atomically into a zeroed y, for matrices with few rows). TYPE ≥ 10: an i-quant,
-    whose codebook and sign tables are tab_ptr / sign_ptr (`triton_iquants.py`; unused for the K-quants)."""
+def gemv_kernel(w_ptr, x_ptr, y_ptr, b_ptr, tab_ptr, sign_ptr, R, NB, row_bytes, stride_xm, stride_ym,
+                TYPE: tl.constexpr, BS: tl.constexpr, BR: tl.constexpr, U: tl.constexpr, SPLIT: tl.constexpr,
+                HAS_BIAS: tl.constexpr):
+    """y[m, r] (+)= sum_c W[r, c] x[m, c] (+ bias[r]) for BR rows and one activation row m. A program takes U
+    super-blocks of its rows at a time (one tile [BR, U, 256], so U loads per row are in flight at once: a decode
+    GEMV is bound by memory latency, not by arithmetic) and, with SPLIT > 1, only the runs of U super-blocks
+    ≡ part (mod SPLIT), adding its partial sums atomically into a zeroed y (matrices with few rows). TYPE ≥ 10:
+    an i-quant, whose codebook and sign tables are tab_ptr / sign_ptr (`triton_iquants.py`; unused for the
+    K-quants)."""
     pid = tl.program_id(0)
     m = tl.program_id(1)
     part = tl.program_id(2)
     rows = pid * BR + tl.arange(0, BR)
-    rmask = (rows < R)[:, None]
-    e = tl.arange(0, QK_K)[None, :]
-    row_base = w_ptr + rows.to(tl.int64)[:, None] * row_bytes
-    acc = tl.zeros((BR, QK_K), dtype=tl.float32)
-    for b in range(part, NB, SPLIT):
-        w = _weights(row_base + b * BS, e, rmask, tab_ptr, sign_ptr, TYPE)
-        xv = tl.load(x_ptr + m * stride_xm + b * QK_K + e).to(tl.float32)
+    rmask = (rows < R)[:, None, None]
+    u = tl.arange(0, U)[None, :, None]
+    e = tl.arange(0, QK_K)[None, None, :]
+    row_base = w_ptr + rows.to(tl.int64)[:, None, None] * row_bytes
+    acc = tl.zeros((BR, U, QK_K), dtype=tl.float32)
+    for b0 in range(part * U, NB, SPLIT * U):
+        b = b0 + u                                                                       # [1, U, 1]
+        w = _weights(row_base + b * BS, e, rmask & (b < NB), tab_ptr, sign_ptr, TYPE)
+        xv = tl.load(x_ptr + m * stride_xm + b * QK_K + e, mask=b < NB, other=0.0).to(tl.float32)
         acc += w * xv
-    _store_rows(y_ptr + m * stride_ym, rows, tl.sum(acc, axis=1), R, SPLIT)
+    _store_rows(y_ptr + m * stride_ym, rows, tl.sum(tl.sum(acc, axis=2), axis=1), R, SPLIT, b_ptr, part, HAS_BIAS)
 
 
 @triton.jit
@@ -127,36 +133,40 @@ def dequant_kernel(w_ptr, out_ptr, tab_ptr, sign_ptr, R, row_bytes, cols,
 
 
 @triton.jit
-def gemv_q2k_kernel(w_ptr, x_ptr, y_ptr, R, NB, row_bytes, stride_xm, stride_ym,
-                    BR: tl.constexpr, SPLIT: tl.constexpr):
+def gemv_q2k_kernel(w_ptr, x_ptr, y_ptr, b_ptr, R, NB, row_bytes, stride_xm, stride_ym,
+                    BR: tl.constexpr, U: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Q2_K's GEMV in the order its bytes lie, with sums per sub-block: a super-block's 64 code bytes are one
     contiguous load per row; shift j of byte l holds weight 128·(l // 32) + 32·j + l % 32, so for each j the 64
     codes times x read in that order, summed in groups of 16, are the dot products of 4 sub-blocks; their scale
     and min are applied once per sub-block (y = Σ_s d·sc_s·Σ q·x − dmin·m_s·Σ x). Per weight: a shift, a mask, a
-    conversion and a multiply-add; x and its sub-block sums are shared by the BR rows of a program."""
+    conversion and a multiply-add; x and its sub-block sums are shared by the BR rows of a program. U super-blocks
+    of each row at a time, SPLIT and the bias as in `gemv_kernel`."""
     pid = tl.program_id(0)
     m = tl.program_id(1)
     part = tl.program_id(2)
     rows = pid * BR + tl.arange(0, BR)
-    rmask = (rows < R)[:, None]
-    l = tl.arange(0, 64)
-    quarter = tl.arange(0, 4)                               # l // 16: (half h, which 16 of its 32 bytes)
-    row_base = w_ptr + rows.to(tl.int64)[:, None] * row_bytes
-    acc = tl.zeros((BR, 4), dtype=tl.float32)
-    for b in range(part, NB, SPLIT):
-        blk = row_base + b * 84                                                          # [BR, 1]
-        q = tl.load(blk + 16 + l[None, :], mask=rmask, other=0).to(tl.int32)            # [BR, 64]
-        d = _f16(blk + 80, rmask)
-        dmin = _f16(blk + 82, rmask)
-        xb = x_ptr + m * stride_xm + b * QK_K + (l // 32) * 128 + l % 32
+    rmask = (rows < R)[:, None, None]
+    l = tl.arange(0, 64)[None, None, :]
+    u = tl.arange(0, U)[None, :, None]
+    quarter = tl.arange(0, 4)[None, None, :]                # l // 16: (half h, which 16 of its 32 bytes)
+    row_base = w_ptr + rows.to(tl.int64)[:, None, None] * row_bytes
+    acc = tl.zeros((BR, U, 4), dtype=tl.float32)
+    for b0 in range(part * U, NB, SPLIT * U):
+        b = b0 + u                                                                       # [1, U, 1]
+        bmask = rmask & (b < NB)
+        blk = row_base + b * 84                                                          # [BR, U, 1]
+        q = tl.load(blk + 16 + l, mask=bmask, other=0).to(tl.int32)                      # [BR, U, 64]
+        d = _f16(blk + 80, bmask)
+        dmin = _f16(blk + 82, bmask)
+        xb = x_ptr + m * stride_xm + b * QK_K + (l // 32) * 128 + l % 32                 # [1, U, 64]
         for j in tl.static_range(4):
-            xj = tl.load(xb + 32 * j).to(tl.float32)                                     # [64]
+            xj = tl.load(xb + 32 * j, mask=b < NB, other=0.0).to(tl.float32)
             c = ((q >> (2 * j)) & 3).to(tl.float32)
-            qx = tl.sum(tl.reshape(c * xj[None, :], (BR, 4, 16)), axis=2)                # [BR, 4]
-            xs = tl.sum(tl.reshape(xj, (4, 16)), axis=1)                                 # [4]
-            sc = _u8(blk + (quarter // 2)[None, :] * 8 + 2 * j + (quarter % 2)[None, :], rmask)   # [BR, 4]
-            acc += d * (sc & 0xF).to(tl.float32) * qx - dmin * (sc >> 4).to(tl.float32) * xs[None, :]
-    _store_rows(y_ptr + m * stride_ym, rows, tl.sum(acc, axis=1), R, SPLIT)
+            qx = tl.sum(tl.reshape(c * xj, (BR, U, 4, 16)), axis=3)                      # [BR, U, 4]
+            xs = tl.sum(tl.reshape(xj, (1, U, 4, 16)), axis=3)                           # [1, U, 4]
+            sc = _u8(blk + (quarter // 2) * 8 + 2 * j + (quarter % 2), bmask)            # [BR, U, 4]
+            acc += d * (sc & 0xF).to(tl.float32) * qx - dmin * (sc >> 4).to(tl.float32) * xs
+    _store_rows(y_ptr + m * stride_ym, rows, tl.sum(tl.sum(acc, axis=2), axis=1), R, SPLIT, b_ptr, part, HAS_BIAS)
 
 
 @triton.jit
@@ -210,7 +220,7 @@ def gemv_q2k_q8_kernel(w_ptr, xq_ptr, xd_ptr, xs_ptr, y_ptr, R, NB, row_words, s
             sq += tl.sum(((sc & 0xF) * isum).to(tl.float32) * xd, axis=1, keep_dims=True)
             sm += tl.sum((sc >> 4).to(tl.float32) * xs, axis=1, keep_dims=True)
         acc += d * sq - dmin * sm
-    _store_rows(y_ptr + m * stride_ym, rows, tl.sum(acc, axis=1), R, SPLIT)
+    _store_rows(y_ptr + m * stride_ym, rows, tl.sum(acc, axis=1), R, SPLIT, y_ptr, 0, False)
 
 
 @triton.jit

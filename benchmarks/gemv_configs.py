@@ -1,0 +1,209 @@
+"""The packed GEMV's launch at batch 1, swept: rows per program (BR), super-blocks per step (U), column split and
+warps, for each type on the Qwen2.5 1.5B / 7B / 32B decode shapes. `packed.gemv_config` is chosen from this.
+
+Each launch is timed as decode runs it: inside a CUDA graph (no host between kernels), weights cold (the graph
+clears a 96 MiB buffer before each GEMV; the clear alone is timed the same way and taken off), the output buffer
+zeroed or not as `packed.gemv` does it. Kernels are compiled first by --procs processes sharing Triton's cache
+(one GPU process would spend most of the run compiling), then timed in one process.
+
+    python benchmarks/gemv_configs.py --tag h100
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import torch  # noqa: E402
+
+from twinquant.formats.ggml.packed import QK_K, GemvConfig, PackedWeight, gemv, gemv_config, random_blocks  # noqa: E402
+
+SHAPES = {"1.5B": [(1536, 1536), (256, 1536), (8960, 1536), (1536, 8960), (151936, 1536)],
+          "7B": [(3584, 3584), (512, 3584), (18944, 3584), (3584, 18944)],
+          "32B": [(5120, 5120), (1024, 5120), (27648, 5120), (5120, 27648)]}
+TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q6_K", "IQ2_XS"]
+WARPS = (4, 8)
+SPLITS = (1, 2, 4, 8)
+
+
+def configs(ggml_type: str) -> list[GemvConfig]:
+    """Q2_K's byte-order kernel holds [BR, U, 64] codes a step, the generic one [BR, U, 256] weights: BR·U up to
+    64 and 16."""
+    cap, brs = (64, (4, 8, 16, 32)) if ggml_type == "Q2_K" else (16, (1, 2, 4, 8))
+    return [GemvConfig(br, u, s, w) for br, u, s, w in itertools.product(brs, (1, 2, 4, 8), SPLITS, WARPS)
+            if br * u <= cap]
+
+
+def cases(types, shapes):
+    for t in types:
+        for rows, cols in shapes:
+            for cfg in configs(t):
+                if cfg.split * cfg.u <= cols // QK_K:
+                    yield t, rows, cols, cfg
+
+
+def graph_us(fn, flush: torch.Tensor, n: int = 20, reps: int = 5) -> float:
+    """µs per call of fn with the L2 cleared before each call, both inside one CUDA graph."""
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+        flush.zero_()
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(g):
+        for _ in range(n):
+            flush.zero_()
+            fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / n)
+    return sorted(times)[reps // 2]
+
+
+def weights(t, rows, cols, cache={}):
+    if (t, rows, cols) not in cache:
+        cache.clear()
+        cache[t, rows, cols] = PackedWeight.from_bytes(t, random_blocks(t, rows, cols), cols, "cuda")
+    return cache[t, rows, cols]
+
+
+def warm(part: int, procs: int, types, shapes) -> None:
+    """Compile (into Triton's on-disk cache) every launch of the sweep whose index ≡ part (mod procs)."""
+    for i, (t, rows, cols, cfg) in enumerate(cases(types, shapes)):
+        if i % procs == part:
+            try:
+                gemv(torch.randn(1, cols, device="cuda"), weights(t, rows, cols), config=cfg)
+            except Exception:            # recorded by the timing pass
+                pass
+    torch.cuda.synchronize()
+
+
+def launch_table(res: dict) -> dict:
+    """The runtime's table (formats/ggml/gemv_launches.json) from a sweep: each type's best launch per shape."""
+    launches: dict[str, list] = {}
+    for b in res["best"]:
+        launches.setdefault(b["type"], []).append([b["rows"], b["cols"] // QK_K, *b["config"]])
+    return {"source": f"benchmarks/results/gemv_configs_{res['tag']}.json", "gpu": res["machine"].get("gpu"),
+            "commit": res["commit"], "launches": launches}
+
+
+def markdown(res: dict) -> str:
+    out = [f"# packed GEMV launch sweep at batch 1 ({res['tag']})", "",
+           f"`{res['command']}` at {res['commit']}; {res['machine'].get('gpu')}; copy {res['copy_gbs']:.0f} GB/s; "
+           "µs per GEMV inside a CUDA graph, L2 cleared before each; config = BR rows/program, U super-blocks/step, "
+           "split, warps", "",
+           "| type | rows x cols | best config | best µs | % copy | default config | default µs | best / default speed |",
+           "|---|---|---|---|---|---|---|---|"]
+    for b in res["best"]:
+        out.append(f"| {b['type']} | {b['rows']}x{b['cols']} | {tuple(b['config'])} | {b['us']:.1f} | "
+                   f"{b['pct_copy']:.1f} | {tuple(b['default'])} | {b['default_us']:.1f} | "
+                   f"{b['default_us'] / b['us']:.2f}x |")
+    return "\n".join(out) + "\n"
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(12, 4.5))
+    labels = [f"{b['type']}\n{b['rows']}x{b['cols']}" for b in res["best"]]
+    xs = range(len(labels))
+    ax.bar([x - 0.2 for x in xs], [b["pct_copy"] for b in res["best"]], 0.4, label="best launch")
+    ax.bar([x + 0.2 for x in xs], [b["default_pct_copy"] for b in res["best"]], 0.4, label="gemv_config")
+    ax.set_xticks(list(xs), labels, rotation=90, fontsize=6)
+    ax.set_ylabel("% of copy bandwidth")
+    ax.set_title(f"packed GEMV at batch 1, CUDA graph, cold L2 ({res['machine'].get('gpu')})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tag")
+    ap.add_argument("--types", nargs="+", default=TYPES)
+    ap.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--procs", type=int, default=14, help="processes that compile the kernels first")
+    ap.add_argument("--warm-part", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--emit-table", metavar="JSON", help="write the runtime's launch table from a sweep's results "
+                    "file (to twinquant/formats/ggml/gemv_launches.json) and stop")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    a = ap.parse_args()
+    if a.emit_table:
+        from twinquant.formats.ggml.packed import LAUNCH_TABLE
+
+        LAUNCH_TABLE.write_text(json.dumps(launch_table(json.loads(Path(a.emit_table).read_text()))) + "\n")
+        return print(f"wrote {LAUNCH_TABLE}")
+    if not torch.cuda.is_available():
+        raise SystemExit("gemv_configs: needs a CUDA GPU")
+    shapes = [s for m in a.models for s in SHAPES[m]]
+    if a.warm_part is not None:
+        return warm(a.warm_part, a.procs, a.types, shapes)
+    if not a.tag:
+        raise SystemExit("gemv_configs: --tag is required")
+    from kernel_speed import copy_bandwidth
+    from provenance import record
+
+    t0 = time.perf_counter()
+    base = [sys.executable, __file__, "--procs", str(a.procs), "--types", *a.types, "--models", *a.models]
+    ps = [subprocess.Popen(base + ["--warm-part", str(i)]) for i in range(a.procs)]
+    for p in ps:
+        p.wait()
+    print(f"compiled in {time.perf_counter() - t0:.0f} s", flush=True)
+    copy_gbs = copy_bandwidth()
+    flush = torch.empty(96 * 2**20, dtype=torch.uint8, device="cuda")
+    clear_us = graph_us(lambda: None, flush)
+    res = record(tag=a.tag, copy_gbs=copy_gbs, clear_us=clear_us, rows=[], best=[])
+    for t in a.types:
+        for rows, cols in shapes:
+            w = weights(t, rows, cols)
+            x = torch.randn(1, cols, device="cuda")
+            nbytes = w.data.numel() + cols * 4 + rows * 4
+            mine = []
+            default = gemv_config(t, rows, cols // QK_K)
+            for cfg in {*(c for _, _, _, c in cases([t], [(rows, cols)])), default}:
+                try:
+                    us = graph_us(lambda: gemv(x, w, config=cfg), flush) - clear_us
+                except Exception as e:
+                    res["rows"].append({"type": t, "rows": rows, "cols": cols, "config": list(cfg),
+                                        "error": str(e).splitlines()[0][:200]})
+                    continue
+                r = {"type": t, "rows": rows, "cols": cols, "config": list(cfg), "us": us,
+                     "pct_copy": 100 * nbytes / (us * 1e-6) / 1e9 / copy_gbs}
+                res["rows"].append(r)
+                mine.append(r)
+            best = min(mine, key=lambda r: r["us"])
+            d = next(r for r in mine if r["config"] == list(default))
+            res["best"].append({**best, "default": list(default), "default_us": d["us"],
+                                "default_pct_copy": d["pct_copy"]})
+            print(f"{t} {rows}x{cols}: best {tuple(best['config'])} {best['us']:.1f} us "
+                  f"({best['pct_copy']:.1f}% copy); default {tuple(default)} {d['us']:.1f} us", flush=True)
+    res["seconds"] = time.perf_counter() - t0
+    stem = Path(a.out) / f"gemv_configs_{a.tag}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    stem.with_suffix(".md").write_text(markdown(res))
+    plot(res, stem.with_suffix(".png"))
+    Path(a.out, f"gemv_launches_{a.tag}.json").write_text(json.dumps(launch_table(res)) + "\n")
+    print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()
