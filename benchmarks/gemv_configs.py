@@ -98,6 +98,18 @@ def launch_table(res: dict) -> dict:
     launches: dict[str, list] = {}
     for b in res["best"]:
         launches.setdefault(b["type"], []).append([b["rows"], b["cols"] // QK_K, *b["config"]])
+    # "generic": per shape, the launch with the least total time over the generic kernel's swept types (for the
+    # types the sweep did not take)
+    by_shape: dict[tuple, dict] = {}
+    for r in res["rows"]:
+        if "us" in r and r["type"] != "Q2_K":
+            d = by_shape.setdefault((r["rows"], r["cols"]), {})
+            d.setdefault(tuple(r["config"]), []).append(r["us"])
+    n_types = len({r["type"] for r in res["rows"] if r["type"] != "Q2_K"})
+    for (rows, cols), cfgs in sorted(by_shape.items()):
+        full = {c: sum(ts) for c, ts in cfgs.items() if len(ts) == n_types}
+        if full:
+            launches.setdefault("generic", []).append([rows, cols // QK_K, *min(full, key=full.get)])
     return {"source": f"benchmarks/results/gemv_configs_{res['tag']}.json", "gpu": res["machine"].get("gpu"),
             "commit": res["commit"], "launches": launches}
 

@@ -155,9 +155,11 @@ def _launch_table(path: str) -> dict[str, list[list[int]]]:
 
 def gemv_config(ggml_type: str, rows: int, nb: int) -> GemvConfig:
     """The launch `gemv` uses for a [rows, nb·256] weight ("generic": a type through the generic kernel): the
-    swept launch of the nearest measured shape of that type (log rows, log columns), else enough programs to fill
-    the GPU (a decode GEMV waits on memory: what counts is how many loads are in flight), short rows split."""
-    table = _launch_table(os.environ.get("TWINQUANT_GEMV_TABLE") or str(LAUNCH_TABLE)).get(ggml_type)
+    swept launch of the nearest measured shape of that type (log rows, log columns; a type the sweep did not take:
+    the table's "generic" entries), else enough programs to fill the GPU (a decode GEMV waits on memory: what
+    counts is how many loads are in flight), short rows split."""
+    launches = _launch_table(os.environ.get("TWINQUANT_GEMV_TABLE") or str(LAUNCH_TABLE))
+    table = launches.get(ggml_type) or (launches.get("generic") if ggml_type != "Q2_K" else None)
     if table:
         near = min(table, key=lambda e: math.log(e[0] / rows) ** 2 + math.log(e[1] / nb) ** 2)
         cfg = GemvConfig(*near[2:])
