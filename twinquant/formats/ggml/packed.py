@@ -162,9 +162,12 @@ def gemv_config(ggml_type: str, rows: int, nb: int) -> GemvConfig:
     table = launches.get(ggml_type) or (launches.get("generic") if ggml_type != "Q2_K" else None)
     if table:
         near = min(table, key=lambda e: math.log(e[0] / rows) ** 2 + math.log(e[1] / nb) ** 2)
-        cfg = GemvConfig(*near[2:])
-        if cfg.u * cfg.split <= nb:
-            return cfg
+        br, u, split, warps = near[2:]
+        while split > 1 and u * split > nb:        # a shorter row than the measured one: fewer column parts
+            split //= 2
+        while u > 1 and u > nb:
+            u //= 2
+        return GemvConfig(br, u, split, warps)
     br = 16 if ggml_type == "Q2_K" else 4
     u = 1
     while u < 4 and nb >= 4 * u:
