@@ -147,6 +147,13 @@ def plot(res: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def save(res: dict, stem: Path, t0: float) -> None:
+    res["seconds"] = time.perf_counter() - t0
+    stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    stem.with_name(stem.name.replace("gemv_configs_", "gemv_launches_") + ".json").write_text(
+        json.dumps(launch_table(res)) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tag")
@@ -183,6 +190,8 @@ def main() -> None:
     flush = torch.empty(96 * 2**20, dtype=torch.uint8, device="cuda")
     clear_us = graph_us(lambda: None, flush)
     res = record(tag=a.tag, copy_gbs=copy_gbs, clear_us=clear_us, rows=[], best=[])
+    stem = Path(a.out) / f"gemv_configs_{a.tag}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
     for t in a.types:
         for rows, cols in shapes:
             w = weights(t, rows, cols)
@@ -207,13 +216,10 @@ def main() -> None:
                                 "default_pct_copy": d["pct_copy"]})
             print(f"{t} {rows}x{cols}: best {tuple(best['config'])} {best['us']:.1f} us "
                   f"({best['pct_copy']:.1f}% copy); default {tuple(default)} {d['us']:.1f} us", flush=True)
-    res["seconds"] = time.perf_counter() - t0
-    stem = Path(a.out) / f"gemv_configs_{a.tag}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
+            save(res, stem, t0)                      # a run cut short keeps what it measured
+    save(res, stem, t0)
     stem.with_suffix(".md").write_text(markdown(res))
     plot(res, stem.with_suffix(".png"))
-    Path(a.out, f"gemv_launches_{a.tag}.json").write_text(json.dumps(launch_table(res)) + "\n")
     print(markdown(res))
 
 
