@@ -77,6 +77,30 @@ def test_every_gemv_launch_shape_gives_the_same_product(ggml_type, byte_order, d
             assert (got.cpu().double() - want).abs().max() <= tol, (cfg, dtype)
 
 
+def test_gemv_launch_comes_from_the_nearest_swept_shape(tmp_path, monkeypatch):
+    """packed.gemv_config: the packaged sweep's launch for a measured shape; the nearest measured shape's (log rows,
+    log columns) for another, with fewer column parts for a shorter row; a type the sweep did not take uses the
+    "generic" entries; without an entry, the fill-the-GPU rule."""
+    import json
+
+    from twinquant.formats.ggml.packed import LAUNCH_TABLE, gemv_config
+
+    shipped = json.loads(LAUNCH_TABLE.read_text())["launches"]
+    rows, nb, *cfg = shipped["Q2_K"][0]
+    assert gemv_config("Q2_K", rows, nb) == GemvConfig(*cfg)
+    table = {"launches": {"Q2_K": [[1536, 6, 4, 4, 1, 4], [8960, 35, 8, 8, 8, 8]],
+                          "generic": [[4096, 16, 2, 2, 4, 4]]}}
+    (tmp_path / "t.json").write_text(json.dumps(table))
+    monkeypatch.setenv("TWINQUANT_GEMV_TABLE", str(tmp_path / "t.json"))
+    assert gemv_config("Q2_K", 2048, 8) == GemvConfig(4, 4, 1, 4)
+    assert gemv_config("Q2_K", 9000, 70) == GemvConfig(8, 8, 8, 8)
+    assert gemv_config("Q2_K", 9000, 20) == GemvConfig(8, 8, 2, 8)         # u·split ≤ super-blocks a row
+    assert gemv_config("Q5_K", 4096, 16) == GemvConfig(2, 2, 4, 4)
+    monkeypatch.setenv("TWINQUANT_GEMV_TABLE", str(tmp_path / "none.json"))
+    cfg = gemv_config("Q5_K", 64, 16)
+    assert cfg.u * cfg.split <= 16 and cfg.split > 1                       # few rows: columns split
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_qlinear_on_real_codes_with_bias_and_leading_axes(device):
     codec = get_codec("Q2_K")
