@@ -30,15 +30,20 @@ from twinquant.formats.ggml.packed import QK_K, GemvConfig, PackedWeight, gemv, 
 SHAPES = {"1.5B": [(1536, 1536), (256, 1536), (8960, 1536), (1536, 8960), (151936, 1536)],
           "7B": [(3584, 3584), (512, 3584), (18944, 3584), (3584, 18944)],
           "32B": [(5120, 5120), (1024, 5120), (27648, 5120), (5120, 27648)]}
-TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q6_K", "IQ2_XS"]
+TYPES = ["Q2_K", "Q3_K", "Q3_K:bytes", "Q4_K", "Q6_K"]      # "T:bytes": T through the byte-order kernel
 WARPS = (4, 8)
 SPLITS = (1, 2, 4, 8)
 
 
-def configs(ggml_type: str) -> list[GemvConfig]:
-    """Q2_K's byte-order kernel holds [BR, U, 64] codes a step, the generic one [BR, U, 256] weights: BR·U up to
-    64 and 16."""
-    cap, brs = (64, (4, 8, 16, 32)) if ggml_type == "Q2_K" else (16, (1, 2, 4, 8))
+def _bytes(spec: str) -> bool:
+    """A type through the byte-order kernel (Q2_K's default; "Q3_K:bytes": `packed.kernel_key`)."""
+    return spec == "Q2_K" or spec.endswith(":bytes")
+
+
+def configs(spec: str) -> list[GemvConfig]:
+    """The byte-order kernel holds [BR, U, 64] codes a step, the generic one [BR, U, 256] weights: BR·U up to 64
+    and 16."""
+    cap, brs = (64, (4, 8, 16, 32)) if _bytes(spec) else (16, (1, 2, 4, 8))
     return [GemvConfig(br, u, s, w) for br, u, s, w in itertools.product(brs, (1, 2, 4, 8), SPLITS, WARPS)
             if br * u <= cap]
 
@@ -75,7 +80,8 @@ def graph_us(fn, flush: torch.Tensor, n: int = 20, reps: int = 5) -> float:
     return sorted(times)[reps // 2]
 
 
-def weights(t, rows, cols, cache={}):
+def weights(spec, rows, cols, cache={}):
+    t = spec.split(":")[0]
     if (t, rows, cols) not in cache:
         cache.clear()
         cache[t, rows, cols] = PackedWeight.from_bytes(t, random_blocks(t, rows, cols), cols, "cuda")
@@ -87,7 +93,7 @@ def warm(part: int, procs: int, types, shapes) -> None:
     for i, (t, rows, cols, cfg) in enumerate(cases(types, shapes)):
         if i % procs == part:
             try:
-                gemv(torch.randn(1, cols, device="cuda"), weights(t, rows, cols), config=cfg)
+                gemv(torch.randn(1, cols, device="cuda"), weights(t, rows, cols), byte_order=_bytes(t), config=cfg)
             except Exception:            # recorded by the timing pass
                 pass
     torch.cuda.synchronize()
@@ -102,10 +108,10 @@ def launch_table(res: dict) -> dict:
     # types the sweep did not take)
     by_shape: dict[tuple, dict] = {}
     for r in res["rows"]:
-        if "us" in r and r["type"] != "Q2_K":
+        if "us" in r and not _bytes(r["type"]):
             d = by_shape.setdefault((r["rows"], r["cols"]), {})
             d.setdefault(tuple(r["config"]), []).append(r["us"])
-    n_types = len({r["type"] for r in res["rows"] if r["type"] != "Q2_K"})
+    n_types = len({r["type"] for r in res["rows"] if not _bytes(r["type"])})
     for (rows, cols), cfgs in sorted(by_shape.items()):
         full = {c: sum(ts) for c, ts in cfgs.items() if len(ts) == n_types}
         if full:
@@ -201,7 +207,7 @@ def main() -> None:
             default = gemv_config(t, rows, cols // QK_K)
             for cfg in {*(c for _, _, _, c in cases([t], [(rows, cols)])), default}:
                 try:
-                    us = graph_us(lambda: gemv(x, w, config=cfg), flush) - clear_us
+                    us = graph_us(lambda: gemv(x, w, byte_order=_bytes(t), config=cfg), flush) - clear_us
                 except Exception as e:
                     res["rows"].append({"type": t, "rows": rows, "cols": cols, "config": list(cfg),
                                         "error": str(e).splitlines()[0][:200]})

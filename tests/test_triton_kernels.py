@@ -48,15 +48,18 @@ def test_dequantize_and_gemv_read_every_bit_of_the_blocks_as_gguf_py_does(ggml_t
         got = qlinear(x.to(device), w).cpu().double()
         assert got.shape == (m, rows)
         assert (got - want).abs().max() <= 1e-5 * want.abs().max(), (m, (got - want).abs().max())
-    if ggml_type == "Q2_K":                     # qlinear takes the byte-order kernel; the generic one too
-        got = gemv(x[:3].to(device), w, byte_order=False).cpu().double()
+    if ggml_type in ("Q2_K", "Q3_K"):           # the other kernel: generic for Q2_K, the byte-order one for Q3_K
+        got = gemv(x[:3].to(device), w, byte_order=ggml_type == "Q3_K").cpu().double()
         want = x[:3].double() @ ref.double().T
         assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    else:
+        with pytest.raises(TwinquantError, match="no byte-order kernel"):
+            gemv(x[:1].to(device), w, byte_order=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("ggml_type,byte_order", [("Q2_K", True), ("Q2_K", False), ("Q6_K", True),
-                                                  ("IQ2_XS", True)])
+@pytest.mark.parametrize("ggml_type,byte_order", [("Q2_K", True), ("Q2_K", False), ("Q3_K", True), ("Q3_K", None),
+                                                  ("Q6_K", None), ("IQ2_XS", None)])
 def test_every_gemv_launch_shape_gives_the_same_product(ggml_type, byte_order, device):
     """Rows per program, super-blocks per step, column split and warps change only the launch: 7 super-blocks
     (no multiple of U·SPLIT), 13 rows (no multiple of BR), the bias added once however the columns are split,

@@ -153,13 +153,28 @@ def _launch_table(path: str) -> dict[str, list[list[int]]]:
     return json.loads(p.read_text())["launches"] if p.is_file() else {}
 
 
-def gemv_config(ggml_type: str, rows: int, nb: int) -> GemvConfig:
-    """The launch `gemv` uses for a [rows, nb·256] weight ("generic": a type through the generic kernel): the
-    swept launch of the nearest measured shape of that type (log rows, log columns; a type the sweep did not take:
-    the table's "generic" entries), else enough programs to fill the GPU (a decode GEMV waits on memory: what
-    counts is how many loads are in flight), short rows split."""
+# the types `gemv_bytes_kernel` reads in the order their bytes lie, and those gemv sends there by default (Q2_K:
+# faster than the generic kernel on the GPUs measured; Q3_K's has not been timed on a GPU yet)
+BYTE_ORDER_TYPES = ("Q2_K", "Q3_K")
+BYTE_ORDER_DEFAULT = ("Q2_K",)
+
+
+def kernel_key(ggml_type: str, byte_order: bool | None = None) -> str:
+    """The launch table's key for a type through a kernel: the type itself for its default kernel, "T:bytes" for
+    the byte-order kernel where it is not the default, "generic" for the generic kernel where it is not."""
+    if byte_order is None or byte_order == (ggml_type in BYTE_ORDER_DEFAULT):
+        return ggml_type
+    return f"{ggml_type}:bytes" if byte_order else "generic"
+
+
+def gemv_config(key: str, rows: int, nb: int) -> GemvConfig:
+    """The launch `gemv` uses for a [rows, nb·256] weight (`key`: `kernel_key`): the swept launch of the nearest
+    measured shape of that key (log rows, log columns; a generic-kernel type the sweep did not take: the table's
+    "generic" entries), else enough programs to fill the GPU (a decode GEMV waits on memory: what counts is how
+    many loads are in flight), short rows split."""
     launches = _launch_table(os.environ.get("TWINQUANT_GEMV_TABLE") or str(LAUNCH_TABLE))
-    table = launches.get(ggml_type) or (launches.get("generic") if ggml_type != "Q2_K" else None)
+    bytes_kernel = key in BYTE_ORDER_DEFAULT or key.endswith(":bytes")
+    table = launches.get(key) or (launches.get("generic") if not bytes_kernel else None)
     if table:
         near = min(table, key=lambda e: math.log(e[0] / rows) ** 2 + math.log(e[1] / nb) ** 2)
         br, u, split, warps = near[2:]
@@ -168,7 +183,7 @@ def gemv_config(ggml_type: str, rows: int, nb: int) -> GemvConfig:
         while u > 1 and u > nb:
             u //= 2
         return GemvConfig(br, u, split, warps)
-    br = 16 if ggml_type == "Q2_K" else 4
+    br = 16 if bytes_kernel else 4
     u = 1
     while u < 4 and nb >= 4 * u:
         u *= 2
@@ -179,17 +194,20 @@ def gemv_config(ggml_type: str, rows: int, nb: int) -> GemvConfig:
 
 
 def gemv(x2: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32,
-         byte_order: bool = True, config: GemvConfig | None = None) -> torch.Tensor:
+         byte_order: bool | None = None, config: GemvConfig | None = None) -> torch.Tensor:
     """[M, rows] = x2 [M, cols] @ Wᵀ (+ bias) in out_dtype, float32 accumulation, one pass over the packed rows per
-    activation row. Q2_K takes `gemv_q2k_kernel` (weights in the order their bytes lie) unless byte_order=False
-    (the generic kernel); `config` overrides `gemv_config`."""
-    from twinquant.formats.ggml.triton_kquants import gemv_kernel, gemv_q2k_kernel
+    activation row. `byte_order`: True takes `gemv_bytes_kernel` (the weights in the order their bytes lie; Q2_K
+    and Q3_K), False the generic kernel, None each type's default (`BYTE_ORDER_DEFAULT`); `config` overrides
+    `gemv_config`."""
+    from twinquant.formats.ggml.triton_kquants import gemv_bytes_kernel, gemv_kernel
 
     tid, bs = KERNEL_TYPES[w.ggml_type]
     x2 = x2.contiguous()
     nb = w.cols // QK_K
-    q2k = w.ggml_type == "Q2_K" and byte_order
-    cfg = config or gemv_config(w.ggml_type if q2k or w.ggml_type != "Q2_K" else "generic", w.rows, nb)
+    if byte_order and w.ggml_type not in BYTE_ORDER_TYPES:
+        raise TwinquantError(f"gemv: no byte-order kernel for {w.ggml_type} (have: {', '.join(BYTE_ORDER_TYPES)})")
+    by_bytes = w.ggml_type in BYTE_ORDER_DEFAULT if byte_order is None else byte_order
+    cfg = config or gemv_config(kernel_key(w.ggml_type, by_bytes), w.rows, nb)
     # a split adds partial sums atomically: into zeroed float32; otherwise each output is stored once
     y = (torch.zeros(x2.shape[0], w.rows, dtype=torch.float32, device=x2.device) if cfg.split > 1 else
          torch.empty(x2.shape[0], w.rows, dtype=out_dtype, device=x2.device))
@@ -198,8 +216,8 @@ def gemv(x2: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, ou
         b = bias if bias is not None else y
         args = (w.data, x2, y, b, w.rows, nb, w.data.shape[1], x2.stride(0), y.stride(0))
         kw = dict(BR=cfg.br, U=cfg.u, SPLIT=cfg.split, HAS_BIAS=bias is not None, num_warps=cfg.warps)
-        if q2k:
-            gemv_q2k_kernel[grid](*args, **kw)
+        if by_bytes:
+            gemv_bytes_kernel[grid](*args, TYPE=tid, **kw)
         else:
             gemv_kernel[grid](*args[:4], *_tables(w), *args[4:], TYPE=tid, BS=bs, **kw)
     return y.to(out_dtype)

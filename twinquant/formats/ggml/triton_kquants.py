@@ -133,14 +133,15 @@ def dequant_kernel(w_ptr, out_ptr, tab_ptr, sign_ptr, R, row_bytes, cols,
 
 
 @triton.jit
-def gemv_q2k_kernel(w_ptr, x_ptr, y_ptr, b_ptr, R, NB, row_bytes, stride_xm, stride_ym,
-                    BR: tl.constexpr, U: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Q2_K's GEMV in the order its bytes lie, with sums per sub-block: a super-block's 64 code bytes are one
-    contiguous load per row; shift j of byte l holds weight 128·(l // 32) + 32·j + l % 32, so for each j the 64
-    codes times x read in that order, summed in groups of 16, are the dot products of 4 sub-blocks; their scale
-    and min are applied once per sub-block (y = Σ_s d·sc_s·Σ q·x − dmin·m_s·Σ x). Per weight: a shift, a mask, a
-    conversion and a multiply-add; x and its sub-block sums are shared by the BR rows of a program. U super-blocks
-    of each row at a time, SPLIT and the bias as in `gemv_kernel`."""
+def gemv_bytes_kernel(w_ptr, x_ptr, y_ptr, b_ptr, R, NB, row_bytes, stride_xm, stride_ym, TYPE: tl.constexpr,
+                      BR: tl.constexpr, U: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Q2_K's and Q3_K's GEMV in the order their bytes lie, with sums per sub-block: a super-block's 64 code bytes
+    are one contiguous load per row; shift j of byte l holds weight 128·(l // 32) + 32·j + l % 32 (Q3_K: its high
+    bit is bit 4·(l // 32) + j of hmask byte l % 32), so for each j the 64 codes times x read in that order, summed
+    in groups of 16, are the dot products of 4 sub-blocks; their scale (and Q2_K's min) are applied once per
+    sub-block (Q2_K: y = Σ_s d·sc_s·Σ q·x − dmin·m_s·Σ x; Q3_K: y = Σ_s d·(sc_s − 32)·Σ (q − 4·!hbit)·x). Per
+    weight: a few shifts and masks, a conversion and a multiply-add; x and its sub-block sums are shared by the BR
+    rows of a program. U super-blocks of each row at a time, SPLIT and the bias as in `gemv_kernel`."""
     pid = tl.program_id(0)
     m = tl.program_id(1)
     part = tl.program_id(2)
@@ -154,18 +155,33 @@ def gemv_q2k_kernel(w_ptr, x_ptr, y_ptr, b_ptr, R, NB, row_bytes, stride_xm, str
     for b0 in range(part * U, NB, SPLIT * U):
         b = b0 + u                                                                       # [1, U, 1]
         bmask = rmask & (b < NB)
-        blk = row_base + b * 84                                                          # [BR, U, 1]
-        q = tl.load(blk + 16 + l, mask=bmask, other=0).to(tl.int32)                      # [BR, U, 64]
-        d = _f16(blk + 80, bmask)
-        dmin = _f16(blk + 82, bmask)
         xb = x_ptr + m * stride_xm + b * QK_K + (l // 32) * 128 + l % 32                 # [1, U, 64]
+        if TYPE == 2:
+            blk = row_base + b * 84                                                      # [BR, U, 1]
+            q = tl.load(blk + 16 + l, mask=bmask, other=0).to(tl.int32)                  # [BR, U, 64]
+            d = _f16(blk + 80, bmask)
+            dmin = _f16(blk + 82, bmask)
+        else:
+            blk = row_base + b * 110
+            q = tl.load(blk + 32 + l, mask=bmask, other=0).to(tl.int32)
+            hm = tl.load(blk + l % 32, mask=bmask, other=0).to(tl.int32)
+            d = _f16(blk + 108, bmask)
         for j in tl.static_range(4):
             xj = tl.load(xb + 32 * j, mask=b < NB, other=0.0).to(tl.float32)
-            c = ((q >> (2 * j)) & 3).to(tl.float32)
-            qx = tl.sum(tl.reshape(c * xj, (BR, U, 4, 16)), axis=3)                      # [BR, U, 4]
-            xs = tl.sum(tl.reshape(xj, (1, U, 4, 16)), axis=3)                           # [1, U, 4]
-            sc = _u8(blk + (quarter // 2) * 8 + 2 * j + (quarter % 2), bmask)            # [BR, U, 4]
-            acc += d * (sc & 0xF).to(tl.float32) * qx - dmin * (sc >> 4).to(tl.float32) * xs
+            s = (quarter // 2) * 8 + 2 * j + (quarter % 2)                              # the sub-blocks [1, 1, 4]
+            if TYPE == 2:
+                c = ((q >> (2 * j)) & 3).to(tl.float32)
+                qx = tl.sum(tl.reshape(c * xj, (BR, U, 4, 16)), axis=3)                  # [BR, U, 4]
+                xs = tl.sum(tl.reshape(xj, (1, U, 4, 16)), axis=3)                       # [1, U, 4]
+                sc = _u8(blk + s, bmask)                                                 # [BR, U, 4]
+                acc += d * (sc & 0xF).to(tl.float32) * qx - dmin * (sc >> 4).to(tl.float32) * xs
+            else:
+                c = (((q >> (2 * j)) & 3) - 4 * (1 - ((hm >> (4 * (l // 32) + j)) & 1))).to(tl.float32)
+                qx = tl.sum(tl.reshape(c * xj, (BR, U, 4, 16)), axis=3)
+                lo = _u8(blk + 96 + s % 8, bmask)
+                hi2 = (_u8(blk + 104 + s % 4, bmask) >> (2 * (s // 4))) & 3
+                sc = (tl.where(s < 8, lo & 0xF, lo >> 4) | (hi2 << 4)) - 32
+                acc += d * sc.to(tl.float32) * qx
     _store_rows(y_ptr + m * stride_ym, rows, tl.sum(tl.sum(acc, axis=2), axis=1), R, SPLIT, b_ptr, part, HAS_BIAS)
 
 
