@@ -1,9 +1,10 @@
 """The packed GEMV's launch at batch 1, swept: rows per program (BR), super-blocks per step (U), column split and
 warps, for each type on the Qwen2.5 1.5B / 7B / 32B decode shapes. `packed.gemv_config` is chosen from this.
 
-Each launch is timed as decode runs it: inside a CUDA graph (no host between kernels), weights cold (the graph
-clears a 96 MiB buffer before each GEMV; the clear alone is timed the same way and taken off), the output buffer
-zeroed or not as `packed.gemv` does it. Kernels are compiled first by --procs processes sharing Triton's cache
+Each launch is timed as decode runs it: GEMVs back to back inside a CUDA graph (no host between kernels), each on
+its own copy of the weight so that the copies together overflow the L2 (weights come from memory, as in a decode
+step), the output buffer zeroed or not as `packed.gemv` does it. (The seventeenth session's run, s17-h100, cleared
+a 96 MiB buffer before each GEMV instead and took the clear's time off, which cannot resolve GEMVs of ~2 µs.) Kernels are compiled first by --procs processes sharing Triton's cache
 (one GPU process would spend most of the run compiling), then timed in one process.
 
     python benchmarks/gemv_configs.py --tag h100
@@ -56,19 +57,22 @@ def cases(types, shapes):
                     yield t, rows, cols, cfg
 
 
-def graph_us(fn, flush: torch.Tensor, n: int = 20, reps: int = 5) -> float:
-    """µs per call of fn with the L2 cleared before each call, both inside one CUDA graph."""
+COLD_BYTES = 160 * 2**20      # the copies of a weight a sweep cycles through: more than an H100/H200's 50 MiB L2
+
+
+def graph_us(calls, reps: int = 5) -> float:
+    """µs per call: the calls (one per copy of the weight) back to back in one CUDA graph, as a decode step runs its
+    GEMVs; each replay reads every copy once, so the weights come from memory, not from the L2."""
     g = torch.cuda.CUDAGraph()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        fn()
-        flush.zero_()
+        calls[0]()
     torch.cuda.current_stream().wait_stream(s)
     with torch.cuda.graph(g):
-        for _ in range(n):
-            flush.zero_()
-            fn()
+        for c in calls:
+            c()
+    g.replay()
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -76,8 +80,15 @@ def graph_us(fn, flush: torch.Tensor, n: int = 20, reps: int = 5) -> float:
         g.replay()
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / n)
+        times.append(a.elapsed_time(b) * 1e3 / len(calls))
     return sorted(times)[reps // 2]
+
+
+def cold_copies(w: PackedWeight, launches: int = 24, most: int = 2048) -> list[PackedWeight]:
+    """Copies of w totalling COLD_BYTES (at most `most`), repeated to at least `launches` entries."""
+    n = max(2, min(most, -(-COLD_BYTES // w.data.numel())))
+    ws = [w] + [PackedWeight(w.ggml_type, w.data.clone(), w.cols) for _ in range(n - 1)]
+    return ws * -(-launches // n)
 
 
 def weights(spec, rows, cols, cache={}):
@@ -123,8 +134,9 @@ def launch_table(res: dict) -> dict:
 def markdown(res: dict) -> str:
     out = [f"# packed GEMV launch sweep at batch 1 ({res['tag']})", "",
            f"`{res['command']}` at {res['commit']}; {res['machine'].get('gpu')}; copy {res['copy_gbs']:.0f} GB/s; "
-           "µs per GEMV inside a CUDA graph, L2 cleared before each; config = BR rows/program, U super-blocks/step, "
-           "split, warps", "",
+           "µs per GEMV: " + res.get("method", "inside a CUDA graph, L2 cleared before each (the clear timed alone "
+                                     "and taken off)") + "; config = BR rows/program, U super-blocks/step, split, "
+           "warps", "",
            "| type | rows x cols | best config | best µs | % copy | default config | default µs | best / default speed |",
            "|---|---|---|---|---|---|---|---|"]
     for b in res["best"]:
@@ -193,21 +205,22 @@ def main() -> None:
         p.wait()
     print(f"compiled in {time.perf_counter() - t0:.0f} s", flush=True)
     copy_gbs = copy_bandwidth()
-    flush = torch.empty(96 * 2**20, dtype=torch.uint8, device="cuda")
-    clear_us = graph_us(lambda: None, flush)
-    res = record(tag=a.tag, copy_gbs=copy_gbs, clear_us=clear_us, rows=[], best=[])
+    res = record(tag=a.tag, copy_gbs=copy_gbs, rows=[], best=[],
+                 method=f"GEMVs back to back in one CUDA graph over copies of the weight totalling "
+                        f"{COLD_BYTES >> 20} MiB (at most 2048), median of 5 replays")
     stem = Path(a.out) / f"gemv_configs_{a.tag}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     for t in a.types:
         for rows, cols in shapes:
             w = weights(t, rows, cols)
+            ws = cold_copies(w)
             x = torch.randn(1, cols, device="cuda")
             nbytes = w.data.numel() + cols * 4 + rows * 4
             mine = []
             default = gemv_config(t, rows, cols // QK_K)
             for cfg in {*(c for _, _, _, c in cases([t], [(rows, cols)])), default}:
                 try:
-                    us = graph_us(lambda: gemv(x, w, byte_order=_bytes(t), config=cfg), flush) - clear_us
+                    us = graph_us([lambda wi=wi: gemv(x, wi, byte_order=_bytes(t), config=cfg) for wi in ws])
                 except Exception as e:
                     res["rows"].append({"type": t, "rows": rows, "cols": cols, "config": list(cfg),
                                         "error": str(e).splitlines()[0][:200]})
@@ -222,6 +235,7 @@ def main() -> None:
                                 "default_pct_copy": d["pct_copy"]})
             print(f"{t} {rows}x{cols}: best {tuple(best['config'])} {best['us']:.1f} us "
                   f"({best['pct_copy']:.1f}% copy); default {tuple(default)} {d['us']:.1f} us", flush=True)
+            del ws
             save(res, stem, t0)                      # a run cut short keeps what it measured
     save(res, stem, t0)
     stem.with_suffix(".md").write_text(markdown(res))
