@@ -31,7 +31,8 @@ from twinquant.formats.ggml.packed import QK_K, GemvConfig, PackedWeight, gemv, 
 SHAPES = {"1.5B": [(1536, 1536), (256, 1536), (8960, 1536), (1536, 8960), (151936, 1536)],
           "7B": [(3584, 3584), (512, 3584), (18944, 3584), (3584, 18944)],
           "32B": [(5120, 5120), (1024, 5120), (27648, 5120), (5120, 27648)]}
-TYPES = ["Q2_K", "Q3_K", "Q3_K:bytes", "Q4_K", "Q6_K"]      # "T:bytes": T through the byte-order kernel
+# "T:bytes": T through the kernel that reads it in its own order (opt-in where it is not the default)
+TYPES = ["Q2_K", "Q3_K", "Q3_K:bytes", "Q4_K", "Q6_K", "IQ2_XS", "IQ2_XS:bytes", "IQ2_XXS:bytes"]
 WARPS = (4, 8)
 SPLITS = (1, 2, 4, 8)
 
@@ -42,9 +43,9 @@ def _bytes(spec: str) -> bool:
 
 
 def configs(spec: str) -> list[GemvConfig]:
-    """The byte-order kernel holds [BR, U, 64] codes a step, the generic one [BR, U, 256] weights: BR·U up to 64
-    and 16."""
-    cap, brs = (64, (4, 8, 16, 32)) if _bytes(spec) else (16, (1, 2, 4, 8))
+    """The K-quant byte-order kernel holds [BR, U, 64] codes a step, the generic and IQ2 group kernels [BR, U, 256]
+    weights: BR·U up to 64 and 16."""
+    cap, brs = (64, (4, 8, 16, 32)) if _bytes(spec) and not spec.startswith("IQ") else (16, (1, 2, 4, 8))
     return [GemvConfig(br, u, s, w) for br, u, s, w in itertools.product(brs, (1, 2, 4, 8), SPLITS, WARPS)
             if br * u <= cap]
 

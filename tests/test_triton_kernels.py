@@ -14,8 +14,8 @@ import torch
 
 from twinquant.errors import TwinquantError
 from twinquant.formats.ggml import get_codec
-from twinquant.formats.ggml.packed import (GEMV_MAX_ROWS, KERNEL_TYPES, GemvConfig, PackedWeight, dequantize, gemv,
-                                           qlinear, random_blocks)
+from twinquant.formats.ggml.packed import (BYTE_ORDER_TYPES, GEMV_MAX_ROWS, KERNEL_TYPES, GemvConfig, PackedWeight,
+                                           dequantize, gemv, qlinear, random_blocks)
 from twinquant.transforms.hadamard import (KernelConfig, RandomizedHadamard, _kernel_factors, _kernel_runs, fwht,
                                           hadamard_plan, launch_fwht)
 
@@ -48,8 +48,8 @@ def test_dequantize_and_gemv_read_every_bit_of_the_blocks_as_gguf_py_does(ggml_t
         got = qlinear(x.to(device), w).cpu().double()
         assert got.shape == (m, rows)
         assert (got - want).abs().max() <= 1e-5 * want.abs().max(), (m, (got - want).abs().max())
-    if ggml_type in ("Q2_K", "Q3_K"):           # the other kernel: generic for Q2_K, the byte-order one for Q3_K
-        got = gemv(x[:3].to(device), w, byte_order=ggml_type == "Q3_K").cpu().double()
+    if ggml_type in BYTE_ORDER_TYPES:           # the other kernel: generic for Q2_K, the own-order one for the rest
+        got = gemv(x[:3].to(device), w, byte_order=ggml_type != "Q2_K").cpu().double()
         want = x[:3].double() @ ref.double().T
         assert (got - want).abs().max() <= 1e-5 * want.abs().max()
     else:
@@ -59,7 +59,8 @@ def test_dequantize_and_gemv_read_every_bit_of_the_blocks_as_gguf_py_does(ggml_t
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("ggml_type,byte_order", [("Q2_K", True), ("Q2_K", False), ("Q3_K", True), ("Q3_K", None),
-                                                  ("Q6_K", None), ("IQ2_XS", None)])
+                                                  ("Q6_K", None), ("IQ2_XS", None), ("IQ2_XS", True),
+                                                  ("IQ2_XXS", True)])
 def test_every_gemv_launch_shape_gives_the_same_product(ggml_type, byte_order, device):
     """Rows per program, super-blocks per step, column split and warps change only the launch: 7 super-blocks
     (no multiple of U·SPLIT), 13 rows (no multiple of BR), the bias added once however the columns are split,

@@ -121,6 +121,16 @@ def _tables(w: PackedWeight) -> tuple[torch.Tensor, torch.Tensor]:
     return _grid(gguf.GGMLQuantizationType[w.ggml_type], dev), _ksign_bits(dev)
 
 
+def _group_tables(w: PackedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """IQ2_XXS / IQ2_XS tables of `gemv_iq2_kernel`: the codebook as int64 (byte k = the magnitude of weight k) and
+    the 128 sign bytes (IQ2_XXS.ksigns) as int32."""
+    grid, _ = _tables(w)
+    g = grid.to(torch.int64)
+    packed = (g << (8 * torch.arange(8, device=g.device))).sum(-1)
+    signs = torch.tensor(np.frombuffer(gguf.quants.IQ2_XXS.ksigns, np.uint8).astype(np.int32), device=g.device)
+    return packed, signs
+
+
 def dequantize(w: PackedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The float weight [rows, cols] of a packed one, computed on its device."""
     from twinquant.formats.ggml.triton_kquants import dequant_kernel
@@ -153,9 +163,10 @@ def _launch_table(path: str) -> dict[str, list[list[int]]]:
     return json.loads(p.read_text())["launches"] if p.is_file() else {}
 
 
-# the types `gemv_bytes_kernel` reads in the order their bytes lie, and those gemv sends there by default (Q2_K:
-# faster than the generic kernel on the GPUs measured; Q3_K's has not been timed on a GPU yet)
-BYTE_ORDER_TYPES = ("Q2_K", "Q3_K")
+# the types read in their own order (`gemv_bytes_kernel`: Q2_K, Q3_K; `gemv_iq2_kernel`: a group of 8 at a time),
+# and those gemv sends there by default (Q2_K: faster than the generic kernel on the GPUs measured; the others not
+# timed on a GPU yet)
+BYTE_ORDER_TYPES = ("Q2_K", "Q3_K", "IQ2_XXS", "IQ2_XS")
 BYTE_ORDER_DEFAULT = ("Q2_K",)
 
 
@@ -183,7 +194,7 @@ def gemv_config(key: str, rows: int, nb: int) -> GemvConfig:
         while u > 1 and u > nb:
             u //= 2
         return GemvConfig(br, u, split, warps)
-    br = 16 if bytes_kernel else 4
+    br = 16 if bytes_kernel and not key.startswith("IQ") else 4       # tiles of 64 code bytes, or of 256 weights
     u = 1
     while u < 4 and nb >= 4 * u:
         u *= 2
@@ -196,9 +207,10 @@ def gemv_config(key: str, rows: int, nb: int) -> GemvConfig:
 def gemv(x2: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32,
          byte_order: bool | None = None, config: GemvConfig | None = None) -> torch.Tensor:
     """[M, rows] = x2 [M, cols] @ Wᵀ (+ bias) in out_dtype, float32 accumulation, one pass over the packed rows per
-    activation row. `byte_order`: True takes `gemv_bytes_kernel` (the weights in the order their bytes lie; Q2_K
-    and Q3_K), False the generic kernel, None each type's default (`BYTE_ORDER_DEFAULT`); `config` overrides
-    `gemv_config`."""
+    activation row. `byte_order`: True takes the kernel that reads the type in its own order (`gemv_bytes_kernel`:
+    Q2_K, Q3_K; `gemv_iq2_kernel`: IQ2_XXS, IQ2_XS), False the generic kernel, None each type's default
+    (`BYTE_ORDER_DEFAULT`); `config` overrides `gemv_config`."""
+    from twinquant.formats.ggml.triton_iquants import gemv_iq2_kernel
     from twinquant.formats.ggml.triton_kquants import gemv_bytes_kernel, gemv_kernel
 
     tid, bs = KERNEL_TYPES[w.ggml_type]
@@ -216,7 +228,9 @@ def gemv(x2: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, ou
         b = bias if bias is not None else y
         args = (w.data, x2, y, b, w.rows, nb, w.data.shape[1], x2.stride(0), y.stride(0))
         kw = dict(BR=cfg.br, U=cfg.u, SPLIT=cfg.split, HAS_BIAS=bias is not None, num_warps=cfg.warps)
-        if by_bytes:
+        if by_bytes and w.ggml_type.startswith("IQ"):
+            gemv_iq2_kernel[grid](*args[:4], *_group_tables(w), *args[4:], TYPE=tid, BS=bs, **kw)
+        elif by_bytes:
             gemv_bytes_kernel[grid](*args, TYPE=tid, **kw)
         else:
             gemv_kernel[grid](*args[:4], *_tables(w), *args[4:], TYPE=tid, BS=bs, **kw)

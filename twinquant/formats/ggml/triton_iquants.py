@@ -5,7 +5,8 @@ As for the K-quants, each of a super-block's 256 weights is computed in register
 lookups: a codebook entry (gguf-py's decoded grid, float32 [points, width] in GPU memory: 8-32 KB, served from
 L1 and L2) and, for the 2- and 3-bit ones, a sign pattern (IQ2_XXS.ksigns as ±1 float32 [128, 8]). Each weight is
 formed in the order `iq_dequant.py` uses (d times the sub-block multiplier, times the grid value, times the sign),
-so the values equal gguf-py's. Layouts (byte offsets in one super-block; d is fp16 at 0 unless said):
+so the values equal gguf-py's. `gemv_iq2_kernel` reads IQ2_XXS / IQ2_XS a group of 8 weights at a time instead
+(one codebook entry and one sign byte per group; opt-in until timed on a GPU). Layouts (byte offsets in one super-block; d is fp16 at 0 unless said):
 
   IQ2_XXS  66 B: 8 × (4 grid bytes, u32: 4 × 7-bit sign index | 4-bit scale << 28) @2
   IQ2_XS   74 B: u16[32] @2 (9-bit grid index | 7-bit sign index << 9), 16 scale nibbles @66
@@ -23,7 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from twinquant.formats.ggml.triton_bytes import _f16, _half, _u8, _u16, _u32
+from twinquant.formats.ggml.triton_bytes import _f16, _half, _store_rows, _u8, _u16, _u32
 
 
 @triton.jit
@@ -87,3 +88,47 @@ def _iq_superblock(blk, e, mask, grid_ptr, sign_ptr, TYPE: tl.constexpr):
         q = (_u8(blk + 8 + 16 * ib + e % 16, mask) >> (4 * ((e % 32) // 16))) & 0xF
         w = dl * tl.load(sign_ptr + q)
     return w
+
+
+@triton.jit
+def gemv_iq2_kernel(w_ptr, x_ptr, y_ptr, b_ptr, grid_ptr, sign_ptr, R, NB, row_bytes, stride_xm, stride_ym,
+                    TYPE: tl.constexpr, BS: tl.constexpr, BR: tl.constexpr, U: tl.constexpr, SPLIT: tl.constexpr,
+                    HAS_BIAS: tl.constexpr):
+    """IQ2_XXS / IQ2_XS GEMV by groups of 8 weights, as llama.cpp reads them: per group one grid entry (grid_ptr:
+    the codebook as int64, byte k = weight k's magnitude) and one sign byte (sign_ptr: ksigns as int32), each
+    weight then a shift and a mask; d and the group's scale applied per group. Against `_iq_superblock` (every
+    weight gathers its own bytes, grid value and sign) it loads 1/8 of the table entries. Tiles [BR, U, 32, 8]; U,
+    SPLIT and the bias as in `triton_kquants.gemv_kernel`."""
+    pid = tl.program_id(0)
+    m = tl.program_id(1)
+    part = tl.program_id(2)
+    rows = pid * BR + tl.arange(0, BR)
+    rmask = (rows < R)[:, None, None]
+    u = tl.arange(0, U)[None, :, None]
+    g = tl.arange(0, 32)[None, None, :]                                     # group of 8 weights
+    k = tl.arange(0, 8)[None, None, None, :]
+    row_base = w_ptr + rows.to(tl.int64)[:, None, None] * row_bytes
+    acc = tl.zeros((BR, U, 32), dtype=tl.float32)
+    for b0 in range(part * U, NB, SPLIT * U):
+        b = b0 + u                                                           # [1, U, 1]
+        bmask = rmask & (b < NB)
+        blk = row_base + b * BS                                              # [BR, U, 1]
+        if TYPE == 10:      # IQ2_XXS: 8 chunks of (4 grid bytes, u32 of 4 sign indices | scale << 28)
+            aux = _u32(blk + 2 + 8 * (g // 4) + 4, bmask)                    # [BR, U, 32]
+            idx = _u8(blk + 2 + 8 * (g // 4) + g % 4, bmask)
+            sidx = ((aux >> (7 * (g % 4))) & 127).to(tl.int32)
+            db = _f16(blk, bmask) * (0.5 + (aux >> 28).to(tl.float32)) * 0.25
+        else:               # IQ2_XS: u16 (9-bit grid index | 7-bit sign index), a scale nibble per 16 weights
+            q = _u16(blk + 2 + 2 * g, bmask)
+            idx = q & 511
+            sidx = q >> 9
+            sc = (_u8(blk + 66 + g // 4, bmask) >> (4 * ((g // 2) % 2))) & 0xF
+            db = _f16(blk, bmask) * (0.5 + sc.to(tl.float32)) * 0.25
+        gv = tl.load(grid_ptr + idx, mask=bmask, other=0)                    # [BR, U, 32] int64
+        sv = tl.load(sign_ptr + sidx, mask=bmask, other=0)                   # [BR, U, 32] int32
+        mag = ((gv[:, :, :, None] >> (8 * k)) & 0xFF).to(tl.float32)        # [BR, U, 32, 8]
+        neg = (sv[:, :, :, None] >> k) & 1
+        xv = tl.load(x_ptr + m * stride_xm + (b * 256 + g * 8)[:, :, :, None] + k, mask=(b < NB)[:, :, :, None],
+                     other=0.0).to(tl.float32)                               # [1, U, 32, 8]
+        acc += db * tl.sum(tl.where(neg == 1, -mag, mag) * xv, axis=3)
+    _store_rows(y_ptr + m * stride_ym, rows, tl.sum(tl.sum(acc, axis=2), axis=1), R, SPLIT, b_ptr, part, HAS_BIAS)
