@@ -4,8 +4,9 @@ warps, for each type on the Qwen2.5 1.5B / 7B / 32B decode shapes. `packed.gemv_
 Each launch is timed as decode runs it: GEMVs back to back inside a CUDA graph (no host between kernels), each on
 its own copy of the weight so that the copies together overflow the L2 (weights come from memory, as in a decode
 step), the output buffer zeroed or not as `packed.gemv` does it. (The seventeenth session's run, s17-h100, cleared
-a 96 MiB buffer before each GEMV instead and took the clear's time off, which cannot resolve GEMVs of ~2 µs.) Kernels are compiled first by --procs processes sharing Triton's cache
-(one GPU process would spend most of the run compiling), then timed in one process.
+a 96 MiB buffer before each GEMV instead and took the clear's time off, which cannot resolve GEMVs of ~2 µs.)
+Kernels are compiled first by --procs processes sharing Triton's cache (one GPU process would spend most of the run
+compiling), then timed in one process.
 
     python benchmarks/gemv_configs.py --tag h100
 """

@@ -40,6 +40,14 @@ def _half(bits):
 
 
 @triton.jit
+def _gemv_program(R, BR: tl.constexpr, U: tl.constexpr):
+    """A GEMV program's place: (activation row m, column part, its BR rows, their mask [BR, 1, 1], the U
+    super-block offsets [1, U, 1]) for a grid (row tiles, activation rows, column parts)."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    return tl.program_id(1), tl.program_id(2), rows, (rows < R)[:, None, None], tl.arange(0, U)[None, :, None]
+
+
+@triton.jit
 def _store_rows(y_row, rows, y, R, SPLIT: tl.constexpr, b_ptr, part, HAS_BIAS: tl.constexpr):
     """A GEMV's outputs (plus the bias, added once: by the programs of part 0): stored in y's dtype, or (columns
     split across SPLIT programs) added atomically into a zeroed float32 y."""

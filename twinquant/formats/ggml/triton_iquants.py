@@ -1,12 +1,13 @@
 """The weights of GGML i-quant blocks as GGUF stores them, for the dequant-GEMV and dequantize kernels of
 `triton_kquants.py` (TYPE ids 10-17: packed.KERNEL_TYPES).
 
-As for the K-quants, each of a super-block's 256 weights is computed in registers from its own bytes, so a decode step reads 66 bytes per 256 weights for IQ2_XXS. The i-quants add
-lookups: a codebook entry (gguf-py's decoded grid, float32 [points, width] in GPU memory: 8-32 KB, served from
-L1 and L2) and, for the 2- and 3-bit ones, a sign pattern (IQ2_XXS.ksigns as ±1 float32 [128, 8]). Each weight is
-formed in the order `iq_dequant.py` uses (d times the sub-block multiplier, times the grid value, times the sign),
-so the values equal gguf-py's. `gemv_iq2_kernel` reads IQ2_XXS / IQ2_XS a group of 8 weights at a time instead
-(one codebook entry and one sign byte per group; opt-in until timed on a GPU). Layouts (byte offsets in one super-block; d is fp16 at 0 unless said):
+As for the K-quants, each of a super-block's 256 weights is computed in registers from its own bytes, so a decode
+step reads 66 bytes per 256 weights for IQ2_XXS. The i-quants add lookups: a codebook entry (gguf-py's decoded grid,
+float32 [points, width] in GPU memory: 8-32 KB, served from L1 and L2) and, for the 2- and 3-bit ones, a sign
+pattern (IQ2_XXS.ksigns as ±1 float32 [128, 8]). Each weight is formed in the order `iq_dequant.py` uses (d times
+the sub-block multiplier, times the grid value, times the sign), so the values equal gguf-py's. `gemv_iq2_kernel`
+reads IQ2_XXS / IQ2_XS a group of 8 weights at a time instead (one codebook entry and one sign byte per group;
+opt-in until timed on a GPU). Layouts (byte offsets in one super-block; d is fp16 at 0 unless said):
 
   IQ2_XXS  66 B: 8 × (4 grid bytes, u32: 4 × 7-bit sign index | 4-bit scale << 28) @2
   IQ2_XS   74 B: u16[32] @2 (9-bit grid index | 7-bit sign index << 9), 16 scale nibbles @66
@@ -24,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from twinquant.formats.ggml.triton_bytes import _f16, _half, _store_rows, _u8, _u16, _u32
+from twinquant.formats.ggml.triton_bytes import _f16, _gemv_program, _half, _store_rows, _u8, _u16, _u32
 
 
 @triton.jit
@@ -99,12 +100,7 @@ def gemv_iq2_kernel(w_ptr, x_ptr, y_ptr, b_ptr, grid_ptr, sign_ptr, R, NB, row_b
     weight then a shift and a mask; d and the group's scale applied per group. Against `_iq_superblock` (every
     weight gathers its own bytes, grid value and sign) it loads 1/8 of the table entries. Tiles [BR, U, 32, 8]; U,
     SPLIT and the bias as in `triton_kquants.gemv_kernel`."""
-    pid = tl.program_id(0)
-    m = tl.program_id(1)
-    part = tl.program_id(2)
-    rows = pid * BR + tl.arange(0, BR)
-    rmask = (rows < R)[:, None, None]
-    u = tl.arange(0, U)[None, :, None]
+    m, part, rows, rmask, u = _gemv_program(R, BR, U)
     g = tl.arange(0, 32)[None, None, :]                                     # group of 8 weights
     k = tl.arange(0, 8)[None, None, None, :]
     row_base = w_ptr + rows.to(tl.int64)[:, None, None] * row_bytes

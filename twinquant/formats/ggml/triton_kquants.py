@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from twinquant.formats.ggml.triton_bytes import QK_K, _f16, _store_rows, _u8  # noqa: F401 (re-exported)
+from twinquant.formats.ggml.triton_bytes import QK_K, _f16, _gemv_program, _store_rows, _u8  # noqa: F401 (re-exported)
 from twinquant.formats.ggml.triton_iquants import _iq_superblock
 
 
@@ -92,12 +92,7 @@ def gemv_kernel(w_ptr, x_ptr, y_ptr, b_ptr, tab_ptr, sign_ptr, R, NB, row_bytes,
     ≡ part (mod SPLIT), adding its partial sums atomically into a zeroed y (matrices with few rows). TYPE ≥ 10:
     an i-quant, whose codebook and sign tables are tab_ptr / sign_ptr (`triton_iquants.py`; unused for the
     K-quants)."""
-    pid = tl.program_id(0)
-    m = tl.program_id(1)
-    part = tl.program_id(2)
-    rows = pid * BR + tl.arange(0, BR)
-    rmask = (rows < R)[:, None, None]
-    u = tl.arange(0, U)[None, :, None]
+    m, part, rows, rmask, u = _gemv_program(R, BR, U)
     e = tl.arange(0, QK_K)[None, None, :]
     row_base = w_ptr + rows.to(tl.int64)[:, None, None] * row_bytes
     acc = tl.zeros((BR, U, QK_K), dtype=tl.float32)
@@ -142,13 +137,8 @@ def gemv_bytes_kernel(w_ptr, x_ptr, y_ptr, b_ptr, R, NB, row_bytes, stride_xm, s
     sub-block (Q2_K: y = Σ_s d·sc_s·Σ q·x − dmin·m_s·Σ x; Q3_K: y = Σ_s d·(sc_s − 32)·Σ (q − 4·!hbit)·x). Per
     weight: a few shifts and masks, a conversion and a multiply-add; x and its sub-block sums are shared by the BR
     rows of a program. U super-blocks of each row at a time, SPLIT and the bias as in `gemv_kernel`."""
-    pid = tl.program_id(0)
-    m = tl.program_id(1)
-    part = tl.program_id(2)
-    rows = pid * BR + tl.arange(0, BR)
-    rmask = (rows < R)[:, None, None]
+    m, part, rows, rmask, u = _gemv_program(R, BR, U)
     l = tl.arange(0, 64)[None, None, :]
-    u = tl.arange(0, U)[None, :, None]
     quarter = tl.arange(0, 4)[None, None, :]                # l // 16: (half h, which 16 of its 32 bytes)
     row_base = w_ptr + rows.to(tl.int64)[:, None, None] * row_bytes
     acc = tl.zeros((BR, U, 4), dtype=tl.float32)
