@@ -122,12 +122,20 @@ def _tables(w: PackedWeight) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _group_tables(w: PackedWeight) -> tuple[torch.Tensor, torch.Tensor]:
-    """IQ2_XXS / IQ2_XS tables of `gemv_iq2_kernel`: the codebook as int64 (byte k = the magnitude of weight k) and
-    the 128 sign bytes (IQ2_XXS.ksigns) as int32."""
-    grid, _ = _tables(w)
-    g = grid.to(torch.int64)
-    packed = (g << (8 * torch.arange(8, device=g.device))).sum(-1)
-    signs = torch.tensor(np.frombuffer(gguf.quants.IQ2_XXS.ksigns, np.uint8).astype(np.int32), device=g.device)
+    """IQ2_XXS / IQ2_XS tables of `gemv_iq2_kernel` on the weight's device (built once: a decode step's CUDA graph
+    cannot copy from the host)."""
+    return _group_tables_on(w.ggml_type, w.data.device)
+
+
+@functools.lru_cache(maxsize=None)
+def _group_tables_on(ggml_type: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The codebook as int64 (byte k = the magnitude of weight k) and the 128 sign bytes (IQ2_XXS.ksigns) as
+    int32."""
+    from twinquant.formats.ggml.iq_dequant import _grid
+
+    g = _grid(gguf.GGMLQuantizationType[ggml_type], device).to(torch.int64)
+    packed = (g << (8 * torch.arange(8, device=device))).sum(-1)
+    signs = torch.tensor(np.frombuffer(gguf.quants.IQ2_XXS.ksigns, np.uint8).astype(np.int32), device=device)
     return packed, signs
 
 
@@ -183,7 +191,13 @@ def gemv_config(key: str, rows: int, nb: int) -> GemvConfig:
     measured shape of that key (log rows, log columns; a generic-kernel type the sweep did not take: the table's
     "generic" entries), else enough programs to fill the GPU (a decode GEMV waits on memory: what counts is how
     many loads are in flight), short rows split."""
-    launches = _launch_table(os.environ.get("TWINQUANT_GEMV_TABLE") or str(LAUNCH_TABLE))
+    return _config_from(os.environ.get("TWINQUANT_GEMV_TABLE") or str(LAUNCH_TABLE), key, rows, nb)
+
+
+@functools.lru_cache(maxsize=4096)
+def _config_from(path: str, key: str, rows: int, nb: int) -> GemvConfig:
+    """gemv_config with the table at `path` (cached: every decode GEMV asks)."""
+    launches = _launch_table(path)
     bytes_kernel = key in BYTE_ORDER_DEFAULT or key.endswith(":bytes")
     table = launches.get(key) or (launches.get("generic") if not bytes_kernel else None)
     if table:
