@@ -348,7 +348,7 @@ def _generate_options(sp) -> None:
     sp.add_argument("--no-kernels", action="store_true", help="on CUDA: dequantize every weight to --dtype instead "
                     "of multiplying K-quant weights from their packed bytes (Triton)")
     sp.add_argument("--iq-kernels", action="store_true", help="on CUDA: multiply i-quant linears from their packed "
-                    "bytes too (Triton; checked in the interpreter, not yet on a GPU)")
+                    "bytes too (Triton; exact, but slower than dequantizing them at load)")
     sp.add_argument("--no-graphs", action="store_true", help="on CUDA: launch every decode step's kernels from "
                     "Python instead of replaying one CUDA graph")
 

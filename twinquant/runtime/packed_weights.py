@@ -16,8 +16,9 @@ def pack_linears(model: Model, iquants: bool = False) -> Counter:
     """Move every 2-D quantized weight with a kernel on model.device (not the token embedding: it is looked up,
     not multiplied) into `model.packed`; needs the model loaded with keep_quantized. Returns {type: count}.
 
-    The i-quants' kernels (`iquants`) are opt-in: checked against gguf-py through Triton's interpreter, not yet
-    compiled and timed on a GPU."""
+    The i-quants' kernels (`iquants`) are opt-in: exact against gguf-py (interpreter and CUDA) but slow, 1.6-15% of
+    copy bandwidth on an H100 (benchmarks/results/kernel_speed_s17-iquants.md); without them an i-quant linear is
+    dequantized at load and multiplied by cuBLAS."""
     embd = roles.name(roles.T.TOKEN_EMBD)
     counts: Counter = Counter()
     for name, q in model.quantized.items():

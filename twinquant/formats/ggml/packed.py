@@ -121,16 +121,11 @@ def _tables(w: PackedWeight) -> tuple[torch.Tensor, torch.Tensor]:
     return _grid(gguf.GGMLQuantizationType[w.ggml_type], dev), _ksign_bits(dev)
 
 
-def _group_tables(w: PackedWeight) -> tuple[torch.Tensor, torch.Tensor]:
-    """IQ2_XXS / IQ2_XS tables of `gemv_iq2_kernel` on the weight's device (built once: a decode step's CUDA graph
-    cannot copy from the host)."""
-    return _group_tables_on(w.ggml_type, w.data.device)
-
-
 @functools.lru_cache(maxsize=None)
-def _group_tables_on(ggml_type: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The codebook as int64 (byte k = the magnitude of weight k) and the 128 sign bytes (IQ2_XXS.ksigns) as
-    int32."""
+def _group_tables(ggml_type: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """IQ2_XXS / IQ2_XS tables of `gemv_iq2_kernel`, built once per device (a decode step's CUDA graph cannot copy
+    from the host): the codebook as int64 (byte k = the magnitude of weight k) and the 128 sign bytes
+    (IQ2_XXS.ksigns) as int32."""
     from twinquant.formats.ggml.iq_dequant import _grid
 
     g = _grid(gguf.GGMLQuantizationType[ggml_type], device).to(torch.int64)
@@ -243,7 +238,8 @@ def gemv(x2: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, ou
         args = (w.data, x2, y, b, w.rows, nb, w.data.shape[1], x2.stride(0), y.stride(0))
         kw = dict(BR=cfg.br, U=cfg.u, SPLIT=cfg.split, HAS_BIAS=bias is not None, num_warps=cfg.warps)
         if by_bytes and w.ggml_type.startswith("IQ"):
-            gemv_iq2_kernel[grid](*args[:4], *_group_tables(w), *args[4:], TYPE=tid, BS=bs, **kw)
+            tabs = _group_tables(w.ggml_type, w.data.device)
+            gemv_iq2_kernel[grid](*args[:4], *tabs, *args[4:], TYPE=tid, BS=bs, **kw)
         elif by_bytes:
             gemv_bytes_kernel[grid](*args, TYPE=tid, **kw)
         else:
