@@ -21,6 +21,8 @@ from twinquant.transforms.hadamard import (KernelConfig, RandomizedHadamard, _ke
 
 CUDA = torch.cuda.is_available()
 DEVICES = ["cuda"] if CUDA else ["cpu"]     # the CPU runs them through the interpreter, set only without a GPU
+# the interpreter converts float32 to bfloat16 by truncation, not rounding: bfloat16 results are checked on CUDA
+FLOATS = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
 
 
 @pytest.fixture(autouse=True)
@@ -301,6 +303,85 @@ def test_a_gguf_decodes_from_packed_weights_as_from_dequantized_ones(tmp_path):
                                    rtol=1e-4, atol=1e-4)
     # ffn_gate (Q6_K) shares its input with ffn_up (Q8_0, no kernel): it still ran packed, never dequantized
     assert "blk.0.ffn_gate.weight" not in packed.tensors and "blk.0.ffn_up.weight" in packed.tensors
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_fused_rope_writes_the_cache_as_the_torch_path(dtype, device):
+    """triton_rope.rope_into_cache against apply_rope + the cache's index copies: q, k, v as strided views of one
+    projection output (GQA: 6 query heads over 2 key/value heads), three tokens at scattered positions; the cache
+    elsewhere untouched."""
+    from twinquant.model.forward import apply_rope
+    from twinquant.model.triton_rope import rope_into_cache
+
+    g = torch.Generator().manual_seed(0)
+    B, L, H, hkv, hd, T = 2, 3, 6, 2, 64, 20
+    y = torch.randn(B, L, (H + 2 * hkv) * hd, generator=g).to(dtype)
+    q, k, v = (t.reshape(B, L, -1, hd).transpose(1, 2) for t in y.split([H * hd, hkv * hd, hkv * hd], dim=-1))
+    ang = torch.randn(T, hd // 2, generator=g, dtype=torch.float64)
+    cos, sin = (torch.cat([f(ang), f(ang)], dim=-1).to(dtype) for f in (torch.cos, torch.sin))
+    pos = torch.tensor([4, 9, 17])
+    ck, cv = (torch.randn(B, hkv, T, hd, generator=g).to(dtype) for _ in range(2))
+    want_k, want_v = ck.clone(), cv.clone()
+    want_q = apply_rope(q.float(), cos[pos].float(), sin[pos].float())
+    want_k.index_copy_(2, pos, apply_rope(k.float(), cos[pos].float(), sin[pos].float()).to(dtype))
+    want_v.index_copy_(2, pos, v)
+    dev = lambda t: t.to(device)        # noqa: E731
+    ck, cv = dev(ck), dev(cv)
+    got_q = rope_into_cache(dev(q), dev(k), dev(v), dev(cos), dev(sin), dev(pos), ck, cv)
+    tol = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(got_q.cpu().float(), want_q, **tol)
+    torch.testing.assert_close(ck.cpu().float(), want_k.float(), **tol)
+    assert torch.equal(cv.cpu(), want_v)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_rms_norm_kernel_computes_the_torch_path(dtype, device, monkeypatch):
+    """triton_norm.rms_norm (alone and after the residual add) against forward.rms_norm's torch arithmetic; rows
+    of a width that is not a power of two."""
+    from twinquant.model import forward as fwd
+
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.randn(3, 5, 1536 + 64, generator=g).to(dtype) for _ in range(2))
+    w = (1 + 0.1 * torch.randn(1536 + 64, generator=g)).to(dtype)
+    monkeypatch.setenv("TWINQUANT_NO_TRITON", "1")
+    want_h = fwd.rms_norm(x, w, 1e-6)
+    want_s, want_h2 = fwd.add_rms_norm(x, y, w, 1e-6)
+    monkeypatch.delenv("TWINQUANT_NO_TRITON")
+    dev = lambda t: t.to(device)        # noqa: E731
+    assert fwd._norm_kernel(dev(x), dev(w), dev(y))
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=1e-5)   # an ulp
+    torch.testing.assert_close(fwd.rms_norm(dev(x), dev(w), 1e-6).cpu(), want_h, **tol)
+    got_s, got_h2 = fwd.add_rms_norm(dev(x), dev(y), dev(w), 1e-6)
+    assert torch.equal(got_s.cpu(), want_s)
+    torch.testing.assert_close(got_h2.cpu(), want_h2, **tol)
+    assert not fwd._norm_kernel(dev(x).transpose(0, 1), dev(w))      # strided rows: the torch path
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_device_position_steps_with_the_fused_rope_match_the_cached_forward(family, tmp_path, monkeypatch):
+    """Decode steps at a device position (what a CUDA graph replays) through the fused RoPE + cache-write kernel
+    (qwen3: q/k norms first): the logits of the plain cached forward, and the kernel ran in every block."""
+    from tests.tiny_models import save_tiny
+    from twinquant.io.hf import load_hf_dir
+    from twinquant.model import triton_rope
+    from twinquant.model.forward import KVCache, forward
+
+    calls = []
+    real = triton_rope.rope_into_cache
+    monkeypatch.setattr(triton_rope, "rope_into_cache", lambda *a: calls.append(1) or real(*a))
+    m = load_hf_dir(save_tiny(family, tmp_path)).materialize()
+    x = torch.randint(0, m.spec.vocab, (1, 10), generator=torch.Generator().manual_seed(0))
+    plain, static = KVCache.empty(m, 1, 16), KVCache.empty(m, 1, 16)
+    forward(m, x[:, :6], cache=plain)
+    forward(m, x[:, :6], cache=static)
+    static.at = torch.zeros((), dtype=torch.long)
+    for t in range(6, 10):
+        want = forward(m, x[:, t:t + 1], cache=plain)
+        static.at.fill_(static.pos)
+        torch.testing.assert_close(forward(m, x[:, t:t + 1], cache=static), want, rtol=0, atol=2e-5)
+    assert len(calls) == 4 * m.spec.n_layers and static.step is None
 
 
 def _gptq_inputs(rows, cols, seed):

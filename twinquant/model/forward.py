@@ -39,6 +39,7 @@ class KVCache:
     # cache under a mask, so a decode step has the same shapes at every position (a CUDA graph replays it:
     # runtime/graph_decode.py); `pos` still counts on the host
     at: torch.Tensor | None = None
+    step: "StepPositions | None" = None     # set by `forward` for the step it runs with `at`
 
     @classmethod
     def empty(cls, model: Model, batch: int, max_len: int) -> "KVCache":
@@ -130,14 +131,38 @@ def _rope_tables(spec: ModelSpec, start: int, length: int, device, dtype):
     return rope.get(start, length, device, dtype)
 
 
+def _norm_kernel(x: torch.Tensor, w: torch.Tensor, res: torch.Tensor | None = None) -> bool:
+    from twinquant.triton_env import runs_triton
+
+    if not runs_triton(x):
+        return False
+    from twinquant.model import triton_norm
+
+    return triton_norm.fits(x, w, res)
+
+
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     # Normalise in float32 (float64 stays float64) whatever the compute dtype, as the reference implementations do.
+    if _norm_kernel(x, w):      # one launch (model/triton_norm.py), the same arithmetic
+        from twinquant.model import triton_norm
+
+        return triton_norm.rms_norm(x, w, eps)
     xf = x if x.dtype == torch.float64 else x.float()
     if xf.is_cuda:      # one fused kernel instead of five (a decode step runs two norms a block)
         xf = F.rms_norm(xf, (xf.shape[-1],), eps=eps)
     else:
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return w * xf.to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + y, rms_norm(x + y, w)): one kernel where Triton runs (a block's residual add and its second norm)."""
+    if _norm_kernel(x, w, y):
+        from twinquant.model import triton_norm
+
+        return triton_norm.rms_norm(x, w, eps, res=y)
+    x = x + y
+    return x, rms_norm(x, w, eps)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -223,27 +248,51 @@ def linears(x: torch.Tensor, model: Model, names: tuple[str, ...], hook: LinearH
     return [tap(n, y) for n, y in zip(names, ys)] if tap is not None else ys
 
 
+class StepPositions:
+    """What every block of a device-position step (`KVCache.at`) shares, made once per forward instead of once per
+    block (a replayed decode step then launches these few kernels once): the positions, the RoPE rows (and whole
+    tables) per dtype, the additive attention mask over the whole cache per dtype."""
+
+    def __init__(self, at: torch.Tensor, L: int, max_len: int):
+        self.idx = at + torch.arange(L, device=at.device)      # [L] positions of the step's tokens
+        self.max_len = max_len
+        self._memo: dict = {}
+
+    def tables(self, spec: ModelSpec, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole cos/sin tables [max_len, rope width] in dtype (for a kernel that reads rows by position)."""
+        return _rope_tables(spec, 0, self.max_len, self.idx.device, dtype)
+
+    def rope(self, spec: ModelSpec, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = ("rope", spec.rope_theta, spec.rope_width, spec.yarn_factor, dtype)
+        if key not in self._memo:
+            self._memo[key] = tuple(t.index_select(0, self.idx) for t in self.tables(spec, dtype))
+        return self._memo[key]
+
+    def mask(self, dtype) -> torch.Tensor:
+        """[L, max_len]: 0 where a query sees the key (positions up to its own), -inf past it."""
+        if ("mask", dtype) not in self._memo:
+            seen = torch.arange(self.max_len, device=self.idx.device)[None, :] <= self.idx[:, None]
+            self._memo["mask", dtype] = torch.zeros(seen.shape, dtype=dtype, device=seen.device).masked_fill_(
+                ~seen, float("-inf"))
+        return self._memo["mask", dtype]
+
+
 def _rope_at(spec: ModelSpec, start: int | torch.Tensor, L: int, cache: KVCache | None, device, dtype):
-    """cos/sin for positions start..start+L-1; a device-tensor start (`KVCache.at`) indexes the cache's whole
-    table on the device."""
+    """cos/sin for positions start..start+L-1; a device-tensor start (`KVCache.at`) reads the step's rows."""
     if isinstance(start, torch.Tensor):
-        cos, sin = _rope_tables(spec, 0, cache.max_len, device, dtype)
-        idx = start + torch.arange(L, device=device)
-        return cos.index_select(0, idx), sin.index_select(0, idx)
+        return cache.step.rope(spec, dtype)
     return _rope_tables(spec, start, L, device, dtype)
 
 
 def _remember(cache: KVCache, slot: int, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor | None):
     """Write L new keys (and values) at start; (keys, values, attn_mask, is_causal) to attend with: the cached
     prefix, or with a device-tensor start the whole cache with the positions past the queries masked off."""
-    L = k.shape[2]
     if isinstance(start, torch.Tensor):
-        idx = start + torch.arange(L, device=k.device)
-        cache.k[slot].index_copy_(2, idx, k)
+        cache.k[slot].index_copy_(2, cache.step.idx, k)
         if v is not None:
-            cache.v[slot].index_copy_(2, idx, v)
-        mask = torch.arange(cache.max_len, device=k.device)[None, :] <= idx[:, None]
-        return cache.k[slot], cache.v[slot] if v is not None else None, mask, False
+            cache.v[slot].index_copy_(2, cache.step.idx, v)
+        return cache.k[slot], cache.v[slot] if v is not None else None, cache.step.mask(k.dtype)[None, None], False
+    L = k.shape[2]
     cache.k[slot][:, :, start:start + L] = k
     if v is not None:
         cache.v[slot][:, :, start:start + L] = v
@@ -268,6 +317,14 @@ def attention(model: Model, layer: int, x: torch.Tensor, start: int, cache: KVCa
     return _linear(o, model, roles.name(T.ATTN_OUT, layer), hook, params=params)
 
 
+def _fused_rope(q: torch.Tensor) -> bool:
+    """Whether a device-position step rotates q/k and writes the cache with one Triton kernel (CUDA; the CPU only
+    under the tests' interpreter)."""
+    from twinquant.triton_env import runs_triton
+
+    return runs_triton(q) and q.dtype != torch.float64 and q.stride(-1) == 1
+
+
 def attention_mix(model: Model, layer: int, x: torch.Tensor, start: int, cache: KVCache | None, slot: int,
                   hook: LinearHook | None, params=None) -> torch.Tensor:
     """Attention up to the output projection's input: q/k/v, RoPE, the softmax mix of the values [B, L, q_dim]."""
@@ -281,15 +338,20 @@ def attention_mix(model: Model, layer: int, x: torch.Tensor, start: int, cache: 
     if s.qk_norm:
         q = rms_norm(q, model.get(roles.name(T.ATTN_Q_NORM, layer)), s.rms_eps)
         k = rms_norm(k, model.get(roles.name(T.ATTN_K_NORM, layer)), s.rms_eps)
-    cos, sin = _rope_at(s, start, L, cache, x.device, x.dtype)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if model.qk_transform is not None:   # R3: q·kᵀ is unchanged, the cached keys are rotated
-        q, k = model.qk_transform.apply(q), model.qk_transform.apply(k)
+    if isinstance(start, torch.Tensor) and model.qk_transform is None and _fused_rope(q):
+        from twinquant.model.triton_rope import rope_into_cache
 
-    if cache is not None:
-        k, v, mask, causal = _remember(cache, slot, start, k, v)
+        q = rope_into_cache(q, k, v, *cache.step.tables(s, q.dtype), cache.step.idx, cache.k[slot], cache.v[slot])
+        k, v, mask, causal = cache.k[slot], cache.v[slot], cache.step.mask(q.dtype)[None, None], False
     else:
-        mask, causal = _causal(start, L, x.device)
+        cos, sin = _rope_at(s, start, L, cache, x.device, x.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if model.qk_transform is not None:   # R3: q·kᵀ is unchanged, the cached keys are rotated
+            q, k = model.qk_transform.apply(q), model.qk_transform.apply(k)
+        if cache is not None:
+            k, v, mask, causal = _remember(cache, slot, start, k, v)
+        else:
+            mask, causal = _causal(start, L, x.device)
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                        enable_gqa=s.n_heads != s.n_kv_heads)
     return o.transpose(1, 2).reshape(B, L, s.q_dim)
@@ -417,10 +479,10 @@ def block_forward(model: Model, layer: int, x: torch.Tensor, start: int = 0, cac
     eps = model.spec.rms_eps
     h = rms_norm(x, model.get(roles.name(T.ATTN_NORM, layer)), eps)
     if model.spec.mla:
-        x = x + latent_attention(model, layer, h, start, cache, slot, hook)
+        a = latent_attention(model, layer, h, start, cache, slot, hook)
     else:
-        x = x + attention(model, layer, h, start, cache, slot, hook, params)
-    h = rms_norm(x, model.get(roles.name(T.FFN_NORM, layer)), eps)
+        a = attention(model, layer, h, start, cache, slot, hook, params)
+    x, h = add_rms_norm(x, a, model.get(roles.name(T.FFN_NORM, layer)), eps)
     if model.spec.moe_layer(layer):
         return x + moe_feed_forward(model, layer, h, hook)
     return x + feed_forward(model, layer, h, hook, params)
@@ -486,7 +548,12 @@ def forward(model: Model, tokens: torch.Tensor, cache: KVCache | None = None,
         raise ValueError(f"KV cache holds {cache.max_len} positions, asked for {start + tokens.shape[1]}")
     if cache is not None and cache.at is not None:
         start = cache.at                    # the position read on the device (a replayed decode step)
-    x = run_slots(model, embed(model, tokens), start, cache, hook, residual_hook)
+        cache.step = StepPositions(cache.at, tokens.shape[1], cache.max_len)
+    try:
+        x = run_slots(model, embed(model, tokens), start, cache, hook, residual_hook)
+    finally:
+        if cache is not None:
+            cache.step = None
     if cache is not None:
         cache.pos += tokens.shape[1]
     if logits_for is not None:

@@ -1,0 +1,48 @@
+"""RMSNorm as one Triton kernel, optionally with the residual add before it: `forward.rms_norm`'s arithmetic
+(normalize in float32, round to the activations' dtype, then times the weight) in one launch instead of two to
+four, and `x + y` then the norm in one instead of three to five. A decode step is hundreds of tiny launches; in a
+replayed CUDA graph each one costs microseconds whatever its size. The torch path stays the reference
+(tests/test_triton_kernels.py runs both through Triton's interpreter)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_WIDTH = 16384          # one program holds a row
+
+
+@triton.jit
+def rms_norm_kernel(x_ptr, r_ptr, w_ptr, xo_ptr, h_ptr, N, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+    """Row program_id(0): x (+ r, stored to xo) -> h = w · round(x · rsqrt(mean(x²) + eps))."""
+    row = tl.program_id(0).to(tl.int64) * N
+    i = tl.arange(0, BLOCK)
+    ok = i < N
+    x = tl.load(x_ptr + row + i, mask=ok, other=0.0)
+    if HAS_RES:
+        x = (x.to(tl.float32) + tl.load(r_ptr + row + i, mask=ok, other=0.0).to(tl.float32)).to(x.dtype)
+        tl.store(xo_ptr + row + i, x, mask=ok)
+    xf = x.to(tl.float32)
+    r = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / N + eps)
+    n = (xf * r).to(x.dtype).to(tl.float32)
+    w = tl.load(w_ptr + i, mask=ok, other=0.0).to(tl.float32)
+    tl.store(h_ptr + row + i, (w * n).to(h_ptr.dtype.element_ty), mask=ok)
+
+
+def fits(x: torch.Tensor, w: torch.Tensor, res: torch.Tensor | None = None) -> bool:
+    """Whether the kernel takes this norm: contiguous rows of one dtype (not float64) no wider than MAX_WIDTH."""
+    return (x.is_contiguous() and x.dtype == w.dtype != torch.float64 and w.shape == x.shape[-1:]
+            and x.shape[-1] <= MAX_WIDTH and (res is None or (res.is_contiguous() and res.shape == x.shape
+                                                              and res.dtype == x.dtype)))
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, res: torch.Tensor | None = None):
+    """h = RMSNorm(x) · w; with res, (x + res, RMSNorm(x + res) · w). Callers check `fits` first."""
+    n = x.shape[-1]
+    h = torch.empty_like(x)
+    xo = torch.empty_like(x) if res is not None else h
+    block = triton.next_power_of_2(n)
+    rms_norm_kernel[(x.numel() // n,)](x, res if res is not None else x, w, xo, h, n, eps, HAS_RES=res is not None,
+                                       BLOCK=block, num_warps=min(16, max(1, block // 512)))
+    return (xo, h) if res is not None else h
