@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from twinquant.formats.ggml.triton_bytes import QK_K, _f16, _gemv_program, _store_rows, _u8  # noqa: F401 (re-exported)
+from twinquant.formats.ggml.triton_bytes import QK_K, _f16, _gemv_program, _store_rows, _u8, _uf  # noqa: F401
 from twinquant.formats.ggml.triton_iquants import _iq_superblock
 
 
@@ -47,7 +47,7 @@ def _superblock(blk, e, mask, TYPE: tl.constexpr):
         sc = _u8(blk + e // 16, mask)
         d = _f16(blk + 80, mask)
         dmin = _f16(blk + 82, mask)
-        w = d * (sc & 0xF).to(tl.float32) * q.to(tl.float32) - dmin * (sc >> 4).to(tl.float32)
+        w = d * _uf(sc & 0xF, 4) * _uf(q, 2) - dmin * _uf(sc >> 4, 4)
     elif TYPE == 3:
         j = (e % 128) // 32
         q = (_u8(blk + 32 + (e // 128) * 32 + e % 32, mask) >> (2 * j)) & 3
@@ -55,9 +55,8 @@ def _superblock(blk, e, mask, TYPE: tl.constexpr):
         s = e // 16
         lo4 = tl.where(s < 8, _u8(blk + 96 + s % 8, mask) & 0xF, _u8(blk + 96 + s % 8, mask) >> 4)
         hi2 = (_u8(blk + 96 + 8 + s % 4, mask) >> (2 * (s // 4))) & 3
-        sc = (lo4 | (hi2 << 4)) - 32
         d = _f16(blk + 108, mask)
-        w = d * sc.to(tl.float32) * (q - 4 * (1 - hbit)).to(tl.float32)
+        w = d * _uf(lo4 | (hi2 << 4), 6, 32) * _uf(q | (hbit << 2), 3, 4)
     elif TYPE == 4 or TYPE == 5:
         c = e // 64
         hi = (e % 64) // 32
@@ -68,7 +67,7 @@ def _superblock(blk, e, mask, TYPE: tl.constexpr):
         sc, mn = _scale_min_k4(blk + 4, e // 32, mask)
         d = _f16(blk, mask)
         dmin = _f16(blk + 2, mask)
-        w = d * sc.to(tl.float32) * q.to(tl.float32) - dmin * mn.to(tl.float32)
+        w = d * _uf(sc, 6) * _uf(q, 5) - dmin * _uf(mn, 6)
     else:   # Q6_K
         h = e // 128
         k = (e % 128) // 32
@@ -76,9 +75,9 @@ def _superblock(blk, e, mask, TYPE: tl.constexpr):
         qb = _u8(blk + h * 64 + (k % 2) * 32 + l, mask)
         lo = tl.where(k >= 2, qb >> 4, qb & 0xF)
         hb = (_u8(blk + 128 + h * 32 + l, mask) >> (2 * k)) & 3
-        sc = tl.load(blk + 192 + e // 16, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+        sc = _uf(_u8(blk + 192 + e // 16, mask) ^ 0x80, 8, 128)                     # int8: its byte + 128
         d = _f16(blk + 208, mask)
-        w = d * sc * ((lo | (hb << 4)) - 32).to(tl.float32)
+        w = d * sc * _uf(lo | (hb << 4), 6, 32)
     return w
 
 
@@ -160,18 +159,17 @@ def gemv_bytes_kernel(w_ptr, x_ptr, y_ptr, b_ptr, R, NB, row_bytes, stride_xm, s
             xj = tl.load(xb + 32 * j, mask=b < NB, other=0.0).to(tl.float32)
             s = (quarter // 2) * 8 + 2 * j + (quarter % 2)                              # the sub-blocks [1, 1, 4]
             if TYPE == 2:
-                c = ((q >> (2 * j)) & 3).to(tl.float32)
+                c = _uf((q >> (2 * j)) & 3, 2)
                 qx = tl.sum(tl.reshape(c * xj, (BR, U, 4, 16)), axis=3)                  # [BR, U, 4]
                 xs = tl.sum(tl.reshape(xj, (1, U, 4, 16)), axis=3)                       # [1, U, 4]
                 sc = _u8(blk + s, bmask)                                                 # [BR, U, 4]
-                acc += d * (sc & 0xF).to(tl.float32) * qx - dmin * (sc >> 4).to(tl.float32) * xs
+                acc += d * _uf(sc & 0xF, 4) * qx - dmin * _uf(sc >> 4, 4) * xs
             else:
-                c = (((q >> (2 * j)) & 3) - 4 * (1 - ((hm >> (4 * (l // 32) + j)) & 1))).to(tl.float32)
+                c = _uf(((q >> (2 * j)) & 3) | (((hm >> (4 * (l // 32) + j)) & 1) << 2), 3, 4)
                 qx = tl.sum(tl.reshape(c * xj, (BR, U, 4, 16)), axis=3)
                 lo = _u8(blk + 96 + s % 8, bmask)
                 hi2 = (_u8(blk + 104 + s % 4, bmask) >> (2 * (s // 4))) & 3
-                sc = (tl.where(s < 8, lo & 0xF, lo >> 4) | (hi2 << 4)) - 32
-                acc += d * sc.to(tl.float32) * qx
+                acc += d * _uf(tl.where(s < 8, lo & 0xF, lo >> 4) | (hi2 << 4), 6, 32) * qx
     _store_rows(y_ptr + m * stride_ym, rows, tl.sum(tl.sum(acc, axis=2), axis=1), R, SPLIT, b_ptr, part, HAS_BIAS)
 
 
