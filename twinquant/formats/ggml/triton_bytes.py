@@ -40,12 +40,17 @@ def _half(bits):
 
 
 @triton.jit
+def _mant(v, BITS: tl.constexpr):
+    """1 + v / 2**BITS for an int32 0 <= v < 2**BITS: v in the top mantissa bits of 1.0 (a shift and an or)."""
+    return ((v << (23 - BITS)) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _uf(v, BITS: tl.constexpr, OFF: tl.constexpr = 0):
     """float(v) − OFF for an int32 0 <= v < 2**BITS (BITS <= 8), exactly, without an int-to-float conversion: those
     issue at an eighth of the float rate on Hopper (16 a clock per SM), and a dequant-GEMV converts several values
     per weight. v placed in the top mantissa bits of 1.0 reads as 1 + v / 2**BITS; one multiply-add undoes it."""
-    f = ((v << (23 - BITS)) | 0x3F800000).to(tl.float32, bitcast=True)
-    return f * (1 << BITS) - ((1 << BITS) + OFF)
+    return _mant(v, BITS) * (1 << BITS) - ((1 << BITS) + OFF)
 
 
 @triton.jit

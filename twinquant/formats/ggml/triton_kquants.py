@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from twinquant.formats.ggml.triton_bytes import QK_K, _f16, _gemv_program, _store_rows, _u8, _uf  # noqa: F401
+from twinquant.formats.ggml.triton_bytes import QK_K, _f16, _gemv_program, _mant, _store_rows, _u8, _uf  # noqa: F401
 from twinquant.formats.ggml.triton_iquants import _iq_superblock
 
 
@@ -158,18 +158,19 @@ def gemv_bytes_kernel(w_ptr, x_ptr, y_ptr, b_ptr, R, NB, row_bytes, stride_xm, s
         for j in tl.static_range(4):
             xj = tl.load(xb + 32 * j, mask=b < NB, other=0.0).to(tl.float32)
             s = (quarter // 2) * 8 + 2 * j + (quarter % 2)                              # the sub-blocks [1, 1, 4]
+            xs = tl.sum(tl.reshape(xj, (1, U, 4, 16)), axis=3)                           # [1, U, 4]
+            # codes as f = 1 + c / 2^bits (`_mant`: no conversion instruction); per sub-block Σ c·x is then
+            # 2^bits·(Σ f·x − Σ x) (Q3_K: c − 4 from 3 bits: 8·Σ f·x − 12·Σ x)
             if TYPE == 2:
-                c = _uf((q >> (2 * j)) & 3, 2)
-                qx = tl.sum(tl.reshape(c * xj, (BR, U, 4, 16)), axis=3)                  # [BR, U, 4]
-                xs = tl.sum(tl.reshape(xj, (1, U, 4, 16)), axis=3)                       # [1, U, 4]
+                fx = tl.sum(tl.reshape(_mant((q >> (2 * j)) & 3, 2) * xj, (BR, U, 4, 16)), axis=3)   # [BR, U, 4]
                 sc = _u8(blk + s, bmask)                                                 # [BR, U, 4]
-                acc += d * _uf(sc & 0xF, 4) * qx - dmin * _uf(sc >> 4, 4) * xs
+                acc += d * _uf(sc & 0xF, 4) * (4.0 * fx - 4.0 * xs) - dmin * _uf(sc >> 4, 4) * xs
             else:
-                c = _uf(((q >> (2 * j)) & 3) | (((hm >> (4 * (l // 32) + j)) & 1) << 2), 3, 4)
-                qx = tl.sum(tl.reshape(c * xj, (BR, U, 4, 16)), axis=3)
+                c = _mant(((q >> (2 * j)) & 3) | (((hm >> (4 * (l // 32) + j)) & 1) << 2), 3)
+                fx = tl.sum(tl.reshape(c * xj, (BR, U, 4, 16)), axis=3)
                 lo = _u8(blk + 96 + s % 8, bmask)
                 hi2 = (_u8(blk + 104 + s % 4, bmask) >> (2 * (s // 4))) & 3
-                acc += d * _uf(tl.where(s < 8, lo & 0xF, lo >> 4) | (hi2 << 4), 6, 32) * qx
+                acc += d * _uf(tl.where(s < 8, lo & 0xF, lo >> 4) | (hi2 << 4), 6, 32) * (8.0 * fx - 12.0 * xs)
     _store_rows(y_ptr + m * stride_ym, rows, tl.sum(tl.sum(acc, axis=2), axis=1), R, SPLIT, b_ptr, part, HAS_BIAS)
 
 
