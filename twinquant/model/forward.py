@@ -325,6 +325,17 @@ def _fused_rope(q: torch.Tensor) -> bool:
     return runs_triton(q) and q.dtype != torch.float64 and q.stride(-1) == 1
 
 
+def _grouped_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """softmax(q·kᵀ/√hd + mask)·v for one query token, the query heads grouped over their key/value head (q [B, H,
+    1, hd], k/v the cache [B, Hkv, T, hd], mask [1, T]): three launches. SDPA has no fused float32 kernel for GQA;
+    its fallback copies the cache per query head and takes ~10 launches, which a replayed step pays per block."""
+    B, H, _, hd = q.shape
+    hkv, T = k.shape[1], k.shape[2]
+    scores = torch.baddbmm(mask, q.reshape(B * hkv, H // hkv, hd), k.reshape(B * hkv, T, hd).transpose(1, 2),
+                           alpha=hd ** -0.5)
+    return torch.bmm(torch.softmax(scores, dim=-1), v.reshape(B * hkv, T, hd)).reshape(B, H, 1, hd)
+
+
 def attention_mix(model: Model, layer: int, x: torch.Tensor, start: int, cache: KVCache | None, slot: int,
                   hook: LinearHook | None, params=None) -> torch.Tensor:
     """Attention up to the output projection's input: q/k/v, RoPE, the softmax mix of the values [B, L, q_dim]."""
@@ -342,7 +353,10 @@ def attention_mix(model: Model, layer: int, x: torch.Tensor, start: int, cache: 
         from twinquant.model.triton_rope import rope_into_cache
 
         q = rope_into_cache(q, k, v, *cache.step.tables(s, q.dtype), cache.step.idx, cache.k[slot], cache.v[slot])
-        k, v, mask, causal = cache.k[slot], cache.v[slot], cache.step.mask(q.dtype)[None, None], False
+        k, v, mask, causal = cache.k[slot], cache.v[slot], cache.step.mask(q.dtype), False
+        if L == 1 and q.dtype == torch.float32:
+            return _grouped_decode_attention(q, k, v, mask).reshape(B, L, s.q_dim)
+        mask = mask[None, None]
     else:
         cos, sin = _rope_at(s, start, L, cache, x.device, x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
