@@ -31,6 +31,8 @@ VIEWS = {"aten::view", "aten::reshape", "aten::_reshape_alias", "aten::transpose
          "aten::is_nonzero", "aten::result_type", "aten::to", "aten::_to_copy", "aten::unflatten", "aten::flatten",
          "aten::resize_", "aten::detach_"}
 
+PRODUCTS = {"aten::baddbmm", "aten::addmm", "aten::addbmm", "aten::mm", "aten::bmm", "aten::addmv", "aten::mv"}
+
 
 def count(tree: Path, work: Path, mix: str) -> dict:
     """{op: launches per block} of one device-position decode step, with twinquant imported from `tree`."""
@@ -75,8 +77,8 @@ def count(tree: Path, work: Path, mix: str) -> dict:
     def leaf(e) -> bool:               # no compute op below it (its children may be views and allocations)
         return all(not compute(c) and leaf(c) for c in e.cpu_children)
 
-    for e in p.events():
-        if not compute(e) or not leaf(e):
+    for e in p.events():               # a product counts itself besides its children (baddbmm: copy_ + the GEMM)
+        if not compute(e) or not (leaf(e) or e.name in PRODUCTS):
             continue
         a, inside = e.cpu_parent, False
         while a is not None:
