@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
-from gemv_configs import SHAPES, cold_copies, graph_us, weights  # noqa: E402
+from gemv_configs import SHAPES, cold_copies, graph_us, pair_plot, weights  # noqa: E402
 from twinquant.formats.ggml import triton_kquants  # noqa: E402
 from twinquant.formats.ggml.packed import BYTE_ORDER_DEFAULT, QK_K, gemv, gemv_config, kernel_key  # noqa: E402
 
@@ -69,22 +69,9 @@ def markdown(res: dict) -> str:
 
 
 def plot(res: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(11, 4.5))
-    labels = [f"{r['type']}\n{r['rows']}x{r['cols']}" for r in res["rows"]]
-    xs = range(len(labels))
-    ax.bar([x - 0.2 for x in xs], [r["base_pct"] for r in res["rows"]], 0.4, label=f"base {res['base']}")
-    ax.bar([x + 0.2 for x in xs], [r["tree_pct"] for r in res["rows"]], 0.4, label=f"tree {res['commit']}")
-    ax.set_xticks(list(xs), labels, rotation=90, fontsize=6)
-    ax.set_ylabel("% of copy bandwidth")
-    ax.set_title(f"packed GEMV at batch 1, CUDA graph, cold L2 ({res['machine'].get('gpu')})")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    pair_plot(path, [f"{r['type']}\n{r['rows']}x{r['cols']}" for r in res["rows"]],
+              (f"base {res['base']}", [r["base_pct"] for r in res["rows"]]),
+              (f"tree {res['commit']}", [r["tree_pct"] for r in res["rows"]]), res["machine"].get("gpu"))
 
 
 def main() -> None:

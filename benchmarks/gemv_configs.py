@@ -148,23 +148,29 @@ def markdown(res: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def plot(res: dict, path: Path) -> None:
+def pair_plot(path: Path, labels: list[str], left: tuple[str, list], right: tuple[str, list], gpu) -> None:
+    """Two bars per GEMV (its label: type and shape): % of copy bandwidth of two kernels or launches."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(12, 4.5))
-    labels = [f"{b['type']}\n{b['rows']}x{b['cols']}" for b in res["best"]]
     xs = range(len(labels))
-    ax.bar([x - 0.2 for x in xs], [b["pct_copy"] for b in res["best"]], 0.4, label="best launch")
-    ax.bar([x + 0.2 for x in xs], [b["default_pct_copy"] for b in res["best"]], 0.4, label="gemv_config")
+    for (name, pcts), dx in ((left, -0.2), (right, 0.2)):
+        ax.bar([x + dx for x in xs], pcts, 0.4, label=name)
     ax.set_xticks(list(xs), labels, rotation=90, fontsize=6)
     ax.set_ylabel("% of copy bandwidth")
-    ax.set_title(f"packed GEMV at batch 1, CUDA graph, cold L2 ({res['machine'].get('gpu')})")
+    ax.set_title(f"packed GEMV at batch 1, CUDA graph, cold L2 ({gpu})")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def plot(res: dict, path: Path) -> None:
+    pair_plot(path, [f"{b['type']}\n{b['rows']}x{b['cols']}" for b in res["best"]],
+              ("best launch", [b["pct_copy"] for b in res["best"]]),
+              ("gemv_config", [b["default_pct_copy"] for b in res["best"]]), res["machine"].get("gpu"))
 
 
 def save(res: dict, stem: Path, t0: float) -> None:
