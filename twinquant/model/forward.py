@@ -122,31 +122,35 @@ class _Rope:
 _ROPE_CACHE: dict[tuple, _Rope] = {}
 
 
+def _rope_key(spec: ModelSpec) -> tuple:
+    return (spec.rope_theta, spec.rope_width, spec.yarn_factor, spec.yarn_orig_ctx, spec.yarn_beta_fast,
+            spec.yarn_beta_slow, spec.yarn_mscale, spec.yarn_mscale_all_dim)
+
+
 def _rope_tables(spec: ModelSpec, start: int, length: int, device, dtype):
-    key = (spec.rope_theta, spec.rope_width, spec.yarn_factor, spec.yarn_orig_ctx, spec.yarn_beta_fast,
-           spec.yarn_beta_slow, spec.yarn_mscale, spec.yarn_mscale_all_dim)
+    key = _rope_key(spec)
     rope = _ROPE_CACHE.get(key)
     if rope is None:
         rope = _ROPE_CACHE[key] = _Rope(rope_inv_freq(spec), rope_attention_factor(spec))
     return rope.get(start, length, device, dtype)
 
 
-def _norm_kernel(x: torch.Tensor, w: torch.Tensor, res: torch.Tensor | None = None) -> bool:
+def _norm_kernel(x: torch.Tensor, w: torch.Tensor, res: torch.Tensor | None = None):
+    """model/triton_norm where its kernel takes this norm (Triton runs here and the rows fit), else None."""
     from twinquant.triton_env import runs_triton
 
     if not runs_triton(x):
-        return False
+        return None
     from twinquant.model import triton_norm
 
-    return triton_norm.fits(x, w, res)
+    return triton_norm if triton_norm.fits(x, w, res) else None
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     # Normalise in float32 (float64 stays float64) whatever the compute dtype, as the reference implementations do.
-    if _norm_kernel(x, w):      # one launch (model/triton_norm.py), the same arithmetic
-        from twinquant.model import triton_norm
-
-        return triton_norm.rms_norm(x, w, eps)
+    kernel = _norm_kernel(x, w)
+    if kernel is not None:      # one launch (model/triton_norm.py), the same arithmetic
+        return kernel.rms_norm(x, w, eps)
     xf = x if x.dtype == torch.float64 else x.float()
     if xf.is_cuda:      # one fused kernel instead of five (a decode step runs two norms a block)
         xf = F.rms_norm(xf, (xf.shape[-1],), eps=eps)
@@ -157,10 +161,9 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 def add_rms_norm(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + y, rms_norm(x + y, w)): one kernel where Triton runs (a block's residual add and its second norm)."""
-    if _norm_kernel(x, w, y):
-        from twinquant.model import triton_norm
-
-        return triton_norm.rms_norm(x, w, eps, res=y)
+    kernel = _norm_kernel(x, w, y)
+    if kernel is not None:
+        return kernel.rms_norm(x, w, eps, res=y)
     x = x + y
     return x, rms_norm(x, w, eps)
 
@@ -263,7 +266,7 @@ class StepPositions:
         return _rope_tables(spec, 0, self.max_len, self.idx.device, dtype)
 
     def rope(self, spec: ModelSpec, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        key = ("rope", spec.rope_theta, spec.rope_width, spec.yarn_factor, dtype)
+        key = ("rope", _rope_key(spec), dtype)
         if key not in self._memo:
             self._memo[key] = tuple(t.index_select(0, self.idx) for t in self.tables(spec, dtype))
         return self._memo[key]
