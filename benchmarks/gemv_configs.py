@@ -32,8 +32,9 @@ from twinquant.formats.ggml.packed import QK_K, GemvConfig, PackedWeight, gemv, 
 SHAPES = {"1.5B": [(1536, 1536), (256, 1536), (8960, 1536), (1536, 8960), (151936, 1536)],
           "7B": [(3584, 3584), (512, 3584), (18944, 3584), (3584, 18944)],
           "32B": [(5120, 5120), (1024, 5120), (27648, 5120), (5120, 27648)]}
-# "T:bytes": T through the kernel that reads it in its own order (opt-in where it is not the default)
-TYPES = ["Q2_K", "Q3_K", "Q3_K:bytes", "Q4_K", "Q6_K", "IQ2_XS", "IQ2_XS:bytes", "IQ2_XXS:bytes"]
+# "T:bytes": T through the kernel that reads it in its own order, "T:words": through the word-lane kernel (opt-in
+# where it is not the default)
+TYPES = ["Q2_K", "Q2_K:words", "Q3_K", "Q3_K:bytes", "Q4_K", "Q6_K", "IQ2_XS", "IQ2_XS:bytes", "IQ2_XXS:bytes"]
 WARPS = (4, 8)
 SPLITS = (1, 2, 4, 8)
 
@@ -43,9 +44,22 @@ def _bytes(spec: str) -> bool:
     return spec == "Q2_K" or spec.endswith(":bytes")
 
 
+def _generic(spec: str) -> bool:
+    """A type through the generic kernel."""
+    return not _bytes(spec) and not spec.endswith(":words")
+
+
+def _kernel(spec: str) -> dict:
+    """gemv's kernel arguments for a sweep's type spec."""
+    return {"words": True} if spec.endswith(":words") else {"byte_order": _bytes(spec)}
+
+
 def configs(spec: str) -> list[GemvConfig]:
-    """The K-quant byte-order kernel holds [BR, U, 64] codes a step, the generic and IQ2 group kernels [BR, U, 256]
-    weights: BR·U up to 64 and 16."""
+    """The K-quant byte-order kernel holds [BR, U, 64] codes a step, the word-lane kernel [BR, U, 16] code words,
+    the generic and IQ2 group kernels [BR, U, 256] weights: BR·U up to 64, 128 and 16."""
+    if spec.endswith(":words"):
+        return [GemvConfig(br, u, s, w) for br, u, s, w in itertools.product((8, 16, 32, 64, 128), (1, 2, 4), SPLITS,
+                                                                               WARPS) if br * u <= 128]
     cap, brs = (64, (4, 8, 16, 32)) if _bytes(spec) and not spec.startswith("IQ") else (16, (1, 2, 4, 8))
     return [GemvConfig(br, u, s, w) for br, u, s, w in itertools.product(brs, (1, 2, 4, 8), SPLITS, WARPS)
             if br * u <= cap]
@@ -106,7 +120,7 @@ def warm(part: int, procs: int, types, shapes) -> None:
     for i, (t, rows, cols, cfg) in enumerate(cases(types, shapes)):
         if i % procs == part:
             try:
-                gemv(torch.randn(1, cols, device="cuda"), weights(t, rows, cols), byte_order=_bytes(t), config=cfg)
+                gemv(torch.randn(1, cols, device="cuda"), weights(t, rows, cols), config=cfg, **_kernel(t))
             except Exception:            # recorded by the timing pass
                 pass
     torch.cuda.synchronize()
@@ -121,10 +135,10 @@ def launch_table(res: dict) -> dict:
     # types the sweep did not take)
     by_shape: dict[tuple, dict] = {}
     for r in res["rows"]:
-        if "us" in r and not _bytes(r["type"]):
+        if "us" in r and _generic(r["type"]):
             d = by_shape.setdefault((r["rows"], r["cols"]), {})
             d.setdefault(tuple(r["config"]), []).append(r["us"])
-    n_types = len({r["type"] for r in res["rows"] if not _bytes(r["type"])})
+    n_types = len({r["type"] for r in res["rows"] if _generic(r["type"])})
     for (rows, cols), cfgs in sorted(by_shape.items()):
         full = {c: sum(ts) for c, ts in cfgs.items() if len(ts) == n_types}
         if full:
@@ -228,7 +242,7 @@ def main() -> None:
             default = gemv_config(t, rows, cols // QK_K)
             for cfg in {*(c for _, _, _, c in cases([t], [(rows, cols)])), default}:
                 try:
-                    us = graph_us([lambda wi=wi: gemv(x, wi, byte_order=_bytes(t), config=cfg) for wi in ws])
+                    us = graph_us([lambda wi=wi: gemv(x, wi, config=cfg, **_kernel(t)) for wi in ws])
                 except Exception as e:
                     res["rows"].append({"type": t, "rows": rows, "cols": cols, "config": list(cfg),
                                         "error": str(e).splitlines()[0][:200]})

@@ -14,8 +14,8 @@ import torch
 
 from twinquant.errors import TwinquantError
 from twinquant.formats.ggml import get_codec
-from twinquant.formats.ggml.packed import (BYTE_ORDER_TYPES, GEMV_MAX_ROWS, KERNEL_TYPES, GemvConfig, PackedWeight,
-                                           dequantize, gemv, qlinear, random_blocks)
+from twinquant.formats.ggml.packed import (BYTE_ORDER_TYPES, GEMV_MAX_ROWS, KERNEL_TYPES, WORDS_TYPES, GemvConfig,
+                                           PackedWeight, dequantize, gemv, qlinear, random_blocks)
 from twinquant.transforms.hadamard import (KernelConfig, RandomizedHadamard, _kernel_factors, _kernel_runs, fwht,
                                           hadamard_plan, launch_fwht)
 
@@ -57,11 +57,18 @@ def test_dequantize_and_gemv_read_every_bit_of_the_blocks_as_gguf_py_does(ggml_t
     else:
         with pytest.raises(TwinquantError, match="no byte-order kernel"):
             gemv(x[:1].to(device), w, byte_order=True)
+    if ggml_type in WORDS_TYPES:                # the word-lane kernel (Q2_K)
+        got = gemv(x[:3].to(device), w, words=True).cpu().double()
+        want = x[:3].double() @ ref.double().T
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    else:
+        with pytest.raises(TwinquantError, match="no word-lane kernel"):
+            gemv(x[:1].to(device), w, words=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("ggml_type,byte_order", [("Q2_K", True), ("Q2_K", False), ("Q3_K", True), ("Q3_K", None),
-                                                  ("Q6_K", None), ("IQ2_XS", None), ("IQ2_XS", True),
+@pytest.mark.parametrize("ggml_type,byte_order", [("Q2_K", True), ("Q2_K", False), ("Q2_K", "words"), ("Q3_K", True),
+                                                  ("Q3_K", None), ("Q6_K", None), ("IQ2_XS", None), ("IQ2_XS", True),
                                                   ("IQ2_XXS", True)])
 def test_every_gemv_launch_shape_gives_the_same_product(ggml_type, byte_order, device):
     """Rows per program, super-blocks per step, column split and warps change only the launch: 7 super-blocks
@@ -77,7 +84,8 @@ def test_every_gemv_launch_shape_gives_the_same_product(ggml_type, byte_order, d
     for cfg in (GemvConfig(4, 1, 1, 4), GemvConfig(4, 4, 1, 4), GemvConfig(2, 2, 4, 2), GemvConfig(16, 4, 2, 8),
                 GemvConfig(8, 2, 8, 4)):
         for dtype in (torch.float32, torch.float16):
-            got = gemv(x.to(device, dtype), w, bias.to(device, dtype), dtype, byte_order, cfg)
+            kernel = {"words": True} if byte_order == "words" else {"byte_order": byte_order}
+            got = gemv(x.to(device, dtype), w, bias.to(device, dtype), dtype, config=cfg, **kernel)
             assert got.dtype == dtype
             tol = (1e-5 if dtype == torch.float32 else 2e-3) * want.abs().max()
             assert (got.cpu().double() - want).abs().max() <= tol, (cfg, dtype)

@@ -171,12 +171,24 @@ def _launch_table(path: str) -> dict[str, list[list[int]]]:
 # timed on a GPU yet)
 BYTE_ORDER_TYPES = ("Q2_K", "Q3_K", "IQ2_XXS", "IQ2_XS")
 BYTE_ORDER_DEFAULT = ("Q2_K",)
+# the types with a kernel whose lanes own whole sub-blocks (`gemv_q2k_words_kernel`), and those gemv sends there by
+# default (none until a GPU sweep measures it against the byte-order kernel: `gemv_configs.py --types Q2_K:words`)
+WORDS_TYPES = ("Q2_K",)
+WORDS_DEFAULT: tuple[str, ...] = ()
 
 
-def kernel_key(ggml_type: str, byte_order: bool | None = None) -> str:
-    """The launch table's key for a type through a kernel: the type itself for its default kernel, "T:bytes" for
-    the byte-order kernel where it is not the default, "generic" for the generic kernel where it is not."""
-    if byte_order is None or byte_order == (ggml_type in BYTE_ORDER_DEFAULT):
+def kernel_key(ggml_type: str, byte_order: bool | None = None, words: bool | None = None) -> str:
+    """The launch table's key for a type through a kernel: the type itself for its default kernel, "T:words" /
+    "T:bytes" for the word-lane / byte-order kernel where it is not the default, "generic" for the generic kernel
+    where it is not. None: the type's default."""
+    words_default = ggml_type in WORDS_DEFAULT
+    if words is None:
+        words = words_default and byte_order is None
+    if words:
+        return ggml_type if words_default else f"{ggml_type}:words"
+    if byte_order is None:
+        byte_order = ggml_type in BYTE_ORDER_DEFAULT
+    if not words_default and byte_order == (ggml_type in BYTE_ORDER_DEFAULT):
         return ggml_type
     return f"{ggml_type}:bytes" if byte_order else "generic"
 
@@ -193,8 +205,9 @@ def gemv_config(key: str, rows: int, nb: int) -> GemvConfig:
 def _config_from(path: str, key: str, rows: int, nb: int) -> GemvConfig:
     """gemv_config with the table at `path` (cached: every decode GEMV asks)."""
     launches = _launch_table(path)
-    bytes_kernel = key in BYTE_ORDER_DEFAULT or key.endswith(":bytes")
-    table = launches.get(key) or (launches.get("generic") if not bytes_kernel else None)
+    words_kernel = key in WORDS_DEFAULT or key.endswith(":words")
+    bytes_kernel = not words_kernel and (key in BYTE_ORDER_DEFAULT or key.endswith(":bytes"))
+    table = launches.get(key) or (launches.get("generic") if not (bytes_kernel or words_kernel) else None)
     if table:
         near = min(table, key=lambda e: math.log(e[0] / rows) ** 2 + math.log(e[1] / nb) ** 2)
         br, u, split, warps = near[2:]
@@ -203,7 +216,8 @@ def _config_from(path: str, key: str, rows: int, nb: int) -> GemvConfig:
         while u > 1 and u > nb:
             u //= 2
         return GemvConfig(br, u, split, warps)
-    br = 16 if bytes_kernel and not key.startswith("IQ") else 4       # tiles of 64 code bytes, or of 256 weights
+    # tiles of 64 code bytes (byte order), of 16 code words (word lanes), or of 256 weights
+    br = 16 if bytes_kernel and not key.startswith("IQ") else 32 if words_kernel else 4
     u = 1
     while u < 4 and nb >= 4 * u:
         u *= 2
@@ -214,21 +228,25 @@ def _config_from(path: str, key: str, rows: int, nb: int) -> GemvConfig:
 
 
 def gemv(x2: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32,
-         byte_order: bool | None = None, config: GemvConfig | None = None) -> torch.Tensor:
+         byte_order: bool | None = None, config: GemvConfig | None = None, words: bool | None = None) -> torch.Tensor:
     """[M, rows] = x2 [M, cols] @ Wᵀ (+ bias) in out_dtype, float32 accumulation, one pass over the packed rows per
-    activation row. `byte_order`: True takes the kernel that reads the type in its own order (`gemv_bytes_kernel`:
-    Q2_K, Q3_K; `gemv_iq2_kernel`: IQ2_XXS, IQ2_XS), False the generic kernel, None each type's default
-    (`BYTE_ORDER_DEFAULT`); `config` overrides `gemv_config`."""
+    activation row. `words`: True takes the kernel whose lanes own whole sub-blocks (`gemv_q2k_words_kernel`:
+    Q2_K), None its default (`WORDS_DEFAULT`); otherwise `byte_order`: True takes the kernel that reads the type in
+    its own order (`gemv_bytes_kernel`: Q2_K, Q3_K; `gemv_iq2_kernel`: IQ2_XXS, IQ2_XS), False the generic kernel,
+    None each type's default (`BYTE_ORDER_DEFAULT`); `config` overrides `gemv_config`."""
     from twinquant.formats.ggml.triton_iquants import gemv_iq2_kernel
-    from twinquant.formats.ggml.triton_kquants import gemv_bytes_kernel, gemv_kernel
+    from twinquant.formats.ggml.triton_kquants import gemv_bytes_kernel, gemv_kernel, gemv_q2k_words_kernel
 
     tid, bs = KERNEL_TYPES[w.ggml_type]
     x2 = x2.contiguous()
     nb = w.cols // QK_K
     if byte_order and w.ggml_type not in BYTE_ORDER_TYPES:
         raise TwinquantError(f"gemv: no byte-order kernel for {w.ggml_type} (have: {', '.join(BYTE_ORDER_TYPES)})")
+    if words and w.ggml_type not in WORDS_TYPES:
+        raise TwinquantError(f"gemv: no word-lane kernel for {w.ggml_type} (have: {', '.join(WORDS_TYPES)})")
+    by_words = (w.ggml_type in WORDS_DEFAULT and byte_order is None) if words is None else words
     by_bytes = w.ggml_type in BYTE_ORDER_DEFAULT if byte_order is None else byte_order
-    cfg = config or gemv_config(kernel_key(w.ggml_type, by_bytes), w.rows, nb)
+    cfg = config or gemv_config(kernel_key(w.ggml_type, by_bytes, by_words), w.rows, nb)
     # a split adds partial sums atomically: into zeroed float32; otherwise each output is stored once
     y = (torch.zeros(x2.shape[0], w.rows, dtype=torch.float32, device=x2.device) if cfg.split > 1 else
          torch.empty(x2.shape[0], w.rows, dtype=out_dtype, device=x2.device))
@@ -237,7 +255,9 @@ def gemv(x2: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, ou
         b = bias if bias is not None else y
         args = (w.data, x2, y, b, w.rows, nb, w.data.shape[1], x2.stride(0), y.stride(0))
         kw = dict(BR=cfg.br, U=cfg.u, SPLIT=cfg.split, HAS_BIAS=bias is not None, num_warps=cfg.warps)
-        if by_bytes and w.ggml_type.startswith("IQ"):
+        if by_words:
+            gemv_q2k_words_kernel[grid](w.data.view(torch.int32), *args[1:6], w.data.shape[1] // 4, *args[7:], **kw)
+        elif by_bytes and w.ggml_type.startswith("IQ"):
             tabs = _group_tables(w.ggml_type, w.data.device)
             gemv_iq2_kernel[grid](*args[:4], *tabs, *args[4:], TYPE=tid, BS=bs, **kw)
         elif by_bytes:
