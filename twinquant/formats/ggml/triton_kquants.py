@@ -176,10 +176,13 @@ def gemv_bytes_kernel(w_ptr, x_ptr, y_ptr, b_ptr, R, NB, row_bytes, stride_xm, s
 
 
 @triton.jit
-def _code_mant(w, pos):
-    """1 + c / 4 for the 2-bit codes c at bit `pos` (a tensor, 0..30) of int32 words: the code shifted to the top of
-    1.0's mantissa (a shift and an and-or: two instructions where a conversion would issue at an eighth the rate)."""
-    v = tl.where(pos <= 21, w << (21 - pos), w >> (pos - 21))
+def _code_mant(w, POS: tl.constexpr):
+    """1 + c / 4 for the 2-bit code c at bit POS of int32 words: the code moved to the top of 1.0's mantissa (a
+    shift and an and-or: two instructions where a conversion would issue at an eighth of the rate)."""
+    if POS <= 21:
+        v = w << (21 - POS)
+    else:
+        v = w >> (POS - 21)
     return ((v & 0x600000) | 0x3F800000).to(tl.float32, bitcast=True)
 
 
@@ -187,50 +190,50 @@ def _code_mant(w, pos):
 def gemv_q2k_words_kernel(w_ptr, x_ptr, y_ptr, b_ptr, R, NB, row_words, stride_xm, stride_ym, BR: tl.constexpr,
                           U: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Q2_K's GEMV with each lane owning whole sub-blocks: no sums across lanes inside the loop (the byte-order
-    kernel's reshaped sums compile to ~5 shuffles a weight, ~18 instructions a weight in all for sm_90). Lane
-    (row, super-block, g) loads the 4 code words 4g..4g+3 (bytes 16g..16g+15 of qs, g = 2h + q): shifted by 2j
-    their 16 codes are the whole sub-block 8h + 2j + q, weights 128h + 32j + 16q + 4r + t for word r, byte t
-    (x: one 16-byte load per word); codes become floats through the mantissa (`_code_mant`), so per weight: a
-    shift, an and-or, a multiply-add, and Σx per sub-block for Q2_K's min and the mantissa's offset
-    (y = Σ_s d·sc_s·4·(Σ f·x − Σ x) − dmin·m_s·Σ x). The scale bytes 8h + q + 2j sit in words 2h (j < 2) and
-    2h + 1; d|dmin in word 20. U super-blocks of each row at a time, SPLIT and the bias as in `gemv_kernel`;
-    row_words = bytes per row / 4 (a Q2_K row is 84·NB bytes)."""
+    kernel's reshaped sums compile to shuffles; `benchmarks/kernel_ptx.py` counts each kernel's instructions per
+    weight). Lane (row, super-block, g) loads the 4 code words 4g..4g+3 (bytes 16g..16g+15 of qs, g = 2h + q):
+    shifted by 2j their 16 codes are the whole sub-block 8h + 2j + q, weights 128h + 32j + 16q + 4r + t for word r,
+    byte t (x: one 16-byte load per word, split into its 4 values in registers). Codes become floats through the
+    mantissa (`_code_mant`), so per weight a shift, an and-or and a multiply-add; per sub-block Σx for Q2_K's min
+    and the mantissa's offset: y = Σ_s d·sc_s·4·(Σ f·x − Σ x) − dmin·m_s·Σ x. The scale bytes 8h + q + 2j sit in
+    words 2h (j < 2) and 2h + 1, d|dmin in word 20. No masked loads: rows past R and super-blocks past NB read the
+    last ones again and are dropped (rows not stored, super-blocks weighed 0). U super-blocks of each row at a time,
+    SPLIT and the bias as in `gemv_kernel`; row_words = bytes per row / 4 (a Q2_K row is 84·NB bytes)."""
     m = tl.program_id(1)
     part = tl.program_id(2)
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    rmask = (rows < R)[:, None, None, None]
-    g = tl.arange(0, 4)[None, None, :, None]
-    t = tl.arange(0, 4)[None, None, None, :]
-    u = tl.arange(0, U)[None, :, None, None]
-    row_base = w_ptr + rows.to(tl.int64)[:, None, None, None] * row_words
-    xg = x_ptr + m * stride_xm + 128 * (g // 2) + 16 * (g % 2) + t
-    acc = tl.zeros((BR, U, 4, 1), dtype=tl.float32)
+    g = tl.arange(0, 4)[None, None, :]
+    u = tl.arange(0, U)[None, :, None]
+    row_base = w_ptr + tl.minimum(rows, R - 1).to(tl.int64)[:, None, None] * row_words
+    xg = (x_ptr + m * stride_xm + 128 * (g // 2) + 16 * (g % 2))[:, :, :, None] + tl.arange(0, 4)[None, None, None, :]
+    acc = tl.zeros((BR, U, 4), dtype=tl.float32)
     for b0 in range(part * U, NB, SPLIT * U):
-        b = b0 + u                                                                       # [1, U, 1, 1]
-        ok = rmask & (b < NB)
+        b = tl.minimum(b0 + u, NB - 1)                                                  # [1, U, 1]
         blk = row_base + b * 21
-        words = (tl.load(blk + 4 + 4 * g, mask=ok, other=0), tl.load(blk + 5 + 4 * g, mask=ok, other=0),
-                 tl.load(blk + 6 + 4 * g, mask=ok, other=0), tl.load(blk + 7 + 4 * g, mask=ok, other=0))
-        scales = (tl.load(blk + 2 * (g // 2), mask=ok, other=0), tl.load(blk + 2 * (g // 2) + 1, mask=ok, other=0))
-        dd = tl.load(blk + 20, mask=ok, other=0)
-        aq = tl.zeros((BR, U, 4, 1), dtype=tl.float32)
-        am = tl.zeros((BR, U, 4, 1), dtype=tl.float32)
+        words = (tl.load(blk + 4 + 4 * g), tl.load(blk + 5 + 4 * g), tl.load(blk + 6 + 4 * g), tl.load(blk + 7 + 4 * g))
+        scales = (tl.load(blk + 2 * (g // 2)), tl.load(blk + 2 * (g // 2) + 1))
+        dd = tl.load(blk + 20)
+        aq = tl.zeros((BR, U, 4), dtype=tl.float32)
+        am = tl.zeros((BR, U, 4), dtype=tl.float32)
         for j in tl.static_range(4):
-            fx = tl.zeros((BR, U, 4, 4), dtype=tl.float32)
-            xs = tl.zeros((1, U, 4, 4), dtype=tl.float32)
+            fx = tl.zeros((BR, U, 4), dtype=tl.float32)
+            sx = tl.zeros((1, U, 4), dtype=tl.float32)
             for r in tl.static_range(4):
-                xv = tl.load(xg + b * QK_K + 32 * j + 4 * r, mask=b < NB, other=0.0).to(tl.float32)
-                xs += xv
-                fx += _code_mant(words[r], 8 * t + 2 * j) * xv
-            sx = tl.sum(xs, axis=3, keep_dims=True)
+                xv = tl.load(xg + (b * QK_K + 32 * j + 4 * r)[:, :, :, None]).to(tl.float32)   # [1, U, 4, 4]
+                xa, xb = tl.split(tl.reshape(xv, (1, U, 4, 2, 2)))                         # bytes t = 0, 2 / 1, 3
+                x0, x2 = tl.split(xa)
+                x1, x3 = tl.split(xb)
+                sx += (x0 + x1) + (x2 + x3)
+                fx += _code_mant(words[r], 2 * j) * x0
+                fx += _code_mant(words[r], 8 + 2 * j) * x1
+                fx += _code_mant(words[r], 16 + 2 * j) * x2
+                fx += _code_mant(words[r], 24 + 2 * j) * x3
             sb = (scales[j // 2] >> (8 * (g % 2) + 16 * (j % 2))) & 0xFF                  # scale byte 8h + q + 2j
-            aq += _uf(sb & 0xF, 4) * (tl.sum(fx, axis=3, keep_dims=True) - sx)
+            aq += _uf(sb & 0xF, 4) * (fx - sx)
             am += _uf(sb >> 4, 4) * sx
-        d = _half(dd & 0xFFFF)
-        dmin = _half((dd >> 16) & 0xFFFF)
-        acc += 4.0 * d * aq - dmin * am
-    y = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)
-    _store_rows(y_ptr + m * stride_ym, rows, y, R, SPLIT, b_ptr, part, HAS_BIAS)
+        sums = 4.0 * _half(dd & 0xFFFF) * aq - _half((dd >> 16) & 0xFFFF) * am
+        acc += tl.where(b0 + u < NB, sums, 0.0)
+    _store_rows(y_ptr + m * stride_ym, rows, tl.sum(tl.sum(acc, axis=2), axis=1), R, SPLIT, b_ptr, part, HAS_BIAS)
 
 
 @triton.jit

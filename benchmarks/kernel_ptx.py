@@ -1,0 +1,171 @@
+"""Instructions per weight of the packed GEMV kernels, read from the PTX Triton compiles for a GPU target: no GPU
+needed (Triton's LLVM backend runs here). A batch-1 GEMV must issue few instructions a weight to keep up with
+memory: at copy bandwidth B, bytes per weight b and an issue rate I (SMs × 4 schedulers × 32 lanes × clock), the
+budget is I·b / B instructions a weight; above it the kernel is bound by issue, not by memory.
+
+    python benchmarks/kernel_ptx.py --tag s19 [--rows 27648 --cols 5120] [--arch 90]
+
+Counts are PTX instructions in the innermost loop (ptxas fuses some, e.g. and + or into one lop3, so SASS is a bit
+fewer), per thread per iteration, times threads / weights per iteration. Each kernel at the runtime's launch for the
+shape (`packed.gemv_config`), the int8 one at gemv_q8's."""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from twinquant.formats.ggml import triton_kquants as K  # noqa: E402
+from twinquant.formats.ggml.packed import KERNEL_TYPES, QK_K, _gemv_config, gemv_config, kernel_key  # noqa: E402
+
+# issue-rate assumption for the budget column: H100 SXM (132 SMs, 1.98 GHz boost), copy as measured on it
+# (gemv_configs_s17-h100.md: 3041 GB/s)
+SMS, CLOCK_GHZ, COPY_GBS = 132, 1.98, 3041.0
+CATEGORIES = {"load": ("ld.",), "shuffle": ("shfl",), "convert": ("cvt",), "float": (".f32", ".f16", ".f64"),
+              "dp4a": ("dp4a",)}
+
+W = {"w_ptr": "*u8", "x_ptr": "*fp32", "y_ptr": "*fp32", "b_ptr": "*fp32"}
+DIMS = {"R": "i32", "NB": "i32", "row_bytes": "i32", "stride_xm": "i32", "stride_ym": "i32"}
+DIV16 = ("row_bytes", "row_words", "stride_xm", "stride_ym", "stride_xq", "stride_xd", "stride_xs")
+
+
+def compile_ptx(fn, sig: dict, consts: dict, warps: int, arch: int) -> str:
+    """PTX of fn for sm_`arch`; pointers and the row/stride arguments marked divisible by 16, as Triton marks
+    them at a launch where they are (every GGUF row of whole super-blocks is 16·k bytes for an even count)."""
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(sig) if sig[n].startswith("*") or n in DIV16}
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps}).asm["ptx"]
+
+
+def innermost_loop(ptx: str) -> list[str]:
+    """The instructions of the longest loop body (the loop over super-blocks), labels and comments dropped."""
+    lines = ptx.splitlines()
+    best: list[str] = []
+    for i, ln in enumerate(lines):
+        if "Loop Header" not in ln:
+            continue
+        label = ln.split(":")[0].strip()
+        ends = [k for k, e in enumerate(lines) if re.search(r"bra(\.uni)?\s+" + re.escape(label) + ";", e)]
+        body = [e for e in lines[i:max(ends) + 1] if ";" in e and not e.strip().startswith("//")] if ends else []
+        best = max(best, body, key=len)
+    return best
+
+
+def opcode(line: str) -> str:
+    return re.sub(r"^\s*(@!?%p\d+\s+)?", "", line).split()[0]
+
+
+def kernels(rows: int, cols: int):
+    """(name, type, kernel, signature, constexprs, warps, weights per iteration) at the runtime's launches."""
+    nb = cols // QK_K
+    for t in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"):
+        tid, bs = KERNEL_TYPES[t]
+        c = gemv_config(kernel_key(t, False), rows, nb)
+        sig = {**W, "tab_ptr": "*i64", "sign_ptr": "*i32", **DIMS}
+        yield (f"generic {t}", t, K.gemv_kernel, sig, dict(TYPE=tid, BS=bs, BR=c.br, U=c.u, SPLIT=c.split,
+                                                           HAS_BIAS=False), c, c.br * c.u * QK_K)
+    for t in ("Q2_K", "Q3_K"):
+        c = gemv_config(kernel_key(t, True), rows, nb)
+        yield (f"byte-order {t}", t, K.gemv_bytes_kernel, {**W, **DIMS},
+               dict(TYPE=KERNEL_TYPES[t][0], BR=c.br, U=c.u, SPLIT=c.split, HAS_BIAS=False), c, c.br * c.u * QK_K)
+    c = gemv_config(kernel_key("Q2_K", words=True), rows, nb)
+    sig = {**W, "w_ptr": "*i32", **{k if k != "row_bytes" else "row_words": v for k, v in DIMS.items()}}
+    yield ("word-lane Q2_K", "Q2_K", K.gemv_q2k_words_kernel, sig,
+           dict(BR=c.br, U=c.u, SPLIT=c.split, HAS_BIAS=False), c, c.br * c.u * QK_K)
+    br, split = _gemv_config(rows, nb, 64, max_split=8)
+    sig = {"w_ptr": "*i32", "xq_ptr": "*i32", "xd_ptr": "*fp32", "xs_ptr": "*fp32", "y_ptr": "*fp32", "R": "i32",
+           "NB": "i32", "row_words": "i32", "stride_xq": "i32", "stride_xd": "i32", "stride_xs": "i32",
+           "stride_ym": "i32"}
+    yield ("int8 x (dp4a) Q2_K", "Q2_K", K.gemv_q2k_q8_kernel, sig, dict(BR=br, SPLIT=split, ASM=True),
+           (br, 1, split, 2), br * QK_K)
+
+
+def measure(rows: int, cols: int, arch: int) -> list[dict]:
+    out = []
+    for name, t, fn, sig, consts, cfg, per_iter in kernels(rows, cols):
+        warps = cfg[3]
+        body = innermost_loop(compile_ptx(fn, sig, consts, warps, arch))
+        ops = collections.Counter(opcode(e) for e in body)
+        per_weight = len(body) * 32 * warps / per_iter
+        cats = {c: sum(n for op, n in ops.items() if any(k in op for k in keys)) * 32 * warps / per_iter
+                for c, keys in CATEGORIES.items()}
+        bpw = KERNEL_TYPES[t][1] / QK_K * 8
+        budget = SMS * 4 * 32 * CLOCK_GHZ * 1e9 * (bpw / 8) / (COPY_GBS * 1e9)
+        out.append({"kernel": name, "type": t, "bpw": bpw, "config": list(cfg), "instructions_per_iteration":
+                    len(body), "weights_per_iteration": per_iter, "threads": 32 * warps,
+                    "instructions_per_weight": per_weight, "by_category_per_weight": cats,
+                    "budget_per_weight": budget, "top": ops.most_common(8)})
+        print(f"{name:22s} {tuple(cfg)}: {per_weight:6.2f} instr/weight (budget {budget:.1f}); "
+              + ", ".join(f"{k} {v:.2f}" for k, v in cats.items()), flush=True)
+    return out
+
+
+def markdown(res: dict) -> str:
+    out = [f"# GEMV kernels: PTX instructions per weight ({res['tag']})", "",
+           f"`{res['command']}` at {res['commit']}; Triton {res['triton']}, sm_{res['arch']}; shape "
+           f"{res['shape'][0]}x{res['shape'][1]}; budget = instructions a weight at copy bandwidth ({COPY_GBS:.0f} GB/s) for "
+           f"an H100 SXM issuing {SMS}×4×32 lanes at {CLOCK_GHZ} GHz", "",
+           "| kernel | launch (BR, U, split, warps) | instr / weight | loads | shuffles | float | conversions | "
+           "budget | over budget |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["kernels"]:
+        c = r["by_category_per_weight"]
+        out.append(f"| {r['kernel']} | {tuple(r['config'])} | {r['instructions_per_weight']:.2f} | {c['load']:.2f} | "
+                   f"{c['shuffle']:.2f} | {c['float']:.2f} | {c['convert']:.2f} | {r['budget_per_weight']:.1f} | "
+                   f"{r['instructions_per_weight'] / r['budget_per_weight']:.1f}x |")
+    return "\n".join(out) + "\n"
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = res["kernels"]
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    xs = range(len(rows))
+    ax.bar(list(xs), [r["instructions_per_weight"] for r in rows], 0.6, label="PTX instructions a weight")
+    ax.scatter(list(xs), [r["budget_per_weight"] for r in rows], color="k", marker="_", s=400, zorder=3,
+               label="budget at copy bandwidth (H100)")
+    ax.set_xticks(list(xs), [r["kernel"] for r in rows], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("instructions per weight (innermost loop)")
+    ax.set_title(f"GEMV {res['shape'][0]}x{res['shape'][1]}: PTX for sm_{res['arch']}, Triton {res['triton']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tag", required=True)
+    ap.add_argument("--rows", type=int, default=27648)
+    ap.add_argument("--cols", type=int, default=5120)
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    a = ap.parse_args()
+    from provenance import record
+
+    res = record(tag=a.tag, arch=a.arch, triton=triton.__version__, shape=[a.rows, a.cols],
+                 budget_assumptions={"sms": SMS, "clock_ghz": CLOCK_GHZ, "copy_gbs": COPY_GBS})
+    res["kernels"] = measure(a.rows, a.cols, a.arch)
+    stem = Path(a.out) / f"kernel_ptx_{a.tag}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    stem.with_suffix(".md").write_text(markdown(res))
+    plot(res, stem.with_suffix(".png"))
+    print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()
