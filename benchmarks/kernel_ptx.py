@@ -111,18 +111,40 @@ def measure(rows: int, cols: int, arch: int) -> list[dict]:
     return out
 
 
+def add_measured(res: dict, path: Path) -> None:
+    """Each kernel's measured % of copy at this shape from a `gemv_configs.py` results file (its best launch, which
+    the runtime's table holds), and measured / issue bound (min(1, budget / instructions) of copy)."""
+    sweep = json.loads(path.read_text())
+    kernel_of = {"Q2_K": "byte-order Q2_K", "Q2_K:words": "word-lane Q2_K", "Q3_K:bytes": "byte-order Q3_K"}
+    for b in sweep["best"]:
+        if [b["rows"], b["cols"]] != res["shape"]:
+            continue
+        name = kernel_of.get(b["type"], f"generic {b['type']}")
+        for r in res["kernels"]:
+            if r["kernel"] == name:
+                r["measured_pct_copy"] = b["pct_copy"]
+                r["measured_config"] = b["config"]
+                r["measured_over_issue_bound"] = b["pct_copy"] / 100 / min(1.0, r["budget_per_weight"]
+                                                                             / r["instructions_per_weight"])
+    res["measured_from"] = f"{path.name} ({sweep['machine'].get('gpu')}, commit {sweep['commit'][:7]})"
+
+
 def markdown(res: dict) -> str:
     out = [f"# GEMV kernels: PTX instructions per weight ({res['tag']})", "",
            f"`{res['command']}` at {res['commit']}; Triton {res['triton']}, sm_{res['arch']}; shape "
            f"{res['shape'][0]}x{res['shape'][1]}; budget = instructions a weight at copy bandwidth ({COPY_GBS:.0f} GB/s) for "
            f"an H100 SXM issuing {SMS}×4×32 lanes at {CLOCK_GHZ} GHz", "",
            "| kernel | launch (BR, U, split, warps) | instr / weight | loads | shuffles | float | conversions | "
-           "budget | over budget |", "|---|---|---|---|---|---|---|---|---|"]
+           "budget | over budget | measured % copy | measured / issue bound |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["kernels"]:
         c = r["by_category_per_weight"]
         out.append(f"| {r['kernel']} | {tuple(r['config'])} | {r['instructions_per_weight']:.2f} | {c['load']:.2f} | "
                    f"{c['shuffle']:.2f} | {c['float']:.2f} | {c['convert']:.2f} | {r['budget_per_weight']:.1f} | "
-                   f"{r['instructions_per_weight'] / r['budget_per_weight']:.1f}x |")
+                   f"{r['instructions_per_weight'] / r['budget_per_weight']:.1f}x | "
+                   + (f"{r['measured_pct_copy']:.1f} | {r['measured_over_issue_bound']:.2f} |"
+                      if "measured_pct_copy" in r else "– | – |"))
+    if res.get("measured_from"):
+        out += ["", f"measured: {res['measured_from']}; issue bound = min(1, budget / instructions) of copy"]
     return "\n".join(out) + "\n"
 
 
@@ -152,6 +174,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=27648)
     ap.add_argument("--cols", type=int, default=5120)
     ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--measured", help="a gemv_configs.py results file: its measured %% of copy beside the counts")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     a = ap.parse_args()
     from provenance import record
@@ -159,6 +182,8 @@ def main() -> None:
     res = record(tag=a.tag, arch=a.arch, triton=triton.__version__, shape=[a.rows, a.cols],
                  budget_assumptions={"sms": SMS, "clock_ghz": CLOCK_GHZ, "copy_gbs": COPY_GBS})
     res["kernels"] = measure(a.rows, a.cols, a.arch)
+    if a.measured:
+        add_measured(res, Path(a.measured))
     stem = Path(a.out) / f"kernel_ptx_{a.tag}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(res, indent=1))

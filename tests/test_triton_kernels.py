@@ -367,18 +367,70 @@ def test_rms_norm_kernel_computes_the_torch_path(dtype, device, monkeypatch):
     assert not fwd._norm_kernel(dev(x).transpose(0, 1), dev(w))      # strided rows: the torch path
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_silu_mul_kernel_computes_the_torch_path(dtype, device, monkeypatch):
+    """triton_swiglu.silu_mul against F.silu(g) * u: gate and up as the two halves of one joined output (strided
+    rows), a width over one column block and not a multiple of it; a layout it cannot take goes to torch."""
+    from twinquant.model import forward as fwd
+    from twinquant.model import triton_swiglu
+
+    g = torch.Generator().manual_seed(0)
+    joined = (4 * torch.randn(2, 3, 2 * 1100, generator=g)).to(dtype).to(device)
+    gate, up = joined.split(1100, dim=-1)
+    monkeypatch.setenv("TWINQUANT_NO_TRITON", "1")
+    want = fwd.silu_mul(gate.cpu(), up.cpu())
+    monkeypatch.delenv("TWINQUANT_NO_TRITON")
+    assert triton_swiglu.fits(gate, up)
+    calls = []
+    real = triton_swiglu.silu_mul
+    monkeypatch.setattr(triton_swiglu, "silu_mul", lambda *a: calls.append(1) or real(*a))
+    got = fwd.silu_mul(gate, up)
+    assert calls and got.is_contiguous() and got.dtype == dtype
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=1e-5)   # an ulp
+    torch.testing.assert_close(got.cpu(), want, **tol)
+    assert not triton_swiglu.fits(gate.transpose(0, 1), up.transpose(0, 1))      # rows not evenly spaced
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("B,H,hkv,T,hd,pos", [(1, 12, 2, 64, 128, 37),     # Qwen2.5-1.5B's heads, one part
+                                              (2, 6, 6, 600, 64, 513),     # no GQA, three parts (four launched)
+                                              (1, 28, 4, 1100, 24, 3)])    # parts past the position left empty; hd 24
+def test_decode_attention_kernel_matches_the_grouped_torch_path(B, H, hkv, T, hd, pos, device):
+    """triton_attention.decode_attention (positions up to pos read from the device, online softmax, parts
+    combined) against forward._grouped_decode_attention with the step's additive mask."""
+    from twinquant.model import triton_attention
+    from twinquant.model.forward import _grouped_decode_attention
+
+    g = torch.Generator().manual_seed(T)
+    q, k, v = (torch.randn(*s, generator=g) for s in ((B, H, 1, hd), (B, hkv, T, hd), (B, hkv, T, hd)))
+    k[:, :, pos + 1:] = 1e4                  # what lies past the position must not count
+    mask = torch.zeros(1, T).masked_fill_(torch.arange(T)[None] > pos, float("-inf"))
+    want = _grouped_decode_attention(q, k, v, mask)
+    dev = lambda t: t.to(device)        # noqa: E731
+    assert triton_attention.fits(dev(q), dev(k), dev(v))
+    got = triton_attention.decode_attention(dev(q), dev(k), dev(v), dev(torch.tensor([pos])))
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+    assert not triton_attention.fits(dev(q).half(), dev(k).half(), dev(v).half())
+
+
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])
 def test_device_position_steps_with_the_fused_rope_match_the_cached_forward(family, tmp_path, monkeypatch):
     """Decode steps at a device position (what a CUDA graph replays) through the fused RoPE + cache-write kernel
-    (qwen3: q/k norms first): the logits of the plain cached forward, and the kernel ran in every block."""
+    and the decode attention kernel (qwen3: q/k norms first): the logits of the plain cached forward, and both
+    kernels ran in every block."""
     from tests.tiny_models import save_tiny
     from twinquant.io.hf import load_hf_dir
     from twinquant.model import triton_rope
     from twinquant.model.forward import KVCache, forward
 
-    calls = []
+    from twinquant.model import triton_attention
+
+    calls, attends = [], []
     real = triton_rope.rope_into_cache
     monkeypatch.setattr(triton_rope, "rope_into_cache", lambda *a: calls.append(1) or real(*a))
+    real_attention = triton_attention.decode_attention
+    monkeypatch.setattr(triton_attention, "decode_attention", lambda *a: attends.append(1) or real_attention(*a))
     m = load_hf_dir(save_tiny(family, tmp_path)).materialize()
     x = torch.randint(0, m.spec.vocab, (1, 10), generator=torch.Generator().manual_seed(0))
     plain, static = KVCache.empty(m, 1, 16), KVCache.empty(m, 1, 16)
@@ -389,7 +441,7 @@ def test_device_position_steps_with_the_fused_rope_match_the_cached_forward(fami
         want = forward(m, x[:, t:t + 1], cache=plain)
         static.at.fill_(static.pos)
         torch.testing.assert_close(forward(m, x[:, t:t + 1], cache=static), want, rtol=0, atol=2e-5)
-    assert len(calls) == 4 * m.spec.n_layers and static.step is None
+    assert len(calls) == len(attends) == 4 * m.spec.n_layers and static.step is None
 
 
 def _gptq_inputs(rows, cols, seed):

@@ -339,6 +339,20 @@ def _grouped_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return torch.bmm(torch.softmax(scores, dim=-1), v.reshape(B * hkv, T, hd)).reshape(B, H, 1, hd)
 
 
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
+                      mask: torch.Tensor) -> torch.Tensor:
+    """One query token's attention over the cache: one kernel (two for caches past triton_attention.CHUNK) that
+    reads only the positions up to `pos`, where Triton runs; else `_grouped_decode_attention`."""
+    from twinquant.triton_env import runs_triton
+
+    if runs_triton(q):
+        from twinquant.model import triton_attention
+
+        if triton_attention.fits(q, k, v):
+            return triton_attention.decode_attention(q, k, v, pos)
+    return _grouped_decode_attention(q, k, v, mask)
+
+
 def attention_mix(model: Model, layer: int, x: torch.Tensor, start: int, cache: KVCache | None, slot: int,
                   hook: LinearHook | None, params=None) -> torch.Tensor:
     """Attention up to the output projection's input: q/k/v, RoPE, the softmax mix of the values [B, L, q_dim]."""
@@ -358,7 +372,7 @@ def attention_mix(model: Model, layer: int, x: torch.Tensor, start: int, cache: 
         q = rope_into_cache(q, k, v, *cache.step.tables(s, q.dtype), cache.step.idx, cache.k[slot], cache.v[slot])
         k, v, mask, causal = cache.k[slot], cache.v[slot], cache.step.mask(q.dtype), False
         if L == 1 and q.dtype == torch.float32:
-            return _grouped_decode_attention(q, k, v, mask).reshape(B, L, s.q_dim)
+            return _decode_attention(q, k, v, cache.step.idx, mask).reshape(B, L, s.q_dim)
         mask = mask[None, None]
     else:
         cos, sin = _rope_at(s, start, L, cache, x.device, x.dtype)
@@ -426,6 +440,18 @@ def feed_forward(model: Model, layer: int, x: torch.Tensor, hook: LinearHook | N
 def ffn_mix(model: Model, layer: int, x: torch.Tensor, hook: LinearHook | None, params=None) -> torch.Tensor:
     """The SwiGLU FFN up to the down projection's input: silu(gate(x)) * up(x)."""
     g, u = linears(x, model, (roles.name(T.FFN_GATE, layer), roles.name(T.FFN_UP, layer)), hook, params=params)
+    return silu_mul(g, u)
+
+
+def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """silu(g) · u: one kernel where Triton runs (model/triton_swiglu.py, the same arithmetic), else torch's two."""
+    from twinquant.triton_env import runs_triton
+
+    if runs_triton(g):
+        from twinquant.model import triton_swiglu
+
+        if triton_swiglu.fits(g, u):
+            return triton_swiglu.silu_mul(g, u)
     return F.silu(g) * u
 
 
@@ -476,41 +502,49 @@ def moe_feed_forward(model: Model, layer: int, x: torch.Tensor, hook: LinearHook
         xe = flat[tok]
         if seen is not None:
             seen(names[0], e, xe)
-        act = F.silu(F.linear(xe, gate[e])) * F.linear(xe, up[e])
+        act = silu_mul(F.linear(xe, gate[e]), F.linear(xe, up[e]))
         if seen is not None:
             seen(names[2], e, act)
         out.index_add_(0, tok, F.linear(act, down[e]) * weights[tok, k, None])
     if s.shared_ffn:
         gate_inp, g_sh, u_sh, d_sh = (roles.name(t, layer) for t in roles.SHARED_EXPERT)
         g, u = linears(flat, model, (g_sh, u_sh), hook)
-        shared = _linear(F.silu(g) * u, model, d_sh, hook)
+        shared = _linear(silu_mul(g, u), model, d_sh, hook)
         out = out + (torch.sigmoid(_linear(flat, model, gate_inp, hook)) * shared if roles.shared_gate(s) else shared)
     return out.reshape(shape)
 
 
 def block_forward(model: Model, layer: int, x: torch.Tensor, start: int = 0, cache: KVCache | None = None,
-                  slot: int = 0, hook: LinearHook | None = None, params=None) -> torch.Tensor:
+                  slot: int = 0, hook: LinearHook | None = None, params=None, pending: torch.Tensor | None = None,
+                  defer: bool = False):
     """One residual block: x + attn(norm(x)), then + ffn(norm(.)). x: [B, L, hidden].
 
-    `slot` is the KV-cache entry (the execution index); `params` the copy's parameter set (None: plain)."""
+    `slot` is the KV-cache entry (the execution index); `params` the copy's parameter set (None: plain).
+    `pending`: the previous block's FFN output not yet added to x (added here, with the first norm, in one kernel
+    where Triton runs); `defer`: return (x, ffn output) instead of their sum, for the next block to add."""
     eps = model.spec.rms_eps
-    h = rms_norm(x, model.get(roles.name(T.ATTN_NORM, layer)), eps)
+    w = model.get(roles.name(T.ATTN_NORM, layer))
+    x, h = add_rms_norm(x, pending, w, eps) if pending is not None else (x, rms_norm(x, w, eps))
     if model.spec.mla:
         a = latent_attention(model, layer, h, start, cache, slot, hook)
     else:
         a = attention(model, layer, h, start, cache, slot, hook, params)
     x, h = add_rms_norm(x, a, model.get(roles.name(T.FFN_NORM, layer)), eps)
-    if model.spec.moe_layer(layer):
-        return x + moe_feed_forward(model, layer, h, hook)
-    return x + feed_forward(model, layer, h, hook, params)
+    f = moe_feed_forward(model, layer, h, hook) if model.spec.moe_layer(layer) else feed_forward(model, layer, h,
+                                                                                                 hook, params)
+    return (x, f) if defer else x + f
 
 
 def run_slots(model: Model, x: torch.Tensor, start: int = 0, cache: KVCache | None = None,
               hook: LinearHook | None = None, residual_hook: ResidualHook | None = None) -> torch.Tensor:
-    """Every slot of the layout in order (serial copies scaled by α, parallel groups summed; see layout.py)."""
+    """Every slot of the layout in order (serial copies scaled by α, parallel groups summed; see layout.py). A plain
+    serial block leaves its FFN output for the next block to add with its first norm (one kernel fewer a block)."""
     dup = model.dup_params
     e = 0                                   # execution index = KV-cache entry
+    pending = None                          # the last block's FFN output, not yet added to x
     for i, s in enumerate(model.layout.slots):
+        if pending is not None and (residual_hook is not None or s.parallel):
+            x, pending = x + pending, None
         if residual_hook is not None:
             residual_hook(i, x)
         if s.parallel:
@@ -522,9 +556,16 @@ def run_slots(model: Model, x: torch.Tensor, start: int = 0, cache: KVCache | No
             x = x + acc
             continue
         p = dup.resolve(s.block, s.copy) if dup else None
-        y = block_forward(model, s.block, x, start, cache, e, hook, p)
+        if p is None or p.alpha == 1.0:
+            x, pending = block_forward(model, s.block, x, start, cache, e, hook, p, pending, defer=True)
+        else:
+            if pending is not None:
+                x, pending = x + pending, None
+            y = block_forward(model, s.block, x, start, cache, e, hook, p)
+            x = x + p.alpha * (y - x)
         e += 1
-        x = y if p is None or p.alpha == 1.0 else x + p.alpha * (y - x)
+    if pending is not None:
+        x = x + pending
     if residual_hook is not None:
         residual_hook(len(model.layout.slots), x)
     return x
