@@ -37,13 +37,23 @@ CATEGORIES = {"load": ("ld.",), "shuffle": ("shfl",), "convert": ("cvt",), "floa
 
 W = {"w_ptr": "*u8", "x_ptr": "*fp32", "y_ptr": "*fp32", "b_ptr": "*fp32"}
 DIMS = {"R": "i32", "NB": "i32", "row_bytes": "i32", "stride_xm": "i32", "stride_ym": "i32"}
-DIV16 = ("row_bytes", "row_words", "stride_xm", "stride_ym", "stride_xq", "stride_xd", "stride_xs")
 
 
-def compile_ptx(fn, sig: dict, consts: dict, warps: int, arch: int) -> str:
-    """PTX of fn for sm_`arch`; pointers and the row/stride arguments marked divisible by 16, as Triton marks
-    them at a launch where they are (every GGUF row of whole super-blocks is 16·k bytes for an even count)."""
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(sig) if sig[n].startswith("*") or n in DIV16}
+def int_args(rows: int, cols: int) -> dict:
+    """The integer arguments of a batch-1 launch on a [rows, cols] weight (those Triton sees divisible by 16 are
+    specialised as such)."""
+    nb = cols // QK_K
+    return {"R": rows, "NB": nb, "row_bytes": nb * 84, "row_words": nb * 21, "row_halves": nb * 55,
+            "stride_xm": cols, "stride_ym": rows, "stride_xq": cols // 4, "stride_xd": cols // 32,
+            "stride_xs": cols // 16}
+
+
+def compile_ptx(fn, sig: dict, consts: dict, warps: int, arch: int, ints: dict | None = None) -> str:
+    """PTX of fn for sm_`arch`; pointers and the integer arguments in `ints` divisible by 16 marked so, as Triton
+    marks them at such a launch."""
+    ints = ints or {}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(sig)
+             if sig[n].startswith("*") or (n in ints and ints[n] % 16 == 0)}
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps}).asm["ptx"]
 
@@ -66,7 +76,7 @@ def opcode(line: str) -> str:
     return re.sub(r"^\s*(@!?%p\d+\s+)?", "", line).split()[0]
 
 
-def kernels(rows: int, cols: int):
+def kernels(rows: int, cols: int, K=K):
     """(name, type, kernel, signature, constexprs, warps, weights per iteration) at the runtime's launches."""
     nb = cols // QK_K
     for t in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"):
@@ -81,8 +91,14 @@ def kernels(rows: int, cols: int):
                dict(TYPE=KERNEL_TYPES[t][0], BR=c.br, U=c.u, SPLIT=c.split, HAS_BIAS=False), c, c.br * c.u * QK_K)
     c = gemv_config(kernel_key("Q2_K", words=True), rows, nb)
     sig = {**W, "w_ptr": "*i32", **{k if k != "row_bytes" else "row_words": v for k, v in DIMS.items()}}
-    yield ("word-lane Q2_K", "Q2_K", K.gemv_q2k_words_kernel, sig,
-           dict(BR=c.br, U=c.u, SPLIT=c.split, HAS_BIAS=False), c, c.br * c.u * QK_K)
+    if hasattr(K, "gemv_q2k_words_kernel"):
+        yield ("word-lane Q2_K", "Q2_K", K.gemv_q2k_words_kernel, sig,
+               dict(BR=c.br, U=c.u, SPLIT=c.split, HAS_BIAS=False), c, c.br * c.u * QK_K)
+    if hasattr(K, "gemv_q3k_words_kernel"):
+        c = gemv_config(kernel_key("Q3_K", words=True), rows, nb)
+        sig = {**W, "w_ptr": "*i16", **{k if k != "row_bytes" else "row_halves": v for k, v in DIMS.items()}}
+        yield ("word-lane Q3_K", "Q3_K", K.gemv_q3k_words_kernel, sig,
+               dict(BR=c.br, U=c.u, SPLIT=c.split, HAS_BIAS=False), c, c.br * c.u * QK_K)
     br, split = _gemv_config(rows, nb, 64, max_split=8)
     sig = {"w_ptr": "*i32", "xq_ptr": "*i32", "xd_ptr": "*fp32", "xs_ptr": "*fp32", "y_ptr": "*fp32", "R": "i32",
            "NB": "i32", "row_words": "i32", "stride_xq": "i32", "stride_xd": "i32", "stride_xs": "i32",
@@ -91,11 +107,14 @@ def kernels(rows: int, cols: int):
            (br, 1, split, 2), br * QK_K)
 
 
-def measure(rows: int, cols: int, arch: int) -> list[dict]:
+def measure(rows: int, cols: int, arch: int, K=K) -> list[dict]:
     out = []
-    for name, t, fn, sig, consts, cfg, per_iter in kernels(rows, cols):
+    for name, t, fn, sig, consts, cfg, per_iter in kernels(rows, cols, K):
         warps = cfg[3]
-        body = innermost_loop(compile_ptx(fn, sig, consts, warps, arch))
+        ints = int_args(rows, cols)
+        if t != "Q2_K":                            # row_bytes of the generic / byte-order kernels for this type
+            ints["row_bytes"] = cols // QK_K * KERNEL_TYPES[t][1]
+        body = innermost_loop(compile_ptx(fn, sig, consts, warps, arch, ints))
         ops = collections.Counter(opcode(e) for e in body)
         per_weight = len(body) * 32 * warps / per_iter
         cats = {c: sum(n for op, n in ops.items() if any(k in op for k in keys)) * 32 * warps / per_iter
@@ -111,10 +130,12 @@ def measure(rows: int, cols: int, arch: int) -> list[dict]:
     return out
 
 
-def add_measured(res: dict, path: Path) -> None:
+def add_measured(res: dict, path: Path, base: list[dict] | None = None) -> None:
     """Each kernel's measured % of copy at this shape from a `gemv_configs.py` results file (its best launch, which
-    the runtime's table holds), and measured / issue bound (min(1, budget / instructions) of copy)."""
+    the runtime's table holds), and measured / issue bound (min(1, budget / instructions) of copy), the
+    instructions counted on the kernels the sweep ran (`base`: those of its commit) where given."""
     sweep = json.loads(path.read_text())
+    counted = {r["kernel"]: r["instructions_per_weight"] for r in base or []}
     kernel_of = {"Q2_K": "byte-order Q2_K", "Q2_K:words": "word-lane Q2_K", "Q3_K:bytes": "byte-order Q3_K"}
     for b in sweep["best"]:
         if [b["rows"], b["cols"]] != res["shape"]:
@@ -124,8 +145,9 @@ def add_measured(res: dict, path: Path) -> None:
             if r["kernel"] == name:
                 r["measured_pct_copy"] = b["pct_copy"]
                 r["measured_config"] = b["config"]
-                r["measured_over_issue_bound"] = b["pct_copy"] / 100 / min(1.0, r["budget_per_weight"]
-                                                                             / r["instructions_per_weight"])
+                n = counted.get(name, r["instructions_per_weight"])
+                r["measured_kernel_instructions_per_weight"] = n
+                r["measured_over_issue_bound"] = b["pct_copy"] / 100 / min(1.0, r["budget_per_weight"] / n)
     res["measured_from"] = f"{path.name} ({sweep['machine'].get('gpu')}, commit {sweep['commit'][:7]})"
 
 
@@ -144,7 +166,8 @@ def markdown(res: dict) -> str:
                    + (f"{r['measured_pct_copy']:.1f} | {r['measured_over_issue_bound']:.2f} |"
                       if "measured_pct_copy" in r else "– | – |"))
     if res.get("measured_from"):
-        out += ["", f"measured: {res['measured_from']}; issue bound = min(1, budget / instructions) of copy"]
+        out += ["", f"measured: {res['measured_from']}; issue bound = min(1, budget / instructions) of copy, the "
+                f"instructions of the kernels measured ({res.get('base_kernels', 'these')})"]
     return "\n".join(out) + "\n"
 
 
@@ -175,6 +198,8 @@ def main() -> None:
     ap.add_argument("--cols", type=int, default=5120)
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--measured", help="a gemv_configs.py results file: its measured %% of copy beside the counts")
+    ap.add_argument("--base", help="a `gemv_ab.py --prepare` folder holding the kernels the --measured sweep ran "
+                    "(their counts give the measured / issue bound ratio)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     a = ap.parse_args()
     from provenance import record
@@ -183,7 +208,14 @@ def main() -> None:
                  budget_assumptions={"sms": SMS, "clock_ghz": CLOCK_GHZ, "copy_gbs": COPY_GBS})
     res["kernels"] = measure(a.rows, a.cols, a.arch)
     if a.measured:
-        add_measured(res, Path(a.measured))
+        base = None
+        if a.base:
+            sys.path.insert(0, str(Path(a.base).resolve()))
+            from basek import triton_kquants as base_kernels
+
+            base = measure(a.rows, a.cols, a.arch, base_kernels)
+            res["base_kernels"] = (Path(a.base) / "basek" / "__init__.py").read_text().strip().strip('"')
+        add_measured(res, Path(a.measured), base)
     stem = Path(a.out) / f"kernel_ptx_{a.tag}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(res, indent=1))

@@ -237,6 +237,75 @@ def gemv_q2k_words_kernel(w_ptr, x_ptr, y_ptr, b_ptr, R, NB, row_words, stride_x
 
 
 @triton.jit
+def _pair(p):
+    """The int32 word of the two little-endian 16-bit halves at p, p + 1 (int16 pointers)."""
+    return (tl.load(p).to(tl.int32) & 0xFFFF) | (tl.load(p + 1).to(tl.int32) << 16)
+
+
+@triton.jit
+def _code3_mant(c, POS: tl.constexpr):
+    """1 + c / 8 for the 3-bit codes c at bit POS (0, 8, 16 or 24) of int32 words (each byte's low 3 bits)."""
+    if POS <= 20:
+        v = c << (20 - POS)
+    else:
+        v = c >> (POS - 20)
+    return ((v & 0x700000) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def gemv_q3k_words_kernel(w_ptr, x_ptr, y_ptr, b_ptr, R, NB, row_halves, stride_xm, stride_ym, BR: tl.constexpr,
+                          U: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Q3_K's GEMV with each lane owning whole sub-blocks, as `gemv_q2k_words_kernel` reads Q2_K. A Q3_K
+    super-block is 110 bytes (55 halves: rows and super-blocks are only 2-byte aligned, so words are loaded as two
+    16-bit halves, w_ptr an int16 view). Lane (row, super-block, g = 2h + q) takes code bytes 16g..16g+15 (qs @32)
+    and hmask bytes 16q..16q+15 (@0, shifted by 4h once): for each j, (qs >> 2j) & 3 | ((hmask >> j) & 1) << 2 is
+    the 3-bit code c of sub-block 8h + 2j + q in each byte (4 codes a word, five operations), its weights
+    128h + 32j + 16q + 4r + t; per weight a shift, an and-or and a multiply-add (`_code3_mant`: f = 1 + c / 8).
+    Weight = d·(sc − 32)·(c − 4), so a sub-block adds d·(sc − 32)·(8·Σ f·x − 12·Σ x). Its 6-bit scale: the low 4
+    bits are nibble h of scale byte 2j + q, the high 2 bits bits 2·(2h + j // 2) of byte 8 + (2j + q) % 4
+    (scales @96); d @108. No masked loads (rows past R and super-blocks past NB as in the Q2_K kernel)."""
+    m = tl.program_id(1)
+    part = tl.program_id(2)
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    g = tl.arange(0, 4)[None, None, :]
+    h = g // 2
+    q = g % 2
+    u = tl.arange(0, U)[None, :, None]
+    row_base = w_ptr + tl.minimum(rows, R - 1).to(tl.int64)[:, None, None] * row_halves
+    xg = (x_ptr + m * stride_xm + 128 * h + 16 * q)[:, :, :, None] + tl.arange(0, 4)[None, None, None, :]
+    acc = tl.zeros((BR, U, 4), dtype=tl.float32)
+    for b0 in range(part * U, NB, SPLIT * U):
+        b = tl.minimum(b0 + u, NB - 1)                                                  # [1, U, 1]
+        blk = row_base + b * 55
+        qs = (_pair(blk + 16 + 8 * g), _pair(blk + 18 + 8 * g), _pair(blk + 20 + 8 * g), _pair(blk + 22 + 8 * g))
+        hm = (_pair(blk + 8 * q) >> (4 * h), _pair(blk + 2 + 8 * q) >> (4 * h), _pair(blk + 4 + 8 * q) >> (4 * h),
+              _pair(blk + 6 + 8 * q) >> (4 * h))
+        lo = (_pair(blk + 48), _pair(blk + 50))             # scale bytes 0..3, 4..7
+        hi = _pair(blk + 52)                                # scale bytes 8..11
+        sums = tl.zeros((BR, U, 4), dtype=tl.float32)
+        for j in tl.static_range(4):
+            fx = tl.zeros((BR, U, 4), dtype=tl.float32)
+            sx = tl.zeros((1, U, 4), dtype=tl.float32)
+            for r in tl.static_range(4):
+                c = ((qs[r] >> (2 * j)) & 0x03030303) | (((hm[r] >> j) & 0x01010101) << 2)
+                xv = tl.load(xg + (b * QK_K + 32 * j + 4 * r)[:, :, :, None]).to(tl.float32)   # [1, U, 4, 4]
+                xa, xb = tl.split(tl.reshape(xv, (1, U, 4, 2, 2)))
+                x0, x2 = tl.split(xa)
+                x1, x3 = tl.split(xb)
+                sx += (x0 + x1) + (x2 + x3)
+                fx += _code3_mant(c, 0) * x0
+                fx += _code3_mant(c, 8) * x1
+                fx += _code3_mant(c, 16) * x2
+                fx += _code3_mant(c, 24) * x3
+            sc = ((lo[j // 2] >> (16 * (j % 2) + 8 * q + 4 * h)) & 0xF) | (((hi >> (8 * ((2 * j + q) % 4)
+                                                                                    + 2 * (2 * h + j // 2))) & 3) << 4)
+            sums += _uf(sc, 6, 32) * (8.0 * fx - 12.0 * sx)
+        d = _half(tl.load(blk + 54).to(tl.int32) & 0xFFFF)
+        acc += tl.where(b0 + u < NB, d * sums, 0.0)
+    _store_rows(y_ptr + m * stride_ym, rows, tl.sum(tl.sum(acc, axis=2), axis=1), R, SPLIT, b_ptr, part, HAS_BIAS)
+
+
+@triton.jit
 def _dot4(a, b, acc, ASM: tl.constexpr):
     """acc + Σ_t byte_t(a) · sbyte_t(b): a's 4 unsigned bytes times b's 4 signed bytes (int32 lanes). On CUDA one
     dp4a instruction; elsewhere (Triton's interpreter) the same integer sum byte by byte."""
