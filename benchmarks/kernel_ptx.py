@@ -43,7 +43,7 @@ def int_args(rows: int, cols: int) -> dict:
     """The integer arguments of a batch-1 launch on a [rows, cols] weight (those Triton sees divisible by 16 are
     specialised as such)."""
     nb = cols // QK_K
-    return {"R": rows, "NB": nb, "row_bytes": nb * 84, "row_words": nb * 21, "row_halves": nb * 55,
+    return {"R": rows, "NB": nb, "row_bytes": nb * 84, "row_words": nb * 21,
             "stride_xm": cols, "stride_ym": rows, "stride_xq": cols // 4, "stride_xd": cols // 32,
             "stride_xs": cols // 16}
 
@@ -94,11 +94,13 @@ def kernels(rows: int, cols: int, K=K):
     if hasattr(K, "gemv_q2k_words_kernel"):
         yield ("word-lane Q2_K", "Q2_K", K.gemv_q2k_words_kernel, sig,
                dict(BR=c.br, U=c.u, SPLIT=c.split, HAS_BIAS=False), c, c.br * c.u * QK_K)
-    if hasattr(K, "gemv_q3k_words_kernel"):
-        c = gemv_config(kernel_key("Q3_K", words=True), rows, nb)
-        sig = {**W, "w_ptr": "*i16", **{k if k != "row_bytes" else "row_halves": v for k, v in DIMS.items()}}
-        yield ("word-lane Q3_K", "Q3_K", K.gemv_q3k_words_kernel, sig,
-               dict(BR=c.br, U=c.u, SPLIT=c.split, HAS_BIAS=False), c, c.br * c.u * QK_K)
+    sig = {**W, "w_ptr": "*i16", **{k if k != "row_bytes" else "row_halves": v for k, v in DIMS.items()}}
+    for t in ("Q3_K", "Q6_K"):
+        fn = getattr(K, f"gemv_q{t[1]}k_words_kernel", None)
+        if fn is not None:
+            c = gemv_config(kernel_key(t, words=True), rows, nb)
+            yield (f"word-lane {t}", t, fn, sig, dict(BR=c.br, U=c.u, SPLIT=c.split, HAS_BIAS=False), c,
+                   c.br * c.u * QK_K)
     br, split = _gemv_config(rows, nb, 64, max_split=8)
     sig = {"w_ptr": "*i32", "xq_ptr": "*i32", "xd_ptr": "*fp32", "xs_ptr": "*fp32", "y_ptr": "*fp32", "R": "i32",
            "NB": "i32", "row_words": "i32", "stride_xq": "i32", "stride_xd": "i32", "stride_xs": "i32",
@@ -112,8 +114,8 @@ def measure(rows: int, cols: int, arch: int, K=K) -> list[dict]:
     for name, t, fn, sig, consts, cfg, per_iter in kernels(rows, cols, K):
         warps = cfg[3]
         ints = int_args(rows, cols)
-        if t != "Q2_K":                            # row_bytes of the generic / byte-order kernels for this type
-            ints["row_bytes"] = cols // QK_K * KERNEL_TYPES[t][1]
+        ints["row_bytes"] = cols // QK_K * KERNEL_TYPES[t][1]
+        ints["row_halves"] = ints["row_bytes"] // 2
         body = innermost_loop(compile_ptx(fn, sig, consts, warps, arch, ints))
         ops = collections.Counter(opcode(e) for e in body)
         per_weight = len(body) * 32 * warps / per_iter
@@ -136,7 +138,8 @@ def add_measured(res: dict, path: Path, base: list[dict] | None = None) -> None:
     instructions counted on the kernels the sweep ran (`base`: those of its commit) where given."""
     sweep = json.loads(path.read_text())
     counted = {r["kernel"]: r["instructions_per_weight"] for r in base or []}
-    kernel_of = {"Q2_K": "byte-order Q2_K", "Q2_K:words": "word-lane Q2_K", "Q3_K:bytes": "byte-order Q3_K"}
+    kernel_of = {"Q2_K": "byte-order Q2_K", "Q3_K:bytes": "byte-order Q3_K",
+                 **{f"{t}:words": f"word-lane {t}" for t in ("Q2_K", "Q3_K", "Q6_K")}}
     for b in sweep["best"]:
         if [b["rows"], b["cols"]] != res["shape"]:
             continue

@@ -57,7 +57,7 @@ def test_dequantize_and_gemv_read_every_bit_of_the_blocks_as_gguf_py_does(ggml_t
     else:
         with pytest.raises(TwinquantError, match="no byte-order kernel"):
             gemv(x[:1].to(device), w, byte_order=True)
-    if ggml_type in WORDS_TYPES:                # the word-lane kernels (Q2_K, Q3_K)
+    if ggml_type in WORDS_TYPES:                # the word-lane kernels (Q2_K, Q3_K, Q6_K)
         got = gemv(x[:3].to(device), w, words=True).cpu().double()
         want = x[:3].double() @ ref.double().T
         assert (got - want).abs().max() <= 1e-5 * want.abs().max()
@@ -68,7 +68,8 @@ def test_dequantize_and_gemv_read_every_bit_of_the_blocks_as_gguf_py_does(ggml_t
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("ggml_type,byte_order", [("Q2_K", True), ("Q2_K", False), ("Q2_K", "words"), ("Q3_K", True),
-                                                  ("Q3_K", None), ("Q3_K", "words"), ("Q6_K", None), ("IQ2_XS", None),
+                                                  ("Q3_K", None), ("Q3_K", "words"), ("Q6_K", None), ("Q6_K", "words"),
+                                                  ("IQ2_XS", None),
                                                   ("IQ2_XS", True), ("IQ2_XXS", True)])
 def test_every_gemv_launch_shape_gives_the_same_product(ggml_type, byte_order, device):
     """Rows per program, super-blocks per step, column split and warps change only the launch: 7 super-blocks

@@ -171,9 +171,9 @@ def _launch_table(path: str) -> dict[str, list[list[int]]]:
 # timed on a GPU yet)
 BYTE_ORDER_TYPES = ("Q2_K", "Q3_K", "IQ2_XXS", "IQ2_XS")
 BYTE_ORDER_DEFAULT = ("Q2_K",)
-# the types with a kernel whose lanes own whole sub-blocks (`gemv_q2k_words_kernel`, `gemv_q3k_words_kernel`), and
-# those gemv sends there by default (none until a GPU sweep times them: `gemv_configs.py --types Q2_K:words ...`)
-WORDS_TYPES = ("Q2_K", "Q3_K")
+# the types with a kernel whose lanes own whole sub-blocks (`gemv_q{2,3,6}k_words_kernel`), and those gemv sends
+# there by default (none until a GPU sweep times them: `gemv_configs.py --types Q2_K:words ...`)
+WORDS_TYPES = ("Q2_K", "Q3_K", "Q6_K")
 WORDS_DEFAULT: tuple[str, ...] = ()
 
 
@@ -230,13 +230,13 @@ def _config_from(path: str, key: str, rows: int, nb: int) -> GemvConfig:
 def gemv(x2: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32,
          byte_order: bool | None = None, config: GemvConfig | None = None, words: bool | None = None) -> torch.Tensor:
     """[M, rows] = x2 [M, cols] @ Wᵀ (+ bias) in out_dtype, float32 accumulation, one pass over the packed rows per
-    activation row. `words`: True takes the kernel whose lanes own whole sub-blocks (`gemv_q2k_words_kernel`,
-    `gemv_q3k_words_kernel`: Q2_K, Q3_K), None its default (`WORDS_DEFAULT`); otherwise `byte_order`: True takes the kernel that reads the type in
+    activation row. `words`: True takes the kernel whose lanes own whole sub-blocks (`gemv_q{2,3,6}k_words_kernel`:
+    Q2_K, Q3_K, Q6_K), None its default (`WORDS_DEFAULT`); otherwise `byte_order`: True takes the kernel that reads the type in
     its own order (`gemv_bytes_kernel`: Q2_K, Q3_K; `gemv_iq2_kernel`: IQ2_XXS, IQ2_XS), False the generic kernel,
     None each type's default (`BYTE_ORDER_DEFAULT`); `config` overrides `gemv_config`."""
     from twinquant.formats.ggml.triton_iquants import gemv_iq2_kernel
     from twinquant.formats.ggml.triton_kquants import (gemv_bytes_kernel, gemv_kernel, gemv_q2k_words_kernel,
-                                                       gemv_q3k_words_kernel)
+                                                       gemv_q3k_words_kernel, gemv_q6k_words_kernel)
 
     tid, bs = KERNEL_TYPES[w.ggml_type]
     x2 = x2.contiguous()
@@ -258,8 +258,9 @@ def gemv(x2: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, ou
         kw = dict(BR=cfg.br, U=cfg.u, SPLIT=cfg.split, HAS_BIAS=bias is not None, num_warps=cfg.warps)
         if by_words and w.ggml_type == "Q2_K":
             gemv_q2k_words_kernel[grid](w.data.view(torch.int32), *args[1:6], w.data.shape[1] // 4, *args[7:], **kw)
-        elif by_words:          # Q3_K: 110-byte super-blocks, read as 16-bit halves
-            gemv_q3k_words_kernel[grid](w.data.view(torch.int16), *args[1:6], w.data.shape[1] // 2, *args[7:], **kw)
+        elif by_words:          # Q3_K, Q6_K: 110 / 210-byte super-blocks, read as 16-bit halves
+            kernel = gemv_q3k_words_kernel if w.ggml_type == "Q3_K" else gemv_q6k_words_kernel
+            kernel[grid](w.data.view(torch.int16), *args[1:6], w.data.shape[1] // 2, *args[7:], **kw)
         elif by_bytes and w.ggml_type.startswith("IQ"):
             tabs = _group_tables(w.ggml_type, w.data.device)
             gemv_iq2_kernel[grid](*args[:4], *tabs, *args[4:], TYPE=tid, BS=bs, **kw)

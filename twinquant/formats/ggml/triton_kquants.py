@@ -306,6 +306,66 @@ def gemv_q3k_words_kernel(w_ptr, x_ptr, y_ptr, b_ptr, R, NB, row_halves, stride_
 
 
 @triton.jit
+def _code6_mant(c, POS: tl.constexpr):
+    """1 + c / 64 for the 6-bit codes c at bit POS (0, 8, 16 or 24) of int32 words (each byte's low 6 bits)."""
+    if POS <= 17:
+        v = c << (17 - POS)
+    else:
+        v = c >> (POS - 17)
+    return ((v & 0x7E0000) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def gemv_q6k_words_kernel(w_ptr, x_ptr, y_ptr, b_ptr, R, NB, row_halves, stride_xm, stride_ym, BR: tl.constexpr,
+                          U: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Q6_K's GEMV with each lane owning whole sub-blocks, as `gemv_q3k_words_kernel` reads Q3_K (210-byte
+    super-blocks, 105 halves: w_ptr an int16 view). Lane (row, super-block, g = 2h + q) takes ql bytes
+    64h + 16q + 0..15 and 64h + 32 + 16q + 0..15 (@0) and qh bytes 32h + 16q + 0..15 (@128): for each k,
+    (ql[k % 2] >> 4·(k // 2)) & 0xF | ((qh >> 2k) & 3) << 4 is the 6-bit code c of sub-block 8h + 2k + q in each
+    byte, its weights 128h + 32k + 16q + 4r + t; per weight a shift, an and-or and a multiply-add (f = 1 + c / 64).
+    Weight = d·sc·(c − 32) with sc the sub-block's int8 scale (@192), so a sub-block adds d·sc·(64·Σ f·x − 96·Σ x);
+    d @208. No masked loads (rows past R and super-blocks past NB as in the Q2_K kernel)."""
+    m = tl.program_id(1)
+    part = tl.program_id(2)
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    g = tl.arange(0, 4)[None, None, :]
+    h = g // 2
+    q = g % 2
+    u = tl.arange(0, U)[None, :, None]
+    row_base = w_ptr + tl.minimum(rows, R - 1).to(tl.int64)[:, None, None] * row_halves
+    xg = (x_ptr + m * stride_xm + 128 * h + 16 * q)[:, :, :, None] + tl.arange(0, 4)[None, None, None, :]
+    acc = tl.zeros((BR, U, 4), dtype=tl.float32)
+    for b0 in range(part * U, NB, SPLIT * U):
+        b = tl.minimum(b0 + u, NB - 1)                                                  # [1, U, 1]
+        blk = row_base + b * 105
+        lo0 = blk + 32 * h + 8 * q                          # ql bytes 64h + 16q (k = 0, 2), + 32 (k = 1, 3)
+        ql = ((_pair(lo0), _pair(lo0 + 2), _pair(lo0 + 4), _pair(lo0 + 6)),
+              (_pair(lo0 + 16), _pair(lo0 + 18), _pair(lo0 + 20), _pair(lo0 + 22)))
+        hi0 = blk + 64 + 16 * h + 8 * q
+        qh = (_pair(hi0), _pair(hi0 + 2), _pair(hi0 + 4), _pair(hi0 + 6))
+        sums = tl.zeros((BR, U, 4), dtype=tl.float32)
+        for k in tl.static_range(4):
+            fx = tl.zeros((BR, U, 4), dtype=tl.float32)
+            sx = tl.zeros((1, U, 4), dtype=tl.float32)
+            for r in tl.static_range(4):
+                c = ((ql[k % 2][r] >> (4 * (k // 2))) & 0x0F0F0F0F) | (((qh[r] >> (2 * k)) & 0x03030303) << 4)
+                xv = tl.load(xg + (b * QK_K + 32 * k + 4 * r)[:, :, :, None]).to(tl.float32)   # [1, U, 4, 4]
+                xa, xb = tl.split(tl.reshape(xv, (1, U, 4, 2, 2)))
+                x0, x2 = tl.split(xa)
+                x1, x3 = tl.split(xb)
+                sx += (x0 + x1) + (x2 + x3)
+                fx += _code6_mant(c, 0) * x0
+                fx += _code6_mant(c, 8) * x1
+                fx += _code6_mant(c, 16) * x2
+                fx += _code6_mant(c, 24) * x3
+            sc = (tl.load(blk + 96 + 4 * h + k).to(tl.int32) >> (8 * q)) & 0xFF                # int8 scale's byte
+            sums += _uf(sc ^ 0x80, 8, 128) * (64.0 * fx - 96.0 * sx)
+        d = _half(tl.load(blk + 104).to(tl.int32) & 0xFFFF)
+        acc += tl.where(b0 + u < NB, d * sums, 0.0)
+    _store_rows(y_ptr + m * stride_ym, rows, tl.sum(tl.sum(acc, axis=2), axis=1), R, SPLIT, b_ptr, part, HAS_BIAS)
+
+
+@triton.jit
 def _dot4(a, b, acc, ASM: tl.constexpr):
     """acc + Σ_t byte_t(a) · sbyte_t(b): a's 4 unsigned bytes times b's 4 signed bytes (int32 lanes). On CUDA one
     dp4a instruction; elsewhere (Triton's interpreter) the same integer sum byte by byte."""
