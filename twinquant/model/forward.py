@@ -339,18 +339,17 @@ def _grouped_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return torch.bmm(torch.softmax(scores, dim=-1), v.reshape(B * hkv, T, hd)).reshape(B, H, 1, hd)
 
 
-def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
-                      mask: torch.Tensor) -> torch.Tensor:
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: StepPositions) -> torch.Tensor:
     """One query token's attention over the cache: one kernel (two for caches past triton_attention.CHUNK) that
-    reads only the positions up to `pos`, where Triton runs; else `_grouped_decode_attention`."""
+    reads only the positions up to the step's, where Triton runs (no mask made); else `_grouped_decode_attention`."""
     from twinquant.triton_env import runs_triton
 
     if runs_triton(q):
         from twinquant.model import triton_attention
 
         if triton_attention.fits(q, k, v):
-            return triton_attention.decode_attention(q, k, v, pos)
-    return _grouped_decode_attention(q, k, v, mask)
+            return triton_attention.decode_attention(q, k, v, step.idx)
+    return _grouped_decode_attention(q, k, v, step.mask(q.dtype))
 
 
 def attention_mix(model: Model, layer: int, x: torch.Tensor, start: int, cache: KVCache | None, slot: int,
@@ -370,10 +369,10 @@ def attention_mix(model: Model, layer: int, x: torch.Tensor, start: int, cache: 
         from twinquant.model.triton_rope import rope_into_cache
 
         q = rope_into_cache(q, k, v, *cache.step.tables(s, q.dtype), cache.step.idx, cache.k[slot], cache.v[slot])
-        k, v, mask, causal = cache.k[slot], cache.v[slot], cache.step.mask(q.dtype), False
+        k, v, causal = cache.k[slot], cache.v[slot], False
         if L == 1 and q.dtype == torch.float32:
-            return _decode_attention(q, k, v, cache.step.idx, mask).reshape(B, L, s.q_dim)
-        mask = mask[None, None]
+            return _decode_attention(q, k, v, cache.step).reshape(B, L, s.q_dim)
+        mask = cache.step.mask(q.dtype)[None, None]
     else:
         cos, sin = _rope_at(s, start, L, cache, x.device, x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
