@@ -176,14 +176,29 @@ def gemv_bytes_kernel(w_ptr, x_ptr, y_ptr, b_ptr, R, NB, row_bytes, stride_xm, s
 
 
 @triton.jit
-def _code_mant(w, POS: tl.constexpr):
-    """1 + c / 4 for the 2-bit code c at bit POS of int32 words: the code moved to the top of 1.0's mantissa (a
-    shift and an and-or: two instructions where a conversion would issue at an eighth of the rate)."""
-    if POS <= 21:
-        v = w << (21 - POS)
+def _code_mant(w, POS: tl.constexpr, BITS: tl.constexpr):
+    """1 + c / 2**BITS for the BITS-bit codes c at bit POS of int32 words: the code moved to the top of 1.0's
+    mantissa (a shift and an and-or: two instructions where a conversion would issue at an eighth of the rate)."""
+    if POS <= 23 - BITS:
+        v = w << (23 - BITS - POS)
     else:
-        v = w >> (POS - 21)
-    return ((v & 0x600000) | 0x3F800000).to(tl.float32, bitcast=True)
+        v = w >> (POS - 23 + BITS)
+    return ((v & (((1 << BITS) - 1) << (23 - BITS))) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _word_dot(xp, w, fx, sx, U: tl.constexpr, SHIFT: tl.constexpr, BITS: tl.constexpr):
+    """(fx + Σ_t f_t·x_t, sx + Σ_t x_t) for the 4 codes of word w (byte t's, at bit SHIFT + 8t; f = `_code_mant`)
+    and the 4 consecutive x at xp ([1, U, 4, 4] pointers): one 16-byte load, split into its values in registers."""
+    xa, xb = tl.split(tl.reshape(tl.load(xp).to(tl.float32), (1, U, 4, 2, 2)))       # t = 0, 2 / 1, 3
+    x0, x2 = tl.split(xa)
+    x1, x3 = tl.split(xb)
+    sx += (x0 + x1) + (x2 + x3)
+    fx += _code_mant(w, SHIFT, BITS) * x0
+    fx += _code_mant(w, SHIFT + 8, BITS) * x1
+    fx += _code_mant(w, SHIFT + 16, BITS) * x2
+    fx += _code_mant(w, SHIFT + 24, BITS) * x3
+    return fx, sx
 
 
 @triton.jit
@@ -194,7 +209,7 @@ def gemv_q2k_words_kernel(w_ptr, x_ptr, y_ptr, b_ptr, R, NB, row_words, stride_x
     weight). Lane (row, super-block, g) loads the 4 code words 4g..4g+3 (bytes 16g..16g+15 of qs, g = 2h + q):
     shifted by 2j their 16 codes are the whole sub-block 8h + 2j + q, weights 128h + 32j + 16q + 4r + t for word r,
     byte t (x: one 16-byte load per word, split into its 4 values in registers). Codes become floats through the
-    mantissa (`_code_mant`), so per weight a shift, an and-or and a multiply-add; per sub-block Σx for Q2_K's min
+    mantissa (`_word_dot`), so per weight a shift, an and-or and a multiply-add; per sub-block Σx for Q2_K's min
     and the mantissa's offset: y = Σ_s d·sc_s·4·(Σ f·x − Σ x) − dmin·m_s·Σ x. The scale bytes 8h + q + 2j sit in
     words 2h (j < 2) and 2h + 1, d|dmin in word 20. No masked loads: rows past R and super-blocks past NB read the
     last ones again and are dropped (rows not stored, super-blocks weighed 0). U super-blocks of each row at a time,
@@ -219,15 +234,7 @@ def gemv_q2k_words_kernel(w_ptr, x_ptr, y_ptr, b_ptr, R, NB, row_words, stride_x
             fx = tl.zeros((BR, U, 4), dtype=tl.float32)
             sx = tl.zeros((1, U, 4), dtype=tl.float32)
             for r in tl.static_range(4):
-                xv = tl.load(xg + (b * QK_K + 32 * j + 4 * r)[:, :, :, None]).to(tl.float32)   # [1, U, 4, 4]
-                xa, xb = tl.split(tl.reshape(xv, (1, U, 4, 2, 2)))                         # bytes t = 0, 2 / 1, 3
-                x0, x2 = tl.split(xa)
-                x1, x3 = tl.split(xb)
-                sx += (x0 + x1) + (x2 + x3)
-                fx += _code_mant(words[r], 2 * j) * x0
-                fx += _code_mant(words[r], 8 + 2 * j) * x1
-                fx += _code_mant(words[r], 16 + 2 * j) * x2
-                fx += _code_mant(words[r], 24 + 2 * j) * x3
+                fx, sx = _word_dot(xg + (b * QK_K + 32 * j + 4 * r)[:, :, :, None], words[r], fx, sx, U, 2 * j, 2)
             sb = (scales[j // 2] >> (8 * (g % 2) + 16 * (j % 2))) & 0xFF                  # scale byte 8h + q + 2j
             aq += _uf(sb & 0xF, 4) * (fx - sx)
             am += _uf(sb >> 4, 4) * sx
@@ -243,16 +250,6 @@ def _pair(p):
 
 
 @triton.jit
-def _code3_mant(c, POS: tl.constexpr):
-    """1 + c / 8 for the 3-bit codes c at bit POS (0, 8, 16 or 24) of int32 words (each byte's low 3 bits)."""
-    if POS <= 20:
-        v = c << (20 - POS)
-    else:
-        v = c >> (POS - 20)
-    return ((v & 0x700000) | 0x3F800000).to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def gemv_q3k_words_kernel(w_ptr, x_ptr, y_ptr, b_ptr, R, NB, row_halves, stride_xm, stride_ym, BR: tl.constexpr,
                           U: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Q3_K's GEMV with each lane owning whole sub-blocks, as `gemv_q2k_words_kernel` reads Q2_K. A Q3_K
@@ -260,7 +257,7 @@ def gemv_q3k_words_kernel(w_ptr, x_ptr, y_ptr, b_ptr, R, NB, row_halves, stride_
     16-bit halves, w_ptr an int16 view). Lane (row, super-block, g = 2h + q) takes code bytes 16g..16g+15 (qs @32)
     and hmask bytes 16q..16q+15 (@0, shifted by 4h once): for each j, (qs >> 2j) & 3 | ((hmask >> j) & 1) << 2 is
     the 3-bit code c of sub-block 8h + 2j + q in each byte (4 codes a word, five operations), its weights
-    128h + 32j + 16q + 4r + t; per weight a shift, an and-or and a multiply-add (`_code3_mant`: f = 1 + c / 8).
+    128h + 32j + 16q + 4r + t; per weight a shift, an and-or and a multiply-add (`_word_dot`: f = 1 + c / 8).
     Weight = d·(sc − 32)·(c − 4), so a sub-block adds d·(sc − 32)·(8·Σ f·x − 12·Σ x). Its 6-bit scale: the low 4
     bits are nibble h of scale byte 2j + q, the high 2 bits bits 2·(2h + j // 2) of byte 8 + (2j + q) % 4
     (scales @96); d @108. No masked loads (rows past R and super-blocks past NB as in the Q2_K kernel)."""
@@ -288,31 +285,13 @@ def gemv_q3k_words_kernel(w_ptr, x_ptr, y_ptr, b_ptr, R, NB, row_halves, stride_
             sx = tl.zeros((1, U, 4), dtype=tl.float32)
             for r in tl.static_range(4):
                 c = ((qs[r] >> (2 * j)) & 0x03030303) | (((hm[r] >> j) & 0x01010101) << 2)
-                xv = tl.load(xg + (b * QK_K + 32 * j + 4 * r)[:, :, :, None]).to(tl.float32)   # [1, U, 4, 4]
-                xa, xb = tl.split(tl.reshape(xv, (1, U, 4, 2, 2)))
-                x0, x2 = tl.split(xa)
-                x1, x3 = tl.split(xb)
-                sx += (x0 + x1) + (x2 + x3)
-                fx += _code3_mant(c, 0) * x0
-                fx += _code3_mant(c, 8) * x1
-                fx += _code3_mant(c, 16) * x2
-                fx += _code3_mant(c, 24) * x3
+                fx, sx = _word_dot(xg + (b * QK_K + 32 * j + 4 * r)[:, :, :, None], c, fx, sx, U, 0, 3)
             sc = ((lo[j // 2] >> (16 * (j % 2) + 8 * q + 4 * h)) & 0xF) | (((hi >> (8 * ((2 * j + q) % 4)
                                                                                     + 2 * (2 * h + j // 2))) & 3) << 4)
             sums += _uf(sc, 6, 32) * (8.0 * fx - 12.0 * sx)
         d = _half(tl.load(blk + 54).to(tl.int32) & 0xFFFF)
         acc += tl.where(b0 + u < NB, d * sums, 0.0)
     _store_rows(y_ptr + m * stride_ym, rows, tl.sum(tl.sum(acc, axis=2), axis=1), R, SPLIT, b_ptr, part, HAS_BIAS)
-
-
-@triton.jit
-def _code6_mant(c, POS: tl.constexpr):
-    """1 + c / 64 for the 6-bit codes c at bit POS (0, 8, 16 or 24) of int32 words (each byte's low 6 bits)."""
-    if POS <= 17:
-        v = c << (17 - POS)
-    else:
-        v = c >> (POS - 17)
-    return ((v & 0x7E0000) | 0x3F800000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -349,15 +328,7 @@ def gemv_q6k_words_kernel(w_ptr, x_ptr, y_ptr, b_ptr, R, NB, row_halves, stride_
             sx = tl.zeros((1, U, 4), dtype=tl.float32)
             for r in tl.static_range(4):
                 c = ((ql[k % 2][r] >> (4 * (k // 2))) & 0x0F0F0F0F) | (((qh[r] >> (2 * k)) & 0x03030303) << 4)
-                xv = tl.load(xg + (b * QK_K + 32 * k + 4 * r)[:, :, :, None]).to(tl.float32)   # [1, U, 4, 4]
-                xa, xb = tl.split(tl.reshape(xv, (1, U, 4, 2, 2)))
-                x0, x2 = tl.split(xa)
-                x1, x3 = tl.split(xb)
-                sx += (x0 + x1) + (x2 + x3)
-                fx += _code6_mant(c, 0) * x0
-                fx += _code6_mant(c, 8) * x1
-                fx += _code6_mant(c, 16) * x2
-                fx += _code6_mant(c, 24) * x3
+                fx, sx = _word_dot(xg + (b * QK_K + 32 * k + 4 * r)[:, :, :, None], c, fx, sx, U, 0, 6)
             sc = (tl.load(blk + 96 + 4 * h + k).to(tl.int32) >> (8 * q)) & 0xFF                # int8 scale's byte
             sums += _uf(sc ^ 0x80, 8, 128) * (64.0 * fx - 96.0 * sx)
         d = _half(tl.load(blk + 104).to(tl.int32) & 0xFFFF)
