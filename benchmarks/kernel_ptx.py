@@ -27,6 +27,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from twinquant.formats.ggml import triton_kquants as K  # noqa: E402
+
+DEFAULT_K = K
 from twinquant.formats.ggml.packed import KERNEL_TYPES, QK_K, _gemv_config, gemv_config, kernel_key  # noqa: E402
 
 # issue-rate assumption for the budget column: H100 SXM (132 SMs, 1.98 GHz boost), copy as measured on it
@@ -76,7 +78,7 @@ def opcode(line: str) -> str:
     return re.sub(r"^\s*(@!?%p\d+\s+)?", "", line).split()[0]
 
 
-def kernels(rows: int, cols: int, K=K):
+def kernels(rows: int, cols: int, K=K, iq: bool = True):
     """(name, type, kernel, signature, constexprs, warps, weights per iteration) at the runtime's launches."""
     nb = cols // QK_K
     for t in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"):
@@ -101,6 +103,13 @@ def kernels(rows: int, cols: int, K=K):
             c = gemv_config(kernel_key(t, words=True), rows, nb)
             yield (f"word-lane {t}", t, fn, sig, dict(BR=c.br, U=c.u, SPLIT=c.split, HAS_BIAS=False), c,
                    c.br * c.u * QK_K)
+    from twinquant.formats.ggml.triton_iquants import gemv_iq2_kernel
+
+    for t in ("IQ2_XXS", "IQ2_XS") if iq else ():
+        tid, bs = KERNEL_TYPES[t]
+        c = gemv_config(kernel_key(t, True), rows, nb)
+        yield (f"group {t}", t, gemv_iq2_kernel, {**W, "grid_ptr": "*fp32", "sign_ptr": "*i32", **DIMS},
+               dict(TYPE=tid, BS=bs, BR=c.br, U=c.u, SPLIT=c.split, HAS_BIAS=False), c, c.br * c.u * QK_K)
     br, split = _gemv_config(rows, nb, 64, max_split=8)
     sig = {"w_ptr": "*i32", "xq_ptr": "*i32", "xd_ptr": "*fp32", "xs_ptr": "*fp32", "y_ptr": "*fp32", "R": "i32",
            "NB": "i32", "row_words": "i32", "stride_xq": "i32", "stride_xd": "i32", "stride_xs": "i32",
@@ -110,8 +119,10 @@ def kernels(rows: int, cols: int, K=K):
 
 
 def measure(rows: int, cols: int, arch: int, K=K) -> list[dict]:
+    """Each kernel's counts; K: the triton_kquants module to take the K-quant kernels from (the i-quant group
+    kernels only with the tree's)."""
     out = []
-    for name, t, fn, sig, consts, cfg, per_iter in kernels(rows, cols, K):
+    for name, t, fn, sig, consts, cfg, per_iter in kernels(rows, cols, K, iq=K is DEFAULT_K):
         warps = cfg[3]
         ints = int_args(rows, cols)
         ints["row_bytes"] = cols // QK_K * KERNEL_TYPES[t][1]
@@ -138,7 +149,8 @@ def add_measured(res: dict, path: Path, base: list[dict] | None = None) -> None:
     instructions counted on the kernels the sweep ran (`base`: those of its commit) where given."""
     sweep = json.loads(path.read_text())
     counted = {r["kernel"]: r["instructions_per_weight"] for r in base or []}
-    kernel_of = {"Q2_K": "byte-order Q2_K", "Q3_K:bytes": "byte-order Q3_K",
+    kernel_of = {"Q2_K": "byte-order Q2_K", "Q3_K:bytes": "byte-order Q3_K", "IQ2_XS:bytes": "group IQ2_XS",
+                 "IQ2_XXS:bytes": "group IQ2_XXS",
                  **{f"{t}:words": f"word-lane {t}" for t in ("Q2_K", "Q3_K", "Q6_K")}}
     for b in sweep["best"]:
         if [b["rows"], b["cols"]] != res["shape"]:

@@ -124,14 +124,15 @@ def _tables(w: PackedWeight) -> tuple[torch.Tensor, torch.Tensor]:
 @functools.lru_cache(maxsize=None)
 def _group_tables(ggml_type: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """IQ2_XXS / IQ2_XS tables of `gemv_iq2_kernel`, built once per device (a decode step's CUDA graph cannot copy
-    from the host): the codebook as int64 (byte k = the magnitude of weight k) and the 128 sign bytes
-    (IQ2_XXS.ksigns) as int32."""
+    from the host): the codebook as float32 [entries, 8] (the 8 magnitudes of an entry, one 32-byte row) and the
+    128 sign patterns (IQ2_XXS.ksigns) as int32 [128, 8] float sign bits (0 or 1 << 31, xor-ed into a magnitude):
+    a group's weights are two table rows, no conversions (8 + 4 KB for IQ2_XS, in L1)."""
     from twinquant.formats.ggml.iq_dequant import _grid
 
-    g = _grid(gguf.GGMLQuantizationType[ggml_type], device).to(torch.int64)
-    packed = (g << (8 * torch.arange(8, device=device))).sum(-1)
-    signs = torch.tensor(np.frombuffer(gguf.quants.IQ2_XXS.ksigns, np.uint8).astype(np.int32), device=device)
-    return packed, signs
+    mags = _grid(gguf.GGMLQuantizationType[ggml_type], device).to(torch.float32).contiguous()
+    ksigns = torch.tensor(np.frombuffer(gguf.quants.IQ2_XXS.ksigns, np.uint8).astype(np.int64), device=device)
+    negative = (ksigns[:, None] >> torch.arange(8, device=device)) & 1
+    return mags, torch.where(negative > 0, -2 ** 31, 0).to(torch.int32).contiguous()         # int32's sign bit
 
 
 def dequantize(w: PackedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:

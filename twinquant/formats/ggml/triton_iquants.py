@@ -95,11 +95,12 @@ def _iq_superblock(blk, e, mask, grid_ptr, sign_ptr, TYPE: tl.constexpr):
 def gemv_iq2_kernel(w_ptr, x_ptr, y_ptr, b_ptr, grid_ptr, sign_ptr, R, NB, row_bytes, stride_xm, stride_ym,
                     TYPE: tl.constexpr, BS: tl.constexpr, BR: tl.constexpr, U: tl.constexpr, SPLIT: tl.constexpr,
                     HAS_BIAS: tl.constexpr):
-    """IQ2_XXS / IQ2_XS GEMV by groups of 8 weights, as llama.cpp reads them: per group one grid entry (grid_ptr:
-    the codebook as int64, byte k = weight k's magnitude) and one sign byte (sign_ptr: ksigns as int32), each
-    weight then a shift and a mask; d and the group's scale applied per group. Against `_iq_superblock` (every
-    weight gathers its own bytes, grid value and sign) it loads 1/8 of the table entries. Tiles [BR, U, 32, 8]; U,
-    SPLIT and the bias as in `triton_kquants.gemv_kernel`."""
+    """IQ2_XXS / IQ2_XS GEMV by groups of 8 weights, as llama.cpp reads them: per group one codebook row (grid_ptr:
+    float32 [entries, 8], the magnitudes) and one sign row (sign_ptr: int32 [128, 8], each weight's float sign bit,
+    `packed._group_tables`), each 32 bytes from L1; per weight an xor of the sign into the magnitude and a
+    multiply-add, no conversions (the int64 codebook this replaced cost ~16 instructions a weight in 64-bit shifts,
+    masks and int64-to-float conversions: `benchmarks/kernel_ptx.py`); d and the group's scale applied per group.
+    Tiles [BR, U, 32, 8]; U, SPLIT and the bias as in `triton_kquants.gemv_kernel`."""
     m, part, rows, rmask, u = _gemv_program(R, BR, U)
     g = tl.arange(0, 32)[None, None, :]                                     # group of 8 weights
     k = tl.arange(0, 8)[None, None, None, :]
@@ -120,11 +121,11 @@ def gemv_iq2_kernel(w_ptr, x_ptr, y_ptr, b_ptr, grid_ptr, sign_ptr, R, NB, row_b
             sidx = q >> 9
             sc = (_u8(blk + 66 + g // 4, bmask) >> (4 * ((g // 2) % 2))) & 0xF
             db = _f16(blk, bmask) * (0.5 + sc.to(tl.float32)) * 0.25
-        gv = tl.load(grid_ptr + idx, mask=bmask, other=0)                    # [BR, U, 32] int64
-        sv = tl.load(sign_ptr + sidx, mask=bmask, other=0)                   # [BR, U, 32] int32
-        mag = ((gv[:, :, :, None] >> (8 * k)) & 0xFF).to(tl.float32)        # [BR, U, 32, 8]
-        neg = (sv[:, :, :, None] >> k) & 1
+        gmask = bmask[:, :, :, None]
+        mag = tl.load(grid_ptr + idx[:, :, :, None] * 8 + k, mask=gmask, other=0.0)          # [BR, U, 32, 8]
+        sgn = tl.load(sign_ptr + sidx[:, :, :, None] * 8 + k, mask=gmask, other=0)
+        w = (mag.to(tl.int32, bitcast=True) ^ sgn).to(tl.float32, bitcast=True)
         xv = tl.load(x_ptr + m * stride_xm + (b * 256 + g * 8)[:, :, :, None] + k, mask=(b < NB)[:, :, :, None],
                      other=0.0).to(tl.float32)                               # [1, U, 32, 8]
-        acc += db * tl.sum(tl.where(neg == 1, -mag, mag) * xv, axis=3)
+        acc += db * tl.sum(w * xv, axis=3)
     _store_rows(y_ptr + m * stride_ym, rows, tl.sum(tl.sum(acc, axis=2), axis=1), R, SPLIT, b_ptr, part, HAS_BIAS)
