@@ -27,13 +27,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
-from twinquant.formats.ggml.packed import QK_K, GemvConfig, PackedWeight, gemv, gemv_config, random_blocks  # noqa: E402
+from twinquant.formats.ggml.packed import (QK_K, GemvConfig, PackedWeight, gemv, gemv_config, gemv_q8,  # noqa: E402
+                                           random_blocks)
 
 SHAPES = {"1.5B": [(1536, 1536), (256, 1536), (8960, 1536), (1536, 8960), (151936, 1536)],
           "7B": [(3584, 3584), (512, 3584), (18944, 3584), (3584, 18944)],
           "32B": [(5120, 5120), (1024, 5120), (27648, 5120), (5120, 27648)]}
 # "T:bytes": T through the kernel that reads it in its own order, "T:words": through the word-lane kernel (opt-in
-# where it is not the default)
+# where it is not the default); "Q2_K:q8words": x to int8, then the word-lane dp4a kernel (`gemv_q8`)
 TYPES = ["Q2_K", "Q2_K:words", "Q3_K", "Q3_K:bytes", "Q4_K", "Q6_K", "IQ2_XS", "IQ2_XS:bytes", "IQ2_XXS:bytes"]
 WARPS = (4, 8)
 SPLITS = (1, 2, 4, 8)
@@ -46,18 +47,22 @@ def _bytes(spec: str) -> bool:
 
 def _generic(spec: str) -> bool:
     """A type through the generic kernel."""
-    return not _bytes(spec) and not spec.endswith(":words")
+    return not _bytes(spec) and not spec.endswith((":words", ":q8words"))
 
 
-def _kernel(spec: str) -> dict:
-    """gemv's kernel arguments for a sweep's type spec."""
-    return {"words": True} if spec.endswith(":words") else {"byte_order": _bytes(spec)}
+def _call(spec: str, x, w, cfg):
+    """One GEMV of the sweep's type spec at launch cfg ("Q2_K:q8words": x quantized to int8 first, then the word-lane
+    dp4a kernel, llama.cpp's arithmetic: `packed.gemv_q8`)."""
+    if spec.endswith(":q8words"):
+        return gemv_q8(x, w, words=True, config=cfg)
+    kernel = {"words": True} if spec.endswith(":words") else {"byte_order": _bytes(spec)}
+    return gemv(x, w, config=cfg, **kernel)
 
 
 def configs(spec: str) -> list[GemvConfig]:
     """The K-quant byte-order kernel holds [BR, U, 64] codes a step, the word-lane kernel [BR, U, 16] code words,
     the generic and IQ2 group kernels [BR, U, 256] weights: BR·U up to 64, 128 and 16."""
-    if spec.endswith(":words"):
+    if spec.endswith((":words", ":q8words")):
         return [GemvConfig(br, u, s, w) for br, u, s, w in itertools.product((8, 16, 32, 64, 128), (1, 2, 4), SPLITS,
                                                                                WARPS) if br * u <= 128]
     cap, brs = (64, (4, 8, 16, 32)) if _bytes(spec) and not spec.startswith("IQ") else (16, (1, 2, 4, 8))
@@ -120,7 +125,7 @@ def warm(part: int, procs: int, types, shapes) -> None:
     for i, (t, rows, cols, cfg) in enumerate(cases(types, shapes)):
         if i % procs == part:
             try:
-                gemv(torch.randn(1, cols, device="cuda"), weights(t, rows, cols), config=cfg, **_kernel(t))
+                _call(t, torch.randn(1, cols, device="cuda"), weights(t, rows, cols), cfg)
             except Exception:            # recorded by the timing pass
                 pass
     torch.cuda.synchronize()
@@ -242,7 +247,7 @@ def main() -> None:
             default = gemv_config(t, rows, cols // QK_K)
             for cfg in {*(c for _, _, _, c in cases([t], [(rows, cols)])), default}:
                 try:
-                    us = graph_us([lambda wi=wi: gemv(x, wi, config=cfg, **_kernel(t)) for wi in ws])
+                    us = graph_us([lambda wi=wi: _call(t, x, wi, cfg) for wi in ws])
                 except Exception as e:
                     res["rows"].append({"type": t, "rows": rows, "cols": cols, "config": list(cfg),
                                         "error": str(e).splitlines()[0][:200]})

@@ -130,8 +130,9 @@ def test_qlinear_on_real_codes_with_bias_and_leading_axes(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_int8_activation_gemv_computes_llama_cpp_arithmetic_exactly(device):
-    """gemv_q8 (dp4a on CUDA, the same integer sums byte by byte in the interpreter) against its own arithmetic in
-    float64: the codes times int8 x per 32 with its scale, minus the mins times the float sums of x per 16."""
+    """gemv_q8 (dp4a on CUDA, the same integer sums byte by byte in the interpreter; both kernels, the word-lane one
+    at several launches) against its own arithmetic in float64: the codes times int8 x per 32 with its scale, minus
+    the mins times the float sums of x per 16."""
     from twinquant.formats.ggml.packed import gemv_q8, quantize_q8
 
     rows, cols = 70, 2048                      # rows not a multiple of the rows per program; 8 super-blocks
@@ -140,6 +141,8 @@ def test_int8_activation_gemv_computes_llama_cpp_arithmetic_exactly(device):
     x = torch.randn(2, cols, generator=torch.Generator().manual_seed(4)) * 3
     x[0, :32] = 0                              # a block of zeros: scale 0, codes 0
     got = gemv_q8(x.to(device), w).cpu().double()
+    lanes = [gemv_q8(x.to(device), w, words=True, config=c).cpu().double()       # the word-lane kernel
+             for c in (GemvConfig(16, 2, 2, 4), GemvConfig(8, 1, 1, 2), GemvConfig(32, 4, 4, 4))]
     xq, xd, xs = (t.cpu() for t in quantize_q8(x.to(device)))
     xint = xq.view(torch.int8).double().reshape(2, -1, 32)
     assert xint.abs().max() <= 127 and torch.all(xint[0, 0] == 0)
@@ -151,6 +154,8 @@ def test_int8_activation_gemv_computes_llama_cpp_arithmetic_exactly(device):
     codes = reference("Q2_K", data).double() + mins.repeat_interleave(16, 1)   # d·sc·q: the weight plus its min
     want = (xint * xd.double()[..., None]).reshape(2, -1) @ codes.T - xs.double() @ mins.T
     assert (got - want).abs().max() <= 1e-6 * want.abs().max()
+    for y in lanes:
+        assert (y - want).abs().max() <= 1e-6 * want.abs().max()
     exact = x.double() @ reference("Q2_K", data).double().T                       # and close to the float product
     assert (got - exact).abs().max() <= 2e-2 * exact.abs().max()
     with pytest.raises(TwinquantError, match="only Q2_K"):

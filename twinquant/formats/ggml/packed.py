@@ -206,7 +206,7 @@ def gemv_config(key: str, rows: int, nb: int) -> GemvConfig:
 def _config_from(path: str, key: str, rows: int, nb: int) -> GemvConfig:
     """gemv_config with the table at `path` (cached: every decode GEMV asks)."""
     launches = _launch_table(path)
-    words_kernel = key in WORDS_DEFAULT or key.endswith(":words")
+    words_kernel = key in WORDS_DEFAULT or key.endswith((":words", ":q8words"))
     bytes_kernel = not words_kernel and (key in BYTE_ORDER_DEFAULT or key.endswith(":bytes"))
     table = launches.get(key) or (launches.get("generic") if not (bytes_kernel or words_kernel) else None)
     if table:
@@ -302,24 +302,32 @@ def quantize_q8(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 
 def gemv_q8(x2: torch.Tensor, w: PackedWeight, br: int = 64, split: int | None = None,
-            num_warps: int = 2) -> torch.Tensor:
+            num_warps: int = 2, words: bool = False, config: GemvConfig | None = None) -> torch.Tensor:
     """float32 [M, rows] ≈ x2 @ Wᵀ for a Q2_K weight with x2 quantized to int8 per 32 values (`quantize_q8`):
     llama.cpp's arithmetic (its CUDA GEMV quantizes activations to q8_1 the same way), dp4a products on CUDA. Not
-    the runtime's exact path: x's int8 rounding costs ~0.4% relative error per dot product."""
-    from twinquant.formats.ggml.triton_kquants import gemv_q2k_q8_kernel
+    the runtime's exact path: x's int8 rounding costs ~0.4% relative error per dot product. `words`: the kernel
+    whose lanes own whole sub-blocks (`gemv_q2k_q8_words_kernel`; launch `config`, else the word-lane rule)."""
+    from twinquant.formats.ggml.triton_kquants import gemv_q2k_q8_kernel, gemv_q2k_q8_words_kernel
 
     if w.ggml_type != "Q2_K":
         raise TwinquantError(f"gemv_q8: only Q2_K has an int8 kernel (got {w.ggml_type})")
     xq, xd, xs = quantize_q8(x2)
     nb = w.cols // QK_K
+    y = torch.zeros(x2.shape[0], w.rows, dtype=torch.float32, device=x2.device)
+    if not x2.shape[0]:
+        return y
+    asm = w.data.is_cuda and not interpreted()
+    args = (w.data.view(torch.int32), xq, xd, xs, y, w.rows, nb, w.data.shape[1] // 4, xq.stride(0), xd.stride(0),
+            xs.stride(0), y.stride(0))
+    if words:
+        c = config or gemv_config("Q2_K:q8words", w.rows, nb)
+        gemv_q2k_q8_words_kernel[(-(-w.rows // c.br), x2.shape[0], c.split)](*args, BR=c.br, U=c.u, SPLIT=c.split,
+                                                                           ASM=asm, num_warps=c.warps)
+        return y
     if split is None:
         br, split = _gemv_config(w.rows, nb, br, max_split=8)
-    y = torch.zeros(x2.shape[0], w.rows, dtype=torch.float32, device=x2.device)
-    if x2.shape[0]:
-        asm = w.data.is_cuda and not interpreted()
-        gemv_q2k_q8_kernel[(-(-w.rows // br), x2.shape[0], split)](
-            w.data.view(torch.int32), xq, xd, xs, y, w.rows, nb, w.data.shape[1] // 4, xq.stride(0), xd.stride(0),
-            xs.stride(0), y.stride(0), BR=br, SPLIT=split, ASM=asm, num_warps=num_warps)
+    gemv_q2k_q8_kernel[(-(-w.rows // br), x2.shape[0], split)](*args, BR=br, SPLIT=split, ASM=asm,
+                                                               num_warps=num_warps)
     return y
 
 

@@ -391,6 +391,53 @@ def gemv_q2k_q8_kernel(w_ptr, xq_ptr, xd_ptr, xs_ptr, y_ptr, R, NB, row_words, s
 
 
 @triton.jit
+def gemv_q2k_q8_words_kernel(w_ptr, xq_ptr, xd_ptr, xs_ptr, y_ptr, R, NB, row_words, stride_xq, stride_xd,
+                             stride_xs, stride_ym, BR: tl.constexpr, U: tl.constexpr, SPLIT: tl.constexpr,
+                             ASM: tl.constexpr):
+    """`gemv_q2k_q8_kernel`'s arithmetic (Q2_K × int8 x per 32, dp4a) with `gemv_q2k_words_kernel`'s lanes: lane
+    (row, super-block, g = 2h + q) owns code words 4g..4g+3, so for each j its 4 words masked to shift 2j times the
+    4 int8 x words 32h + 8j + 4q + 0..3 (one 16-byte load) are sub-block 8h + 2j + q's integer dot in 4 dp4a; then
+    d·sc·xd·Σ − dmin·m·xs per sub-block (xd: x's scale per 32, block 4h + j; xs: x's float sum per 16). No sums
+    across lanes inside the loop, no masked loads (rows and super-blocks past the end as in the word-lane kernel)."""
+    m = tl.program_id(1)
+    part = tl.program_id(2)
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    g = tl.arange(0, 4)[None, None, :]
+    h = g // 2
+    q = g % 2
+    u = tl.arange(0, U)[None, :, None]
+    row_base = w_ptr + tl.minimum(rows, R - 1).to(tl.int64)[:, None, None] * row_words
+    xw = (xq_ptr + m * stride_xq + 32 * h + 4 * q)[:, :, :, None] + tl.arange(0, 4)[None, None, None, :]
+    acc = tl.zeros((BR, U, 4), dtype=tl.float32)
+    for b0 in range(part * U, NB, SPLIT * U):
+        b = tl.minimum(b0 + u, NB - 1)                                                  # [1, U, 1]
+        blk = row_base + b * 21
+        words = (tl.load(blk + 4 + 4 * g), tl.load(blk + 5 + 4 * g), tl.load(blk + 6 + 4 * g), tl.load(blk + 7 + 4 * g))
+        scales = (tl.load(blk + 2 * h), tl.load(blk + 2 * h + 1))
+        dd = tl.load(blk + 20)
+        aq = tl.zeros((BR, U, 4), dtype=tl.float32)
+        am = tl.zeros((BR, U, 4), dtype=tl.float32)
+        for j in tl.static_range(4):
+            x4 = tl.load(xw + (b * 64 + 8 * j)[:, :, :, None])                         # [1, U, 4, 4] int32
+            xa, xb = tl.split(tl.reshape(x4, (1, U, 4, 2, 2)))
+            x0, x2 = tl.split(xa)
+            x1, x3 = tl.split(xb)
+            isum = tl.zeros((BR, U, 4), dtype=tl.int32)
+            isum = _dot4((words[0] >> (2 * j)) & 0x03030303, x0, isum, ASM)
+            isum = _dot4((words[1] >> (2 * j)) & 0x03030303, x1, isum, ASM)
+            isum = _dot4((words[2] >> (2 * j)) & 0x03030303, x2, isum, ASM)
+            isum = _dot4((words[3] >> (2 * j)) & 0x03030303, x3, isum, ASM)
+            sb = (scales[j // 2] >> (8 * q + 16 * (j % 2))) & 0xFF                       # scale byte 8h + q + 2j
+            xd = tl.load(xd_ptr + m * stride_xd + b * 8 + 4 * h + j)
+            xs = tl.load(xs_ptr + m * stride_xs + b * 16 + 8 * h + 2 * j + q)
+            aq += _uf(sb & 0xF, 4) * isum.to(tl.float32) * xd
+            am += _uf(sb >> 4, 4) * xs
+        sums = _half(dd & 0xFFFF) * aq - _half((dd >> 16) & 0xFFFF) * am
+        acc += tl.where(b0 + u < NB, sums, 0.0)
+    _store_rows(y_ptr + m * stride_ym, rows, tl.sum(tl.sum(acc, axis=2), axis=1), R, SPLIT, y_ptr, 0, False)
+
+
+@triton.jit
 def quantize_q8_kernel(x_ptr, q_ptr, d_ptr, s_ptr, n_blocks, stride_x, stride_q, stride_d, stride_s,
                        BB: tl.constexpr):
     """`packed.quantize_q8` for BB blocks of 32 values of one activation row per program (row = program_id(1))."""
