@@ -202,6 +202,19 @@ def _word_dot(xp, w, fx, sx, U: tl.constexpr, SHIFT: tl.constexpr, BITS: tl.cons
 
 
 @triton.jit
+def _word_lanes(w_ptr, x_ptr, stride_xm, R, row_stride, BR: tl.constexpr, U: tl.constexpr):
+    """A word-lane GEMV program's place: (activation row m, column part, its BR rows, lane g [1, 1, 4] (g = 2h + q:
+    code bytes 16g..16g+15), super-blocks u [1, U, 1], row starts [BR, 1, 1] (rows past R read row R - 1: not
+    stored), and x pointers [1, 1, 4, 4] of sub-block position g's first 4 weights, 128h + 16q + t)."""
+    m = tl.program_id(1)
+    g = tl.arange(0, 4)[None, None, :]
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    row_base = w_ptr + tl.minimum(rows, R - 1).to(tl.int64)[:, None, None] * row_stride
+    xg = (x_ptr + m * stride_xm + 128 * (g // 2) + 16 * (g % 2))[:, :, :, None] + tl.arange(0, 4)[None, None, None, :]
+    return m, tl.program_id(2), rows, g, tl.arange(0, U)[None, :, None], row_base, xg
+
+
+@triton.jit
 def gemv_q2k_words_kernel(w_ptr, x_ptr, y_ptr, b_ptr, R, NB, row_words, stride_xm, stride_ym, BR: tl.constexpr,
                           U: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Q2_K's GEMV with each lane owning whole sub-blocks: no sums across lanes inside the loop (the byte-order
@@ -214,13 +227,7 @@ def gemv_q2k_words_kernel(w_ptr, x_ptr, y_ptr, b_ptr, R, NB, row_words, stride_x
     words 2h (j < 2) and 2h + 1, d|dmin in word 20. No masked loads: rows past R and super-blocks past NB read the
     last ones again and are dropped (rows not stored, super-blocks weighed 0). U super-blocks of each row at a time,
     SPLIT and the bias as in `gemv_kernel`; row_words = bytes per row / 4 (a Q2_K row is 84·NB bytes)."""
-    m = tl.program_id(1)
-    part = tl.program_id(2)
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    g = tl.arange(0, 4)[None, None, :]
-    u = tl.arange(0, U)[None, :, None]
-    row_base = w_ptr + tl.minimum(rows, R - 1).to(tl.int64)[:, None, None] * row_words
-    xg = (x_ptr + m * stride_xm + 128 * (g // 2) + 16 * (g % 2))[:, :, :, None] + tl.arange(0, 4)[None, None, None, :]
+    m, part, rows, g, u, row_base, xg = _word_lanes(w_ptr, x_ptr, stride_xm, R, row_words, BR, U)
     acc = tl.zeros((BR, U, 4), dtype=tl.float32)
     for b0 in range(part * U, NB, SPLIT * U):
         b = tl.minimum(b0 + u, NB - 1)                                                  # [1, U, 1]
@@ -261,15 +268,9 @@ def gemv_q3k_words_kernel(w_ptr, x_ptr, y_ptr, b_ptr, R, NB, row_halves, stride_
     Weight = d·(sc − 32)·(c − 4), so a sub-block adds d·(sc − 32)·(8·Σ f·x − 12·Σ x). Its 6-bit scale: the low 4
     bits are nibble h of scale byte 2j + q, the high 2 bits bits 2·(2h + j // 2) of byte 8 + (2j + q) % 4
     (scales @96); d @108. No masked loads (rows past R and super-blocks past NB as in the Q2_K kernel)."""
-    m = tl.program_id(1)
-    part = tl.program_id(2)
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    g = tl.arange(0, 4)[None, None, :]
+    m, part, rows, g, u, row_base, xg = _word_lanes(w_ptr, x_ptr, stride_xm, R, row_halves, BR, U)
     h = g // 2
     q = g % 2
-    u = tl.arange(0, U)[None, :, None]
-    row_base = w_ptr + tl.minimum(rows, R - 1).to(tl.int64)[:, None, None] * row_halves
-    xg = (x_ptr + m * stride_xm + 128 * h + 16 * q)[:, :, :, None] + tl.arange(0, 4)[None, None, None, :]
     acc = tl.zeros((BR, U, 4), dtype=tl.float32)
     for b0 in range(part * U, NB, SPLIT * U):
         b = tl.minimum(b0 + u, NB - 1)                                                  # [1, U, 1]
@@ -304,15 +305,9 @@ def gemv_q6k_words_kernel(w_ptr, x_ptr, y_ptr, b_ptr, R, NB, row_halves, stride_
     byte, its weights 128h + 32k + 16q + 4r + t; per weight a shift, an and-or and a multiply-add (f = 1 + c / 64).
     Weight = d·sc·(c − 32) with sc the sub-block's int8 scale (@192), so a sub-block adds d·sc·(64·Σ f·x − 96·Σ x);
     d @208. No masked loads (rows past R and super-blocks past NB as in the Q2_K kernel)."""
-    m = tl.program_id(1)
-    part = tl.program_id(2)
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    g = tl.arange(0, 4)[None, None, :]
+    m, part, rows, g, u, row_base, xg = _word_lanes(w_ptr, x_ptr, stride_xm, R, row_halves, BR, U)
     h = g // 2
     q = g % 2
-    u = tl.arange(0, U)[None, :, None]
-    row_base = w_ptr + tl.minimum(rows, R - 1).to(tl.int64)[:, None, None] * row_halves
-    xg = (x_ptr + m * stride_xm + 128 * h + 16 * q)[:, :, :, None] + tl.arange(0, 4)[None, None, None, :]
     acc = tl.zeros((BR, U, 4), dtype=tl.float32)
     for b0 in range(part * U, NB, SPLIT * U):
         b = tl.minimum(b0 + u, NB - 1)                                                  # [1, U, 1]
@@ -399,14 +394,9 @@ def gemv_q2k_q8_words_kernel(w_ptr, xq_ptr, xd_ptr, xs_ptr, y_ptr, R, NB, row_wo
     4 int8 x words 32h + 8j + 4q + 0..3 (one 16-byte load) are sub-block 8h + 2j + q's integer dot in 4 dp4a; then
     d·sc·xd·Σ − dmin·m·xs per sub-block (xd: x's scale per 32, block 4h + j; xs: x's float sum per 16). No sums
     across lanes inside the loop, no masked loads (rows and super-blocks past the end as in the word-lane kernel)."""
-    m = tl.program_id(1)
-    part = tl.program_id(2)
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    g = tl.arange(0, 4)[None, None, :]
+    m, part, rows, g, u, row_base, _ = _word_lanes(w_ptr, xq_ptr, stride_xq, R, row_words, BR, U)
     h = g // 2
     q = g % 2
-    u = tl.arange(0, U)[None, :, None]
-    row_base = w_ptr + tl.minimum(rows, R - 1).to(tl.int64)[:, None, None] * row_words
     xw = (xq_ptr + m * stride_xq + 32 * h + 4 * q)[:, :, :, None] + tl.arange(0, 4)[None, None, None, :]
     acc = tl.zeros((BR, U, 4), dtype=tl.float32)
     for b0 in range(part * U, NB, SPLIT * U):
