@@ -92,6 +92,36 @@ def test_every_gemv_launch_shape_gives_the_same_product(ggml_type, byte_order, d
             assert (got.cpu().double() - want).abs().max() <= tol, (cfg, dtype)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_twinquant_words_makes_the_word_lane_kernels_the_default(device, monkeypatch):
+    """TWINQUANT_WORDS names the types gemv sends to their word-lane kernel when not told (to time a whole decode
+    with them); their launches then come from the table's "T:words" keys; an explicit kernel still wins."""
+    from twinquant.formats.ggml import triton_kquants
+    from twinquant.formats.ggml.packed import kernel_key, words_default
+
+    calls = []
+    real = triton_kquants.gemv_q2k_words_kernel
+
+    class Spy:                                      # kernel[grid](...) launches: count them
+        def __getitem__(self, grid):
+            calls.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(triton_kquants, "gemv_q2k_words_kernel", Spy())
+    w = PackedWeight.from_bytes("Q2_K", random_blocks("Q2_K", 5, 512), 512, device)
+    x = torch.randn(1, 512, generator=torch.Generator().manual_seed(2)).to(device)
+    monkeypatch.setenv("TWINQUANT_WORDS", "Q2_K,Q4_K,nonsense")
+    assert words_default() == ("Q2_K",) and kernel_key("Q2_K") == "Q2_K:words" and kernel_key("Q3_K") == "Q3_K"
+    y = gemv(x, w)
+    assert len(calls) == 1
+    gemv(x, w, byte_order=True)                     # told: the byte-order kernel
+    assert len(calls) == 1 and kernel_key("Q2_K", byte_order=True) == "Q2_K"
+    monkeypatch.delenv("TWINQUANT_WORDS")
+    assert kernel_key("Q2_K") == "Q2_K"
+    torch.testing.assert_close(gemv(x, w), y, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 1
+
+
 def test_gemv_launch_comes_from_the_nearest_swept_shape(tmp_path, monkeypatch):
     """packed.gemv_config: the packaged sweep's launch for a measured shape; the nearest measured shape's (log rows,
     log columns) for another, with fewer column parts for a shorter row; a type the sweep did not take uses the

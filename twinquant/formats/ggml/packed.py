@@ -172,24 +172,26 @@ def _launch_table(path: str) -> dict[str, list[list[int]]]:
 # timed on a GPU yet)
 BYTE_ORDER_TYPES = ("Q2_K", "Q3_K", "IQ2_XXS", "IQ2_XS")
 BYTE_ORDER_DEFAULT = ("Q2_K",)
-# the types with a kernel whose lanes own whole sub-blocks (`gemv_q{2,3,6}k_words_kernel`), and those gemv sends
-# there by default (none until a GPU sweep times them: `gemv_configs.py --types Q2_K:words ...`)
+# the types with a kernel whose lanes own whole sub-blocks (`gemv_q{2,3,6}k_words_kernel`); gemv sends none there by
+# default until a GPU sweep times them (`gemv_configs.py --types Q2_K:words ...`): TWINQUANT_WORDS=Q2_K,Q3_K,Q6_K
+# does, to measure a whole decode with them (`words_default`)
 WORDS_TYPES = ("Q2_K", "Q3_K", "Q6_K")
-WORDS_DEFAULT: tuple[str, ...] = ()
+
+
+def words_default() -> tuple[str, ...]:
+    """The types gemv sends to their word-lane kernel when not told: those in TWINQUANT_WORDS (comma-separated)."""
+    return tuple(t for t in os.environ.get("TWINQUANT_WORDS", "").split(",") if t in WORDS_TYPES)
 
 
 def kernel_key(ggml_type: str, byte_order: bool | None = None, words: bool | None = None) -> str:
-    """The launch table's key for a type through a kernel: the type itself for its default kernel, "T:words" /
-    "T:bytes" for the word-lane / byte-order kernel where it is not the default, "generic" for the generic kernel
-    where it is not. None: the type's default."""
-    words_default = ggml_type in WORDS_DEFAULT
+    """The launch table's key for a type through a kernel: "T:words" for the word-lane kernel, the type itself for
+    its default other kernel, "T:bytes" for the byte-order kernel where that is not the default, "generic" for the
+    generic kernel where it is not. None: the type's default (`words_default`, `BYTE_ORDER_DEFAULT`)."""
     if words is None:
-        words = words_default and byte_order is None
+        words = byte_order is None and ggml_type in words_default()
     if words:
-        return ggml_type if words_default else f"{ggml_type}:words"
-    if byte_order is None:
-        byte_order = ggml_type in BYTE_ORDER_DEFAULT
-    if not words_default and byte_order == (ggml_type in BYTE_ORDER_DEFAULT):
+        return f"{ggml_type}:words"
+    if byte_order is None or byte_order == (ggml_type in BYTE_ORDER_DEFAULT):
         return ggml_type
     return f"{ggml_type}:bytes" if byte_order else "generic"
 
@@ -206,8 +208,8 @@ def gemv_config(key: str, rows: int, nb: int) -> GemvConfig:
 def _config_from(path: str, key: str, rows: int, nb: int) -> GemvConfig:
     """gemv_config with the table at `path` (cached: every decode GEMV asks)."""
     launches = _launch_table(path)
-    words_kernel = key in WORDS_DEFAULT or key.endswith((":words", ":q8words"))
-    bytes_kernel = not words_kernel and (key in BYTE_ORDER_DEFAULT or key.endswith(":bytes"))
+    words_kernel = key.endswith((":words", ":q8words"))
+    bytes_kernel = key in BYTE_ORDER_DEFAULT or key.endswith(":bytes")
     table = launches.get(key) or (launches.get("generic") if not (bytes_kernel or words_kernel) else None)
     if table:
         near = min(table, key=lambda e: math.log(e[0] / rows) ** 2 + math.log(e[1] / nb) ** 2)
@@ -232,8 +234,8 @@ def gemv(x2: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, ou
          byte_order: bool | None = None, config: GemvConfig | None = None, words: bool | None = None) -> torch.Tensor:
     """[M, rows] = x2 [M, cols] @ Wᵀ (+ bias) in out_dtype, float32 accumulation, one pass over the packed rows per
     activation row. `words`: True takes the kernel whose lanes own whole sub-blocks (`gemv_q{2,3,6}k_words_kernel`:
-    Q2_K, Q3_K, Q6_K), None its default (`WORDS_DEFAULT`); otherwise `byte_order`: True takes the kernel that reads the type in
-    its own order (`gemv_bytes_kernel`: Q2_K, Q3_K; `gemv_iq2_kernel`: IQ2_XXS, IQ2_XS), False the generic kernel,
+    Q2_K, Q3_K, Q6_K), None its default (`words_default`); otherwise `byte_order`: True takes the kernel that reads
+    the type in its own order (`gemv_bytes_kernel`: Q2_K, Q3_K; `gemv_iq2_kernel`: IQ2_XXS, IQ2_XS), False the generic kernel,
     None each type's default (`BYTE_ORDER_DEFAULT`); `config` overrides `gemv_config`."""
     from twinquant.formats.ggml.triton_iquants import gemv_iq2_kernel
     from twinquant.formats.ggml.triton_kquants import (gemv_bytes_kernel, gemv_kernel, gemv_q2k_words_kernel,
@@ -246,7 +248,7 @@ def gemv(x2: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, ou
         raise TwinquantError(f"gemv: no byte-order kernel for {w.ggml_type} (have: {', '.join(BYTE_ORDER_TYPES)})")
     if words and w.ggml_type not in WORDS_TYPES:
         raise TwinquantError(f"gemv: no word-lane kernel for {w.ggml_type} (have: {', '.join(WORDS_TYPES)})")
-    by_words = (w.ggml_type in WORDS_DEFAULT and byte_order is None) if words is None else words
+    by_words = (byte_order is None and w.ggml_type in words_default()) if words is None else words
     by_bytes = w.ggml_type in BYTE_ORDER_DEFAULT if byte_order is None else byte_order
     cfg = config or gemv_config(kernel_key(w.ggml_type, by_bytes, by_words), w.rows, nb)
     # a split adds partial sums atomically: into zeroed float32; otherwise each output is stored once
