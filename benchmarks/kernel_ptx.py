@@ -173,10 +173,11 @@ def add_measured(res: dict, path: Path, base: list[dict] | None = None) -> None:
 def markdown(res: dict) -> str:
     out = [f"# GEMV kernels: PTX instructions per weight ({res['tag']})", "",
            f"`{res['command']}` at {res['commit']}; Triton {res['triton']}, sm_{res['arch']}; shape "
-           f"{res['shape'][0]}x{res['shape'][1]}; budget = instructions a weight at copy bandwidth ({COPY_GBS:.0f} GB/s) for "
-           f"an H100 SXM issuing {SMS}×4×32 lanes at {CLOCK_GHZ} GHz", "",
+           f"{res['shape'][0]}x{res['shape'][1]}; budget = instructions a weight at copy bandwidth ({COPY_GBS:.0f} "
+           f"GB/s) for an H100 SXM issuing {SMS}×4×32 lanes at {CLOCK_GHZ} GHz", "",
            "| kernel | launch (BR, U, split, warps) | instr / weight | loads | shuffles | float | conversions | "
-           "budget | over budget | measured % copy | measured / issue bound |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "budget | over budget | measured % copy | measured / issue bound |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["kernels"]:
         c = r["by_category_per_weight"]
         out.append(f"| {r['kernel']} | {tuple(r['config'])} | {r['instructions_per_weight']:.2f} | {c['load']:.2f} | "

@@ -235,8 +235,8 @@ def gemv(x2: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, ou
     """[M, rows] = x2 [M, cols] @ Wᵀ (+ bias) in out_dtype, float32 accumulation, one pass over the packed rows per
     activation row. `words`: True takes the kernel whose lanes own whole sub-blocks (`gemv_q{2,3,6}k_words_kernel`:
     Q2_K, Q3_K, Q6_K), None its default (`words_default`); otherwise `byte_order`: True takes the kernel that reads
-    the type in its own order (`gemv_bytes_kernel`: Q2_K, Q3_K; `gemv_iq2_kernel`: IQ2_XXS, IQ2_XS), False the generic kernel,
-    None each type's default (`BYTE_ORDER_DEFAULT`); `config` overrides `gemv_config`."""
+    the type in its own order (`gemv_bytes_kernel`: Q2_K, Q3_K; `gemv_iq2_kernel`: IQ2_XXS, IQ2_XS), False the
+    generic kernel, None each type's default (`BYTE_ORDER_DEFAULT`); `config` overrides `gemv_config`."""
     from twinquant.formats.ggml.triton_iquants import gemv_iq2_kernel
     from twinquant.formats.ggml.triton_kquants import (gemv_bytes_kernel, gemv_kernel, gemv_q2k_words_kernel,
                                                        gemv_q3k_words_kernel, gemv_q6k_words_kernel)
