@@ -152,10 +152,13 @@ def test_qlinear_on_real_codes_with_bias_and_leading_axes(device):
     w = torch.randn(24, 512, generator=torch.Generator().manual_seed(2))
     data = codec.pack(*codec.quantize(w))
     wq = codec.dequantize_bytes(data, 512).float()
-    bias = torch.randn(24)
-    x = torch.randn(2, 1, 512)
-    got = qlinear(x.to(device), PackedWeight.from_bytes("Q2_K", data, 512, device), bias.to(device)).cpu()
-    torch.testing.assert_close(got, torch.nn.functional.linear(x, wq, bias), rtol=1e-5, atol=1e-5)
+    g = torch.Generator().manual_seed(3)
+    bias = torch.randn(24, generator=g)
+    x = torch.randn(2, 1, 512, generator=g)
+    got = qlinear(x.to(device), PackedWeight.from_bytes("Q2_K", data, 512, device), bias.to(device)).cpu().double()
+    want = torch.nn.functional.linear(x.double(), wq.double(), bias.double())
+    # float32 sums of 512 products (the byte-order kernel's Σ(1 + c/4)·x − Σx cancels): rounding of the terms' size
+    assert (got - want).abs().max() <= 1e-6 * (x.double().abs() @ wq.double().abs().T).max()
 
 
 @pytest.mark.parametrize("device", DEVICES)
