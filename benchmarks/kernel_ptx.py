@@ -1,13 +1,15 @@
-"""Instructions per weight of the packed GEMV kernels, read from the PTX Triton compiles for a GPU target: no GPU
-needed (Triton's LLVM backend runs here). A batch-1 GEMV must issue few instructions a weight to keep up with
-memory: at copy bandwidth B, bytes per weight b and an issue rate I (SMs × 4 schedulers × 32 lanes × clock), the
-budget is I·b / B instructions a weight; above it the kernel is bound by issue, not by memory.
+"""Instructions per weight of the packed GEMV kernels, read from the PTX and the machine code Triton compiles for a
+GPU target, and a static model of their speed: no GPU needed (Triton's LLVM backend and ptxas run here). A batch-1
+GEMV must issue few instructions a weight to keep up with memory: at copy bandwidth B, bytes per weight b and an
+issue rate I (SMs × 4 schedulers × 32 lanes × clock), the budget is I·b / B instructions a weight; above it the
+kernel is bound by issue, not by memory.
 
-    python benchmarks/kernel_ptx.py --tag s19 [--rows 27648 --cols 5120] [--arch 90]
+    python benchmarks/kernel_ptx.py --tag s20 [--rows 27648 --cols 5120] [--arch 90]
 
-Counts are PTX instructions in the innermost loop (ptxas fuses some, e.g. and + or into one lop3, so SASS is a bit
-fewer), per thread per iteration, times threads / weights per iteration. Each kernel at the runtime's launch for the
-shape (`packed.gemv_config`), the int8 one at gemv_q8's."""
+Counts are instructions in the innermost loop (PTX; SASS: ptxas fuses some, e.g. and + or into one lop3), per thread
+per iteration, times threads / weights per iteration. The model adds what the count alone misses: registers limit
+the programs resident on a SM, which limits the bytes in flight (Little's law) and leaves a partial last wave. Each
+kernel at the runtime's launch for the shape (`packed.gemv_config`), the int8 ones at gemv_q8's."""
 
 from __future__ import annotations
 
@@ -34,6 +36,9 @@ from twinquant.formats.ggml.packed import KERNEL_TYPES, QK_K, _gemv_config, gemv
 # issue-rate assumption for the budget column: H100 SXM (132 SMs, 1.98 GHz boost), copy as measured on it
 # (gemv_configs_s17-h100.md: 3041 GB/s)
 SMS, CLOCK_GHZ, COPY_GBS = 132, 1.98, 3041.0
+# loaded DRAM latency assumed for Little's law (H100 HBM3 measures ~500-700 ns under load); bytes a SM must keep in
+# flight = COPY_GBS x LATENCY_NS / SMS (~14 KB)
+LATENCY_NS = 600.0
 CATEGORIES = {"load": ("ld.",), "shuffle": ("shfl",), "convert": ("cvt",), "float": (".f32", ".f16", ".f64"),
               "dp4a": ("dp4a",)}
 
@@ -50,14 +55,56 @@ def int_args(rows: int, cols: int) -> dict:
             "stride_xs": cols // 16}
 
 
-def compile_ptx(fn, sig: dict, consts: dict, warps: int, arch: int, ints: dict | None = None) -> str:
-    """PTX of fn for sm_`arch`; pointers and the integer arguments in `ints` divisible by 16 marked so, as Triton
-    marks them at such a launch."""
+def compile_kernel(fn, sig: dict, consts: dict, warps: int, arch: int, ints: dict | None = None):
+    """fn compiled for sm_`arch` (its .asm holds the PTX and the cubin); pointers and the integer arguments in `ints`
+    divisible by 16 marked so, as Triton marks them at such a launch."""
     ints = ints or {}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(sig)
              if sig[n].startswith("*") or (n in ints and ints[n] % 16 == 0)}
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps}).asm["ptx"]
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+
+
+def compile_ptx(fn, sig: dict, consts: dict, warps: int, arch: int, ints: dict | None = None) -> str:
+    return compile_kernel(fn, sig, consts, warps, arch, ints).asm["ptx"]
+
+
+def _nv_tool(name: str) -> str:
+    """One of the CUDA binary tools Triton's wheel ships (nvdisasm, cuobjdump)."""
+    import triton.backends.nvidia as nv
+
+    return str(Path(nv.__file__).parent / "bin" / name)
+
+
+def sass_loop_and_registers(cubin: bytes) -> tuple[list[str], int]:
+    """The SASS of the longest loop body (a backward branch to a label) and the registers a thread uses, from the
+    machine code ptxas made (what the GPU runs: ptxas fuses and schedules, so it is the count that matters)."""
+    import subprocess
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([_nv_tool("nvdisasm"), "-c", f.name], capture_output=True, text=True,
+                              check=True).stdout.splitlines()
+        usage = subprocess.run([_nv_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+    regs = int(re.search(r"REG:(\d+)", usage).group(1))
+    labels = {ln.strip().rstrip(":"): i for i, ln in enumerate(sass) if re.match(r"^\.L_x_\d+:", ln.strip())}
+    best: list[str] = []
+    for i, ln in enumerate(sass):
+        m = re.search(r"BRA\s+`\((\.L_x_\d+)\)", ln)
+        if m and labels.get(m.group(1), i + 1) < i:
+            body = [e for e in sass[labels[m.group(1)]:i + 1] if re.match(r"^\s*/\*[0-9a-f]+\*/", e)]
+            best = max(best, body, key=len)
+    return best, regs
+
+
+def occupancy(regs: int, warps: int) -> int:
+    """Resident programs per SM on sm_90: 64K registers (allocated per warp in units of 256), 64 warps, 32 blocks;
+    shared memory is not the limit for these kernels (a few KB)."""
+    per_warp = -(-regs * 32 // 256) * 256
+    return max(0, min(65536 // (per_warp * warps), 64 // warps, 32))
 
 
 def innermost_loop(ptx: str) -> list[str]:
@@ -123,38 +170,54 @@ def kernels(rows: int, cols: int, K=K, iq: bool = True):
 
 
 def measure(rows: int, cols: int, arch: int, K=K) -> list[dict]:
-    """Each kernel's counts; K: the triton_kquants module to take the K-quant kernels from (the i-quant group
-    kernels only with the tree's)."""
+    """Each kernel's counts and static model; K: the triton_kquants module to take the K-quant kernels from (the
+    i-quant group kernels only with the tree's)."""
     out = []
     for name, t, fn, sig, consts, cfg, per_iter in kernels(rows, cols, K, iq=K is DEFAULT_K):
-        warps = cfg[3]
+        br, warps, split = cfg[0], cfg[3], cfg[2]
         ints = int_args(rows, cols)
         ints["row_bytes"] = cols // QK_K * KERNEL_TYPES[t][1]
         ints["row_halves"] = ints["row_bytes"] // 2
-        body = innermost_loop(compile_ptx(fn, sig, consts, warps, arch, ints))
+        k = compile_kernel(fn, sig, consts, warps, arch, ints)
+        body = innermost_loop(k.asm["ptx"])
+        sass, regs = sass_loop_and_registers(k.asm["cubin"])
         ops = collections.Counter(opcode(e) for e in body)
         per_weight = len(body) * 32 * warps / per_iter
+        sass_per_weight = len(sass) * 32 * warps / per_iter
         cats = {c: sum(n for op, n in ops.items() if any(k in op for k in keys)) * 32 * warps / per_iter
                 for c, keys in CATEGORIES.items()}
         bpw = KERNEL_TYPES[t][1] / QK_K * 8
         budget = SMS * 4 * 32 * CLOCK_GHZ * 1e9 * (bpw / 8) / (COPY_GBS * 1e9)
+        # the static model: issue (SASS a weight vs budget), memory-level parallelism (one iteration's weight bytes
+        # in flight per resident program, against bandwidth x latency per SM: Little's law) and the last wave
+        per_sm = occupancy(regs, warps)
+        grid = -(-rows // br) * split
+        slots = per_sm * SMS
+        wave_eff = grid / (-(-grid // slots) * slots) if slots else 0.0
+        in_flight = min(per_sm, grid / SMS) * per_iter * bpw / 8
+        mlp = min(1.0, in_flight / (COPY_GBS * LATENCY_NS / SMS))
+        issue = min(1.0, budget / sass_per_weight)
         out.append({"kernel": name, "type": t, "bpw": bpw, "config": list(cfg), "instructions_per_iteration":
                     len(body), "weights_per_iteration": per_iter, "threads": 32 * warps,
                     "instructions_per_weight": per_weight, "by_category_per_weight": cats,
+                    "sass_per_weight": sass_per_weight, "registers": regs, "programs_per_sm": per_sm,
+                    "grid": grid, "wave_efficiency": wave_eff, "bytes_in_flight_per_sm": in_flight,
+                    "issue_bound": issue, "mlp_bound": mlp, "model_pct_copy": 100 * wave_eff * min(issue, mlp),
                     "budget_per_weight": budget, "top": ops.most_common(8)})
-        print(f"{name:22s} {tuple(cfg)}: {per_weight:6.2f} instr/weight (budget {budget:.1f}); "
-              + ", ".join(f"{k} {v:.2f}" for k, v in cats.items()), flush=True)
+        print(f"{name:22s} {tuple(cfg)}: {per_weight:6.2f} PTX / {sass_per_weight:5.2f} SASS a weight (budget "
+              f"{budget:.1f}); {regs} regs, {per_sm} programs/SM, waves {wave_eff:.2f}, {in_flight / 1024:.1f} KB "
+              f"in flight/SM -> model {100 * wave_eff * min(issue, mlp):.0f}% of copy", flush=True)
     return out
 
 
 def add_measured(res: dict, path: Path, base: list[dict] | None = None) -> None:
     """Each kernel's measured % of copy at this shape from a `gemv_configs.py` results file (its best launch, which
-    the runtime's table holds), and measured / issue bound (min(1, budget / instructions) of copy), the
-    instructions counted on the kernels the sweep ran (`base`: those of its commit) where given."""
+    the runtime's table holds), and measured / model, the model of the kernels the sweep ran (`base`: those of
+    its commit) where given."""
     sweep = json.loads(path.read_text())
-    counted = {r["kernel"]: r["instructions_per_weight"] for r in base or []}
+    modelled = {r["kernel"]: r for r in base or []}
     kernel_of = {"Q2_K": "byte-order Q2_K", "Q3_K:bytes": "byte-order Q3_K", "IQ2_XS:bytes": "group IQ2_XS",
-                 "IQ2_XXS:bytes": "group IQ2_XXS",
+                 "IQ2_XXS:bytes": "group IQ2_XXS", "Q2_K:q8words": "int8 x (dp4a) word-lane Q2_K",
                  **{f"{t}:words": f"word-lane {t}" for t in ("Q2_K", "Q3_K", "Q6_K")}}
     for b in sweep["best"]:
         if [b["rows"], b["cols"]] != res["shape"]:
@@ -162,32 +225,39 @@ def add_measured(res: dict, path: Path, base: list[dict] | None = None) -> None:
         name = kernel_of.get(b["type"], f"generic {b['type']}")
         for r in res["kernels"]:
             if r["kernel"] == name:
+                m = modelled.get(name, r)
                 r["measured_pct_copy"] = b["pct_copy"]
                 r["measured_config"] = b["config"]
-                n = counted.get(name, r["instructions_per_weight"])
-                r["measured_kernel_instructions_per_weight"] = n
-                r["measured_over_issue_bound"] = b["pct_copy"] / 100 / min(1.0, r["budget_per_weight"] / n)
+                r["measured_kernel_model_pct_copy"] = m["model_pct_copy"]
+                r["measured_over_model"] = b["pct_copy"] / m["model_pct_copy"]
     res["measured_from"] = f"{path.name} ({sweep['machine'].get('gpu')}, commit {sweep['commit'][:7]})"
 
 
 def markdown(res: dict) -> str:
-    out = [f"# GEMV kernels: PTX instructions per weight ({res['tag']})", "",
+    out = [f"# GEMV kernels: instructions per weight and a static model ({res['tag']})", "",
            f"`{res['command']}` at {res['commit']}; Triton {res['triton']}, sm_{res['arch']}; shape "
            f"{res['shape'][0]}x{res['shape'][1]}; budget = instructions a weight at copy bandwidth ({COPY_GBS:.0f} "
            f"GB/s) for an H100 SXM issuing {SMS}×4×32 lanes at {CLOCK_GHZ} GHz", "",
-           "| kernel | launch (BR, U, split, warps) | instr / weight | loads | shuffles | float | conversions | "
-           "budget | over budget | measured % copy | measured / issue bound |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| kernel | launch (BR, U, split, warps) | PTX / weight | SASS / weight | budget | registers | "
+           "programs / SM | last-wave efficiency | KB in flight / SM | model % copy | measured % copy | "
+           "measured / model |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["kernels"]:
-        c = r["by_category_per_weight"]
-        out.append(f"| {r['kernel']} | {tuple(r['config'])} | {r['instructions_per_weight']:.2f} | {c['load']:.2f} | "
-                   f"{c['shuffle']:.2f} | {c['float']:.2f} | {c['convert']:.2f} | {r['budget_per_weight']:.1f} | "
-                   f"{r['instructions_per_weight'] / r['budget_per_weight']:.1f}x | "
-                   + (f"{r['measured_pct_copy']:.1f} | {r['measured_over_issue_bound']:.2f} |"
+        out.append(f"| {r['kernel']} | {tuple(r['config'])} | {r['instructions_per_weight']:.2f} | "
+                   f"{r['sass_per_weight']:.2f} | {r['budget_per_weight']:.1f} | {r['registers']} | "
+                   f"{r['programs_per_sm']} | {r['wave_efficiency']:.2f} | "
+                   f"{r['bytes_in_flight_per_sm'] / 1024:.1f} | "
+                   f"{r['model_pct_copy']:.0f} | "
+                   + (f"{r['measured_pct_copy']:.1f} | {r['measured_over_model']:.2f} |"
                       if "measured_pct_copy" in r else "– | – |"))
+    out += ["", "model % copy = last-wave efficiency × min(issue bound, memory-level-parallelism bound): "
+            "issue bound = min(1, budget / SASS a weight); MLP bound = min(1, one iteration's weight bytes of every "
+            f"resident program / ({COPY_GBS:.0f} GB/s × {LATENCY_NS:.0f} ns / {SMS} SMs)); "
+            "last-wave efficiency = programs / (waves rounded up × resident programs); "
+            "registers and SASS from the cubin ptxas made (nvdisasm, cuobjdump of Triton's wheel)"]
     if res.get("measured_from"):
-        out += ["", f"measured: {res['measured_from']}; issue bound = min(1, budget / instructions) of copy, the "
-                f"instructions of the kernels measured ({res.get('base_kernels', 'these')})"]
+        out += ["", f"measured: {res['measured_from']}; the model of the kernels measured "
+                f"({res.get('base_kernels', 'these')})"]
     return "\n".join(out) + "\n"
 
 
@@ -198,15 +268,20 @@ def plot(res: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = res["kernels"]
-    fig, ax = plt.subplots(figsize=(10, 4.5))
-    xs = range(len(rows))
-    ax.bar(list(xs), [r["instructions_per_weight"] for r in rows], 0.6, label="PTX instructions a weight")
-    ax.scatter(list(xs), [r["budget_per_weight"] for r in rows], color="k", marker="_", s=400, zorder=3,
+    xs = list(range(len(rows)))
+    fig, (ax, bx) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
+    ax.bar([x - 0.2 for x in xs], [r["instructions_per_weight"] for r in rows], 0.4, label="PTX")
+    ax.bar([x + 0.2 for x in xs], [r["sass_per_weight"] for r in rows], 0.4, label="SASS")
+    ax.scatter(xs, [r["budget_per_weight"] for r in rows], color="k", marker="_", s=400, zorder=3,
                label="budget at copy bandwidth (H100)")
-    ax.set_xticks(list(xs), [r["kernel"] for r in rows], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("instructions per weight (innermost loop)")
-    ax.set_title(f"GEMV {res['shape'][0]}x{res['shape'][1]}: PTX for sm_{res['arch']}, Triton {res['triton']}")
+    ax.set_ylabel("instructions a weight (loop)")
+    ax.set_title(f"GEMV {res['shape'][0]}x{res['shape'][1]}: sm_{res['arch']}, Triton {res['triton']}")
     ax.legend()
+    bx.bar([x - 0.2 for x in xs], [r["model_pct_copy"] for r in rows], 0.4, label="static model")
+    bx.bar([x + 0.2 for x in xs], [r.get("measured_pct_copy", 0) for r in rows], 0.4, label="measured (H100)")
+    bx.set_ylabel("% of copy bandwidth")
+    bx.set_xticks(xs, [r["kernel"] for r in rows], rotation=30, ha="right", fontsize=8)
+    bx.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
