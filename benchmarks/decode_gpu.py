@@ -15,12 +15,15 @@ type's efficiency from files of that type alone at the 1.5B / 7B / 32B widths, t
 llama-quantize's mixes predicted with those figures and measured (`--refit` redoes the fit from a results file).
 
     python benchmarks/decode_gpu.py --tag h200 --llama-bench BUILD/bin/llama-bench
+    python benchmarks/decode_gpu.py --tag h100-kernels --variants twinquant_packed_graph \
+        --settings TWINQUANT_WORDS=Q2_K,Q3_K,Q6_K 'TWINQUANT_WORDS=Q3_K,Q6_K TWINQUANT_Q8=Q2_K' --llama-bench ...
     python benchmarks/decode_gpu.py --tag h100-roofline --roofline --llama-bench BUILD/bin/llama-bench
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -327,9 +330,12 @@ def markdown(res: dict) -> str:
     for run in res["runs"]:
         ll = run["llamacpp"].get("tokens_per_s")
         exp = run["roofline"]["expected_tps"]
-        for k, label in [*LABELS.items(), ("llamacpp", "llama.cpp CUDA")]:
+        keys = [*LABELS, *(k for k in run if k.startswith("twinquant_packed") and ":" in k), "llamacpp"]
+        for k in keys:
             if k not in run:
                 continue
+            label = ("llama.cpp CUDA" if k == "llamacpp" else LABELS.get(k) or
+                     f"{LABELS[k.split(':')[0]]}, {k.split(':', 1)[1]}")
             tps = run[k].get("tokens_per_s")
             head = f"| {run['shape']} | {run['file_bytes'] / 1e6:.0f} | {run['file_bpw']:.3f} | {label} |"
             if tps is None:
@@ -337,6 +343,25 @@ def markdown(res: dict) -> str:
             else:
                 lines.append(f"{head} {tps:.1f} | {f'{tps / ll:.2f}x' if ll else '-'} | {tps / exp:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+@contextlib.contextmanager
+def settings(spec: str):
+    """The environment with the settings "K=V K=V" (e.g. TWINQUANT_WORDS=Q2_K,Q3_K TWINQUANT_Q8=Q2_K: which GEMV
+    kernels the runtime takes) for the length of the block."""
+    import os
+
+    pairs = dict(p.split("=", 1) for p in spec.split())
+    old = {k: os.environ.get(k) for k in pairs}
+    os.environ.update(pairs)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
 
 
 def one_shape(a, shape: str, work: Path) -> dict:
@@ -350,11 +375,15 @@ def one_shape(a, shape: str, work: Path) -> dict:
     run["file_bpw"] = 8 * sum(m.source.info(n).nbytes for n in m.tensor_names()) / rf.n_weights(m.spec)
     gpu = "h200" if torch.cuda.is_available() and "H200" in torch.cuda.get_device_name(0) else "h100"
     run["roofline"] = rf.predict(rf.file_token_bytes(m, a.tokens), gpu).to_dict()
-    for k, packed, graphs in VARIANTS:
+    runs = [(k, packed, graphs, "") for k, packed, graphs in VARIANTS if k in a.variants]
+    cuda = a.device.startswith("cuda")          # the settings' runs take CUDA graphs where there are any
+    runs += [(f"twinquant_packed{'_graph' if cuda else ''}:{st}", True, cuda, st) for st in a.settings]
+    for k, packed, graphs, setting in runs:
         if graphs and not a.device.startswith("cuda"):
             continue
         try:
-            run[k] = twinquant_decode(path, a.tokens, packed, a.device, graphs)
+            with settings(setting):
+                run[k] = twinquant_decode(path, a.tokens, packed, a.device, graphs)
         except Exception as e:
             run[k] = {"error": str(e).splitlines()[0][:300]}
         print(shape, k, run[k], flush=True)
@@ -370,6 +399,11 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--mix", default="llama.cpp:Q2_K", help="the decode files' mix: llama.cpp:MIX or pure:TYPE")
     ap.add_argument("--llama-bench")
+    ap.add_argument("--variants", nargs="+", choices=[v[0] for v in VARIANTS], default=[v[0] for v in VARIANTS],
+                    help="twinquant's runs (default all four)")
+    ap.add_argument("--settings", nargs="*", default=[], metavar="'K=V ...'",
+                    help="more packed CUDA-graph runs, each with these TWINQUANT_* settings (e.g. "
+                    "'TWINQUANT_WORDS=Q2_K,Q3_K,Q6_K', 'TWINQUANT_Q8=Q2_K'): kernels side by side in one run")
     ap.add_argument("--roofline", action="store_true", help="fit and check `twinquant roofline` for this GPU "
                     "(llama.cpp only; needs --llama-bench)")
     ap.add_argument("--validate", action="store_true", help="measure the whole files only and check the runtime's "

@@ -163,10 +163,14 @@ def kernels(rows: int, cols: int, K=K, iq: bool = True):
            "stride_ym": "i32"}
     yield ("int8 x (dp4a) Q2_K", "Q2_K", K.gemv_q2k_q8_kernel, sig, dict(BR=br, SPLIT=split, ASM=True),
            (br, 1, split, 2), br * QK_K)
-    if hasattr(K, "gemv_q2k_q8_words_kernel"):
+    fn = getattr(K, "gemv_q2k_q8_words_kernel", None)
+    if fn is not None:
         c = gemv_config("Q2_K:q8words", rows, nb)
-        yield ("int8 x (dp4a) word-lane Q2_K", "Q2_K", K.gemv_q2k_q8_words_kernel, sig,
-               dict(BR=c.br, U=c.u, SPLIT=c.split, ASM=True), c, c.br * c.u * QK_K)
+        consts = dict(BR=c.br, U=c.u, SPLIT=c.split, ASM=True)
+        if "b_ptr" in fn.arg_names:       # a bias since s20
+            sig = dict([*list(sig.items())[:5], ("b_ptr", "*fp32"), *list(sig.items())[5:]])
+            consts["HAS_BIAS"] = False
+        yield ("int8 x (dp4a) word-lane Q2_K", "Q2_K", fn, sig, consts, c, c.br * c.u * QK_K)
 
 
 def measure(rows: int, cols: int, arch: int, K=K) -> list[dict]:

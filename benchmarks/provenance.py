@@ -73,6 +73,8 @@ def machine() -> dict:
 
 
 def record(**fields) -> dict:
-    """The provenance block of a results file: the command line, commit, versions, machine, plus `fields`."""
-    return {"command": " ".join([Path(sys.executable).name, *sys.argv]), "commit": git_commit(),
+    """The provenance block of a results file: the command line (with the TWINQUANT_* settings that change which
+    kernels run, e.g. TWINQUANT_WORDS, TWINQUANT_Q8), commit, versions, machine, plus `fields`."""
+    env = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("TWINQUANT_") and k != "TWINQUANT_COMMIT"]
+    return {"command": " ".join([*env, Path(sys.executable).name, *sys.argv]), "commit": git_commit(),
             "versions": versions(), "machine": machine(), **fields}

@@ -191,8 +191,51 @@ def test_int8_activation_gemv_computes_llama_cpp_arithmetic_exactly(device):
         assert (y - want).abs().max() <= 1e-6 * want.abs().max()
     exact = x.double() @ reference("Q2_K", data).double().T                       # and close to the float product
     assert (got - exact).abs().max() <= 2e-2 * exact.abs().max()
+    b = torch.randn(rows, generator=torch.Generator().manual_seed(5))
+    for c in (GemvConfig(16, 2, 1, 4), GemvConfig(16, 2, 4, 4)):                 # stored once; split: atomics
+        yb = gemv_q8(x.to(device), w, words=True, config=c, bias=b.to(device), out_dtype=torch.float16)
+        assert yb.dtype == torch.float16
+        torch.testing.assert_close(yb.cpu().double(), (want + b.double()).half().double(), rtol=2e-3, atol=2e-3)
     with pytest.raises(TwinquantError, match="only Q2_K"):
         gemv_q8(x.to(device), PackedWeight.from_bytes("Q4_K", random_blocks("Q4_K", 8, 256), 256, device))
+    with pytest.raises(TwinquantError, match="word-lane kernel adds a bias"):
+        gemv_q8(x.to(device), w, bias=b.to(device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_twinquant_q8_sends_the_runtime_products_through_int8_activations(device, monkeypatch):
+    """TWINQUANT_Q8=Q2_K: qlinear quantizes x to int8 per 32 and runs the word-lane dp4a kernel (llama.cpp's
+    arithmetic, with the bias and x's dtype), other types keep the float kernels; unset, the float kernel again."""
+    from twinquant.formats.ggml import triton_kquants
+    from twinquant.formats.ggml.packed import gemv_q8, q8_default, qlinear
+
+    calls = []
+    real = triton_kquants.gemv_q2k_q8_words_kernel
+
+    class Spy:                                      # kernel[grid](...) launches: count them
+        def __getitem__(self, grid):
+            calls.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(triton_kquants, "gemv_q2k_q8_words_kernel", Spy())
+    w = PackedWeight.from_bytes("Q2_K", random_blocks("Q2_K", 37, 512, seed=6), 512, device)
+    w6 = PackedWeight.from_bytes("Q6_K", random_blocks("Q6_K", 9, 512, seed=6), 512, device)
+    x = torch.randn(3, 1, 512, generator=torch.Generator().manual_seed(7)).to(device)
+    b = torch.randn(37, generator=torch.Generator().manual_seed(8)).to(device)
+    exact = qlinear(x, w, b)
+    monkeypatch.setenv("TWINQUANT_Q8", "Q2_K,Q6_K")
+    assert q8_default() == ("Q2_K",)
+    y = qlinear(x, w, b)
+    assert len(calls) == 1 and y.shape == (3, 1, 37)
+    torch.testing.assert_close(y.reshape(3, 37), gemv_q8(x.reshape(3, 512), w, words=True, bias=b), rtol=0, atol=0)
+    assert len(calls) == 2
+    torch.testing.assert_close(y, exact, rtol=0.05, atol=0.05 * exact.abs().max().item())
+    assert not torch.equal(y, exact)                # int8 x: not the float product
+    qlinear(x, w6)
+    assert len(calls) == 2                          # Q6_K has no int8 kernel: the float one
+    monkeypatch.delenv("TWINQUANT_Q8")
+    torch.testing.assert_close(qlinear(x, w, b), exact, rtol=0, atol=0)
+    assert len(calls) == 2
 
 
 @pytest.mark.parametrize("device", DEVICES)

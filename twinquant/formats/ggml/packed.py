@@ -178,9 +178,25 @@ BYTE_ORDER_DEFAULT = ("Q2_K",)
 WORDS_TYPES = ("Q2_K", "Q3_K", "Q6_K")
 
 
+@functools.lru_cache(maxsize=64)
+def _listed(value: str, types: tuple[str, ...]) -> tuple[str, ...]:
+    """The types of `types` named in a comma-separated setting (cached: every GEMV asks)."""
+    return tuple(t for t in value.split(",") if t in types)
+
+
 def words_default() -> tuple[str, ...]:
     """The types gemv sends to their word-lane kernel when not told: those in TWINQUANT_WORDS (comma-separated)."""
-    return tuple(t for t in os.environ.get("TWINQUANT_WORDS", "").split(",") if t in WORDS_TYPES)
+    return _listed(os.environ.get("TWINQUANT_WORDS", ""), WORDS_TYPES)
+
+
+# the types whose runtime GEMV quantizes x to int8 first (llama.cpp's arithmetic, `gemv_q8`): none by default (it
+# is not the exact product); TWINQUANT_Q8=Q2_K does, to time a decode the way llama.cpp computes it
+Q8_TYPES = ("Q2_K",)
+
+
+def q8_default() -> tuple[str, ...]:
+    """The types qlinear sends through `gemv_q8` (word-lane kernel): those in TWINQUANT_Q8 (comma-separated)."""
+    return _listed(os.environ.get("TWINQUANT_Q8", ""), Q8_TYPES)
 
 
 def kernel_key(ggml_type: str, byte_order: bool | None = None, words: bool | None = None) -> str:
@@ -304,32 +320,42 @@ def quantize_q8(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 
 def gemv_q8(x2: torch.Tensor, w: PackedWeight, br: int = 64, split: int | None = None,
-            num_warps: int = 2, words: bool = False, config: GemvConfig | None = None) -> torch.Tensor:
-    """float32 [M, rows] ≈ x2 @ Wᵀ for a Q2_K weight with x2 quantized to int8 per 32 values (`quantize_q8`):
-    llama.cpp's arithmetic (its CUDA GEMV quantizes activations to q8_1 the same way), dp4a products on CUDA. Not
-    the runtime's exact path: x's int8 rounding costs ~0.4% relative error per dot product. `words`: the kernel
-    whose lanes own whole sub-blocks (`gemv_q2k_q8_words_kernel`; launch `config`, else the word-lane rule)."""
+            num_warps: int = 2, words: bool = False, config: GemvConfig | None = None,
+            bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[M, rows] ≈ x2 @ Wᵀ (+ bias) in out_dtype for a Q2_K weight with x2 quantized to int8 per 32 values
+    (`quantize_q8`): llama.cpp's arithmetic (its CUDA GEMV quantizes activations to q8_1 the same way), dp4a
+    products on CUDA. Not the runtime's exact path: x's int8 rounding costs ~0.4% relative error per dot product
+    (`TWINQUANT_Q8=Q2_K` makes it the runtime's, `q8_default`). `words`: the kernel whose lanes own whole
+    sub-blocks (`gemv_q2k_q8_words_kernel`; launch `config`, else the word-lane rule; it alone takes a bias and
+    out_dtype, the other kernel returns float32 and refuses a bias)."""
     from twinquant.formats.ggml.triton_kquants import gemv_q2k_q8_kernel, gemv_q2k_q8_words_kernel
 
     if w.ggml_type != "Q2_K":
         raise TwinquantError(f"gemv_q8: only Q2_K has an int8 kernel (got {w.ggml_type})")
+    if bias is not None and not words:
+        raise TwinquantError("gemv_q8: only the word-lane kernel adds a bias (words=True)")
     xq, xd, xs = quantize_q8(x2)
     nb = w.cols // QK_K
+    asm = w.data.is_cuda and not interpreted()
+    if words:
+        c = config or gemv_config("Q2_K:q8words", w.rows, nb)
+        # a split adds partial sums atomically: into zeroed float32; otherwise each output is stored once
+        y = (torch.zeros(x2.shape[0], w.rows, dtype=torch.float32, device=x2.device) if c.split > 1 else
+             torch.empty(x2.shape[0], w.rows, dtype=out_dtype, device=x2.device))
+        if x2.shape[0]:
+            gemv_q2k_q8_words_kernel[(-(-w.rows // c.br), x2.shape[0], c.split)](
+                w.data.view(torch.int32), xq, xd, xs, y, bias if bias is not None else y, w.rows, nb,
+                w.data.shape[1] // 4, xq.stride(0), xd.stride(0), xs.stride(0), y.stride(0), BR=c.br, U=c.u,
+                SPLIT=c.split, ASM=asm, HAS_BIAS=bias is not None, num_warps=c.warps)
+        return y.to(out_dtype)
     y = torch.zeros(x2.shape[0], w.rows, dtype=torch.float32, device=x2.device)
     if not x2.shape[0]:
         return y
-    asm = w.data.is_cuda and not interpreted()
-    args = (w.data.view(torch.int32), xq, xd, xs, y, w.rows, nb, w.data.shape[1] // 4, xq.stride(0), xd.stride(0),
-            xs.stride(0), y.stride(0))
-    if words:
-        c = config or gemv_config("Q2_K:q8words", w.rows, nb)
-        gemv_q2k_q8_words_kernel[(-(-w.rows // c.br), x2.shape[0], c.split)](*args, BR=c.br, U=c.u, SPLIT=c.split,
-                                                                           ASM=asm, num_warps=c.warps)
-        return y
     if split is None:
         br, split = _gemv_config(w.rows, nb, br, max_split=8)
-    gemv_q2k_q8_kernel[(-(-w.rows // br), x2.shape[0], split)](*args, BR=br, SPLIT=split, ASM=asm,
-                                                               num_warps=num_warps)
+    gemv_q2k_q8_kernel[(-(-w.rows // br), x2.shape[0], split)](
+        w.data.view(torch.int32), xq, xd, xs, y, w.rows, nb, w.data.shape[1] // 4, xq.stride(0), xd.stride(0),
+        xs.stride(0), y.stride(0), BR=br, SPLIT=split, ASM=asm, num_warps=num_warps)
     return y
 
 
@@ -366,7 +392,8 @@ def gemm_i8(x2: torch.Tensor, w: PackedWeight, bm: int = 64, bn: int = 64, num_w
 
 
 def qlinear(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, W, bias) with W read from its packed bytes; float32 accumulation, x's dtype out."""
+    """F.linear(x, W, bias) with W read from its packed bytes; float32 accumulation, x's dtype out (a type in
+    TWINQUANT_Q8 with x rounded to int8 per 32 first, llama.cpp's arithmetic: `gemv_q8`)."""
     if x.shape[-1] != w.cols:
         raise TwinquantError(f"qlinear: input width {x.shape[-1]} does not match the weight's {w.cols}")
     if not runs_triton(w.data):
@@ -375,6 +402,8 @@ def qlinear(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None) 
     x2 = x.reshape(-1, w.cols)
     if x2.shape[0] > GEMV_MAX_ROWS:
         y = F.linear(x2, dequantize(w, x.dtype), bias)
+    elif w.ggml_type in q8_default():
+        y = gemv_q8(x2, w, words=True, bias=bias, out_dtype=x.dtype)
     else:
         y = gemv(x2, w, bias, x.dtype)
     return y.reshape(*lead, w.rows)

@@ -386,14 +386,15 @@ def gemv_q2k_q8_kernel(w_ptr, xq_ptr, xd_ptr, xs_ptr, y_ptr, R, NB, row_words, s
 
 
 @triton.jit
-def gemv_q2k_q8_words_kernel(w_ptr, xq_ptr, xd_ptr, xs_ptr, y_ptr, R, NB, row_words, stride_xq, stride_xd,
-                             stride_xs, stride_ym, BR: tl.constexpr, U: tl.constexpr, SPLIT: tl.constexpr,
-                             ASM: tl.constexpr):
+def gemv_q2k_q8_words_kernel(w_ptr, xq_ptr, xd_ptr, xs_ptr, y_ptr, b_ptr, R, NB, row_words, stride_xq,
+                             stride_xd, stride_xs, stride_ym, BR: tl.constexpr, U: tl.constexpr, SPLIT: tl.constexpr,
+                             ASM: tl.constexpr, HAS_BIAS: tl.constexpr):
     """`gemv_q2k_q8_kernel`'s arithmetic (Q2_K × int8 x per 32, dp4a) with `gemv_q2k_words_kernel`'s lanes: lane
     (row, super-block, g = 2h + q) owns code words 4g..4g+3, so for each j its 4 words masked to shift 2j times the
     4 int8 x words 32h + 8j + 4q + 0..3 (one 16-byte load) are sub-block 8h + 2j + q's integer dot in 4 dp4a; then
     d·sc·xd·Σ − dmin·m·xs per sub-block (xd: x's scale per 32, block 4h + j; xs: x's float sum per 16). No sums
-    across lanes inside the loop, no masked loads (rows and super-blocks past the end as in the word-lane kernel)."""
+    across lanes inside the loop, no masked loads (rows and super-blocks past the end as in the word-lane kernel).
+    The bias and the output dtype as in `gemv_kernel`."""
     m, part, rows, g, u, row_base, _ = _word_lanes(w_ptr, xq_ptr, stride_xq, R, row_words, BR, U)
     h = g // 2
     q = g % 2
@@ -424,7 +425,7 @@ def gemv_q2k_q8_words_kernel(w_ptr, xq_ptr, xd_ptr, xs_ptr, y_ptr, R, NB, row_wo
             am += _uf(sb >> 4, 4) * xs
         sums = _half(dd & 0xFFFF) * aq - _half((dd >> 16) & 0xFFFF) * am
         acc += tl.where(b0 + u < NB, sums, 0.0)
-    _store_rows(y_ptr + m * stride_ym, rows, tl.sum(tl.sum(acc, axis=2), axis=1), R, SPLIT, y_ptr, 0, False)
+    _store_rows(y_ptr + m * stride_ym, rows, tl.sum(tl.sum(acc, axis=2), axis=1), R, SPLIT, b_ptr, part, HAS_BIAS)
 
 
 @triton.jit
