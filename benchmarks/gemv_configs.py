@@ -152,6 +152,19 @@ def launch_table(res: dict) -> dict:
             "commit": res["commit"], "launches": launches}
 
 
+def merge_tables(old: dict, new: dict) -> dict:
+    """The runtime's table with `new`'s launches over `old`'s for the same key and shape (a sweep of a few types or
+    shapes keeps the other entries); `sources` says where each key's entries came from."""
+    launches = {k: list(v) for k, v in old.get("launches", {}).items()}
+    sources = dict(old.get("sources") or {k: old.get("source") for k in launches})
+    for key, entries in new["launches"].items():
+        shapes = {tuple(e[:2]) for e in entries}
+        launches[key] = sorted([e for e in launches.get(key, []) if tuple(e[:2]) not in shapes] + entries)
+        sources[key] = f"{new['source']} ({new.get('gpu')}, {str(new.get('commit'))[:7]})"
+    return {**{k: v for k, v in old.items() if k not in ("launches", "sources")}, "sources": sources,
+            "launches": launches}
+
+
 def markdown(res: dict) -> str:
     out = [f"# packed GEMV launch sweep at batch 1 ({res['tag']})", "",
            f"`{res['command']}` at {res['commit']}; {res['machine'].get('gpu')}; copy {res['copy_gbs']:.0f} GB/s; "
@@ -206,14 +219,17 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--procs", type=int, default=14, help="processes that compile the kernels first")
     ap.add_argument("--warm-part", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--emit-table", metavar="JSON", help="write the runtime's launch table from a sweep's results "
-                    "file (to twinquant/formats/ggml/gemv_launches.json) and stop")
+    ap.add_argument("--emit-table", metavar="JSON", help="merge a sweep's best launches into the runtime's launch "
+                    "table (twinquant/formats/ggml/gemv_launches.json: its entries for the same type and shape "
+                    "replaced) and stop")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     a = ap.parse_args()
     if a.emit_table:
         from twinquant.formats.ggml.packed import LAUNCH_TABLE
 
-        LAUNCH_TABLE.write_text(json.dumps(launch_table(json.loads(Path(a.emit_table).read_text()))) + "\n")
+        sweep = json.loads(Path(a.emit_table).read_text())
+        table = merge_tables(json.loads(LAUNCH_TABLE.read_text()), launch_table(sweep))
+        LAUNCH_TABLE.write_text(json.dumps(table) + "\n")
         return print(f"wrote {LAUNCH_TABLE}")
     if not torch.cuda.is_available():
         raise SystemExit("gemv_configs: needs a CUDA GPU")

@@ -138,18 +138,10 @@ def kernels(rows: int, cols: int, K=K, iq: bool = True):
         c = gemv_config(kernel_key(t, True), rows, nb)
         yield (f"byte-order {t}", t, K.gemv_bytes_kernel, {**W, **DIMS},
                dict(TYPE=KERNEL_TYPES[t][0], BR=c.br, U=c.u, SPLIT=c.split, HAS_BIAS=False), c, c.br * c.u * QK_K)
-    c = gemv_config(kernel_key("Q2_K", words=True), rows, nb)
-    sig = {**W, "w_ptr": "*i32", **{k if k != "row_bytes" else "row_words": v for k, v in DIMS.items()}}
-    if hasattr(K, "gemv_q2k_words_kernel"):
-        yield ("word-lane Q2_K", "Q2_K", K.gemv_q2k_words_kernel, sig,
-               dict(BR=c.br, U=c.u, SPLIT=c.split, HAS_BIAS=False), c, c.br * c.u * QK_K)
-    sig = {**W, "w_ptr": "*i16", **{k if k != "row_bytes" else "row_halves": v for k, v in DIMS.items()}}
-    for t in ("Q3_K", "Q6_K"):
-        fn = getattr(K, f"gemv_q{t[1]}k_words_kernel", None)
-        if fn is not None:
-            c = gemv_config(kernel_key(t, words=True), rows, nb)
-            yield (f"word-lane {t}", t, fn, sig, dict(BR=c.br, U=c.u, SPLIT=c.split, HAS_BIAS=False), c,
-                   c.br * c.u * QK_K)
+    for spec in WORD_SPECS[:3]:
+        if hasattr(K, WORD_KERNELS[spec]):
+            c = gemv_config(spec, rows, nb)
+            yield (*word_kernel(spec, c, K), c, c.br * c.u * QK_K)
     from twinquant.formats.ggml.triton_iquants import gemv_iq2_kernel
 
     for t in ("IQ2_XXS", "IQ2_XS") if iq else ():
@@ -158,19 +150,56 @@ def kernels(rows: int, cols: int, K=K, iq: bool = True):
         yield (f"group {t}", t, gemv_iq2_kernel, {**W, "grid_ptr": "*fp32", "sign_ptr": "*i32", **DIMS},
                dict(TYPE=tid, BS=bs, BR=c.br, U=c.u, SPLIT=c.split, HAS_BIAS=False), c, c.br * c.u * QK_K)
     br, split = _gemv_config(rows, nb, 64, max_split=8)
-    sig = {"w_ptr": "*i32", "xq_ptr": "*i32", "xd_ptr": "*fp32", "xs_ptr": "*fp32", "y_ptr": "*fp32", "R": "i32",
-           "NB": "i32", "row_words": "i32", "stride_xq": "i32", "stride_xd": "i32", "stride_xs": "i32",
-           "stride_ym": "i32"}
-    yield ("int8 x (dp4a) Q2_K", "Q2_K", K.gemv_q2k_q8_kernel, sig, dict(BR=br, SPLIT=split, ASM=True),
+    yield ("int8 x (dp4a) Q2_K", "Q2_K", K.gemv_q2k_q8_kernel, Q8_SIG, dict(BR=br, SPLIT=split, ASM=True),
            (br, 1, split, 2), br * QK_K)
-    fn = getattr(K, "gemv_q2k_q8_words_kernel", None)
-    if fn is not None:
+    if hasattr(K, WORD_KERNELS["Q2_K:q8words"]):
         c = gemv_config("Q2_K:q8words", rows, nb)
-        consts = dict(BR=c.br, U=c.u, SPLIT=c.split, ASM=True)
+        yield (*word_kernel("Q2_K:q8words", c, K), c, c.br * c.u * QK_K)
+
+
+# the word-lane kernels by launch-table key (their launches the static model can pick: `--launches`)
+WORD_SPECS = ("Q2_K:words", "Q3_K:words", "Q6_K:words", "Q2_K:q8words")
+WORD_KERNELS = {"Q2_K:words": "gemv_q2k_words_kernel", "Q3_K:words": "gemv_q3k_words_kernel",
+                "Q6_K:words": "gemv_q6k_words_kernel", "Q2_K:q8words": "gemv_q2k_q8_words_kernel"}
+Q8_SIG = {"w_ptr": "*i32", "xq_ptr": "*i32", "xd_ptr": "*fp32", "xs_ptr": "*fp32", "y_ptr": "*fp32", "R": "i32",
+          "NB": "i32", "row_words": "i32", "stride_xq": "i32", "stride_xd": "i32", "stride_xs": "i32",
+          "stride_ym": "i32"}
+
+
+def word_kernel(spec: str, c, K=K) -> tuple:
+    """(name, type, kernel, signature, constexprs) of a word-lane kernel at launch c."""
+    t = spec.split(":")[0]
+    fn = getattr(K, WORD_KERNELS[spec])
+    if spec.endswith(":q8words"):
+        sig, consts = dict(Q8_SIG), dict(BR=c.br, U=c.u, SPLIT=c.split, ASM=True)
         if "b_ptr" in fn.arg_names:       # a bias since s20
             sig = dict([*list(sig.items())[:5], ("b_ptr", "*fp32"), *list(sig.items())[5:]])
             consts["HAS_BIAS"] = False
-        yield ("int8 x (dp4a) word-lane Q2_K", "Q2_K", fn, sig, consts, c, c.br * c.u * QK_K)
+        return "int8 x (dp4a) word-lane Q2_K", t, fn, sig, consts
+    row = "row_words" if t == "Q2_K" else "row_halves"        # Q3_K, Q6_K: read as 16-bit halves
+    sig = {**W, "w_ptr": "*i32" if t == "Q2_K" else "*i16", **{row if k == "row_bytes" else k: v
+                                                              for k, v in DIMS.items()}}
+    return f"word-lane {t}", t, fn, sig, dict(BR=c.br, U=c.u, SPLIT=c.split, HAS_BIAS=False)
+
+
+def budget(t: str) -> float:
+    """Instructions a weight of type t that keep up with copy bandwidth on the H100 (lanes issued per byte read)."""
+    return SMS * 4 * 32 * CLOCK_GHZ * 1e9 * (KERNEL_TYPES[t][1] / QK_K) / (COPY_GBS * 1e9)
+
+
+def static_model(rows: int, t: str, cfg, per_iter: int, sass_per_weight: float, regs: int) -> dict:
+    """Issue (SASS a weight vs the budget), memory-level parallelism (one iteration's weight bytes in flight per
+    resident program, against bandwidth × latency per SM: Little's law) and the last wave of a launch."""
+    br, split, warps = cfg[0], cfg[2], cfg[3]
+    per_sm = occupancy(regs, warps)
+    grid = -(-rows // br) * split
+    slots = per_sm * SMS
+    wave_eff = grid / (-(-grid // slots) * slots) if slots else 0.0
+    in_flight = min(per_sm, grid / SMS) * per_iter * KERNEL_TYPES[t][1] / QK_K
+    mlp = min(1.0, in_flight / (COPY_GBS * LATENCY_NS / SMS))
+    issue = min(1.0, budget(t) / sass_per_weight)
+    return {"programs_per_sm": per_sm, "grid": grid, "wave_efficiency": wave_eff, "bytes_in_flight_per_sm":
+            in_flight, "issue_bound": issue, "mlp_bound": mlp, "model_pct_copy": 100 * wave_eff * min(issue, mlp)}
 
 
 def measure(rows: int, cols: int, arch: int, K=K) -> list[dict]:
@@ -178,11 +207,8 @@ def measure(rows: int, cols: int, arch: int, K=K) -> list[dict]:
     i-quant group kernels only with the tree's)."""
     out = []
     for name, t, fn, sig, consts, cfg, per_iter in kernels(rows, cols, K, iq=K is DEFAULT_K):
-        br, warps, split = cfg[0], cfg[3], cfg[2]
-        ints = int_args(rows, cols)
-        ints["row_bytes"] = cols // QK_K * KERNEL_TYPES[t][1]
-        ints["row_halves"] = ints["row_bytes"] // 2
-        k = compile_kernel(fn, sig, consts, warps, arch, ints)
+        warps = cfg[3]
+        k = compile_kernel(fn, sig, consts, warps, arch, shape_ints(rows, cols, t))
         body = innermost_loop(k.asm["ptx"])
         sass, regs = sass_loop_and_registers(k.asm["cubin"])
         ops = collections.Counter(opcode(e) for e in body)
@@ -190,27 +216,50 @@ def measure(rows: int, cols: int, arch: int, K=K) -> list[dict]:
         sass_per_weight = len(sass) * 32 * warps / per_iter
         cats = {c: sum(n for op, n in ops.items() if any(k in op for k in keys)) * 32 * warps / per_iter
                 for c, keys in CATEGORIES.items()}
-        bpw = KERNEL_TYPES[t][1] / QK_K * 8
-        budget = SMS * 4 * 32 * CLOCK_GHZ * 1e9 * (bpw / 8) / (COPY_GBS * 1e9)
-        # the static model: issue (SASS a weight vs budget), memory-level parallelism (one iteration's weight bytes
-        # in flight per resident program, against bandwidth x latency per SM: Little's law) and the last wave
-        per_sm = occupancy(regs, warps)
-        grid = -(-rows // br) * split
-        slots = per_sm * SMS
-        wave_eff = grid / (-(-grid // slots) * slots) if slots else 0.0
-        in_flight = min(per_sm, grid / SMS) * per_iter * bpw / 8
-        mlp = min(1.0, in_flight / (COPY_GBS * LATENCY_NS / SMS))
-        issue = min(1.0, budget / sass_per_weight)
-        out.append({"kernel": name, "type": t, "bpw": bpw, "config": list(cfg), "instructions_per_iteration":
-                    len(body), "weights_per_iteration": per_iter, "threads": 32 * warps,
-                    "instructions_per_weight": per_weight, "by_category_per_weight": cats,
-                    "sass_per_weight": sass_per_weight, "registers": regs, "programs_per_sm": per_sm,
-                    "grid": grid, "wave_efficiency": wave_eff, "bytes_in_flight_per_sm": in_flight,
-                    "issue_bound": issue, "mlp_bound": mlp, "model_pct_copy": 100 * wave_eff * min(issue, mlp),
-                    "budget_per_weight": budget, "top": ops.most_common(8)})
+        m = static_model(rows, t, cfg, per_iter, sass_per_weight, regs)
+        out.append({"kernel": name, "type": t, "bpw": KERNEL_TYPES[t][1] / QK_K * 8, "config": list(cfg),
+                    "instructions_per_iteration": len(body), "weights_per_iteration": per_iter,
+                    "threads": 32 * warps, "instructions_per_weight": per_weight, "by_category_per_weight": cats,
+                    "sass_per_weight": sass_per_weight, "registers": regs, **m, "budget_per_weight": budget(t),
+                    "top": ops.most_common(8)})
         print(f"{name:22s} {tuple(cfg)}: {per_weight:6.2f} PTX / {sass_per_weight:5.2f} SASS a weight (budget "
-              f"{budget:.1f}); {regs} regs, {per_sm} programs/SM, waves {wave_eff:.2f}, {in_flight / 1024:.1f} KB "
-              f"in flight/SM -> model {100 * wave_eff * min(issue, mlp):.0f}% of copy", flush=True)
+              f"{budget(t):.1f}); {regs} regs, {m['programs_per_sm']} programs/SM, waves "
+              f"{m['wave_efficiency']:.2f}, {m['bytes_in_flight_per_sm'] / 1024:.1f} KB in flight/SM -> model "
+              f"{m['model_pct_copy']:.0f}% of copy", flush=True)
+    return out
+
+
+def shape_ints(rows: int, cols: int, t: str) -> dict:
+    """`int_args` with the row length in bytes / 16-bit halves of type t."""
+    ints = int_args(rows, cols)
+    ints["row_bytes"] = cols // QK_K * KERNEL_TYPES[t][1]
+    ints["row_halves"] = ints["row_bytes"] // 2
+    return ints
+
+
+def model_launches(arch: int) -> dict:
+    """For each word-lane kernel (`WORD_SPECS`) and each shape of `gemv_configs.SHAPES`, the launch of the sweep's
+    space (`gemv_configs.configs`) the static model ranks first: each launch compiled once (at the 32B FFN shape's
+    alignment), its SASS and registers then modelled at every shape."""
+    from gemv_configs import SHAPES, configs
+
+    shapes = [s for v in SHAPES.values() for s in v]
+    out: dict[str, list] = {}
+    for spec in WORD_SPECS:
+        t = spec.split(":")[0]
+        stats = []
+        for c in configs(spec):
+            name, t, fn, sig, consts = word_kernel(spec, c)
+            k = compile_kernel(fn, sig, consts, c.warps, arch, shape_ints(27648, 5120, t))
+            sass, regs = sass_loop_and_registers(k.asm["cubin"])
+            stats.append((c, len(sass) * 32 * c.warps / (c.br * c.u * QK_K), regs))
+        for rows, cols in shapes:
+            nb = cols // QK_K
+            ranked = [(static_model(rows, t, c, c.br * c.u * QK_K, spw, regs)["model_pct_copy"], -spw, c)
+                      for c, spw, regs in stats if c.u * c.split <= nb]
+            pct, _, c = max(ranked, key=lambda r: r[:2])
+            out.setdefault(spec, []).append([rows, nb, c.br, c.u, c.split, c.warps, round(pct, 1)])
+            print(f"{spec:14s} {rows}x{cols}: {tuple(c)} model {pct:.0f}% of copy", flush=True)
     return out
 
 
@@ -290,6 +339,33 @@ def plot(res: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def write_launches(a, res: dict) -> None:
+    """`--launches`: the model's picks as a results file, and in the runtime's table for the keys no sweep holds."""
+    from gemv_configs import merge_tables
+
+    from twinquant.formats.ggml.packed import LAUNCH_TABLE
+
+    res["launches"] = model_launches(a.arch)
+    stem = Path(a.out) / f"kernel_ptx_launches_{a.tag}"
+    stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    lines = [f"# Word-lane GEMV launches picked by the static model ({a.tag})", "",
+             f"`{res['command']}` at {res['commit']}; Triton {res['triton']}, sm_{a.arch}; not measured: the launch "
+             "of `gemv_configs.configs` with the highest model % of copy (`kernel_ptx.static_model`, H100 "
+             "figures), until a GPU sweep replaces them", "",
+             "| kernel | rows x cols | launch (BR, U, split, warps) | model % copy |", "|---|---|---|---|"]
+    lines += [f"| {k} | {e[0]}x{e[1] * QK_K} | {tuple(e[2:6])} | {e[6]:.0f} |" for k, v in res["launches"].items()
+              for e in v]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    table = json.loads(LAUNCH_TABLE.read_text())
+    swept = {k for k, src in (table.get("sources") or {}).items() if "gemv_configs_" in str(src)}
+    new = {k: [e[:6] for e in v] for k, v in res["launches"].items() if k not in swept}
+    if new:
+        LAUNCH_TABLE.write_text(json.dumps(merge_tables(table, {
+            "source": f"benchmarks/results/kernel_ptx_launches_{a.tag}.json (static model, not measured)",
+            "gpu": None, "commit": res["commit"], "launches": new})) + "\n")
+    print("\n".join(lines) + f"\nmerged into {LAUNCH_TABLE}: {', '.join(new) or 'none (all swept)'}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tag", required=True)
@@ -299,10 +375,17 @@ def main() -> None:
     ap.add_argument("--measured", help="a gemv_configs.py results file: its measured %% of copy beside the counts")
     ap.add_argument("--base", help="a `gemv_ab.py --prepare` folder holding the kernels the --measured sweep ran "
                     "(their counts give the measured / issue bound ratio)")
+    ap.add_argument("--launches", action="store_true", help="pick the word-lane kernels' launches by the static "
+                    "model for every swept shape (kernel_ptx_launches_TAG.{json,md}) and merge them into the "
+                    "runtime's launch table where no GPU sweep measured that kernel")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     a = ap.parse_args()
     from provenance import record
 
+    if a.launches:
+        return write_launches(a, record(tag=a.tag, arch=a.arch, triton=triton.__version__,
+                                        budget_assumptions={"sms": SMS, "clock_ghz": CLOCK_GHZ,
+                                                            "copy_gbs": COPY_GBS, "latency_ns": LATENCY_NS}))
     res = record(tag=a.tag, arch=a.arch, triton=triton.__version__, shape=[a.rows, a.cols],
                  budget_assumptions={"sms": SMS, "clock_ghz": CLOCK_GHZ, "copy_gbs": COPY_GBS})
     res["kernels"] = measure(a.rows, a.cols, a.arch)
