@@ -160,7 +160,8 @@ def merge_tables(old: dict, new: dict) -> dict:
     for key, entries in new["launches"].items():
         shapes = {tuple(e[:2]) for e in entries}
         launches[key] = sorted([e for e in launches.get(key, []) if tuple(e[:2]) not in shapes] + entries)
-        sources[key] = f"{new['source']} ({new.get('gpu')}, {str(new.get('commit'))[:7]})"
+        where = [str(new["gpu"])] if new.get("gpu") else []
+        sources[key] = f"{new['source']} ({', '.join(where + [str(new.get('commit'))[:7]])})"
     return {**{k: v for k, v in old.items() if k not in ("launches", "sources")}, "sources": sources,
             "launches": launches}
 
