@@ -161,6 +161,34 @@ def test_qlinear_on_real_codes_with_bias_and_leading_axes(device):
     assert (got - want).abs().max() <= 1e-6 * (x.double().abs() @ wq.double().abs().T).max()
 
 
+def test_launch_table_merges_per_kernel_and_shape_and_serves_the_word_lane_kernels():
+    """gemv_configs --emit-table / kernel_ptx --launches merge into the shipped table: a new entry replaces the one
+    of its key and shape only, every key says where it came from; the shipped table holds launches for each
+    word-lane kernel at the 32B shapes, and gemv takes them."""
+    import importlib
+    import json
+    import sys
+
+    from tests.paths import ROOT
+    from twinquant.formats.ggml.packed import LAUNCH_TABLE, gemv_config
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    merge_tables = importlib.import_module("gemv_configs").merge_tables
+    old = {"source": "a.json", "gpu": "G", "commit": "c",
+           "launches": {"Q2_K": [[256, 6, 4, 4, 1, 4], [512, 6, 8, 1, 1, 4]], "Q3_K": [[256, 6, 1, 2, 1, 4]]}}
+    new = {"source": "b.json", "gpu": None, "commit": "0123456789",
+           "launches": {"Q2_K": [[512, 6, 16, 2, 2, 8]], "Q6_K": [[256, 6, 2, 2, 1, 4]]}}
+    got = merge_tables(old, new)
+    assert got["launches"] == {"Q2_K": [[256, 6, 4, 4, 1, 4], [512, 6, 16, 2, 2, 8]], "Q3_K": [[256, 6, 1, 2, 1, 4]],
+                               "Q6_K": [[256, 6, 2, 2, 1, 4]]}
+    assert got["sources"] == {"Q2_K": "b.json (0123456)", "Q3_K": "a.json", "Q6_K": "b.json (0123456)"}
+    assert got["source"] == "a.json" and got["gpu"] == "G"
+    shipped = json.loads(LAUNCH_TABLE.read_text())
+    for key in ("Q2_K:words", "Q3_K:words", "Q6_K:words", "Q2_K:q8words"):
+        entry = next(e for e in shipped["launches"][key] if e[:2] == [27648, 20])
+        assert gemv_config(key, 27648, 20) == GemvConfig(*entry[2:]) and key in shipped["sources"]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_int8_activation_gemv_computes_llama_cpp_arithmetic_exactly(device):
     """gemv_q8 (dp4a on CUDA, the same integer sums byte by byte in the interpreter; both kernels, the word-lane one
