@@ -159,9 +159,11 @@ def merge_tables(old: dict, new: dict) -> dict:
     sources = dict(old.get("sources") or {k: old.get("source") for k in launches})
     for key, entries in new["launches"].items():
         shapes = {tuple(e[:2]) for e in entries}
-        launches[key] = sorted([e for e in launches.get(key, []) if tuple(e[:2]) not in shapes] + entries)
+        kept = [e for e in launches.get(key, []) if tuple(e[:2]) not in shapes]
+        launches[key] = sorted(kept + entries)
         where = [str(new["gpu"])] if new.get("gpu") else []
-        sources[key] = f"{new['source']} ({', '.join(where + [str(new.get('commit'))[:7]])})"
+        src = f"{new['source']} ({', '.join(where + [str(new.get('commit'))[:7]])})"
+        sources[key] = f"{src} for its shapes; {sources[key]} for the others" if kept and sources.get(key) else src
     return {**{k: v for k, v in old.items() if k not in ("launches", "sources")}, "sources": sources,
             "launches": launches}
 

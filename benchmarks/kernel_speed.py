@@ -11,7 +11,9 @@ bandwidth, each result checked against float64.
   linear shapes at batch 1, and batch 16/4096 through qlinear; against cuBLAS on float16 weights (torch) and,
   with --llamacpp, llama.cpp's CUDA MUL_MAT of the same type and shape (test-backend-ops perf, built by
   benchmarks/gpu_peers/ from the llama-cpp-python sdist with these shapes added to its perf list).
-- Q2_K at batch 1 also through `gemv_q8`: x quantized to int8 per 32 (llama.cpp's q8_1 rounding), dp4a products.
+- Q2_K at batch 1 also through `gemv_q8(words=True)`: x quantized to int8 per 32 (llama.cpp's q8_1 rounding), dp4a
+  products in the word-lane kernel (since s20; the rows-of-words kernel before). TWINQUANT_WORDS / TWINQUANT_Q8 pick
+  the runtime's kernels as they do for a decode (recorded in the command).
 
 Timings: triton.testing.do_bench (median; the L2 is flushed before every run: cold cache). Bytes: what the
 kernel must read and write (packed weights + activations for GEMV). Writes benchmarks/results/kernel_speed_TAG
@@ -33,8 +35,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import record  # noqa: E402
 
-from twinquant.formats.ggml.packed import (QK_K, PackedWeight, gemv_config, dequantize, gemv_q8,  # noqa: E402
-                                           qlinear, random_blocks)
+from twinquant.formats.ggml.packed import (QK_K, PackedWeight, dequantize, gemv_config, gemv_q8,  # noqa: E402
+                                           kernel_key, qlinear, random_blocks)
 from twinquant.transforms.hadamard import _kernel_runs, fwht, hadamard_plan  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -165,11 +167,11 @@ def _gemv_type(t, rows, cols, xf, x16, w16, copy_gbs, quick) -> list[dict]:
         row = {"type": t, "rows": rows, "cols": cols, "batch": b, "bytes": nbytes, "us": tq * 1e6,
                "gb_s": nbytes / tq / 1e9, "pct_copy": 100 * nbytes / tq / 1e9 / copy_gbs, "rel_err": err,
                "f16_cublas_us": t16 * 1e6, "speedup_vs_f16": t16 / tq,
-               "config": gemv_config(t, rows, cols // QK_K)._asdict()}
+               "config": gemv_config(kernel_key(t), rows, cols // QK_K)._asdict(), "kernel": kernel_key(t)}
         if t == "Q2_K" and b == 1:      # llama.cpp's arithmetic: x to int8 per 32 (its own kernel), dp4a products
-            t8 = bench(lambda: gemv_q8(x, w))
+            t8 = bench(lambda: gemv_q8(x, w, words=True))
             row.update({"q8_us": t8 * 1e6, "q8_pct_copy": 100 * nbytes / t8 / 1e9 / copy_gbs,
-                        "q8_rel_err": rel_err(gemv_q8(x, w), x.double() @ wd.T)})
+                        "q8_rel_err": rel_err(gemv_q8(x, w, words=True), x.double() @ wd.T)})
         out.append(row)
         print(f"gemv {t} {rows}x{cols} batch {b:5d}: {row['us']:8.1f} us {row['gb_s']:7.1f} GB/s "
               f"({row['pct_copy']:4.1f}% of copy), f16 cuBLAS {row['f16_cublas_us']:8.1f} us, err {err:.1e}",

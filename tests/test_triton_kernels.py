@@ -181,7 +181,8 @@ def test_launch_table_merges_per_kernel_and_shape_and_serves_the_word_lane_kerne
     got = merge_tables(old, new)
     assert got["launches"] == {"Q2_K": [[256, 6, 4, 4, 1, 4], [512, 6, 16, 2, 2, 8]], "Q3_K": [[256, 6, 1, 2, 1, 4]],
                                "Q6_K": [[256, 6, 2, 2, 1, 4]]}
-    assert got["sources"] == {"Q2_K": "b.json (0123456)", "Q3_K": "a.json", "Q6_K": "b.json (0123456)"}
+    assert got["sources"] == {"Q2_K": "b.json (0123456) for its shapes; a.json for the others", "Q3_K": "a.json",
+                              "Q6_K": "b.json (0123456)"}
     assert got["source"] == "a.json" and got["gpu"] == "G"
     shipped = json.loads(LAUNCH_TABLE.read_text())
     for key in ("Q2_K:words", "Q3_K:words", "Q6_K:words", "Q2_K:q8words"):
