@@ -94,8 +94,8 @@ def test_every_gemv_launch_shape_gives_the_same_product(ggml_type, byte_order, d
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_twinquant_words_makes_the_word_lane_kernels_the_default(device, monkeypatch):
-    """TWINQUANT_WORDS names the types gemv sends to their word-lane kernel when not told (to time a whole decode
-    with them); their launches then come from the table's "T:words" keys; an explicit kernel still wins."""
+    """TWINQUANT_WORDS names the types gemv sends to their word-lane kernel when not told (unset: all of them, the
+    measured default); their launches then come from the table's "T:words" keys; an explicit kernel still wins."""
     from twinquant.formats.ggml import triton_kquants
     from twinquant.formats.ggml.packed import kernel_key, words_default
 
@@ -116,10 +116,14 @@ def test_twinquant_words_makes_the_word_lane_kernels_the_default(device, monkeyp
     assert len(calls) == 1
     gemv(x, w, byte_order=True)                     # told: the byte-order kernel
     assert len(calls) == 1 and kernel_key("Q2_K", byte_order=True) == "Q2_K"
-    monkeypatch.delenv("TWINQUANT_WORDS")
-    assert kernel_key("Q2_K") == "Q2_K"
+    monkeypatch.setenv("TWINQUANT_WORDS", "")         # set and empty: none (Q2_K's default other kernel)
+    assert words_default() == () and kernel_key("Q2_K") == "Q2_K"
     torch.testing.assert_close(gemv(x, w), y, rtol=1e-5, atol=1e-5)
     assert len(calls) == 1
+    monkeypatch.delenv("TWINQUANT_WORDS")             # unset: the measured default, every word-lane type
+    assert words_default() == WORDS_TYPES and kernel_key("Q6_K") == "Q6_K:words"
+    gemv(x, w)
+    assert len(calls) == 2
 
 
 def test_gemv_launch_comes_from_the_nearest_swept_shape(tmp_path, monkeypatch):

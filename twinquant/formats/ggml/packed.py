@@ -168,14 +168,17 @@ def _launch_table(path: str) -> dict[str, list[list[int]]]:
 
 
 # the types read in their own order (`gemv_bytes_kernel`: Q2_K, Q3_K; `gemv_iq2_kernel`: a group of 8 at a time),
-# and those gemv sends there by default (Q2_K: faster than the generic kernel on the GPUs measured; the others not
-# timed on a GPU yet)
+# and those gemv sends there by default when the word-lane kernel is off (Q2_K: faster than the generic kernel on
+# the GPUs measured; the others not timed on a GPU yet)
 BYTE_ORDER_TYPES = ("Q2_K", "Q3_K", "IQ2_XXS", "IQ2_XS")
 BYTE_ORDER_DEFAULT = ("Q2_K",)
-# the types with a kernel whose lanes own whole sub-blocks (`gemv_q{2,3,6}k_words_kernel`); gemv sends none there by
-# default until a GPU sweep times them (`gemv_configs.py --types Q2_K:words ...`): TWINQUANT_WORDS=Q2_K,Q3_K,Q6_K
-# does, to measure a whole decode with them (`words_default`)
+# the types with a kernel whose lanes own whole sub-blocks (`gemv_q{2,3,6}k_words_kernel`), all gemv's default since
+# the twentieth session's H100 run: Q2_K 36.4% of copy at 27648x5120 against the byte-order kernel's 25.8%, and a
+# Qwen2.5-1.5B Q2_K-mix decode at 444 tokens/s against 331 with the other kernels, 0.96x llama.cpp CUDA
+# (benchmarks/results/gemv_configs_s20-h100-words.md, decode_gpu_s20-h100-kernels.md). TWINQUANT_WORDS names the
+# types to send there instead (comma-separated; empty: none), `words_default`
 WORDS_TYPES = ("Q2_K", "Q3_K", "Q6_K")
+WORDS_DEFAULT = WORDS_TYPES
 
 
 @functools.lru_cache(maxsize=64)
@@ -185,8 +188,10 @@ def _listed(value: str, types: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def words_default() -> tuple[str, ...]:
-    """The types gemv sends to their word-lane kernel when not told: those in TWINQUANT_WORDS (comma-separated)."""
-    return _listed(os.environ.get("TWINQUANT_WORDS", ""), WORDS_TYPES)
+    """The types gemv sends to their word-lane kernel when not told: WORDS_DEFAULT, or those TWINQUANT_WORDS names
+    where it is set (comma-separated; set and empty: none)."""
+    value = os.environ.get("TWINQUANT_WORDS")
+    return WORDS_DEFAULT if value is None else _listed(value, WORDS_TYPES)
 
 
 # the types whose runtime GEMV quantizes x to int8 first (llama.cpp's arithmetic, `gemv_q8`): none by default (it
