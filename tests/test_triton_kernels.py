@@ -92,6 +92,20 @@ def test_every_gemv_launch_shape_gives_the_same_product(ggml_type, byte_order, d
             assert (got.cpu().double() - want).abs().max() <= tol, (cfg, dtype)
 
 
+def _count_launches(monkeypatch, module, name: str) -> list:
+    """module.name's launches (kernel[grid](...)) from here on: the grids, in a list that grows."""
+    calls = []
+    real = getattr(module, name)
+
+    class Spy:
+        def __getitem__(self, grid):
+            calls.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(module, name, Spy())
+    return calls
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_twinquant_words_makes_the_word_lane_kernels_the_default(device, monkeypatch):
     """TWINQUANT_WORDS names the types gemv sends to their word-lane kernel when not told (unset: all of them, the
@@ -99,15 +113,7 @@ def test_twinquant_words_makes_the_word_lane_kernels_the_default(device, monkeyp
     from twinquant.formats.ggml import triton_kquants
     from twinquant.formats.ggml.packed import kernel_key, words_default
 
-    calls = []
-    real = triton_kquants.gemv_q2k_words_kernel
-
-    class Spy:                                      # kernel[grid](...) launches: count them
-        def __getitem__(self, grid):
-            calls.append(grid)
-            return real[grid]
-
-    monkeypatch.setattr(triton_kquants, "gemv_q2k_words_kernel", Spy())
+    calls = _count_launches(monkeypatch, triton_kquants, "gemv_q2k_words_kernel")
     w = PackedWeight.from_bytes("Q2_K", random_blocks("Q2_K", 5, 512), 512, device)
     x = torch.randn(1, 512, generator=torch.Generator().manual_seed(2)).to(device)
     monkeypatch.setenv("TWINQUANT_WORDS", "Q2_K,Q4_K,nonsense")
@@ -242,15 +248,7 @@ def test_twinquant_q8_sends_the_runtime_products_through_int8_activations(device
     from twinquant.formats.ggml import triton_kquants
     from twinquant.formats.ggml.packed import gemv_q8, q8_default, qlinear
 
-    calls = []
-    real = triton_kquants.gemv_q2k_q8_words_kernel
-
-    class Spy:                                      # kernel[grid](...) launches: count them
-        def __getitem__(self, grid):
-            calls.append(grid)
-            return real[grid]
-
-    monkeypatch.setattr(triton_kquants, "gemv_q2k_q8_words_kernel", Spy())
+    calls = _count_launches(monkeypatch, triton_kquants, "gemv_q2k_q8_words_kernel")
     w = PackedWeight.from_bytes("Q2_K", random_blocks("Q2_K", 37, 512, seed=6), 512, device)
     w6 = PackedWeight.from_bytes("Q6_K", random_blocks("Q6_K", 9, 512, seed=6), 512, device)
     x = torch.randn(3, 1, 512, generator=torch.Generator().manual_seed(7)).to(device)
