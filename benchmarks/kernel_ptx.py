@@ -65,10 +65,6 @@ def compile_kernel(fn, sig: dict, consts: dict, warps: int, arch: int, ints: dic
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
 
 
-def compile_ptx(fn, sig: dict, consts: dict, warps: int, arch: int, ints: dict | None = None) -> str:
-    return compile_kernel(fn, sig, consts, warps, arch, ints).asm["ptx"]
-
-
 def _nv_tool(name: str) -> str:
     """One of the CUDA binary tools Triton's wheel ships (nvdisasm, cuobjdump)."""
     import triton.backends.nvidia as nv
