@@ -23,10 +23,10 @@ llama-quantize's mixes predicted with those figures and measured (`--refit` redo
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import functools
 import json
+import os
 import subprocess
 import sys
 import time
@@ -345,23 +345,12 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-@contextlib.contextmanager
 def settings(spec: str):
     """The environment with the settings "K=V K=V" (e.g. TWINQUANT_WORDS=Q2_K,Q3_K TWINQUANT_Q8=Q2_K: which GEMV
-    kernels the runtime takes) for the length of the block."""
-    import os
+    kernels the runtime takes) for the length of a with-block."""
+    from unittest import mock
 
-    pairs = dict(p.split("=", 1) for p in spec.split())
-    old = {k: os.environ.get(k) for k in pairs}
-    os.environ.update(pairs)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k)
-            else:
-                os.environ[k] = v
+    return mock.patch.dict(os.environ, dict(p.split("=", 1) for p in spec.split()))
 
 
 def one_shape(a, shape: str, work: Path) -> dict:
