@@ -28,15 +28,17 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 
 from twinquant.formats.ggml.packed import (QK_K, GemvConfig, PackedWeight, gemv, gemv_config, gemv_q8,  # noqa: E402
-                                           random_blocks)
+                                           planes, random_blocks)
 
 SHAPES = {"1.5B": [(1536, 1536), (256, 1536), (8960, 1536), (1536, 8960), (151936, 1536)],
           "7B": [(3584, 3584), (512, 3584), (18944, 3584), (3584, 18944)],
           "32B": [(5120, 5120), (1024, 5120), (27648, 5120), (5120, 27648)]}
 # "T:bytes": T through the kernel that reads it in its own order, "T:words": through the word-lane kernel (opt-in
-# where it is not the default); "Q2_K:q8words": x to int8, then the word-lane dp4a kernel (`gemv_q8`)
+# where it is not the default); "Q2_K:q8words": x to int8, then the word-lane dp4a kernel (`gemv_q8`);
+# "Q2_K:planes" / "Q2_K:q8planes": those two kernels on the weight moved into planes (`packed.planes`)
 TYPES = ["Q2_K", "Q2_K:words", "Q3_K", "Q3_K:bytes", "Q4_K", "Q6_K", "IQ2_XS", "IQ2_XS:bytes", "IQ2_XXS:bytes"]
 WARPS = (4, 8)
+WORD_LANES = (":words", ":q8words", ":planes", ":q8planes")        # the word-lane kernels' specs
 SPLITS = (1, 2, 4, 8)
 
 
@@ -47,22 +49,29 @@ def _bytes(spec: str) -> bool:
 
 def _generic(spec: str) -> bool:
     """A type through the generic kernel."""
-    return not _bytes(spec) and not spec.endswith((":words", ":q8words"))
+    return not _bytes(spec) and not spec.endswith(WORD_LANES)
 
 
 def _call(spec: str, x, w, cfg):
     """One GEMV of the sweep's type spec at launch cfg ("Q2_K:q8words": x quantized to int8 first, then the word-lane
     dp4a kernel, llama.cpp's arithmetic: `packed.gemv_q8`)."""
-    if spec.endswith(":q8words"):
+    if spec.endswith((":q8words", ":q8planes")):
         return gemv_q8(x, w, words=True, config=cfg)
-    kernel = {"words": True} if spec.endswith(":words") else {"byte_order": _bytes(spec)}
+    kernel = {"words": True} if spec.endswith((":words", ":planes")) else {"byte_order": _bytes(spec)}
     return gemv(x, w, config=cfg, **kernel)
 
 
-def configs(spec: str) -> list[GemvConfig]:
+# --narrow: the word-lane kernels' launches near those the s20 sweep found best (8 rows, 4 super-blocks, split 1-2,
+# 4 warps), with 8 super-blocks a step and 2 warps added (a shorter sweep for a device call)
+NARROW = [GemvConfig(br, u, s, w) for br, u, s, w in itertools.product((4, 8, 16), (2, 4, 8), (1, 2), (2, 4, 8))]
+
+
+def configs(spec: str, narrow: bool = False) -> list[GemvConfig]:
     """The K-quant byte-order kernel holds [BR, U, 64] codes a step, the word-lane kernel [BR, U, 16] code words,
     the generic and IQ2 group kernels [BR, U, 256] weights: BR·U up to 64, 128 and 16."""
-    if spec.endswith((":words", ":q8words")):
+    if spec.endswith(WORD_LANES) and narrow:
+        return NARROW
+    if spec.endswith(WORD_LANES):
         return [GemvConfig(br, u, s, w) for br, u, s, w in itertools.product((8, 16, 32, 64, 128), (1, 2, 4), SPLITS,
                                                                                WARPS) if br * u <= 128]
     cap, brs = (64, (4, 8, 16, 32)) if _bytes(spec) and not spec.startswith("IQ") else (16, (1, 2, 4, 8))
@@ -70,10 +79,10 @@ def configs(spec: str) -> list[GemvConfig]:
             if br * u <= cap]
 
 
-def cases(types, shapes):
+def cases(types, shapes, narrow: bool = False):
     for t in types:
         for rows, cols in shapes:
-            for cfg in configs(t):
+            for cfg in configs(t, narrow):
                 if cfg.split * cfg.u <= cols // QK_K:
                     yield t, rows, cols, cfg
 
@@ -108,7 +117,7 @@ def graph_us(calls, reps: int = 5) -> float:
 def cold_copies(w: PackedWeight, launches: int = 24, most: int = 2048) -> list[PackedWeight]:
     """Copies of w totalling COLD_BYTES (at most `most`), repeated to at least `launches` entries."""
     n = max(2, min(most, -(-COLD_BYTES // w.data.numel())))
-    ws = [w] + [PackedWeight(w.ggml_type, w.data.clone(), w.cols) for _ in range(n - 1)]
+    ws = [w] + [PackedWeight(w.ggml_type, w.data.clone(), w.cols, w.layout) for _ in range(n - 1)]
     return ws * -(-launches // n)
 
 
@@ -117,12 +126,12 @@ def weights(spec, rows, cols, cache={}):
     if (t, rows, cols) not in cache:
         cache.clear()
         cache[t, rows, cols] = PackedWeight.from_bytes(t, random_blocks(t, rows, cols), cols, "cuda")
-    return cache[t, rows, cols]
+    return planes(cache[t, rows, cols]) if spec.endswith("planes") else cache[t, rows, cols]
 
 
-def warm(part: int, procs: int, types, shapes) -> None:
+def warm(part: int, procs: int, types, shapes, narrow: bool) -> None:
     """Compile (into Triton's on-disk cache) every launch of the sweep whose index ≡ part (mod procs)."""
-    for i, (t, rows, cols, cfg) in enumerate(cases(types, shapes)):
+    for i, (t, rows, cols, cfg) in enumerate(cases(types, shapes, narrow)):
         if i % procs == part:
             try:
                 _call(t, torch.randn(1, cols, device="cuda"), weights(t, rows, cols), cfg)
@@ -221,6 +230,7 @@ def main() -> None:
     ap.add_argument("--types", nargs="+", default=TYPES)
     ap.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--procs", type=int, default=14, help="processes that compile the kernels first")
+    ap.add_argument("--narrow", action="store_true", help="the word-lane kernels at `NARROW`'s launches only")
     ap.add_argument("--warm-part", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--emit-table", metavar="JSON", help="merge a sweep's best launches into the runtime's launch "
                     "table (twinquant/formats/ggml/gemv_launches.json: its entries for the same type and shape "
@@ -238,14 +248,15 @@ def main() -> None:
         raise SystemExit("gemv_configs: needs a CUDA GPU")
     shapes = [s for m in a.models for s in SHAPES[m]]
     if a.warm_part is not None:
-        return warm(a.warm_part, a.procs, a.types, shapes)
+        return warm(a.warm_part, a.procs, a.types, shapes, a.narrow)
     if not a.tag:
         raise SystemExit("gemv_configs: --tag is required")
     from kernel_speed import copy_bandwidth
     from provenance import record
 
     t0 = time.perf_counter()
-    base = [sys.executable, __file__, "--procs", str(a.procs), "--types", *a.types, "--models", *a.models]
+    base = [sys.executable, __file__, "--procs", str(a.procs), "--types", *a.types, "--models", *a.models,
+            *(["--narrow"] if a.narrow else [])]
     ps = [subprocess.Popen(base + ["--warm-part", str(i)]) for i in range(a.procs)]
     for p in ps:
         p.wait()
@@ -264,7 +275,7 @@ def main() -> None:
             nbytes = w.data.numel() + cols * 4 + rows * 4
             mine = []
             default = gemv_config(t, rows, cols // QK_K)
-            for cfg in {*(c for _, _, _, c in cases([t], [(rows, cols)])), default}:
+            for cfg in {*(c for _, _, _, c in cases([t], [(rows, cols)], a.narrow)), default}:
                 try:
                     us = graph_us([lambda wi=wi: _call(t, x, wi, cfg) for wi in ws])
                 except Exception as e:

@@ -148,34 +148,47 @@ def kernels(rows: int, cols: int, K=K, iq: bool = True):
     br, split = _gemv_config(rows, nb, 64, max_split=8)
     yield ("int8 x (dp4a) Q2_K", "Q2_K", K.gemv_q2k_q8_kernel, Q8_SIG, dict(BR=br, SPLIT=split, ASM=True),
            (br, 1, split, 2), br * QK_K)
-    if hasattr(K, WORD_KERNELS["Q2_K:q8words"]):
-        c = gemv_config("Q2_K:q8words", rows, nb)
-        yield (*word_kernel("Q2_K:q8words", c, K), c, c.br * c.u * QK_K)
+    for spec in WORD_SPECS[3:]:
+        fn = getattr(K, WORD_KERNELS[spec], None)
+        if fn is not None and (not spec.endswith("planes") or "PLANES" in fn.arg_names):
+            c = gemv_config(spec, rows, nb)
+            yield (*word_kernel(spec, c, K), c, c.br * c.u * QK_K)
 
 
-# the word-lane kernels by launch-table key (their launches the static model can pick: `--launches`)
-WORD_SPECS = ("Q2_K:words", "Q3_K:words", "Q6_K:words", "Q2_K:q8words")
+# the word-lane kernels by launch-table key (their launches the static model can pick: `--launches`); ":planes":
+# Q2_K's kernels reading the planes layout (`packed.planes`)
+WORD_SPECS = ("Q2_K:words", "Q3_K:words", "Q6_K:words", "Q2_K:q8words", "Q2_K:planes", "Q2_K:q8planes")
 WORD_KERNELS = {"Q2_K:words": "gemv_q2k_words_kernel", "Q3_K:words": "gemv_q3k_words_kernel",
-                "Q6_K:words": "gemv_q6k_words_kernel", "Q2_K:q8words": "gemv_q2k_q8_words_kernel"}
+                "Q6_K:words": "gemv_q6k_words_kernel", "Q2_K:q8words": "gemv_q2k_q8_words_kernel",
+                "Q2_K:planes": "gemv_q2k_words_kernel", "Q2_K:q8planes": "gemv_q2k_q8_words_kernel"}
+ARG_TYPES = {"w_ptr": "*i32", "xq_ptr": "*i32", "xd_ptr": "*fp32", "xs_ptr": "*fp32", "y_ptr": "*fp32",
+             "b_ptr": "*fp32", "x_ptr": "*fp32"}
 Q8_SIG = {"w_ptr": "*i32", "xq_ptr": "*i32", "xd_ptr": "*fp32", "xs_ptr": "*fp32", "y_ptr": "*fp32", "R": "i32",
           "NB": "i32", "row_words": "i32", "stride_xq": "i32", "stride_xd": "i32", "stride_xs": "i32",
           "stride_ym": "i32"}
+# at the 32B FFN shape: a Q2_K row of 20 super-blocks is 420 int32 words, a multiple of 4
+PLANES_ALIGN = 4
 
 
 def word_kernel(spec: str, c, K=K) -> tuple:
-    """(name, type, kernel, signature, constexprs) of a word-lane kernel at launch c."""
+    """(name, type, kernel, signature, constexprs) of a word-lane kernel at launch c (the signature from the
+    kernel's own arguments: older kernels of a --base checkout took x's strides and no bias)."""
     t = spec.split(":")[0]
     fn = getattr(K, WORD_KERNELS[spec])
-    if spec.endswith(":q8words"):
-        sig, consts = dict(Q8_SIG), dict(BR=c.br, U=c.u, SPLIT=c.split, ASM=True)
-        if "b_ptr" in fn.arg_names:       # a bias since s20
-            sig = dict([*list(sig.items())[:5], ("b_ptr", "*fp32"), *list(sig.items())[5:]])
-            consts["HAS_BIAS"] = False
-        return "int8 x (dp4a) word-lane Q2_K", t, fn, sig, consts
-    row = "row_words" if t == "Q2_K" else "row_halves"        # Q3_K, Q6_K: read as 16-bit halves
-    sig = {**W, "w_ptr": "*i32" if t == "Q2_K" else "*i16", **{row if k == "row_bytes" else k: v
-                                                              for k, v in DIMS.items()}}
-    return f"word-lane {t}", t, fn, sig, dict(BR=c.br, U=c.u, SPLIT=c.split, HAS_BIAS=False)
+    consts = dict(BR=c.br, U=c.u, SPLIT=c.split)
+    names = [p.name for p in fn.params if not p.is_constexpr]
+    if "PLANES" in fn.arg_names:          # (compiling from source takes no defaults)
+        planes = spec.endswith((":planes", ":q8planes"))
+        consts.update(PLANES=planes, ALIGN=PLANES_ALIGN if planes else 1)
+    if "HAS_BIAS" in fn.arg_names:
+        consts["HAS_BIAS"] = False
+    if spec.endswith((":q8words", ":q8planes")):
+        consts["ASM"] = True
+        planes = " (planes)" if spec.endswith(":q8planes") else ""
+        return f"int8 x (dp4a) word-lane Q2_K{planes}", t, fn, {n: ARG_TYPES.get(n, "i32") for n in names}, consts
+    w_ptr = "*i32" if t == "Q2_K" else "*i16"        # Q3_K, Q6_K: read as 16-bit halves
+    sig = {n: w_ptr if n == "w_ptr" else ARG_TYPES.get(n, "i32") for n in names}
+    return f"word-lane {t}{' (planes)' if spec.endswith(':planes') else ''}", t, fn, sig, consts
 
 
 def budget(t: str) -> float:
@@ -230,6 +243,7 @@ def shape_ints(rows: int, cols: int, t: str) -> dict:
     ints = int_args(rows, cols)
     ints["row_bytes"] = cols // QK_K * KERNEL_TYPES[t][1]
     ints["row_halves"] = ints["row_bytes"] // 2
+    ints["row_n"] = ints["row_words"]
     return ints
 
 

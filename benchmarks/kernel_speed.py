@@ -12,8 +12,9 @@ bandwidth, each result checked against float64.
   with --llamacpp, llama.cpp's CUDA MUL_MAT of the same type and shape (test-backend-ops perf, built by
   benchmarks/gpu_peers/ from the llama-cpp-python sdist with these shapes added to its perf list).
 - Q2_K at batch 1 also through `gemv_q8(words=True)`: x quantized to int8 per 32 (llama.cpp's q8_1 rounding), dp4a
-  products in the word-lane kernel (since s20; the rows-of-words kernel before). TWINQUANT_WORDS / TWINQUANT_Q8 pick
-  the runtime's kernels as they do for a decode (recorded in the command).
+  products in the word-lane kernel (since s20; the rows-of-words kernel before), and both word-lane kernels on the
+  weight in planes (`packed.planes`, since s21). TWINQUANT_WORDS / TWINQUANT_Q8 pick the runtime's kernels as they
+  do for a decode (recorded in the command).
 
 Timings: triton.testing.do_bench (median; the L2 is flushed before every run: cold cache). Bytes: what the
 kernel must read and write (packed weights + activations for GEMV). Writes benchmarks/results/kernel_speed_TAG
@@ -35,8 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import record  # noqa: E402
 
-from twinquant.formats.ggml.packed import (QK_K, PackedWeight, dequantize, gemv_config, gemv_q8,  # noqa: E402
-                                           kernel_key, qlinear, random_blocks)
+from twinquant.formats.ggml.packed import (QK_K, PackedWeight, dequantize, gemv, gemv_config, gemv_q8,  # noqa: E402
+                                           kernel_key, planes, qlinear, random_blocks)
 from twinquant.transforms.hadamard import _kernel_runs, fwht, hadamard_plan  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -172,6 +173,12 @@ def _gemv_type(t, rows, cols, xf, x16, w16, copy_gbs, quick) -> list[dict]:
             t8 = bench(lambda: gemv_q8(x, w, words=True))
             row.update({"q8_us": t8 * 1e6, "q8_pct_copy": 100 * nbytes / t8 / 1e9 / copy_gbs,
                         "q8_rel_err": rel_err(gemv_q8(x, w, words=True), x.double() @ wd.T)})
+            wp = planes(w)              # the same bytes in planes: float x and int8 x
+            for key, fn in (("planes", lambda: gemv(x, wp)), ("q8planes", lambda: gemv_q8(x, wp, words=True))):
+                tp = bench(fn)
+                row.update({f"{key}_us": tp * 1e6, f"{key}_pct_copy": 100 * nbytes / tp / 1e9 / copy_gbs,
+                            f"{key}_rel_err": rel_err(fn(), x.double() @ wd.T)})
+            del wp
         out.append(row)
         print(f"gemv {t} {rows}x{cols} batch {b:5d}: {row['us']:8.1f} us {row['gb_s']:7.1f} GB/s "
               f"({row['pct_copy']:4.1f}% of copy), f16 cuBLAS {row['f16_cublas_us']:8.1f} us, err {err:.1e}",
@@ -265,6 +272,21 @@ def table(res: dict) -> str:
         for r in q8:
             lines.append(f"| {r['rows']}x{r['cols']} | {r['us']:.1f} | {r['pct_copy']:.1f}% | {r['q8_us']:.1f} | "
                          f"{r['q8_pct_copy']:.1f}% | {r['us'] / r['q8_us']:.2f}x | {r['q8_rel_err']:.1e} |")
+    ll2 = {(r["rows"], r["cols"]): r["us"] for r in res.get("llamacpp", []) if r["type"] == "Q2_K"}
+    kinds = (("us", "float x, GGUF layout"), ("q8_us", "int8 x, GGUF layout"), ("planes_us", "float x, planes"),
+             ("q8planes_us", "int8 x, planes"))
+    pl = [r for r in q8 if "q8planes_us" in r]
+    if pl:
+        lines += ["", "## Q2_K GEMV at batch 1: each kernel and layout (planes: `packed.planes`, the same bytes "
+                  "regrouped at load) against llama.cpp's CUDA kernel, this run", "",
+                  "| rows x cols | " + " | ".join(f"{n}: µs (% copy)" for _, n in kinds) +
+                  " | llama.cpp CUDA µs | best / llama.cpp speed |", "|---" * (len(kinds) + 3) + "|"]
+        for r in pl:
+            cells = [f"{r[k]:.1f} ({r[k.replace('us', 'pct_copy')]:.1f}%)" for k, _ in kinds]
+            lu = ll2.get((r["rows"], r["cols"]))
+            best = min(r[k] for k, _ in kinds)
+            lines.append(f"| {r['rows']}x{r['cols']} | {' | '.join(cells)} | {lu if lu else '-'} | "
+                         f"{f'{lu / best:.2f}x' if lu else '-'} |")
     sw = [r for r in res.get("sweep", []) if "us" in r]
     if sw:
         lines += ["", "## Q2_K dequant-GEMV at batch 1: best of the sweep per shape (kernel, rows per program, warps, "

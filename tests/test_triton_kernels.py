@@ -92,6 +92,47 @@ def test_every_gemv_launch_shape_gives_the_same_product(ggml_type, byte_order, d
             assert (got.cpu().double() - want).abs().max() <= tol, (cfg, dtype)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("nb", [7, 6, 4])          # row alignment: 4, 8 and 16 bytes (the loads' widths)
+def test_q2k_planes_hold_the_same_bytes_and_give_the_same_products(nb, device):
+    """packed.planes regroups each Q2_K row (codes, scales, d|dmin) and ggml_bytes undoes it; both word-lane kernels
+    (float x, int8 x) read planes at every launch shape and give what they give on GGUF's layout; dequantize and
+    the prefill path read them too; planes have no other kernel."""
+    from twinquant.formats.ggml.packed import PackedRun, gemv_q8, ggml_bytes, planes
+
+    rows, cols = 13, nb * 256
+    data = random_blocks("Q2_K", rows, cols, seed=nb)
+    w = PackedWeight.from_bytes("Q2_K", data, cols, device)
+    wp = planes(w)
+    assert wp.layout == "planes" and wp.data.shape == w.data.shape and planes(wp) is wp
+    assert not torch.equal(wp.data, w.data) and torch.equal(ggml_bytes(wp), w.data)
+    assert torch.equal(wp.data[:, :nb * 64].cpu(), torch.from_numpy(data.reshape(rows, nb, 84)[:, :, 16:80].copy()
+                                                                     ).reshape(rows, -1))
+    assert torch.equal(dequantize(wp), dequantize(w))
+    g = torch.Generator().manual_seed(nb)
+    x, bias = torch.randn(2, cols, generator=g).to(device), torch.randn(rows, generator=g).to(device)
+    for cfg in (GemvConfig(4, 1, 1, 4), GemvConfig(16, 4, 2, 8), GemvConfig(8, 2, 8, 4)):
+        for dtype in (torch.float32, torch.float16):
+            want = gemv(x.to(dtype), w, bias.to(dtype), dtype, config=cfg, words=True)
+            torch.testing.assert_close(gemv(x.to(dtype), wp, bias.to(dtype), dtype, config=cfg), want,
+                                       rtol=1e-6, atol=1e-6 * want.abs().max().item())
+        want = gemv_q8(x, w, words=True, config=cfg, bias=bias)
+        torch.testing.assert_close(gemv_q8(x, wp, words=True, config=cfg, bias=bias), want, rtol=1e-6,
+                                   atol=1e-6 * want.abs().max().item())
+    torch.testing.assert_close(qlinear(x.repeat(6, 1), wp, bias), qlinear(x.repeat(6, 1), w, bias))   # prefill
+    run = PackedRun.join(("a", "b"), [wp, planes(PackedWeight.from_bytes("Q2_K", data[:5], cols, device))])
+    assert run.whole.layout == "planes" and all(v.layout == "planes" for v in run.views)
+    torch.testing.assert_close(run.product(x, False)[1], gemv(x, w, words=True)[:, :5], rtol=1e-6, atol=1e-5)
+    with pytest.raises(TwinquantError, match="different layouts"):
+        PackedRun.join(("a", "b"), [wp, w])
+    with pytest.raises(TwinquantError, match="only its word-lane kernel"):
+        gemv(x, wp, byte_order=True)
+    with pytest.raises(TwinquantError, match="only the word-lane kernel"):
+        gemv_q8(x, wp)
+    with pytest.raises(TwinquantError, match="no planes layout"):
+        planes(PackedWeight.from_bytes("Q3_K", random_blocks("Q3_K", 2, 256), 256, device))
+
+
 def _count_launches(monkeypatch, module, name: str) -> list:
     """module.name's launches (kernel[grid](...)) from here on: the grids, in a list that grows."""
     calls = []
@@ -295,17 +336,24 @@ def test_int2_int8_tensor_core_gemm_computes_its_integer_arithmetic_exactly(devi
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_activation_quantization_kernel_matches_torch(device, monkeypatch):
+    """quantize_q8's kernel against its torch path, with the sums per 16 in either order (lanes: the word-lane
+    kernels' order, sum 8h + 2j + q of each super-block at 8h + 4q + j)."""
     from twinquant.formats.ggml.packed import quantize_q8
 
     x = torch.randn(3, 1024, generator=torch.Generator().manual_seed(5))
     x[1, 64:96] = 0
     x[2, 5] = 1e30                              # one huge value: the rest of its block rounds to 0
     kq, kd, ks = (t.cpu() for t in quantize_q8(x.to(device)))
+    kl = quantize_q8(x.to(device), lanes=True)[2].cpu()
     monkeypatch.setenv("TWINQUANT_TRITON_CPU", "0")
     tq, td, ts = quantize_q8(x)                 # the torch path (on the CPU, with Triton off)
     assert torch.equal(kq, tq) and torch.equal(kd, td)
     torch.testing.assert_close(ks, ts, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(kl, quantize_q8(x, lanes=True)[2], rtol=1e-6, atol=1e-4)
     assert kq.view(torch.int8)[2, 5] == 127 and torch.all(kq.view(torch.int8)[1, 64:96] == 0)
+    b, h, j, q = 3, 1, 2, 1
+    assert kl[0, 16 * b + 8 * h + 4 * q + j] == ks[0, 16 * b + 8 * h + 2 * j + q] != ks[0, 16 * b + 8 * h + 4 * q + j]
+    assert torch.equal(kl.sort().values, ks.sort().values)
 
 
 def test_packed_weight_rejects_what_it_cannot_hold():

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from twinquant.formats.ggml.packed import IQ_TYPES, PackedRun, PackedWeight, kernel_for
+from twinquant.formats.ggml.packed import IQ_TYPES, PackedRun, PackedWeight, kernel_for, planes, planes_default
 from twinquant.io.load import load_model
 from twinquant.model import roles
 from twinquant.model.model import Model
@@ -18,7 +18,8 @@ def pack_linears(model: Model, iquants: bool = False) -> Counter:
 
     The i-quants' kernels (`iquants`) are opt-in: exact against gguf-py (interpreter and CUDA) but slow, 1.6-15% of
     copy bandwidth on an H100 (benchmarks/results/kernel_speed_s17-iquants.md); without them an i-quant linear is
-    dequantized at load and multiplied by cuBLAS."""
+    dequantized at load and multiplied by cuBLAS. The types TWINQUANT_PLANES names (Q2_K) are moved into planes
+    (`packed.planes`: the same bytes regrouped so the GEMV loads 16 bytes at a time)."""
     embd = roles.name(roles.T.TOKEN_EMBD)
     counts: Counter = Counter()
     for name, q in model.quantized.items():
@@ -26,7 +27,8 @@ def pack_linears(model: Model, iquants: bool = False) -> Counter:
         t = q.ggml_type.name
         if name == embd or len(shape) != 2 or not kernel_for(t, model.device) or (t in IQ_TYPES and not iquants):
             continue
-        model.packed[name] = PackedWeight.from_bytes(t, q.data, shape[-1], model.device)
+        w = PackedWeight.from_bytes(t, q.data, shape[-1], model.device)
+        model.packed[name] = planes(w) if t in planes_default() else w
         model.tensors.pop(name, None)
         counts[t] += 1
     model.fuse_shared_inputs()

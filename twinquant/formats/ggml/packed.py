@@ -41,11 +41,13 @@ F16_FIELDS = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), 
 
 @dataclass(frozen=True)
 class PackedWeight:
-    """A weight as GGML bytes on a device: data uint8 [rows, bytes per row], HF row order."""
+    """A weight as GGML bytes on a device: data uint8 [rows, bytes per row], HF row order. `layout` "ggml": each
+    row as GGUF stores it; "planes" (Q2_K, `planes`): the same bytes of each row regrouped."""
 
     ggml_type: str
     data: torch.Tensor
     cols: int
+    layout: str = "ggml"
 
     @property
     def rows(self) -> int:
@@ -78,8 +80,11 @@ class PackedRun:
     @classmethod
     def join(cls, members: tuple[str, ...], weights: list[PackedWeight],
              biases: list[torch.Tensor] | None = None) -> "PackedRun":
-        whole = PackedWeight(weights[0].ggml_type, torch.cat([w.data for w in weights]), weights[0].cols)
-        views = tuple(PackedWeight(whole.ggml_type, d, whole.cols) for d in
+        if len({w.layout for w in weights}) > 1:
+            raise TwinquantError(f"cannot join packed weights of different layouts ({', '.join(members)})")
+        whole = PackedWeight(weights[0].ggml_type, torch.cat([w.data for w in weights]), weights[0].cols,
+                             weights[0].layout)
+        views = tuple(PackedWeight(whole.ggml_type, d, whole.cols, whole.layout) for d in
                       whole.data.split([w.rows for w in weights]))
         if biases is None:
             return cls(members, whole, views)
@@ -135,14 +140,54 @@ def _group_tables(ggml_type: str, device: torch.device) -> tuple[torch.Tensor, t
     return mags, torch.where(negative > 0, -2 ** 31, 0).to(torch.int32).contiguous()         # int32's sign bit
 
 
+# Q2_K's planes: within each row, the super-blocks' code bytes (64 each), then their scale bytes (16), then their
+# d|dmin (4): GGUF's 84-byte blocks are only 4-byte aligned, so a lane's 16 code bytes take four loads; in planes
+# one 16-byte load where the row is 16-byte aligned (NB % 4 == 0). The same bytes, moved once at load (`planes`).
+PLANES_TYPES = ("Q2_K",)
+_Q2K_PARTS = ((16, 80), (0, 16), (80, 84))            # codes, scales, d|dmin: byte ranges in a GGUF block
+
+
+def planes(w: PackedWeight) -> PackedWeight:
+    """w with each row's bytes in planes (`PLANES_TYPES`); one copy of w on its device while it is made."""
+    if w.layout == "planes":
+        return w
+    if w.ggml_type not in PLANES_TYPES:
+        raise TwinquantError(f"no planes layout for {w.ggml_type} (have: {', '.join(PLANES_TYPES)})")
+    blocks = w.data.view(w.rows, w.cols // QK_K, KERNEL_TYPES[w.ggml_type][1])
+    data = torch.cat([blocks[:, :, a:b].reshape(w.rows, -1) for a, b in _Q2K_PARTS], dim=1)
+    return PackedWeight(w.ggml_type, data, w.cols, "planes")
+
+
+def ggml_bytes(w: PackedWeight) -> torch.Tensor:
+    """w's bytes as GGUF stores them [rows, bytes per row] (a copy where w is in planes)."""
+    if w.layout == "ggml":
+        return w.data
+    nb = w.cols // QK_K
+    cuts = [nb * (b - a) for a, b in _Q2K_PARTS]
+    codes, scales, dd = (p.reshape(w.rows, nb, -1) for p in w.data.split(cuts, dim=1))
+    return torch.cat([scales, codes, dd], dim=2).reshape(w.rows, -1)
+
+
+def planes_default() -> tuple[str, ...]:
+    """The types the runtime moves into planes at load (`planes`): those TWINQUANT_PLANES names (comma-separated)."""
+    return _listed(os.environ.get("TWINQUANT_PLANES", ""), PLANES_TYPES)
+
+
+def _row_align(w: PackedWeight) -> int:
+    """The largest of 4, 2, 1 int32 words dividing a row (how wide the planes' loads may be)."""
+    words = w.data.shape[1] // 4
+    return 4 if words % 4 == 0 else 2 if words % 2 == 0 else 1
+
+
 def dequantize(w: PackedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The float weight [rows, cols] of a packed one, computed on its device."""
     from twinquant.formats.ggml.triton_kquants import dequant_kernel
 
     tid, bs = KERNEL_TYPES[w.ggml_type]
+    data = ggml_bytes(w)
     out = torch.empty(w.rows, w.cols, dtype=dtype, device=w.data.device)
     br = 8
-    dequant_kernel[(-(-w.rows // br), w.cols // QK_K)](w.data, out, *_tables(w), w.rows, w.data.shape[1], w.cols,
+    dequant_kernel[(-(-w.rows // br), w.cols // QK_K)](data, out, *_tables(w), w.rows, data.shape[1], w.cols,
                                                        TYPE=tid, BS=bs, BR=br, num_warps=4)
     return out
 
@@ -229,7 +274,7 @@ def gemv_config(key: str, rows: int, nb: int) -> GemvConfig:
 def _config_from(path: str, key: str, rows: int, nb: int) -> GemvConfig:
     """gemv_config with the table at `path` (cached: every decode GEMV asks)."""
     launches = _launch_table(path)
-    words_kernel = key.endswith((":words", ":q8words"))
+    words_kernel = key.endswith((":words", ":q8words", ":planes", ":q8planes"))
     bytes_kernel = key in BYTE_ORDER_DEFAULT or key.endswith(":bytes")
     table = launches.get(key) or (launches.get("generic") if not (bytes_kernel or words_kernel) else None)
     if table:
@@ -271,7 +316,12 @@ def gemv(x2: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, ou
         raise TwinquantError(f"gemv: no word-lane kernel for {w.ggml_type} (have: {', '.join(WORDS_TYPES)})")
     by_words = (byte_order is None and w.ggml_type in words_default()) if words is None else words
     by_bytes = w.ggml_type in BYTE_ORDER_DEFAULT if byte_order is None else byte_order
-    cfg = config or gemv_config(kernel_key(w.ggml_type, by_bytes, by_words), w.rows, nb)
+    in_planes = w.layout == "planes"
+    if in_planes and (words is False or byte_order):
+        raise TwinquantError(f"gemv: a {w.ggml_type} weight in planes has only its word-lane kernel")
+    by_words = by_words or in_planes
+    key = f"{w.ggml_type}:planes" if in_planes else kernel_key(w.ggml_type, by_bytes, by_words)
+    cfg = config or gemv_config(key, w.rows, nb)
     # a split adds partial sums atomically: into zeroed float32; otherwise each output is stored once
     y = (torch.zeros(x2.shape[0], w.rows, dtype=torch.float32, device=x2.device) if cfg.split > 1 else
          torch.empty(x2.shape[0], w.rows, dtype=out_dtype, device=x2.device))
@@ -281,7 +331,9 @@ def gemv(x2: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, ou
         args = (w.data, x2, y, b, w.rows, nb, w.data.shape[1], x2.stride(0), y.stride(0))
         kw = dict(BR=cfg.br, U=cfg.u, SPLIT=cfg.split, HAS_BIAS=bias is not None, num_warps=cfg.warps)
         if by_words and w.ggml_type == "Q2_K":
-            gemv_q2k_words_kernel[grid](w.data.view(torch.int32), *args[1:6], w.data.shape[1] // 4, *args[7:], **kw)
+            align = _row_align(w) if in_planes else 1
+            gemv_q2k_words_kernel[grid](w.data.view(torch.int32), *args[1:6], w.data.shape[1] // 4 // align,
+                                        *args[7:], PLANES=in_planes, ALIGN=align, **kw)
         elif by_words:          # Q3_K, Q6_K: 110 / 210-byte super-blocks, read as 16-bit halves
             kernel = gemv_q3k_words_kernel if w.ggml_type == "Q3_K" else gemv_q6k_words_kernel
             kernel[grid](w.data.view(torch.int16), *args[1:6], w.data.shape[1] // 2, *args[7:], **kw)
@@ -300,11 +352,13 @@ def _int8_away(v: torch.Tensor) -> torch.Tensor:
     return (v.sign() * (v.abs() + 0.5).floor()).clamp(-127, 127).to(torch.int8)
 
 
-def quantize_q8(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_q8(x2: torch.Tensor, lanes: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Activations [M, cols] as llama.cpp's CUDA GEMV takes them (q8_1's rounding): int8 per 32 values with scale
     d = max|x| / 127, q = round half away from zero of x / d (0 where the block is 0); returned as (q viewed as int32
-    words [M, cols / 4], d [M, cols / 32], float sums of x per 16 [M, cols / 16] for the Q2_K min term). One Triton
-    kernel where Triton runs (`quantize_q8_kernel`; torch's dozen small ops took 90-230 µs on an H100), else torch."""
+    words [M, cols / 4], d [M, cols / 32], float sums of x per 16 [M, cols / 16] for the Q2_K min term). `lanes`:
+    the sums of each 256 values in the word-lane kernel's order (sum 8h + 2j + q at 8h + 4q + j: a lane's four in
+    one 16-byte load). One Triton kernel where Triton runs (`quantize_q8_kernel`; torch's dozen small ops took
+    90-230 µs on an H100), else torch."""
     if runs_triton(x2) and x2.shape[0]:
         from twinquant.formats.ggml.triton_kquants import quantize_q8_kernel
 
@@ -315,13 +369,16 @@ def quantize_q8(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
         sums = torch.empty(m, cols // 16, dtype=torch.float32, device=x2.device)
         bb = 16
         quantize_q8_kernel[(-(-(cols // 32) // bb), m)](x2, q, d, sums, cols // 32, x2.stride(0), q.stride(0),
-                                                        d.stride(0), sums.stride(0), BB=bb, num_warps=4)
+                                                        d.stride(0), sums.stride(0), BB=bb, LANES=lanes, num_warps=4)
         return q.view(torch.int32), d, sums
     xb = x2.float().reshape(x2.shape[0], -1, 32)
     d = xb.abs().amax(-1, keepdim=True) / 127
     q = _int8_away(torch.where(d > 0, xb / d, torch.zeros_like(xb)))
+    sums = x2.float().reshape(x2.shape[0], -1, 16).sum(-1)
+    if lanes:           # [M, super-block, h, j, q] -> q before j
+        sums = sums.reshape(x2.shape[0], -1, 2, 4, 2).transpose(-1, -2)
     return (q.reshape(x2.shape[0], -1).contiguous().view(torch.int32), d.squeeze(-1).contiguous(),
-            x2.float().reshape(x2.shape[0], -1, 16).sum(-1).contiguous())
+            sums.reshape(x2.shape[0], -1).contiguous())
 
 
 def gemv_q8(x2: torch.Tensor, w: PackedWeight, br: int = 64, split: int | None = None,
@@ -339,19 +396,23 @@ def gemv_q8(x2: torch.Tensor, w: PackedWeight, br: int = 64, split: int | None =
         raise TwinquantError(f"gemv_q8: only Q2_K has an int8 kernel (got {w.ggml_type})")
     if bias is not None and not words:
         raise TwinquantError("gemv_q8: only the word-lane kernel adds a bias (words=True)")
-    xq, xd, xs = quantize_q8(x2)
+    in_planes = w.layout == "planes"
+    if in_planes and not words:
+        raise TwinquantError("gemv_q8: a weight in planes has only the word-lane kernel (words=True)")
+    xq, xd, xs = quantize_q8(x2, lanes=words)
     nb = w.cols // QK_K
     asm = w.data.is_cuda and not interpreted()
     if words:
-        c = config or gemv_config("Q2_K:q8words", w.rows, nb)
+        c = config or gemv_config("Q2_K:q8planes" if in_planes else "Q2_K:q8words", w.rows, nb)
         # a split adds partial sums atomically: into zeroed float32; otherwise each output is stored once
         y = (torch.zeros(x2.shape[0], w.rows, dtype=torch.float32, device=x2.device) if c.split > 1 else
              torch.empty(x2.shape[0], w.rows, dtype=out_dtype, device=x2.device))
+        align = _row_align(w) if in_planes else 1
         if x2.shape[0]:
             gemv_q2k_q8_words_kernel[(-(-w.rows // c.br), x2.shape[0], c.split)](
                 w.data.view(torch.int32), xq, xd, xs, y, bias if bias is not None else y, w.rows, nb,
-                w.data.shape[1] // 4, xq.stride(0), xd.stride(0), xs.stride(0), y.stride(0), BR=c.br, U=c.u,
-                SPLIT=c.split, ASM=asm, HAS_BIAS=bias is not None, num_warps=c.warps)
+                w.data.shape[1] // 4 // align, y.stride(0), BR=c.br, U=c.u, SPLIT=c.split, ASM=asm,
+                HAS_BIAS=bias is not None, PLANES=in_planes, ALIGN=align, num_warps=c.warps)
         return y.to(out_dtype)
     y = torch.zeros(x2.shape[0], w.rows, dtype=torch.float32, device=x2.device)
     if not x2.shape[0]:
@@ -389,9 +450,10 @@ def gemm_i8(x2: torch.Tensor, w: PackedWeight, bm: int = 64, bn: int = 64, num_w
     m = x2.shape[0]
     y = torch.empty(m, w.rows, dtype=torch.float32, device=x2.device)
     if m:
+        data = ggml_bytes(w)
         bm = max(16, min(bm, 1 << (m - 1).bit_length()))      # int8 products need 16 rows at least
         gemm_q2k_i8_kernel[(-(-m // bm), -(-w.rows // bn))](
-            w.data, xq, sx, y, m, w.rows, w.cols // QK_K, w.data.shape[1], xq.stride(0), y.stride(0),
+            data, xq, sx, y, m, w.rows, w.cols // QK_K, data.shape[1], xq.stride(0), y.stride(0),
             BM=bm, BN=bn, num_warps=num_warps)
     return y
 

@@ -215,8 +215,39 @@ def _word_lanes(w_ptr, x_ptr, stride_xm, R, row_stride, BR: tl.constexpr, U: tl.
 
 
 @triton.jit
-def gemv_q2k_words_kernel(w_ptr, x_ptr, y_ptr, b_ptr, R, NB, row_words, stride_xm, stride_ym, BR: tl.constexpr,
-                          U: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
+def _quad(t, A: tl.constexpr, B: tl.constexpr, C: tl.constexpr):
+    """t[..., 0], .., t[..., 3] of an [A, B, C, 4] tensor (its last dim in one lane's registers: no data moves)."""
+    lo, hi = tl.split(tl.reshape(t, (A, B, C, 2, 2)))                                    # t = 0, 2 / 1, 3
+    t0, t2 = tl.split(lo)
+    t1, t3 = tl.split(hi)
+    return t0, t1, t2, t3
+
+
+@triton.jit
+def _q2k_lane_block(row_base, NB, b, g, BR: tl.constexpr, U: tl.constexpr, PLANES: tl.constexpr):
+    """Lane g's share of Q2_K super-block b ([1, U, 1]) of the rows at row_base ([BR, 1, 1] int32 pointers): its
+    code words 4g..4g+3 (code bytes 16g..16g+15), the scale words 2h, 2h + 1 (scale bytes 8h..8h+7, h = g // 2)
+    and the d|dmin word. GGUF's layout (84-byte blocks, 4-byte aligned): seven word loads. PLANES (`packed.planes`,
+    the same bytes moved at load): a row's codes, then its scales, then its d|dmin, so one 16-byte, one 8-byte and
+    one 4-byte load where the row is 16-byte aligned (the caller's row stride tells Triton)."""
+    if PLANES:
+        e = tl.arange(0, 4)[None, None, None, :]
+        words = _quad(tl.load((row_base + b * 16 + 4 * g)[:, :, :, None] + e), BR, U, 4)
+        sc = tl.load((row_base + NB * 16 + b * 4 + 2 * (g // 2))[:, :, :, None] + tl.arange(0, 2)[None, None, None, :])
+        scales = tl.split(sc)
+        dd = tl.load(row_base + NB * 20 + b)
+    else:
+        blk = row_base + b * 21
+        words = (tl.load(blk + 4 + 4 * g), tl.load(blk + 5 + 4 * g), tl.load(blk + 6 + 4 * g), tl.load(blk + 7 + 4 * g))
+        scales = (tl.load(blk + 2 * (g // 2)), tl.load(blk + 2 * (g // 2) + 1))
+        dd = tl.load(blk + 20)
+    return words, scales, dd
+
+
+@triton.jit
+def gemv_q2k_words_kernel(w_ptr, x_ptr, y_ptr, b_ptr, R, NB, row_n, stride_xm, stride_ym, BR: tl.constexpr,
+                          U: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, PLANES: tl.constexpr = False,
+                          ALIGN: tl.constexpr = 1):
     """Q2_K's GEMV with each lane owning whole sub-blocks: no sums across lanes inside the loop (the byte-order
     kernel's reshaped sums compile to shuffles; `benchmarks/kernel_ptx.py` counts each kernel's instructions per
     weight). Lane (row, super-block, g) loads the 4 code words 4g..4g+3 (bytes 16g..16g+15 of qs, g = 2h + q):
@@ -224,17 +255,15 @@ def gemv_q2k_words_kernel(w_ptr, x_ptr, y_ptr, b_ptr, R, NB, row_words, stride_x
     byte t (x: one 16-byte load per word, split into its 4 values in registers). Codes become floats through the
     mantissa (`_word_dot`), so per weight a shift, an and-or and a multiply-add; per sub-block Σx for Q2_K's min
     and the mantissa's offset: y = Σ_s d·sc_s·4·(Σ f·x − Σ x) − dmin·m_s·Σ x. The scale bytes 8h + q + 2j sit in
-    words 2h (j < 2) and 2h + 1, d|dmin in word 20. No masked loads: rows past R and super-blocks past NB read the
-    last ones again and are dropped (rows not stored, super-blocks weighed 0). U super-blocks of each row at a time,
-    SPLIT and the bias as in `gemv_kernel`; row_words = bytes per row / 4 (a Q2_K row is 84·NB bytes)."""
-    m, part, rows, g, u, row_base, xg = _word_lanes(w_ptr, x_ptr, stride_xm, R, row_words, BR, U)
+    scale words 2h (j < 2) and 2h + 1 (`_q2k_lane_block`, either layout). No masked loads: rows past R and
+    super-blocks past NB read the last ones again and are dropped (rows not stored, super-blocks weighed 0). U
+    super-blocks of each row at a time, SPLIT and the bias as in `gemv_kernel`; a row is row_n·ALIGN int32 words
+    (84·NB bytes; ALIGN 4 where that is a multiple of 16 bytes, so Triton may load planes 16 bytes at a time)."""
+    m, part, rows, g, u, row_base, xg = _word_lanes(w_ptr, x_ptr, stride_xm, R, row_n * ALIGN, BR, U)
     acc = tl.zeros((BR, U, 4), dtype=tl.float32)
     for b0 in range(part * U, NB, SPLIT * U):
         b = tl.minimum(b0 + u, NB - 1)                                                  # [1, U, 1]
-        blk = row_base + b * 21
-        words = (tl.load(blk + 4 + 4 * g), tl.load(blk + 5 + 4 * g), tl.load(blk + 6 + 4 * g), tl.load(blk + 7 + 4 * g))
-        scales = (tl.load(blk + 2 * (g // 2)), tl.load(blk + 2 * (g // 2) + 1))
-        dd = tl.load(blk + 20)
+        words, scales, dd = _q2k_lane_block(row_base, NB, b, g, BR, U, PLANES)
         aq = tl.zeros((BR, U, 4), dtype=tl.float32)
         am = tl.zeros((BR, U, 4), dtype=tl.float32)
         for j in tl.static_range(4):
@@ -386,43 +415,42 @@ def gemv_q2k_q8_kernel(w_ptr, xq_ptr, xd_ptr, xs_ptr, y_ptr, R, NB, row_words, s
 
 
 @triton.jit
-def gemv_q2k_q8_words_kernel(w_ptr, xq_ptr, xd_ptr, xs_ptr, y_ptr, b_ptr, R, NB, row_words, stride_xq,
-                             stride_xd, stride_xs, stride_ym, BR: tl.constexpr, U: tl.constexpr, SPLIT: tl.constexpr,
-                             ASM: tl.constexpr, HAS_BIAS: tl.constexpr):
+def gemv_q2k_q8_words_kernel(w_ptr, xq_ptr, xd_ptr, xs_ptr, y_ptr, b_ptr, R, NB, row_n, stride_ym, BR: tl.constexpr,
+                             U: tl.constexpr, SPLIT: tl.constexpr, ASM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                             PLANES: tl.constexpr = False, ALIGN: tl.constexpr = 1):
     """`gemv_q2k_q8_kernel`'s arithmetic (Q2_K × int8 x per 32, dp4a) with `gemv_q2k_words_kernel`'s lanes: lane
     (row, super-block, g = 2h + q) owns code words 4g..4g+3, so for each j its 4 words masked to shift 2j times the
     4 int8 x words 32h + 8j + 4q + 0..3 (one 16-byte load) are sub-block 8h + 2j + q's integer dot in 4 dp4a; then
-    d·sc·xd·Σ − dmin·m·xs per sub-block (xd: x's scale per 32, block 4h + j; xs: x's float sum per 16). No sums
-    across lanes inside the loop, no masked loads (rows and super-blocks past the end as in the word-lane kernel).
-    The bias and the output dtype as in `gemv_kernel`."""
-    m, part, rows, g, u, row_base, _ = _word_lanes(w_ptr, xq_ptr, stride_xq, R, row_words, BR, U)
+    d·sc·xd·Σ − dmin·m·xs per sub-block (xd: x's scale per 32, blocks 4h + 0..3 one 16-byte load; xs: x's float
+    sums per 16 in lane order, `quantize_q8(lanes=True)`, 8h + 4q + 0..3 one 16-byte load). x's three arrays are
+    contiguous rows of NB·64 words, NB·8 and NB·16 floats. No sums across lanes inside the loop, no masked loads
+    (rows and super-blocks past the end as in the word-lane kernel); either layout (`_q2k_lane_block`; the row
+    stride row_n·ALIGN words as there). The bias and the output dtype as in `gemv_kernel`."""
+    m, part, rows, g, u, row_base, _ = _word_lanes(w_ptr, xq_ptr, 0, R, row_n * ALIGN, BR, U)
     h = g // 2
     q = g % 2
-    xw = (xq_ptr + m * stride_xq + 32 * h + 4 * q)[:, :, :, None] + tl.arange(0, 4)[None, None, None, :]
+    e = tl.arange(0, 4)[None, None, None, :]
+    xw = (xq_ptr + m * (NB * 64) + 32 * h + 4 * q)[:, :, :, None] + e
+    xd_row = xd_ptr + m * (NB * 8) + 4 * h
+    xs_row = xs_ptr + m * (NB * 16) + 8 * h + 4 * q
     acc = tl.zeros((BR, U, 4), dtype=tl.float32)
     for b0 in range(part * U, NB, SPLIT * U):
         b = tl.minimum(b0 + u, NB - 1)                                                  # [1, U, 1]
-        blk = row_base + b * 21
-        words = (tl.load(blk + 4 + 4 * g), tl.load(blk + 5 + 4 * g), tl.load(blk + 6 + 4 * g), tl.load(blk + 7 + 4 * g))
-        scales = (tl.load(blk + 2 * h), tl.load(blk + 2 * h + 1))
-        dd = tl.load(blk + 20)
+        words, scales, dd = _q2k_lane_block(row_base, NB, b, g, BR, U, PLANES)
+        xd = _quad(tl.load((xd_row + b * 8)[:, :, :, None] + e), 1, U, 4)
+        xs = _quad(tl.load((xs_row + b * 16)[:, :, :, None] + e), 1, U, 4)
         aq = tl.zeros((BR, U, 4), dtype=tl.float32)
         am = tl.zeros((BR, U, 4), dtype=tl.float32)
         for j in tl.static_range(4):
-            x4 = tl.load(xw + (b * 64 + 8 * j)[:, :, :, None])                         # [1, U, 4, 4] int32
-            xa, xb = tl.split(tl.reshape(x4, (1, U, 4, 2, 2)))
-            x0, x2 = tl.split(xa)
-            x1, x3 = tl.split(xb)
+            x0, x1, x2, x3 = _quad(tl.load(xw + (b * 64 + 8 * j)[:, :, :, None]), 1, U, 4)   # int32 words
             isum = tl.zeros((BR, U, 4), dtype=tl.int32)
             isum = _dot4((words[0] >> (2 * j)) & 0x03030303, x0, isum, ASM)
             isum = _dot4((words[1] >> (2 * j)) & 0x03030303, x1, isum, ASM)
             isum = _dot4((words[2] >> (2 * j)) & 0x03030303, x2, isum, ASM)
             isum = _dot4((words[3] >> (2 * j)) & 0x03030303, x3, isum, ASM)
             sb = (scales[j // 2] >> (8 * q + 16 * (j % 2))) & 0xFF                       # scale byte 8h + q + 2j
-            xd = tl.load(xd_ptr + m * stride_xd + b * 8 + 4 * h + j)
-            xs = tl.load(xs_ptr + m * stride_xs + b * 16 + 8 * h + 2 * j + q)
-            aq += _uf(sb & 0xF, 4) * isum.to(tl.float32) * xd
-            am += _uf(sb >> 4, 4) * xs
+            aq += _uf(sb & 0xF, 4) * isum.to(tl.float32) * xd[j]
+            am += _uf(sb >> 4, 4) * xs[j]
         sums = _half(dd & 0xFFFF) * aq - _half((dd >> 16) & 0xFFFF) * am
         acc += tl.where(b0 + u < NB, sums, 0.0)
     _store_rows(y_ptr + m * stride_ym, rows, tl.sum(tl.sum(acc, axis=2), axis=1), R, SPLIT, b_ptr, part, HAS_BIAS)
@@ -430,8 +458,9 @@ def gemv_q2k_q8_words_kernel(w_ptr, xq_ptr, xd_ptr, xs_ptr, y_ptr, b_ptr, R, NB,
 
 @triton.jit
 def quantize_q8_kernel(x_ptr, q_ptr, d_ptr, s_ptr, n_blocks, stride_x, stride_q, stride_d, stride_s,
-                       BB: tl.constexpr):
-    """`packed.quantize_q8` for BB blocks of 32 values of one activation row per program (row = program_id(1))."""
+                       BB: tl.constexpr, LANES: tl.constexpr = False):
+    """`packed.quantize_q8` for BB blocks of 32 values of one activation row per program (row = program_id(1));
+    LANES: the sums per 16 in the word-lane kernels' order (`packed.quantize_q8`)."""
     m = tl.program_id(1)
     blocks = tl.program_id(0) * BB + tl.arange(0, BB)
     ok = (blocks < n_blocks)[:, None]
@@ -444,7 +473,12 @@ def quantize_q8_kernel(x_ptr, q_ptr, d_ptr, s_ptr, n_blocks, stride_x, stride_q,
     tl.store(q_ptr + m * stride_q + blocks[:, None] * 32 + e, q, mask=ok)
     tl.store(d_ptr + m * stride_d + blocks, d, mask=blocks < n_blocks)
     halves = tl.sum(tl.reshape(x, (BB, 2, 16)), axis=2)
-    tl.store(s_ptr + m * stride_s + blocks[:, None] * 2 + tl.arange(0, 2)[None, :], halves, mask=ok)
+    q16 = tl.arange(0, 2)[None, :]
+    if LANES:           # block 8b + 4h + j, half q -> 16b + 8h + 4q + j
+        at = (blocks // 8 * 16 + blocks % 8 // 4 * 8 + blocks % 4)[:, None] + 4 * q16
+    else:
+        at = blocks[:, None] * 2 + q16
+    tl.store(s_ptr + m * stride_s + at, halves, mask=ok)
 
 
 @triton.jit
