@@ -423,9 +423,10 @@ def test_widths_without_a_tiling_fall_back_to_torch():
     torch.testing.assert_close(fwht(x, plan=plan).double(), x.double() @ plan.matrix() / 8, rtol=0, atol=1e-6)
 
 
-def test_a_gguf_decodes_from_packed_weights_as_from_dequantized_ones(tmp_path):
+def test_a_gguf_decodes_from_packed_weights_as_from_dequantized_ones(tmp_path, monkeypatch):
     """runtime/packed_weights.pack_linears: every K-quant linear (and the head) multiplied from its bytes; the
-    prefill (dequantize + matmul) and each decode step (GEMV) give the float path's logits."""
+    prefill (dequantize + matmul) and each decode step (GEMV) give the float path's logits; with TWINQUANT_PLANES
+    the Q2_K ones in planes (joined runs too) give them as well."""
     from tests.tiny_models import save_tiny
     from twinquant.io.gguf_write import write_gguf
     from twinquant.io.hf import load_hf_dir
@@ -472,6 +473,18 @@ def test_a_gguf_decodes_from_packed_weights_as_from_dequantized_ones(tmp_path):
                                    rtol=1e-4, atol=1e-4)
     # ffn_gate (Q6_K) shares its input with ffn_up (Q8_0, no kernel): it still ran packed, never dequantized
     assert "blk.0.ffn_gate.weight" not in packed.tensors and "blk.0.ffn_up.weight" in packed.tensors
+
+    monkeypatch.setenv("TWINQUANT_PLANES", "Q2_K")
+    planar = load_model(path, device=device, keep_quantized=True)
+    pack_linears(planar)
+    planar.materialize()
+    join_shared_inputs(planar)
+    layouts = {n: w.layout for n, w in planar.packed.items()}
+    assert {n for n, v in layouts.items() if v == "planes"} == {n for n, t in types.items() if t == "Q2_K"}
+    assert planar.packed_groups["blk.1.attn_q.weight"].whole.layout == "planes"
+    cache = KVCache.empty(planar, 1, 16)
+    torch.testing.assert_close(forward(planar, tokens[:, :-1], cache=cache), want[:, :-1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(forward(planar, tokens[:, -1:], cache=cache), want[:, -1:], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("device", DEVICES)
