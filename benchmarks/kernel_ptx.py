@@ -281,6 +281,7 @@ def add_measured(res: dict, path: Path, base: list[dict] | None = None) -> None:
     modelled = {r["kernel"]: r for r in base or []}
     kernel_of = {"Q2_K": "byte-order Q2_K", "Q3_K:bytes": "byte-order Q3_K", "IQ2_XS:bytes": "group IQ2_XS",
                  "IQ2_XXS:bytes": "group IQ2_XXS", "Q2_K:q8words": "int8 x (dp4a) word-lane Q2_K",
+                 "Q2_K:q8planes": "int8 x (dp4a) word-lane Q2_K (planes)", "Q2_K:planes": "word-lane Q2_K (planes)",
                  **{f"{t}:words": f"word-lane {t}" for t in ("Q2_K", "Q3_K", "Q6_K")}}
     for b in sweep["best"]:
         if [b["rows"], b["cols"]] != res["shape"]:
