@@ -172,7 +172,9 @@ def merge_tables(old: dict, new: dict) -> dict:
         launches[key] = sorted(kept + entries)
         where = [str(new["gpu"])] if new.get("gpu") else []
         src = f"{new['source']} ({', '.join(where + [str(new.get('commit'))[:7]])})"
-        sources[key] = f"{src} for its shapes; {sources[key]} for the others" if kept and sources.get(key) else src
+        prev = sources.get(key) if kept else None
+        tail = "" if not prev or prev.endswith("for the others") else " for the others"   # (merged before: has one)
+        sources[key] = f"{src} for its shapes; {prev}{tail}" if prev else src
     return {**{k: v for k, v in old.items() if k not in ("launches", "sources")}, "sources": sources,
             "launches": launches}
 

@@ -236,7 +236,10 @@ def test_launch_table_merges_per_kernel_and_shape_and_serves_the_word_lane_kerne
                               "Q6_K": "b.json (0123456)"}
     assert got["source"] == "a.json" and got["gpu"] == "G"
     shipped = json.loads(LAUNCH_TABLE.read_text())
-    for key in ("Q2_K:words", "Q3_K:words", "Q6_K:words", "Q2_K:q8words"):
+    twice = merge_tables(got, {**new, "source": "c.json", "launches": {"Q2_K": [[256, 6, 8, 8, 1, 8]]}})
+    assert twice["sources"]["Q2_K"] == ("c.json (0123456) for its shapes; b.json (0123456) for its shapes; "
+                                        "a.json for the others")             # one "for the others", however often
+    for key in ("Q2_K:words", "Q3_K:words", "Q6_K:words", "Q2_K:q8words", "Q2_K:planes", "Q2_K:q8planes"):
         entry = next(e for e in shipped["launches"][key] if e[:2] == [27648, 20])
         assert gemv_config(key, 27648, 20) == GemvConfig(*entry[2:]) and key in shipped["sources"]
 
