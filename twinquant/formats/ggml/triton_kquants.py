@@ -176,6 +176,15 @@ def gemv_bytes_kernel(w_ptr, x_ptr, y_ptr, b_ptr, R, NB, row_bytes, stride_xm, s
 
 
 @triton.jit
+def _quad(t, A: tl.constexpr, B: tl.constexpr, C: tl.constexpr):
+    """t[..., 0], .., t[..., 3] of an [A, B, C, 4] tensor (its last dim in one lane's registers: no data moves)."""
+    lo, hi = tl.split(tl.reshape(t, (A, B, C, 2, 2)))                                    # t = 0, 2 / 1, 3
+    t0, t2 = tl.split(lo)
+    t1, t3 = tl.split(hi)
+    return t0, t1, t2, t3
+
+
+@triton.jit
 def _code_mant(w, POS: tl.constexpr, BITS: tl.constexpr):
     """1 + c / 2**BITS for the BITS-bit codes c at bit POS of int32 words: the code moved to the top of 1.0's
     mantissa (a shift and an and-or: two instructions where a conversion would issue at an eighth of the rate)."""
@@ -190,9 +199,7 @@ def _code_mant(w, POS: tl.constexpr, BITS: tl.constexpr):
 def _word_dot(xp, w, fx, sx, U: tl.constexpr, SHIFT: tl.constexpr, BITS: tl.constexpr):
     """(fx + Σ_t f_t·x_t, sx + Σ_t x_t) for the 4 codes of word w (byte t's, at bit SHIFT + 8t; f = `_code_mant`)
     and the 4 consecutive x at xp ([1, U, 4, 4] pointers): one 16-byte load, split into its values in registers."""
-    xa, xb = tl.split(tl.reshape(tl.load(xp).to(tl.float32), (1, U, 4, 2, 2)))       # t = 0, 2 / 1, 3
-    x0, x2 = tl.split(xa)
-    x1, x3 = tl.split(xb)
+    x0, x1, x2, x3 = _quad(tl.load(xp).to(tl.float32), 1, U, 4)
     sx += (x0 + x1) + (x2 + x3)
     fx += _code_mant(w, SHIFT, BITS) * x0
     fx += _code_mant(w, SHIFT + 8, BITS) * x1
@@ -212,15 +219,6 @@ def _word_lanes(w_ptr, x_ptr, stride_xm, R, row_stride, BR: tl.constexpr, U: tl.
     row_base = w_ptr + tl.minimum(rows, R - 1).to(tl.int64)[:, None, None] * row_stride
     xg = (x_ptr + m * stride_xm + 128 * (g // 2) + 16 * (g % 2))[:, :, :, None] + tl.arange(0, 4)[None, None, None, :]
     return m, tl.program_id(2), rows, g, tl.arange(0, U)[None, :, None], row_base, xg
-
-
-@triton.jit
-def _quad(t, A: tl.constexpr, B: tl.constexpr, C: tl.constexpr):
-    """t[..., 0], .., t[..., 3] of an [A, B, C, 4] tensor (its last dim in one lane's registers: no data moves)."""
-    lo, hi = tl.split(tl.reshape(t, (A, B, C, 2, 2)))                                    # t = 0, 2 / 1, 3
-    t0, t2 = tl.split(lo)
-    t1, t3 = tl.split(hi)
-    return t0, t1, t2, t3
 
 
 @triton.jit
