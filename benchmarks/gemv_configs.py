@@ -122,11 +122,15 @@ def cold_copies(w: PackedWeight, launches: int = 24, most: int = 2048) -> list[P
 
 
 def weights(spec, rows, cols, cache={}):
+    """The sweep's weight of this type and shape (in planes for the planes kernels), made once per shape."""
     t = spec.split(":")[0]
-    if (t, rows, cols) not in cache:
-        cache.clear()
-        cache[t, rows, cols] = PackedWeight.from_bytes(t, random_blocks(t, rows, cols), cols, "cuda")
-    return planes(cache[t, rows, cols]) if spec.endswith("planes") else cache[t, rows, cols]
+    key = (t, rows, cols, spec.endswith("planes"))
+    if key not in cache:
+        if not any(k[:3] == key[:3] for k in cache):
+            cache.clear()
+        w = PackedWeight.from_bytes(t, random_blocks(t, rows, cols), cols, "cuda")
+        cache[key] = planes(w) if key[3] else w
+    return cache[key]
 
 
 def warm(part: int, procs: int, types, shapes, narrow: bool) -> None:
