@@ -61,7 +61,7 @@ def bench(fn) -> float:
 def graph_s(call, w) -> float:
     """Seconds per GEMV at batch 1, timed as decode runs it (`gemv_configs.graph_us`: calls back to back in one CUDA
     graph, each on its own copy of the weight, the copies overflowing the L2). do_bench timed each call from the
-    host: a ~20 µs GEMV took 45-100 µs there, the launch's host time (s21's H200 run)."""
+    host: GEMVs the graph times at 6-50 µs took 35-107 µs there, the launches' host time (s21's H200 run)."""
     from gemv_configs import cold_copies, graph_us
 
     return graph_us([lambda wi=wi: call(wi) for wi in cold_copies(w)]) / 1e6
