@@ -170,6 +170,13 @@ Q8_SIG = {"w_ptr": "*i32", "xq_ptr": "*i32", "xd_ptr": "*fp32", "xs_ptr": "*fp32
 PLANES_ALIGN = 4
 
 
+def word_label(spec: str) -> str:
+    """The report's name of a word-lane kernel spec ("Q2_K:q8planes" -> "int8 x (dp4a) word-lane Q2_K (planes)")."""
+    t, kind = spec.split(":")
+    return (("int8 x (dp4a) " if kind.startswith("q8") else "") + f"word-lane {t}"
+            + (" (planes)" if kind.endswith("planes") else ""))
+
+
 def word_kernel(spec: str, c, K=K) -> tuple:
     """(name, type, kernel, signature, constexprs) of a word-lane kernel at launch c (the signature from the
     kernel's own arguments: older kernels of a --base checkout took x's strides and no bias)."""
@@ -184,11 +191,9 @@ def word_kernel(spec: str, c, K=K) -> tuple:
         consts["HAS_BIAS"] = False
     if spec.endswith((":q8words", ":q8planes")):
         consts["ASM"] = True
-        planes = " (planes)" if spec.endswith(":q8planes") else ""
-        return f"int8 x (dp4a) word-lane Q2_K{planes}", t, fn, {n: ARG_TYPES.get(n, "i32") for n in names}, consts
     w_ptr = "*i32" if t == "Q2_K" else "*i16"        # Q3_K, Q6_K: read as 16-bit halves
     sig = {n: w_ptr if n == "w_ptr" else ARG_TYPES.get(n, "i32") for n in names}
-    return f"word-lane {t}{' (planes)' if spec.endswith(':planes') else ''}", t, fn, sig, consts
+    return word_label(spec), t, fn, sig, consts
 
 
 def budget(t: str) -> float:
@@ -280,9 +285,7 @@ def add_measured(res: dict, path: Path, base: list[dict] | None = None) -> None:
     sweep = json.loads(path.read_text())
     modelled = {r["kernel"]: r for r in base or []}
     kernel_of = {"Q2_K": "byte-order Q2_K", "Q3_K:bytes": "byte-order Q3_K", "IQ2_XS:bytes": "group IQ2_XS",
-                 "IQ2_XXS:bytes": "group IQ2_XXS", "Q2_K:q8words": "int8 x (dp4a) word-lane Q2_K",
-                 "Q2_K:q8planes": "int8 x (dp4a) word-lane Q2_K (planes)", "Q2_K:planes": "word-lane Q2_K (planes)",
-                 **{f"{t}:words": f"word-lane {t}" for t in ("Q2_K", "Q3_K", "Q6_K")}}
+                 "IQ2_XXS:bytes": "group IQ2_XXS", **{spec: word_label(spec) for spec in WORD_SPECS}}
     for b in sweep["best"]:
         if [b["rows"], b["cols"]] != res["shape"]:
             continue

@@ -173,10 +173,13 @@ def planes_default() -> tuple[str, ...]:
     return _listed(os.environ.get("TWINQUANT_PLANES", ""), PLANES_TYPES)
 
 
-def _row_align(w: PackedWeight) -> int:
-    """The largest of 4, 2, 1 int32 words dividing a row (how wide the planes' loads may be)."""
+def _q2k_rows(w: PackedWeight) -> dict:
+    """The Q2_K word-lane kernels' row arguments for w: its row stride in units of ALIGN int32 words (ALIGN the
+    largest of 4, 2, 1 dividing a row in planes: how wide the planes' loads may be; 1 in GGUF's layout) and the
+    layout flag."""
     words = w.data.shape[1] // 4
-    return 4 if words % 4 == 0 else 2 if words % 2 == 0 else 1
+    align = 1 if w.layout != "planes" else 4 if words % 4 == 0 else 2 if words % 2 == 0 else 1
+    return {"row_n": words // align, "PLANES": w.layout == "planes", "ALIGN": align}
 
 
 def dequantize(w: PackedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -331,9 +334,8 @@ def gemv(x2: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, ou
         args = (w.data, x2, y, b, w.rows, nb, w.data.shape[1], x2.stride(0), y.stride(0))
         kw = dict(BR=cfg.br, U=cfg.u, SPLIT=cfg.split, HAS_BIAS=bias is not None, num_warps=cfg.warps)
         if by_words and w.ggml_type == "Q2_K":
-            align = _row_align(w) if in_planes else 1
-            gemv_q2k_words_kernel[grid](w.data.view(torch.int32), *args[1:6], w.data.shape[1] // 4 // align,
-                                        *args[7:], PLANES=in_planes, ALIGN=align, **kw)
+            gemv_q2k_words_kernel[grid](w.data.view(torch.int32), *args[1:6], stride_xm=x2.stride(0),
+                                        stride_ym=y.stride(0), **_q2k_rows(w), **kw)
         elif by_words:          # Q3_K, Q6_K: 110 / 210-byte super-blocks, read as 16-bit halves
             kernel = gemv_q3k_words_kernel if w.ggml_type == "Q3_K" else gemv_q6k_words_kernel
             kernel[grid](w.data.view(torch.int16), *args[1:6], w.data.shape[1] // 2, *args[7:], **kw)
@@ -407,12 +409,11 @@ def gemv_q8(x2: torch.Tensor, w: PackedWeight, br: int = 64, split: int | None =
         # a split adds partial sums atomically: into zeroed float32; otherwise each output is stored once
         y = (torch.zeros(x2.shape[0], w.rows, dtype=torch.float32, device=x2.device) if c.split > 1 else
              torch.empty(x2.shape[0], w.rows, dtype=out_dtype, device=x2.device))
-        align = _row_align(w) if in_planes else 1
         if x2.shape[0]:
             gemv_q2k_q8_words_kernel[(-(-w.rows // c.br), x2.shape[0], c.split)](
                 w.data.view(torch.int32), xq, xd, xs, y, bias if bias is not None else y, w.rows, nb,
-                w.data.shape[1] // 4 // align, y.stride(0), BR=c.br, U=c.u, SPLIT=c.split, ASM=asm,
-                HAS_BIAS=bias is not None, PLANES=in_planes, ALIGN=align, num_warps=c.warps)
+                stride_ym=y.stride(0), BR=c.br, U=c.u, SPLIT=c.split, ASM=asm, HAS_BIAS=bias is not None,
+                num_warps=c.warps, **_q2k_rows(w))
         return y.to(out_dtype)
     y = torch.zeros(x2.shape[0], w.rows, dtype=torch.float32, device=x2.device)
     if not x2.shape[0]:
