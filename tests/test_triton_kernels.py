@@ -673,3 +673,36 @@ def test_fused_sweep_of_many_matrices_matches_each_alone(device, monkeypatch):
         alone = gptq(w.to(device), h.to(device), codec, block_size=64)
         assert (many[e].codes == alone.codes).float().mean().item() >= 0.999
         assert abs(many[e].loss - alone.loss) <= 1e-4 * alone.loss
+
+
+def test_gemv_limits_probes_read_the_bytes_they_stand_for():
+    """benchmarks/gemv_limits.py's load-only kernels are timed as the Q2_K int8 GEMV's reads: the lane probe reads
+    each code word of every row once (scales and d|dmin twice, by the lane pair: they cancel in the xor) and, with
+    X, every int8 x word and x sum once per super-block (x's scales twice); the stream probe reads every word once."""
+    import functools
+    import importlib
+    import sys
+
+    from tests.paths import ROOT
+    from twinquant.formats.ggml.packed import _q2k_rows, planes, quantize_q8
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    lim = importlib.import_module("gemv_limits")
+    rows, nb = 12, 4
+    w = planes(PackedWeight.from_bytes("Q2_K", random_blocks("Q2_K", rows, nb * 256), nb * 256, "cpu"))
+    xq, xd, xs = quantize_q8(torch.randn(1, nb * 256), lanes=True)
+    words = w.data.view(torch.int32)
+
+    def xor(t):
+        return functools.reduce(lambda a, b: a ^ b, t.reshape(-1).tolist(), 0)
+
+    got = {}
+    for with_x in (False, True):
+        got[with_x] = torch.full((rows,), 7, dtype=torch.int32)
+        lim.lane_loads_kernel[(3, 1, 1)](words, xq, xd, xs, got[with_x], rows, nb, BR=4, U=2, SPLIT=1, X=with_x,
+                                         num_warps=4, **_q2k_rows(w))
+    assert got[False].tolist() == [xor(words[r, :nb * 16]) for r in range(rows)]
+    assert (got[True] ^ got[False]).tolist() == [xor(xq) ^ xor(xs.view(torch.int32))] * rows
+    sink = torch.zeros(4, dtype=torch.int32)
+    lim.stream_kernel[(4,)](words.reshape(-1), sink, words.numel(), BLOCK=256)
+    assert xor(sink) == xor(words)
