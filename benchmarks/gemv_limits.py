@@ -8,6 +8,8 @@ CUDA graph over copies of the weight that overflow the L2).
     loads        the kernel's own weight loads (`_q2k_lane_block`, its lanes and launch), folded with xor
     loads+x      also x's int8 words, scales and sums as the kernel loads them
     kernel       the kernel on x already quantized
+    prefetch     the kernel with its next step's weight loads issued before this step's products (PREFETCH; and
+                 its best launch of a few)
     quantize     `quantize_q8(lanes=True)` alone
     gemv_q8      both, as the runtime calls it
 
@@ -44,6 +46,7 @@ from twinquant.formats.ggml.triton_kquants import (_q2k_lane_block, _word_lanes,
 SHAPES = [(27648, 5120), (5120, 27648), (5120, 5120)]
 STREAM = [(b, w) for b in (1024, 4096, 8192) for w in (4, 8)]
 LOADS = [GemvConfig(br, u, 1, w) for br, u, w in itertools.product((4, 8, 16), (2, 4, 8), (2, 4, 8))]
+PREFETCH = [GemvConfig(br, u, 1, w) for br, u, w in itertools.product((4, 8, 16), (2, 4), (2, 4))]
 
 
 @triton.jit
@@ -131,19 +134,25 @@ def measure(rows: int, cols: int, copy_gbs: float) -> list[dict]:
     xbytes = 4 * (xq.numel() + xd.numel() + xs.numel())
     row("loads+x", loads(cfg, True), list(cfg), xbytes)
 
-    def kernel(wi):
-        return gemv_q2k_q8_words_kernel[grid](
-            wi.data.view(torch.int32), xq, xd, xs, y, y, rows, nb, stride_ym=0, BR=cfg.br, U=cfg.u, SPLIT=cfg.split,
-            ASM=True, HAS_BIAS=False, num_warps=cfg.warps, **_q2k_rows(wi))
+    def kernel(wi, c: GemvConfig = cfg, prefetch: bool = False):
+        yc = y if c.split == 1 else torch.zeros_like(y)
+        return gemv_q2k_q8_words_kernel[(-(-rows // c.br), 1, c.split)](
+            wi.data.view(torch.int32), xq, xd, xs, yc, yc, rows, nb, stride_ym=0, BR=c.br, U=c.u, SPLIT=c.split,
+            ASM=True, HAS_BIAS=False, PREFETCH=prefetch, num_warps=c.warps, **_q2k_rows(wi))
 
     row("kernel", graph_us([lambda wi=wi: kernel(wi) for wi in ws]), list(cfg), xbytes)
+    row("prefetch", graph_us([lambda wi=wi: kernel(wi, prefetch=True) for wi in ws]), list(cfg), xbytes)
+    pf = min(((graph_us([lambda wi=wi: kernel(wi, c, True) for wi in ws]), c) for c in PREFETCH),
+             key=lambda t: t[0])
+    row("prefetch best", pf[0], list(pf[1]), xbytes)
     row("quantize", graph_us([lambda: quantize_q8(x, lanes=True)] * 24), "", -nbytes + x.numel() * 4 + xbytes)
     row("gemv_q8", graph_us([lambda wi=wi: gemv_q8(x, wi, words=True) for wi in ws]), list(cfg), xbytes)
     return out
 
 
 def profile() -> None:
-    """Each kernel twice at 27648x5120 outside a graph (the second launch is the one to read in a profiler)."""
+    """Each kernel (stream, loads+x, kernel, kernel with prefetch) twice at 27648x5120 outside a graph: the second
+    round is the one to read in a profiler."""
     rows, cols = SHAPES[0]
     nb = cols // QK_K
     w = planes(PackedWeight.from_bytes("Q2_K", random_blocks("Q2_K", rows, cols), cols, "cuda"))
@@ -159,9 +168,10 @@ def profile() -> None:
         lane_loads_kernel[(-(-rows // cfg.br), 1, cfg.split)](
             w.data.view(torch.int32), xq, xd, xs, yi, rows, nb, BR=cfg.br, U=cfg.u,
             SPLIT=cfg.split, X=True, num_warps=cfg.warps, **_q2k_rows(w))
-        gemv_q2k_q8_words_kernel[(-(-rows // cfg.br), 1, cfg.split)](
-            w.data.view(torch.int32), xq, xd, xs, y, y, rows, nb, stride_ym=0, BR=cfg.br, U=cfg.u, SPLIT=cfg.split,
-            ASM=True, HAS_BIAS=False, num_warps=cfg.warps, **_q2k_rows(w))
+        for pf in (False, True):
+            gemv_q2k_q8_words_kernel[(-(-rows // cfg.br), 1, cfg.split)](
+                w.data.view(torch.int32), xq, xd, xs, y, y, rows, nb, stride_ym=0, BR=cfg.br, U=cfg.u,
+                SPLIT=cfg.split, ASM=True, HAS_BIAS=False, PREFETCH=pf, num_warps=cfg.warps, **_q2k_rows(w))
     torch.cuda.synchronize()
     print(f"profiled at {rows}x{cols}, launch {tuple(cfg)}")
 
@@ -184,12 +194,12 @@ def plot(res: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     shapes = sorted({(r["rows"], r["cols"]) for r in res["rows"]}, key=lambda s: -s[0] * s[1])
-    whats = [w for w in ("stream", "loads best", "loads", "loads+x", "kernel", "gemv_q8")]
+    whats = ["stream", "loads best", "loads", "loads+x", "kernel", "prefetch best", "gemv_q8"]
     fig, ax = plt.subplots(figsize=(10, 4.5))
     for i, wh in enumerate(whats):
         pct = [next((r["pct_copy"] for r in res["rows"] if (r["rows"], r["cols"]) == s and r["what"] == wh), 0)
                for s in shapes]
-        ax.bar([k + (i - len(whats) / 2) * 0.13 for k in range(len(shapes))], pct, 0.13, label=wh)
+        ax.bar([k + (i - len(whats) / 2) * 0.11 for k in range(len(shapes))], pct, 0.11, label=wh)
     ax.set_xticks(range(len(shapes)), [f"{r}x{c}" for r, c in shapes])
     ax.set_ylabel("% of copy bandwidth")
     ax.set_title(f"Q2_K int8-x GEMV (planes) and its loads alone, batch 1, CUDA graph, cold L2 "

@@ -97,7 +97,8 @@ def test_every_gemv_launch_shape_gives_the_same_product(ggml_type, byte_order, d
 def test_q2k_planes_hold_the_same_bytes_and_give_the_same_products(nb, device):
     """packed.planes regroups each Q2_K row (codes, scales, d|dmin) and ggml_bytes undoes it; both word-lane kernels
     (float x, int8 x) read planes at every launch shape and give what they give on GGUF's layout; dequantize and
-    the prefill path read them too; planes have no other kernel."""
+    the prefill path read them too; planes have no other kernel. The int8 kernel with its loads one step ahead
+    (prefetch) gives the same sums."""
     from twinquant.formats.ggml.packed import PackedRun, gemv_q8, ggml_bytes, planes
 
     rows, cols = 13, nb * 256
@@ -117,7 +118,13 @@ def test_q2k_planes_hold_the_same_bytes_and_give_the_same_products(nb, device):
             torch.testing.assert_close(gemv(x.to(dtype), wp, bias.to(dtype), dtype, config=cfg), want,
                                        rtol=1e-6, atol=1e-6 * want.abs().max().item())
         want = gemv_q8(x, w, words=True, config=cfg, bias=bias)
-        torch.testing.assert_close(gemv_q8(x, wp, words=True, config=cfg, bias=bias), want, rtol=1e-6,
+        for wi, pf in ((wp, False), (wp, True), (w, True)):          # prefetch: the next step's loads first
+            torch.testing.assert_close(gemv_q8(x, wi, words=True, config=cfg, bias=bias, prefetch=pf), want,
+                                       rtol=1e-6, atol=1e-6 * want.abs().max().item())
+    cfg = GemvConfig(4, 1, 2, 4)                      # several steps a column part: prefetch's step is SPLIT·U
+    want = gemv_q8(x, w, words=True, config=cfg)
+    for wi in (wp, w):
+        torch.testing.assert_close(gemv_q8(x, wi, words=True, config=cfg, prefetch=True), want, rtol=1e-6,
                                    atol=1e-6 * want.abs().max().item())
     torch.testing.assert_close(qlinear(x.repeat(6, 1), wp, bias), qlinear(x.repeat(6, 1), w, bias))   # prefill
     run = PackedRun.join(("a", "b"), [wp, planes(PackedWeight.from_bytes("Q2_K", data[:5], cols, device))])

@@ -385,13 +385,15 @@ def quantize_q8(x2: torch.Tensor, lanes: bool = False) -> tuple[torch.Tensor, to
 
 def gemv_q8(x2: torch.Tensor, w: PackedWeight, br: int = 64, split: int | None = None,
             num_warps: int = 2, words: bool = False, config: GemvConfig | None = None,
-            bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32,
+            prefetch: bool = False) -> torch.Tensor:
     """[M, rows] ≈ x2 @ Wᵀ (+ bias) in out_dtype for a Q2_K weight with x2 quantized to int8 per 32 values
     (`quantize_q8`): llama.cpp's arithmetic (its CUDA GEMV quantizes activations to q8_1 the same way), dp4a
     products on CUDA. Not the runtime's exact path: x's int8 rounding costs ~0.4% relative error per dot product
     (`TWINQUANT_Q8=Q2_K` makes it the runtime's, `q8_default`). `words`: the kernel whose lanes own whole
     sub-blocks (`gemv_q2k_q8_words_kernel`; launch `config`, else the word-lane rule; it alone takes a bias and
-    out_dtype, the other kernel returns float32 and refuses a bias)."""
+    out_dtype, the other kernel returns float32 and refuses a bias; `prefetch`: its next step's weight loads issued
+    before this step's products, an experiment of `benchmarks/gemv_limits.py`)."""
     from twinquant.formats.ggml.triton_kquants import gemv_q2k_q8_kernel, gemv_q2k_q8_words_kernel
 
     if w.ggml_type != "Q2_K":
@@ -413,7 +415,7 @@ def gemv_q8(x2: torch.Tensor, w: PackedWeight, br: int = 64, split: int | None =
             gemv_q2k_q8_words_kernel[(-(-w.rows // c.br), x2.shape[0], c.split)](
                 w.data.view(torch.int32), xq, xd, xs, y, bias if bias is not None else y, w.rows, nb,
                 stride_ym=y.stride(0), BR=c.br, U=c.u, SPLIT=c.split, ASM=asm, HAS_BIAS=bias is not None,
-                num_warps=c.warps, **_q2k_rows(w))
+                PREFETCH=prefetch, num_warps=c.warps, **_q2k_rows(w))
         return y.to(out_dtype)
     y = torch.zeros(x2.shape[0], w.rows, dtype=torch.float32, device=x2.device)
     if not x2.shape[0]:

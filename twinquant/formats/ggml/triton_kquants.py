@@ -415,7 +415,7 @@ def gemv_q2k_q8_kernel(w_ptr, xq_ptr, xd_ptr, xs_ptr, y_ptr, R, NB, row_words, s
 @triton.jit
 def gemv_q2k_q8_words_kernel(w_ptr, xq_ptr, xd_ptr, xs_ptr, y_ptr, b_ptr, R, NB, row_n, stride_ym, BR: tl.constexpr,
                              U: tl.constexpr, SPLIT: tl.constexpr, ASM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                             PLANES: tl.constexpr = False, ALIGN: tl.constexpr = 1):
+                             PLANES: tl.constexpr = False, ALIGN: tl.constexpr = 1, PREFETCH: tl.constexpr = False):
     """`gemv_q2k_q8_kernel`'s arithmetic (Q2_K × int8 x per 32, dp4a) with `gemv_q2k_words_kernel`'s lanes: lane
     (row, super-block, g = 2h + q) owns code words 4g..4g+3, so for each j its 4 words masked to shift 2j times the
     4 int8 x words 32h + 8j + 4q + 0..3 (one 16-byte load) are sub-block 8h + 2j + q's integer dot in 4 dp4a; then
@@ -423,7 +423,8 @@ def gemv_q2k_q8_words_kernel(w_ptr, xq_ptr, xd_ptr, xs_ptr, y_ptr, b_ptr, R, NB,
     sums per 16 in lane order, `quantize_q8(lanes=True)`, 8h + 4q + 0..3 one 16-byte load). x's three arrays are
     contiguous rows of NB·64 words, NB·8 and NB·16 floats. No sums across lanes inside the loop, no masked loads
     (rows and super-blocks past the end as in the word-lane kernel); either layout (`_q2k_lane_block`; the row
-    stride row_n·ALIGN words as there). The bias and the output dtype as in `gemv_kernel`."""
+    stride row_n·ALIGN words as there). The bias and the output dtype as in `gemv_kernel`. PREFETCH: the next step's
+    weight loads are issued before this step's products (twice the bytes in flight per program)."""
     m, part, rows, g, u, row_base, _ = _word_lanes(w_ptr, xq_ptr, 0, R, row_n * ALIGN, BR, U)
     h = g // 2
     q = g % 2
@@ -432,9 +433,19 @@ def gemv_q2k_q8_words_kernel(w_ptr, xq_ptr, xd_ptr, xs_ptr, y_ptr, b_ptr, R, NB,
     xd_row = xd_ptr + m * (NB * 8) + 4 * h
     xs_row = xs_ptr + m * (NB * 16) + 8 * h + 4 * q
     acc = tl.zeros((BR, U, 4), dtype=tl.float32)
+    if PREFETCH:
+        words, scales, dd = _q2k_lane_block(row_base, NB, tl.minimum(part * U + u, NB - 1), g, BR, U, PLANES)
+        w0, w1, w2, w3 = words
+        s0, s1 = scales
     for b0 in range(part * U, NB, SPLIT * U):
         b = tl.minimum(b0 + u, NB - 1)                                                  # [1, U, 1]
-        words, scales, dd = _q2k_lane_block(row_base, NB, b, g, BR, U, PLANES)
+        if PREFETCH:
+            words, scales, dd_now = (w0, w1, w2, w3), (s0, s1), dd
+            nw, ns, dd = _q2k_lane_block(row_base, NB, tl.minimum(b0 + SPLIT * U + u, NB - 1), g, BR, U, PLANES)
+            w0, w1, w2, w3 = nw
+            s0, s1 = ns
+        else:
+            words, scales, dd_now = _q2k_lane_block(row_base, NB, b, g, BR, U, PLANES)
         xd = _quad(tl.load((xd_row + b * 8)[:, :, :, None] + e), 1, U, 4)
         xs = _quad(tl.load((xs_row + b * 16)[:, :, :, None] + e), 1, U, 4)
         aq = tl.zeros((BR, U, 4), dtype=tl.float32)
@@ -449,7 +460,7 @@ def gemv_q2k_q8_words_kernel(w_ptr, xq_ptr, xd_ptr, xs_ptr, y_ptr, b_ptr, R, NB,
             sb = (scales[j // 2] >> (8 * q + 16 * (j % 2))) & 0xFF                       # scale byte 8h + q + 2j
             aq += _uf(sb & 0xF, 4) * isum.to(tl.float32) * xd[j]
             am += _uf(sb >> 4, 4) * xs[j]
-        sums = _half(dd & 0xFFFF) * aq - _half((dd >> 16) & 0xFFFF) * am
+        sums = _half(dd_now & 0xFFFF) * aq - _half((dd_now >> 16) & 0xFFFF) * am
         acc += tl.where(b0 + u < NB, sums, 0.0)
     _store_rows(y_ptr + m * stride_ym, rows, tl.sum(tl.sum(acc, axis=2), axis=1), R, SPLIT, b_ptr, part, HAS_BIAS)
 
