@@ -7,7 +7,8 @@ CUDA graph over copies of the weight that overflow the L2).
                  what one launch can read these bytes in
     loads        the kernel's own weight loads (`_q2k_lane_block`, its lanes and launch), folded with xor
     loads+x      also x's int8 words, scales and sums as the kernel loads them
-    kernel       the kernel on x already quantized
+    kernel       the kernel on x already quantized (at the launch table's launch; "kernel best": the best of
+                 `KERNELS`, and "loads+x @kernel best" its loads alone at that launch)
     prefetch     the kernel with its next step's weight loads issued before this step's products (PREFETCH; and
                  its best launch of a few)
     quantize     `quantize_q8(lanes=True)` alone
@@ -46,6 +47,10 @@ from twinquant.formats.ggml.triton_kquants import (_q2k_lane_block, _word_lanes,
 SHAPES = [(27648, 5120), (5120, 27648), (5120, 5120)]
 STREAM = [(b, w) for b in (1024, 4096, 8192) for w in (4, 8)]
 LOADS = [GemvConfig(br, u, 1, w) for br, u, w in itertools.product((4, 8, 16), (2, 4, 8), (2, 4, 8))]
+# the kernel's launches: also one warp, and 16 super-blocks a step (a warp's lanes then span super-blocks only, so
+# each thread holds all the program's rows and loads x once for them)
+KERNELS = [GemvConfig(br, u, 1, w) for br, u, w in itertools.product((4, 8, 16, 32), (4, 8, 16), (1, 2, 4))
+           if br * u <= 256]
 PREFETCH = [GemvConfig(br, u, 1, w) for br, u, w in itertools.product((4, 8, 16), (2, 4), (2, 4))]
 
 
@@ -141,6 +146,9 @@ def measure(rows: int, cols: int, copy_gbs: float) -> list[dict]:
             ASM=True, HAS_BIAS=False, PREFETCH=prefetch, num_warps=c.warps, **_q2k_rows(wi))
 
     row("kernel", graph_us([lambda wi=wi: kernel(wi) for wi in ws]), list(cfg), xbytes)
+    kb = min(((graph_us([lambda wi=wi: kernel(wi, c) for wi in ws]), c) for c in KERNELS), key=lambda t: t[0])
+    row("kernel best", kb[0], list(kb[1]), xbytes)
+    row("loads+x @kernel best", loads(kb[1], True), list(kb[1]), xbytes)
     row("prefetch", graph_us([lambda wi=wi: kernel(wi, prefetch=True) for wi in ws]), list(cfg), xbytes)
     pf = min(((graph_us([lambda wi=wi: kernel(wi, c, True) for wi in ws]), c) for c in PREFETCH),
              key=lambda t: t[0])
@@ -194,12 +202,12 @@ def plot(res: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     shapes = sorted({(r["rows"], r["cols"]) for r in res["rows"]}, key=lambda s: -s[0] * s[1])
-    whats = ["stream", "loads best", "loads", "loads+x", "kernel", "prefetch best", "gemv_q8"]
+    whats = ["stream", "loads best", "loads", "loads+x", "kernel", "kernel best", "prefetch best", "gemv_q8"]
     fig, ax = plt.subplots(figsize=(10, 4.5))
     for i, wh in enumerate(whats):
         pct = [next((r["pct_copy"] for r in res["rows"] if (r["rows"], r["cols"]) == s and r["what"] == wh), 0)
                for s in shapes]
-        ax.bar([k + (i - len(whats) / 2) * 0.11 for k in range(len(shapes))], pct, 0.11, label=wh)
+        ax.bar([k + (i - len(whats) / 2) * 0.1 for k in range(len(shapes))], pct, 0.1, label=wh)
     ax.set_xticks(range(len(shapes)), [f"{r}x{c}" for r, c in shapes])
     ax.set_ylabel("% of copy bandwidth")
     ax.set_title(f"Q2_K int8-x GEMV (planes) and its loads alone, batch 1, CUDA graph, cold L2 "
