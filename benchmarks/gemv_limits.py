@@ -71,7 +71,7 @@ def lane_loads_kernel(w_ptr, xq_ptr, xd_ptr, xs_ptr, y_ptr, R, NB, row_n, BR: tl
                       SPLIT: tl.constexpr, PLANES: tl.constexpr, ALIGN: tl.constexpr, X: tl.constexpr):
     """`gemv_q2k_q8_words_kernel`'s loads (X: x's too) at its lanes and launch, xor-folded (so none is dropped)."""
     m, part, rows, g, u, row_base, _ = _word_lanes(w_ptr, xq_ptr, 0, R, row_n * ALIGN, BR, U)
-    e = tl.arange(0, 4)[None, None, None, :]
+    e = tl.arange(0, 4)[None, None, None, :] + tl.zeros((BR, 1, 1, 1), dtype=tl.int32)     # as the kernel's x loads
     xw = (xq_ptr + 32 * (g // 2) + 4 * (g % 2))[:, :, :, None] + e
     acc = tl.zeros((BR, U, 4), dtype=tl.int32)
     for b0 in range(part * U, NB, SPLIT * U):

@@ -189,6 +189,8 @@ def word_kernel(spec: str, c, K=K) -> tuple:
         consts.update(PLANES=planes, ALIGN=PLANES_ALIGN if planes else 1)
     if "HAS_BIAS" in fn.arg_names:
         consts["HAS_BIAS"] = False
+    if "PREFETCH" in fn.arg_names:
+        consts["PREFETCH"] = False
     if spec.endswith((":q8words", ":q8planes")):
         consts["ASM"] = True
     w_ptr = "*i32" if t == "Q2_K" else "*i16"        # Q3_K, Q6_K: read as 16-bit halves

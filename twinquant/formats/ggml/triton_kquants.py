@@ -233,12 +233,12 @@ def _q2k_lane_block(row_base, NB, b, g, BR: tl.constexpr, U: tl.constexpr, PLANE
         words = _quad(tl.load((row_base + b * 16 + 4 * g)[:, :, :, None] + e), BR, U, 4)
         sc = tl.load((row_base + NB * 16 + b * 4 + 2 * (g // 2))[:, :, :, None] + tl.arange(0, 2)[None, None, None, :])
         scales = tl.split(sc)
-        dd = tl.load(row_base + NB * 20 + b)
+        dd = tl.load(row_base + NB * 20 + b + 0 * g)              # [BR, U, 4]: the lanes' layout (no conversion)
     else:
         blk = row_base + b * 21
         words = (tl.load(blk + 4 + 4 * g), tl.load(blk + 5 + 4 * g), tl.load(blk + 6 + 4 * g), tl.load(blk + 7 + 4 * g))
         scales = (tl.load(blk + 2 * (g // 2)), tl.load(blk + 2 * (g // 2) + 1))
-        dd = tl.load(blk + 20)
+        dd = tl.load(blk + 20 + 0 * g)
     return words, scales, dd
 
 
@@ -428,7 +428,9 @@ def gemv_q2k_q8_words_kernel(w_ptr, xq_ptr, xd_ptr, xs_ptr, y_ptr, b_ptr, R, NB,
     m, part, rows, g, u, row_base, _ = _word_lanes(w_ptr, xq_ptr, 0, R, row_n * ALIGN, BR, U)
     h = g // 2
     q = g % 2
-    e = tl.arange(0, 4)[None, None, None, :]
+    # x's pointers broadcast over the rows before loading: a [1, U, 4, 4] load has fewer values than threads, so
+    # Triton loaded it a word at a time and moved it through shared memory (barriers) into the weights' layout
+    e = tl.arange(0, 4)[None, None, None, :] + tl.zeros((BR, 1, 1, 1), dtype=tl.int32)
     xw = (xq_ptr + m * (NB * 64) + 32 * h + 4 * q)[:, :, :, None] + e
     xd_row = xd_ptr + m * (NB * 8) + 4 * h
     xs_row = xs_ptr + m * (NB * 16) + 8 * h + 4 * q
@@ -446,12 +448,12 @@ def gemv_q2k_q8_words_kernel(w_ptr, xq_ptr, xd_ptr, xs_ptr, y_ptr, b_ptr, R, NB,
             s0, s1 = ns
         else:
             words, scales, dd_now = _q2k_lane_block(row_base, NB, b, g, BR, U, PLANES)
-        xd = _quad(tl.load((xd_row + b * 8)[:, :, :, None] + e), 1, U, 4)
-        xs = _quad(tl.load((xs_row + b * 16)[:, :, :, None] + e), 1, U, 4)
+        xd = _quad(tl.load((xd_row + b * 8)[:, :, :, None] + e), BR, U, 4)
+        xs = _quad(tl.load((xs_row + b * 16)[:, :, :, None] + e), BR, U, 4)
         aq = tl.zeros((BR, U, 4), dtype=tl.float32)
         am = tl.zeros((BR, U, 4), dtype=tl.float32)
         for j in tl.static_range(4):
-            x0, x1, x2, x3 = _quad(tl.load(xw + (b * 64 + 8 * j)[:, :, :, None]), 1, U, 4)   # int32 words
+            x0, x1, x2, x3 = _quad(tl.load(xw + (b * 64 + 8 * j)[:, :, :, None]), BR, U, 4)  # int32 words
             isum = tl.zeros((BR, U, 4), dtype=tl.int32)
             isum = _dot4((words[0] >> (2 * j)) & 0x03030303, x0, isum, ASM)
             isum = _dot4((words[1] >> (2 * j)) & 0x03030303, x1, isum, ASM)
