@@ -61,9 +61,10 @@ def _call(spec: str, x, w, cfg):
     return gemv(x, w, config=cfg, **kernel)
 
 
-# --narrow: the word-lane kernels' launches near those the s20 sweep found best (8 rows, 4 super-blocks, split 1-2,
-# 4 warps), with 8 super-blocks a step and 2 warps added (a shorter sweep for a device call)
-NARROW = [GemvConfig(br, u, s, w) for br, u, s, w in itertools.product((4, 8, 16), (2, 4, 8), (1, 2), (2, 4, 8))]
+# --narrow: the word-lane kernels' launches near those the s22 runs found best once x is loaded in the lanes' layout
+# (8 rows, 8-16 super-blocks a step, 2-4 warps; gemv_limits_s22-h100-c), a shorter sweep for a device call
+NARROW = [GemvConfig(br, u, s, w) for br, u, s, w in itertools.product((4, 8, 16, 32), (4, 8, 16), (1, 2, 4), (2, 4))
+          if br * u <= 256]
 
 
 def configs(spec: str, narrow: bool = False) -> list[GemvConfig]:
