@@ -39,8 +39,8 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from twinquant.formats.ggml.packed import (QK_K, GemvConfig, PackedWeight, _q2k_rows, gemv_config,  # noqa: E402
-                                           gemv_q8, planes, quantize_q8, random_blocks)
+from twinquant.formats.ggml.packed import (QK_K, GemvConfig, PackedWeight, _q2k_rows, _x_broadcast,  # noqa: E402
+                                           gemv_config, gemv_q8, planes, quantize_q8, random_blocks)
 from twinquant.formats.ggml.triton_kquants import (_q2k_lane_block, _word_lanes,  # noqa: E402
                                                    gemv_q2k_q8_words_kernel)
 
@@ -143,7 +143,7 @@ def measure(rows: int, cols: int, copy_gbs: float) -> list[dict]:
         yc = y if c.split == 1 else torch.zeros_like(y)
         return gemv_q2k_q8_words_kernel[(-(-rows // c.br), 1, c.split)](
             wi.data.view(torch.int32), xq, xd, xs, yc, yc, rows, nb, stride_ym=0, BR=c.br, U=c.u, SPLIT=c.split,
-            ASM=True, HAS_BIAS=False, PREFETCH=prefetch, num_warps=c.warps, **_q2k_rows(wi))
+            ASM=True, HAS_BIAS=False, PREFETCH=prefetch, XB=_x_broadcast(c), num_warps=c.warps, **_q2k_rows(wi))
 
     row("kernel", graph_us([lambda wi=wi: kernel(wi) for wi in ws]), list(cfg), xbytes)
     kb = min(((graph_us([lambda wi=wi: kernel(wi, c) for wi in ws]), c) for c in KERNELS), key=lambda t: t[0])
@@ -179,7 +179,8 @@ def profile() -> None:
         for pf in (False, True):
             gemv_q2k_q8_words_kernel[(-(-rows // cfg.br), 1, cfg.split)](
                 w.data.view(torch.int32), xq, xd, xs, y, y, rows, nb, stride_ym=0, BR=cfg.br, U=cfg.u,
-                SPLIT=cfg.split, ASM=True, HAS_BIAS=False, PREFETCH=pf, num_warps=cfg.warps, **_q2k_rows(w))
+                SPLIT=cfg.split, ASM=True, HAS_BIAS=False, PREFETCH=pf, XB=_x_broadcast(cfg), num_warps=cfg.warps,
+                **_q2k_rows(w))
     torch.cuda.synchronize()
     print(f"profiled at {rows}x{cols}, launch {tuple(cfg)}")
 

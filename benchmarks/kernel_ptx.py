@@ -121,6 +121,11 @@ def opcode(line: str) -> str:
     return re.sub(r"^\s*(@!?%p\d+\s+)?", "", line).split()[0]
 
 
+def sass_opcode(line: str) -> str:
+    """The opcode of an nvdisasm line ("/*0a30*/  @!P0 BAR.SYNC.DEFER_BLOCKING 0x0 ;" -> "BAR.SYNC.DEFER_BLOCKING")."""
+    return re.sub(r"^\s*/\*[0-9a-f]+\*/\s*(@!?U?P\w+\s+)?", "", line).split()[0]
+
+
 def kernels(rows: int, cols: int, K=K, iq: bool = True):
     """(name, type, kernel, signature, constexprs, warps, weights per iteration) at the runtime's launches."""
     nb = cols // QK_K
@@ -191,11 +196,30 @@ def word_kernel(spec: str, c, K=K) -> tuple:
         consts["HAS_BIAS"] = False
     if "PREFETCH" in fn.arg_names:
         consts["PREFETCH"] = False
+    if "XB" in fn.arg_names:              # as gemv_q8 launches it
+        from twinquant.formats.ggml.packed import _x_broadcast
+
+        consts["XB"] = _x_broadcast(c)
     if spec.endswith((":q8words", ":q8planes")):
         consts["ASM"] = True
     w_ptr = "*i32" if t == "Q2_K" else "*i16"        # Q3_K, Q6_K: read as 16-bit halves
     sig = {n: w_ptr if n == "w_ptr" else ARG_TYPES.get(n, "i32") for n in names}
     return word_label(spec), t, fn, sig, consts
+
+
+SHARED_MEMORY_OPS = ("BAR", "STS", "LDS", "STSM", "LDSM")
+
+
+def loop_shared_memory_ops(spec: str, c, rows: int = 27648, cols: int = 5120, arch: int = 90) -> dict:
+    """The shared-memory instructions and barriers (SASS opcode -> count) in the loop of word-lane kernel `spec` at
+    launch c: a word-lane kernel should have none (each lane holds its own values). The int8 kernel had 12 barriers
+    a step while x's loads had fewer values than threads (Triton moved them through shared memory into the lanes'
+    layout; benchmarks/results/gemv_limits_s22-h100-c.md)."""
+    _, t, fn, sig, consts = word_kernel(spec, c)
+    k = compile_kernel(fn, sig, consts, c[3], arch, shape_ints(rows, cols, t))
+    body, _ = sass_loop_and_registers(k.asm["cubin"])
+    ops = collections.Counter(sass_opcode(e) for e in body)
+    return {op: n for op, n in ops.items() if op.split(".")[0] in SHARED_MEMORY_OPS}
 
 
 def budget(t: str) -> float:

@@ -182,6 +182,13 @@ def _q2k_rows(w: PackedWeight) -> dict:
     return {"row_n": words // align, "PLANES": w.layout == "planes", "ALIGN": align}
 
 
+def _x_broadcast(c: GemvConfig) -> bool:
+    """Whether the int8 word-lane kernel loads x at its lanes' full shape (XB): where the lanes (rows × super-blocks ×
+    4) fill the program's threads; with fewer lanes than threads the broadcast is what moves x through shared memory
+    (SASS at sm_90: tests/test_kernel_sass.py)."""
+    return c.br * c.u * 4 >= 32 * c.warps
+
+
 def dequantize(w: PackedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The float weight [rows, cols] of a packed one, computed on its device."""
     from twinquant.formats.ggml.triton_kquants import dequant_kernel
@@ -415,7 +422,7 @@ def gemv_q8(x2: torch.Tensor, w: PackedWeight, br: int = 64, split: int | None =
             gemv_q2k_q8_words_kernel[(-(-w.rows // c.br), x2.shape[0], c.split)](
                 w.data.view(torch.int32), xq, xd, xs, y, bias if bias is not None else y, w.rows, nb,
                 stride_ym=y.stride(0), BR=c.br, U=c.u, SPLIT=c.split, ASM=asm, HAS_BIAS=bias is not None,
-                PREFETCH=prefetch, num_warps=c.warps, **_q2k_rows(w))
+                PREFETCH=prefetch, XB=_x_broadcast(c), num_warps=c.warps, **_q2k_rows(w))
         return y.to(out_dtype)
     y = torch.zeros(x2.shape[0], w.rows, dtype=torch.float32, device=x2.device)
     if not x2.shape[0]:

@@ -415,7 +415,8 @@ def gemv_q2k_q8_kernel(w_ptr, xq_ptr, xd_ptr, xs_ptr, y_ptr, R, NB, row_words, s
 @triton.jit
 def gemv_q2k_q8_words_kernel(w_ptr, xq_ptr, xd_ptr, xs_ptr, y_ptr, b_ptr, R, NB, row_n, stride_ym, BR: tl.constexpr,
                              U: tl.constexpr, SPLIT: tl.constexpr, ASM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                             PLANES: tl.constexpr = False, ALIGN: tl.constexpr = 1, PREFETCH: tl.constexpr = False):
+                             PLANES: tl.constexpr = False, ALIGN: tl.constexpr = 1, PREFETCH: tl.constexpr = False,
+                             XB: tl.constexpr = True):
     """`gemv_q2k_q8_kernel`'s arithmetic (Q2_K × int8 x per 32, dp4a) with `gemv_q2k_words_kernel`'s lanes: lane
     (row, super-block, g = 2h + q) owns code words 4g..4g+3, so for each j its 4 words masked to shift 2j times the
     4 int8 x words 32h + 8j + 4q + 0..3 (one 16-byte load) are sub-block 8h + 2j + q's integer dot in 4 dp4a; then
@@ -428,9 +429,13 @@ def gemv_q2k_q8_words_kernel(w_ptr, xq_ptr, xd_ptr, xs_ptr, y_ptr, b_ptr, R, NB,
     m, part, rows, g, u, row_base, _ = _word_lanes(w_ptr, xq_ptr, 0, R, row_n * ALIGN, BR, U)
     h = g // 2
     q = g % 2
-    # x's pointers broadcast over the rows before loading: a [1, U, 4, 4] load has fewer values than threads, so
-    # Triton loaded it a word at a time and moved it through shared memory (barriers) into the weights' layout
-    e = tl.arange(0, 4)[None, None, None, :] + tl.zeros((BR, 1, 1, 1), dtype=tl.int32)
+    # XB: x's pointers broadcast over the rows before loading. Where the lanes fill the program's threads, a
+    # [1, U, 4, 4] load has fewer values than threads: Triton loaded it a word at a time and moved it through shared
+    # memory (barriers in the loop) into the weights' layout. Where they do not, broadcasting is what adds the moves
+    # (`packed._x_broadcast` decides; tests/test_kernel_sass.py checks the runtime's launches)
+    e = tl.arange(0, 4)[None, None, None, :]
+    if XB:
+        e = e + tl.zeros((BR, 1, 1, 1), dtype=tl.int32)
     xw = (xq_ptr + m * (NB * 64) + 32 * h + 4 * q)[:, :, :, None] + e
     xd_row = xd_ptr + m * (NB * 8) + 4 * h
     xs_row = xs_ptr + m * (NB * 16) + 8 * h + 4 * q
@@ -448,12 +453,12 @@ def gemv_q2k_q8_words_kernel(w_ptr, xq_ptr, xd_ptr, xs_ptr, y_ptr, b_ptr, R, NB,
             s0, s1 = ns
         else:
             words, scales, dd_now = _q2k_lane_block(row_base, NB, b, g, BR, U, PLANES)
-        xd = _quad(tl.load((xd_row + b * 8)[:, :, :, None] + e), BR, U, 4)
-        xs = _quad(tl.load((xs_row + b * 16)[:, :, :, None] + e), BR, U, 4)
+        xd = _quad(tl.load((xd_row + b * 8)[:, :, :, None] + e), BR if XB else 1, U, 4)
+        xs = _quad(tl.load((xs_row + b * 16)[:, :, :, None] + e), BR if XB else 1, U, 4)
         aq = tl.zeros((BR, U, 4), dtype=tl.float32)
         am = tl.zeros((BR, U, 4), dtype=tl.float32)
         for j in tl.static_range(4):
-            x0, x1, x2, x3 = _quad(tl.load(xw + (b * 64 + 8 * j)[:, :, :, None]), BR, U, 4)  # int32 words
+            x0, x1, x2, x3 = _quad(tl.load(xw + (b * 64 + 8 * j)[:, :, :, None]), BR if XB else 1, U, 4)  # int32 words
             isum = tl.zeros((BR, U, 4), dtype=tl.int32)
             isum = _dot4((words[0] >> (2 * j)) & 0x03030303, x0, isum, ASM)
             isum = _dot4((words[1] >> (2 * j)) & 0x03030303, x1, isum, ASM)
