@@ -215,11 +215,56 @@ def loop_shared_memory_ops(spec: str, c, rows: int = 27648, cols: int = 5120, ar
     launch c: a word-lane kernel should have none (each lane holds its own values). The int8 kernel had 12 barriers
     a step while x's loads had fewer values than threads (Triton moved them through shared memory into the lanes'
     layout; benchmarks/results/gemv_limits_s22-h100-c.md)."""
-    _, t, fn, sig, consts = word_kernel(spec, c)
-    k = compile_kernel(fn, sig, consts, c[3], arch, shape_ints(rows, cols, t))
-    body, _ = sass_loop_and_registers(k.asm["cubin"])
+    body, _ = loop_sass(spec, c, K, rows, cols, arch)
     ops = collections.Counter(sass_opcode(e) for e in body)
     return {op: n for op, n in ops.items() if op.split(".")[0] in SHARED_MEMORY_OPS}
+
+
+def loop_sass(spec: str, c, K=K, rows: int = 27648, cols: int = 5120, arch: int = 90) -> tuple[list[str], int]:
+    """(loop SASS, registers) of word-lane kernel `spec` of module K at launch c."""
+    _, t, fn, sig, consts = word_kernel(spec, c, K)
+    k = compile_kernel(fn, sig, consts, c[3], arch, shape_ints(rows, cols, t))
+    return sass_loop_and_registers(k.asm["cubin"])
+
+
+# launches that show where a word-lane kernel's loop moves values through shared memory: lanes (rows x super-blocks
+# x 4) above, equal to and below the program's threads
+SHARED_PROBES = [(8, 4, 1, 2), (8, 4, 1, 4), (8, 8, 1, 2), (16, 4, 1, 2), (32, 4, 4, 4), (16, 16, 1, 4),
+                 (8, 2, 4, 8), (16, 2, 2, 8), (16, 1, 4, 8)]
+
+
+def shared_ops_table(modules: dict, arch: int) -> list[dict]:
+    """For each word-lane kernel and `SHARED_PROBES` launch, each module's loop: registers, SASS a weight and its
+    shared-memory ops and barriers (the tree's kernels beside other versions of triton_kquants.py)."""
+    from twinquant.formats.ggml.packed import GemvConfig
+
+    out = []
+    for spec in WORD_SPECS:
+        for probe in SHARED_PROBES:
+            c = GemvConfig(*probe)
+            row = {"kernel": spec, "launch": list(c), "lanes": c.br * c.u * 4, "threads": 32 * c.warps}
+            for name, mod in modules.items():
+                body, regs = loop_sass(spec, c, mod, arch=arch)
+                ops = collections.Counter(sass_opcode(e) for e in body)
+                row[name] = {"registers": regs, "sass_per_weight": len(body) * 32 * c.warps / (c.br * c.u * QK_K),
+                             "shared_ops": sum(n for op, n in ops.items() if op.split(".")[0] in SHARED_MEMORY_OPS)}
+            out.append(row)
+            print(spec, probe, {k: v for k, v in row.items() if isinstance(v, dict)}, flush=True)
+    return out
+
+
+def shared_markdown(res: dict) -> str:
+    names = list(res["modules"])
+    out = [f"# Shared-memory moves in the word-lane GEMV loops ({res['tag']})", "",
+           f"`{res['command']}` at {res['commit']}; Triton {res['triton']}, sm_{res['arch']}, compiled here (no GPU). "
+           "Per loop step: registers / SASS a weight / shared-memory ops and barriers (BAR, STS, LDS, STSM, LDSM). "
+           "Modules: " + "; ".join(f"{n}: {d}" for n, d in res["modules"].items()), "",
+           "| kernel | launch | lanes / threads | " + " | ".join(names) + " |",
+           "|---|---|---|" + "---|" * len(names)]
+    for r in res["rows"]:
+        out.append(f"| {r['kernel']} | {tuple(r['launch'])} | {r['lanes']} / {r['threads']} | " + " | ".join(
+            f"{r[n]['registers']} / {r[n]['sass_per_weight']:.2f} / {r[n]['shared_ops']}" for n in names) + " |")
+    return "\n".join(out) + "\n"
 
 
 def budget(t: str) -> float:
@@ -418,9 +463,30 @@ def main() -> None:
     ap.add_argument("--launches", action="store_true", help="pick the word-lane kernels' launches by the static "
                     "model for every swept shape (kernel_ptx_launches_TAG.{json,md}) and merge them into the "
                     "runtime's launch table where no GPU sweep measured that kernel")
+    ap.add_argument("--shared-ops", nargs="*", metavar="NAME=FILE", help="the shared-memory moves of each word-lane "
+                    "loop at `SHARED_PROBES` (kernel_sass_TAG.{json,md}): the tree's kernels beside other versions "
+                    "of triton_kquants.py")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     a = ap.parse_args()
     from provenance import record
+
+    if a.shared_ops is not None:
+        import hashlib
+        import importlib.util
+
+        modules, about = {"tree": K}, {"tree": "twinquant/formats/ggml/triton_kquants.py"}
+        for item in a.shared_ops:
+            name, path = item.split("=", 1)
+            spec = importlib.util.spec_from_file_location(f"kquants_{name}", path)
+            modules[name] = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(modules[name])
+            about[name] = f"{Path(path).name} (sha256 {hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]})"
+        res = record(tag=a.tag, arch=a.arch, triton=triton.__version__, modules=about)
+        res["rows"] = shared_ops_table(modules, a.arch)
+        stem = Path(a.out) / f"kernel_sass_{a.tag}"
+        stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
+        stem.with_suffix(".md").write_text(shared_markdown(res))
+        return print(shared_markdown(res))
 
     if a.launches:
         return write_launches(a, record(tag=a.tag, arch=a.arch, triton=triton.__version__,
