@@ -183,9 +183,9 @@ def _q2k_rows(w: PackedWeight) -> dict:
 
 
 def _x_broadcast(c: GemvConfig) -> bool:
-    """Whether the int8 word-lane kernel loads x at its lanes' full shape (XB): where the lanes (rows × super-blocks ×
-    4) fill the program's threads; with fewer lanes than threads the broadcast is what moves x through shared memory
-    (SASS at sm_90: tests/test_kernel_sass.py)."""
+    """Whether the Q2_K word-lane kernels (float and int8 x) load x at their lanes' full shape (XB): where the lanes
+    (rows × super-blocks × 4) fill the program's threads; with fewer lanes than threads the broadcast is what moves
+    x through shared memory (SASS at sm_90: tests/test_kernel_sass.py, benchmarks/results/kernel_sass_s22.md)."""
     return c.br * c.u * 4 >= 32 * c.warps
 
 
@@ -342,7 +342,7 @@ def gemv(x2: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, ou
         kw = dict(BR=cfg.br, U=cfg.u, SPLIT=cfg.split, HAS_BIAS=bias is not None, num_warps=cfg.warps)
         if by_words and w.ggml_type == "Q2_K":
             gemv_q2k_words_kernel[grid](w.data.view(torch.int32), *args[1:6], stride_xm=x2.stride(0),
-                                        stride_ym=y.stride(0), **_q2k_rows(w), **kw)
+                                        stride_ym=y.stride(0), XB=_x_broadcast(cfg), **_q2k_rows(w), **kw)
         elif by_words:          # Q3_K, Q6_K: 110 / 210-byte super-blocks, read as 16-bit halves
             kernel = gemv_q3k_words_kernel if w.ggml_type == "Q3_K" else gemv_q6k_words_kernel
             kernel[grid](w.data.view(torch.int16), *args[1:6], w.data.shape[1] // 2, *args[7:], **kw)

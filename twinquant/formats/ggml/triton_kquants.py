@@ -196,10 +196,11 @@ def _code_mant(w, POS: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _word_dot(xp, w, fx, sx, U: tl.constexpr, SHIFT: tl.constexpr, BITS: tl.constexpr):
+def _word_dot(xp, w, fx, sx, XR: tl.constexpr, U: tl.constexpr, SHIFT: tl.constexpr, BITS: tl.constexpr):
     """(fx + Σ_t f_t·x_t, sx + Σ_t x_t) for the 4 codes of word w (byte t's, at bit SHIFT + 8t; f = `_code_mant`)
-    and the 4 consecutive x at xp ([1, U, 4, 4] pointers): one 16-byte load, split into its values in registers."""
-    x0, x1, x2, x3 = _quad(tl.load(xp).to(tl.float32), 1, U, 4)
+    and the 4 consecutive x at xp ([XR, U, 4, 4] pointers: XR 1, or the rows where `_word_lanes` broadcast them):
+    one 16-byte load, split into its values in registers."""
+    x0, x1, x2, x3 = _quad(tl.load(xp).to(tl.float32), XR, U, 4)
     sx += (x0 + x1) + (x2 + x3)
     fx += _code_mant(w, SHIFT, BITS) * x0
     fx += _code_mant(w, SHIFT + 8, BITS) * x1
@@ -209,15 +210,19 @@ def _word_dot(xp, w, fx, sx, U: tl.constexpr, SHIFT: tl.constexpr, BITS: tl.cons
 
 
 @triton.jit
-def _word_lanes(w_ptr, x_ptr, stride_xm, R, row_stride, BR: tl.constexpr, U: tl.constexpr):
+def _word_lanes(w_ptr, x_ptr, stride_xm, R, row_stride, BR: tl.constexpr, U: tl.constexpr,
+                XB: tl.constexpr = False):
     """A word-lane GEMV program's place: (activation row m, column part, its BR rows, lane g [1, 1, 4] (g = 2h + q:
     code bytes 16g..16g+15), super-blocks u [1, U, 1], row starts [BR, 1, 1] (rows past R read row R - 1: not
-    stored), and x pointers [1, 1, 4, 4] of sub-block position g's first 4 weights, 128h + 16q + t)."""
+    stored), and x pointers [1, 1, 4, 4] of sub-block position g's first 4 weights, 128h + 16q + t; XB: broadcast
+    to [BR, 1, 4, 4], so that x is loaded in the lanes' own layout (`packed._x_broadcast`))."""
     m = tl.program_id(1)
     g = tl.arange(0, 4)[None, None, :]
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     row_base = w_ptr + tl.minimum(rows, R - 1).to(tl.int64)[:, None, None] * row_stride
     xg = (x_ptr + m * stride_xm + 128 * (g // 2) + 16 * (g % 2))[:, :, :, None] + tl.arange(0, 4)[None, None, None, :]
+    if XB:
+        xg = xg + tl.zeros((BR, 1, 1, 1), dtype=tl.int32)
     return m, tl.program_id(2), rows, g, tl.arange(0, U)[None, :, None], row_base, xg
 
 
@@ -245,7 +250,7 @@ def _q2k_lane_block(row_base, NB, b, g, BR: tl.constexpr, U: tl.constexpr, PLANE
 @triton.jit
 def gemv_q2k_words_kernel(w_ptr, x_ptr, y_ptr, b_ptr, R, NB, row_n, stride_xm, stride_ym, BR: tl.constexpr,
                           U: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, PLANES: tl.constexpr = False,
-                          ALIGN: tl.constexpr = 1):
+                          ALIGN: tl.constexpr = 1, XB: tl.constexpr = False):
     """Q2_K's GEMV with each lane owning whole sub-blocks: no sums across lanes inside the loop (the byte-order
     kernel's reshaped sums compile to shuffles; `benchmarks/kernel_ptx.py` counts each kernel's instructions per
     weight). Lane (row, super-block, g) loads the 4 code words 4g..4g+3 (bytes 16g..16g+15 of qs, g = 2h + q):
@@ -256,8 +261,9 @@ def gemv_q2k_words_kernel(w_ptr, x_ptr, y_ptr, b_ptr, R, NB, row_n, stride_xm, s
     scale words 2h (j < 2) and 2h + 1 (`_q2k_lane_block`, either layout). No masked loads: rows past R and
     super-blocks past NB read the last ones again and are dropped (rows not stored, super-blocks weighed 0). U
     super-blocks of each row at a time, SPLIT and the bias as in `gemv_kernel`; a row is row_n·ALIGN int32 words
-    (84·NB bytes; ALIGN 4 where that is a multiple of 16 bytes, so Triton may load planes 16 bytes at a time)."""
-    m, part, rows, g, u, row_base, xg = _word_lanes(w_ptr, x_ptr, stride_xm, R, row_n * ALIGN, BR, U)
+    (84·NB bytes; ALIGN 4 where that is a multiple of 16 bytes, so Triton may load planes 16 bytes at a time).
+    XB: x loaded at the lanes' full shape, as in `gemv_q2k_q8_words_kernel`."""
+    m, part, rows, g, u, row_base, xg = _word_lanes(w_ptr, x_ptr, stride_xm, R, row_n * ALIGN, BR, U, XB)
     acc = tl.zeros((BR, U, 4), dtype=tl.float32)
     for b0 in range(part * U, NB, SPLIT * U):
         b = tl.minimum(b0 + u, NB - 1)                                                  # [1, U, 1]
@@ -266,9 +272,9 @@ def gemv_q2k_words_kernel(w_ptr, x_ptr, y_ptr, b_ptr, R, NB, row_n, stride_xm, s
         am = tl.zeros((BR, U, 4), dtype=tl.float32)
         for j in tl.static_range(4):
             fx = tl.zeros((BR, U, 4), dtype=tl.float32)
-            sx = tl.zeros((1, U, 4), dtype=tl.float32)
+            sx = tl.zeros((BR if XB else 1, U, 4), dtype=tl.float32)
             for r in tl.static_range(4):
-                fx, sx = _word_dot(xg + (b * QK_K + 32 * j + 4 * r)[:, :, :, None], words[r], fx, sx, U, 2 * j, 2)
+                fx, sx = _word_dot(xg + (b * QK_K + 32 * j + 4 * r)[:, :, :, None], words[r], fx, sx, BR if XB else 1, U, 2 * j, 2)
             sb = (scales[j // 2] >> (8 * (g % 2) + 16 * (j % 2))) & 0xFF                  # scale byte 8h + q + 2j
             aq += _uf(sb & 0xF, 4) * (fx - sx)
             am += _uf(sb >> 4, 4) * sx
@@ -313,7 +319,7 @@ def gemv_q3k_words_kernel(w_ptr, x_ptr, y_ptr, b_ptr, R, NB, row_halves, stride_
             sx = tl.zeros((1, U, 4), dtype=tl.float32)
             for r in tl.static_range(4):
                 c = ((qs[r] >> (2 * j)) & 0x03030303) | (((hm[r] >> j) & 0x01010101) << 2)
-                fx, sx = _word_dot(xg + (b * QK_K + 32 * j + 4 * r)[:, :, :, None], c, fx, sx, U, 0, 3)
+                fx, sx = _word_dot(xg + (b * QK_K + 32 * j + 4 * r)[:, :, :, None], c, fx, sx, 1, U, 0, 3)
             sc = ((lo[j // 2] >> (16 * (j % 2) + 8 * q + 4 * h)) & 0xF) | (((hi >> (8 * ((2 * j + q) % 4)
                                                                                     + 2 * (2 * h + j // 2))) & 3) << 4)
             sums += _uf(sc, 6, 32) * (8.0 * fx - 12.0 * sx)
@@ -350,7 +356,7 @@ def gemv_q6k_words_kernel(w_ptr, x_ptr, y_ptr, b_ptr, R, NB, row_halves, stride_
             sx = tl.zeros((1, U, 4), dtype=tl.float32)
             for r in tl.static_range(4):
                 c = ((ql[k % 2][r] >> (4 * (k // 2))) & 0x0F0F0F0F) | (((qh[r] >> (2 * k)) & 0x03030303) << 4)
-                fx, sx = _word_dot(xg + (b * QK_K + 32 * k + 4 * r)[:, :, :, None], c, fx, sx, U, 0, 6)
+                fx, sx = _word_dot(xg + (b * QK_K + 32 * k + 4 * r)[:, :, :, None], c, fx, sx, 1, U, 0, 6)
             sc = (tl.load(blk + 96 + 4 * h + k).to(tl.int32) >> (8 * q)) & 0xFF                # int8 scale's byte
             sums += _uf(sc ^ 0x80, 8, 128) * (64.0 * fx - 96.0 * sx)
         d = _half(tl.load(blk + 104).to(tl.int32) & 0xFFFF)
