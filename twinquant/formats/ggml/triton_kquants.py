@@ -264,6 +264,7 @@ def gemv_q2k_words_kernel(w_ptr, x_ptr, y_ptr, b_ptr, R, NB, row_n, stride_xm, s
     (84·NB bytes; ALIGN 4 where that is a multiple of 16 bytes, so Triton may load planes 16 bytes at a time).
     XB: x loaded at the lanes' full shape, as in `gemv_q2k_q8_words_kernel`."""
     m, part, rows, g, u, row_base, xg = _word_lanes(w_ptr, x_ptr, stride_xm, R, row_n * ALIGN, BR, U, XB)
+    XR: tl.constexpr = BR if XB else 1                                                  # x's rows
     acc = tl.zeros((BR, U, 4), dtype=tl.float32)
     for b0 in range(part * U, NB, SPLIT * U):
         b = tl.minimum(b0 + u, NB - 1)                                                  # [1, U, 1]
@@ -272,9 +273,9 @@ def gemv_q2k_words_kernel(w_ptr, x_ptr, y_ptr, b_ptr, R, NB, row_n, stride_xm, s
         am = tl.zeros((BR, U, 4), dtype=tl.float32)
         for j in tl.static_range(4):
             fx = tl.zeros((BR, U, 4), dtype=tl.float32)
-            sx = tl.zeros((BR if XB else 1, U, 4), dtype=tl.float32)
+            sx = tl.zeros((XR, U, 4), dtype=tl.float32)
             for r in tl.static_range(4):
-                fx, sx = _word_dot(xg + (b * QK_K + 32 * j + 4 * r)[:, :, :, None], words[r], fx, sx, BR if XB else 1, U, 2 * j, 2)
+                fx, sx = _word_dot(xg + (b * QK_K + 32 * j + 4 * r)[:, :, :, None], words[r], fx, sx, XR, U, 2 * j, 2)
             sb = (scales[j // 2] >> (8 * (g % 2) + 16 * (j % 2))) & 0xFF                  # scale byte 8h + q + 2j
             aq += _uf(sb & 0xF, 4) * (fx - sx)
             am += _uf(sb >> 4, 4) * sx
@@ -439,9 +440,8 @@ def gemv_q2k_q8_words_kernel(w_ptr, xq_ptr, xd_ptr, xs_ptr, y_ptr, b_ptr, R, NB,
     # [1, U, 4, 4] load has fewer values than threads: Triton loaded it a word at a time and moved it through shared
     # memory (barriers in the loop) into the weights' layout. Where they do not, broadcasting is what adds the moves
     # (`packed._x_broadcast` decides; tests/test_kernel_sass.py checks the runtime's launches)
-    e = tl.arange(0, 4)[None, None, None, :]
-    if XB:
-        e = e + tl.zeros((BR, 1, 1, 1), dtype=tl.int32)
+    XR: tl.constexpr = BR if XB else 1                                                  # x's rows
+    e = tl.arange(0, 4)[None, None, None, :] + tl.zeros((XR, 1, 1, 1), dtype=tl.int32)
     xw = (xq_ptr + m * (NB * 64) + 32 * h + 4 * q)[:, :, :, None] + e
     xd_row = xd_ptr + m * (NB * 8) + 4 * h
     xs_row = xs_ptr + m * (NB * 16) + 8 * h + 4 * q
@@ -459,12 +459,12 @@ def gemv_q2k_q8_words_kernel(w_ptr, xq_ptr, xd_ptr, xs_ptr, y_ptr, b_ptr, R, NB,
             s0, s1 = ns
         else:
             words, scales, dd_now = _q2k_lane_block(row_base, NB, b, g, BR, U, PLANES)
-        xd = _quad(tl.load((xd_row + b * 8)[:, :, :, None] + e), BR if XB else 1, U, 4)
-        xs = _quad(tl.load((xs_row + b * 16)[:, :, :, None] + e), BR if XB else 1, U, 4)
+        xd = _quad(tl.load((xd_row + b * 8)[:, :, :, None] + e), XR, U, 4)
+        xs = _quad(tl.load((xs_row + b * 16)[:, :, :, None] + e), XR, U, 4)
         aq = tl.zeros((BR, U, 4), dtype=tl.float32)
         am = tl.zeros((BR, U, 4), dtype=tl.float32)
         for j in tl.static_range(4):
-            x0, x1, x2, x3 = _quad(tl.load(xw + (b * 64 + 8 * j)[:, :, :, None]), BR if XB else 1, U, 4)  # int32 words
+            x0, x1, x2, x3 = _quad(tl.load(xw + (b * 64 + 8 * j)[:, :, :, None]), XR, U, 4)  # int32 words
             isum = tl.zeros((BR, U, 4), dtype=tl.int32)
             isum = _dot4((words[0] >> (2 * j)) & 0x03030303, x0, isum, ASM)
             isum = _dot4((words[1] >> (2 * j)) & 0x03030303, x1, isum, ASM)
