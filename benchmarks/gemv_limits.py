@@ -88,25 +88,43 @@ def lane_loads_kernel(w_ptr, xq_ptr, xd_ptr, xs_ptr, y_ptr, R, NB, row_n, BR: tl
     tl.store(y_ptr + rows, tl.xor_sum(tl.xor_sum(acc, axis=2), axis=1), mask=rows < R)
 
 
-def cold(w: PackedWeight) -> list[PackedWeight]:
-    from gemv_configs import cold_copies
+def case(rows: int, cols: int, device: str = "cuda") -> dict:
+    """One shape's operands: a random Q2_K weight in planes, x quantized in lane order, the runtime's launch for
+    the int8 planes kernel, and float / int output rows."""
+    w = planes(PackedWeight.from_bytes("Q2_K", random_blocks("Q2_K", rows, cols), cols, device))
+    x = torch.randn(1, cols, device=device)
+    xq, xd, xs = quantize_q8(x, lanes=True)
+    return dict(rows=rows, nb=cols // QK_K, w=w, x=x, xq=xq, xd=xd, xs=xs,
+                cfg=gemv_config("Q2_K:q8planes", rows, cols // QK_K),
+                y=torch.empty(rows, dtype=torch.float32, device=device),
+                yi=torch.empty(rows, dtype=torch.int32, device=device))
 
-    return cold_copies(w)
+
+def run_kernel(k: dict, w: PackedWeight, c: GemvConfig, prefetch: bool = False) -> None:
+    """The int8 planes kernel on k's quantized x (split launches add into a zeroed output of their own)."""
+    y = k["y"] if c.split == 1 else torch.zeros_like(k["y"])
+    gemv_q2k_q8_words_kernel[(-(-k["rows"] // c.br), 1, c.split)](
+        w.data.view(torch.int32), k["xq"], k["xd"], k["xs"], y, y, k["rows"], k["nb"], stride_ym=0, BR=c.br, U=c.u,
+        SPLIT=c.split, ASM=w.data.is_cuda, HAS_BIAS=False, PREFETCH=prefetch, XB=_x_broadcast(c), num_warps=c.warps,
+        **_q2k_rows(w))
+
+
+def run_loads(k: dict, w: PackedWeight, c: GemvConfig, with_x: bool) -> None:
+    """The kernel's loads alone (`lane_loads_kernel`) at launch c."""
+    lane_loads_kernel[(-(-k["rows"] // c.br), 1, c.split)](
+        w.data.view(torch.int32), k["xq"], k["xd"], k["xs"], k["yi"], k["rows"], k["nb"], BR=c.br, U=c.u,
+        SPLIT=c.split, X=with_x, num_warps=c.warps, **_q2k_rows(w))
 
 
 def measure(rows: int, cols: int, copy_gbs: float) -> list[dict]:
     """The table's rows for one shape: µs, GB/s and % of copy of each kernel on the same bytes."""
-    from gemv_configs import graph_us
+    from gemv_configs import cold_copies, graph_us
 
-    nb = cols // QK_K
-    w = planes(PackedWeight.from_bytes("Q2_K", random_blocks("Q2_K", rows, cols), cols, "cuda"))
-    ws = cold(w)
-    x = torch.randn(1, cols, device="cuda")
-    xq, xd, xs = quantize_q8(x, lanes=True)
-    cfg = gemv_config("Q2_K:q8planes", rows, nb)
-    y = torch.empty(rows, dtype=torch.float32, device="cuda")
-    yi = torch.empty(rows, dtype=torch.int32, device="cuda")
+    k = case(rows, cols)
+    w, cfg = k["w"], k["cfg"]
+    ws = cold_copies(w)
     nbytes = w.data.numel()
+    xbytes = 4 * (k["xq"].numel() + k["xd"].numel() + k["xs"].numel())
     out = []
 
     def row(what, us, launch, extra=0):
@@ -116,9 +134,11 @@ def measure(rows: int, cols: int, copy_gbs: float) -> list[dict]:
         out.append(r)
         print(f"{rows}x{cols} {what:10s} {str(launch):24s} {us:7.2f} us {r['pct_copy']:5.1f}% copy", flush=True)
 
-    grid = (-(-rows // cfg.br), 1, cfg.split)
-    row("empty", graph_us([lambda: empty_kernel[grid[:1]](yi, rows, BR=cfg.br, num_warps=cfg.warps)] * 24),
-        list(cfg))
+    def timed(fn, c: GemvConfig, *args) -> float:
+        return graph_us([lambda wi=wi: fn(k, wi, c, *args) for wi in ws])
+
+    row("empty", graph_us([lambda: empty_kernel[(-(-rows // cfg.br),)](k["yi"], rows, BR=cfg.br,
+                                                                     num_warps=cfg.warps)] * 24), list(cfg))
     flat = [wi.data.view(torch.int32).reshape(-1) for wi in ws]
     best = None
     for block, warps in STREAM:
@@ -127,62 +147,36 @@ def measure(rows: int, cols: int, copy_gbs: float) -> list[dict]:
                        for f in flat])
         best = min(best or (us, block, warps), (us, block, warps))
     row("stream", best[0], [best[1], best[2]])
-
-    def loads(c: GemvConfig, with_x: bool):
-        return graph_us([lambda wi=wi: lane_loads_kernel[(-(-rows // c.br), 1, c.split)](
-            wi.data.view(torch.int32), xq, xd, xs, yi, rows, nb, BR=c.br, U=c.u, SPLIT=c.split,
-            X=with_x, num_warps=c.warps, **_q2k_rows(wi)) for wi in ws])
-
-    row("loads", loads(cfg, False), list(cfg))
-    swept = min(((loads(c, False), c) for c in LOADS), key=lambda t: t[0])
+    row("loads", timed(run_loads, cfg, False), list(cfg))
+    swept = min(((timed(run_loads, c, False), c) for c in LOADS), key=lambda t: t[0])
     row("loads best", swept[0], list(swept[1]))
-    xbytes = 4 * (xq.numel() + xd.numel() + xs.numel())
-    row("loads+x", loads(cfg, True), list(cfg), xbytes)
-
-    def kernel(wi, c: GemvConfig = cfg, prefetch: bool = False):
-        yc = y if c.split == 1 else torch.zeros_like(y)
-        return gemv_q2k_q8_words_kernel[(-(-rows // c.br), 1, c.split)](
-            wi.data.view(torch.int32), xq, xd, xs, yc, yc, rows, nb, stride_ym=0, BR=c.br, U=c.u, SPLIT=c.split,
-            ASM=True, HAS_BIAS=False, PREFETCH=prefetch, XB=_x_broadcast(c), num_warps=c.warps, **_q2k_rows(wi))
-
-    row("kernel", graph_us([lambda wi=wi: kernel(wi) for wi in ws]), list(cfg), xbytes)
-    kb = min(((graph_us([lambda wi=wi: kernel(wi, c) for wi in ws]), c) for c in KERNELS), key=lambda t: t[0])
+    row("loads+x", timed(run_loads, cfg, True), list(cfg), xbytes)
+    row("kernel", timed(run_kernel, cfg), list(cfg), xbytes)
+    kb = min(((timed(run_kernel, c), c) for c in KERNELS), key=lambda t: t[0])
     row("kernel best", kb[0], list(kb[1]), xbytes)
-    row("loads+x @kernel best", loads(kb[1], True), list(kb[1]), xbytes)
-    row("prefetch", graph_us([lambda wi=wi: kernel(wi, prefetch=True) for wi in ws]), list(cfg), xbytes)
-    pf = min(((graph_us([lambda wi=wi: kernel(wi, c, True) for wi in ws]), c) for c in PREFETCH),
-             key=lambda t: t[0])
+    row("loads+x @kernel best", timed(run_loads, kb[1], True), list(kb[1]), xbytes)
+    row("prefetch", timed(run_kernel, cfg, True), list(cfg), xbytes)
+    pf = min(((timed(run_kernel, c, True), c) for c in PREFETCH), key=lambda t: t[0])
     row("prefetch best", pf[0], list(pf[1]), xbytes)
-    row("quantize", graph_us([lambda: quantize_q8(x, lanes=True)] * 24), "", -nbytes + x.numel() * 4 + xbytes)
-    row("gemv_q8", graph_us([lambda wi=wi: gemv_q8(x, wi, words=True) for wi in ws]), list(cfg), xbytes)
+    row("quantize", graph_us([lambda: quantize_q8(k["x"], lanes=True)] * 24), "", -nbytes + k["x"].numel() * 4 + xbytes)
+    row("gemv_q8", graph_us([lambda wi=wi: gemv_q8(k["x"], wi, words=True) for wi in ws]), list(cfg), xbytes)
     return out
 
 
 def profile() -> None:
     """Each kernel (stream, loads+x, kernel, kernel with prefetch) twice at 27648x5120 outside a graph: the second
     round is the one to read in a profiler."""
-    rows, cols = SHAPES[0]
-    nb = cols // QK_K
-    w = planes(PackedWeight.from_bytes("Q2_K", random_blocks("Q2_K", rows, cols), cols, "cuda"))
-    x = torch.randn(1, cols, device="cuda")
-    xq, xd, xs = quantize_q8(x, lanes=True)
-    cfg = gemv_config("Q2_K:q8planes", rows, nb)
-    y = torch.empty(rows, dtype=torch.float32, device="cuda")
-    yi = torch.empty(rows, dtype=torch.int32, device="cuda")
+    k = case(*SHAPES[0])
+    w, cfg = k["w"], k["cfg"]
     flat = w.data.view(torch.int32).reshape(-1)
     sink = torch.empty(-(-flat.numel() // 4096), dtype=torch.int32, device="cuda")
     for _ in range(2):
         stream_kernel[(sink.numel(),)](flat, sink, flat.numel(), BLOCK=4096, num_warps=8)
-        lane_loads_kernel[(-(-rows // cfg.br), 1, cfg.split)](
-            w.data.view(torch.int32), xq, xd, xs, yi, rows, nb, BR=cfg.br, U=cfg.u,
-            SPLIT=cfg.split, X=True, num_warps=cfg.warps, **_q2k_rows(w))
+        run_loads(k, w, cfg, True)
         for pf in (False, True):
-            gemv_q2k_q8_words_kernel[(-(-rows // cfg.br), 1, cfg.split)](
-                w.data.view(torch.int32), xq, xd, xs, y, y, rows, nb, stride_ym=0, BR=cfg.br, U=cfg.u,
-                SPLIT=cfg.split, ASM=True, HAS_BIAS=False, PREFETCH=pf, XB=_x_broadcast(cfg), num_warps=cfg.warps,
-                **_q2k_rows(w))
+            run_kernel(k, w, cfg, pf)
     torch.cuda.synchronize()
-    print(f"profiled at {rows}x{cols}, launch {tuple(cfg)}")
+    print(f"profiled at {k['rows']}x{SHAPES[0][1]}, launch {tuple(cfg)}")
 
 
 def markdown(res: dict) -> str:
