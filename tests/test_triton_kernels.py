@@ -366,6 +366,34 @@ def test_activation_quantization_kernel_matches_torch(device, monkeypatch):
     assert torch.equal(kl.sort().values, ks.sort().values)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_norm_and_swiglu_kernels_hand_over_their_output_quantized(dtype, device):
+    """RMSNorm (alone and after the residual add) and SwiGLU with q8: their output carries exactly what
+    quantize_q8(output, lanes=True) makes of it (`packed.q8_of`), so the GEMV after them skips its quantize launch;
+    SwiGLU on the strided halves of a joined output, a width of whole super-blocks but not of its column blocks."""
+    from twinquant.formats.ggml.packed import q8_of, quantize_q8
+    from twinquant.model import triton_norm, triton_swiglu
+
+    g = torch.Generator().manual_seed(3)
+    x, r = ((2 * torch.randn(3, 1, 1280, generator=g)).to(dtype).to(device) for _ in range(2))
+    x[1, 0, 256:288] = 0                                        # a zero block: d = 0, q = 0
+    w = (1 + 0.1 * torch.randn(1280, generator=g)).to(dtype).to(device)
+    gate, up = (4 * torch.randn(2, 1, 2 * 1280, generator=g)).to(dtype).to(device).split(1280, dim=-1)
+    plain = [triton_norm.rms_norm(x, w, 1e-6), triton_norm.rms_norm(x, w, 1e-6, res=r)[1],
+             triton_swiglu.silu_mul(gate, up)]
+    fused = [triton_norm.rms_norm(x, w, 1e-6, q8=True), triton_norm.rms_norm(x, w, 1e-6, res=r, q8=True)[1],
+             triton_swiglu.silu_mul(gate, up, q8=True)]
+    for a, b in zip(plain, fused):
+        assert q8_of(a) is None and torch.equal(a, b)           # the same output, now with its int8 form
+        want = quantize_q8(b.reshape(-1, b.shape[-1]), lanes=True)
+        q, d, sums = q8_of(b)
+        assert torch.equal(q, want[0]) and torch.equal(d, want[1])
+        torch.testing.assert_close(sums, want[2], rtol=1e-6, atol=1e-5)
+    assert torch.all(q8_of(fused[0])[1].reshape(3, -1)[1, 8] == 0)
+    assert q8_of(fused[0].reshape(3, 1280)) is None             # another tensor object: quantized again
+
+
 def test_packed_weight_rejects_what_it_cannot_hold():
     with pytest.raises(TwinquantError, match="no packed-weight kernel for IQ4_NL"):
         PackedWeight.from_bytes("IQ4_NL", np.zeros((2, 144), np.uint8), 256, "cpu")
@@ -525,6 +553,47 @@ def test_fused_rope_writes_the_cache_as_the_torch_path(dtype, device):
     torch.testing.assert_close(got_q.cpu().float(), want_q, **tol)
     torch.testing.assert_close(ck.cpu().float(), want_k.float(), **tol)
     assert torch.equal(cv.cpu(), want_v)
+
+
+def test_int8_x_decode_takes_x_quantized_from_the_norms_and_swiglu(tmp_path, monkeypatch):
+    """TWINQUANT_Q8=Q2_K decode steps of a Q2_K GGUF: the norms and SwiGLU hand their output over quantized
+    (`forward.q8_input`), so a block quantizes only the attention output itself (1 quantize launch, not 4), with
+    the same logits bit for bit as when every GEMV quantizes its x."""
+    from tests.tiny_models import save_tiny
+    from twinquant.formats.ggml import triton_kquants
+    from twinquant.io.gguf_write import write_gguf
+    from twinquant.io.hf import load_hf_dir
+    from twinquant.io.load import load_model
+    from twinquant.model import forward as fwd
+    from twinquant.pipeline.executor import quantize_model
+    from twinquant.runtime.packed_weights import join_shared_inputs, pack_linears
+
+    model = load_hf_dir(save_tiny("qwen2", tmp_path / "hf", tokenizer=True, hidden_size=256, intermediate_size=512,
+                                  num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1))
+    model.materialize()
+    types = {n: "Q2_K" for n in model.tensor_names() if n.startswith("blk.") and n.endswith("weight")
+             and n.split(".")[2] in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")}
+    quantize_model(model, types, "rtn", progress=False)
+    path = write_gguf(model, tmp_path / "q.gguf", "F32")
+    monkeypatch.setenv("TWINQUANT_Q8", "Q2_K")
+    packed = load_model(path, device=DEVICES[0], keep_quantized=True)
+    assert pack_linears(packed)["Q2_K"] == 7
+    packed.materialize()
+    assert join_shared_inputs(packed) == 2                    # q+k+v and gate+up: one GEMV each
+    launches = _count_launches(monkeypatch, triton_kquants, "quantize_q8_kernel")
+    tokens = torch.randint(0, 320, (1, 11), generator=torch.Generator().manual_seed(0)).to(DEVICES[0])
+    logits, counts = [], []
+    for fused in (True, False):         # (the interpreter takes seconds a GEMV: a prefill past GEMV_MAX_ROWS, 1 step)
+        if not fused:
+            monkeypatch.setattr(fwd, "q8_input", lambda *a, **k: False)
+        cache = fwd.KVCache.empty(packed, 1, 16)
+        fwd.forward(packed, tokens[:, :10], cache=cache)
+        assert not launches                                   # the prefill: dequantized weights, float x
+        logits.append(fwd.forward(packed, tokens[:, 10:], cache=cache))
+        counts.append(len(launches))
+        del launches[:]
+    assert counts == [1, 4]                                   # the attention output's own; qkv, o, gate+up, down
+    assert torch.equal(*logits)
 
 
 @pytest.mark.parametrize("device", DEVICES)

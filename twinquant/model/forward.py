@@ -7,6 +7,7 @@ orientation ([out, in]); RoPE uses the rotate-half (NeoX) layout that HF checkpo
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -146,11 +147,12 @@ def _norm_kernel(x: torch.Tensor, w: torch.Tensor, res: torch.Tensor | None = No
     return triton_norm if triton_norm.fits(x, w, res) else None
 
 
-def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, q8: bool = False) -> torch.Tensor:
+    """RMSNorm(x) · w. `q8` (`q8_input`): where the kernel runs, the result also carries its int8 form."""
     # Normalise in float32 (float64 stays float64) whatever the compute dtype, as the reference implementations do.
     kernel = _norm_kernel(x, w)
     if kernel is not None:      # one launch (model/triton_norm.py), the same arithmetic
-        return kernel.rms_norm(x, w, eps)
+        return kernel.rms_norm(x, w, eps, q8=q8)
     xf = x if x.dtype == torch.float64 else x.float()
     if xf.is_cuda:      # one fused kernel instead of five (a decode step runs two norms a block)
         xf = F.rms_norm(xf, (xf.shape[-1],), eps=eps)
@@ -159,11 +161,12 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return w * xf.to(x.dtype)
 
 
-def add_rms_norm(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, eps: float,
+                 q8: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + y, rms_norm(x + y, w)): one kernel where Triton runs (a block's residual add and its second norm)."""
     kernel = _norm_kernel(x, w, y)
     if kernel is not None:
-        return kernel.rms_norm(x, w, eps, res=y)
+        return kernel.rms_norm(x, w, eps, res=y, q8=q8)
     x = x + y
     return x, rms_norm(x, w, eps)
 
@@ -182,6 +185,20 @@ def apply_rope_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     c, s_ = cos[..., :half], sin[..., :half]
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.cat((x1 * c - x2 * s_, x2 * c + x1 * s_), dim=-1)
+
+
+def q8_input(model: Model, name: str, x: torch.Tensor, params=None) -> bool:
+    """Whether the kernel making x (RMSNorm, SwiGLU) should store x's int8 form too (`packed.with_q8`): the linear
+    `name` reading x is a packed type whose GEMV quantizes x first (TWINQUANT_Q8), x reaches it unchanged (no online
+    transform, no copy's clipping) and as few rows as a GEMV takes. Saves the GEMV's own quantize launch
+    (TWINQUANT_Q8_FUSED=0 keeps it, to time the difference)."""
+    w = model.packed.get(name) if model.packed else None
+    if w is None or name in model.input_transforms:
+        return False
+    from twinquant.formats.ggml.packed import GEMV_MAX_ROWS, q8_default
+
+    return (os.environ.get("TWINQUANT_Q8_FUSED", "1") != "0" and x.numel() // x.shape[-1] <= GEMV_MAX_ROWS
+            and w.ggml_type in q8_default() and (params is None or params.is_identity_transform))
 
 
 def _linear(x: torch.Tensor, model: Model, name: str, hook: LinearHook | None, bias: bool = False, params=None):
@@ -439,18 +456,19 @@ def feed_forward(model: Model, layer: int, x: torch.Tensor, hook: LinearHook | N
 def ffn_mix(model: Model, layer: int, x: torch.Tensor, hook: LinearHook | None, params=None) -> torch.Tensor:
     """The SwiGLU FFN up to the down projection's input: silu(gate(x)) * up(x)."""
     g, u = linears(x, model, (roles.name(T.FFN_GATE, layer), roles.name(T.FFN_UP, layer)), hook, params=params)
-    return silu_mul(g, u)
+    return silu_mul(g, u, q8_input(model, roles.name(T.FFN_DOWN, layer), g, params))
 
 
-def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """silu(g) · u: one kernel where Triton runs (model/triton_swiglu.py, the same arithmetic), else torch's two."""
+def silu_mul(g: torch.Tensor, u: torch.Tensor, q8: bool = False) -> torch.Tensor:
+    """silu(g) · u: one kernel where Triton runs (model/triton_swiglu.py, the same arithmetic), else torch's two.
+    `q8` (`q8_input`): where the kernel runs, the result also carries its int8 form."""
     from twinquant.triton_env import runs_triton
 
     if runs_triton(g):
         from twinquant.model import triton_swiglu
 
         if triton_swiglu.fits(g, u):
-            return triton_swiglu.silu_mul(g, u)
+            return triton_swiglu.silu_mul(g, u, q8)
     return F.silu(g) * u
 
 
@@ -523,12 +541,14 @@ def block_forward(model: Model, layer: int, x: torch.Tensor, start: int = 0, cac
     where Triton runs); `defer`: return (x, ffn output) instead of their sum, for the next block to add."""
     eps = model.spec.rms_eps
     w = model.get(roles.name(T.ATTN_NORM, layer))
-    x, h = add_rms_norm(x, pending, w, eps) if pending is not None else (x, rms_norm(x, w, eps))
+    q8 = q8_input(model, roles.name(T.ATTN_Q, layer), x, params)
+    x, h = add_rms_norm(x, pending, w, eps, q8) if pending is not None else (x, rms_norm(x, w, eps, q8))
     if model.spec.mla:
         a = latent_attention(model, layer, h, start, cache, slot, hook)
     else:
         a = attention(model, layer, h, start, cache, slot, hook, params)
-    x, h = add_rms_norm(x, a, model.get(roles.name(T.FFN_NORM, layer)), eps)
+    q8 = not model.spec.moe_layer(layer) and q8_input(model, roles.name(T.FFN_GATE, layer), x, params)
+    x, h = add_rms_norm(x, a, model.get(roles.name(T.FFN_NORM, layer)), eps, q8)
     f = moe_feed_forward(model, layer, h, hook) if model.spec.moe_layer(layer) else feed_forward(model, layer, h,
                                                                                                  hook, params)
     return (x, f) if defer else x + f
@@ -576,10 +596,10 @@ def embed(model: Model, tokens: torch.Tensor) -> torch.Tensor:
 
 def head(model: Model, x: torch.Tensor, hook: LinearHook | None = None) -> torch.Tensor:
     """Final norm and output head; logits in float32. x: [B, L, hidden] -> [B, L, vocab]."""
-    x = rms_norm(x, model.get(roles.name(T.OUTPUT_NORM)), model.spec.rms_eps)
-    if hook is not None:
-        hook(roles.name(T.OUTPUT), x)
     out = roles.name(T.OUTPUT)
+    x = rms_norm(x, model.get(roles.name(T.OUTPUT_NORM)), model.spec.rms_eps, q8_input(model, out, x))
+    if hook is not None:
+        hook(out, x)
     if out in model.packed:
         from twinquant.formats.ggml.packed import qlinear
 

@@ -10,13 +10,19 @@ import torch
 import triton
 import triton.language as tl
 
+from twinquant.formats.ggml.packed import q8_buffers, with_q8
+from twinquant.formats.ggml.triton_kquants import store_q8
+
 MAX_WIDTH = 16384          # one program holds a row
 
 
 @triton.jit
-def rms_norm_kernel(x_ptr, r_ptr, w_ptr, xo_ptr, h_ptr, N, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
-    """Row program_id(0): x (+ r, stored to xo) -> h = w · round(x · rsqrt(mean(x²) + eps))."""
-    row = tl.program_id(0).to(tl.int64) * N
+def rms_norm_kernel(x_ptr, r_ptr, w_ptr, xo_ptr, h_ptr, q_ptr, d_ptr, s_ptr, N, eps, HAS_RES: tl.constexpr,
+                    BLOCK: tl.constexpr, Q8: tl.constexpr = False):
+    """Row program_id(0): x (+ r, stored to xo) -> h = w · round(x · rsqrt(mean(x²) + eps)); Q8: h's int8 form
+    too (`packed.quantize_q8` in the word-lane order, for the GEMV that reads h: `packed.with_q8`)."""
+    m = tl.program_id(0)
+    row = m.to(tl.int64) * N
     i = tl.arange(0, BLOCK)
     ok = i < N
     x = tl.load(x_ptr + row + i, mask=ok, other=0.0)
@@ -27,7 +33,11 @@ def rms_norm_kernel(x_ptr, r_ptr, w_ptr, xo_ptr, h_ptr, N, eps, HAS_RES: tl.cons
     r = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / N + eps)
     n = (xf * r).to(x.dtype).to(tl.float32)
     w = tl.load(w_ptr + i, mask=ok, other=0.0).to(tl.float32)
-    tl.store(h_ptr + row + i, (w * n).to(h_ptr.dtype.element_ty), mask=ok)
+    h = (w * n).to(h_ptr.dtype.element_ty)
+    tl.store(h_ptr + row + i, h, mask=ok)
+    if Q8:
+        store_q8(tl.reshape(h.to(tl.float32), (BLOCK // 32, 32)), tl.arange(0, BLOCK // 32), N // 32,
+                 q_ptr + row, d_ptr + m * (N // 32), s_ptr + m * (N // 16), BLOCK // 32, True)
 
 
 def fits(x: torch.Tensor, w: torch.Tensor, res: torch.Tensor | None = None) -> bool:
@@ -37,12 +47,17 @@ def fits(x: torch.Tensor, w: torch.Tensor, res: torch.Tensor | None = None) -> b
                                                               and res.dtype == x.dtype)))
 
 
-def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, res: torch.Tensor | None = None):
-    """h = RMSNorm(x) · w; with res, (x + res, RMSNorm(x + res) · w). Callers check `fits` first."""
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, res: torch.Tensor | None = None, q8: bool = False):
+    """h = RMSNorm(x) · w; with res, (x + res, RMSNorm(x + res) · w). Callers check `fits` first. `q8` (a width of
+    whole super-blocks): h also carries its int8 form (`packed.with_q8`), for an int8-x GEMV to read."""
     n = x.shape[-1]
     h = torch.empty_like(x)
     xo = torch.empty_like(x) if res is not None else h
     block = triton.next_power_of_2(n)
-    rms_norm_kernel[(x.numel() // n,)](x, res if res is not None else x, w, xo, h, n, eps, HAS_RES=res is not None,
-                                       BLOCK=block, num_warps=min(16, max(1, block // 512)))
+    rows = x.numel() // n
+    q, d, s = q8_buffers(rows, n, x.device) if q8 else (h, h, h)
+    rms_norm_kernel[(rows,)](x, res if res is not None else x, w, xo, h, q, d, s, n, eps, HAS_RES=res is not None,
+                             BLOCK=block, Q8=q8, num_warps=min(16, max(1, block // 512)))
+    if q8:
+        with_q8(h, (q.view(torch.int32), d, s))
     return (xo, h) if res is not None else h

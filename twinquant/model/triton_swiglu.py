@@ -10,20 +10,31 @@ import torch
 import triton
 import triton.language as tl
 
+from twinquant.formats.ggml.packed import q8_buffers, with_q8
+from twinquant.formats.ggml.triton_kquants import store_q8
+
 BLOCK = 1024
 
 
 @triton.jit
-def silu_mul_kernel(g_ptr, u_ptr, o_ptr, N, stride_g, stride_u, BLOCK: tl.constexpr):
-    """Row program_id(0), columns program_id(1)·BLOCK ...: o = round(silu(g)) · u."""
-    row = tl.program_id(0).to(tl.int64)
+def silu_mul_kernel(g_ptr, u_ptr, o_ptr, q_ptr, d_ptr, s_ptr, N, stride_g, stride_u, BLOCK: tl.constexpr,
+                    Q8: tl.constexpr = False):
+    """Row program_id(0), columns program_id(1)·BLOCK ...: o = round(silu(g)) · u; Q8: o's int8 form too
+    (`packed.quantize_q8` in the word-lane order, for the GEMV that reads o: `packed.with_q8`)."""
+    m = tl.program_id(0)
+    row = m.to(tl.int64)
     i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = i < N
     g = tl.load(g_ptr + row * stride_g + i, mask=ok, other=0.0)
     u = tl.load(u_ptr + row * stride_u + i, mask=ok, other=0.0)
     gf = g.to(tl.float32)
     s = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
-    tl.store(o_ptr + row * N + i, (s.to(tl.float32) * u.to(tl.float32)).to(o_ptr.dtype.element_ty), mask=ok)
+    o = (s.to(tl.float32) * u.to(tl.float32)).to(o_ptr.dtype.element_ty)
+    tl.store(o_ptr + row * N + i, o, mask=ok)
+    if Q8:
+        store_q8(tl.reshape(o.to(tl.float32), (BLOCK // 32, 32)), tl.program_id(1) * (BLOCK // 32)
+                 + tl.arange(0, BLOCK // 32), N // 32, q_ptr + row * N, d_ptr + m * (N // 32), s_ptr + m * (N // 16),
+                 BLOCK // 32, True)
 
 
 def row_stride(t: torch.Tensor) -> int | None:
@@ -42,12 +53,14 @@ def fits(g: torch.Tensor, u: torch.Tensor) -> bool:
             and row_stride(g) is not None and row_stride(u) is not None)
 
 
-def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """silu(g) · u, contiguous, in g's dtype. Callers check `fits` first."""
+def silu_mul(g: torch.Tensor, u: torch.Tensor, q8: bool = False) -> torch.Tensor:
+    """silu(g) · u, contiguous, in g's dtype. Callers check `fits` first. `q8` (a width of whole super-blocks): the
+    product also carries its int8 form (`packed.with_q8`), for an int8-x GEMV to read."""
     n = g.shape[-1]
     out = torch.empty(g.shape, dtype=g.dtype, device=g.device)
     rows = g.numel() // n if n else 0
+    q, d, s = q8_buffers(rows, n, g.device) if q8 else (out, out, out)
     if rows:
-        silu_mul_kernel[(rows, triton.cdiv(n, BLOCK))](g, u, out, n, row_stride(g), row_stride(u), BLOCK=BLOCK,
-                                                        num_warps=4)
-    return out
+        silu_mul_kernel[(rows, triton.cdiv(n, BLOCK))](g, u, out, q, d, s, n, row_stride(g), row_stride(u),
+                                                        BLOCK=BLOCK, Q8=q8, num_warps=4)
+    return with_q8(out, (q.view(torch.int32), d, s)) if q8 else out

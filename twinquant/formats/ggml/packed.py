@@ -361,6 +361,14 @@ def _int8_away(v: torch.Tensor) -> torch.Tensor:
     return (v.sign() * (v.abs() + 0.5).floor()).clamp(-127, 127).to(torch.int8)
 
 
+def q8_buffers(m: int, cols: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Empty (q int8 [m, cols], d float32 [m, cols / 32], sums float32 [m, cols / 16]) for `quantize_q8`'s result
+    (q not yet viewed as int32 words)."""
+    return (torch.empty(m, cols, dtype=torch.int8, device=device),
+            torch.empty(m, cols // 32, dtype=torch.float32, device=device),
+            torch.empty(m, cols // 16, dtype=torch.float32, device=device))
+
+
 def quantize_q8(x2: torch.Tensor, lanes: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Activations [M, cols] as llama.cpp's CUDA GEMV takes them (q8_1's rounding): int8 per 32 values with scale
     d = max|x| / 127, q = round half away from zero of x / d (0 where the block is 0); returned as (q viewed as int32
@@ -373,9 +381,7 @@ def quantize_q8(x2: torch.Tensor, lanes: bool = False) -> tuple[torch.Tensor, to
 
         x2 = x2.contiguous()
         m, cols = x2.shape
-        q = torch.empty(m, cols, dtype=torch.int8, device=x2.device)
-        d = torch.empty(m, cols // 32, dtype=torch.float32, device=x2.device)
-        sums = torch.empty(m, cols // 16, dtype=torch.float32, device=x2.device)
+        q, d, sums = q8_buffers(m, cols, x2.device)
         bb = 16
         quantize_q8_kernel[(-(-(cols // 32) // bb), m)](x2, q, d, sums, cols // 32, x2.stride(0), q.stride(0),
                                                         d.stride(0), sums.stride(0), BB=bb, LANES=lanes, num_warps=4)
@@ -390,17 +396,38 @@ def quantize_q8(x2: torch.Tensor, lanes: bool = False) -> tuple[torch.Tensor, to
             sums.reshape(x2.shape[0], -1).contiguous())
 
 
+# A decode GEMV through `gemv_q8` used to quantize x in a launch of its own (~1.8 µs in a replayed CUDA graph on an
+# H100, 4 a block); the kernel that makes x (RMSNorm, SwiGLU: `forward.q8_input`) now stores x's int8 form as well
+# and hands it over on the tensor itself: `with_q8` attaches it to that very tensor object, `q8_of` reads it (a
+# reshaped or transformed x is another object and is quantized again).
+_Q8_ATTR = "_twinquant_q8"
+
+
+def with_q8(x: torch.Tensor, q8: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x carrying its `quantize_q8(x.reshape(-1, cols), lanes=True)` result (q as int32 words): made by the same
+    kernel that wrote x, so never out of date while x is not written in place."""
+    setattr(x, _Q8_ATTR, q8)
+    return x
+
+
+def q8_of(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """x's int8 form in the word-lane order if the kernel that made x attached it (`with_q8`), else None."""
+    return getattr(x, _Q8_ATTR, None)
+
+
 def gemv_q8(x2: torch.Tensor, w: PackedWeight, br: int = 64, split: int | None = None,
             num_warps: int = 2, words: bool = False, config: GemvConfig | None = None,
             bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32,
-            prefetch: bool = False) -> torch.Tensor:
+            prefetch: bool = False, xq8: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+            ) -> torch.Tensor:
     """[M, rows] ≈ x2 @ Wᵀ (+ bias) in out_dtype for a Q2_K weight with x2 quantized to int8 per 32 values
     (`quantize_q8`): llama.cpp's arithmetic (its CUDA GEMV quantizes activations to q8_1 the same way), dp4a
     products on CUDA. Not the runtime's exact path: x's int8 rounding costs ~0.4% relative error per dot product
     (`TWINQUANT_Q8=Q2_K` makes it the runtime's, `q8_default`). `words`: the kernel whose lanes own whole
     sub-blocks (`gemv_q2k_q8_words_kernel`; launch `config`, else the word-lane rule; it alone takes a bias and
     out_dtype, the other kernel returns float32 and refuses a bias; `prefetch`: its next step's weight loads issued
-    before this step's products, an experiment of `benchmarks/gemv_limits.py`)."""
+    before this step's products, an experiment of `benchmarks/gemv_limits.py`). `xq8`: x2 already quantized in the
+    word-lane order (`q8_of`), for the word-lane kernel."""
     from twinquant.formats.ggml.triton_kquants import gemv_q2k_q8_kernel, gemv_q2k_q8_words_kernel
 
     if w.ggml_type != "Q2_K":
@@ -410,7 +437,9 @@ def gemv_q8(x2: torch.Tensor, w: PackedWeight, br: int = 64, split: int | None =
     in_planes = w.layout == "planes"
     if in_planes and not words:
         raise TwinquantError("gemv_q8: a weight in planes has only the word-lane kernel (words=True)")
-    xq, xd, xs = quantize_q8(x2, lanes=words)
+    if xq8 is not None and not words:
+        raise TwinquantError("gemv_q8: x quantized in the word-lane order goes to the word-lane kernel (words=True)")
+    xq, xd, xs = xq8 if xq8 is not None else quantize_q8(x2, lanes=words)
     nb = w.cols // QK_K
     asm = w.data.is_cuda and not interpreted()
     if words:
@@ -480,7 +509,7 @@ def qlinear(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None) 
     if x2.shape[0] > GEMV_MAX_ROWS:
         y = F.linear(x2, dequantize(w, x.dtype), bias)
     elif w.ggml_type in q8_default():
-        y = gemv_q8(x2, w, words=True, bias=bias, out_dtype=x.dtype)
+        y = gemv_q8(x2, w, words=True, bias=bias, out_dtype=x.dtype, xq8=q8_of(x))
     else:
         y = gemv(x2, w, bias, x.dtype)
     return y.reshape(*lead, w.rows)

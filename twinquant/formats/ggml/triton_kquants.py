@@ -486,21 +486,30 @@ def quantize_q8_kernel(x_ptr, q_ptr, d_ptr, s_ptr, n_blocks, stride_x, stride_q,
     m = tl.program_id(1)
     blocks = tl.program_id(0) * BB + tl.arange(0, BB)
     ok = (blocks < n_blocks)[:, None]
-    e = tl.arange(0, 32)[None, :]
-    x = tl.load(x_ptr + m * stride_x + blocks[:, None] * 32 + e, mask=ok, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + m * stride_x + blocks[:, None] * 32 + tl.arange(0, 32)[None, :], mask=ok, other=0.0)
+    store_q8(x.to(tl.float32), blocks, n_blocks, q_ptr + m * stride_q, d_ptr + m * stride_d, s_ptr + m * stride_s,
+             BB, LANES)
+
+
+@triton.jit
+def store_q8(x, blocks, n_blocks, q_ptr, d_ptr, s_ptr, BB: tl.constexpr, LANES: tl.constexpr):
+    """x [BB, 32] float32 (blocks `blocks` of one row; those past n_blocks not stored) as `packed.quantize_q8`
+    stores it at one row's q / d / sums pointers: the quantize kernel's body, and the tail of the kernels that make
+    a GEMV's input (RMSNorm, SwiGLU) and hand it over already quantized (`packed.with_q8`)."""
+    ok = (blocks < n_blocks)[:, None]
     d = tl.math.div_rn(tl.max(tl.abs(x), axis=1), 127.0)       # (Triton's `/` is not correctly rounded on CUDA)
     v = tl.where(d[:, None] > 0, tl.math.div_rn(x, d[:, None]), 0.0)
     q = tl.where(v < 0, -tl.floor(-v + 0.5), tl.floor(v + 0.5))
     q = tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8)
-    tl.store(q_ptr + m * stride_q + blocks[:, None] * 32 + e, q, mask=ok)
-    tl.store(d_ptr + m * stride_d + blocks, d, mask=blocks < n_blocks)
+    tl.store(q_ptr + blocks[:, None] * 32 + tl.arange(0, 32)[None, :], q, mask=ok)
+    tl.store(d_ptr + blocks, d, mask=blocks < n_blocks)
     halves = tl.sum(tl.reshape(x, (BB, 2, 16)), axis=2)
     q16 = tl.arange(0, 2)[None, :]
     if LANES:           # block 8b + 4h + j, half q -> 16b + 8h + 4q + j
         at = (blocks // 8 * 16 + blocks % 8 // 4 * 8 + blocks % 4)[:, None] + 4 * q16
     else:
         at = blocks[:, None] * 2 + q16
-    tl.store(s_ptr + m * stride_s + at, halves, mask=ok)
+    tl.store(s_ptr + at, halves, mask=ok)
 
 
 @triton.jit
