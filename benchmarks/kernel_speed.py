@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import record  # noqa: E402
 
 from twinquant.formats.ggml.packed import (QK_K, PackedWeight, dequantize, gemv, gemv_config, gemv_q8,  # noqa: E402
-                                           kernel_key, planes, qlinear, random_blocks)
+                                           kernel_key, planes, qlinear, quantize_q8, random_blocks)
 from twinquant.transforms.hadamard import _kernel_runs, fwht, hadamard_plan  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -184,10 +184,15 @@ def _gemv_type(t, rows, cols, xf, x16, w16, copy_gbs, quick) -> list[dict]:
             row.update({"q8_us": t8 * 1e6, "q8_pct_copy": 100 * nbytes / t8 / 1e9 / copy_gbs,
                         "q8_rel_err": rel_err(gemv_q8(x, w, words=True), x.double() @ wd.T)})
             wp = planes(w)              # the same bytes in planes: float x and int8 x
-            for key, fn in (("planes", lambda wi: gemv(x, wi)), ("q8planes", lambda wi: gemv_q8(x, wi, words=True))):
-                tp = graph_s(fn, wp)
+            # x handed over already quantized (the runtime's int8 path after a norm or SwiGLU: `packed.with_q8`)
+            xq8 = quantize_q8(x, lanes=True)
+            for key, fn, wk in (("planes", lambda wi: gemv(x, wi), wp),
+                                ("q8planes", lambda wi: gemv_q8(x, wi, words=True), wp),
+                                ("q8h", lambda wi: gemv_q8(x, wi, words=True, xq8=xq8), w),
+                                ("q8hplanes", lambda wi: gemv_q8(x, wi, words=True, xq8=xq8), wp)):
+                tp = graph_s(fn, wk)
                 row.update({f"{key}_us": tp * 1e6, f"{key}_pct_copy": 100 * nbytes / tp / 1e9 / copy_gbs,
-                            f"{key}_rel_err": rel_err(fn(wp), x.double() @ wd.T)})
+                            f"{key}_rel_err": rel_err(fn(wk), x.double() @ wd.T)})
             del wp
         out.append(row)
         print(f"gemv {t} {rows}x{cols} batch {b:5d}: {row['us']:8.1f} us {row['gb_s']:7.1f} GB/s "
@@ -283,20 +288,27 @@ def table(res: dict) -> str:
             lines.append(f"| {r['rows']}x{r['cols']} | {r['us']:.1f} | {r['pct_copy']:.1f}% | {r['q8_us']:.1f} | "
                          f"{r['q8_pct_copy']:.1f}% | {r['us'] / r['q8_us']:.2f}x | {r['q8_rel_err']:.1e} |")
     ll2 = {(r["rows"], r["cols"]): r["us"] for r in res.get("llamacpp", []) if r["type"] == "Q2_K"}
-    kinds = (("us", "float x, GGUF layout"), ("q8_us", "int8 x, GGUF layout"), ("planes_us", "float x, planes"),
-             ("q8planes_us", "int8 x, planes"))
+    kinds = [("us", "float x, GGUF layout"), ("q8_us", "int8 x, GGUF layout"), ("planes_us", "float x, planes"),
+             ("q8planes_us", "int8 x, planes"), ("q8h_us", "int8 x handed over, GGUF layout"),
+             ("q8hplanes_us", "int8 x handed over, planes")]
     pl = [r for r in q8 if "q8planes_us" in r]
+    kinds = [k for k in kinds if all(k[0] in r for r in pl)]    # (files from before the hand-over lack it)
     if pl:
         lines += ["", "## Q2_K GEMV at batch 1: each kernel and layout (planes: `packed.planes`, the same bytes "
-                  "regrouped at load) against llama.cpp's CUDA kernel, this run", "",
+                  "regrouped at load) against llama.cpp's CUDA kernel, this run. int8 x: x quantized by its own "
+                  "kernel, then the GEMV (llama.cpp's time includes its own quantization of x the same way); handed "
+                  "over: the GEMV alone on x already quantized, as the runtime runs it after RMSNorm and SwiGLU "
+                  "(`packed.with_q8`; not after attention)", "",
                   "| rows x cols | " + " | ".join(f"{n}: µs (% copy)" for _, n in kinds) +
-                  " | llama.cpp CUDA µs | best / llama.cpp speed |", "|---" * (len(kinds) + 3) + "|"]
+                  " | llama.cpp CUDA µs | best / llama.cpp speed | best quantizing x itself / llama.cpp |",
+                  "|---" * (len(kinds) + 4) + "|"]
         for r in pl:
             cells = [f"{r[k]:.1f} ({r[k.replace('us', 'pct_copy')]:.1f}%)" for k, _ in kinds]
             lu = ll2.get((r["rows"], r["cols"]))
             best = min(r[k] for k, _ in kinds)
-            lines.append(f"| {r['rows']}x{r['cols']} | {' | '.join(cells)} | {lu if lu else '-'} | "
-                         f"{f'{lu / best:.2f}x' if lu else '-'} |")
+            own = min(r[k] for k, _ in kinds if not k.startswith("q8h"))
+            ratios = [f"{lu / b:.2f}x" if lu else "-" for b in (best, own)]
+            lines.append(f"| {r['rows']}x{r['cols']} | {' | '.join(cells)} | {lu if lu else '-'} | {' | '.join(ratios)} |")
     sw = [r for r in res.get("sweep", []) if "us" in r]
     if sw:
         lines += ["", "## Q2_K dequant-GEMV at batch 1: best of the sweep per shape (kernel, rows per program, warps, "
