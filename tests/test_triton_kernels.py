@@ -556,9 +556,9 @@ def test_fused_rope_writes_the_cache_as_the_torch_path(dtype, device):
 
 
 def test_int8_x_decode_takes_x_quantized_from_the_norms_and_swiglu(tmp_path, monkeypatch):
-    """TWINQUANT_Q8=Q2_K decode steps of a Q2_K GGUF: the norms and SwiGLU hand their output over quantized
-    (`forward.q8_input`), so a block quantizes only the attention output itself (1 quantize launch, not 4), with
-    the same logits bit for bit as when every GEMV quantizes its x."""
+    """TWINQUANT_Q8=Q2_K decode steps of a Q2_K GGUF: the norms, SwiGLU and (at a device position, what a CUDA
+    graph replays) the attention kernel hand their output over quantized (`forward.q8_input`), so no GEMV launches
+    a quantize kernel of its own (4 a block otherwise), with the same logits bit for bit."""
     from tests.tiny_models import save_tiny
     from twinquant.formats.ggml import triton_kquants
     from twinquant.io.gguf_write import write_gguf
@@ -589,10 +589,11 @@ def test_int8_x_decode_takes_x_quantized_from_the_norms_and_swiglu(tmp_path, mon
         cache = fwd.KVCache.empty(packed, 1, 16)
         fwd.forward(packed, tokens[:, :10], cache=cache)
         assert not launches                                   # the prefill: dequantized weights, float x
+        cache.at = torch.full((), 10, dtype=torch.long, device=DEVICES[0])
         logits.append(fwd.forward(packed, tokens[:, 10:], cache=cache))
         counts.append(len(launches))
         del launches[:]
-    assert counts == [1, 4]                                   # the attention output's own; qkv, o, gate+up, down
+    assert counts == [0, 4]                                   # qkv, o, gate+up, down each quantizing x itself
     assert torch.equal(*logits)
 
 
@@ -648,10 +649,14 @@ def test_silu_mul_kernel_computes_the_torch_path(dtype, device, monkeypatch):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("B,H,hkv,T,hd,pos", [(1, 12, 2, 64, 128, 37),     # Qwen2.5-1.5B's heads, one part
                                               (2, 6, 6, 600, 64, 513),     # no GQA, three parts (four launched)
+                                              (2, 8, 2, 600, 64, 513),     # GQA, parts, whole super-blocks
                                               (1, 28, 4, 1100, 24, 3)])    # parts past the position left empty; hd 24
 def test_decode_attention_kernel_matches_the_grouped_torch_path(B, H, hkv, T, hd, pos, device):
     """triton_attention.decode_attention (positions up to pos read from the device, online softmax, parts
-    combined) against forward._grouped_decode_attention with the step's additive mask."""
+    combined) against forward._grouped_decode_attention with the step's additive mask; with q8, the output's int8
+    form as quantize_q8 makes it from the rows [B, H·hd] (where hd is a power of two and the rows whole
+    super-blocks; else none)."""
+    from twinquant.formats.ggml.packed import q8_of, quantize_q8
     from twinquant.model import triton_attention
     from twinquant.model.forward import _grouped_decode_attention
 
@@ -665,6 +670,15 @@ def test_decode_attention_kernel_matches_the_grouped_torch_path(B, H, hkv, T, hd
     got = triton_attention.decode_attention(dev(q), dev(k), dev(v), dev(torch.tensor([pos])))
     torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
     assert not triton_attention.fits(dev(q).half(), dev(k).half(), dev(v).half())
+    fused = triton_attention.decode_attention(dev(q), dev(k), dev(v), dev(torch.tensor([pos])), q8=True)
+    assert torch.equal(fused, got) and q8_of(got) is None
+    if hd not in (64, 128) or H * hd % 256:
+        assert q8_of(fused) is None                     # the GEMV quantizes x itself
+        return
+    xq, xd, xs = q8_of(fused)
+    wq, wd, ws = quantize_q8(fused.reshape(B, H * hd), lanes=True)
+    assert torch.equal(xq, wq) and torch.equal(xd, wd)
+    torch.testing.assert_close(xs, ws, rtol=1e-6, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])

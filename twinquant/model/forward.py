@@ -356,17 +356,23 @@ def _grouped_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return torch.bmm(torch.softmax(scores, dim=-1), v.reshape(B * hkv, T, hd)).reshape(B, H, 1, hd)
 
 
-def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: StepPositions) -> torch.Tensor:
-    """One query token's attention over the cache: one kernel (two for caches past triton_attention.CHUNK) that
-    reads only the positions up to the step's, where Triton runs (no mask made); else `_grouped_decode_attention`."""
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: StepPositions,
+                      q8: bool = False) -> torch.Tensor:
+    """One query token's attention over the cache [B, 1, H·hd]: one kernel (two for caches past
+    triton_attention.CHUNK) that reads only the positions up to the step's, where Triton runs (no mask made; `q8`
+    (`q8_input`): the output carries its int8 form); else `_grouped_decode_attention`."""
     from twinquant.triton_env import runs_triton
 
+    B, H, _, hd = q.shape
     if runs_triton(q):
+        from twinquant.formats.ggml.packed import q8_of, with_q8
         from twinquant.model import triton_attention
 
         if triton_attention.fits(q, k, v):
-            return triton_attention.decode_attention(q, k, v, step.idx)
-    return _grouped_decode_attention(q, k, v, step.mask(q.dtype))
+            o = triton_attention.decode_attention(q, k, v, step.idx, q8)
+            q8 = q8_of(o)
+            return with_q8(o.reshape(B, 1, H * hd), q8) if q8 is not None else o.reshape(B, 1, H * hd)
+    return _grouped_decode_attention(q, k, v, step.mask(q.dtype)).reshape(B, 1, H * hd)
 
 
 def attention_mix(model: Model, layer: int, x: torch.Tensor, start: int, cache: KVCache | None, slot: int,
@@ -388,7 +394,7 @@ def attention_mix(model: Model, layer: int, x: torch.Tensor, start: int, cache: 
         q = rope_into_cache(q, k, v, *cache.step.tables(s, q.dtype), cache.step.idx, cache.k[slot], cache.v[slot])
         k, v, causal = cache.k[slot], cache.v[slot], False
         if L == 1 and q.dtype == torch.float32:
-            return _decode_attention(q, k, v, cache.step).reshape(B, L, s.q_dim)
+            return _decode_attention(q, k, v, cache.step, q8_input(model, roles.name(T.ATTN_OUT, layer), x, params))
         mask = cache.step.mask(q.dtype)[None, None]
     else:
         cos, sin = _rope_at(s, start, L, cache, x.device, x.dtype)

@@ -14,18 +14,22 @@ import torch
 import triton
 import triton.language as tl
 
+from twinquant.formats.ggml.packed import q8_buffers, with_q8
+from twinquant.formats.ggml.triton_kquants import store_q8
+
 CHUNK = 256         # cached positions per program
 BT = 32             # positions per step of a program's loop
 
 
 @triton.jit
-def decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, m_ptr, l_ptr, T, scale, G: tl.constexpr,
-                            GP: tl.constexpr, HD: tl.constexpr, HDP: tl.constexpr, BT: tl.constexpr,
-                            CHUNK: tl.constexpr, SPLIT: tl.constexpr):
+def decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, m_ptr, l_ptr, xq_ptr, xd_ptr, xs_ptr, T, scale,
+                            G: tl.constexpr, GP: tl.constexpr, HD: tl.constexpr, HDP: tl.constexpr, BT: tl.constexpr,
+                            CHUNK: tl.constexpr, SPLIT: tl.constexpr, Q8: tl.constexpr = False):
     """Program (b·Hkv + kv head, part): the G query heads of that kv head over cached positions part·CHUNK ..
     min(part·CHUNK + CHUNK, pos + 1). q [B·H, HD] and the cache [B·Hkv, T, HD] contiguous; SPLIT == 1: o [B·H, HD]
     normalised; else o [B·Hkv, SPLIT, GP, HD] unnormalised with the running max m and sum l [B·Hkv, SPLIT, GP].
-    HDP: HD rounded up to a power of two (the tiles' width; the columns past HD are masked)."""
+    HDP: HD rounded up to a power of two (the tiles' width; the columns past HD are masked). Q8 (HD == HDP, SPLIT
+    == 1): o's int8 form too (`store_q8`; the attention output rows [B, H·HD] as one run of blocks of 32)."""
     bh = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
     g = tl.arange(0, GP)
@@ -53,8 +57,12 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, m_ptr, l_ptr, T
         ls = ls * alpha + tl.sum(p, axis=1)
         m = m_new
     if SPLIT == 1:
-        tl.store(o_ptr + (bh * G + g)[:, None] * HD + d[None, :], (acc / ls[:, None]).to(o_ptr.dtype.element_ty),
-                 mask=(g < G)[:, None] & dm)
+        o = (acc / ls[:, None]).to(o_ptr.dtype.element_ty)
+        tl.store(o_ptr + (bh * G + g)[:, None] * HD + d[None, :], o, mask=(g < G)[:, None] & dm)
+        if Q8:          # blocks of this program's G heads; those of the padding heads g >= G are not stored
+            first = bh * G * (HD // 32)
+            store_q8(tl.reshape(o.to(tl.float32), (GP * HD // 32, 32)), first + tl.arange(0, GP * HD // 32),
+                     first + G * (HD // 32), xq_ptr, xd_ptr, xs_ptr, GP * HD // 32, True)
     else:
         row = (bh * SPLIT + part) * GP + g
         tl.store(o_ptr + row[:, None] * HDP + d[None, :], acc)
@@ -63,9 +71,10 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, m_ptr, l_ptr, T
 
 
 @triton.jit
-def combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, G: tl.constexpr, GP: tl.constexpr, HD: tl.constexpr,
-                   HDP: tl.constexpr, SPLIT: tl.constexpr):
-    """Program (b·Hkv + kv head, query head g < G): its SPLIT parts rescaled to their common maximum and summed."""
+def combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, xq_ptr, xd_ptr, xs_ptr, n_blocks, G: tl.constexpr, GP: tl.constexpr,
+                   HD: tl.constexpr, HDP: tl.constexpr, SPLIT: tl.constexpr, Q8: tl.constexpr = False):
+    """Program (b·Hkv + kv head, query head g < G): its SPLIT parts rescaled to their common maximum and summed;
+    Q8 (HD == HDP): the head's int8 form too, as `decode_attention_kernel`'s."""
     bh = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
     s = tl.arange(0, SPLIT)
@@ -75,7 +84,11 @@ def combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, G: tl.constexpr, GP: tl.constex
     w = tl.exp(m - tl.max(m, axis=0))                       # parts past the position: m = -inf, weight 0
     total = tl.sum(tl.load(l_ptr + row) * w, axis=0)
     o = tl.sum(tl.load(o_ptr + row[:, None] * HDP + d[None, :]) * w[:, None], axis=0)
-    tl.store(out_ptr + (bh * G + g) * HD + d, (o / total).to(out_ptr.dtype.element_ty), mask=d < HD)
+    o = (o / total).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + (bh * G + g) * HD + d, o, mask=d < HD)
+    if Q8:
+        store_q8(tl.reshape(o.to(tl.float32), (HD // 32, 32)), (bh * G + g) * (HD // 32) + tl.arange(0, HD // 32),
+                 n_blocks, xq_ptr, xd_ptr, xs_ptr, HD // 32, True)
 
 
 def fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -86,9 +99,11 @@ def fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
             and hd <= 256)
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
+                     q8: bool = False) -> torch.Tensor:
     """softmax(q·kᵀ/√hd over positions 0..pos)·v: q [B, H, 1, hd], caches [B, Hkv, T, hd], pos a one-element int64
-    tensor on the device; [B, H, 1, hd]. Callers check `fits` first."""
+    tensor on the device; [B, H, 1, hd]. Callers check `fits` first. `q8`: the output also carries its int8 form
+    as rows [B, H·hd] (`packed.with_q8`), where hd is a power of two from 32 and H·hd whole super-blocks."""
     B, H, _, hd = q.shape
     hkv, T = k.shape[1], k.shape[2]
     G = H // hkv
@@ -97,15 +112,18 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: tor
     split = triton.cdiv(T, CHUNK)
     q = q.contiguous()
     out = torch.empty_like(q)
+    q8 = q8 and hd == hdp and hd >= 32 and H * hd % 256 == 0
+    xq, xd, xs = q8_buffers(B, H * hd, q.device) if q8 else (out, out, out)
     if split == 1:
-        decode_attention_kernel[(B * hkv, 1)](q, k, v, pos, out, out, out, T, hd ** -0.5, G=G, GP=GP, HD=hd,
-                                              HDP=hdp, BT=BT, CHUNK=CHUNK, SPLIT=1, num_warps=4)
-        return out
-    split = triton.next_power_of_2(split)                    # the combine's arange (extra parts stay empty)
-    o = torch.empty(B * hkv, split, GP, hdp, dtype=torch.float32, device=q.device)
-    m = torch.empty(B * hkv, split, GP, dtype=torch.float32, device=q.device)
-    ls = torch.empty_like(m)
-    decode_attention_kernel[(B * hkv, split)](q, k, v, pos, o, m, ls, T, hd ** -0.5, G=G, GP=GP, HD=hd, HDP=hdp,
-                                              BT=BT, CHUNK=CHUNK, SPLIT=split, num_warps=4)
-    combine_kernel[(B * hkv, G)](o, m, ls, out, G=G, GP=GP, HD=hd, HDP=hdp, SPLIT=split, num_warps=4)
-    return out
+        decode_attention_kernel[(B * hkv, 1)](q, k, v, pos, out, out, out, xq, xd, xs, T, hd ** -0.5, G=G, GP=GP,
+                                              HD=hd, HDP=hdp, BT=BT, CHUNK=CHUNK, SPLIT=1, Q8=q8, num_warps=4)
+    else:
+        split = triton.next_power_of_2(split)                    # the combine's arange (extra parts stay empty)
+        o = torch.empty(B * hkv, split, GP, hdp, dtype=torch.float32, device=q.device)
+        m = torch.empty(B * hkv, split, GP, dtype=torch.float32, device=q.device)
+        ls = torch.empty_like(m)
+        decode_attention_kernel[(B * hkv, split)](q, k, v, pos, o, m, ls, o, o, o, T, hd ** -0.5, G=G, GP=GP, HD=hd,
+                                                  HDP=hdp, BT=BT, CHUNK=CHUNK, SPLIT=split, num_warps=4)
+        combine_kernel[(B * hkv, G)](o, m, ls, out, xq, xd, xs, B * H * hd // 32, G=G, GP=GP, HD=hd, HDP=hdp,
+                                     SPLIT=split, Q8=q8, num_warps=4)
+    return with_q8(out, (xq.view(torch.int32), xd, xs)) if q8 else out
