@@ -184,7 +184,7 @@ def _gemv_type(t, rows, cols, xf, x16, w16, copy_gbs, quick) -> list[dict]:
             row.update({"q8_us": t8 * 1e6, "q8_pct_copy": 100 * nbytes / t8 / 1e9 / copy_gbs,
                         "q8_rel_err": rel_err(gemv_q8(x, w, words=True), x.double() @ wd.T)})
             wp = planes(w)              # the same bytes in planes: float x and int8 x
-            # x handed over already quantized (the runtime's int8 path after a norm or SwiGLU: `packed.with_q8`)
+            # x handed over already quantized (the runtime's int8 path: `packed.with_q8`)
             xq8 = quantize_q8(x, lanes=True)
             for key, fn, wk in (("planes", lambda wi: gemv(x, wi), wp),
                                 ("q8planes", lambda wi: gemv_q8(x, wi, words=True), wp),
@@ -297,8 +297,8 @@ def table(res: dict) -> str:
         lines += ["", "## Q2_K GEMV at batch 1: each kernel and layout (planes: `packed.planes`, the same bytes "
                   "regrouped at load) against llama.cpp's CUDA kernel, this run. int8 x: x quantized by its own "
                   "kernel, then the GEMV (llama.cpp's time includes its own quantization of x the same way); handed "
-                  "over: the GEMV alone on x already quantized, as the runtime runs it after RMSNorm and SwiGLU "
-                  "(`packed.with_q8`; not after attention)", "",
+                  "over: the GEMV alone on x already quantized, as the runtime runs it (RMSNorm, SwiGLU and the decode "
+                  "attention kernel store x's int8 form: `packed.with_q8`)", "",
                   "| rows x cols | " + " | ".join(f"{n}: µs (% copy)" for _, n in kinds) +
                   " | llama.cpp CUDA µs | best / llama.cpp speed | best quantizing x itself / llama.cpp |",
                   "|---" * (len(kinds) + 4) + "|"]

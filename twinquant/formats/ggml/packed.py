@@ -397,9 +397,9 @@ def quantize_q8(x2: torch.Tensor, lanes: bool = False) -> tuple[torch.Tensor, to
 
 
 # A decode GEMV through `gemv_q8` used to quantize x in a launch of its own (~1.8 µs in a replayed CUDA graph on an
-# H100, 4 a block); the kernel that makes x (RMSNorm, SwiGLU: `forward.q8_input`) now stores x's int8 form as well
-# and hands it over on the tensor itself: `with_q8` attaches it to that very tensor object, `q8_of` reads it (a
-# reshaped or transformed x is another object and is quantized again).
+# H100, 4 a block); the kernel that makes x (RMSNorm, SwiGLU, the decode attention: `forward.q8_input`) now stores
+# x's int8 form as well and hands it over on the tensor itself: `with_q8` attaches it to that very tensor object,
+# `q8_of` reads it (a reshaped or transformed x is another object and is quantized again).
 _Q8_ATTR = "_twinquant_q8"
 
 
