@@ -117,3 +117,21 @@ def test_graph_decode_generates_what_eager_decoding_does(family, tmp_path):
     for t in (5, 9, 3):
         torch.testing.assert_close(step(t), forward(m, torch.tensor([[t]]), cache=ref)[0, -1], rtol=0, atol=1e-4)
     assert cache.pos == ref.pos == 10
+
+
+@pytest.mark.skipif(not CUDA, reason="a CUDA graph needs a GPU (run on the lent device)")
+def test_graph_decode_with_int8_x_handed_over_generates_what_eager_decoding_does(tmp_path, monkeypatch):
+    """TWINQUANT_Q8=Q2_K on a Q2_K file: the captured step multiplies x quantized by the kernels that made it (the
+    attention kernel's only at a device position, so only in the graph) and generates what eager decoding does,
+    whose every GEMV quantizes its own x the same way."""
+    from tests.tiny_models import save_q2k_gguf
+    from twinquant.runtime.packed_weights import load_for_decode
+
+    monkeypatch.setenv("TWINQUANT_Q8", "Q2_K")
+    m, counts = load_for_decode(save_q2k_gguf(tmp_path), torch.float32, "cuda")
+    assert counts["Q2_K"] == 7
+    prompt = torch.randint(0, m.spec.vocab, (7,), generator=torch.Generator().manual_seed(2)).tolist()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)         # a fallback to eager decoding would warn
+        assert list(generate(m, prompt, 16, graphs=True)) == list(generate(m, prompt, 16, graphs=False))
+

@@ -555,26 +555,17 @@ def test_fused_rope_writes_the_cache_as_the_torch_path(dtype, device):
     assert torch.equal(cv.cpu(), want_v)
 
 
-def test_int8_x_decode_takes_x_quantized_from_the_norms_and_swiglu(tmp_path, monkeypatch):
+def test_int8_x_decode_takes_x_quantized_from_the_kernels_that_make_it(tmp_path, monkeypatch):
     """TWINQUANT_Q8=Q2_K decode steps of a Q2_K GGUF: the norms, SwiGLU and (at a device position, what a CUDA
     graph replays) the attention kernel hand their output over quantized (`forward.q8_input`), so no GEMV launches
     a quantize kernel of its own (4 a block otherwise), with the same logits bit for bit."""
-    from tests.tiny_models import save_tiny
+    from tests.tiny_models import save_q2k_gguf
     from twinquant.formats.ggml import triton_kquants
-    from twinquant.io.gguf_write import write_gguf
-    from twinquant.io.hf import load_hf_dir
     from twinquant.io.load import load_model
     from twinquant.model import forward as fwd
-    from twinquant.pipeline.executor import quantize_model
     from twinquant.runtime.packed_weights import join_shared_inputs, pack_linears
 
-    model = load_hf_dir(save_tiny("qwen2", tmp_path / "hf", tokenizer=True, hidden_size=256, intermediate_size=512,
-                                  num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1))
-    model.materialize()
-    types = {n: "Q2_K" for n in model.tensor_names() if n.startswith("blk.") and n.endswith("weight")
-             and n.split(".")[2] in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")}
-    quantize_model(model, types, "rtn", progress=False)
-    path = write_gguf(model, tmp_path / "q.gguf", "F32")
+    path = save_q2k_gguf(tmp_path)
     monkeypatch.setenv("TWINQUANT_Q8", "Q2_K")
     packed = load_model(path, device=DEVICES[0], keep_quantized=True)
     assert pack_linears(packed)["Q2_K"] == 7

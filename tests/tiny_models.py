@@ -122,3 +122,20 @@ def save_fused_experts(src: Path, dst: Path) -> Path:
     save_file(sd, str(dst / "model.safetensors"))
     (dst / "config.json").write_text((src / "config.json").read_text())
     return dst
+
+
+def save_q2k_gguf(path: Path) -> Path:
+    """A one-block qwen2 of 256-wide rows with every block linear in Q2_K (round to nearest), as a GGUF: what the
+    int8-x decode path (TWINQUANT_Q8=Q2_K) multiplies."""
+    from twinquant.io.gguf_write import write_gguf
+    from twinquant.io.hf import load_hf_dir
+    from twinquant.pipeline.executor import quantize_model
+
+    model = load_hf_dir(save_tiny("qwen2", path / "hf", tokenizer=True, hidden_size=256, intermediate_size=512,
+                                  num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1))
+    model.materialize()
+    types = {n: "Q2_K" for n in model.tensor_names() if n.startswith("blk.") and n.endswith("weight")
+             and n.split(".")[2] in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")}
+    quantize_model(model, types, "rtn", progress=False)
+    return write_gguf(model, path / "q.gguf", "F32")
+
