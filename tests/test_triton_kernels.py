@@ -558,7 +558,7 @@ def test_fused_rope_writes_the_cache_as_the_torch_path(dtype, device):
 def test_int8_x_decode_takes_x_quantized_from_the_kernels_that_make_it(tmp_path, monkeypatch):
     """TWINQUANT_Q8=Q2_K decode steps of a Q2_K GGUF: the norms, SwiGLU and (at a device position, what a CUDA
     graph replays) the attention kernel hand their output over quantized (`forward.q8_input`), so no GEMV launches
-    a quantize kernel of its own (4 a block otherwise), with the same logits bit for bit."""
+    a quantize kernel of its own (4 a block otherwise), with the same logits (bit for bit in the interpreter)."""
     from tests.tiny_models import save_q2k_gguf
     from twinquant.formats.ggml import triton_kquants
     from twinquant.io.load import load_model
@@ -585,7 +585,9 @@ def test_int8_x_decode_takes_x_quantized_from_the_kernels_that_make_it(tmp_path,
         counts.append(len(launches))
         del launches[:]
     assert counts == [0, 4]                                   # qkv, o, gate+up, down each quantizing x itself
-    assert torch.equal(*logits)
+    # the same int8 x and scales; x's sums per 16 may add in another order on a GPU (last bits of the min term)
+    torch.testing.assert_close(*logits, rtol=0, atol=1e-5 * logits[1].abs().max().item())
+    assert CUDA or torch.equal(*logits)
 
 
 @pytest.mark.parametrize("device", DEVICES)
