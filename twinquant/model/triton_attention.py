@@ -61,8 +61,8 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, m_ptr, l_ptr, x
         tl.store(o_ptr + (bh * G + g)[:, None] * HD + d[None, :], o, mask=(g < G)[:, None] & dm)
         if Q8:          # blocks of this program's G heads; those of the padding heads g >= G are not stored
             first = bh * G * (HD // 32)
-            store_q8(tl.reshape(o.to(tl.float32), (GP * HD // 32, 32)), first + tl.arange(0, GP * HD // 32),
-                     first + G * (HD // 32), xq_ptr, xd_ptr, xs_ptr, GP * HD // 32, True)
+            store_q8(tl.reshape(o.to(tl.float32), (GP * HD // 32, 2, 16)), first + tl.arange(0, GP * HD // 32),
+                     first + G * (HD // 32), xq_ptr, xd_ptr, xs_ptr, True)
     else:
         row = (bh * SPLIT + part) * GP + g
         tl.store(o_ptr + row[:, None] * HDP + d[None, :], acc)
@@ -87,8 +87,8 @@ def combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, xq_ptr, xd_ptr, xs_ptr, n_block
     o = (o / total).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + (bh * G + g) * HD + d, o, mask=d < HD)
     if Q8:
-        store_q8(tl.reshape(o.to(tl.float32), (HD // 32, 32)), (bh * G + g) * (HD // 32) + tl.arange(0, HD // 32),
-                 n_blocks, xq_ptr, xd_ptr, xs_ptr, HD // 32, True)
+        store_q8(tl.reshape(o.to(tl.float32), (HD // 32, 2, 16)), (bh * G + g) * (HD // 32) + tl.arange(0, HD // 32),
+                 n_blocks, xq_ptr, xd_ptr, xs_ptr, True)
 
 
 def fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:

@@ -11,33 +11,45 @@ import triton
 import triton.language as tl
 
 from twinquant.formats.ggml.packed import q8_buffers, with_q8
-from twinquant.formats.ggml.triton_kquants import store_q8
+from twinquant.formats.ggml.triton_kquants import q8_halves, store_q8
 
 MAX_WIDTH = 16384          # one program holds a row
+Q8_COLS = 1024             # columns a program normalizes and quantizes when it also stores h's int8 form
 
 
 @triton.jit
 def rms_norm_kernel(x_ptr, r_ptr, w_ptr, xo_ptr, h_ptr, q_ptr, d_ptr, s_ptr, N, eps, HAS_RES: tl.constexpr,
-                    BLOCK: tl.constexpr, Q8: tl.constexpr = False):
-    """Row program_id(0): x (+ r, stored to xo) -> h = w · round(x · rsqrt(mean(x²) + eps)); Q8: h's int8 form
-    too (`packed.quantize_q8` in the word-lane order, for the GEMV that reads h: `packed.with_q8`)."""
+                    BLOCK: tl.constexpr, COLS: tl.constexpr, Q8: tl.constexpr = False):
+    """Row program_id(0), columns program_id(1)·COLS ...: x (+ r, stored to xo) -> h = w · round(x · rsqrt(mean(x²)
+    + eps)); Q8: h's int8 form too (`packed.quantize_q8` in the word-lane order, for the GEMV that reads h:
+    `packed.with_q8`). Values in tiles [blocks of 32, 2, 16], `store_q8`'s layout. COLS < BLOCK: each program sums
+    the squares of the whole row (from the L2) and writes its own columns: quantizing a row in one program took one
+    SM several microseconds of arithmetic."""
     m = tl.program_id(0)
     row = m.to(tl.int64) * N
-    i = tl.arange(0, BLOCK)
-    ok = i < N
-    x = tl.load(x_ptr + row + i, mask=ok, other=0.0)
+    blocks = tl.arange(0, BLOCK // 32)
+    i = blocks[:, None, None] * 32 + q8_halves()
+    x = tl.load(x_ptr + row + i, mask=i < N, other=0.0)
     if HAS_RES:
-        x = (x.to(tl.float32) + tl.load(r_ptr + row + i, mask=ok, other=0.0).to(tl.float32)).to(x.dtype)
-        tl.store(xo_ptr + row + i, x, mask=ok)
+        x = (x.to(tl.float32) + tl.load(r_ptr + row + i, mask=i < N, other=0.0).to(tl.float32)).to(x.dtype)
     xf = x.to(tl.float32)
-    r = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / N + eps)
+    r = 1.0 / tl.sqrt(tl.sum(tl.sum(tl.sum(xf * xf, axis=2), axis=1), axis=0) / N + eps)
+    if COLS < BLOCK:         # this program's columns again (the same arithmetic)
+        blocks = tl.program_id(1) * (COLS // 32) + tl.arange(0, COLS // 32)
+        i = blocks[:, None, None] * 32 + q8_halves()
+        x = tl.load(x_ptr + row + i, mask=i < N, other=0.0)
+        if HAS_RES:
+            x = (x.to(tl.float32) + tl.load(r_ptr + row + i, mask=i < N, other=0.0).to(tl.float32)).to(x.dtype)
+        xf = x.to(tl.float32)
+    ok = i < N
+    if HAS_RES:
+        tl.store(xo_ptr + row + i, x, mask=ok)
     n = (xf * r).to(x.dtype).to(tl.float32)
     w = tl.load(w_ptr + i, mask=ok, other=0.0).to(tl.float32)
     h = (w * n).to(h_ptr.dtype.element_ty)
     tl.store(h_ptr + row + i, h, mask=ok)
     if Q8:
-        store_q8(tl.reshape(h.to(tl.float32), (BLOCK // 32, 32)), tl.arange(0, BLOCK // 32), N // 32,
-                 q_ptr + row, d_ptr + m * (N // 32), s_ptr + m * (N // 16), BLOCK // 32, True)
+        store_q8(h.to(tl.float32), blocks, N // 32, q_ptr + row, d_ptr + m * (N // 32), s_ptr + m * (N // 16), True)
 
 
 def fits(x: torch.Tensor, w: torch.Tensor, res: torch.Tensor | None = None) -> bool:
@@ -53,11 +65,13 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, res: torch.Tensor | N
     n = x.shape[-1]
     h = torch.empty_like(x)
     xo = torch.empty_like(x) if res is not None else h
-    block = triton.next_power_of_2(n)
+    block = max(32, triton.next_power_of_2(n))
+    cols = min(block, Q8_COLS) if q8 else block
     rows = x.numel() // n
     q, d, s = q8_buffers(rows, n, x.device) if q8 else (h, h, h)
-    rms_norm_kernel[(rows,)](x, res if res is not None else x, w, xo, h, q, d, s, n, eps, HAS_RES=res is not None,
-                             BLOCK=block, Q8=q8, num_warps=min(16, max(1, block // 512)))
+    rms_norm_kernel[(rows, triton.cdiv(n, cols))](x, res if res is not None else x, w, xo, h, q, d, s, n, eps,
+                                                   HAS_RES=res is not None, BLOCK=block, COLS=cols, Q8=q8,
+                                                   num_warps=min(16, max(1, block // 512)))
     if q8:
         with_q8(h, (q.view(torch.int32), d, s))
     return (xo, h) if res is not None else h

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from twinquant.formats.ggml.packed import q8_buffers, with_q8
-from twinquant.formats.ggml.triton_kquants import store_q8
+from twinquant.formats.ggml.triton_kquants import q8_halves, store_q8
 
 BLOCK = 1024
 
@@ -20,10 +20,12 @@ BLOCK = 1024
 def silu_mul_kernel(g_ptr, u_ptr, o_ptr, q_ptr, d_ptr, s_ptr, N, stride_g, stride_u, BLOCK: tl.constexpr,
                     Q8: tl.constexpr = False):
     """Row program_id(0), columns program_id(1)·BLOCK ...: o = round(silu(g)) · u; Q8: o's int8 form too
-    (`packed.quantize_q8` in the word-lane order, for the GEMV that reads o: `packed.with_q8`)."""
+    (`packed.quantize_q8` in the word-lane order, for the GEMV that reads o: `packed.with_q8`). Columns in tiles
+    [BLOCK / 32, 2, 16], `store_q8`'s layout."""
     m = tl.program_id(0)
     row = m.to(tl.int64)
-    i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    blocks = tl.program_id(1) * (BLOCK // 32) + tl.arange(0, BLOCK // 32)
+    i = blocks[:, None, None] * 32 + q8_halves()
     ok = i < N
     g = tl.load(g_ptr + row * stride_g + i, mask=ok, other=0.0)
     u = tl.load(u_ptr + row * stride_u + i, mask=ok, other=0.0)
@@ -32,9 +34,8 @@ def silu_mul_kernel(g_ptr, u_ptr, o_ptr, q_ptr, d_ptr, s_ptr, N, stride_g, strid
     o = (s.to(tl.float32) * u.to(tl.float32)).to(o_ptr.dtype.element_ty)
     tl.store(o_ptr + row * N + i, o, mask=ok)
     if Q8:
-        store_q8(tl.reshape(o.to(tl.float32), (BLOCK // 32, 32)), tl.program_id(1) * (BLOCK // 32)
-                 + tl.arange(0, BLOCK // 32), N // 32, q_ptr + row * N, d_ptr + m * (N // 32), s_ptr + m * (N // 16),
-                 BLOCK // 32, True)
+        store_q8(o.to(tl.float32), blocks, N // 32, q_ptr + row * N, d_ptr + m * (N // 32), s_ptr + m * (N // 16),
+                 True)
 
 
 def row_stride(t: torch.Tensor) -> int | None:

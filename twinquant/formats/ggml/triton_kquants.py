@@ -485,31 +485,40 @@ def quantize_q8_kernel(x_ptr, q_ptr, d_ptr, s_ptr, n_blocks, stride_x, stride_q,
     LANES: the sums per 16 in the word-lane kernels' order (`packed.quantize_q8`)."""
     m = tl.program_id(1)
     blocks = tl.program_id(0) * BB + tl.arange(0, BB)
-    ok = (blocks < n_blocks)[:, None]
-    x = tl.load(x_ptr + m * stride_x + blocks[:, None] * 32 + tl.arange(0, 32)[None, :], mask=ok, other=0.0)
+    x = tl.load(x_ptr + m * stride_x + blocks[:, None, None] * 32 + q8_halves(), mask=(blocks < n_blocks)[:, None, None],
+                other=0.0)
     store_q8(x.to(tl.float32), blocks, n_blocks, q_ptr + m * stride_q, d_ptr + m * stride_d, s_ptr + m * stride_s,
-             BB, LANES)
+             LANES)
 
 
 @triton.jit
-def store_q8(x, blocks, n_blocks, q_ptr, d_ptr, s_ptr, BB: tl.constexpr, LANES: tl.constexpr):
-    """x [BB, 32] float32 (blocks `blocks` of one row; those past n_blocks not stored) as `packed.quantize_q8`
-    stores it at one row's q / d / sums pointers: the quantize kernel's body, and the tail of the kernels that make
-    a GEMV's input (RMSNorm, SwiGLU) and hand it over already quantized (`packed.with_q8`)."""
-    ok = (blocks < n_blocks)[:, None]
-    d = tl.math.div_rn(tl.max(tl.abs(x), axis=1), 127.0)       # (Triton's `/` is not correctly rounded on CUDA)
-    v = tl.where(d[:, None] > 0, tl.math.div_rn(x, d[:, None]), 0.0)
+def q8_halves():
+    """[1, 2, 16]: the offsets of a block of 32 values as two halves of 16 (`store_q8`'s layout; a kernel that makes
+    x in tiles [blocks, 2, 16] hands it to `store_q8` without moving values between threads)."""
+    return tl.arange(0, 2)[None, :, None] * 16 + tl.arange(0, 16)[None, None, :]
+
+
+@triton.jit
+def store_q8(x, blocks, n_blocks, q_ptr, d_ptr, s_ptr, LANES: tl.constexpr):
+    """x [blocks, 2, 16] float32 (blocks `blocks` of one row, each as two halves of 16; those past n_blocks not
+    stored) as `packed.quantize_q8` stores it at the row's q / d / sums pointers: the quantize kernel's body, and
+    the tail of the kernels that make a GEMV's input (RMSNorm, SwiGLU, the decode attention) and hand it over
+    already quantized (`packed.with_q8`)."""
+    ok = (blocks < n_blocks)[:, None, None]
+    d = tl.math.div_rn(tl.max(tl.max(tl.abs(x), axis=2), axis=1), 127.0)    # (Triton's `/` is not correctly rounded)
+    d3 = d[:, None, None]
+    v = tl.where(d3 > 0, tl.math.div_rn(x, d3), 0.0)
     q = tl.where(v < 0, -tl.floor(-v + 0.5), tl.floor(v + 0.5))
     q = tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8)
-    tl.store(q_ptr + blocks[:, None] * 32 + tl.arange(0, 32)[None, :], q, mask=ok)
+    tl.store(q_ptr + blocks[:, None, None] * 32 + q8_halves(), q, mask=ok)
     tl.store(d_ptr + blocks, d, mask=blocks < n_blocks)
-    halves = tl.sum(tl.reshape(x, (BB, 2, 16)), axis=2)
+    halves = tl.sum(x, axis=2)
     q16 = tl.arange(0, 2)[None, :]
     if LANES:           # block 8b + 4h + j, half q -> 16b + 8h + 4q + j
         at = (blocks // 8 * 16 + blocks % 8 // 4 * 8 + blocks % 4)[:, None] + 4 * q16
     else:
         at = blocks[:, None] * 2 + q16
-    tl.store(s_ptr + at, halves, mask=ok)
+    tl.store(s_ptr + at, halves, mask=(blocks < n_blocks)[:, None])
 
 
 @triton.jit
