@@ -40,14 +40,14 @@ def stages(hidden: int, ffn: int, heads: int, kv: int, hd: int, dev: str = "cuda
     k, v = (torch.randn(1, kv, CACHED, hd, device=dev, generator=g) for _ in range(2))
     pos = torch.tensor([CACHED - 1], device=dev)
     return [("RMSNorm -> qkv", lambda q8: triton_norm.rms_norm(x, w, 1e-6, q8=q8), (hidden + 2 * kv * hd, hidden)),
-            ("attention -> o", lambda q8: triton_attention.decode_attention(q, k, v, pos, q8).reshape(1, 1, -1)
-             if not q8 else _keep(triton_attention.decode_attention(q, k, v, pos, True)), (hidden, heads * hd)),
+            ("attention -> o", lambda q8: _rows(triton_attention.decode_attention(q, k, v, pos, q8)),
+             (hidden, heads * hd)),
             ("RMSNorm + residual -> gate/up", lambda q8: triton_norm.rms_norm(x, w, 1e-6, res=x, q8=q8)[1],
              (2 * ffn, hidden)),
             ("SwiGLU -> down", lambda q8: triton_swiglu.silu_mul(gu[..., :ffn], gu[..., ffn:], q8), (hidden, ffn))]
 
 
-def _keep(o: torch.Tensor) -> torch.Tensor:
+def _rows(o: torch.Tensor) -> torch.Tensor:
     """The attention output as the rows the GEMV reads, keeping its int8 form (as forward._decode_attention)."""
     from twinquant.formats.ggml.packed import with_q8
 

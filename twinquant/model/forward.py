@@ -188,10 +188,10 @@ def apply_rope_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 
 
 def q8_input(model: Model, name: str, x: torch.Tensor, params=None) -> bool:
-    """Whether the kernel making x (RMSNorm, SwiGLU) should store x's int8 form too (`packed.with_q8`): the linear
-    `name` reading x is a packed type whose GEMV quantizes x first (TWINQUANT_Q8), x reaches it unchanged (no online
-    transform, no copy's clipping) and as few rows as a GEMV takes. Saves the GEMV's own quantize launch
-    (TWINQUANT_Q8_FUSED=0 keeps it, to time the difference)."""
+    """Whether the kernel making x (RMSNorm, SwiGLU, the decode attention) should store x's int8 form too
+    (`packed.with_q8`): the linear `name` reading x is a packed type whose GEMV quantizes x first (TWINQUANT_Q8), x
+    reaches it unchanged (no online transform, no copy's clipping) and as few rows as a GEMV takes. Saves the GEMV's
+    own quantize launch (TWINQUANT_Q8_FUSED=0 keeps it, to time the difference)."""
     w = model.packed.get(name) if model.packed else None
     if w is None or name in model.input_transforms:
         return False
@@ -370,8 +370,7 @@ def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: S
 
         if triton_attention.fits(q, k, v):
             o = triton_attention.decode_attention(q, k, v, step.idx, q8)
-            q8 = q8_of(o)
-            return with_q8(o.reshape(B, 1, H * hd), q8) if q8 is not None else o.reshape(B, 1, H * hd)
+            return with_q8(o.reshape(B, 1, H * hd), q8_of(o))       # the rows the output projection reads
     return _grouped_decode_attention(q, k, v, step.mask(q.dtype)).reshape(B, 1, H * hd)
 
 

@@ -403,10 +403,11 @@ def quantize_q8(x2: torch.Tensor, lanes: bool = False) -> tuple[torch.Tensor, to
 _Q8_ATTR = "_twinquant_q8"
 
 
-def with_q8(x: torch.Tensor, q8: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def with_q8(x: torch.Tensor, q8: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
     """x carrying its `quantize_q8(x.reshape(-1, cols), lanes=True)` result (q as int32 words): made by the same
-    kernel that wrote x, so never out of date while x is not written in place."""
-    setattr(x, _Q8_ATTR, q8)
+    kernel that wrote x, so never out of date while x is not written in place. None: x as it is."""
+    if q8 is not None:
+        setattr(x, _Q8_ATTR, q8)
     return x
 
 
