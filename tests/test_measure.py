@@ -130,14 +130,19 @@ def test_kld_skip_measures_again_on_the_next_held_out_windows(tiny, tmp_path):
     run("measure", tiny, "-o", b, *CAL, "-q", "--candidates", "k", "--cost", "fisher", "--kld-skip", "4")
     ma, mb = Measurement.load(a), Measurement.load(b)
     assert "kld_skip" not in ma.header and mb.header["kld_skip"] == 4
-    moved = 0
+    moved, rel = 0, {}
     for n, t in ma.tensors.items():
         for ty, c in t["candidates"].items():
             d = mb.tensors[n]["candidates"][ty]
-            assert (d["out_error"] is c["out_error"] is None                # (the embedding has no Hessian)
-                    or d["out_error"] == pytest.approx(c["out_error"], rel=1e-5)), (n, ty)
+            if d["out_error"] is c["out_error"] is None:                    # (the embedding has no Hessian)
+                continue
+            rel[n, ty] = abs(d["out_error"] - c["out_error"]) / c["out_error"]
             moved += d["cost"] != pytest.approx(c["cost"], rel=1e-3)
     assert moved > len(ma.tensors)                              # other text, other prices
+    # the same Hessians: the same output errors, but for a rare rounding tie that a last-bit difference in a Hessian
+    # (MKL's summation order on a loaded machine) turns into another Q4_K scale (seen on CI: 1.2e-3)
+    same = sum(r <= 1e-5 for r in rel.values())
+    assert same >= 0.9 * len(rel) and max(rel.values()) < 1e-2, sorted(rel.items(), key=lambda kv: -kv[1])[:5]
     run("quantize", tiny, "-o", tmp_path / "dry.gguf", *CAL, "--measurement", b, "--target-bpw", "5.5",
         "--candidates", "k", "--dry-run", "-q")
     p = run("measure", tiny, "-o", tmp_path / "c.json", *CAL, "-q", "--cost", "fisher", "--kld-skip", "100000",
