@@ -29,6 +29,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -40,7 +41,7 @@ import gguf  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from provenance import record  # noqa: E402
+from provenance import plot_again, record, results_stem, write_results  # noqa: E402
 
 SHAPES = {"qwen2.5-1.5b": dict(layers=28, hidden=1536, ffn=8960, heads=12, kv_heads=2, vocab=151936),
           "qwen2.5-7b": dict(layers=28, hidden=3584, ffn=18944, heads=28, kv_heads=4, vocab=152064),
@@ -322,6 +323,73 @@ def roofline_markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def runtimes(run: dict) -> list[tuple[str, str]]:
+    """(key, label) of every runtime a decode run measured: twinquant's variants, the settings' runs, llama.cpp."""
+    keys = [*LABELS, *(k for k in run if k.startswith("twinquant_packed") and ":" in k), "llamacpp"]
+    return [(k, "llama.cpp CUDA" if k == "llamacpp" else LABELS.get(k) or
+             f"{LABELS[k.split(':')[0]]}, {k.split(':', 1)[1]}") for k in keys if k in run]
+
+
+def check_points(res: dict) -> dict[str, list[dict]]:
+    """Measured against predicted seconds per token of the whole files of a --validate or --roofline run, by
+    prediction: the shipped table entry, the fit by width, the flat fit (or the first sessions' one fit)."""
+    if "checks" in res:
+        return {f"shipped `{res['measurements']['device']}` entry": res["checks"]}
+    fit = res["fit"]
+    if "checks" in fit:
+        return {f"fit, {k.replace('_', ' ')}": [{**c, "predicted_s": c[f"predicted_s_{k}"]} for c in fit["checks"]]
+                for k in ("by_hidden", "flat")}
+    return {"fit, one efficiency per type": [r for r in fit["rows"] if r["kind"] == "validation"]}
+
+
+def plot(res: dict, path: Path) -> None:
+    """A decode run: tokens/s of each runtime beside llama.cpp, one panel a shape. A --roofline or --validate run:
+    measured against predicted ms per token of the whole files, with the issue's ±25% band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gpu = res.get("machine", {}).get("gpu") or res.get("measurements", res.get("fit", {})).get("gpu", "GPU")
+    if "runs" in res:
+        runs = res["runs"]
+        fig, axes = plt.subplots(len(runs), 1, figsize=(10, 1.2 + 0.7 * sum(len(runtimes(r)) for r in runs)),
+                                 squeeze=False)
+        for ax, run in zip(axes[:, 0], runs):
+            rts = runtimes(run)
+            tps = [run[k].get("tokens_per_s") or 0 for k, _ in rts]
+            ax.barh(range(len(rts)), tps, color=["tab:gray" if k == "llamacpp" else "tab:blue" for k, _ in rts])
+            ax.axvline(run["roofline"]["expected_tps"], color="tab:red", ls="--", label="roofline expected")
+            ax.set_yticks(range(len(rts)), [textwrap.fill(lab, 48) for _, lab in rts], fontsize=7)
+            ax.invert_yaxis()
+            ax.set_title(f"{run['shape']}, {run['file_bpw']:.3f} bpw", fontsize=9)
+            ax.legend(fontsize=7, loc="lower right")
+        axes[-1, 0].set_xlabel("tokens / s (batch 1, failed runs at 0)")
+        fig.suptitle(f"decode_gpu {res['tag']}: {res.get('mix', 'llama.cpp:Q2_K')}, {gpu}", fontsize=10)
+    else:
+        fig, ax = plt.subplots(figsize=(7, 6))
+        points = check_points(res)
+        lo = min(1e3 * c["predicted_s"] for cs in points.values() for c in cs) / 1.5
+        hi = max(1e3 * max(c["predicted_s"], c["measured_s"] or 0) for cs in points.values() for c in cs) * 1.5
+        xs = np.geomspace(lo, hi, 50)
+        ax.plot(xs, xs, color="k", lw=0.8, label="measured = predicted")
+        ax.fill_between(xs, 0.75 * xs, 1.25 * xs, color="tab:green", alpha=0.15, label="±25% (issue 19)")
+        for (name, cs), m in zip(points.items(), "os^"):
+            ok = [c for c in cs if c["measured_s"]]
+            ax.scatter([1e3 * c["predicted_s"] for c in ok], [1e3 * c["measured_s"] for c in ok], marker=m,
+                       label=name)
+        for c in next(iter(points.values())):
+            if c["measured_s"]:
+                ax.annotate(f"{c['shape'].split('-', 1)[-1]} {c['mix'].split(':')[-1]}", (1e3 * c["predicted_s"],
+                            1e3 * c["measured_s"]), fontsize=7, xytext=(4, -8), textcoords="offset points")
+        ax.set(xscale="log", yscale="log", xlabel="predicted ms / token", ylabel="measured ms / token (llama.cpp CUDA)")
+        ax.set_title(f"decode_gpu {res['tag']}: twinquant roofline vs llama.cpp, {gpu}", fontsize=9)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def markdown(res: dict) -> str:
     lines = [f"# decode_gpu {res['tag']}", "", f"Synthetic weights, {res.get('mix', 'llama.cpp:Q2_K')}; {res['tokens']} tokens, batch 1; "
              f"roofline: `twinquant roofline FILE --device {res['runs'][0]['roofline']['device'] if res['runs'] else 'h100'}`", "",
@@ -330,12 +398,7 @@ def markdown(res: dict) -> str:
     for run in res["runs"]:
         ll = run["llamacpp"].get("tokens_per_s")
         exp = run["roofline"]["expected_tps"]
-        keys = [*LABELS, *(k for k in run if k.startswith("twinquant_packed") and ":" in k), "llamacpp"]
-        for k in keys:
-            if k not in run:
-                continue
-            label = ("llama.cpp CUDA" if k == "llamacpp" else LABELS.get(k) or
-                     f"{LABELS[k.split(':')[0]]}, {k.split(':', 1)[1]}")
+        for k, label in runtimes(run):
             tps = run[k].get("tokens_per_s")
             head = f"| {run['shape']} | {run['file_bytes'] / 1e6:.0f} | {run['file_bpw']:.3f} | {label} |"
             if tps is None:
@@ -383,7 +446,7 @@ def one_shape(a, shape: str, work: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tag", required=True)
+    ap.add_argument("--tag", help="names the results files (required unless --plot)")
     ap.add_argument("--shape", nargs="+", choices=sorted(SHAPES), default=["qwen2.5-1.5b"])
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--mix", default="llama.cpp:Q2_K", help="the decode files' mix: llama.cpp:MIX or pure:TYPE")
@@ -402,38 +465,36 @@ def main() -> None:
                     "TWINQUANT_TRITON_CPU=1)")
     ap.add_argument("--work", default="/tmp/decode_gpu")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--plot", nargs="+", metavar="JSON", help="draw the PNG of these results files again (no GPU)")
     a = ap.parse_args()
+    if a.plot:
+        return plot_again(a.plot, plot)
+    if not a.tag:
+        ap.error("--tag is required")
     if a.device.startswith("cuda") and not torch.cuda.is_available() and not a.refit:
         raise SystemExit("decode_gpu: needs a CUDA GPU")
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    Path(a.out).mkdir(parents=True, exist_ok=True)
-    stem = Path(a.out) / f"decode_gpu_{a.tag}"
-    def save(stem: Path, res: dict, md: str) -> None:
-        stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
-        stem.with_suffix(".md").write_text(md)
-        print(md)
-
+    stem = results_stem(a.out, "decode_gpu", a.tag)
     if a.refit:                   # the fit again from a run's measurements (no GPU needed)
         res = json.loads(Path(a.refit).read_text())
         res["fit"] = roofline_fit(res["measurements"])
-        return save(Path(a.refit).with_suffix(""), res, roofline_markdown(res))
+        return write_results(Path(a.refit).with_suffix(""), res, roofline_markdown(res), plot)
     if (a.validate or a.roofline) and not a.llama_bench:
         raise SystemExit(f"decode_gpu: --{'validate' if a.validate else 'roofline'} needs --llama-bench")
     if a.validate:                # the shipped table entry checked on this GPU
         meas = roofline_measure(a, work, groups=("validation",), partial=stem.with_suffix(".partial.json"))
         res = record(tag=a.tag, tokens=a.tokens, measurements=meas, checks=roofline_check(meas))
-        return save(stem, res, check_markdown(res))
+        return write_results(stem, res, check_markdown(res), plot)
     if a.roofline:
         meas = roofline_measure(a, work)
         res = record(tag=a.tag, tokens=a.tokens, measurements=meas, fit=roofline_fit(meas))
-        return save(stem, res, roofline_markdown(res))
+        return write_results(stem, res, roofline_markdown(res), plot)
     res = record(tag=a.tag, tokens=a.tokens, mix=a.mix, runs=[])
     for shape in a.shape:
         res["runs"].append(one_shape(a, shape, work))
-        stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
-        stem.with_suffix(".md").write_text(markdown(res))
-    print(markdown(res))
+        write_results(stem, res)
+    write_results(stem, res, markdown(res), plot)
 
 
 if __name__ == "__main__":

@@ -105,6 +105,32 @@ def markdown(res: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def plot(res: dict, path: Path) -> None:
+    """Each counted tree's launches per block, stacked by op (the eight commonest, the rest as one)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = res["runs"]
+    names = sorted({k for r in runs.values() for k in r["per_block"]},
+                   key=lambda k: -max(r["per_block"].get(k, 0) for r in runs.values()))
+    fig, ax = plt.subplots(figsize=(9, 1.6 + 0.6 * len(runs)))
+    left = [0.0] * len(runs)
+    for k in [*names[:8], "other"]:
+        v = [r["per_block"].get(k, 0) if k != "other" else sum(r["per_block"].get(n, 0) for n in names[8:])
+             for r in runs.values()]
+        ax.barh(range(len(runs)), v, left=left, label=k)
+        left = [a + b for a, b in zip(left, v)]
+    ax.set_yticks(range(len(runs)), list(runs))
+    ax.set_xlabel("kernel launches per block of one decode step")
+    ax.set_title(f"decode_launches {res['tag']}: {res['shape']} file, {res['mix']}", fontsize=9)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tag")
@@ -113,7 +139,13 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/decode_launches")
     ap.add_argument("--count-only", help=argparse.SUPPRESS)        # the subprocess: a tree to count, JSON out
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--plot", nargs="+", metavar="JSON", help="draw the PNG of these results files again")
     a = ap.parse_args()
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from provenance import plot_again, record, results_stem, write_results
+
+    if a.plot:
+        return plot_again(a.plot, plot)
     if not (os.environ.get("TRITON_INTERPRET") and os.environ.get("TWINQUANT_TRITON_CPU")):
         raise SystemExit("decode_launches: set TRITON_INTERPRET=1 TWINQUANT_TRITON_CPU=1 (the kernels run on the CPU)")
     work = Path(a.work)
@@ -122,19 +154,13 @@ def main() -> None:
         return print(json.dumps(count(Path(a.count_only), work, a.mix)))
     if not a.tag:
         raise SystemExit("decode_launches: --tag is required")
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from provenance import record
-
     runs = {}
     for label, tree in ([("base " + _rev(Path(a.base)), Path(a.base))] if a.base else []) + [("tree", ROOT)]:
         out = subprocess.run([sys.executable, __file__, "--count-only", str(tree), "--mix", a.mix, "--work", a.work],
                              check=True, capture_output=True, text=True).stdout
         runs[label] = json.loads(out.strip().splitlines()[-1])
     res = record(tag=a.tag, shape="tiny", mix=a.mix, runs=runs)
-    stem = Path(a.out) / f"decode_launches_{a.tag}"
-    stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    stem.with_suffix(".md").write_text(markdown(res))
-    print(markdown(res))
+    write_results(results_stem(a.out, "decode_launches", a.tag), res, markdown(res), plot)
 
 
 def _rev(tree: Path) -> str:

@@ -11,7 +11,6 @@ at best take; the rest of a graph step is the gaps between its kernels.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import time
@@ -25,7 +24,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 
 from decode_gpu import synthetic_file  # noqa: E402
-from provenance import record  # noqa: E402
+from provenance import plot_again, record, results_stem, write_results  # noqa: E402
 
 # kernel name pattern -> what it does (first match wins)
 GROUPS = [("gemv (Triton, packed bytes)", r"gemv|gemm_q"), ("dequantize (Triton)", r"dequant"),
@@ -114,16 +113,47 @@ def markdown(res: dict) -> str:
     return "\n".join(out)
 
 
+def plot(res: dict, path: Path) -> None:
+    """Each run's eager kernel time per step, stacked by group, packed beside bfloat16 weights."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = [(f"{run['shape']} {key}", run[key]) for run in res["runs"] for key in ("packed", "bf16")]
+    groups = list(dict.fromkeys(g["name"] for _, r in bars for g in r["groups"]))
+    fig, ax = plt.subplots(figsize=(10, 1.6 + 0.5 * len(bars)))
+    left = [0.0] * len(bars)
+    for name in groups:
+        v = [next((g["us_per_step"] / 1e3 for g in r["groups"] if g["name"] == name), 0.0) for _, r in bars]
+        ax.barh(range(len(bars)), v, left=left, label=name)
+        left = [a + b for a, b in zip(left, v)]
+    ax.scatter([r["graph_step_ms"] for _, r in bars], range(len(bars)), color="k", marker="|", s=300,
+               label="CUDA graph step", zorder=3)
+    ax.set_yticks(range(len(bars)), [b for b, _ in bars], fontsize=8)
+    ax.set_xlabel("ms per decode step (eager kernels by group)")
+    ax.set_title(f"decode_profile {res['tag']}: {res['machine'].get('gpu')}, context {res['ctx']}", fontsize=9)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tag", required=True)
+    ap.add_argument("--tag", help="names the results files (required unless --plot)")
     ap.add_argument("--shape", nargs="+", default=["qwen2.5-1.5b"])
     ap.add_argument("--mix", default="llama.cpp:Q2_K")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--ctx", type=int, default=64, help="prompt tokens in the cache before the profiled steps")
     ap.add_argument("--work", default="/tmp/decode_gpu")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--plot", nargs="+", metavar="JSON", help="draw the PNG of these results files again (no GPU)")
     a = ap.parse_args()
+    if a.plot:
+        return plot_again(a.plot, plot)
+    if not a.tag:
+        ap.error("--tag is required")
     if not torch.cuda.is_available():
         raise SystemExit("decode_profile: needs a CUDA GPU")
     work = Path(a.work)
@@ -133,11 +163,7 @@ def main() -> None:
         path = synthetic_file(work, shape, a.mix)
         res["runs"].append({"shape": shape, "mix": a.mix, "packed": profile(path, True, a.steps, a.ctx),
                             "bf16": profile(path, False, a.steps, a.ctx)})
-    stem = Path(a.out) / f"decode_profile_{a.tag}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    stem.with_suffix(".md").write_text(markdown(res))
-    print(markdown(res))
+    write_results(results_stem(a.out, "decode_profile", a.tag), res, markdown(res), plot)
 
 
 if __name__ == "__main__":

@@ -89,10 +89,8 @@ def main() -> None:
         raise SystemExit("gemv_ab: --tag and --base are required (or --prepare REV DIR)")
     if not torch.cuda.is_available():
         raise SystemExit("gemv_ab: needs a CUDA GPU")
-    import json
-
     from kernel_speed import copy_bandwidth
-    from provenance import record
+    from provenance import record, results_stem, write_results
 
     sys.path.insert(0, a.base)
     import basek.triton_kquants as base
@@ -102,8 +100,7 @@ def main() -> None:
                  copy_gbs=copy_bandwidth(), rows=[],
                  method="GEMVs back to back in one CUDA graph over copies of the weight (>= 160 MiB), median of 5 "
                         "replays; each kernel at the tree's launch for the shape")
-    stem = Path(a.out) / f"gemv_ab_{a.tag}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem = results_stem(a.out, "gemv_ab", a.tag)
     for t in a.types:
         for rows, cols in (s for m in a.models for s in SHAPES[m]):
             w = weights(t, rows, cols)
@@ -125,12 +122,9 @@ def main() -> None:
             print(f"{t} {rows}x{cols} {tuple(cfg)}: base {base_us:.1f} us ({r['base_pct']:.1f}%), tree "
                   f"{tree_us:.1f} us ({r['tree_pct']:.1f}%), {base_us / tree_us:.2f}x", flush=True)
             del ws
-            stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
+            write_results(stem, res)
     res["seconds"] = time.perf_counter() - t0
-    stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    stem.with_suffix(".md").write_text(markdown(res))
-    plot(res, stem.with_suffix(".png"))
-    print(markdown(res))
+    write_results(stem, res, markdown(res), plot)
 
 
 if __name__ == "__main__":

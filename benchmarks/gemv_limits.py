@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 import time
 from pathlib import Path
@@ -226,21 +225,18 @@ def main() -> None:
         raise SystemExit("gemv_limits: --tag is required")
     from gemv_configs import COLD_BYTES
     from kernel_speed import copy_bandwidth
-    from provenance import record
+    from provenance import record, results_stem, write_results
 
     t0 = time.perf_counter()
     res = record(tag=a.tag, copy_gbs=copy_bandwidth(), rows=[],
                  method=f"kernels back to back in one CUDA graph over copies of the weight totalling "
                         f"{COLD_BYTES >> 20} MiB, median of 5 replays")
-    stem = Path(a.out) / f"gemv_limits_{a.tag}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem = results_stem(a.out, "gemv_limits", a.tag)
     for rows, cols in SHAPES:
         res["rows"] += measure(rows, cols, res["copy_gbs"])
         res["seconds"] = time.perf_counter() - t0
-        stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    stem.with_suffix(".md").write_text(markdown(res))
-    plot(res, stem.with_suffix(".png"))
-    print(markdown(res))
+        write_results(stem, res)
+    write_results(stem, res, markdown(res), plot)
 
 
 if __name__ == "__main__":

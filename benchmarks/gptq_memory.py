@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from provenance import git_commit, machine, versions  # noqa: E402
+from provenance import git_commit, machine, plot_again, results_stem, versions, write_results  # noqa: E402
 
 CHILD = r"""
 import hashlib, json, resource, sys, time
@@ -54,14 +54,38 @@ def run(tree: Path, n: int, rows: int) -> dict:
     return r
 
 
+def plot(res: dict, path: Path) -> None:
+    """Each tree's peak memory above its inputs, in n×n float32 matrices, and its seconds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = res["runs"]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(8, 3.2))
+    ax.bar(list(runs), [r["above_inputs_in_matrices"] for r in runs.values()], color="tab:blue")
+    ax.set_ylabel("peak above the inputs (n×n float32)")
+    bx.bar(list(runs), [r["seconds"] for r in runs.values()], color="tab:gray")
+    bx.set_ylabel("seconds")
+    fig.suptitle(f"GPTQ factorisation on the CPU, n = {res['n']} ({res['tag']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=16384)
     ap.add_argument("--rows", type=int, default=256)
     ap.add_argument("--before", help="another checkout (its twinquant package) to run beside this one")
-    ap.add_argument("--tag", required=True)
+    ap.add_argument("--tag", help="names the results files (required unless --plot)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--plot", nargs="+", metavar="JSON", help="draw the PNG of these results files again")
     args = ap.parse_args(argv)
+    if args.plot:
+        return plot_again(args.plot, plot) or 0
+    if not args.tag:
+        ap.error("--tag is required")
     trees = {"now": ROOT} | ({"before": Path(args.before).resolve()} if args.before else {})
     res = {"benchmark": "gptq_memory", "tag": args.tag, "command": "python " + " ".join(sys.argv),
            "commit": git_commit(), "versions": versions(), "machine": machine(), "n": args.n, "rows": args.rows,
@@ -76,10 +100,7 @@ def main(argv=None) -> int:
                      f"| {r['seconds']:.1f} |")
     if "same_factor" in res:
         lines += ["", f"the same factor, bit for bit (sha256 of M and diag R): {res['same_factor']}"]
-    out = Path(args.out)
-    (out / f"gptq_memory_{args.tag}.json").write_text(json.dumps(res, indent=1) + "\n")
-    (out / f"gptq_memory_{args.tag}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(results_stem(args.out, "gptq_memory", args.tag), res, "\n".join(lines) + "\n", plot)
     return 0
 
 

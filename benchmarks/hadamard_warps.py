@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from provenance import record  # noqa: E402
+from provenance import plot_again, record  # noqa: E402
 
 WIDTHS = (4096, 8192, 5120, 14336, 27648, 1536, 8960)
 WARPS = (4, 8)
@@ -40,13 +40,48 @@ def configs(A: int, C: int, D: int):
     return [KernelConfig(rows=r, warps=w, stages=st, per_sm=ps) for r in rows for w in WARPS for ps, st in GRIDS]
 
 
+def plot(res: dict, path: Path) -> None:
+    """% of copy bandwidth of every launch tried, by width; the runtime's launch starred (and, in the sixteenth
+    session's slicing experiment, each count of output slices in its own colour)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = res["results"]
+    widths = list(dict.fromkeys(r["n"] for r in rows))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for chunks in sorted({r.get("chunks", 1) for r in rows}):
+        rs = [r for r in rows if r.get("chunks", 1) == chunks]
+        ax.scatter([widths.index(r["n"]) for r in rs], [r["pct_copy"] for r in rs], s=10, alpha=0.6,
+                   label=f"{chunks} output slice{'s' * (chunks > 1)}" if "chunks" in rows[0] else None)
+    mine = [r for r in rows if r["runtime_choice"] and r.get("chunks", 1) == 1]
+    ax.scatter([widths.index(r["n"]) for r in mine], [r["pct_copy"] for r in mine], marker="*", s=120,
+               color="black", label="the runtime's launch")
+    ax.set_xticks(range(len(widths)), [str(n) for n in widths])
+    ax.set_xlabel("n")
+    ax.set_ylabel("% of copy bandwidth")
+    name = res.get("tag") or res.get("benchmark", "")
+    ax.set_title(f"Triton Hadamard launches, bf16, {res.get('rows_per_call', 16384)} rows ({name})",
+                 fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=16384)
     ap.add_argument("--widths", type=int, nargs="+", default=list(WIDTHS))
-    ap.add_argument("--tag", required=True)
+    ap.add_argument("--tag", help="names the results files (required unless --plot)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--plot", nargs="+", metavar="JSON", help="draw the PNG of these results files again (no GPU)")
     args = ap.parse_args(argv)
+    if args.plot:
+        return plot_again(args.plot, plot) or 0
+    if not args.tag:
+        ap.error("--tag is required")
     from kernel_speed import bench, copy_bandwidth, fht_peer
 
     from twinquant.transforms.hadamard import _kernel_factors, fwht, hadamard_plan, kernel_config, launch_fwht
@@ -111,24 +146,7 @@ def main(argv=None) -> int:
                      + (f"{peer_rows[n]['pct_copy']}% | {peer_rows[n]['us'] / mine['us']:.2f}x |"
                         if n in peer_rows and mine else "- | - |"))
     (out / f"hadamard_warps_{args.tag}.md").write_text("\n".join(lines) + "\n")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4))
-    for i, n in enumerate(args.widths):
-        rs = [r for r in rows if r["n"] == n]
-        ax.scatter([i] * len(rs), [r["pct_copy"] for r in rs], s=10, alpha=0.6)
-        mine = [r for r in rs if r["runtime_choice"]]
-        if mine:
-            ax.scatter([i], [mine[0]["pct_copy"]], marker="*", s=120, color="black")
-    ax.set_xticks(range(len(args.widths)), [str(n) for n in args.widths])
-    ax.set_xlabel("n (black star: the runtime's launch)")
-    ax.set_ylabel("% of copy bandwidth")
-    ax.set_title(f"Triton Hadamard launches, bf16, {args.rows} rows ({args.tag})")
-    fig.tight_layout()
-    fig.savefig(out / f"hadamard_warps_{args.tag}.png", dpi=120)
+    plot(res, out / f"hadamard_warps_{args.tag}.png")
     print("\n".join(lines))
     return 0
 

@@ -427,12 +427,11 @@ def plot(res: dict, path: Path) -> None:
 def write_launches(a, res: dict) -> None:
     """`--launches`: the model's picks as a results file, and in the runtime's table for the keys no sweep holds."""
     from gemv_configs import merge_tables
+    from provenance import results_stem, write_results
 
     from twinquant.formats.ggml.packed import LAUNCH_TABLE
 
     res["launches"] = model_launches(a.arch)
-    stem = Path(a.out) / f"kernel_ptx_launches_{a.tag}"
-    stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
     lines = [f"# Word-lane GEMV launches picked by the static model ({a.tag})", "",
              f"`{res['command']}` at {res['commit']}; Triton {res['triton']}, sm_{a.arch}; not measured: the launch "
              "of `gemv_configs.configs` with the highest model % of copy (`kernel_ptx.static_model`, H100 "
@@ -440,7 +439,7 @@ def write_launches(a, res: dict) -> None:
              "| kernel | rows x cols | launch (BR, U, split, warps) | model % copy |", "|---|---|---|---|"]
     lines += [f"| {k} | {e[0]}x{e[1] * QK_K} | {tuple(e[2:6])} | {e[6]:.0f} |" for k, v in res["launches"].items()
               for e in v]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_results(results_stem(a.out, "kernel_ptx_launches", a.tag), res, "\n".join(lines) + "\n")
     table = json.loads(LAUNCH_TABLE.read_text())
     swept = {k for k, src in (table.get("sources") or {}).items() if "gemv_configs_" in str(src)}
     new = {k: [e[:6] for e in v] for k, v in res["launches"].items() if k not in swept}
@@ -448,7 +447,7 @@ def write_launches(a, res: dict) -> None:
         LAUNCH_TABLE.write_text(json.dumps(merge_tables(table, {
             "source": f"benchmarks/results/kernel_ptx_launches_{a.tag}.json (static model, not measured)",
             "gpu": None, "commit": res["commit"], "launches": new})) + "\n")
-    print("\n".join(lines) + f"\nmerged into {LAUNCH_TABLE}: {', '.join(new) or 'none (all swept)'}")
+    print(f"merged into {LAUNCH_TABLE}: {', '.join(new) or 'none (all swept)'}")
 
 
 def main() -> None:
@@ -468,7 +467,7 @@ def main() -> None:
                     "of triton_kquants.py")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     a = ap.parse_args()
-    from provenance import record
+    from provenance import record, results_stem, write_results
 
     if a.shared_ops is not None:
         import hashlib
@@ -483,10 +482,7 @@ def main() -> None:
             about[name] = f"{Path(path).name} (sha256 {hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]})"
         res = record(tag=a.tag, arch=a.arch, triton=triton.__version__, modules=about)
         res["rows"] = shared_ops_table(modules, a.arch)
-        stem = Path(a.out) / f"kernel_sass_{a.tag}"
-        stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
-        stem.with_suffix(".md").write_text(shared_markdown(res))
-        return print(shared_markdown(res))
+        return write_results(results_stem(a.out, "kernel_sass", a.tag), res, shared_markdown(res))
 
     if a.launches:
         return write_launches(a, record(tag=a.tag, arch=a.arch, triton=triton.__version__,
@@ -504,12 +500,7 @@ def main() -> None:
             base = measure(a.rows, a.cols, a.arch, base_kernels)
             res["base_kernels"] = (Path(a.base) / "basek" / "__init__.py").read_text().strip().strip('"')
         add_measured(res, Path(a.measured), base)
-    stem = Path(a.out) / f"kernel_ptx_{a.tag}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    stem.with_suffix(".md").write_text(markdown(res))
-    plot(res, stem.with_suffix(".png"))
-    print(markdown(res))
+    write_results(results_stem(a.out, "kernel_ptx", a.tag), res, markdown(res), plot)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from provenance import git_commit, machine, versions  # noqa: E402
+from provenance import git_commit, machine, plot_again, versions  # noqa: E402
 
 
 def _rss(pid: int) -> tuple[int, int]:
@@ -103,10 +103,31 @@ def stock_perplexity(gguf_path: Path, chunks: int) -> dict:
     return {"chunks": chunks, "ppl": float(m.group(1)) if m else None, "returncode": p.returncode}
 
 
+def plot(res: dict, path: Path) -> None:
+    """Seconds of each block of the run, with its wall time, peak memory and the file it wrote in the title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r, blocks = res["run"], res["seconds_per_block"]
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    ax.bar(range(len(blocks)), blocks, color="tab:blue")
+    ax.set_xlabel("block")
+    ax.set_ylabel("seconds")
+    bpw = res.get("bits_per_weight_file") or 0
+    ax.set_title(f"quantize {res['model']} ({res['tag']}): {r['wall_s'] / 60:.1f} min, peak RSS "
+                 f"{r['peak_rss_gib']:.2f} GiB, {bpw:.3f} bpw", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--tag", required=True)
+    ap.add_argument("--model", help="the model to quantize (required unless --plot)")
+    ap.add_argument("--tag", help="names the results files (required unless --plot)")
+    ap.add_argument("--plot", nargs="+", metavar="JSON", help="draw the PNG of these results files again")
     ap.add_argument("--out-dir", default=str(Path.home() / ".cache" / "twinquant" / "pipeline_memory"))
     ap.add_argument("--record", help="a /usr/bin/time -v log of a finished run (recorded, not re-run)")
     ap.add_argument("--report", help="with --record: the run's --report JSON")
@@ -114,6 +135,10 @@ def main() -> None:
     ap.add_argument("--ppl-chunks", type=int, default=4)
     ap.add_argument("extra", nargs="*", help="more quantize options (after --)")
     args = ap.parse_args()
+    if args.plot:
+        return plot_again(args.plot, plot)
+    if not (args.model and args.tag):
+        ap.error("--model and --tag are required")
     from twinquant.zoo import resolve, sha256_of
 
     src = resolve(args.model)
@@ -158,6 +183,7 @@ def main() -> None:
           f"{sum(blocks) / max(len(blocks), 1):.1f} | "
           f"PPL {ppl.get('ppl')} on {ppl.get('chunks')} chunks (rc {ppl.get('returncode')}) |", ""]
     (dest / f"pipeline_memory_{args.tag}.md").write_text("\n".join(md))
+    plot(result, dest / f"pipeline_memory_{args.tag}.png")
     print("\n".join(md))
 
 

@@ -3,6 +3,7 @@ machine (CPU, memory, GPU and driver) — one helper for all benchmarks."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -78,3 +79,32 @@ def record(**fields) -> dict:
     env = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("TWINQUANT_") and k != "TWINQUANT_COMMIT"]
     return {"command": " ".join([*env, Path(sys.executable).name, *sys.argv]), "commit": git_commit(),
             "versions": versions(), "machine": machine(), **fields}
+
+
+def results_stem(out, name: str, tag: str) -> Path:
+    """benchmarks/results/NAME_TAG (without a suffix: the .json, .md and .png go beside it); the folder made."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    return Path(out) / f"{name}_{tag}"
+
+
+def _beside(stem: Path, suffix: str) -> Path:
+    return stem.parent / (stem.name + suffix)       # (not with_suffix: a tag may hold a dot, "qwen2.5-7b")
+
+
+def write_results(stem: Path, res: dict, md: str | None = None, plot=None) -> None:
+    """STEM.json; with `md` also STEM.md and the table printed, with `plot` (a function of the results and a path)
+    STEM.png. A long run calls it with the results alone after each step, so a killed run keeps what it measured."""
+    _beside(stem, ".json").write_text(json.dumps(res, indent=1))
+    if plot is not None:
+        plot(res, _beside(stem, ".png"))
+    if md is not None:
+        _beside(stem, ".md").write_text(md)
+        print(md)
+
+
+def plot_again(paths, plot) -> None:
+    """`--plot JSON...`: each committed results file's PNG drawn again beside it from its JSON (nothing measured)."""
+    for p in paths:
+        p = Path(p)
+        plot(json.loads(p.read_text()), p.with_suffix(".png"))
+        print(f"wrote {p.with_suffix('.png')}")

@@ -10,7 +10,6 @@ handed over vs quantizing x itself). Every row is timed as decode runs it: back 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -132,21 +131,18 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("q8_handover: needs a CUDA GPU")
     from gemv_configs import COLD_BYTES
-    from provenance import record
+    from provenance import record, results_stem, write_results
 
     t0 = time.perf_counter()
     res = record(tag=a.tag, rows=[], method=f"each row back to back in one CUDA graph, the GEMV's Q2_K weight (planes)"
                                             f" in copies totalling {COLD_BYTES >> 20} MiB, median of 5 replays; "
                                             f"attention over {CACHED} cached positions")
-    stem = Path(a.out) / f"q8_handover_{a.tag}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem = results_stem(a.out, "q8_handover", a.tag)
     for shape in a.shape:
         res["rows"] += measure(shape)
         res["seconds"] = round(time.perf_counter() - t0, 1)
-        stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    stem.with_suffix(".md").write_text(markdown(res))
-    plot(res, stem.with_suffix(".png"))
-    print(markdown(res))
+        write_results(stem, res)
+    write_results(stem, res, markdown(res), plot)
 
 
 if __name__ == "__main__":
