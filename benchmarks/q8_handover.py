@@ -30,7 +30,8 @@ CACHED = 256            # positions in the KV cache the attention reads
 
 def stages(hidden: int, ffn: int, heads: int, kv: int, hd: int, dev: str = "cuda"):
     """(name, the kernel making x, with q8, the GEMV's weight [rows, cols]) of one block: the attention norm ->
-    q/k/v joined, the attention -> o, the FFN norm -> gate/up joined, SwiGLU -> down."""
+    q/k/v joined, the attention -> o (as the runtime cuts the cache, and in TWINQUANT_ATTN_CHUNK=auto's parts),
+    the FFN norm -> gate/up joined, SwiGLU -> down."""
     g = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(1, 1, hidden, device=dev, generator=g)
     w = 1 + 0.1 * torch.randn(hidden, device=dev, generator=g)
@@ -38,8 +39,12 @@ def stages(hidden: int, ffn: int, heads: int, kv: int, hd: int, dev: str = "cuda
     q = torch.randn(1, heads, 1, hd, device=dev, generator=g)
     k, v = (torch.randn(1, kv, CACHED, hd, device=dev, generator=g) for _ in range(2))
     pos = torch.tensor([CACHED - 1], device=dev)
+    auto = triton_attention.chunk_for(CACHED, kv, "auto")      # (TWINQUANT_ATTN_CHUNK=auto's parts)
     return [("RMSNorm -> qkv", lambda q8: triton_norm.rms_norm(x, w, 1e-6, q8=q8), (hidden + 2 * kv * hd, hidden)),
             ("attention -> o", lambda q8: _rows(triton_attention.decode_attention(q, k, v, pos, q8)),
+             (hidden, heads * hd)),
+            (f"attention in parts of {auto} -> o", lambda q8: _rows(triton_attention.decode_attention(q, k, v, pos, q8,
+                                                                                                     chunk=auto)),
              (hidden, heads * hd)),
             ("RMSNorm + residual -> gate/up", lambda q8: triton_norm.rms_norm(x, w, 1e-6, res=x, q8=q8)[1],
              (2 * ffn, hidden)),
@@ -96,9 +101,15 @@ def markdown(res: dict) -> str:
                      f"{r['kernel_q8_us']:.2f} | {r['quantize_us']:.2f} | {r['pair_us']:.2f} | "
                      f"{r['pair_handed_us']:.2f} | {r['saved_us']:.2f} |")
     for shape in dict.fromkeys(r["shape"] for r in res["rows"]):
-        rs = [r for r in res["rows"] if r["shape"] == shape]
+        rs = [r for r in res["rows"] if r["shape"] == shape and "in parts" not in r["stage"]]     # (as it runs)
         lines += ["", f"{shape}: a block's four pairs {sum(r['pair_us'] for r in rs):.1f} µs quantizing x in the GEMV, "
                   f"{sum(r['pair_handed_us'] for r in rs):.1f} µs handed over."]
+        parts = [r for r in res["rows"] if r["shape"] == shape and "in parts" in r["stage"]]
+        whole = [r for r in rs if r["stage"] == "attention -> o"]
+        if parts and whole:
+            lines.append(f"{shape}: the attention alone {whole[0]['kernel_us']:.2f} µs as the runtime cuts the cache, "
+                         f"{parts[0]['kernel_us']:.2f} µs {parts[0]['stage'].split(' -> ')[0][10:]} "
+                         "(TWINQUANT_ATTN_CHUNK=auto).")
     return "\n".join(lines) + "\n"
 
 

@@ -644,11 +644,13 @@ def test_silu_mul_kernel_computes_the_torch_path(dtype, device, monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("B,H,hkv,T,hd,pos", [(1, 12, 2, 64, 128, 37),     # Qwen2.5-1.5B's heads, one part
-                                              (2, 6, 6, 600, 64, 513),     # no GQA, three parts (four launched)
-                                              (2, 8, 2, 600, 64, 513),     # GQA, parts, whole super-blocks
-                                              (1, 28, 4, 1100, 24, 3)])    # parts past the position left empty; hd 24
-def test_decode_attention_kernel_matches_the_grouped_torch_path(B, H, hkv, T, hd, pos, device):
+@pytest.mark.parametrize("B,H,hkv,T,hd,pos,chunk", [
+    (1, 12, 2, 64, 128, 37, None),      # Qwen2.5-1.5B's heads, one part
+    (2, 6, 6, 600, 64, 513, None),      # no GQA, three parts (four launched)
+    (2, 8, 2, 600, 64, 513, None),      # GQA, parts, whole super-blocks
+    (1, 28, 4, 1100, 24, 3, None),      # parts past the position left empty; hd 24
+    (1, 40, 8, 137, 128, 100, 32)])     # Qwen2.5-32B's heads in parts of 32 positions (TWINQUANT_ATTN_CHUNK=auto's)
+def test_decode_attention_kernel_matches_the_grouped_torch_path(B, H, hkv, T, hd, pos, chunk, device):
     """triton_attention.decode_attention (positions up to pos read from the device, online softmax, parts
     combined) against forward._grouped_decode_attention with the step's additive mask; with q8, the output's int8
     form as quantize_q8 makes it from the rows [B, H·hd] (where hd is a power of two and the rows whole
@@ -664,10 +666,10 @@ def test_decode_attention_kernel_matches_the_grouped_torch_path(B, H, hkv, T, hd
     want = _grouped_decode_attention(q, k, v, mask)
     dev = lambda t: t.to(device)        # noqa: E731
     assert triton_attention.fits(dev(q), dev(k), dev(v))
-    got = triton_attention.decode_attention(dev(q), dev(k), dev(v), dev(torch.tensor([pos])))
+    got = triton_attention.decode_attention(dev(q), dev(k), dev(v), dev(torch.tensor([pos])), chunk=chunk)
     torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
     assert not triton_attention.fits(dev(q).half(), dev(k).half(), dev(v).half())
-    fused = triton_attention.decode_attention(dev(q), dev(k), dev(v), dev(torch.tensor([pos])), q8=True)
+    fused = triton_attention.decode_attention(dev(q), dev(k), dev(v), dev(torch.tensor([pos])), q8=True, chunk=chunk)
     assert torch.equal(fused, got) and q8_of(got) is None
     if hd not in (64, 128) or H * hd % 256:
         assert q8_of(fused) is None                     # the GEMV quantizes x itself
@@ -676,6 +678,23 @@ def test_decode_attention_kernel_matches_the_grouped_torch_path(B, H, hkv, T, hd
     wq, wd, ws = quantize_q8(fused.reshape(B, H * hd), lanes=True)
     assert torch.equal(xq, wq) and torch.equal(xd, wd)
     torch.testing.assert_close(xs, ws, rtol=1e-6, atol=1e-5)
+
+
+def test_attention_chunk_setting():
+    """TWINQUANT_ATTN_CHUNK: unset, the longest parts; auto, about PROGRAMS programs in parts of whole loop steps
+    (a 32B model's 8 kv heads over 137 positions: parts of 32, not one part of 256); a bad value is one line."""
+    from twinquant.errors import TwinquantError
+    from twinquant.model.triton_attention import BT, CHUNK, PROGRAMS, chunk_for
+
+    assert chunk_for(137, 8, "") == CHUNK and chunk_for(137, 8, "64") == 64
+    assert chunk_for(137, 8, "auto") == BT and chunk_for(4096, 8, "auto") == 128 and chunk_for(1 << 20, 1, "auto") == CHUNK
+    for T, rows in ((137, 8), (4096, 8), (4096, 2), (32768, 8), (600, 16)):
+        c = chunk_for(T, rows, "auto")
+        parts = rows * -(-T // c)
+        assert BT <= c <= CHUNK and (parts <= PROGRAMS or c == CHUNK) and (c == BT or 2 * parts > PROGRAMS), (T, rows, c)
+    for bad in ("16", "96", "512", "fast"):
+        with pytest.raises(TwinquantError, match="TWINQUANT_ATTN_CHUNK"):
+            chunk_for(137, 8, bad)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])

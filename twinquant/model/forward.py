@@ -358,8 +358,8 @@ def _grouped_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: StepPositions,
                       q8: bool = False) -> torch.Tensor:
-    """One query token's attention over the cache [B, 1, H·hd]: one kernel (two for caches past
-    triton_attention.CHUNK) that reads only the positions up to the step's, where Triton runs (no mask made; `q8`
+    """One query token's attention over the cache [B, 1, H·hd]: one kernel (two where the cache is cut into parts,
+    `triton_attention.chunk_for`) that reads only the positions up to the step's, where Triton runs (no mask made; `q8`
     (`q8_input`): the output carries its int8 form); else `_grouped_decode_attention`."""
     from twinquant.triton_env import runs_triton
 

@@ -6,19 +6,26 @@ packed runtime's float32 step; `forward._grouped_decode_attention` stays the ref
 (tests/test_triton_kernels.py runs both through Triton's interpreter).
 
 Longer caches are cut into CHUNK-position parts, one program each (flash-decoding), whose partial maxima, sums
-and outputs a second kernel combines; parts past the position exit at once."""
+and outputs a second kernel combines; parts past the position exit at once. `TWINQUANT_ATTN_CHUNK=auto` cuts
+shorter parts, so that a 32B model's 8 kv heads are not 8 programs on a GPU of 132 SMs (one such program over 256
+cached positions took 46 µs on an H100, `benchmarks/results/q8_handover_s23-h100.md`); not measured yet, so not
+the default (`chunk_for`)."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
+from twinquant.errors import TwinquantError
 from twinquant.formats.ggml.packed import q8_buffers, with_q8
 from twinquant.formats.ggml.triton_kquants import store_q8
 
-CHUNK = 256         # cached positions per program
-BT = 32             # positions per step of a program's loop
+CHUNK = 256         # cached positions per program (the most)
+BT = 32             # positions per step of a program's loop (the fewest a program takes)
+PROGRAMS = 264      # `auto`: programs to aim at (two per SM of an H100)
 
 
 @triton.jit
@@ -99,31 +106,46 @@ def fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
             and hd <= 256)
 
 
+def chunk_for(T: int, rows: int, setting: str | None = None) -> int:
+    """Cached positions per program for a cache of T positions and `rows` (batch × kv heads) programs a part:
+    `setting` (default: TWINQUANT_ATTN_CHUNK) a power of two from BT to CHUNK, or `auto`: the fewest positions
+    that keep about PROGRAMS programs (a power of two from BT to CHUNK); unset: CHUNK."""
+    setting = (os.environ.get("TWINQUANT_ATTN_CHUNK") if setting is None else setting) or str(CHUNK)
+    if setting.strip().lower() == "auto":
+        return min(CHUNK, max(BT, triton.next_power_of_2(triton.cdiv(T * rows, PROGRAMS))))
+    c = int(setting) if setting.strip().isdigit() else 0
+    if c < BT or c > CHUNK or c & (c - 1):      # (a program's loop steps BT positions: a part holds whole steps)
+        raise TwinquantError(f"TWINQUANT_ATTN_CHUNK={setting}: a power of two from {BT} to {CHUNK}, or auto")
+    return c
+
+
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
-                     q8: bool = False) -> torch.Tensor:
+                     q8: bool = False, chunk: int | None = None) -> torch.Tensor:
     """softmax(q·kᵀ/√hd over positions 0..pos)·v: q [B, H, 1, hd], caches [B, Hkv, T, hd], pos a one-element int64
     tensor on the device; [B, H, 1, hd]. Callers check `fits` first. `q8`: the output also carries its int8 form
-    as rows [B, H·hd] (`packed.with_q8`), where hd is a power of two from 32 and H·hd whole super-blocks."""
+    as rows [B, H·hd] (`packed.with_q8`), where hd is a power of two from 32 and H·hd whole super-blocks. `chunk`:
+    cached positions per program (default `chunk_for`)."""
     B, H, _, hd = q.shape
     hkv, T = k.shape[1], k.shape[2]
     G = H // hkv
     GP = max(16, triton.next_power_of_2(G))                 # tl.dot's least M
     hdp = max(16, triton.next_power_of_2(hd))
-    split = triton.cdiv(T, CHUNK)
+    chunk = chunk_for(T, B * hkv, str(chunk) if chunk else None)
+    split = triton.cdiv(T, chunk)
     q = q.contiguous()
     out = torch.empty_like(q)
     q8 = q8 and hd == hdp and hd >= 32 and H * hd % 256 == 0
     xq, xd, xs = q8_buffers(B, H * hd, q.device) if q8 else (out, out, out)
     if split == 1:
         decode_attention_kernel[(B * hkv, 1)](q, k, v, pos, out, out, out, xq, xd, xs, T, hd ** -0.5, G=G, GP=GP,
-                                              HD=hd, HDP=hdp, BT=BT, CHUNK=CHUNK, SPLIT=1, Q8=q8, num_warps=4)
+                                              HD=hd, HDP=hdp, BT=BT, CHUNK=chunk, SPLIT=1, Q8=q8, num_warps=4)
     else:
         split = triton.next_power_of_2(split)                    # the combine's arange (extra parts stay empty)
         o = torch.empty(B * hkv, split, GP, hdp, dtype=torch.float32, device=q.device)
         m = torch.empty(B * hkv, split, GP, dtype=torch.float32, device=q.device)
         ls = torch.empty_like(m)
         decode_attention_kernel[(B * hkv, split)](q, k, v, pos, o, m, ls, o, o, o, T, hd ** -0.5, G=G, GP=GP, HD=hd,
-                                                  HDP=hdp, BT=BT, CHUNK=CHUNK, SPLIT=split, num_warps=4)
+                                                  HDP=hdp, BT=BT, CHUNK=chunk, SPLIT=split, num_warps=4)
         combine_kernel[(B * hkv, G)](o, m, ls, out, xq, xd, xs, B * H * hd // 32, G=G, GP=GP, HD=hd, HDP=hdp,
                                      SPLIT=split, Q8=q8, num_warps=4)
     return with_q8(out, (xq.view(torch.int32), xd, xs)) if q8 else out
