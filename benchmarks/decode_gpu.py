@@ -41,7 +41,7 @@ import gguf  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from provenance import plot_again, record, results_stem, write_results  # noqa: E402
+from provenance import plot_option, plotted, record, results_stem, write_results  # noqa: E402
 
 SHAPES = {"qwen2.5-1.5b": dict(layers=28, hidden=1536, ffn=8960, heads=12, kv_heads=2, vocab=151936),
           "qwen2.5-7b": dict(layers=28, hidden=3584, ffn=18944, heads=28, kv_heads=4, vocab=152064),
@@ -465,12 +465,10 @@ def main() -> None:
                     "TWINQUANT_TRITON_CPU=1)")
     ap.add_argument("--work", default="/tmp/decode_gpu")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    ap.add_argument("--plot", nargs="+", metavar="JSON", help="draw the PNG of these results files again (no GPU)")
+    plot_option(ap)
     a = ap.parse_args()
-    if a.plot:
-        return plot_again(a.plot, plot)
-    if not a.tag:
-        ap.error("--tag is required")
+    if plotted(ap, a, plot):
+        return
     if a.device.startswith("cuda") and not torch.cuda.is_available() and not a.refit:
         raise SystemExit("decode_gpu: needs a CUDA GPU")
     work = Path(a.work)

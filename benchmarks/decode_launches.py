@@ -111,21 +111,17 @@ def plot(res: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from provenance import stacked_barh
 
     runs = res["runs"]
     names = sorted({k for r in runs.values() for k in r["per_block"]},
                    key=lambda k: -max(r["per_block"].get(k, 0) for r in runs.values()))
     fig, ax = plt.subplots(figsize=(9, 1.6 + 0.6 * len(runs)))
-    left = [0.0] * len(runs)
-    for k in [*names[:8], "other"]:
-        v = [r["per_block"].get(k, 0) if k != "other" else sum(r["per_block"].get(n, 0) for n in names[8:])
-             for r in runs.values()]
-        ax.barh(range(len(runs)), v, left=left, label=k)
-        left = [a + b for a, b in zip(left, v)]
-    ax.set_yticks(range(len(runs)), list(runs))
+    parts = {k: [r["per_block"].get(k, 0) for r in runs.values()] for k in names[:8]}
+    parts["other"] = [sum(r["per_block"].get(n, 0) for n in names[8:]) for r in runs.values()]
+    stacked_barh(ax, list(runs), parts)
     ax.set_xlabel("kernel launches per block of one decode step")
     ax.set_title(f"decode_launches {res['tag']}: {res['shape']} file, {res['mix']}", fontsize=9)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -139,13 +135,13 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/decode_launches")
     ap.add_argument("--count-only", help=argparse.SUPPRESS)        # the subprocess: a tree to count, JSON out
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    ap.add_argument("--plot", nargs="+", metavar="JSON", help="draw the PNG of these results files again")
-    a = ap.parse_args()
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from provenance import plot_again, record, results_stem, write_results
+    from provenance import plot_option, plotted, record, results_stem, write_results
 
-    if a.plot:
-        return plot_again(a.plot, plot)
+    plot_option(ap)
+    a = ap.parse_args()
+    if plotted(ap, a, plot, required=()):           # (--tag: only once the subprocess's case is past)
+        return
     if not (os.environ.get("TRITON_INTERPRET") and os.environ.get("TWINQUANT_TRITON_CPU")):
         raise SystemExit("decode_launches: set TRITON_INTERPRET=1 TWINQUANT_TRITON_CPU=1 (the kernels run on the CPU)")
     work = Path(a.work)

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 
 from decode_gpu import synthetic_file  # noqa: E402
-from provenance import plot_again, record, results_stem, write_results  # noqa: E402
+from provenance import plot_option, plotted, record, results_stem, stacked_barh, write_results  # noqa: E402
 
 # kernel name pattern -> what it does (first match wins)
 GROUPS = [("gemv (Triton, packed bytes)", r"gemv|gemm_q"), ("dequantize (Triton)", r"dequant"),
@@ -123,17 +123,13 @@ def plot(res: dict, path: Path) -> None:
     bars = [(f"{run['shape']} {key}", run[key]) for run in res["runs"] for key in ("packed", "bf16")]
     groups = list(dict.fromkeys(g["name"] for _, r in bars for g in r["groups"]))
     fig, ax = plt.subplots(figsize=(10, 1.6 + 0.5 * len(bars)))
-    left = [0.0] * len(bars)
-    for name in groups:
-        v = [next((g["us_per_step"] / 1e3 for g in r["groups"] if g["name"] == name), 0.0) for _, r in bars]
-        ax.barh(range(len(bars)), v, left=left, label=name)
-        left = [a + b for a, b in zip(left, v)]
     ax.scatter([r["graph_step_ms"] for _, r in bars], range(len(bars)), color="k", marker="|", s=300,
                label="CUDA graph step", zorder=3)
-    ax.set_yticks(range(len(bars)), [b for b, _ in bars], fontsize=8)
+    stacked_barh(ax, [b for b, _ in bars], {name: [next((g["us_per_step"] / 1e3 for g in r["groups"]
+                                                         if g["name"] == name), 0.0) for _, r in bars]
+                                            for name in groups})
     ax.set_xlabel("ms per decode step (eager kernels by group)")
     ax.set_title(f"decode_profile {res['tag']}: {res['machine'].get('gpu')}, context {res['ctx']}", fontsize=9)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -148,12 +144,10 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=64, help="prompt tokens in the cache before the profiled steps")
     ap.add_argument("--work", default="/tmp/decode_gpu")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    ap.add_argument("--plot", nargs="+", metavar="JSON", help="draw the PNG of these results files again (no GPU)")
+    plot_option(ap)
     a = ap.parse_args()
-    if a.plot:
-        return plot_again(a.plot, plot)
-    if not a.tag:
-        ap.error("--tag is required")
+    if plotted(ap, a, plot):
+        return
     if not torch.cuda.is_available():
         raise SystemExit("decode_profile: needs a CUDA GPU")
     work = Path(a.work)

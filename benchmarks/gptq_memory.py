@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from provenance import git_commit, machine, plot_again, results_stem, versions, write_results  # noqa: E402
+from provenance import git_commit, machine, plot_option, plotted, results_stem, versions, write_results  # noqa: E402
 
 CHILD = r"""
 import hashlib, json, resource, sys, time
@@ -80,12 +80,10 @@ def main(argv=None) -> int:
     ap.add_argument("--before", help="another checkout (its twinquant package) to run beside this one")
     ap.add_argument("--tag", help="names the results files (required unless --plot)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    ap.add_argument("--plot", nargs="+", metavar="JSON", help="draw the PNG of these results files again")
+    plot_option(ap)
     args = ap.parse_args(argv)
-    if args.plot:
-        return plot_again(args.plot, plot) or 0
-    if not args.tag:
-        ap.error("--tag is required")
+    if plotted(ap, args, plot):
+        return 0
     trees = {"now": ROOT} | ({"before": Path(args.before).resolve()} if args.before else {})
     res = {"benchmark": "gptq_memory", "tag": args.tag, "command": "python " + " ".join(sys.argv),
            "commit": git_commit(), "versions": versions(), "machine": machine(), "n": args.n, "rows": args.rows,

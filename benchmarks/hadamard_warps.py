@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from provenance import plot_again, record  # noqa: E402
+from provenance import plot_option, plotted, record  # noqa: E402
 
 WIDTHS = (4096, 8192, 5120, 14336, 27648, 1536, 8960)
 WARPS = (4, 8)
@@ -76,12 +76,10 @@ def main(argv=None) -> int:
     ap.add_argument("--widths", type=int, nargs="+", default=list(WIDTHS))
     ap.add_argument("--tag", help="names the results files (required unless --plot)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    ap.add_argument("--plot", nargs="+", metavar="JSON", help="draw the PNG of these results files again (no GPU)")
+    plot_option(ap)
     args = ap.parse_args(argv)
-    if args.plot:
-        return plot_again(args.plot, plot) or 0
-    if not args.tag:
-        ap.error("--tag is required")
+    if plotted(ap, args, plot):
+        return 0
     from kernel_speed import bench, copy_bandwidth, fht_peer
 
     from twinquant.transforms.hadamard import _kernel_factors, fwht, hadamard_plan, kernel_config, launch_fwht

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from provenance import git_commit, machine, plot_again, versions  # noqa: E402
+from provenance import git_commit, machine, plot_option, plotted, versions  # noqa: E402
 
 
 def _rss(pid: int) -> tuple[int, int]:
@@ -127,7 +127,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="the model to quantize (required unless --plot)")
     ap.add_argument("--tag", help="names the results files (required unless --plot)")
-    ap.add_argument("--plot", nargs="+", metavar="JSON", help="draw the PNG of these results files again")
+    plot_option(ap)
     ap.add_argument("--out-dir", default=str(Path.home() / ".cache" / "twinquant" / "pipeline_memory"))
     ap.add_argument("--record", help="a /usr/bin/time -v log of a finished run (recorded, not re-run)")
     ap.add_argument("--report", help="with --record: the run's --report JSON")
@@ -135,10 +135,8 @@ def main() -> None:
     ap.add_argument("--ppl-chunks", type=int, default=4)
     ap.add_argument("extra", nargs="*", help="more quantize options (after --)")
     args = ap.parse_args()
-    if args.plot:
-        return plot_again(args.plot, plot)
-    if not (args.model and args.tag):
-        ap.error("--model and --tag are required")
+    if plotted(ap, args, plot, required=("model", "tag")):
+        return
     from twinquant.zoo import resolve, sha256_of
 
     src = resolve(args.model)

@@ -108,3 +108,31 @@ def plot_again(paths, plot) -> None:
         p = Path(p)
         plot(json.loads(p.read_text()), p.with_suffix(".png"))
         print(f"wrote {p.with_suffix('.png')}")
+
+
+def plot_option(ap) -> None:
+    """A benchmark's `--plot JSON...` (see `plotted`)."""
+    ap.add_argument("--plot", nargs="+", metavar="JSON", help="draw the PNG of these results files again and "
+                    "measure nothing (no GPU needed)")
+
+
+def plotted(ap, a, plot, required=("tag",)) -> bool:
+    """True once `--plot` has drawn its files again (the benchmark then stops); else the options a measuring run
+    needs (--tag unless told otherwise) are insisted on, with argparse's one line."""
+    if a.plot:
+        plot_again(a.plot, plot)
+        return True
+    missing = [f"--{r.replace('_', '-')}" for r in required if not getattr(a, r)]
+    if missing:
+        ap.error(f"{' and '.join(missing)} required (unless --plot)")
+    return False
+
+
+def stacked_barh(ax, labels: list[str], parts: dict[str, list[float]]) -> None:
+    """One horizontal bar a label, stacked by part (each part's values in the labels' order), legend at the right."""
+    left = [0.0] * len(labels)
+    for name, v in parts.items():
+        ax.barh(range(len(labels)), v, left=left, label=name)
+        left = [a + b for a, b in zip(left, v)]
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
