@@ -7,7 +7,6 @@ orientation ([out, in]); RoPE uses the rotate-half (NeoX) layout that HF checkpo
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -191,13 +190,13 @@ def q8_input(model: Model, name: str, x: torch.Tensor, params=None) -> bool:
     """Whether the kernel making x (RMSNorm, SwiGLU, the decode attention) should store x's int8 form too
     (`packed.with_q8`): the linear `name` reading x is a packed type whose GEMV quantizes x first (TWINQUANT_Q8), x
     reaches it unchanged (no online transform, no copy's clipping) and as few rows as a GEMV takes. Saves the GEMV's
-    own quantize launch (TWINQUANT_Q8_FUSED=0 keeps it, to time the difference)."""
+    own quantize launch (`packed.q8_handed_over`)."""
     w = model.packed.get(name) if model.packed else None
     if w is None or name in model.input_transforms:
         return False
-    from twinquant.formats.ggml.packed import GEMV_MAX_ROWS, q8_default
+    from twinquant.formats.ggml.packed import GEMV_MAX_ROWS, q8_default, q8_handed_over
 
-    return (os.environ.get("TWINQUANT_Q8_FUSED", "1") != "0" and x.numel() // x.shape[-1] <= GEMV_MAX_ROWS
+    return (q8_handed_over() and x.numel() // x.shape[-1] <= GEMV_MAX_ROWS
             and w.ggml_type in q8_default() and (params is None or params.is_identity_transform))
 
 

@@ -106,11 +106,11 @@ def fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
             and hd <= 256)
 
 
-def chunk_for(T: int, rows: int, setting: str | None = None) -> int:
+def chunk_for(T: int, rows: int, setting: str | int | None = None) -> int:
     """Cached positions per program for a cache of T positions and `rows` (batch × kv heads) programs a part:
     `setting` (default: TWINQUANT_ATTN_CHUNK) a power of two from BT to CHUNK, or `auto`: the fewest positions
     that keep about PROGRAMS programs (a power of two from BT to CHUNK); unset: CHUNK."""
-    setting = (os.environ.get("TWINQUANT_ATTN_CHUNK") if setting is None else setting) or str(CHUNK)
+    setting = str((os.environ.get("TWINQUANT_ATTN_CHUNK") if setting is None else setting) or CHUNK)
     if setting.strip().lower() == "auto":
         return min(CHUNK, max(BT, triton.next_power_of_2(triton.cdiv(T * rows, PROGRAMS))))
     c = int(setting) if setting.strip().isdigit() else 0
@@ -130,7 +130,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: tor
     G = H // hkv
     GP = max(16, triton.next_power_of_2(G))                 # tl.dot's least M
     hdp = max(16, triton.next_power_of_2(hd))
-    chunk = chunk_for(T, B * hkv, str(chunk) if chunk else None)
+    chunk = chunk_for(T, B * hkv, chunk)
     split = triton.cdiv(T, chunk)
     q = q.contiguous()
     out = torch.empty_like(q)

@@ -18,6 +18,15 @@ Q8_COLS = 1024             # columns a program normalizes and quantizes when it 
 
 
 @triton.jit
+def _row_tile(x_ptr, r_ptr, row, i, N, HAS_RES: tl.constexpr):
+    """x (+ r, added in float32 and rounded to x's dtype) at the row's offsets i."""
+    x = tl.load(x_ptr + row + i, mask=i < N, other=0.0)
+    if HAS_RES:
+        x = (x.to(tl.float32) + tl.load(r_ptr + row + i, mask=i < N, other=0.0).to(tl.float32)).to(x.dtype)
+    return x
+
+
+@triton.jit
 def rms_norm_kernel(x_ptr, r_ptr, w_ptr, xo_ptr, h_ptr, q_ptr, d_ptr, s_ptr, N, eps, HAS_RES: tl.constexpr,
                     BLOCK: tl.constexpr, COLS: tl.constexpr, Q8: tl.constexpr = False):
     """Row program_id(0), columns program_id(1)·COLS ...: x (+ r, stored to xo) -> h = w · round(x · rsqrt(mean(x²)
@@ -29,17 +38,13 @@ def rms_norm_kernel(x_ptr, r_ptr, w_ptr, xo_ptr, h_ptr, q_ptr, d_ptr, s_ptr, N, 
     row = m.to(tl.int64) * N
     blocks = tl.arange(0, BLOCK // 32)
     i = blocks[:, None, None] * 32 + q8_halves()
-    x = tl.load(x_ptr + row + i, mask=i < N, other=0.0)
-    if HAS_RES:
-        x = (x.to(tl.float32) + tl.load(r_ptr + row + i, mask=i < N, other=0.0).to(tl.float32)).to(x.dtype)
+    x = _row_tile(x_ptr, r_ptr, row, i, N, HAS_RES)
     xf = x.to(tl.float32)
     r = 1.0 / tl.sqrt(tl.sum(tl.sum(tl.sum(xf * xf, axis=2), axis=1), axis=0) / N + eps)
     if COLS < BLOCK:         # this program's columns again (the same arithmetic)
         blocks = tl.program_id(1) * (COLS // 32) + tl.arange(0, COLS // 32)
         i = blocks[:, None, None] * 32 + q8_halves()
-        x = tl.load(x_ptr + row + i, mask=i < N, other=0.0)
-        if HAS_RES:
-            x = (x.to(tl.float32) + tl.load(r_ptr + row + i, mask=i < N, other=0.0).to(tl.float32)).to(x.dtype)
+        x = _row_tile(x_ptr, r_ptr, row, i, N, HAS_RES)
         xf = x.to(tl.float32)
     ok = i < N
     if HAS_RES:

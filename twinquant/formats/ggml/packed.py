@@ -259,6 +259,12 @@ def q8_default() -> tuple[str, ...]:
     return _listed(os.environ.get("TWINQUANT_Q8", ""), Q8_TYPES)
 
 
+def q8_handed_over() -> bool:
+    """Whether the kernels that make an int8-x GEMV's input hand it over quantized (`with_q8`; forward.q8_input):
+    TWINQUANT_Q8_FUSED=0 keeps the GEMV's own quantize launch, to time the difference."""
+    return os.environ.get("TWINQUANT_Q8_FUSED", "1") != "0"
+
+
 def kernel_key(ggml_type: str, byte_order: bool | None = None, words: bool | None = None) -> str:
     """The launch table's key for a type through a kernel: "T:words" for the word-lane kernel, the type itself for
     its default other kernel, "T:bytes" for the byte-order kernel where that is not the default, "generic" for the
